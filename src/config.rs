@@ -1,0 +1,409 @@
+//! Model and generation configuration: `config.json` (transformers 4.x and 5.x key spellings),
+//! `generation_config.json`, shape presets and validation.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// How a packed linear's `weight_scale` applies (FORMAT.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleConvention {
+    /// `autobitlinear`: real weight = ternary × scale.
+    Multiply,
+    /// `bitlinear` or no `linear_class`: real weight = ternary / scale.
+    Divide,
+}
+
+/// Model hyper-parameters, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Residual stream width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Context window.
+    pub max_position_embeddings: usize,
+    /// Epsilon of every RMSNorm.
+    pub rms_norm_eps: f32,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// Whether the head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence token.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence tokens from config.json.
+    pub eos_token_ids: Vec<u32>,
+    /// weight_scale convention chosen from `quantization_config.linear_class`.
+    pub scale_convention: ScaleConvention,
+    /// True when linears are stored unpacked and ternarized at load (`quantization_mode: online`).
+    pub online_quant: bool,
+}
+
+/// Named shapes for `bitnet synth` and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// microsoft/bitnet-b1.58-2B-4T.
+    B2b4t,
+    /// The shape of the tiny test fixture.
+    Tiny,
+}
+
+impl Preset {
+    /// Parses `2b4t` or `tiny`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "2b4t" => Ok(Preset::B2b4t),
+            "tiny" => Ok(Preset::Tiny),
+            other => Err(Error::Config(format!("unknown shape `{other}` (expected 2b4t or tiny)"))),
+        }
+    }
+
+    /// The configuration of this preset.
+    pub fn config(self) -> ModelConfig {
+        let base = ModelConfig {
+            vocab_size: 128256,
+            hidden_size: 2560,
+            intermediate_size: 6912,
+            num_layers: 30,
+            num_heads: 20,
+            num_kv_heads: 5,
+            head_dim: 128,
+            max_position_embeddings: 4096,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500000.0,
+            tie_word_embeddings: true,
+            bos_token_id: Some(128000),
+            eos_token_ids: vec![128001],
+            scale_convention: ScaleConvention::Multiply,
+            online_quant: false,
+        };
+        match self {
+            Preset::B2b4t => base,
+            Preset::Tiny => ModelConfig {
+                vocab_size: 300,
+                hidden_size: 64,
+                intermediate_size: 172,
+                num_layers: 2,
+                num_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 16,
+                max_position_embeddings: 256,
+                bos_token_id: Some(297),
+                eos_token_ids: vec![298],
+                ..base
+            },
+        }
+    }
+}
+
+const MAX_DIM: usize = 1 << 20;
+
+fn get_usize(v: &Value, key: &str) -> Result<Option<usize>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| Error::Config(format!("`{key}` must be a non-negative integer, got {x}"))),
+    }
+}
+
+fn get_f32(v: &Value, key: &str) -> Result<Option<f32>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .map(|n| Some(n as f32))
+            .ok_or_else(|| Error::Config(format!("`{key}` must be a number, got {x}"))),
+    }
+}
+
+/// Reads a token id or a list of them.
+pub(crate) fn token_ids(v: Option<&Value>, key: &str) -> Result<Vec<u32>> {
+    let to_id = |x: &Value| {
+        x.as_u64()
+            .filter(|&n| n <= u32::MAX as u64)
+            .map(|n| n as u32)
+            .ok_or_else(|| Error::Config(format!("`{key}` must hold token ids, got {x}")))
+    };
+    match v {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) => a.iter().map(to_id).collect(),
+        Some(x) => Ok(vec![to_id(x)?]),
+    }
+}
+
+fn required(v: &Value, key: &str) -> Result<usize> {
+    get_usize(v, key)?.ok_or_else(|| Error::Config(format!("missing `{key}`")))
+}
+
+impl ModelConfig {
+    /// Reads and validates `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(&path, e.to_string()))?;
+        Self::from_json(&v).map_err(|e| match e {
+            Error::Config(msg) => Error::json(&path, msg),
+            other => other,
+        })
+    }
+
+    /// Parses a config.json value (4.x `rope_theta`/`torch_dtype` or 5.x `rope_parameters`/`dtype`).
+    pub fn from_json(v: &Value) -> Result<Self> {
+        if !v.is_object() {
+            return Err(Error::Config("config.json must be a JSON object".into()));
+        }
+        if let Some(mt) = v.get("model_type").and_then(Value::as_str) {
+            if mt != "bitnet" {
+                return Err(Error::Config(format!("model_type is `{mt}`, expected `bitnet`")));
+            }
+        }
+        if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
+            if act != "relu2" {
+                return Err(Error::Config(format!("hidden_act `{act}` is not supported (expected relu2)")));
+            }
+        }
+        let hidden_size = required(v, "hidden_size")?;
+        let num_heads = required(v, "num_attention_heads")?;
+        let num_kv_heads = get_usize(v, "num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = match get_usize(v, "head_dim")? {
+            Some(d) => d,
+            None if num_heads > 0 => hidden_size / num_heads,
+            None => 0,
+        };
+        let rope_theta = match get_f32(v, "rope_theta")? {
+            Some(t) => t,
+            None => match v.get("rope_parameters") {
+                Some(p) => {
+                    if let Some(kind) = p.get("rope_type").and_then(Value::as_str) {
+                        if kind != "default" {
+                            return Err(Error::Config(format!("rope_type `{kind}` is not supported")));
+                        }
+                    }
+                    get_f32(p, "rope_theta")?.unwrap_or(500000.0)
+                }
+                None => 500000.0,
+            },
+        };
+        let q = v.get("quantization_config");
+        let linear_class = q.and_then(|q| q.get("linear_class")).and_then(Value::as_str);
+        let scale_convention = match linear_class {
+            Some("autobitlinear") => ScaleConvention::Multiply,
+            Some("bitlinear") | None => ScaleConvention::Divide,
+            Some(other) => return Err(Error::Config(format!("unknown quantization_config.linear_class `{other}`"))),
+        };
+        let online_quant = match q.and_then(|q| q.get("quantization_mode")).and_then(Value::as_str) {
+            Some("online") => true,
+            Some("offline") | None => false,
+            Some(other) => return Err(Error::Config(format!("unknown quantization_config.quantization_mode `{other}`"))),
+        };
+        let cfg = ModelConfig {
+            vocab_size: required(v, "vocab_size")?,
+            hidden_size,
+            intermediate_size: required(v, "intermediate_size")?,
+            num_layers: required(v, "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            max_position_embeddings: get_usize(v, "max_position_embeddings")?.unwrap_or(2048),
+            rms_norm_eps: get_f32(v, "rms_norm_eps")?.unwrap_or(1e-5),
+            rope_theta,
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            bos_token_id: token_ids(v.get("bos_token_id"), "bos_token_id")?.first().copied(),
+            eos_token_ids: token_ids(v.get("eos_token_id"), "eos_token_id")?,
+            scale_convention,
+            online_quant,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks that the shapes are consistent and within sane bounds.
+    pub fn validate(&self) -> Result<()> {
+        let dims = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, d) in dims {
+            if d == 0 || d > MAX_DIM {
+                return Err(Error::Config(format!("`{name}` = {d} is out of range (1..={MAX_DIM})")));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(Error::Config(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::Config(format!("head_dim {} must be even for RoPE", self.head_dim)));
+        }
+        for (name, d) in [
+            ("q_proj rows", self.q_dim()),
+            ("k/v_proj rows", self.kv_dim()),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+        ] {
+            if d % 4 != 0 {
+                return Err(Error::Config(format!("{name} = {d} is not a multiple of 4 (2-bit packing)")));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(Error::Config(format!("rms_norm_eps {} must be positive", self.rms_norm_eps)));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(Error::Config(format!("rope_theta {} must be positive", self.rope_theta)));
+        }
+        Ok(())
+    }
+
+    /// Rows of q_proj (= heads × head_dim).
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    /// Rows of k_proj and v_proj.
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// Ternary parameters per layer.
+    pub fn ternary_params_per_layer(&self) -> usize {
+        let h = self.hidden_size;
+        (self.q_dim() + 2 * self.kv_dim()) * h + self.q_dim() * h + 3 * self.intermediate_size * h
+    }
+
+    /// The config.json this configuration is written as (release spelling, autobitlinear/offline).
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "architectures": ["BitNetForCausalLM"],
+            "model_type": "bitnet",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "hidden_act": "relu2",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": "bfloat16",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids.first(),
+            "use_cache": true,
+            "quantization_config": {
+                "quant_method": "bitnet",
+                "linear_class": "autobitlinear",
+                "quantization_mode": "offline"
+            }
+        })
+    }
+}
+
+/// Values from `generation_config.json` that the engine uses.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationConfig {
+    /// Tokens that end generation.
+    pub eos_token_ids: Vec<u32>,
+    /// Beginning-of-sequence token.
+    pub bos_token_id: Option<u32>,
+}
+
+impl GenerationConfig {
+    /// Reads `dir/generation_config.json` if present, falling back to the model config's ids.
+    pub fn from_dir(dir: &Path, model: &ModelConfig) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        let mut g = GenerationConfig { eos_token_ids: model.eos_token_ids.clone(), bos_token_id: model.bos_token_id };
+        if !path.exists() {
+            return Ok(g);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(&path, e.to_string()))?;
+        let eos = token_ids(v.get("eos_token_id"), "eos_token_id").map_err(|e| Error::json(&path, e.to_string()))?;
+        if !eos.is_empty() {
+            g.eos_token_ids = eos;
+        }
+        if let Some(b) = token_ids(v.get("bos_token_id"), "bos_token_id")
+            .map_err(|e| Error::json(&path, e.to_string()))?
+            .first()
+        {
+            g.bos_token_id = Some(*b);
+        }
+        Ok(g)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_key_spellings() {
+        let v4 = serde_json::json!({"vocab_size": 300, "hidden_size": 64, "intermediate_size": 172,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_theta": 10000.0, "torch_dtype": "bfloat16",
+            "quantization_config": {"linear_class": "autobitlinear"}});
+        let mut v5 = v4.clone();
+        v5.as_object_mut().unwrap().remove("rope_theta");
+        v5["rope_parameters"] = serde_json::json!({"rope_theta": 10000.0, "rope_type": "default"});
+        let a = ModelConfig::from_json(&v4).unwrap();
+        let b = ModelConfig::from_json(&v5).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.rope_theta, 10000.0);
+        assert_eq!(a.head_dim, 16);
+        assert_eq!(a.scale_convention, ScaleConvention::Multiply);
+    }
+
+    #[test]
+    fn linear_class_picks_scale_convention() {
+        let mut v = Preset::Tiny.config().to_json();
+        assert_eq!(ModelConfig::from_json(&v).unwrap().scale_convention, ScaleConvention::Multiply);
+        v["quantization_config"]["linear_class"] = "bitlinear".into();
+        assert_eq!(ModelConfig::from_json(&v).unwrap().scale_convention, ScaleConvention::Divide);
+        v.as_object_mut().unwrap().remove("quantization_config");
+        assert_eq!(ModelConfig::from_json(&v).unwrap().scale_convention, ScaleConvention::Divide);
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let mut v = Preset::Tiny.config().to_json();
+        v["num_key_value_heads"] = 3.into();
+        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let mut v = Preset::Tiny.config().to_json();
+        v["hidden_size"] = "64".into();
+        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("hidden_size"));
+        let mut v = Preset::Tiny.config().to_json();
+        v["intermediate_size"] = 170.into();
+        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("multiple of 4"));
+    }
+
+    #[test]
+    fn presets_round_trip_through_json() {
+        for p in [Preset::Tiny, Preset::B2b4t] {
+            let c = p.config();
+            assert_eq!(ModelConfig::from_json(&c.to_json()).unwrap(), c);
+        }
+    }
+}

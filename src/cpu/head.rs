@@ -1,0 +1,121 @@
+//! The output head on the CPU: the checkpoint's own dtype, or int8 with per-row scales.
+
+use rayon::prelude::*;
+
+use super::kernels::Kernels;
+use crate::format::{FloatDtype, FloatTensor};
+use crate::quant::quantize_activations;
+
+/// How the head is stored for the CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadMode {
+    /// The checkpoint's dtype (bf16 read in place; f16/f32 as f32).
+    #[default]
+    Native,
+    /// int8 weights with one f32 scale per row; the final hidden state is quantized per token.
+    Int8,
+}
+
+impl HeadMode {
+    /// Parses `native`/`bf16` or `int8`.
+    pub fn parse(s: &str) -> crate::Result<Self> {
+        match s {
+            "native" | "bf16" => Ok(HeadMode::Native),
+            "int8" => Ok(HeadMode::Int8),
+            other => Err(crate::Error::Config(format!("unknown head mode `{other}` (expected native or int8)"))),
+        }
+    }
+}
+
+/// Head weights in a kernel-ready form.
+#[derive(Debug)]
+pub enum Head {
+    /// bf16 bits, mapped or copied.
+    Bf16 { tensor: FloatTensor, copy: Option<Vec<u16>> },
+    /// f32 rows (f16/f32 checkpoints).
+    F32(Vec<f32>),
+    /// int8 rows with scales (`w ≈ q · scale`).
+    Int8 { q: Vec<i8>, scale: Vec<f32> },
+}
+
+impl Head {
+    /// Prepares `t` (`[vocab, hidden]`) for `mode`.
+    pub fn new(t: &FloatTensor, mode: HeadMode) -> Self {
+        match (mode, t.dtype) {
+            (HeadMode::Native, FloatDtype::BF16) => {
+                let aligned = bytemuck::try_cast_slice::<u8, u16>(t.bytes.as_slice()).is_ok();
+                let copy = (!aligned).then(|| {
+                    t.bytes.as_slice().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+                });
+                Head::Bf16 { tensor: t.clone(), copy }
+            }
+            (HeadMode::Native, _) => Head::F32(t.to_f32()),
+            (HeadMode::Int8, _) => {
+                let cols = t.cols;
+                let mut q = vec![0i8; t.rows * cols];
+                let mut scale = vec![0f32; t.rows];
+                q.par_chunks_mut(cols).zip(scale.par_iter_mut()).enumerate().for_each_init(
+                    || vec![0f32; cols],
+                    |row, (r, (qr, s))| {
+                        t.row_into(r, row);
+                        let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        *s = m / 127.0;
+                        let inv = if m > 0.0 { 127.0 / m } else { 0.0 };
+                        for (o, &v) in qr.iter_mut().zip(row.iter()) {
+                            *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                        }
+                    },
+                );
+                t.bytes.release_pages();
+                Head::Int8 { q, scale }
+            }
+        }
+    }
+
+    /// Bytes read per token.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Head::Bf16 { tensor, .. } => (tensor.rows * tensor.cols * 2) as u64,
+            Head::F32(v) => (v.len() * 4) as u64,
+            Head::Int8 { q, scale } => (q.len() + 4 * scale.len()) as u64,
+        }
+    }
+
+    /// `out[v] = head[v] · h` for every vocabulary row; `xq` is scratch for the int8 path.
+    pub fn logits(&self, k: Kernels, h: &[f32], xq: &mut [i8], out: &mut [f32]) {
+        let cols = h.len();
+        const CHUNK: usize = 256;
+        match self {
+            Head::Bf16 { tensor, copy } => {
+                let bits: &[u16] = match copy {
+                    Some(c) => c,
+                    None => bytemuck::cast_slice(tensor.bytes.as_slice()),
+                };
+                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                    for (i, v) in o.iter_mut().enumerate() {
+                        let r = c * CHUNK + i;
+                        *v = k.dot_bf16(&bits[r * cols..(r + 1) * cols], h);
+                    }
+                });
+            }
+            Head::F32(w) => {
+                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                    for (i, v) in o.iter_mut().enumerate() {
+                        let r = c * CHUNK + i;
+                        *v = w[r * cols..(r + 1) * cols].iter().zip(h).map(|(a, b)| a * b).sum();
+                    }
+                });
+            }
+            Head::Int8 { q, scale } => {
+                let xs = quantize_activations(h, xq) / 127.0;
+                let xq = &xq[..cols];
+                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                    for (i, v) in o.iter_mut().enumerate() {
+                        let r = c * CHUNK + i;
+                        *v = k.dot_i8(&q[r * cols..(r + 1) * cols], xq) as f32 * xs * scale[r];
+                    }
+                });
+            }
+        }
+    }
+}

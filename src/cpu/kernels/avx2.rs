@@ -1,0 +1,156 @@
+//! AVX2 kernels (x86_64, chosen at run time).
+//!
+//! Ternary × int8: codes `w + 1` are unsigned, so `vpmaddubsw(codes, x)` gives exact pairwise
+//! sums; the caller subtracts `Σx` to turn `Σ(w+1)·x` into `Σw·x`. Partial sums stay in i16 for
+//! up to 16 blocks (|sum| ≤ 16·4·508 = 32512) before widening to i32.
+
+use std::arch::x86_64::*;
+
+use crate::cpu::packed::{BLOCK, BLOCK_BYTES};
+
+/// Blocks that can be accumulated in i16 without overflow.
+const FLUSH: usize = 16;
+
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// `R` rows × `T` tokens of code dot products.
+#[inline(always)]
+unsafe fn tile<const R: usize, const T: usize>(w: *const u8, rb: usize, x: *const i8, kpad: usize, out: &mut [[i32; T]; R]) {
+    let nblocks = rb / BLOCK_BYTES;
+    let mask = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let mut tot = [[_mm256_setzero_si256(); T]; R];
+    let mut b0 = 0;
+    while b0 < nblocks {
+        let end = (b0 + FLUSH).min(nblocks);
+        let mut acc = [[_mm256_setzero_si256(); T]; R];
+        for b in b0..end {
+            for r in 0..R {
+                let wv = _mm256_loadu_si256(w.add(r * rb + b * BLOCK_BYTES) as *const __m256i);
+                let c0 = _mm256_and_si256(wv, mask);
+                let c1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), mask);
+                let c2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
+                let c3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), mask);
+                for t in 0..T {
+                    let xp = x.add(t * kpad + b * BLOCK) as *const __m256i;
+                    let p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(xp));
+                    let p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(xp.add(1)));
+                    let p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(xp.add(2)));
+                    let p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(xp.add(3)));
+                    let s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+                    acc[r][t] = _mm256_add_epi16(acc[r][t], s);
+                }
+            }
+        }
+        for r in 0..R {
+            for t in 0..T {
+                tot[r][t] = _mm256_add_epi32(tot[r][t], _mm256_madd_epi16(acc[r][t], ones));
+            }
+        }
+        b0 = end;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum_i32(tot[r][t]);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn rows_tokens<const R: usize, const T: usize>(w: &[u8], rb: usize, r0: usize, x: &[i8], t0: usize, ntok: usize, out: &mut [i32]) {
+    let mut o = [[0i32; T]; R];
+    tile::<R, T>(w.as_ptr().add(r0 * rb), rb, x.as_ptr().add(t0 * rb * 4), rb * 4, &mut o);
+    for (r, row) in o.iter().enumerate() {
+        for (t, v) in row.iter().enumerate() {
+            out[(r0 + r) * ntok + t0 + t] = *v;
+        }
+    }
+}
+
+/// See [`super::scalar::code_dots`].
+///
+/// # Safety
+/// The CPU must support AVX2; `w.len()` a multiple of `rb`, `rb` of 32, `x` holds `ntok` rows.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
+    let nrows = w.len() / rb;
+    if ntok == 1 {
+        let mut r = 0;
+        while r + 4 <= nrows {
+            rows_tokens::<4, 1>(w, rb, r, x, 0, 1, out);
+            r += 4;
+        }
+        while r < nrows {
+            rows_tokens::<1, 1>(w, rb, r, x, 0, 1, out);
+            r += 1;
+        }
+        return;
+    }
+    for r in 0..nrows {
+        let mut t = 0;
+        while t + 8 <= ntok {
+            rows_tokens::<1, 8>(w, rb, r, x, t, ntok, out);
+            t += 8;
+        }
+        while t + 4 <= ntok {
+            rows_tokens::<1, 4>(w, rb, r, x, t, ntok, out);
+            t += 4;
+        }
+        while t < ntok {
+            rows_tokens::<1, 1>(w, rb, r, x, t, ntok, out);
+            t += 1;
+        }
+    }
+}
+
+/// See [`super::scalar::dot_bf16`].
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `w.len() == x.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let raw = _mm_loadu_si128(w.as_ptr().add(i + 8 * k) as *const __m128i);
+            let f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+            *a = _mm256_fmadd_ps(f, _mm256_loadu_ps(x.as_ptr().add(i + 8 * k)), *a);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+    lanes.iter().sum::<f32>() + super::scalar::dot_bf16(&w[i..], &x[i..])
+}
+
+/// See [`super::scalar::dot_i8`]. Inputs must not contain -128.
+///
+/// # Safety
+/// The CPU must support AVX2; `w.len() == x.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_i8(w: &[i8], x: &[i8]) -> i32 {
+    let n = w.len();
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_si256(); 2];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let wv = _mm256_loadu_si256(w.as_ptr().add(i + 32 * k) as *const __m256i);
+            let xv = _mm256_loadu_si256(x.as_ptr().add(i + 32 * k) as *const __m256i);
+            // |w| · sign(x, w): unsigned × signed pairs, |pair sum| ≤ 2·127·127 < 2^15.
+            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(p, ones));
+        }
+        i += 64;
+    }
+    hsum_i32(_mm256_add_epi32(acc[0], acc[1])) + super::scalar::dot_i8(&w[i..], &x[i..])
+}

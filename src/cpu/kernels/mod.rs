@@ -1,0 +1,177 @@
+//! CPU kernels: a scalar reference plus SIMD versions chosen at run time (x86_64) or compile
+//! time (aarch64). All share the layout of [`crate::cpu::packed`].
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
+pub mod scalar;
+
+/// An instruction set the kernels can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+}
+
+/// A kernel set that is valid on this CPU (only obtainable through detection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels(Isa);
+
+impl Kernels {
+    /// The fastest kernels this CPU supports.
+    pub fn detect() -> Self {
+        *Self::available().last().unwrap_or(&Kernels(Isa::Scalar))
+    }
+
+    /// The portable reference kernels.
+    pub fn scalar() -> Self {
+        Kernels(Isa::Scalar)
+    }
+
+    /// Every kernel set this CPU supports, slowest first.
+    pub fn available() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut v = vec![Kernels(Isa::Scalar)];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            v.push(Kernels(Isa::Avx2));
+        }
+        #[cfg(target_arch = "aarch64")]
+        v.push(Kernels(Isa::Neon));
+        v
+    }
+
+    /// Short name ("scalar", "avx2", "neon").
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            Isa::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => "neon",
+        }
+    }
+
+    /// `out[r * ntok + t] = Σ_c code(r, c) · x[t][c]` for the packed rows in `w` (`rb` bytes
+    /// each) and `ntok` int8 token rows of `4 * rb` values in `x`.
+    pub fn code_dots(self, w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
+        assert!(rb % 32 == 0 && w.len() % rb == 0 && x.len() >= ntok * rb * 4 && out.len() >= (w.len() / rb) * ntok);
+        match self.0 {
+            Isa::Scalar => scalar::code_dots(w, rb, x, ntok, out),
+            // SAFETY: the variant exists only when detection found the features; sizes checked above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::code_dots(w, rb, x, ntok, out) },
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => unsafe { neon::code_dots(w, rb, x, ntok, out) },
+        }
+    }
+
+    /// Dot product of a bf16 row with f32 activations.
+    pub fn dot_bf16(self, w: &[u16], x: &[f32]) -> f32 {
+        assert_eq!(w.len(), x.len());
+        match self.0 {
+            Isa::Scalar => scalar::dot_bf16(w, x),
+            // SAFETY: features detected; lengths checked.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::dot_bf16(w, x) },
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => unsafe { neon::dot_bf16(w, x) },
+        }
+    }
+
+    /// Dot product of two int8 vectors whose values lie in [-127, 127].
+    pub fn dot_i8(self, w: &[i8], x: &[i8]) -> i32 {
+        assert_eq!(w.len(), x.len());
+        match self.0 {
+            Isa::Scalar => scalar::dot_i8(w, x),
+            // SAFETY: features detected; lengths checked.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::dot_i8(w, x) },
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => unsafe { neon::dot_i8(w, x) },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::packed::{padded_cols, PackedTernary};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn random_case(rows: usize, cols: usize, ntok: usize, seed: u64) -> (PackedTernary, Vec<i8>) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let kpad = padded_cols(cols);
+        let mut data = vec![0u8; rows * kpad / 4];
+        for (r, out) in data.chunks_exact_mut(kpad / 4).enumerate() {
+            let codes: Vec<u8> = (0..cols).map(|c| ((r * 31 + c * 7 + rng.random_range(0..3)) % 3) as u8).collect();
+            PackedTernary::pack_row(&codes, out);
+        }
+        let mut x = vec![0i8; ntok * kpad];
+        for t in 0..ntok {
+            for c in 0..cols {
+                // Extremes included: the i16 accumulation must not overflow.
+                x[t * kpad + c] = if rng.random_bool(0.2) { 127 * if rng.random_bool(0.5) { 1 } else { -1 } } else { rng.random_range(-127..=127) };
+            }
+        }
+        (PackedTernary { rows, cols, kpad, data, row_scale: vec![1.0; rows] }, x)
+    }
+
+    #[test]
+    fn code_dots_match_scalar_on_odd_shapes() {
+        for (rows, cols, ntok) in [(1, 1, 1), (4, 128, 1), (7, 130, 3), (13, 300, 9), (172, 64, 5), (8, 2304, 17), (5, 6912, 2)] {
+            let (w, x) = random_case(rows, cols, ntok, (rows * cols + ntok) as u64);
+            let mut want = vec![0i32; rows * ntok];
+            // Independent check of the scalar kernel: decode codes one by one.
+            for r in 0..rows {
+                for t in 0..ntok {
+                    want[r * ntok + t] = (0..cols).map(|c| w.code(r, c) as i32 * x[t * w.kpad + c] as i32).sum();
+                }
+            }
+            for k in Kernels::available() {
+                let mut got = vec![0i32; rows * ntok];
+                k.code_dots(&w.data, w.row_bytes(), &x, ntok, &mut got);
+                assert_eq!(got, want, "{} rows={rows} cols={cols} ntok={ntok}", k.name());
+            }
+        }
+    }
+
+    #[test]
+    fn all_plus_one_with_max_activations_does_not_overflow() {
+        // Worst case for i16 accumulation: every code 2, every activation 127, many blocks.
+        let cols = 128 * 40;
+        let mut data = vec![0u8; cols / 4];
+        PackedTernary::pack_row(&vec![2u8; cols], &mut data);
+        for sign in [127i8, -127] {
+            let x = vec![sign; cols];
+            for k in Kernels::available() {
+                let mut got = [0i32];
+                k.code_dots(&data, cols / 4, &x, 1, &mut got);
+                assert_eq!(got[0], 2 * sign as i32 * cols as i32, "{}", k.name());
+            }
+        }
+    }
+
+    #[test]
+    fn head_dots_match_scalar() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for n in [1, 31, 64, 100, 2560, 2561] {
+            let wb: Vec<u16> = (0..n).map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_bits()).collect();
+            let x: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let wi: Vec<i8> = (0..n).map(|_| rng.random_range(-127..=127)).collect();
+            let xi: Vec<i8> = (0..n).map(|_| rng.random_range(-127..=127)).collect();
+            let f_ref: f64 = wb.iter().zip(&x).map(|(&b, &v)| half::bf16::from_bits(b).to_f64() * v as f64).sum();
+            let i_ref: i32 = wi.iter().zip(&xi).map(|(&a, &b)| a as i32 * b as i32).sum();
+            for k in Kernels::available() {
+                let f = k.dot_bf16(&wb, &x) as f64;
+                assert!((f - f_ref).abs() <= 1e-4 * (1.0 + f_ref.abs()), "{} n={n}: {f} vs {f_ref}", k.name());
+                assert_eq!(k.dot_i8(&wi, &xi), i_ref, "{} n={n}", k.name());
+            }
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The CPU backend: weights repacked for SIMD kernels, threads via rayon.
+
+pub mod head;
+pub mod kernels;
+pub mod ops;
+pub mod packed;
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::config::ModelConfig;
+use crate::engine::model::{Backend, KvCache, Linear, LogitRows, NormSite};
+use crate::error::{Error, Result};
+use crate::format::{FloatTensor, Weights};
+use head::{Head, HeadMode};
+use kernels::Kernels;
+use packed::{padded_cols, PackedTernary};
+
+/// Options of the CPU backend.
+#[derive(Debug, Clone, Default)]
+pub struct CpuOptions {
+    /// Worker threads (0 = one per core).
+    pub threads: usize,
+    /// Head storage.
+    pub head: HeadMode,
+    /// Kernel set (None = the fastest detected).
+    pub kernels: Option<Kernels>,
+}
+
+struct CpuLayer {
+    input_norm: Vec<f32>,
+    post_attention_norm: Vec<f32>,
+    attn_sub_norm: Vec<f32>,
+    ffn_sub_norm: Vec<f32>,
+    qkv: PackedTernary,
+    o: PackedTernary,
+    gate_up: PackedTernary,
+    down: PackedTernary,
+}
+
+/// Activation buffers of one step, grown to the largest step seen.
+#[derive(Default)]
+struct Step {
+    t: usize,
+    x: Vec<f32>,
+    tmp: Vec<f32>,
+    xq: Vec<i8>,
+    xscale: Vec<f32>,
+    xsum: Vec<i32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    gu: Vec<f32>,
+    mlp: Vec<f32>,
+    head_q: Vec<i8>,
+}
+
+/// Key/value cache: `[layer][kv_head][position][head_dim]` f32 for keys and values.
+pub struct CpuCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    capacity: usize,
+}
+
+impl KvCache for CpuCache {
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// The CPU backend.
+pub struct CpuBackend {
+    cfg: ModelConfig,
+    kernels: Kernels,
+    pool: rayon::ThreadPool,
+    embed: FloatTensor,
+    head: Head,
+    final_norm: Vec<f32>,
+    layers: Vec<CpuLayer>,
+    inv_freq: Vec<f32>,
+    step: Step,
+}
+
+thread_local! {
+    static DOTS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A raw pointer that may cross threads; users write disjoint elements only.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to write disjoint output elements from parallel tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl CpuBackend {
+    /// Repacks `w` for the CPU kernels.
+    pub fn load(w: &Weights, opts: &CpuOptions) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.threads)
+            .build()
+            .map_err(|e| Error::Backend(format!("thread pool: {e}")))?;
+        let kernels = opts.kernels.unwrap_or_else(Kernels::detect);
+        let cfg = w.config.clone();
+        let layers = pool.install(|| {
+            w.layers
+                .iter()
+                .map(|l| {
+                    Ok(CpuLayer {
+                        input_norm: l.input_norm.clone(),
+                        post_attention_norm: l.post_attention_norm.clone(),
+                        attn_sub_norm: l.attn_sub_norm.clone(),
+                        ffn_sub_norm: l.ffn_sub_norm.clone(),
+                        qkv: PackedTernary::from_matrices(&[&l.q, &l.k, &l.v])?,
+                        o: PackedTernary::from_matrices(&[&l.o])?,
+                        gate_up: PackedTernary::from_matrices(&[&l.gate, &l.up])?,
+                        down: PackedTernary::from_matrices(&[&l.down])?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let head = pool.install(|| Head::new(w.head(), opts.head));
+        Ok(CpuBackend {
+            inv_freq: ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim),
+            cfg,
+            kernels,
+            pool,
+            embed: w.embed.clone(),
+            head,
+            final_norm: w.final_norm.clone(),
+            layers,
+            step: Step::default(),
+        })
+    }
+
+    /// The kernel set in use.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    fn ensure_step(&mut self, t: usize) {
+        let c = &self.cfg;
+        let s = &mut self.step;
+        s.t = t;
+        if s.x.len() >= t * c.hidden_size {
+            return;
+        }
+        let wide = c.hidden_size.max(c.q_dim()).max(c.intermediate_size);
+        s.x = vec![0.0; t * c.hidden_size];
+        s.tmp = vec![0.0; t * wide];
+        s.xq = vec![0; t * padded_cols(wide)];
+        s.xscale = vec![0.0; t];
+        s.xsum = vec![0; t];
+        s.qkv = vec![0.0; t * (c.q_dim() + 2 * c.kv_dim())];
+        s.attn = vec![0.0; t * c.q_dim()];
+        s.gu = vec![0.0; t * 2 * c.intermediate_size];
+        s.mlp = vec![0.0; t * c.intermediate_size];
+        s.head_q = vec![0; c.hidden_size];
+    }
+
+    /// Ternary matmul of the step's quantized rows (stride `w.kpad`) by `w`; writes (or adds
+    /// into) `out[t * ld + r]`.
+    fn matmul(&self, w: &PackedTernary, out: *mut f32, ld: usize, accumulate: bool) {
+        let s = &self.step;
+        let t = s.t;
+        let rb = w.row_bytes();
+        let x = &s.xq[..t * w.kpad];
+        let (xscale, xsum) = (&s.xscale[..t], &s.xsum[..t]);
+        let k = self.kernels;
+        // Rows per task: multiples of 4, several tasks per thread for balance.
+        let per = (w.rows / (self.pool.current_num_threads() * 8)).clamp(4, 256) / 4 * 4;
+        let out = SendPtr(out);
+        self.pool.install(|| {
+            w.data.par_chunks(per * rb).enumerate().for_each(|(c, chunk)| {
+                let r0 = c * per;
+                let n = chunk.len() / rb;
+                DOTS.with_borrow_mut(|dots| {
+                    if dots.len() < n * t {
+                        dots.resize(n * t, 0);
+                    }
+                    k.code_dots(chunk, rb, x, t, dots);
+                    let out = out;
+                    for r in 0..n {
+                        let rs = w.row_scale[r0 + r];
+                        for ti in 0..t {
+                            let v = (dots[r * t + ti] - xsum[ti]) as f32 * xscale[ti] * rs;
+                            // SAFETY: each (token, row) element is written by exactly one task,
+                            // and `out` holds `t * ld` elements with `r0 + r < ld`.
+                            unsafe {
+                                let p = out.0.add(ti * ld + r0 + r);
+                                *p = if accumulate { *p + v } else { v };
+                            }
+                        }
+                    }
+                });
+            });
+        });
+    }
+}
+
+/// RMSNorm + int8 quantization of `t` rows of `src` (width `w.len()`), with the padded stride
+/// of the consuming matrix. `tmp` holds `t * width` scratch.
+#[allow(clippy::too_many_arguments)]
+fn norm_quant_rows(pool: &rayon::ThreadPool, t: usize, src: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], xq: &mut [i8], xscale: &mut [f32], xsum: &mut [i32]) {
+    let width = w.len();
+    let kpad = padded_cols(width);
+    let work = |((row, buf), ((q, sc), sm)): ((&[f32], &mut [f32]), ((&mut [i8], &mut f32), &mut i32))| {
+        *sc = ops::rmsnorm_quant(row, w, eps, buf, q) / 127.0;
+        *sm = q.iter().map(|&v| v as i32).sum();
+    };
+    let rows = src[..t * width].chunks(width).zip(tmp[..t * width].chunks_mut(width));
+    let outs = xq[..t * kpad].chunks_mut(kpad).zip(xscale[..t].iter_mut()).zip(xsum[..t].iter_mut());
+    if t == 1 {
+        rows.zip(outs).for_each(work);
+    } else {
+        let rows = src[..t * width].par_chunks(width).zip(tmp[..t * width].par_chunks_mut(width));
+        let outs = xq[..t * kpad].par_chunks_mut(kpad).zip(xscale[..t].par_iter_mut()).zip(xsum[..t].par_iter_mut());
+        pool.install(|| rows.zip(outs).for_each(work));
+    }
+}
+
+impl Backend for CpuBackend {
+    type Cache = CpuCache;
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn describe(&self) -> String {
+        format!("cpu ({} kernels, {} threads)", self.kernels.name(), self.pool.current_num_threads())
+    }
+
+    fn new_cache(&self, capacity: usize) -> Result<CpuCache> {
+        let c = &self.cfg;
+        let n = c.num_layers * c.kv_dim() * capacity;
+        // Zeroed allocations are lazily backed, so unused capacity costs no resident memory.
+        Ok(CpuCache { k: vec![0.0; n], v: vec![0.0; n], capacity })
+    }
+
+    fn embed(&mut self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.cfg.vocab_size;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Request(format!("token id {bad} is out of range (vocab_size {vocab})")));
+        }
+        self.ensure_step(tokens.len());
+        let h = self.cfg.hidden_size;
+        for (row, &tok) in self.step.x.chunks_mut(h).zip(tokens) {
+            self.embed.row_into(tok as usize, row);
+        }
+        Ok(())
+    }
+
+    fn rmsnorm_quant(&mut self, layer: usize, site: NormSite) {
+        let l = &self.layers[layer];
+        let w = match site {
+            NormSite::Input => &l.input_norm,
+            NormSite::PostAttention => &l.post_attention_norm,
+        };
+        let s = &mut self.step;
+        norm_quant_rows(&self.pool, s.t, &s.x, w, self.cfg.rms_norm_eps, &mut s.tmp, &mut s.xq, &mut s.xscale, &mut s.xsum);
+    }
+
+    fn attn_sub_norm_quant(&mut self, layer: usize) {
+        let w = &self.layers[layer].attn_sub_norm;
+        let s = &mut self.step;
+        norm_quant_rows(&self.pool, s.t, &s.attn, w, self.cfg.rms_norm_eps, &mut s.tmp, &mut s.xq, &mut s.xscale, &mut s.xsum);
+    }
+
+    fn relu2_mul_norm_quant(&mut self, layer: usize) {
+        let i = self.cfg.intermediate_size;
+        let s = &mut self.step;
+        for (gu, m) in s.gu[..s.t * 2 * i].chunks(2 * i).zip(s.mlp.chunks_mut(i)) {
+            ops::relu2_mul(&gu[..i], &gu[i..], m);
+        }
+        let w = &self.layers[layer].ffn_sub_norm;
+        norm_quant_rows(&self.pool, s.t, &s.mlp, w, self.cfg.rms_norm_eps, &mut s.tmp, &mut s.xq, &mut s.xscale, &mut s.xsum);
+    }
+
+    fn ternary_matmul(&mut self, layer: usize, linear: Linear) {
+        let l = &self.layers[layer];
+        let s = &mut self.step;
+        let (w, out, accumulate) = match linear {
+            Linear::Qkv => (&l.qkv, s.qkv.as_mut_ptr(), false),
+            Linear::O => (&l.o, s.x.as_mut_ptr(), true),
+            Linear::GateUp => (&l.gate_up, s.gu.as_mut_ptr(), false),
+            Linear::Down => (&l.down, s.x.as_mut_ptr(), true),
+        };
+        // The output buffers are not read by `matmul` (it reads xq/xscale/xsum only).
+        self.matmul(w, out, w.rows, accumulate);
+    }
+
+    fn rope_kv_write(&mut self, cache: &mut CpuCache, layer: usize, pos: usize) {
+        let c = &self.cfg;
+        let (hd, q, kv) = (c.head_dim, c.q_dim(), c.kv_dim());
+        let cap = cache.capacity;
+        let s = &mut self.step;
+        for (ti, row) in s.qkv[..s.t * (q + 2 * kv)].chunks_mut(q + 2 * kv).enumerate() {
+            let p = pos + ti;
+            for head in row[..q + kv].chunks_mut(hd) {
+                ops::rope(head, p, &self.inv_freq);
+            }
+            for h in 0..c.num_kv_heads {
+                let dst = ((layer * c.num_kv_heads + h) * cap + p) * hd;
+                cache.k[dst..dst + hd].copy_from_slice(&row[q + h * hd..q + (h + 1) * hd]);
+                cache.v[dst..dst + hd].copy_from_slice(&row[q + kv + h * hd..q + kv + (h + 1) * hd]);
+            }
+        }
+    }
+
+    fn attention(&mut self, cache: &CpuCache, layer: usize, pos: usize) {
+        let c = &self.cfg;
+        let (hd, q, kv) = (c.head_dim, c.q_dim(), c.kv_dim());
+        let group = c.num_heads / c.num_kv_heads;
+        let (nh, nkv, cap) = (c.num_heads, c.num_kv_heads, cache.capacity);
+        let s = &mut self.step;
+        let qkv = &s.qkv;
+        self.pool.install(|| {
+            s.attn[..s.t * q].par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
+                let (ti, h) = (i / nh, i % nh);
+                let len = pos + ti + 1;
+                let qv = &qkv[ti * (q + 2 * kv) + h * hd..][..hd];
+                let base = (layer * nkv + h / group) * cap * hd;
+                SCORES.with_borrow_mut(|scores| {
+                    if scores.len() < len {
+                        scores.resize(cap.max(len), 0.0);
+                    }
+                    ops::attend(qv, &cache.k[base..base + len * hd], &cache.v[base..base + len * hd], len, scores, out);
+                });
+            });
+        });
+    }
+
+    fn logits(&mut self, rows: LogitRows, out: &mut Vec<f32>) -> Result<()> {
+        let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let t = self.step.t;
+        let range = match rows {
+            LogitRows::None => return Ok(()),
+            LogitRows::Last => t - 1..t,
+            LogitRows::All => 0..t,
+        };
+        out.resize(range.len() * vocab, 0.0);
+        let s = &mut self.step;
+        for (o, ti) in out.chunks_mut(vocab).zip(range) {
+            let normed = &mut s.tmp[..h];
+            ops::rmsnorm(&s.x[ti * h..(ti + 1) * h], &self.final_norm, self.cfg.rms_norm_eps, normed);
+            let (head, k, hq) = (&self.head, self.kernels, &mut s.head_q);
+            self.pool.install(|| head.logits(k, normed, hq, o));
+        }
+        Ok(())
+    }
+
+    fn decode_bytes_per_token(&self) -> u64 {
+        let ternary: usize = self.layers.iter().map(|l| l.qkv.data.len() + l.o.data.len() + l.gate_up.data.len() + l.down.data.len()).sum();
+        let norms = self.layers.len() * 4 * (2 * self.cfg.hidden_size + self.cfg.intermediate_size);
+        ternary as u64 + self.head.bytes() + norms as u64
+    }
+}

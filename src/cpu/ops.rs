@@ -1,0 +1,110 @@
+//! Scalar f32 ops of the forward pass (norms, RoPE, attention, relu²), shared by the CPU
+//! backend and used as the reference for other backends.
+
+use crate::quant::quantize_activations;
+
+/// `out = w · x / sqrt(mean(x²) + eps)` (FORMAT.md §7).
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = g * (v * inv);
+    }
+}
+
+/// RMSNorm followed by int8 quantization into `q` (padded); returns the absmax.
+pub fn rmsnorm_quant(x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], q: &mut [i8]) -> f32 {
+    rmsnorm(x, w, eps, tmp);
+    quantize_activations(tmp, q)
+}
+
+/// `1 / theta^(2j/hd)` for j in 0..hd/2, in f32 as transformers computes it.
+pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|j| 1.0 / theta.powf((2 * j) as f32 / head_dim as f32))
+        .collect()
+}
+
+/// Rotate-half RoPE of one head vector at position `pos` (dimension j pairs with j + hd/2).
+pub fn rope(v: &mut [f32], pos: usize, inv_freq: &[f32]) {
+    let half = v.len() / 2;
+    for j in 0..half {
+        let f = pos as f32 * inv_freq[j];
+        let (s, c) = f.sin_cos();
+        let (a, b) = (v[j], v[j + half]);
+        v[j] = a * c - b * s;
+        v[j + half] = b * c + a * s;
+    }
+}
+
+/// One query head over `len` cached positions: `out = softmax(q·K^T / sqrt(hd)) V`.
+/// `k` and `v` hold `len` rows of `hd`; `scores` needs `len` elements.
+pub fn attend(q: &[f32], k: &[f32], v: &[f32], len: usize, scores: &mut [f32], out: &mut [f32]) {
+    let hd = q.len();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut max = f32::NEG_INFINITY;
+    for (p, s) in scores[..len].iter_mut().enumerate() {
+        let kp = &k[p * hd..(p + 1) * hd];
+        *s = q.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0.0;
+    for s in &mut scores[..len] {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    out.fill(0.0);
+    for (p, &s) in scores[..len].iter().enumerate() {
+        let w = s * inv;
+        for (o, &vv) in out.iter_mut().zip(&v[p * hd..(p + 1) * hd]) {
+            *o += w * vv;
+        }
+    }
+}
+
+/// `m = relu(gate)² · up`.
+pub fn relu2_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let r = g.max(0.0);
+        *o = r * r * u;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_by_position() {
+        let inv = rope_inv_freq(10000.0, 4);
+        assert_eq!(inv[0], 1.0);
+        let mut v = [1.0, 0.0, 0.0, 0.0];
+        rope(&mut v, 1, &inv);
+        assert!((v[0] - 1f32.cos()).abs() < 1e-6 && (v[2] - 1f32.sin()).abs() < 1e-6);
+        let mut w = [1.0, 2.0, 3.0, 4.0];
+        rope(&mut w, 0, &inv);
+        assert_eq!(w, [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn attention_weights_sum_to_one() {
+        let q = [1.0, 0.0];
+        let k = [1.0, 0.0, -1.0, 0.0];
+        let v = [2.0, 0.0, 0.0, 2.0];
+        let mut s = [0.0; 2];
+        let mut o = [0.0; 2];
+        attend(&q, &k, &v, 2, &mut s, &mut o);
+        let a = (1.0f32 / 2f32.sqrt()).exp();
+        let b = (-1.0f32 / 2f32.sqrt()).exp();
+        assert!((o[0] - 2.0 * a / (a + b)).abs() < 1e-6);
+        assert!((o[1] - 2.0 * b / (a + b)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn relu2_uses_gate() {
+        let mut o = [0.0; 3];
+        relu2_mul(&[-1.0, 2.0, 3.0], &[5.0, 5.0, -1.0], &mut o);
+        assert_eq!(o, [0.0, 20.0, -9.0]);
+    }
+}

@@ -1,0 +1,208 @@
+//! Streaming generation over any backend: chunked prefill, decode loop, stop conditions.
+
+use std::time::Instant;
+
+use super::model::{forward, Backend, LogitRows};
+use super::sampler::{Sampler, SamplingParams};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// Largest number of prompt tokens run through the model in one step.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Token ids that end generation (usually generation_config's eos_token_id).
+    pub eos_token_ids: Vec<u32>,
+    /// Keep going past EOS tokens.
+    pub ignore_eos: bool,
+    /// Strings that end generation (the text is cut before them).
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), eos_token_ids: vec![], ignore_eos: false, stop_strings: vec![] }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS token or stop string.
+    Stop,
+    /// `max_tokens` reached, or the context window is full.
+    Length,
+    /// The callback asked to stop.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated token ids (EOS excluded).
+    pub tokens: Vec<u32>,
+    /// Generated text (empty without a tokenizer), cut before any stop string.
+    pub text: String,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Seconds spent on the prompt (including the first token's logits).
+    pub prefill_s: f64,
+    /// Seconds spent decoding the generated tokens after the first.
+    pub decode_s: f64,
+}
+
+impl Generation {
+    /// Decode speed in tokens per second (tokens after the first, over their time).
+    pub fn decode_tok_s(&self) -> f64 {
+        let n = self.tokens.len().saturating_sub(1);
+        if self.decode_s > 0.0 { n as f64 / self.decode_s } else { 0.0 }
+    }
+}
+
+/// A model with its KV cache: runs prompts and generates.
+pub struct Generator<B: Backend> {
+    backend: B,
+    cache: B::Cache,
+    logits: Vec<f32>,
+}
+
+impl<B: Backend> Generator<B> {
+    /// A generator with a KV cache for the model's whole context window.
+    pub fn new(backend: B) -> Result<Self> {
+        let cap = backend.config().max_position_embeddings;
+        Self::with_context(backend, cap)
+    }
+
+    /// A generator with a KV cache of `context` positions.
+    pub fn with_context(backend: B, context: usize) -> Result<Self> {
+        let cache = backend.new_cache(context)?;
+        Ok(Generator { backend, cache, logits: Vec::new() })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Positions the KV cache holds.
+    pub fn context(&self) -> usize {
+        use super::model::KvCache;
+        self.cache.capacity()
+    }
+
+    fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
+        if prompt.is_empty() {
+            return Err(Error::Request("the prompt is empty".into()));
+        }
+        if prompt.len() > self.context() {
+            return Err(Error::Request(format!(
+                "the prompt has {} tokens but the context window holds {}",
+                prompt.len(),
+                self.context()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `prompt` from position 0 and returns the logits of its last position
+    /// (or of every position with `all`), `vocab` values per position.
+    pub fn logits(&mut self, prompt: &[u32], all: bool) -> Result<Vec<f32>> {
+        self.check_prompt(prompt)?;
+        let mut res = Vec::new();
+        let n = prompt.len();
+        for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+            let last = (i + 1) * PREFILL_CHUNK >= n;
+            let rows = if all { LogitRows::All } else if last { LogitRows::Last } else { LogitRows::None };
+            forward(&mut self.backend, &mut self.cache, chunk, i * PREFILL_CHUNK, rows, &mut self.logits)?;
+            res.extend_from_slice(&self.logits);
+        }
+        Ok(res)
+    }
+
+    /// Generates from `prompt`; `on_token(id, new_text)` sees each token as it is produced and
+    /// returns false to stop.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        tokenizer: Option<&Tokenizer>,
+        mut on_token: impl FnMut(u32, &str) -> bool,
+    ) -> Result<Generation> {
+        opts.sampling.validate()?;
+        self.check_prompt(prompt)?;
+        let mut sampler = Sampler::new(opts.sampling.clone());
+        let mut context: Vec<u32> = Vec::with_capacity(prompt.len() + opts.max_tokens);
+        context.extend_from_slice(prompt);
+        let mut out = Generation {
+            tokens: Vec::new(),
+            text: String::new(),
+            prompt_tokens: prompt.len(),
+            finish: FinishReason::Length,
+            prefill_s: 0.0,
+            decode_s: 0.0,
+        };
+        if opts.max_tokens == 0 {
+            return Ok(out);
+        }
+        let t0 = Instant::now();
+        let mut logits = self.logits(prompt, false)?;
+        out.prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut emitted = 0usize; // bytes of `text` already passed to the callback
+        let mut full_text = String::new();
+        loop {
+            let tok = sampler.sample(&mut logits, &context);
+            if !opts.ignore_eos && opts.eos_token_ids.contains(&tok) {
+                out.finish = FinishReason::Stop;
+                break;
+            }
+            out.tokens.push(tok);
+            context.push(tok);
+            let mut piece = "";
+            if let Some(t) = tokenizer {
+                full_text = t.decode(&out.tokens, true)?;
+                if let Some(cut) = opts.stop_strings.iter().filter_map(|s| full_text.find(s.as_str())).min() {
+                    full_text.truncate(cut);
+                    out.finish = FinishReason::Stop;
+                }
+                // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
+                let stable = if out.finish == FinishReason::Stop { full_text.len() } else { full_text.trim_end_matches('\u{FFFD}').len() };
+                if stable > emitted && full_text.is_char_boundary(emitted) {
+                    piece = &full_text[emitted..stable];
+                    emitted = stable;
+                }
+            }
+            if !on_token(tok, piece) {
+                out.finish = FinishReason::Cancelled;
+                break;
+            }
+            if out.finish == FinishReason::Stop || out.tokens.len() >= opts.max_tokens || context.len() >= self.context() {
+                break;
+            }
+            forward(&mut self.backend, &mut self.cache, &[tok], context.len() - 1, LogitRows::Last, &mut self.logits)?;
+            std::mem::swap(&mut logits, &mut self.logits);
+        }
+        out.decode_s = t1.elapsed().as_secs_f64();
+        out.text = full_text;
+        Ok(out)
+    }
+}

@@ -1,0 +1,111 @@
+//! The forward pass, written once over the [`Backend`] trait (FORMAT.md §6).
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// Where an RMSNorm + int8 quantization reads the residual stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormSite {
+    /// input_layernorm, feeding q/k/v.
+    Input,
+    /// post_attention_layernorm, feeding gate/up.
+    PostAttention,
+}
+
+/// The fused ternary linears of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linear {
+    /// q, k and v stacked: quantized normed input → q|k|v.
+    Qkv,
+    /// o_proj, added into the residual stream.
+    O,
+    /// gate and up stacked.
+    GateUp,
+    /// down_proj, added into the residual stream.
+    Down,
+}
+
+/// Which positions of a step need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// None (a prefill chunk that is not the last).
+    None,
+    /// The last position only.
+    Last,
+    /// Every position of the step.
+    All,
+}
+
+/// A key/value cache of some capacity.
+pub trait KvCache {
+    /// Positions the cache can hold.
+    fn capacity(&self) -> usize;
+}
+
+/// The ops a backend implements. A step processes `T` consecutive tokens; its buffers (the
+/// residual stream, quantized activations, q|k|v, attention output, gate|up) live in the backend.
+pub trait Backend {
+    /// The backend's KV cache.
+    type Cache: KvCache;
+    /// The model configuration.
+    fn config(&self) -> &ModelConfig;
+    /// A human-readable description (backend, kernels, device).
+    fn describe(&self) -> String;
+    /// A KV cache for `capacity` positions.
+    fn new_cache(&self, capacity: usize) -> Result<Self::Cache>;
+    /// Starts a step: looks up the embeddings of `tokens` into the residual stream.
+    fn embed(&mut self, tokens: &[u32]) -> Result<()>;
+    /// RMSNorm of the residual stream at `site`, then per-token int8 quantization.
+    fn rmsnorm_quant(&mut self, layer: usize, site: NormSite);
+    /// A ternary × int8 matmul; `O` and `Down` add their output into the residual stream.
+    fn ternary_matmul(&mut self, layer: usize, linear: Linear);
+    /// RoPE on q and k for positions `pos..pos+T`, then k and v written into the cache.
+    fn rope_kv_write(&mut self, cache: &mut Self::Cache, layer: usize, pos: usize);
+    /// Causal GQA attention of the step's queries over cache positions `0..pos+T`.
+    fn attention(&mut self, cache: &Self::Cache, layer: usize, pos: usize);
+    /// attn_sub_norm of the attention output, then int8 quantization.
+    fn attn_sub_norm_quant(&mut self, layer: usize);
+    /// relu(gate)² · up, ffn_sub_norm, then int8 quantization.
+    fn relu2_mul_norm_quant(&mut self, layer: usize);
+    /// Final norm and head for `rows`; logits appended to `out` (`vocab` per row).
+    fn logits(&mut self, rows: LogitRows, out: &mut Vec<f32>) -> Result<()>;
+    /// Bytes of weights one decode step reads (ternary weights, head, norms).
+    fn decode_bytes_per_token(&self) -> u64;
+}
+
+/// Runs `tokens` at positions `pos..` through the model, filling `cache` and writing the logits
+/// of `rows` into `out` (cleared first).
+pub fn forward<B: Backend>(
+    b: &mut B,
+    cache: &mut B::Cache,
+    tokens: &[u32],
+    pos: usize,
+    rows: LogitRows,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    out.clear();
+    if tokens.is_empty() {
+        return Err(Error::Request("empty token sequence".into()));
+    }
+    if pos + tokens.len() > cache.capacity() {
+        return Err(Error::Request(format!(
+            "context overflow: {} positions needed but the context holds {}",
+            pos + tokens.len(),
+            cache.capacity()
+        )));
+    }
+    b.embed(tokens)?;
+    for l in 0..b.config().num_layers {
+        b.rmsnorm_quant(l, NormSite::Input);
+        b.ternary_matmul(l, Linear::Qkv);
+        b.rope_kv_write(cache, l, pos);
+        b.attention(cache, l, pos);
+        b.attn_sub_norm_quant(l);
+        b.ternary_matmul(l, Linear::O);
+        b.rmsnorm_quant(l, NormSite::PostAttention);
+        b.ternary_matmul(l, Linear::GateUp);
+        b.relu2_mul_norm_quant(l);
+        b.ternary_matmul(l, Linear::Down);
+    }
+    b.logits(rows, out)
+}

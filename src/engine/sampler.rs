@@ -1,0 +1,177 @@
+//! Token sampling: greedy, temperature, top-k, top-p, min-p and repetition penalty, seeded.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Sampling parameters (`temperature == 0` means greedy).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 picks the argmax.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p (1 = off).
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` × the top probability (0 = off).
+    pub min_p: f32,
+    /// Penalty for tokens already in the context (1 = off), as in transformers.
+    pub repetition_penalty: f32,
+    /// Random seed (None = from the OS).
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
+    }
+}
+
+impl SamplingParams {
+    /// Checks the ranges of every parameter.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |m: String| Err(crate::Error::Request(m));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// A sampler with its random state and reusable scratch.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    cand: Vec<(f32, u32)>,
+}
+
+/// Index of the largest logit (the lowest id on ties, like `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+impl Sampler {
+    /// A sampler for `params`.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        Sampler { params, rng, cand: Vec::new() }
+    }
+
+    /// Picks the next token from `logits` (modified in place); `context` holds the ids seen so far.
+    pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            for &t in context {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+        }
+        if p.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / p.temperature;
+        self.cand.clear();
+        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)));
+        let by_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if p.top_k > 0 && p.top_k < self.cand.len() {
+            self.cand.select_nth_unstable_by(p.top_k - 1, by_desc);
+            self.cand.truncate(p.top_k);
+        }
+        self.cand.sort_unstable_by(by_desc);
+        let max = self.cand[0].0;
+        let mut sum = 0.0;
+        for c in &mut self.cand {
+            c.0 = (c.0 - max).exp();
+            sum += c.0;
+        }
+        for c in &mut self.cand {
+            c.0 /= sum;
+        }
+        let top = self.cand[0].0;
+        let mut keep = self.cand.len();
+        if p.min_p > 0.0 {
+            keep = self.cand.iter().take_while(|c| c.0 >= p.min_p * top).count().max(1);
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, c) in self.cand[..keep].iter().enumerate() {
+                acc += c.0;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        let total: f32 = self.cand[..keep].iter().map(|c| c.0).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for c in &self.cand[..keep] {
+            r -= c.0;
+            if r <= 0.0 {
+                return c.1;
+            }
+        }
+        self.cand[keep - 1].1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_lowest_id_on_ties() {
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&mut [1.0, 3.0, 3.0, 2.0], &[]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seed_is_reproducible() {
+        let logits = [0.1, 0.5, 2.0, 1.9, -1.0];
+        let p = SamplingParams { temperature: 1.0, top_k: 1, seed: Some(3), ..Default::default() };
+        assert_eq!(Sampler::new(p).sample(&mut logits.clone(), &[]), 2);
+        let p = SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p.clone());
+            (0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect()
+        };
+        let mut s = Sampler::new(p);
+        let b: Vec<u32> = (0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect();
+        assert_eq!(a, b);
+        assert!(a.iter().any(|&t| t != 2), "temperature 1 should not always pick the argmax");
+    }
+
+    #[test]
+    fn top_p_and_min_p_restrict_candidates() {
+        let logits = [10.0, 9.0, 0.0, 0.0];
+        let p = SamplingParams { temperature: 1.0, top_p: 0.5, seed: Some(1), ..Default::default() };
+        let mut s = Sampler::new(p);
+        assert!((0..50).all(|_| s.sample(&mut logits.clone(), &[]) == 0));
+        let p = SamplingParams { temperature: 1.0, min_p: 0.2, seed: Some(1), ..Default::default() };
+        let mut s = Sampler::new(p);
+        assert!((0..200).all(|_| s.sample(&mut logits.clone(), &[]) < 2));
+    }
+
+    #[test]
+    fn repetition_penalty_demotes_seen_tokens() {
+        let p = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        assert_eq!(Sampler::new(p).sample(&mut [3.0, 2.0], &[0]), 1);
+    }
+}

@@ -1,0 +1,221 @@
+//! Checkpoint containers and the host-side [`Weights`] they load into.
+//!
+//! Parsers never trust the file: offsets, shapes and dtypes are checked and every error names
+//! the file and tensor. Tensor data stays memory-mapped until a backend repacks it.
+
+pub mod safetensors;
+pub mod synth;
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+use crate::config::ModelConfig;
+use crate::quant::checkpoint_code;
+
+/// Tensor bytes: a range of a memory-mapped file or an owned buffer.
+#[derive(Debug, Clone)]
+pub enum Bytes {
+    /// `len` bytes at `start` of a mapped file.
+    Mapped {
+        /// The mapping.
+        map: Arc<Mmap>,
+        /// Offset of the first byte.
+        start: usize,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// Bytes produced at load time (e.g. ternarized master weights).
+    Owned(Arc<Vec<u8>>),
+}
+
+impl Bytes {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
+            Bytes::Owned(v) => v,
+        }
+    }
+
+    /// Drops the resident pages of a mapped range (they are re-read from the file if touched
+    /// again), so data already repacked by a backend stops counting towards the process RSS.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Bytes::Mapped { map, start, len } = self {
+            const PAGE: usize = 4096;
+            let lo = start.div_ceil(PAGE) * PAGE;
+            let hi = (start + len) / PAGE * PAGE;
+            if hi > lo {
+                // SAFETY: the mapping is read-only and file-backed; DONTNEED only drops cached
+                // pages, later reads fault them back in from the file with the same contents.
+                unsafe {
+                    let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo);
+                }
+            }
+        }
+    }
+}
+
+/// Element type of a floating-point tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatDtype {
+    /// IEEE single.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl FloatDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            FloatDtype::F32 => 4,
+            _ => 2,
+        }
+    }
+}
+
+/// A floating-point tensor in its stored dtype, viewed as a `[rows, cols]` matrix.
+#[derive(Debug, Clone)]
+pub struct FloatTensor {
+    /// Tensor name in the checkpoint.
+    pub name: String,
+    /// Stored dtype.
+    pub dtype: FloatDtype,
+    /// Rows (1 for vectors).
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Raw little-endian data.
+    pub bytes: Bytes,
+}
+
+impl FloatTensor {
+    /// Converts row `r` to f32 into `out` (`out.len() == cols`).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let es = self.dtype.size();
+        let raw = &self.bytes.as_slice()[r * self.cols * es..(r + 1) * self.cols * es];
+        match self.dtype {
+            FloatDtype::F32 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            FloatDtype::F16 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            FloatDtype::BF16 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+        }
+    }
+
+    /// The whole tensor as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut v = vec![0.0; self.rows * self.cols];
+        for (r, row) in v.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.row_into(r, row);
+        }
+        v
+    }
+}
+
+/// A ternary matrix `[rows, cols]` in the checkpoint's packing (`[rows/4, cols]` bytes,
+/// FORMAT.md §3) with its per-tensor scale, normalised to a multiplier.
+#[derive(Debug, Clone)]
+pub struct TernaryMatrix {
+    /// Tensor name in the checkpoint.
+    pub name: String,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Checkpoint-packed codes.
+    pub packed: Bytes,
+    /// Real weight = ternary × scale.
+    pub scale: f32,
+}
+
+impl TernaryMatrix {
+    /// Writes the codes (`w + 1`: 0, 1 or 2) of row `r` into `out` and reports a corrupt code 3.
+    pub fn row_codes(&self, r: usize, out: &mut [u8]) -> crate::Result<()> {
+        let packed = self.packed.as_slice();
+        for (c, o) in out.iter_mut().enumerate().take(self.cols) {
+            let code = checkpoint_code(packed, self.rows, self.cols, r, c);
+            if code == 3 {
+                return Err(crate::Error::Format {
+                    path: self.name.clone().into(),
+                    msg: format!("invalid 2-bit code 3 at row {r}, column {c} of packed weight"),
+                });
+            }
+            *o = code;
+        }
+        Ok(())
+    }
+}
+
+/// The weights of one decoder layer.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    /// input_layernorm.
+    pub input_norm: Vec<f32>,
+    /// post_attention_layernorm.
+    pub post_attention_norm: Vec<f32>,
+    /// self_attn.attn_sub_norm (width hidden).
+    pub attn_sub_norm: Vec<f32>,
+    /// mlp.ffn_sub_norm (width intermediate).
+    pub ffn_sub_norm: Vec<f32>,
+    /// q_proj.
+    pub q: TernaryMatrix,
+    /// k_proj.
+    pub k: TernaryMatrix,
+    /// v_proj.
+    pub v: TernaryMatrix,
+    /// o_proj.
+    pub o: TernaryMatrix,
+    /// gate_proj.
+    pub gate: TernaryMatrix,
+    /// up_proj.
+    pub up: TernaryMatrix,
+    /// down_proj.
+    pub down: TernaryMatrix,
+}
+
+impl LayerWeights {
+    /// The seven ternary matrices, in checkpoint order.
+    pub fn linears(&self) -> [&TernaryMatrix; 7] {
+        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+    }
+}
+
+/// A whole model on the host, in the checkpoint's layout (data mostly memory-mapped).
+#[derive(Debug, Clone)]
+pub struct Weights {
+    /// Validated configuration.
+    pub config: ModelConfig,
+    /// model.embed_tokens.weight `[vocab, hidden]`.
+    pub embed: FloatTensor,
+    /// lm_head.weight when not tied to the embedding.
+    pub lm_head: Option<FloatTensor>,
+    /// model.norm.weight.
+    pub final_norm: Vec<f32>,
+    /// Decoder layers.
+    pub layers: Vec<LayerWeights>,
+    /// Bytes of the checkpoint files.
+    pub file_bytes: u64,
+}
+
+impl Weights {
+    /// The output head: lm_head, or the embedding when tied.
+    pub fn head(&self) -> &FloatTensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}

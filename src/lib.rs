@@ -1,0 +1,11 @@
+//! BitNet b1.58 inference: ternary weights, int8 activations, CPU SIMD kernels.
+
+pub mod config;
+pub mod cpu;
+pub mod engine;
+pub mod error;
+pub mod format;
+pub mod quant;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,386 @@
+//! The `bitnet` command-line tool: generate, chat, logits, bench and synth.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use bitnet_inference::config::{GenerationConfig, Preset};
+use bitnet_inference::cpu::head::HeadMode;
+use bitnet_inference::cpu::{CpuBackend, CpuOptions};
+use bitnet_inference::engine::generate::{GenerateOptions, Generator};
+use bitnet_inference::engine::model::Backend;
+use bitnet_inference::engine::sampler::SamplingParams;
+use bitnet_inference::format;
+use bitnet_inference::tokenizer::{ChatMessage, Tokenizer};
+
+/// BitNet b1.58 inference engine.
+#[derive(Parser)]
+#[command(name = "bitnet", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Chat interactively using the model's chat template.
+    Chat(ChatArgs),
+    /// Print the logits of a token sequence as JSON.
+    Logits(LogitsArgs),
+    /// Measure load time, prefill and decode speed, bandwidth and memory.
+    Bench(BenchArgs),
+    /// Write a random model of a preset shape in the HF packed format.
+    Synth(SynthArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum BackendKind {
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, default_value = "models/tiny")]
+    model: PathBuf,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendKind,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Head storage: native (checkpoint dtype) or int8 (per-row scales).
+    #[arg(long, default_value = "native")]
+    head: String,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "tokens")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long)]
+    tokens: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Do not stop at EOS tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Top-p.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Random seed.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long)]
+    tokens: String,
+    /// Logits of every position instead of the last.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Shape: 2b4t or tiny.
+    #[arg(long)]
+    shape: String,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner().with_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+struct Loaded {
+    gen: Generator<CpuBackend>,
+    tokenizer: Option<Tokenizer>,
+    gen_cfg: GenerationConfig,
+    load_s: f64,
+}
+
+fn load(args: &ModelArgs) -> Result<Loaded> {
+    if args.backend == BackendKind::Gpu {
+        bail!("the GPU backend is not available in this build (use --backend cpu or auto)");
+    }
+    let head = HeadMode::parse(&args.head)?;
+    let t0 = Instant::now();
+    let pb = spinner(&format!("loading {}", args.model.display()));
+    let weights = format::safetensors::load(&args.model).with_context(|| format!("loading model from {}", args.model.display()))?;
+    let gen_cfg = GenerationConfig::from_dir(&args.model, &weights.config)?;
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let backend = CpuBackend::load(&weights, &CpuOptions { threads: args.threads, head, kernels: None })?;
+    drop(weights);
+    let gen = Generator::new(backend)?;
+    pb.finish_and_clear();
+    let load_s = t0.elapsed().as_secs_f64();
+    if args.backend == BackendKind::Auto {
+        eprintln!("backend: {} (no GPU backend in this build)", gen.backend().describe());
+    }
+    Ok(Loaded { gen, tokenizer, gen_cfg, load_s })
+}
+
+fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(|t| t.trim().parse::<u32>().with_context(|| format!("--tokens: `{t}` is not a token id")))
+        .collect()
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let mut m = load(&a.model)?;
+    let prompt = match (&a.prompt, &a.tokens) {
+        (_, Some(t)) => parse_tokens(t)?,
+        (Some(p), None) => m
+            .tokenizer
+            .as_ref()
+            .context("the model has no tokenizer.json; pass --tokens instead of --prompt")?
+            .encode(p, true)?,
+        (None, None) => bail!("pass --prompt TEXT or --tokens 1,2,3"),
+    };
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        eos_token_ids: m.gen_cfg.eos_token_ids.clone(),
+        ignore_eos: a.ignore_eos,
+        stop_strings: a.stop.clone(),
+    };
+    let stream = !a.json;
+    let mut stdout = std::io::stdout().lock();
+    let out = m.gen.generate(&prompt, &opts, m.tokenizer.as_ref(), |_, piece| {
+        if stream && !piece.is_empty() {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+        true
+    })?;
+    if a.json {
+        let v = serde_json::json!({
+            "tokens": out.tokens,
+            "text": out.text,
+            "prompt_tokens": out.prompt_tokens,
+            "decode_tok_s": out.decode_tok_s(),
+            "prefill_tok_s": out.prompt_tokens as f64 / out.prefill_s.max(1e-9),
+            "finish_reason": out.finish.as_str(),
+        });
+        writeln!(stdout, "{v}")?;
+    } else {
+        if m.tokenizer.is_none() {
+            write!(stdout, "{}", out.tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","))?;
+        }
+        writeln!(stdout)?;
+        eprintln!("[{} prompt tokens, {} generated, {:.1} tok/s]", out.prompt_tokens, out.tokens.len(), out.decode_tok_s());
+    }
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let mut m = load(&a.model)?;
+    let tok = m.tokenizer.take().context("the model has no tokenizer.json")?;
+    if !tok.has_chat_template() {
+        bail!("{}: the model has no chat template", a.model.model.display());
+    }
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage::new("system", s));
+    }
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, seed: a.seed, ..Default::default() },
+        eos_token_ids: m.gen_cfg.eos_token_ids.clone(),
+        ..Default::default()
+    };
+    eprintln!("chat with {} — empty line or Ctrl-D to quit", a.model.model.display());
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(ChatMessage::new("user", line.trim()));
+        let prompt = tok.encode_chat(&messages)?;
+        let mut stdout = std::io::stdout().lock();
+        let out = m.gen.generate(&prompt, &opts, Some(&tok), |_, piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+            true
+        })?;
+        writeln!(stdout)?;
+        messages.push(ChatMessage::new("assistant", &out.text));
+    }
+    Ok(())
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let mut m = load(&a.model)?;
+    let toks = parse_tokens(&a.tokens)?;
+    let vocab = m.gen.backend().config().vocab_size;
+    let l = m.gen.logits(&toks, a.all)?;
+    let v = if a.all {
+        serde_json::json!({ "logits": l.chunks(vocab).collect::<Vec<_>>() })
+    } else {
+        serde_json::json!({ "logits": l })
+    };
+    println!("{v}");
+    Ok(())
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.prompt_len == 0 || a.gen < 2 {
+        bail!("--prompt-len must be at least 1 and --gen at least 2");
+    }
+    let mut m = load(&a.model)?;
+    let cfg = m.gen.backend().config().clone();
+    if a.prompt_len + a.gen > m.gen.context() {
+        bail!("--prompt-len + --gen = {} exceeds the context window ({})", a.prompt_len + a.gen, m.gen.context());
+    }
+    // A deterministic prompt of ordinary token ids.
+    let prompt: Vec<u32> = (0..a.prompt_len).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
+    let opts = GenerateOptions { max_tokens: a.gen, ignore_eos: true, ..Default::default() };
+    let pb = spinner("warming up");
+    m.gen.generate(&prompt[..prompt.len().min(8)], &GenerateOptions { max_tokens: 4, ..opts.clone() }, None, |_, _| true)?;
+    pb.set_message(format!("prefill {} + decode {}", a.prompt_len, a.gen));
+    let out = m.gen.generate(&prompt, &opts, None, |_, _| true)?;
+    pb.finish_and_clear();
+    let prefill = a.prompt_len as f64 / out.prefill_s;
+    let decode = out.decode_tok_s();
+    let bytes = m.gen.backend().decode_bytes_per_token();
+    let gb_s = bytes as f64 * decode / 1e9;
+    let rss = peak_rss_mb();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "load_s": m.load_s, "prefill_tok_s": prefill, "decode_tok_s": decode,
+                "decode_bytes_per_token": bytes, "decode_gb_s": gb_s, "peak_rss_mb": rss,
+                "backend": m.gen.backend().describe(), "prompt_len": a.prompt_len, "gen": a.gen,
+            })
+        );
+    } else {
+        println!("backend        {}", m.gen.backend().describe());
+        println!("load           {:.2} s", m.load_s);
+        println!("prefill        {:.1} tok/s ({} tokens)", prefill, a.prompt_len);
+        println!("decode         {:.2} tok/s ({} tokens)", decode, a.gen);
+        println!("bytes/token    {:.1} MB", bytes as f64 / 1e6);
+        println!("bandwidth      {:.2} GB/s", gb_s);
+        println!("peak RSS       {:.0} MB", rss);
+    }
+    Ok(())
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let cfg = Preset::parse(&a.shape)?.config();
+    let pb = ProgressBar::new(0);
+    pb.set_style(ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")?);
+    pb.set_message(format!("writing {}", a.out.display()));
+    format::synth::write_model(&a.out, &cfg, a.seed, |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    })?;
+    pb.finish_and_clear();
+    eprintln!("wrote {} ({} shape)", Path::new(&a.out).display(), a.shape);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Chat(a) => chat(a),
+        Cmd::Logits(a) => logits(a),
+        Cmd::Bench(a) => bench(a),
+        Cmd::Synth(a) => synth(a),
+    }
+}

@@ -1,0 +1,92 @@
+//! The numerics contract shared by every backend (FORMAT.md §3–5): absmean ternarization,
+//! the 2-bit code packing of the checkpoint, and per-token absmax int8 activation quantization.
+
+/// Largest int8 code of an activation (Qp = 127).
+pub const ACT_QMAX: f32 = 127.0;
+/// Lower clamp of the activation absmax.
+pub const ACT_EPS: f32 = 1e-5;
+
+/// Quantizes one token's activations to int8 (round half to even) and returns its absmax.
+///
+/// `out` may be longer than `x`; the tail is zero-filled (padding for the kernels).
+pub fn quantize_activations(x: &[f32], out: &mut [i8]) -> f32 {
+    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(ACT_EPS);
+    let scale = ACT_QMAX / absmax;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
+    }
+    out[x.len()..].fill(0);
+    absmax
+}
+
+/// Absmean ternarization of a master weight (`WeightQuant`, FORMAT.md §4):
+/// returns codes in {-1, 0, 1} and the multiplier that restores the real scale.
+pub fn ternarize_absmean(w: &[f32]) -> (Vec<i8>, f32) {
+    let mean = (w.iter().map(|v| v.abs() as f64).sum::<f64>() / w.len().max(1) as f64) as f32;
+    let mean = mean.max(1e-5);
+    let s = 1.0 / mean;
+    let codes = w.iter().map(|&v| (v * s).round_ties_even().clamp(-1.0, 1.0) as i8).collect();
+    (codes, 1.0 / s)
+}
+
+/// Packs ternary values `[rows, cols]` (row-major, rows % 4 == 0) into the checkpoint's
+/// `[rows/4, cols]` bytes: bit field i of packed row r holds unpacked row `i*rows/4 + r`.
+pub fn pack_checkpoint(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
+    let r4 = rows / 4;
+    let mut out = vec![0u8; r4 * cols];
+    for (i, block) in values.chunks_exact(r4 * cols).enumerate() {
+        for (o, &v) in out.iter_mut().zip(block) {
+            *o |= ((v + 1) as u8) << (2 * i);
+        }
+    }
+    out
+}
+
+/// The ternary value of row `r`, column `c` of a checkpoint-packed `[rows/4, cols]` matrix,
+/// as the code `w + 1` (0, 1, 2; 3 means a corrupt byte).
+#[inline]
+pub fn checkpoint_code(packed: &[u8], rows: usize, cols: usize, r: usize, c: usize) -> u8 {
+    let r4 = rows / 4;
+    (packed[(r % r4) * cols + c] >> (2 * (r / r4))) & 3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_half_to_even() {
+        // absmax 127 makes scale exactly 1, so the inputs are the pre-round values.
+        let x = [0.5, 1.5, 2.5, -0.5, -2.5, 127.0, 3.49];
+        let mut q = [0i8; 8];
+        let m = quantize_activations(&x, &mut q);
+        assert_eq!(m, 127.0);
+        assert_eq!(q, [0, 2, 2, 0, -2, 127, 3, 0]);
+    }
+
+    #[test]
+    fn zero_token_quantizes_to_zero() {
+        let mut q = [1i8; 4];
+        assert_eq!(quantize_activations(&[0.0; 4], &mut q), ACT_EPS);
+        assert_eq!(q, [0; 4]);
+    }
+
+    #[test]
+    fn pack_then_decode_is_identity() {
+        let (rows, cols) = (12, 5);
+        let vals: Vec<i8> = (0..rows * cols).map(|i| ((i * 7 + i / 3) % 3) as i8 - 1).collect();
+        let packed = pack_checkpoint(&vals, rows, cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(checkpoint_code(&packed, rows, cols, r, c) as i8 - 1, vals[r * cols + c]);
+            }
+        }
+    }
+
+    #[test]
+    fn absmean_matches_definition() {
+        let (codes, scale) = ternarize_absmean(&[0.3, -0.1, 0.0, -0.6]);
+        assert!((scale - 0.25).abs() < 1e-7);
+        assert_eq!(codes, vec![1, 0, 0, -1]);
+    }
+}
