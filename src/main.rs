@@ -150,6 +150,9 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Also measure the machine's memory read bandwidth (reported as machine_gb_s).
+    #[arg(long)]
+    membw: bool,
 }
 
 #[derive(Args)]
@@ -340,23 +343,31 @@ fn bench(a: BenchArgs) -> Result<()> {
     let bytes = m.gen.backend().decode_bytes_per_token();
     let gb_s = bytes as f64 * decode / 1e9;
     let rss = peak_rss_mb();
+    let threads = m.gen.backend().threads();
+    let backend = m.gen.backend().describe();
+    drop(m.gen);
+    let machine = a.membw.then(|| bitnet_inference::cpu::membw::read_bandwidth_gb_s(1 << 30, threads, 5));
     if a.json {
         println!(
             "{}",
             serde_json::json!({
                 "load_s": m.load_s, "prefill_tok_s": prefill, "decode_tok_s": decode,
                 "decode_bytes_per_token": bytes, "decode_gb_s": gb_s, "peak_rss_mb": rss,
-                "backend": m.gen.backend().describe(), "prompt_len": a.prompt_len, "gen": a.gen,
+                "backend": backend, "prompt_len": a.prompt_len, "gen": a.gen,
+                "machine_gb_s": machine,
             })
         );
     } else {
-        println!("backend        {}", m.gen.backend().describe());
+        println!("backend        {backend}");
         println!("load           {:.2} s", m.load_s);
         println!("prefill        {:.1} tok/s ({} tokens)", prefill, a.prompt_len);
         println!("decode         {:.2} tok/s ({} tokens)", decode, a.gen);
         println!("bytes/token    {:.1} MB", bytes as f64 / 1e6);
         println!("bandwidth      {:.2} GB/s", gb_s);
         println!("peak RSS       {:.0} MB", rss);
+        if let Some(mb) = machine {
+            println!("machine read   {:.2} GB/s ({:.0}% used by decode)", mb, 100.0 * gb_s / mb);
+        }
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod head;
 pub mod kernels;
+pub mod membw;
 pub mod ops;
 pub mod packed;
 
@@ -131,6 +132,11 @@ impl CpuBackend {
             layers,
             step: Step::default(),
         })
+    }
+
+    /// Worker threads.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
     }
 
     /// The kernel set in use.

@@ -83,6 +83,7 @@ pub struct Generator<B: Backend> {
     backend: B,
     cache: B::Cache,
     logits: Vec<f32>,
+    prefill_chunk: usize,
 }
 
 impl<B: Backend> Generator<B> {
@@ -95,7 +96,12 @@ impl<B: Backend> Generator<B> {
     /// A generator with a KV cache of `context` positions.
     pub fn with_context(backend: B, context: usize) -> Result<Self> {
         let cache = backend.new_cache(context)?;
-        Ok(Generator { backend, cache, logits: Vec::new() })
+        Ok(Generator { backend, cache, logits: Vec::new(), prefill_chunk: PREFILL_CHUNK })
+    }
+
+    /// Sets the most prompt tokens run in one step (at least 1).
+    pub fn set_prefill_chunk(&mut self, n: usize) {
+        self.prefill_chunk = n.max(1);
     }
 
     /// The backend.
@@ -129,10 +135,11 @@ impl<B: Backend> Generator<B> {
         self.check_prompt(prompt)?;
         let mut res = Vec::new();
         let n = prompt.len();
-        for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
-            let last = (i + 1) * PREFILL_CHUNK >= n;
+        let step = self.prefill_chunk;
+        for (i, chunk) in prompt.chunks(step).enumerate() {
+            let last = (i + 1) * step >= n;
             let rows = if all { LogitRows::All } else if last { LogitRows::Last } else { LogitRows::None };
-            forward(&mut self.backend, &mut self.cache, chunk, i * PREFILL_CHUNK, rows, &mut self.logits)?;
+            forward(&mut self.backend, &mut self.cache, chunk, i * step, rows, &mut self.logits)?;
             res.extend_from_slice(&self.logits);
         }
         Ok(res)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, SafeTensors};
+use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
 
 use super::{Bytes, FloatDtype, FloatTensor, LayerWeights, TernaryMatrix, Weights};
 use crate::config::{ModelConfig, ScaleConvention};
@@ -64,8 +64,10 @@ impl Checkpoint {
     fn add_file(&mut self, path: &Path) -> Result<()> {
         let map = Arc::new(map_file(path)?);
         self.file_bytes += map.len() as u64;
-        let (header_len, meta) = SafeTensors::read_metadata(&map[..])
-            .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+        let (header_len, meta) = SafeTensors::read_metadata(&map[..]).map_err(|e| {
+            let which = inconsistent_tensor(&map[..]).map(|t| format!(" ({t})")).unwrap_or_default();
+            Error::format(path, format!("invalid safetensors file: {e}{which}"))
+        })?;
         let data_start = 8 + header_len;
         for (name, info) in meta.tensors() {
             let (a, b) = info.data_offsets;
@@ -169,6 +171,22 @@ impl Checkpoint {
         let packed = pack_checkpoint(&codes, rows, cols);
         Ok(TernaryMatrix { name, rows, cols, packed: Bytes::Owned(Arc::new(packed)), scale })
     }
+}
+
+/// Names the first tensor (by name) whose dtype and shape disagree with its data offsets, for
+/// the header errors of the safetensors crate that do not say which tensor is wrong.
+fn inconsistent_tensor(buf: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(buf.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(buf.get(8..n.checked_add(8)?)?).ok()?;
+    header.into_iter().filter(|(name, _)| name != "__metadata__").find_map(|(name, v)| {
+        let info: TensorInfo = serde_json::from_value(v).ok()?;
+        let (a, b) = info.data_offsets;
+        let bytes = info.shape.iter().try_fold(info.dtype.bitsize(), |acc, &d| acc.checked_mul(d)).map(|bits| (bits / 8, bits % 8));
+        match bytes {
+            Some((len, 0)) if b.checked_sub(a) == Some(len) => None,
+            _ => Some(format!("tensor `{name}`: dtype {:?}, shape {:?}, data_offsets [{a}, {b}]", info.dtype, info.shape)),
+        }
+    })
 }
 
 fn shard_files(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {

@@ -3,6 +3,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 pub mod scalar;
@@ -13,6 +15,8 @@ enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
     #[cfg(target_arch = "aarch64")]
     Neon,
 }
@@ -39,6 +43,13 @@ impl Kernels {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             v.push(Kernels(Isa::Avx2));
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(Kernels(Isa::Avx512Vnni));
+            }
         }
         #[cfg(target_arch = "aarch64")]
         v.push(Kernels(Isa::Neon));
@@ -51,6 +62,8 @@ impl Kernels {
             Isa::Scalar => "scalar",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => "avx512vnni",
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => "neon",
         }
@@ -65,6 +78,8 @@ impl Kernels {
             // SAFETY: the variant exists only when detection found the features; sizes checked above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { avx2::code_dots(w, rb, x, ntok, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => unsafe { avx512::code_dots(w, rb, x, ntok, out) },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => unsafe { neon::code_dots(w, rb, x, ntok, out) },
         }
@@ -77,7 +92,7 @@ impl Kernels {
             Isa::Scalar => scalar::dot_bf16(w, x),
             // SAFETY: features detected; lengths checked.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::dot_bf16(w, x) },
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(w, x) },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => unsafe { neon::dot_bf16(w, x) },
         }
@@ -91,6 +106,8 @@ impl Kernels {
             // SAFETY: features detected; lengths checked.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { avx2::dot_i8(w, x) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => unsafe { avx512::dot_i8(w, x) },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => unsafe { neon::dot_i8(w, x) },
         }

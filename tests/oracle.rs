@@ -1,0 +1,153 @@
+//! The whole model against the transformers float32 reference of `tests/fixtures/tiny`
+//! (FORMAT.md §10): teacher-forced logits at every position, greedy tokens with the KV cache,
+//! on every CPU kernel set, plus the tokenizer and the int8 activation probe.
+
+use std::path::Path;
+
+use bitnet_inference::cpu::head::HeadMode;
+use bitnet_inference::cpu::kernels::Kernels;
+use bitnet_inference::cpu::{CpuBackend, CpuOptions};
+use bitnet_inference::engine::generate::{GenerateOptions, Generator};
+use bitnet_inference::format::safetensors::load;
+use bitnet_inference::quant::quantize_activations;
+use bitnet_inference::tokenizer::{ChatMessage, Tokenizer};
+use serde_json::Value;
+
+const DIR: &str = "tests/fixtures/tiny";
+
+fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(Path::new(DIR).join("reference.json")).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn generator(kernels: Kernels, head: HeadMode) -> Generator<CpuBackend> {
+    let w = load(Path::new(DIR)).unwrap();
+    Generator::new(CpuBackend::load(&w, &CpuOptions { threads: 2, head, kernels: Some(kernels) }).unwrap()).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn teacher_forced_logits_match_float32_reference_at_every_position() {
+    let r = reference();
+    for k in Kernels::available() {
+        let mut g = generator(k, HeadMode::Native);
+        for p in r["references"]["float32"]["prompts"].as_array().unwrap() {
+            let prompt = ids(&p["input_ids"]);
+            let greedy = ids(&p["greedy_tokens"]);
+            let mut seq = prompt.clone();
+            seq.extend_from_slice(&greedy[..greedy.len() - 1]);
+            let got = g.logits(&seq, true).unwrap();
+            let mut want: Vec<f32> = p["prefill_all_logits"].as_array().unwrap().iter().flat_map(floats).collect();
+            // Positions after the prompt: greedy steps 1.. (step 0 is the last prompt position).
+            for step in &p["greedy_step_logits"].as_array().unwrap()[1..] {
+                want.extend(floats(step));
+            }
+            let d = max_abs_diff(&got, &want);
+            assert!(d <= 1e-4, "{} {}: max |Δ| {d}", k.name(), p["name"]);
+            let last = g.logits(&prompt, false).unwrap();
+            let d = max_abs_diff(&last, &floats(&p["prefill_last_logits"]));
+            assert!(d <= 1e-4, "{} {} last: max |Δ| {d}", k.name(), p["name"]);
+        }
+    }
+}
+
+#[test]
+fn greedy_tokens_with_kv_cache_match_reference() {
+    let r = reference();
+    for k in Kernels::available() {
+        let mut g = generator(k, HeadMode::Native);
+        for p in r["references"]["float32"]["prompts"].as_array().unwrap() {
+            let opts = GenerateOptions { max_tokens: 16, ignore_eos: true, ..Default::default() };
+            let out = g.generate(&ids(&p["input_ids"]), &opts, None, |_, _| true).unwrap();
+            assert_eq!(out.tokens, ids(&p["greedy_tokens"]), "{} {}", k.name(), p["name"]);
+        }
+    }
+}
+
+#[test]
+fn chunked_prefill_equals_single_step() {
+    let r = reference();
+    let p = &r["references"]["float32"]["prompts"][2];
+    let prompt = ids(&p["input_ids"]);
+    let mut g = generator(Kernels::detect(), HeadMode::Native);
+    let whole = g.logits(&prompt, true).unwrap();
+    g.set_prefill_chunk(5);
+    let chunked = g.logits(&prompt, true).unwrap();
+    assert_eq!(whole, chunked);
+}
+
+#[test]
+fn kernel_sets_agree_on_the_whole_model() {
+    let r = reference();
+    let prompt = ids(&r["references"]["float32"]["prompts"][3]["input_ids"]);
+    let base = generator(Kernels::scalar(), HeadMode::Native).logits(&prompt, true).unwrap();
+    for k in Kernels::available() {
+        let got = generator(k, HeadMode::Native).logits(&prompt, true).unwrap();
+        assert!(max_abs_diff(&got, &base) <= 1e-5, "{}", k.name());
+    }
+}
+
+#[test]
+fn int8_head_stays_close_to_reference() {
+    let r = reference();
+    let mut g = generator(Kernels::detect(), HeadMode::Int8);
+    for p in r["references"]["float32"]["prompts"].as_array().unwrap() {
+        let got = g.logits(&ids(&p["input_ids"]), false).unwrap();
+        let want = floats(&p["prefill_last_logits"]);
+        let d = max_abs_diff(&got, &want);
+        // Measured on this fixture: see BENCHMARKS.md ("int8 head").
+        assert!(d <= 0.05, "{}: int8 head max |Δ| {d}", p["name"]);
+        let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!(argmax(&got), argmax(&want), "{}", p["name"]);
+    }
+}
+
+#[test]
+fn int8_activation_probe_matches_exactly() {
+    let r = reference();
+    for probe in r["probes_float32"]["bitlinear"].as_array().unwrap() {
+        let n = probe["in_features"].as_u64().unwrap() as usize;
+        for (row, want) in probe["input"].as_array().unwrap().iter().zip(probe["input_int8"].as_array().unwrap()) {
+            let x = floats(row);
+            let mut q = vec![0i8; n];
+            quantize_activations(&x, &mut q);
+            let want: Vec<i8> = want.as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i8).collect();
+            assert_eq!(q, want, "{}", probe["module"]);
+        }
+    }
+}
+
+#[test]
+fn tokenizer_matches_reference() {
+    let r = reference();
+    let t = Tokenizer::from_dir(Path::new(DIR)).unwrap().unwrap();
+    for s in r["tokenizer"]["strings"].as_array().unwrap() {
+        let text = s["text"].as_str().unwrap();
+        assert_eq!(t.encode(text, true).unwrap(), ids(&s["ids_add_special_tokens_true"]));
+        assert_eq!(t.encode(text, false).unwrap(), ids(&s["ids_add_special_tokens_false"]));
+        let ids_true = ids(&s["ids_add_special_tokens_true"]);
+        assert_eq!(t.decode(&ids_true, true).unwrap(), s["decoded_skip_special"].as_str().unwrap());
+        assert_eq!(t.decode(&ids_true, false).unwrap(), s["decoded_keep_special"].as_str().unwrap());
+    }
+    let chat = &r["tokenizer"]["chat"];
+    let messages: Vec<ChatMessage> = chat["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
+    assert_eq!(t.apply_chat_template(&messages, true).unwrap(), chat["rendered"].as_str().unwrap());
+    // The template emits BOS itself: no double BOS.
+    assert_eq!(t.encode_chat(&messages).unwrap(), ids(&chat["ids"]));
+}
