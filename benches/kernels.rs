@@ -3,16 +3,11 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 use bitnet_inference::cpu::kernels::Kernels;
-use bitnet_inference::cpu::packed::{padded_cols, PackedTernary};
+use bitnet_inference::cpu::packed::PackedTernary;
 
 fn packed(rows: usize, cols: usize) -> PackedTernary {
-    let kpad = padded_cols(cols);
-    let mut data = vec![0u8; rows * kpad / 4];
-    for (r, out) in data.chunks_exact_mut(kpad / 4).enumerate() {
-        let codes: Vec<u8> = (0..cols).map(|c| ((r * 7 + c * 13) % 3) as u8).collect();
-        PackedTernary::pack_row(&codes, out);
-    }
-    PackedTernary { rows, cols, kpad, data, row_scale: vec![1.0; rows] }
+    let codes: Vec<Vec<u8>> = (0..rows).map(|r| (0..cols).map(|c| ((r * 7 + c * 13) % 3) as u8).collect()).collect();
+    PackedTernary::from_codes(&codes, cols, vec![1.0; rows])
 }
 
 fn ternary(c: &mut Criterion) {

@@ -81,8 +81,8 @@ impl Head {
         }
     }
 
-    /// `out[v] = head[v] · h` for every vocabulary row; `xq` is scratch for the int8 path.
-    pub fn logits(&self, k: Kernels, h: &[f32], xq: &mut [i8], out: &mut [f32]) {
+    /// `out[v] = head[v] · h` for every vocabulary row; `xq` and `xp` are scratch.
+    pub fn logits(&self, k: Kernels, h: &[f32], xq: &mut [i8], xp: &mut [f32], out: &mut [f32]) {
         let cols = h.len();
         const CHUNK: usize = 256;
         match self {
@@ -91,11 +91,11 @@ impl Head {
                     Some(c) => c,
                     None => bytemuck::cast_slice(tensor.bytes.as_slice()),
                 };
+                k.prepare_bf16_activations(h, xp);
+                let xp = &*xp;
                 out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-                    for (i, v) in o.iter_mut().enumerate() {
-                        let r = c * CHUNK + i;
-                        *v = k.dot_bf16(&bits[r * cols..(r + 1) * cols], h);
-                    }
+                    let r0 = c * CHUNK;
+                    k.head_bf16(&bits[r0 * cols..(r0 + o.len()) * cols], cols, xp, o);
                 });
             }
             Head::F32(w) => {

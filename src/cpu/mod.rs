@@ -54,6 +54,7 @@ struct Step {
     gu: Vec<f32>,
     mlp: Vec<f32>,
     head_q: Vec<i8>,
+    head_x: Vec<f32>,
 }
 
 /// Key/value cache: `[layer][kv_head][position][head_dim]` f32 for keys and values.
@@ -162,6 +163,7 @@ impl CpuBackend {
         s.gu = vec![0.0; t * 2 * c.intermediate_size];
         s.mlp = vec![0.0; t * c.intermediate_size];
         s.head_q = vec![0; c.hidden_size];
+        s.head_x = vec![0.0; c.hidden_size];
     }
 
     /// Ternary matmul of the step's quantized rows (stride `w.kpad`) by `w`; writes (or adds
@@ -349,8 +351,8 @@ impl Backend for CpuBackend {
         for (o, ti) in out.chunks_mut(vocab).zip(range) {
             let normed = &mut s.tmp[..h];
             ops::rmsnorm(&s.x[ti * h..(ti + 1) * h], &self.final_norm, self.cfg.rms_norm_eps, normed);
-            let (head, k, hq) = (&self.head, self.kernels, &mut s.head_q);
-            self.pool.install(|| head.logits(k, normed, hq, o));
+            let (head, k, hq, hx) = (&self.head, self.kernels, &mut s.head_q, &mut s.head_x);
+            self.pool.install(|| head.logits(k, normed, hq, hx, o));
         }
         Ok(())
     }

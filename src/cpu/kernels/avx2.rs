@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::cpu::packed::{BLOCK, BLOCK_BYTES};
+use crate::cpu::packed::{BLOCK, BLOCK_BYTES, GROUP};
 
 /// Blocks that can be accumulated in i16 without overflow.
 const FLUSH: usize = 16;
@@ -19,94 +19,58 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// `R` rows × `T` tokens of code dot products.
+/// One row group (4 rows) × `T` tokens of code dot products.
 #[inline(always)]
-unsafe fn tile<const R: usize, const T: usize>(w: *const u8, rb: usize, x: *const i8, kpad: usize, out: &mut [[i32; T]; R]) {
+unsafe fn group<const T: usize>(g: *const u8, rb: usize, x: *const i8, kpad: usize) -> [[i32; T]; GROUP] {
     let nblocks = rb / BLOCK_BYTES;
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
-    let mut tot = [[_mm256_setzero_si256(); T]; R];
+    let mut tot = [[_mm256_setzero_si256(); T]; GROUP];
     let mut b0 = 0;
     while b0 < nblocks {
         let end = (b0 + FLUSH).min(nblocks);
-        let mut acc = [[_mm256_setzero_si256(); T]; R];
+        let mut acc = [[_mm256_setzero_si256(); T]; GROUP];
         for b in b0..end {
-            for r in 0..R {
-                let wv = _mm256_loadu_si256(w.add(r * rb + b * BLOCK_BYTES) as *const __m256i);
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let wv = _mm256_loadu_si256(g.add((b * GROUP + r) * BLOCK_BYTES) as *const __m256i);
                 let c0 = _mm256_and_si256(wv, mask);
                 let c1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), mask);
                 let c2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
                 let c3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), mask);
-                for t in 0..T {
+                for (t, a) in acc_r.iter_mut().enumerate() {
                     let xp = x.add(t * kpad + b * BLOCK) as *const __m256i;
                     let p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(xp));
                     let p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(xp.add(1)));
                     let p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(xp.add(2)));
                     let p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(xp.add(3)));
                     let s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
-                    acc[r][t] = _mm256_add_epi16(acc[r][t], s);
+                    *a = _mm256_add_epi16(*a, s);
                 }
             }
         }
-        for r in 0..R {
+        for r in 0..GROUP {
             for t in 0..T {
                 tot[r][t] = _mm256_add_epi32(tot[r][t], _mm256_madd_epi16(acc[r][t], ones));
             }
         }
         b0 = end;
     }
-    for r in 0..R {
+    let mut out = [[0i32; T]; GROUP];
+    for r in 0..GROUP {
         for t in 0..T {
             out[r][t] = hsum_i32(tot[r][t]);
         }
     }
-}
-
-#[inline(always)]
-unsafe fn rows_tokens<const R: usize, const T: usize>(w: &[u8], rb: usize, r0: usize, x: &[i8], t0: usize, ntok: usize, out: &mut [i32]) {
-    let mut o = [[0i32; T]; R];
-    tile::<R, T>(w.as_ptr().add(r0 * rb), rb, x.as_ptr().add(t0 * rb * 4), rb * 4, &mut o);
-    for (r, row) in o.iter().enumerate() {
-        for (t, v) in row.iter().enumerate() {
-            out[(r0 + r) * ntok + t0 + t] = *v;
-        }
-    }
+    out
 }
 
 /// See [`super::scalar::code_dots`].
 ///
 /// # Safety
-/// The CPU must support AVX2; `w.len()` a multiple of `rb`, `rb` of 32, `x` holds `ntok` rows.
+/// The CPU must support AVX2; sizes as in [`super::Kernels::code_dots`].
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
-    let nrows = w.len() / rb;
-    if ntok == 1 {
-        let mut r = 0;
-        while r + 4 <= nrows {
-            rows_tokens::<4, 1>(w, rb, r, x, 0, 1, out);
-            r += 4;
-        }
-        while r < nrows {
-            rows_tokens::<1, 1>(w, rb, r, x, 0, 1, out);
-            r += 1;
-        }
-        return;
-    }
-    for r in 0..nrows {
-        let mut t = 0;
-        while t + 8 <= ntok {
-            rows_tokens::<1, 8>(w, rb, r, x, t, ntok, out);
-            t += 8;
-        }
-        while t + 4 <= ntok {
-            rows_tokens::<1, 4>(w, rb, r, x, t, ntok, out);
-            t += 4;
-        }
-        while t < ntok {
-            rows_tokens::<1, 1>(w, rb, r, x, t, ntok, out);
-            t += 1;
-        }
-    }
+    super::for_each_group!(w, rb, x, ntok, out, 2, group);
 }
 
 /// See [`super::scalar::dot_bf16`].

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::cpu::packed::{BLOCK, BLOCK_BYTES};
+use crate::cpu::packed::{BLOCK, BLOCK_BYTES, GROUP};
 
 #[inline(always)]
 unsafe fn hsum_i32(v: __m256i) -> i32 {
@@ -14,47 +14,66 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// `R` rows × `T` tokens of code dot products.
+/// One row group × one token (decode): a separate accumulator per bit field, so no
+/// `vpdpbusd` waits on the previous one.
 #[inline(always)]
-unsafe fn tile<const R: usize, const T: usize>(w: *const u8, rb: usize, x: *const i8, kpad: usize, out: &mut [[i32; T]; R]) {
+unsafe fn group_single(g: *const u8, rb: usize, x: *const i8, _kpad: usize) -> [i32; GROUP] {
     let nblocks = rb / BLOCK_BYTES;
     let mask = _mm256_set1_epi8(3);
-    let mut acc = [[_mm256_setzero_si256(); T]; R];
+    let mut acc = [[_mm256_setzero_si256(); 4]; GROUP];
     for b in 0..nblocks {
-        for r in 0..R {
-            let wv = _mm256_loadu_si256(w.add(r * rb + b * BLOCK_BYTES) as *const __m256i);
+        let xp = x.add(b * BLOCK) as *const __m256i;
+        let xv = [
+            _mm256_loadu_si256(xp),
+            _mm256_loadu_si256(xp.add(1)),
+            _mm256_loadu_si256(xp.add(2)),
+            _mm256_loadu_si256(xp.add(3)),
+        ];
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wv = _mm256_loadu_si256(g.add((b * GROUP + r) * BLOCK_BYTES) as *const __m256i);
+            acc_r[0] = _mm256_dpbusd_epi32(acc_r[0], _mm256_and_si256(wv, mask), xv[0]);
+            acc_r[1] = _mm256_dpbusd_epi32(acc_r[1], _mm256_and_si256(_mm256_srli_epi16(wv, 2), mask), xv[1]);
+            acc_r[2] = _mm256_dpbusd_epi32(acc_r[2], _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask), xv[2]);
+            acc_r[3] = _mm256_dpbusd_epi32(acc_r[3], _mm256_and_si256(_mm256_srli_epi16(wv, 6), mask), xv[3]);
+        }
+    }
+    let mut out = [0i32; GROUP];
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), _mm256_add_epi32(a[2], a[3])));
+    }
+    out
+}
+
+/// One row group (4 rows) × `T` tokens of code dot products.
+#[inline(always)]
+unsafe fn group<const T: usize>(g: *const u8, rb: usize, x: *const i8, kpad: usize) -> [[i32; T]; GROUP] {
+    let nblocks = rb / BLOCK_BYTES;
+    let mask = _mm256_set1_epi8(3);
+    let mut acc = [[_mm256_setzero_si256(); T]; GROUP];
+    for b in 0..nblocks {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wv = _mm256_loadu_si256(g.add((b * GROUP + r) * BLOCK_BYTES) as *const __m256i);
             let c = [
                 _mm256_and_si256(wv, mask),
                 _mm256_and_si256(_mm256_srli_epi16(wv, 2), mask),
                 _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask),
                 _mm256_and_si256(_mm256_srli_epi16(wv, 6), mask),
             ];
-            for t in 0..T {
+            for (t, a) in acc_r.iter_mut().enumerate() {
                 let xp = x.add(t * kpad + b * BLOCK) as *const __m256i;
-                let mut a = acc[r][t];
                 for (i, ci) in c.iter().enumerate() {
-                    a = _mm256_dpbusd_epi32(a, *ci, _mm256_loadu_si256(xp.add(i)));
+                    *a = _mm256_dpbusd_epi32(*a, *ci, _mm256_loadu_si256(xp.add(i)));
                 }
-                acc[r][t] = a;
             }
         }
     }
-    for r in 0..R {
+    let mut out = [[0i32; T]; GROUP];
+    for r in 0..GROUP {
         for t in 0..T {
             out[r][t] = hsum_i32(acc[r][t]);
         }
     }
-}
-
-#[inline(always)]
-unsafe fn rows_tokens<const R: usize, const T: usize>(w: &[u8], rb: usize, r0: usize, x: &[i8], t0: usize, ntok: usize, out: &mut [i32]) {
-    let mut o = [[0i32; T]; R];
-    tile::<R, T>(w.as_ptr().add(r0 * rb), rb, x.as_ptr().add(t0 * rb * 4), rb * 4, &mut o);
-    for (r, row) in o.iter().enumerate() {
-        for (t, v) in row.iter().enumerate() {
-            out[(r0 + r) * ntok + t0 + t] = *v;
-        }
-    }
+    out
 }
 
 /// See [`super::scalar::code_dots`].
@@ -63,40 +82,14 @@ unsafe fn rows_tokens<const R: usize, const T: usize>(w: &[u8], rb: usize, r0: u
 /// The CPU must support AVX-512 F/BW/VL/VNNI; sizes as in [`super::Kernels::code_dots`].
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
-    let nrows = w.len() / rb;
-    let mut r = 0;
     if ntok == 1 {
-        while r + 4 <= nrows {
-            rows_tokens::<4, 1>(w, rb, r, x, 0, 1, out);
-            r += 4;
-        }
-    } else {
-        // Tokens in groups of 4 stay in L1 while the chunk's rows stream past them.
-        let mut t = 0;
-        while t + 4 <= ntok {
-            let mut rr = 0;
-            while rr + 4 <= nrows {
-                rows_tokens::<4, 4>(w, rb, rr, x, t, ntok, out);
-                rr += 4;
-            }
-            while rr < nrows {
-                rows_tokens::<1, 4>(w, rb, rr, x, t, ntok, out);
-                rr += 1;
-            }
-            t += 4;
-        }
-        while t < ntok {
-            for rr in 0..nrows {
-                rows_tokens::<1, 1>(w, rb, rr, x, t, ntok, out);
-            }
-            t += 1;
+        let kpad = rb * 4;
+        for (g, o) in out[..w.len() / rb].chunks_exact_mut(GROUP).enumerate() {
+            o.copy_from_slice(&group_single(w.as_ptr().add(g * GROUP * rb), rb, x.as_ptr(), kpad));
         }
         return;
     }
-    while r < nrows {
-        rows_tokens::<1, 1>(w, rb, r, x, 0, 1, out);
-        r += 1;
-    }
+    super::for_each_group!(w, rb, x, ntok, out, 4, group);
 }
 
 /// See [`super::scalar::dot_i8`]. Inputs must not contain -128.
@@ -117,4 +110,48 @@ pub unsafe fn dot_i8(w: &[i8], x: &[i8]) -> i32 {
         i += 64;
     }
     hsum_i32(_mm256_add_epi32(acc[0], acc[1])) + super::scalar::dot_i8(&w[i..], &x[i..])
+}
+
+/// Order of the 32 activations of a chunk as [`head_bf16`] consumes them: `vpunpck{l,h}wd`
+/// against zero turns bf16 into f32 lane-wise, low quarters of each 128-bit lane first.
+pub const BF16_PERM: [usize; 32] = [
+    0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27, //
+    4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31,
+];
+
+/// `out[r] = w[r] · x` for consecutive bf16 rows of `cols`; `xp` is `x` with every full 32-wide
+/// chunk reordered by [`BF16_PERM`] (the tail in natural order).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW; `w.len() == out.len() * cols`, `xp.len() == cols`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
+pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
+    let full = cols / 32 * 32;
+    let zero = _mm512_setzero_si512();
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = w.as_ptr().add(r * cols);
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= full {
+            for k in 0..2 {
+                let v = _mm512_loadu_si512(row.add(i + 32 * k) as *const _);
+                let lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
+                let hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
+                acc[2 * k] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.as_ptr().add(i + 32 * k)), acc[2 * k]);
+                acc[2 * k + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.as_ptr().add(i + 32 * k + 16)), acc[2 * k + 1]);
+            }
+            i += 64;
+        }
+        while i < full {
+            let v = _mm512_loadu_si512(row.add(i) as *const _);
+            let lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
+            let hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
+            acc[0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.as_ptr().add(i)), acc[0]);
+            acc[1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.as_ptr().add(i + 16)), acc[1]);
+            i += 32;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let tail = std::slice::from_raw_parts(row.add(full), cols - full);
+        *o = _mm512_reduce_add_ps(s) + super::scalar::dot_bf16(tail, &xp[full..]);
+    }
 }

@@ -9,6 +9,40 @@ pub mod avx512;
 pub mod neon;
 pub mod scalar;
 
+/// Drives a `group::<T>(group_ptr, rb, x_ptr, kpad) -> [[i32; T]; 4]` micro-kernel over all row
+/// groups and tokens: tokens in tiles of `$tt` (kept in L1) outside, row groups inside.
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_each_group {
+    ($w:expr, $rb:expr, $x:expr, $ntok:expr, $out:expr, $tt:literal, $group:ident) => {{
+        use crate::cpu::packed::GROUP;
+        let (w, rb, x, ntok, out): (&[u8], usize, &[i8], usize, &mut [i32]) = ($w, $rb, $x, $ntok, $out);
+        let kpad = rb * 4;
+        let ngroups = w.len() / (GROUP * rb);
+        let mut t = 0;
+        while t < ntok {
+            let step = if ntok - t >= $tt { $tt } else { 1 };
+            for g in 0..ngroups {
+                let gp = w.as_ptr().add(g * GROUP * rb);
+                let xp = x.as_ptr().add(t * kpad);
+                if step == $tt {
+                    let o = $group::<$tt>(gp, rb, xp, kpad);
+                    for (r, row) in o.iter().enumerate() {
+                        out[(g * GROUP + r) * ntok + t..][..$tt].copy_from_slice(row);
+                    }
+                } else {
+                    let o = $group::<1>(gp, rb, xp, kpad);
+                    for (r, row) in o.iter().enumerate() {
+                        out[(g * GROUP + r) * ntok + t] = row[0];
+                    }
+                }
+            }
+            t += step;
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use for_each_group;
+
 /// An instruction set the kernels can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isa {
@@ -72,7 +106,7 @@ impl Kernels {
     /// `out[r * ntok + t] = Σ_c code(r, c) · x[t][c]` for the packed rows in `w` (`rb` bytes
     /// each) and `ntok` int8 token rows of `4 * rb` values in `x`.
     pub fn code_dots(self, w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
-        assert!(rb % 32 == 0 && w.len() % rb == 0 && x.len() >= ntok * rb * 4 && out.len() >= (w.len() / rb) * ntok);
+        assert!(rb % 32 == 0 && w.len() % (4 * rb) == 0 && x.len() >= ntok * rb * 4 && out.len() >= (w.len() / rb) * ntok);
         match self.0 {
             Isa::Scalar => scalar::code_dots(w, rb, x, ntok, out),
             // SAFETY: the variant exists only when detection found the features; sizes checked above.
@@ -82,6 +116,35 @@ impl Kernels {
             Isa::Avx512Vnni => unsafe { avx512::code_dots(w, rb, x, ntok, out) },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => unsafe { neon::code_dots(w, rb, x, ntok, out) },
+        }
+    }
+
+    /// Reorders activations `x` into `xp` as [`Self::head_bf16`] consumes them.
+    pub fn prepare_bf16_activations(self, x: &[f32], xp: &mut [f32]) {
+        xp.copy_from_slice(x);
+        #[cfg(target_arch = "x86_64")]
+        if self.0 == Isa::Avx512Vnni {
+            for (src, dst) in x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
+                for (d, &p) in dst.iter_mut().zip(avx512::BF16_PERM.iter()) {
+                    *d = src[p];
+                }
+            }
+        }
+    }
+
+    /// `out[r] = w[r] · x` for consecutive bf16 rows (raw bits) of `cols` columns, with `xp`
+    /// from [`Self::prepare_bf16_activations`].
+    pub fn head_bf16(self, w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
+        assert!(w.len() == out.len() * cols && xp.len() == cols);
+        match self.0 {
+            // SAFETY: features detected; sizes checked.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => unsafe { avx512::head_bf16(w, cols, xp, out) },
+            _ => {
+                for (r, o) in out.iter_mut().enumerate() {
+                    *o = self.dot_bf16(&w[r * cols..(r + 1) * cols], xp);
+                }
+            }
         }
     }
 
@@ -117,18 +180,15 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::packed::{padded_cols, PackedTernary};
+    use crate::cpu::packed::PackedTernary;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    fn random_case(rows: usize, cols: usize, ntok: usize, seed: u64) -> (PackedTernary, Vec<i8>) {
+    fn random_case(rows: usize, cols: usize, ntok: usize, seed: u64) -> (PackedTernary, Vec<Vec<u8>>, Vec<i8>) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let kpad = padded_cols(cols);
-        let mut data = vec![0u8; rows * kpad / 4];
-        for (r, out) in data.chunks_exact_mut(kpad / 4).enumerate() {
-            let codes: Vec<u8> = (0..cols).map(|c| ((r * 31 + c * 7 + rng.random_range(0..3)) % 3) as u8).collect();
-            PackedTernary::pack_row(&codes, out);
-        }
+        let codes: Vec<Vec<u8>> =
+            (0..rows).map(|r| (0..cols).map(|c| ((r * 31 + c * 7 + rng.random_range(0..3)) % 3) as u8).collect()).collect();
+        let kpad = crate::cpu::packed::padded_cols(cols);
         let mut x = vec![0i8; ntok * kpad];
         for t in 0..ntok {
             for c in 0..cols {
@@ -136,18 +196,19 @@ mod tests {
                 x[t * kpad + c] = if rng.random_bool(0.2) { 127 * if rng.random_bool(0.5) { 1 } else { -1 } } else { rng.random_range(-127..=127) };
             }
         }
-        (PackedTernary { rows, cols, kpad, data, row_scale: vec![1.0; rows] }, x)
+        (PackedTernary::from_codes(&codes, cols, vec![1.0; rows]), codes, x)
     }
 
     #[test]
     fn code_dots_match_scalar_on_odd_shapes() {
-        for (rows, cols, ntok) in [(1, 1, 1), (4, 128, 1), (7, 130, 3), (13, 300, 9), (172, 64, 5), (8, 2304, 17), (5, 6912, 2)] {
-            let (w, x) = random_case(rows, cols, ntok, (rows * cols + ntok) as u64);
+        for (rows, cols, ntok) in [(4, 1, 1), (4, 128, 1), (8, 130, 3), (12, 300, 9), (172, 64, 5), (8, 2304, 17), (20, 6912, 2), (16, 2560, 7)] {
+            let (w, codes, x) = random_case(rows, cols, ntok, (rows * cols + ntok) as u64);
             let mut want = vec![0i32; rows * ntok];
-            // Independent check of the scalar kernel: decode codes one by one.
+            // Independent of the packed layout: straight from the codes.
             for r in 0..rows {
                 for t in 0..ntok {
-                    want[r * ntok + t] = (0..cols).map(|c| w.code(r, c) as i32 * x[t * w.kpad + c] as i32).sum();
+                    want[r * ntok + t] = (0..cols).map(|c| codes[r][c] as i32 * x[t * w.kpad + c] as i32).sum();
+                    assert!((0..cols).all(|c| w.code(r, c) == codes[r][c]));
                 }
             }
             for k in Kernels::available() {
@@ -162,14 +223,13 @@ mod tests {
     fn all_plus_one_with_max_activations_does_not_overflow() {
         // Worst case for i16 accumulation: every code 2, every activation 127, many blocks.
         let cols = 128 * 40;
-        let mut data = vec![0u8; cols / 4];
-        PackedTernary::pack_row(&vec![2u8; cols], &mut data);
+        let w = PackedTernary::from_codes(&vec![vec![2u8; cols]; 4], cols, vec![1.0; 4]);
         for sign in [127i8, -127] {
             let x = vec![sign; cols];
             for k in Kernels::available() {
-                let mut got = [0i32];
-                k.code_dots(&data, cols / 4, &x, 1, &mut got);
-                assert_eq!(got[0], 2 * sign as i32 * cols as i32, "{}", k.name());
+                let mut got = [0i32; 4];
+                k.code_dots(&w.data, cols / 4, &x, 1, &mut got);
+                assert_eq!(got, [2 * sign as i32 * cols as i32; 4], "{}", k.name());
             }
         }
     }
@@ -188,6 +248,14 @@ mod tests {
                 let f = k.dot_bf16(&wb, &x) as f64;
                 assert!((f - f_ref).abs() <= 1e-4 * (1.0 + f_ref.abs()), "{} n={n}: {f} vs {f_ref}", k.name());
                 assert_eq!(k.dot_i8(&wi, &xi), i_ref, "{} n={n}", k.name());
+                let mut xp = vec![0.0; n];
+                k.prepare_bf16_activations(&x, &mut xp);
+                let mut two = [0.0f32; 2];
+                let w2: Vec<u16> = wb.iter().chain(wb.iter().rev()).copied().collect();
+                k.head_bf16(&w2, n, &xp, &mut two);
+                let rev_ref: f64 = wb.iter().rev().zip(&x).map(|(&b, &v)| half::bf16::from_bits(b).to_f64() * v as f64).sum();
+                assert!((two[0] as f64 - f_ref).abs() <= 1e-4 * (1.0 + f_ref.abs()), "{} n={n}", k.name());
+                assert!((two[1] as f64 - rev_ref).abs() <= 1e-4 * (1.0 + rev_ref.abs()), "{} n={n}", k.name());
             }
         }
     }

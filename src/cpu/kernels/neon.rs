@@ -2,7 +2,7 @@
 
 use std::arch::aarch64::*;
 
-use crate::cpu::packed::{BLOCK, BLOCK_BYTES};
+use crate::cpu::packed::{block_offset, BLOCK, BLOCK_BYTES};
 
 /// Blocks accumulated in i16 before widening: 16 products of at most 254 per lane per block.
 const FLUSH: usize = 8;
@@ -15,7 +15,7 @@ pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i
     let nblocks = rb / BLOCK_BYTES;
     let kpad = rb * 4;
     let mask = vdupq_n_u8(3);
-    for (r, row) in w.chunks_exact(rb).enumerate() {
+    for r in 0..w.len() / rb {
         for t in 0..ntok {
             let xt = x.as_ptr().add(t * kpad);
             let mut tot = vdupq_n_s32(0);
@@ -25,7 +25,7 @@ pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i
                 let mut acc = vdupq_n_s16(0);
                 for b in b0..end {
                     for half in 0..2 {
-                        let wv = vld1q_u8(row.as_ptr().add(b * BLOCK_BYTES + 16 * half));
+                        let wv = vld1q_u8(w.as_ptr().add(block_offset(rb, r, b) + 16 * half));
                         for i in 0..4 {
                             let c = vreinterpretq_s8_u8(vandq_u8(vshlq_u8(wv, vdupq_n_s8(-2 * i as i8)), mask));
                             let xv = vld1q_s8(xt.add(b * BLOCK + i * 32 + 16 * half));

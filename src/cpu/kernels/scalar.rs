@@ -1,16 +1,17 @@
 //! Portable reference kernels: the ground truth every SIMD kernel is tested against.
 
-use crate::cpu::packed::{BLOCK, BLOCK_BYTES};
+use crate::cpu::packed::{block_offset, BLOCK, BLOCK_BYTES};
 
-/// `out[r * ntok + t] = Σ_c code(r, c) · x[t][c]` over rows of `w` (`rb` bytes each) and `ntok`
-/// token rows of `x` (`rb * 4` int8 each).
+/// `out[r * ntok + t] = Σ_c code(r, c) · x[t][c]` over the rows of `w` (grouped layout of
+/// [`crate::cpu::packed`], `rb` bytes per row) and `ntok` token rows of `x` (`rb * 4` int8 each).
 pub fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
     let kpad = rb * 4;
-    for (r, row) in w.chunks_exact(rb).enumerate() {
+    for r in 0..w.len() / rb {
         for t in 0..ntok {
             let xt = &x[t * kpad..(t + 1) * kpad];
             let mut acc = 0i32;
-            for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+            for b in 0..rb / BLOCK_BYTES {
+                let blk = &w[block_offset(rb, r, b)..][..BLOCK_BYTES];
                 let xb = &xt[b * BLOCK..(b + 1) * BLOCK];
                 for (j, &byte) in blk.iter().enumerate() {
                     for i in 0..4 {
