@@ -6,7 +6,9 @@ use bitnet_inference::cpu::kernels::Kernels;
 use bitnet_inference::cpu::packed::PackedTernary;
 
 fn packed(rows: usize, cols: usize) -> PackedTernary {
-    let codes: Vec<Vec<u8>> = (0..rows).map(|r| (0..cols).map(|c| ((r * 7 + c * 13) % 3) as u8).collect()).collect();
+    let codes: Vec<Vec<u8>> = (0..rows)
+        .map(|r| (0..cols).map(|c| ((r * 7 + c * 13) % 3) as u8).collect())
+        .collect();
     PackedTernary::from_codes(&codes, cols, vec![1.0; rows])
 }
 
@@ -20,9 +22,11 @@ fn ternary(c: &mut Criterion) {
         let mut out = vec![0i32; w.rows * ntok];
         g.throughput(Throughput::Bytes(w.data.len() as u64));
         for k in Kernels::available() {
-            g.bench_with_input(BenchmarkId::new(k.name(), format!("t{ntok}")), &ntok, |b, &n| {
-                b.iter(|| k.code_dots(&w.data, w.row_bytes(), &x, n, &mut out))
-            });
+            g.bench_with_input(
+                BenchmarkId::new(k.name(), format!("t{ntok}")),
+                &ntok,
+                |b, &n| b.iter(|| k.code_dots(&w.data, w.row_bytes(), &x, n, &mut out)),
+            );
         }
     }
     g.finish();
@@ -32,18 +36,28 @@ fn head(c: &mut Criterion) {
     let mut g = c.benchmark_group("head_dot");
     g.sample_size(10);
     let (rows, cols) = (8192, 2560);
-    let wb: Vec<u16> = (0..rows * cols).map(|i| half::bf16::from_f32((i % 17) as f32 * 0.01).to_bits()).collect();
+    let wb: Vec<u16> = (0..rows * cols)
+        .map(|i| half::bf16::from_f32((i % 17) as f32 * 0.01).to_bits())
+        .collect();
     let wi: Vec<i8> = (0..rows * cols).map(|i| (i % 200) as i8).collect();
     let x: Vec<f32> = (0..cols).map(|i| i as f32 * 1e-3).collect();
     let xi: Vec<i8> = (0..cols).map(|i| (i % 100) as i8).collect();
     for k in Kernels::available() {
         g.throughput(Throughput::Bytes((rows * cols * 2) as u64));
         g.bench_function(BenchmarkId::new("bf16", k.name()), |b| {
-            b.iter(|| (0..rows).map(|r| k.dot_bf16(&wb[r * cols..(r + 1) * cols], &x)).sum::<f32>())
+            b.iter(|| {
+                (0..rows)
+                    .map(|r| k.dot_bf16(&wb[r * cols..(r + 1) * cols], &x))
+                    .sum::<f32>()
+            })
         });
         g.throughput(Throughput::Bytes((rows * cols) as u64));
         g.bench_function(BenchmarkId::new("int8", k.name()), |b| {
-            b.iter(|| (0..rows).map(|r| k.dot_i8(&wi[r * cols..(r + 1) * cols], &xi)).sum::<i32>())
+            b.iter(|| {
+                (0..rows)
+                    .map(|r| k.dot_i8(&wi[r * cols..(r + 1) * cols], &xi))
+                    .sum::<i32>()
+            })
         });
     }
     g.finish();

@@ -66,7 +66,9 @@ impl Preset {
         match s {
             "2b4t" => Ok(Preset::B2b4t),
             "tiny" => Ok(Preset::Tiny),
-            other => Err(Error::Config(format!("unknown shape `{other}` (expected 2b4t or tiny)"))),
+            other => Err(Error::Config(format!(
+                "unknown shape `{other}` (expected 2b4t or tiny)"
+            ))),
         }
     }
 
@@ -113,10 +115,9 @@ const MAX_DIM: usize = 1 << 20;
 fn get_usize(v: &Value, key: &str) -> Result<Option<usize>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| Error::Config(format!("`{key}` must be a non-negative integer, got {x}"))),
+        Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+            Error::Config(format!("`{key}` must be a non-negative integer, got {x}"))
+        }),
     }
 }
 
@@ -154,7 +155,8 @@ impl ModelConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(&path, e.to_string()))?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| Error::json(&path, e.to_string()))?;
         Self::from_json(&v).map_err(|e| match e {
             Error::Config(msg) => Error::json(&path, msg),
             other => other,
@@ -168,12 +170,16 @@ impl ModelConfig {
         }
         if let Some(mt) = v.get("model_type").and_then(Value::as_str) {
             if mt != "bitnet" {
-                return Err(Error::Config(format!("model_type is `{mt}`, expected `bitnet`")));
+                return Err(Error::Config(format!(
+                    "model_type is `{mt}`, expected `bitnet`"
+                )));
             }
         }
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
             if act != "relu2" {
-                return Err(Error::Config(format!("hidden_act `{act}` is not supported (expected relu2)")));
+                return Err(Error::Config(format!(
+                    "hidden_act `{act}` is not supported (expected relu2)"
+                )));
             }
         }
         let hidden_size = required(v, "hidden_size")?;
@@ -190,7 +196,9 @@ impl ModelConfig {
                 Some(p) => {
                     if let Some(kind) = p.get("rope_type").and_then(Value::as_str) {
                         if kind != "default" {
-                            return Err(Error::Config(format!("rope_type `{kind}` is not supported")));
+                            return Err(Error::Config(format!(
+                                "rope_type `{kind}` is not supported"
+                            )));
                         }
                     }
                     get_f32(p, "rope_theta")?.unwrap_or(500000.0)
@@ -199,16 +207,29 @@ impl ModelConfig {
             },
         };
         let q = v.get("quantization_config");
-        let linear_class = q.and_then(|q| q.get("linear_class")).and_then(Value::as_str);
+        let linear_class = q
+            .and_then(|q| q.get("linear_class"))
+            .and_then(Value::as_str);
         let scale_convention = match linear_class {
             Some("autobitlinear") => ScaleConvention::Multiply,
             Some("bitlinear") | None => ScaleConvention::Divide,
-            Some(other) => return Err(Error::Config(format!("unknown quantization_config.linear_class `{other}`"))),
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "unknown quantization_config.linear_class `{other}`"
+                )))
+            }
         };
-        let online_quant = match q.and_then(|q| q.get("quantization_mode")).and_then(Value::as_str) {
+        let online_quant = match q
+            .and_then(|q| q.get("quantization_mode"))
+            .and_then(Value::as_str)
+        {
             Some("online") => true,
             Some("offline") | None => false,
-            Some(other) => return Err(Error::Config(format!("unknown quantization_config.quantization_mode `{other}`"))),
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "unknown quantization_config.quantization_mode `{other}`"
+                )))
+            }
         };
         let cfg = ModelConfig {
             vocab_size: required(v, "vocab_size")?,
@@ -221,8 +242,13 @@ impl ModelConfig {
             max_position_embeddings: get_usize(v, "max_position_embeddings")?.unwrap_or(2048),
             rms_norm_eps: get_f32(v, "rms_norm_eps")?.unwrap_or(1e-5),
             rope_theta,
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-            bos_token_id: token_ids(v.get("bos_token_id"), "bos_token_id")?.first().copied(),
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            bos_token_id: token_ids(v.get("bos_token_id"), "bos_token_id")?
+                .first()
+                .copied(),
             eos_token_ids: token_ids(v.get("eos_token_id"), "eos_token_id")?,
             scale_convention,
             online_quant,
@@ -245,7 +271,9 @@ impl ModelConfig {
         ];
         for (name, d) in dims {
             if d == 0 || d > MAX_DIM {
-                return Err(Error::Config(format!("`{name}` = {d} is out of range (1..={MAX_DIM})")));
+                return Err(Error::Config(format!(
+                    "`{name}` = {d} is out of range (1..={MAX_DIM})"
+                )));
             }
         }
         if self.num_heads % self.num_kv_heads != 0 {
@@ -255,7 +283,10 @@ impl ModelConfig {
             )));
         }
         if self.head_dim % 2 != 0 {
-            return Err(Error::Config(format!("head_dim {} must be even for RoPE", self.head_dim)));
+            return Err(Error::Config(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim
+            )));
         }
         for (name, d) in [
             ("q_proj rows", self.q_dim()),
@@ -264,14 +295,22 @@ impl ModelConfig {
             ("intermediate_size", self.intermediate_size),
         ] {
             if d % 4 != 0 {
-                return Err(Error::Config(format!("{name} = {d} is not a multiple of 4 (2-bit packing)")));
+                return Err(Error::Config(format!(
+                    "{name} = {d} is not a multiple of 4 (2-bit packing)"
+                )));
             }
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(Error::Config(format!("rms_norm_eps {} must be positive", self.rms_norm_eps)));
+            return Err(Error::Config(format!(
+                "rms_norm_eps {} must be positive",
+                self.rms_norm_eps
+            )));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(Error::Config(format!("rope_theta {} must be positive", self.rope_theta)));
+            return Err(Error::Config(format!(
+                "rope_theta {} must be positive",
+                self.rope_theta
+            )));
         }
         Ok(())
     }
@@ -334,13 +373,18 @@ impl GenerationConfig {
     /// Reads `dir/generation_config.json` if present, falling back to the model config's ids.
     pub fn from_dir(dir: &Path, model: &ModelConfig) -> Result<Self> {
         let path = dir.join("generation_config.json");
-        let mut g = GenerationConfig { eos_token_ids: model.eos_token_ids.clone(), bos_token_id: model.bos_token_id };
+        let mut g = GenerationConfig {
+            eos_token_ids: model.eos_token_ids.clone(),
+            bos_token_id: model.bos_token_id,
+        };
         if !path.exists() {
             return Ok(g);
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(&path, e.to_string()))?;
-        let eos = token_ids(v.get("eos_token_id"), "eos_token_id").map_err(|e| Error::json(&path, e.to_string()))?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| Error::json(&path, e.to_string()))?;
+        let eos = token_ids(v.get("eos_token_id"), "eos_token_id")
+            .map_err(|e| Error::json(&path, e.to_string()))?;
         if !eos.is_empty() {
             g.eos_token_ids = eos;
         }
@@ -378,11 +422,20 @@ mod tests {
     #[test]
     fn linear_class_picks_scale_convention() {
         let mut v = Preset::Tiny.config().to_json();
-        assert_eq!(ModelConfig::from_json(&v).unwrap().scale_convention, ScaleConvention::Multiply);
+        assert_eq!(
+            ModelConfig::from_json(&v).unwrap().scale_convention,
+            ScaleConvention::Multiply
+        );
         v["quantization_config"]["linear_class"] = "bitlinear".into();
-        assert_eq!(ModelConfig::from_json(&v).unwrap().scale_convention, ScaleConvention::Divide);
+        assert_eq!(
+            ModelConfig::from_json(&v).unwrap().scale_convention,
+            ScaleConvention::Divide
+        );
         v.as_object_mut().unwrap().remove("quantization_config");
-        assert_eq!(ModelConfig::from_json(&v).unwrap().scale_convention, ScaleConvention::Divide);
+        assert_eq!(
+            ModelConfig::from_json(&v).unwrap().scale_convention,
+            ScaleConvention::Divide
+        );
     }
 
     #[test]
@@ -393,10 +446,16 @@ mod tests {
         assert!(e.contains("num_key_value_heads"), "{e}");
         let mut v = Preset::Tiny.config().to_json();
         v["hidden_size"] = "64".into();
-        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("hidden_size"));
+        assert!(ModelConfig::from_json(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("hidden_size"));
         let mut v = Preset::Tiny.config().to_json();
         v["intermediate_size"] = 170.into();
-        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("multiple of 4"));
+        assert!(ModelConfig::from_json(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of 4"));
     }
 
     #[test]

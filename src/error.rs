@@ -52,14 +52,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     /// A format error in `path`.
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Format { path: path.into(), msg: msg.into() }
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     /// A JSON error in `path`.
     pub fn json(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Json { path: path.into(), msg: msg.into() }
+        Error::Json {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }

@@ -188,23 +188,43 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
     let head = HeadMode::parse(&args.head)?;
     let t0 = Instant::now();
     let pb = spinner(&format!("loading {}", args.model.display()));
-    let weights = format::safetensors::load(&args.model).with_context(|| format!("loading model from {}", args.model.display()))?;
+    let weights = format::safetensors::load(&args.model)
+        .with_context(|| format!("loading model from {}", args.model.display()))?;
     let gen_cfg = GenerationConfig::from_dir(&args.model, &weights.config)?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let backend = CpuBackend::load(&weights, &CpuOptions { threads: args.threads, head, kernels: None })?;
+    let backend = CpuBackend::load(
+        &weights,
+        &CpuOptions {
+            threads: args.threads,
+            head,
+            kernels: None,
+        },
+    )?;
     drop(weights);
     let gen = Generator::new(backend)?;
     pb.finish_and_clear();
     let load_s = t0.elapsed().as_secs_f64();
     if args.backend == BackendKind::Auto {
-        eprintln!("backend: {} (no GPU backend in this build)", gen.backend().describe());
+        eprintln!(
+            "backend: {} (no GPU backend in this build)",
+            gen.backend().describe()
+        );
     }
-    Ok(Loaded { gen, tokenizer, gen_cfg, load_s })
+    Ok(Loaded {
+        gen,
+        tokenizer,
+        gen_cfg,
+        load_s,
+    })
 }
 
 fn parse_tokens(s: &str) -> Result<Vec<u32>> {
     s.split(',')
-        .map(|t| t.trim().parse::<u32>().with_context(|| format!("--tokens: `{t}` is not a token id")))
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .with_context(|| format!("--tokens: `{t}` is not a token id"))
+        })
         .collect()
 }
 
@@ -235,13 +255,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();
-    let out = m.gen.generate(&prompt, &opts, m.tokenizer.as_ref(), |_, piece| {
-        if stream && !piece.is_empty() {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        }
-        true
-    })?;
+    let out = m
+        .gen
+        .generate(&prompt, &opts, m.tokenizer.as_ref(), |_, piece| {
+            if stream && !piece.is_empty() {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+            true
+        })?;
     if a.json {
         let v = serde_json::json!({
             "tokens": out.tokens,
@@ -254,19 +276,38 @@ fn generate(a: GenerateArgs) -> Result<()> {
         writeln!(stdout, "{v}")?;
     } else {
         if m.tokenizer.is_none() {
-            write!(stdout, "{}", out.tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","))?;
+            write!(
+                stdout,
+                "{}",
+                out.tokens
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )?;
         }
         writeln!(stdout)?;
-        eprintln!("[{} prompt tokens, {} generated, {:.1} tok/s]", out.prompt_tokens, out.tokens.len(), out.decode_tok_s());
+        eprintln!(
+            "[{} prompt tokens, {} generated, {:.1} tok/s]",
+            out.prompt_tokens,
+            out.tokens.len(),
+            out.decode_tok_s()
+        );
     }
     Ok(())
 }
 
 fn chat(a: ChatArgs) -> Result<()> {
     let mut m = load(&a.model)?;
-    let tok = m.tokenizer.take().context("the model has no tokenizer.json")?;
+    let tok = m
+        .tokenizer
+        .take()
+        .context("the model has no tokenizer.json")?;
     if !tok.has_chat_template() {
-        bail!("{}: the model has no chat template", a.model.model.display());
+        bail!(
+            "{}: the model has no chat template",
+            a.model.model.display()
+        );
     }
     let mut messages = Vec::new();
     if let Some(s) = &a.system {
@@ -274,11 +315,19 @@ fn chat(a: ChatArgs) -> Result<()> {
     }
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
-        sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, seed: a.seed, ..Default::default() },
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+            ..Default::default()
+        },
         eos_token_ids: m.gen_cfg.eos_token_ids.clone(),
         ..Default::default()
     };
-    eprintln!("chat with {} — empty line or Ctrl-D to quit", a.model.model.display());
+    eprintln!(
+        "chat with {} — empty line or Ctrl-D to quit",
+        a.model.model.display()
+    );
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -317,7 +366,11 @@ fn logits(a: LogitsArgs) -> Result<()> {
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
@@ -328,13 +381,31 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut m = load(&a.model)?;
     let cfg = m.gen.backend().config().clone();
     if a.prompt_len + a.gen > m.gen.context() {
-        bail!("--prompt-len + --gen = {} exceeds the context window ({})", a.prompt_len + a.gen, m.gen.context());
+        bail!(
+            "--prompt-len + --gen = {} exceeds the context window ({})",
+            a.prompt_len + a.gen,
+            m.gen.context()
+        );
     }
     // A deterministic prompt of ordinary token ids.
-    let prompt: Vec<u32> = (0..a.prompt_len).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
-    let opts = GenerateOptions { max_tokens: a.gen, ignore_eos: true, ..Default::default() };
+    let prompt: Vec<u32> = (0..a.prompt_len)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
+        .collect();
+    let opts = GenerateOptions {
+        max_tokens: a.gen,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let pb = spinner("warming up");
-    m.gen.generate(&prompt[..prompt.len().min(8)], &GenerateOptions { max_tokens: 4, ..opts.clone() }, None, |_, _| true)?;
+    m.gen.generate(
+        &prompt[..prompt.len().min(8)],
+        &GenerateOptions {
+            max_tokens: 4,
+            ..opts.clone()
+        },
+        None,
+        |_, _| true,
+    )?;
     pb.set_message(format!("prefill {} + decode {}", a.prompt_len, a.gen));
     let out = m.gen.generate(&prompt, &opts, None, |_, _| true)?;
     pb.finish_and_clear();
@@ -346,7 +417,9 @@ fn bench(a: BenchArgs) -> Result<()> {
     let threads = m.gen.backend().threads();
     let backend = m.gen.backend().describe();
     drop(m.gen);
-    let machine = a.membw.then(|| bitnet_inference::cpu::membw::read_bandwidth_gb_s(1 << 30, threads, 5));
+    let machine = a
+        .membw
+        .then(|| bitnet_inference::cpu::membw::read_bandwidth_gb_s(1 << 30, threads, 5));
     if a.json {
         println!(
             "{}",
@@ -360,13 +433,20 @@ fn bench(a: BenchArgs) -> Result<()> {
     } else {
         println!("backend        {backend}");
         println!("load           {:.2} s", m.load_s);
-        println!("prefill        {:.1} tok/s ({} tokens)", prefill, a.prompt_len);
+        println!(
+            "prefill        {:.1} tok/s ({} tokens)",
+            prefill, a.prompt_len
+        );
         println!("decode         {:.2} tok/s ({} tokens)", decode, a.gen);
         println!("bytes/token    {:.1} MB", bytes as f64 / 1e6);
         println!("bandwidth      {:.2} GB/s", gb_s);
         println!("peak RSS       {:.0} MB", rss);
         if let Some(mb) = machine {
-            println!("machine read   {:.2} GB/s ({:.0}% used by decode)", mb, 100.0 * gb_s / mb);
+            println!(
+                "machine read   {:.2} GB/s ({:.0}% used by decode)",
+                mb,
+                100.0 * gb_s / mb
+            );
         }
     }
     Ok(())
@@ -375,7 +455,9 @@ fn bench(a: BenchArgs) -> Result<()> {
 fn synth(a: SynthArgs) -> Result<()> {
     let cfg = Preset::parse(&a.shape)?.config();
     let pb = ProgressBar::new(0);
-    pb.set_style(ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")?);
+    pb.set_style(ProgressStyle::with_template(
+        "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+    )?);
     pb.set_message(format!("writing {}", a.out.display()));
     format::synth::write_model(&a.out, &cfg, a.seed, |done, total| {
         pb.set_length(total);

@@ -25,7 +25,10 @@ pub fn ternarize_absmean(w: &[f32]) -> (Vec<i8>, f32) {
     let mean = (w.iter().map(|v| v.abs() as f64).sum::<f64>() / w.len().max(1) as f64) as f32;
     let mean = mean.max(1e-5);
     let s = 1.0 / mean;
-    let codes = w.iter().map(|&v| (v * s).round_ties_even().clamp(-1.0, 1.0) as i8).collect();
+    let codes = w
+        .iter()
+        .map(|&v| (v * s).round_ties_even().clamp(-1.0, 1.0) as i8)
+        .collect();
     (codes, 1.0 / s)
 }
 
@@ -74,11 +77,16 @@ mod tests {
     #[test]
     fn pack_then_decode_is_identity() {
         let (rows, cols) = (12, 5);
-        let vals: Vec<i8> = (0..rows * cols).map(|i| ((i * 7 + i / 3) % 3) as i8 - 1).collect();
+        let vals: Vec<i8> = (0..rows * cols)
+            .map(|i| ((i * 7 + i / 3) % 3) as i8 - 1)
+            .collect();
         let packed = pack_checkpoint(&vals, rows, cols);
         for r in 0..rows {
             for c in 0..cols {
-                assert_eq!(checkpoint_code(&packed, rows, cols, r, c) as i8 - 1, vals[r * cols + c]);
+                assert_eq!(
+                    checkpoint_code(&packed, rows, cols, r, c) as i8 - 1,
+                    vals[r * cols + c]
+                );
             }
         }
     }

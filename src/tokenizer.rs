@@ -21,7 +21,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with `role` and `content`.
     pub fn new(role: &str, content: &str) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -51,7 +54,8 @@ impl Tokenizer {
             return Ok(None);
         }
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| Error::json(&path, e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::json(&path, e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -63,17 +67,28 @@ impl Tokenizer {
         let chat_template = if jinja.exists() {
             Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
         } else {
-            cfg.get("chat_template").and_then(Value::as_str).map(str::to_string)
+            cfg.get("chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string)
         };
         let bos_token = special_token_text(cfg.get("bos_token"));
         let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
-        Ok(Some(Tokenizer { eos_token: special_token_text(cfg.get("eos_token")), bos_token, bos_id, chat_template, inner }))
+        Ok(Some(Tokenizer {
+            eos_token: special_token_text(cfg.get("eos_token")),
+            bos_token,
+            bos_id,
+            chat_template,
+            inner,
+        }))
     }
 
     /// Encodes `text`. With `add_special`, the tokenizer's post-processor adds BOS, except when
     /// the text already starts with it (no double BOS).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let starts_with_bos = self.bos_token.as_deref().is_some_and(|b| text.starts_with(b));
+        let starts_with_bos = self
+            .bos_token
+            .as_deref()
+            .is_some_and(|b| text.starts_with(b));
         let enc = self
             .inner
             .encode(text, add_special && !starts_with_bos)
@@ -83,7 +98,9 @@ impl Tokenizer {
 
     /// Decodes `ids` to text.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer(format!("decoding failed: {e}")))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer(format!("decoding failed: {e}")))
     }
 
     /// The id of a token string, if it is in the vocabulary.
@@ -102,15 +119,29 @@ impl Tokenizer {
     }
 
     /// Renders the chat template for `messages`.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let tpl = self.chat_template.as_deref().ok_or_else(|| Error::Tokenizer("the model has no chat template".into()))?;
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let tpl = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::Tokenizer("the model has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", tpl).map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", tpl)
+            .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
         env.get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {

@@ -22,7 +22,9 @@ impl HeadMode {
         match s {
             "native" | "bf16" => Ok(HeadMode::Native),
             "int8" => Ok(HeadMode::Int8),
-            other => Err(crate::Error::Config(format!("unknown head mode `{other}` (expected native or int8)"))),
+            other => Err(crate::Error::Config(format!(
+                "unknown head mode `{other}` (expected native or int8)"
+            ))),
         }
     }
 }
@@ -31,7 +33,10 @@ impl HeadMode {
 #[derive(Debug)]
 pub enum Head {
     /// bf16 bits, mapped or copied.
-    Bf16 { tensor: FloatTensor, copy: Option<Vec<u16>> },
+    Bf16 {
+        tensor: FloatTensor,
+        copy: Option<Vec<u16>>,
+    },
     /// f32 rows (f16/f32 checkpoints).
     F32(Vec<f32>),
     /// int8 rows with scales (`w ≈ q · scale`).
@@ -45,28 +50,49 @@ impl Head {
             (HeadMode::Native, FloatDtype::BF16) => {
                 let aligned = bytemuck::try_cast_slice::<u8, u16>(t.bytes.as_slice()).is_ok();
                 let copy = (!aligned).then(|| {
-                    t.bytes.as_slice().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+                    t.bytes
+                        .as_slice()
+                        .chunks_exact(2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                        .collect()
                 });
-                Head::Bf16 { tensor: t.clone(), copy }
+                Head::Bf16 {
+                    tensor: t.clone(),
+                    copy,
+                }
             }
             (HeadMode::Native, _) => Head::F32(t.to_f32()),
             (HeadMode::Int8, _) => {
                 let cols = t.cols;
                 let mut q = vec![0i8; t.rows * cols];
                 let mut scale = vec![0f32; t.rows];
-                q.par_chunks_mut(cols).zip(scale.par_iter_mut()).enumerate().for_each_init(
-                    || vec![0f32; cols],
-                    |row, (r, (qr, s))| {
-                        t.row_into(r, row);
-                        let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                        *s = m / 127.0;
-                        let inv = if m > 0.0 { 127.0 / m } else { 0.0 };
-                        for (o, &v) in qr.iter_mut().zip(row.iter()) {
-                            *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-                        }
-                    },
-                );
-                t.bytes.release_pages();
+                // In slabs, dropping each slab's source pages as soon as it is quantized so the
+                // bf16 and int8 copies never both stay resident.
+                const SLAB: usize = 4096;
+                for (si, (qs, ss)) in q
+                    .chunks_mut(SLAB * cols)
+                    .zip(scale.chunks_mut(SLAB))
+                    .enumerate()
+                {
+                    let r0 = si * SLAB;
+                    qs.par_chunks_mut(cols)
+                        .zip(ss.par_iter_mut())
+                        .enumerate()
+                        .for_each_init(
+                            || vec![0f32; cols],
+                            |row, (i, (qr, s))| {
+                                t.row_into(r0 + i, row);
+                                let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                                *s = m / 127.0;
+                                let inv = if m > 0.0 { 127.0 / m } else { 0.0 };
+                                for (o, &v) in qr.iter_mut().zip(row.iter()) {
+                                    *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                                }
+                            },
+                        );
+                    let es = t.dtype.size() * cols;
+                    t.bytes.release_range(r0 * es, ss.len() * es);
+                }
                 Head::Int8 { q, scale }
             }
         }
@@ -102,7 +128,11 @@ impl Head {
                 out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
                     for (i, v) in o.iter_mut().enumerate() {
                         let r = c * CHUNK + i;
-                        *v = w[r * cols..(r + 1) * cols].iter().zip(h).map(|(a, b)| a * b).sum();
+                        *v = w[r * cols..(r + 1) * cols]
+                            .iter()
+                            .zip(h)
+                            .map(|(a, b)| a * b)
+                            .sum();
                     }
                 });
             }

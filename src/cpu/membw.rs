@@ -16,7 +16,9 @@ pub fn read_bandwidth_gb_s(bytes: usize, threads: usize, passes: usize) -> f64 {
     for _ in 0..passes {
         let t = Instant::now();
         let s: u64 = pool.install(|| {
-            buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a ^ b)).reduce(|| 0, |a, b| a ^ b)
+            buf.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &b| a ^ b))
+                .reduce(|| 0, |a, b| a ^ b)
         });
         std::hint::black_box(s);
         best = best.max((n * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);

@@ -179,29 +179,32 @@ impl CpuBackend {
         let per = (w.rows / (self.pool.current_num_threads() * 8)).clamp(4, 256) / 4 * 4;
         let out = SendPtr(out);
         self.pool.install(|| {
-            w.data.par_chunks(per * rb).enumerate().for_each(|(c, chunk)| {
-                let r0 = c * per;
-                let n = chunk.len() / rb;
-                DOTS.with_borrow_mut(|dots| {
-                    if dots.len() < n * t {
-                        dots.resize(n * t, 0);
-                    }
-                    k.code_dots(chunk, rb, x, t, dots);
-                    let out = out;
-                    for r in 0..n {
-                        let rs = w.row_scale[r0 + r];
-                        for ti in 0..t {
-                            let v = (dots[r * t + ti] - xsum[ti]) as f32 * xscale[ti] * rs;
-                            // SAFETY: each (token, row) element is written by exactly one task,
-                            // and `out` holds `t * ld` elements with `r0 + r < ld`.
-                            unsafe {
-                                let p = out.0.add(ti * ld + r0 + r);
-                                *p = if accumulate { *p + v } else { v };
+            w.data
+                .par_chunks(per * rb)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    let r0 = c * per;
+                    let n = chunk.len() / rb;
+                    DOTS.with_borrow_mut(|dots| {
+                        if dots.len() < n * t {
+                            dots.resize(n * t, 0);
+                        }
+                        k.code_dots(chunk, rb, x, t, dots);
+                        let out = out;
+                        for r in 0..n {
+                            let rs = w.row_scale[r0 + r];
+                            for ti in 0..t {
+                                let v = (dots[r * t + ti] - xsum[ti]) as f32 * xscale[ti] * rs;
+                                // SAFETY: each (token, row) element is written by exactly one task,
+                                // and `out` holds `t * ld` elements with `r0 + r < ld`.
+                                unsafe {
+                                    let p = out.0.add(ti * ld + r0 + r);
+                                    *p = if accumulate { *p + v } else { v };
+                                }
                             }
                         }
-                    }
+                    });
                 });
-            });
         });
     }
 }
@@ -209,20 +212,41 @@ impl CpuBackend {
 /// RMSNorm + int8 quantization of `t` rows of `src` (width `w.len()`), with the padded stride
 /// of the consuming matrix. `tmp` holds `t * width` scratch.
 #[allow(clippy::too_many_arguments)]
-fn norm_quant_rows(pool: &rayon::ThreadPool, t: usize, src: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], xq: &mut [i8], xscale: &mut [f32], xsum: &mut [i32]) {
+fn norm_quant_rows(
+    pool: &rayon::ThreadPool,
+    t: usize,
+    src: &[f32],
+    w: &[f32],
+    eps: f32,
+    tmp: &mut [f32],
+    xq: &mut [i8],
+    xscale: &mut [f32],
+    xsum: &mut [i32],
+) {
     let width = w.len();
     let kpad = padded_cols(width);
-    let work = |((row, buf), ((q, sc), sm)): ((&[f32], &mut [f32]), ((&mut [i8], &mut f32), &mut i32))| {
-        *sc = ops::rmsnorm_quant(row, w, eps, buf, q) / 127.0;
-        *sm = q.iter().map(|&v| v as i32).sum();
-    };
-    let rows = src[..t * width].chunks(width).zip(tmp[..t * width].chunks_mut(width));
-    let outs = xq[..t * kpad].chunks_mut(kpad).zip(xscale[..t].iter_mut()).zip(xsum[..t].iter_mut());
+    let work =
+        |((row, buf), ((q, sc), sm)): ((&[f32], &mut [f32]), ((&mut [i8], &mut f32), &mut i32))| {
+            *sc = ops::rmsnorm_quant(row, w, eps, buf, q) / 127.0;
+            *sm = q.iter().map(|&v| v as i32).sum();
+        };
+    let rows = src[..t * width]
+        .chunks(width)
+        .zip(tmp[..t * width].chunks_mut(width));
+    let outs = xq[..t * kpad]
+        .chunks_mut(kpad)
+        .zip(xscale[..t].iter_mut())
+        .zip(xsum[..t].iter_mut());
     if t == 1 {
         rows.zip(outs).for_each(work);
     } else {
-        let rows = src[..t * width].par_chunks(width).zip(tmp[..t * width].par_chunks_mut(width));
-        let outs = xq[..t * kpad].par_chunks_mut(kpad).zip(xscale[..t].par_iter_mut()).zip(xsum[..t].par_iter_mut());
+        let rows = src[..t * width]
+            .par_chunks(width)
+            .zip(tmp[..t * width].par_chunks_mut(width));
+        let outs = xq[..t * kpad]
+            .par_chunks_mut(kpad)
+            .zip(xscale[..t].par_iter_mut())
+            .zip(xsum[..t].par_iter_mut());
         pool.install(|| rows.zip(outs).for_each(work));
     }
 }
@@ -235,20 +259,30 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("cpu ({} kernels, {} threads)", self.kernels.name(), self.pool.current_num_threads())
+        format!(
+            "cpu ({} kernels, {} threads)",
+            self.kernels.name(),
+            self.pool.current_num_threads()
+        )
     }
 
     fn new_cache(&self, capacity: usize) -> Result<CpuCache> {
         let c = &self.cfg;
         let n = c.num_layers * c.kv_dim() * capacity;
         // Zeroed allocations are lazily backed, so unused capacity costs no resident memory.
-        Ok(CpuCache { k: vec![0.0; n], v: vec![0.0; n], capacity })
+        Ok(CpuCache {
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+            capacity,
+        })
     }
 
     fn embed(&mut self, tokens: &[u32]) -> Result<()> {
         let vocab = self.cfg.vocab_size;
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Request(format!("token id {bad} is out of range (vocab_size {vocab})")));
+            return Err(Error::Request(format!(
+                "token id {bad} is out of range (vocab_size {vocab})"
+            )));
         }
         self.ensure_step(tokens.len());
         let h = self.cfg.hidden_size;
@@ -265,13 +299,33 @@ impl Backend for CpuBackend {
             NormSite::PostAttention => &l.post_attention_norm,
         };
         let s = &mut self.step;
-        norm_quant_rows(&self.pool, s.t, &s.x, w, self.cfg.rms_norm_eps, &mut s.tmp, &mut s.xq, &mut s.xscale, &mut s.xsum);
+        norm_quant_rows(
+            &self.pool,
+            s.t,
+            &s.x,
+            w,
+            self.cfg.rms_norm_eps,
+            &mut s.tmp,
+            &mut s.xq,
+            &mut s.xscale,
+            &mut s.xsum,
+        );
     }
 
     fn attn_sub_norm_quant(&mut self, layer: usize) {
         let w = &self.layers[layer].attn_sub_norm;
         let s = &mut self.step;
-        norm_quant_rows(&self.pool, s.t, &s.attn, w, self.cfg.rms_norm_eps, &mut s.tmp, &mut s.xq, &mut s.xscale, &mut s.xsum);
+        norm_quant_rows(
+            &self.pool,
+            s.t,
+            &s.attn,
+            w,
+            self.cfg.rms_norm_eps,
+            &mut s.tmp,
+            &mut s.xq,
+            &mut s.xscale,
+            &mut s.xsum,
+        );
     }
 
     fn relu2_mul_norm_quant(&mut self, layer: usize) {
@@ -281,7 +335,17 @@ impl Backend for CpuBackend {
             ops::relu2_mul(&gu[..i], &gu[i..], m);
         }
         let w = &self.layers[layer].ffn_sub_norm;
-        norm_quant_rows(&self.pool, s.t, &s.mlp, w, self.cfg.rms_norm_eps, &mut s.tmp, &mut s.xq, &mut s.xscale, &mut s.xsum);
+        norm_quant_rows(
+            &self.pool,
+            s.t,
+            &s.mlp,
+            w,
+            self.cfg.rms_norm_eps,
+            &mut s.tmp,
+            &mut s.xq,
+            &mut s.xscale,
+            &mut s.xsum,
+        );
     }
 
     fn ternary_matmul(&mut self, layer: usize, linear: Linear) {
@@ -302,7 +366,10 @@ impl Backend for CpuBackend {
         let (hd, q, kv) = (c.head_dim, c.q_dim(), c.kv_dim());
         let cap = cache.capacity;
         let s = &mut self.step;
-        for (ti, row) in s.qkv[..s.t * (q + 2 * kv)].chunks_mut(q + 2 * kv).enumerate() {
+        for (ti, row) in s.qkv[..s.t * (q + 2 * kv)]
+            .chunks_mut(q + 2 * kv)
+            .enumerate()
+        {
             let p = pos + ti;
             for head in row[..q + kv].chunks_mut(hd) {
                 ops::rope(head, p, &self.inv_freq);
@@ -310,7 +377,8 @@ impl Backend for CpuBackend {
             for h in 0..c.num_kv_heads {
                 let dst = ((layer * c.num_kv_heads + h) * cap + p) * hd;
                 cache.k[dst..dst + hd].copy_from_slice(&row[q + h * hd..q + (h + 1) * hd]);
-                cache.v[dst..dst + hd].copy_from_slice(&row[q + kv + h * hd..q + kv + (h + 1) * hd]);
+                cache.v[dst..dst + hd]
+                    .copy_from_slice(&row[q + kv + h * hd..q + kv + (h + 1) * hd]);
             }
         }
     }
@@ -323,18 +391,28 @@ impl Backend for CpuBackend {
         let s = &mut self.step;
         let qkv = &s.qkv;
         self.pool.install(|| {
-            s.attn[..s.t * q].par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
-                let (ti, h) = (i / nh, i % nh);
-                let len = pos + ti + 1;
-                let qv = &qkv[ti * (q + 2 * kv) + h * hd..][..hd];
-                let base = (layer * nkv + h / group) * cap * hd;
-                SCORES.with_borrow_mut(|scores| {
-                    if scores.len() < len {
-                        scores.resize(cap.max(len), 0.0);
-                    }
-                    ops::attend(qv, &cache.k[base..base + len * hd], &cache.v[base..base + len * hd], len, scores, out);
+            s.attn[..s.t * q]
+                .par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let (ti, h) = (i / nh, i % nh);
+                    let len = pos + ti + 1;
+                    let qv = &qkv[ti * (q + 2 * kv) + h * hd..][..hd];
+                    let base = (layer * nkv + h / group) * cap * hd;
+                    SCORES.with_borrow_mut(|scores| {
+                        if scores.len() < len {
+                            scores.resize(cap.max(len), 0.0);
+                        }
+                        ops::attend(
+                            qv,
+                            &cache.k[base..base + len * hd],
+                            &cache.v[base..base + len * hd],
+                            len,
+                            scores,
+                            out,
+                        );
+                    });
                 });
-            });
         });
     }
 
@@ -350,7 +428,12 @@ impl Backend for CpuBackend {
         let s = &mut self.step;
         for (o, ti) in out.chunks_mut(vocab).zip(range) {
             let normed = &mut s.tmp[..h];
-            ops::rmsnorm(&s.x[ti * h..(ti + 1) * h], &self.final_norm, self.cfg.rms_norm_eps, normed);
+            ops::rmsnorm(
+                &s.x[ti * h..(ti + 1) * h],
+                &self.final_norm,
+                self.cfg.rms_norm_eps,
+                normed,
+            );
             let (head, k, hq, hx) = (&self.head, self.kernels, &mut s.head_q, &mut s.head_x);
             self.pool.install(|| head.logits(k, normed, hq, hx, o));
         }
@@ -358,7 +441,11 @@ impl Backend for CpuBackend {
     }
 
     fn decode_bytes_per_token(&self) -> u64 {
-        let ternary: usize = self.layers.iter().map(|l| l.qkv.data.len() + l.o.data.len() + l.gate_up.data.len() + l.down.data.len()).sum();
+        let ternary: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.data.len() + l.o.data.len() + l.gate_up.data.len() + l.down.data.len())
+            .sum();
         let norms = self.layers.len() * 4 * (2 * self.cfg.hidden_size + self.cfg.intermediate_size);
         ternary as u64 + self.head.bytes() + norms as u64
     }

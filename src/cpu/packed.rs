@@ -93,7 +93,13 @@ impl PackedTernary {
             }
             Self::interleave_group(&tmp, out);
         }
-        PackedTernary { rows, cols, kpad, data, row_scale }
+        PackedTernary {
+            rows,
+            cols,
+            kpad,
+            data,
+            row_scale,
+        }
     }
 
     /// Stacks `mats` (all with the same column count) row-wise and repacks them.
@@ -109,22 +115,30 @@ impl PackedTernary {
         let mut start = 0;
         for m in mats {
             let dst = &mut data[start * rb..(start + m.rows) * rb];
-            dst.par_chunks_mut(GROUP * rb).enumerate().try_for_each_init(
-                || (vec![0u8; cols], vec![0u8; GROUP * rb]),
-                |(codes, tmp), (g, out)| -> Result<()> {
-                    for r in 0..GROUP {
-                        m.row_codes(g * GROUP + r, codes)?;
-                        Self::pack_row(codes, &mut tmp[r * rb..(r + 1) * rb]);
-                    }
-                    Self::interleave_group(tmp, out);
-                    Ok(())
-                },
-            )?;
+            dst.par_chunks_mut(GROUP * rb)
+                .enumerate()
+                .try_for_each_init(
+                    || (vec![0u8; cols], vec![0u8; GROUP * rb]),
+                    |(codes, tmp), (g, out)| -> Result<()> {
+                        for r in 0..GROUP {
+                            m.row_codes(g * GROUP + r, codes)?;
+                            Self::pack_row(codes, &mut tmp[r * rb..(r + 1) * rb]);
+                        }
+                        Self::interleave_group(tmp, out);
+                        Ok(())
+                    },
+                )?;
             row_scale.extend(std::iter::repeat_n(m.scale, m.rows));
             start += m.rows;
             m.packed.release_pages();
         }
-        Ok(PackedTernary { rows, cols, kpad, data, row_scale })
+        Ok(PackedTernary {
+            rows,
+            cols,
+            kpad,
+            data,
+            row_scale,
+        })
     }
 
     /// The code (`w + 1`) at row `r`, column `c` (for tests and the scalar reference).

@@ -27,7 +27,13 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), eos_token_ids: vec![], ignore_eos: false, stop_strings: vec![] }
+        GenerateOptions {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            eos_token_ids: vec![],
+            ignore_eos: false,
+            stop_strings: vec![],
+        }
     }
 }
 
@@ -74,7 +80,11 @@ impl Generation {
     /// Decode speed in tokens per second (tokens after the first, over their time).
     pub fn decode_tok_s(&self) -> f64 {
         let n = self.tokens.len().saturating_sub(1);
-        if self.decode_s > 0.0 { n as f64 / self.decode_s } else { 0.0 }
+        if self.decode_s > 0.0 {
+            n as f64 / self.decode_s
+        } else {
+            0.0
+        }
     }
 }
 
@@ -96,7 +106,12 @@ impl<B: Backend> Generator<B> {
     /// A generator with a KV cache of `context` positions.
     pub fn with_context(backend: B, context: usize) -> Result<Self> {
         let cache = backend.new_cache(context)?;
-        Ok(Generator { backend, cache, logits: Vec::new(), prefill_chunk: PREFILL_CHUNK })
+        Ok(Generator {
+            backend,
+            cache,
+            logits: Vec::new(),
+            prefill_chunk: PREFILL_CHUNK,
+        })
     }
 
     /// Sets the most prompt tokens run in one step (at least 1).
@@ -138,8 +153,21 @@ impl<B: Backend> Generator<B> {
         let step = self.prefill_chunk;
         for (i, chunk) in prompt.chunks(step).enumerate() {
             let last = (i + 1) * step >= n;
-            let rows = if all { LogitRows::All } else if last { LogitRows::Last } else { LogitRows::None };
-            forward(&mut self.backend, &mut self.cache, chunk, i * step, rows, &mut self.logits)?;
+            let rows = if all {
+                LogitRows::All
+            } else if last {
+                LogitRows::Last
+            } else {
+                LogitRows::None
+            };
+            forward(
+                &mut self.backend,
+                &mut self.cache,
+                chunk,
+                i * step,
+                rows,
+                &mut self.logits,
+            )?;
             res.extend_from_slice(&self.logits);
         }
         Ok(res)
@@ -187,12 +215,21 @@ impl<B: Backend> Generator<B> {
             let mut piece = "";
             if let Some(t) = tokenizer {
                 full_text = t.decode(&out.tokens, true)?;
-                if let Some(cut) = opts.stop_strings.iter().filter_map(|s| full_text.find(s.as_str())).min() {
+                if let Some(cut) = opts
+                    .stop_strings
+                    .iter()
+                    .filter_map(|s| full_text.find(s.as_str()))
+                    .min()
+                {
                     full_text.truncate(cut);
                     out.finish = FinishReason::Stop;
                 }
                 // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-                let stable = if out.finish == FinishReason::Stop { full_text.len() } else { full_text.trim_end_matches('\u{FFFD}').len() };
+                let stable = if out.finish == FinishReason::Stop {
+                    full_text.len()
+                } else {
+                    full_text.trim_end_matches('\u{FFFD}').len()
+                };
                 if stable > emitted && full_text.is_char_boundary(emitted) {
                     piece = &full_text[emitted..stable];
                     emitted = stable;
@@ -202,10 +239,20 @@ impl<B: Backend> Generator<B> {
                 out.finish = FinishReason::Cancelled;
                 break;
             }
-            if out.finish == FinishReason::Stop || out.tokens.len() >= opts.max_tokens || context.len() >= self.context() {
+            if out.finish == FinishReason::Stop
+                || out.tokens.len() >= opts.max_tokens
+                || context.len() >= self.context()
+            {
                 break;
             }
-            forward(&mut self.backend, &mut self.cache, &[tok], context.len() - 1, LogitRows::Last, &mut self.logits)?;
+            forward(
+                &mut self.backend,
+                &mut self.cache,
+                &[tok],
+                context.len() - 1,
+                LogitRows::Last,
+                &mut self.logits,
+            )?;
             std::mem::swap(&mut logits, &mut self.logits);
         }
         out.decode_s = t1.elapsed().as_secs_f64();

@@ -22,7 +22,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
     }
 }
 
@@ -31,7 +38,10 @@ impl SamplingParams {
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(crate::Error::Request(m));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -40,7 +50,10 @@ impl SamplingParams {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -71,7 +84,11 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Sampler { params, rng, cand: Vec::new() }
+        Sampler {
+            params,
+            rng,
+            cand: Vec::new(),
+        }
     }
 
     /// Picks the next token from `logits` (modified in place); `context` holds the ids seen so far.
@@ -80,7 +97,11 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &t in context {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -89,7 +110,12 @@ impl Sampler {
         }
         let inv_t = 1.0 / p.temperature;
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)));
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l * inv_t, i as u32)),
+        );
         let by_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if p.top_k > 0 && p.top_k < self.cand.len() {
             self.cand.select_nth_unstable_by(p.top_k - 1, by_desc);
@@ -108,7 +134,12 @@ impl Sampler {
         let top = self.cand[0].0;
         let mut keep = self.cand.len();
         if p.min_p > 0.0 {
-            keep = self.cand.iter().take_while(|c| c.0 >= p.min_p * top).count().max(1);
+            keep = self
+                .cand
+                .iter()
+                .take_while(|c| c.0 >= p.min_p * top)
+                .count()
+                .max(1);
         }
         if p.top_p < 1.0 {
             let mut acc = 0.0;
@@ -145,33 +176,62 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seed_is_reproducible() {
         let logits = [0.1, 0.5, 2.0, 1.9, -1.0];
-        let p = SamplingParams { temperature: 1.0, top_k: 1, seed: Some(3), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            seed: Some(3),
+            ..Default::default()
+        };
         assert_eq!(Sampler::new(p).sample(&mut logits.clone(), &[]), 2);
-        let p = SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..Default::default()
+        };
         let a: Vec<u32> = {
             let mut s = Sampler::new(p.clone());
-            (0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect()
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect()
         };
         let mut s = Sampler::new(p);
-        let b: Vec<u32> = (0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect();
+        let b: Vec<u32> = (0..20)
+            .map(|_| s.sample(&mut logits.clone(), &[]))
+            .collect();
         assert_eq!(a, b);
-        assert!(a.iter().any(|&t| t != 2), "temperature 1 should not always pick the argmax");
+        assert!(
+            a.iter().any(|&t| t != 2),
+            "temperature 1 should not always pick the argmax"
+        );
     }
 
     #[test]
     fn top_p_and_min_p_restrict_candidates() {
         let logits = [10.0, 9.0, 0.0, 0.0];
-        let p = SamplingParams { temperature: 1.0, top_p: 0.5, seed: Some(1), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: Some(1),
+            ..Default::default()
+        };
         let mut s = Sampler::new(p);
         assert!((0..50).all(|_| s.sample(&mut logits.clone(), &[]) == 0));
-        let p = SamplingParams { temperature: 1.0, min_p: 0.2, seed: Some(1), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            min_p: 0.2,
+            seed: Some(1),
+            ..Default::default()
+        };
         let mut s = Sampler::new(p);
         assert!((0..200).all(|_| s.sample(&mut logits.clone(), &[]) < 2));
     }
 
     #[test]
     fn repetition_penalty_demotes_seen_tokens() {
-        let p = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         assert_eq!(Sampler::new(p).sample(&mut [3.0, 2.0], &[0]), 1);
     }
 }

@@ -42,16 +42,29 @@ impl Bytes {
     /// Drops the resident pages of a mapped range (they are re-read from the file if touched
     /// again), so data already repacked by a backend stops counting towards the process RSS.
     pub fn release_pages(&self) {
+        self.release_range(0, usize::MAX);
+    }
+
+    /// [`Self::release_pages`] for bytes `offset..offset + len` of the range (clamped to it).
+    pub fn release_range(&self, offset: usize, len: usize) {
         #[cfg(unix)]
-        if let Bytes::Mapped { map, start, len } = self {
+        if let Bytes::Mapped {
+            map,
+            start,
+            len: total,
+        } = self
+        {
             const PAGE: usize = 4096;
-            let lo = start.div_ceil(PAGE) * PAGE;
-            let hi = (start + len) / PAGE * PAGE;
+            let a = start + offset.min(*total);
+            let b = start + offset.saturating_add(len).min(*total);
+            let lo = a.div_ceil(PAGE) * PAGE;
+            let hi = b / PAGE * PAGE;
             if hi > lo {
                 // SAFETY: the mapping is read-only and file-backed; DONTNEED only drops cached
                 // pages, later reads fault them back in from the file with the same contents.
                 unsafe {
-                    let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo);
+                    let _ =
+                        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo);
                 }
             }
         }
@@ -192,7 +205,9 @@ pub struct LayerWeights {
 impl LayerWeights {
     /// The seven ternary matrices, in checkpoint order.
     pub fn linears(&self) -> [&TernaryMatrix; 7] {
-        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
     }
 }
 

@@ -54,7 +54,10 @@ impl Checkpoint {
                 "no model.safetensors or model.safetensors.index.json in the model directory",
             ));
         };
-        let mut ck = Checkpoint { tensors: HashMap::new(), file_bytes: 0 };
+        let mut ck = Checkpoint {
+            tensors: HashMap::new(),
+            file_bytes: 0,
+        };
         for path in files {
             ck.add_file(&path)?;
         }
@@ -65,7 +68,9 @@ impl Checkpoint {
         let map = Arc::new(map_file(path)?);
         self.file_bytes += map.len() as u64;
         let (header_len, meta) = SafeTensors::read_metadata(&map[..]).map_err(|e| {
-            let which = inconsistent_tensor(&map[..]).map(|t| format!(" ({t})")).unwrap_or_default();
+            let which = inconsistent_tensor(&map[..])
+                .map(|t| format!(" ({t})"))
+                .unwrap_or_default();
             Error::format(path, format!("invalid safetensors file: {e}{which}"))
         })?;
         let data_start = 8 + header_len;
@@ -80,18 +85,27 @@ impl Checkpoint {
                 len: b - a,
             };
             if self.tensors.insert(name.clone(), entry).is_some() {
-                return Err(Error::format(path, format!("tensor `{name}` appears in more than one file")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` appears in more than one file"),
+                ));
             }
         }
         Ok(())
     }
 
     fn get(&self, name: &str) -> Result<&Entry> {
-        self.tensors.get(name).ok_or_else(|| Error::MissingTensor(name.to_string()))
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))
     }
 
     fn bytes(e: &Entry) -> Bytes {
-        Bytes::Mapped { map: e.map.clone(), start: e.start, len: e.len }
+        Bytes::Mapped {
+            map: e.map.clone(),
+            start: e.start,
+            len: e.len,
+        }
     }
 
     fn float_dtype(e: &Entry, name: &str) -> Result<FloatDtype> {
@@ -99,7 +113,10 @@ impl Checkpoint {
             Dtype::F32 => Ok(FloatDtype::F32),
             Dtype::F16 => Ok(FloatDtype::F16),
             Dtype::BF16 => Ok(FloatDtype::BF16),
-            other => Err(Error::format(&e.path, format!("tensor `{name}` has dtype {other:?}, expected BF16, F16 or F32"))),
+            other => Err(Error::format(
+                &e.path,
+                format!("tensor `{name}` has dtype {other:?}, expected BF16, F16 or F32"),
+            )),
         }
     }
 
@@ -108,9 +125,21 @@ impl Checkpoint {
         let e = self.get(name)?;
         let dtype = Self::float_dtype(e, name)?;
         if e.shape != [rows, cols] {
-            return Err(Error::format(&e.path, format!("tensor `{name}` has shape {:?}, expected [{rows}, {cols}]", e.shape)));
+            return Err(Error::format(
+                &e.path,
+                format!(
+                    "tensor `{name}` has shape {:?}, expected [{rows}, {cols}]",
+                    e.shape
+                ),
+            ));
         }
-        Ok(FloatTensor { name: name.to_string(), dtype, rows, cols, bytes: Self::bytes(e) })
+        Ok(FloatTensor {
+            name: name.to_string(),
+            dtype,
+            rows,
+            cols,
+            bytes: Self::bytes(e),
+        })
     }
 
     /// A float vector of exactly `len` elements, as f32.
@@ -118,11 +147,24 @@ impl Checkpoint {
         let e = self.get(name)?;
         let dtype = Self::float_dtype(e, name)?;
         if e.shape != [len] {
-            return Err(Error::format(&e.path, format!("tensor `{name}` has shape {:?}, expected [{len}]", e.shape)));
+            return Err(Error::format(
+                &e.path,
+                format!("tensor `{name}` has shape {:?}, expected [{len}]", e.shape),
+            ));
         }
-        let v = FloatTensor { name: name.to_string(), dtype, rows: 1, cols: len, bytes: Self::bytes(e) }.to_f32();
+        let v = FloatTensor {
+            name: name.to_string(),
+            dtype,
+            rows: 1,
+            cols: len,
+            bytes: Self::bytes(e),
+        }
+        .to_f32();
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            return Err(Error::format(&e.path, format!("tensor `{name}` has a non-finite value at index {i}")));
+            return Err(Error::format(
+                &e.path,
+                format!("tensor `{name}` has a non-finite value at index {i}"),
+            ));
         }
         Ok(v)
     }
@@ -131,14 +173,33 @@ impl Checkpoint {
         let e = self.get(name)?;
         let dtype = Self::float_dtype(e, name)?;
         if e.shape.iter().product::<usize>() != 1 {
-            return Err(Error::format(&e.path, format!("tensor `{name}` has shape {:?}, expected one element", e.shape)));
+            return Err(Error::format(
+                &e.path,
+                format!(
+                    "tensor `{name}` has shape {:?}, expected one element",
+                    e.shape
+                ),
+            ));
         }
-        Ok(FloatTensor { name: name.to_string(), dtype, rows: 1, cols: 1, bytes: Self::bytes(e) }.to_f32()[0])
+        Ok(FloatTensor {
+            name: name.to_string(),
+            dtype,
+            rows: 1,
+            cols: 1,
+            bytes: Self::bytes(e),
+        }
+        .to_f32()[0])
     }
 
     /// A ternary linear `[rows, cols]`: packed uint8 `[rows/4, cols]` with a `weight_scale`, or an
     /// unpacked float master weight ternarized here with absmean.
-    pub fn ternary(&self, prefix: &str, rows: usize, cols: usize, cfg: &ModelConfig) -> Result<TernaryMatrix> {
+    pub fn ternary(
+        &self,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+        cfg: &ModelConfig,
+    ) -> Result<TernaryMatrix> {
         let name = format!("{prefix}.weight");
         let e = self.get(&name)?;
         if e.dtype == Dtype::U8 {
@@ -151,25 +212,49 @@ impl Checkpoint {
             let scale_name = format!("{prefix}.weight_scale");
             let ws = self.scalar(&scale_name)?;
             if !ws.is_finite() || ws == 0.0 {
-                return Err(Error::format(&e.path, format!("tensor `{scale_name}` = {ws} is not a usable scale")));
+                return Err(Error::format(
+                    &e.path,
+                    format!("tensor `{scale_name}` = {ws} is not a usable scale"),
+                ));
             }
             let scale = match cfg.scale_convention {
                 ScaleConvention::Multiply => ws,
                 ScaleConvention::Divide => 1.0 / ws,
             };
-            return Ok(TernaryMatrix { name, rows, cols, packed: Self::bytes(e), scale });
+            return Ok(TernaryMatrix {
+                name,
+                rows,
+                cols,
+                packed: Self::bytes(e),
+                scale,
+            });
         }
         let master = self.matrix(&name, rows, cols).map_err(|err| match err {
-            Error::Format { path, msg } => Error::Format { path, msg: format!("{msg} (expected packed U8 [{}, {cols}] or a float master weight)", rows / 4) },
+            Error::Format { path, msg } => Error::Format {
+                path,
+                msg: format!(
+                    "{msg} (expected packed U8 [{}, {cols}] or a float master weight)",
+                    rows / 4
+                ),
+            },
             other => other,
         })?;
         let w = master.to_f32();
         if let Some(i) = w.iter().position(|x| !x.is_finite()) {
-            return Err(Error::format(&e.path, format!("tensor `{name}` has a non-finite value at index {i}")));
+            return Err(Error::format(
+                &e.path,
+                format!("tensor `{name}` has a non-finite value at index {i}"),
+            ));
         }
         let (codes, scale) = ternarize_absmean(&w);
         let packed = pack_checkpoint(&codes, rows, cols);
-        Ok(TernaryMatrix { name, rows, cols, packed: Bytes::Owned(Arc::new(packed)), scale })
+        Ok(TernaryMatrix {
+            name,
+            rows,
+            cols,
+            packed: Bytes::Owned(Arc::new(packed)),
+            scale,
+        })
     }
 }
 
@@ -177,31 +262,48 @@ impl Checkpoint {
 /// the header errors of the safetensors crate that do not say which tensor is wrong.
 fn inconsistent_tensor(buf: &[u8]) -> Option<String> {
     let n = usize::try_from(u64::from_le_bytes(buf.get(..8)?.try_into().ok()?)).ok()?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(buf.get(8..n.checked_add(8)?)?).ok()?;
-    header.into_iter().filter(|(name, _)| name != "__metadata__").find_map(|(name, v)| {
-        let info: TensorInfo = serde_json::from_value(v).ok()?;
-        let (a, b) = info.data_offsets;
-        let bytes = info.shape.iter().try_fold(info.dtype.bitsize(), |acc, &d| acc.checked_mul(d)).map(|bits| (bits / 8, bits % 8));
-        match bytes {
-            Some((len, 0)) if b.checked_sub(a) == Some(len) => None,
-            _ => Some(format!("tensor `{name}`: dtype {:?}, shape {:?}, data_offsets [{a}, {b}]", info.dtype, info.shape)),
-        }
-    })
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(buf.get(8..n.checked_add(8)?)?).ok()?;
+    header
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .find_map(|(name, v)| {
+            let info: TensorInfo = serde_json::from_value(v).ok()?;
+            let (a, b) = info.data_offsets;
+            let bytes = info
+                .shape
+                .iter()
+                .try_fold(info.dtype.bitsize(), |acc, &d| acc.checked_mul(d))
+                .map(|bits| (bits / 8, bits % 8));
+            match bytes {
+                Some((len, 0)) if b.checked_sub(a) == Some(len) => None,
+                _ => Some(format!(
+                    "tensor `{name}`: dtype {:?}, shape {:?}, data_offsets [{a}, {b}]",
+                    info.dtype, info.shape
+                )),
+            }
+        })
 }
 
 fn shard_files(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::json(index, e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::json(index, e.to_string()))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::json(index, "missing object `weight_map`"))?;
     let mut files: Vec<String> = Vec::new();
     for (tensor, f) in map {
-        let f = f.as_str().ok_or_else(|| Error::json(index, format!("weight_map[`{tensor}`] is not a file name")))?;
+        let f = f.as_str().ok_or_else(|| {
+            Error::json(index, format!("weight_map[`{tensor}`] is not a file name"))
+        })?;
         let plain = Path::new(f).components().count() == 1 && !f.contains("..") && !f.is_empty();
         if !plain {
-            return Err(Error::json(index, format!("weight_map[`{tensor}`] = `{f}` is not a file name in the model directory")));
+            return Err(Error::json(
+                index,
+                format!("weight_map[`{tensor}`] = `{f}` is not a file name in the model directory"),
+            ));
         }
         if !files.iter().any(|x| x == f) {
             files.push(f.to_string());
@@ -221,7 +323,9 @@ pub fn load(dir: &Path) -> Result<Weights> {
     let lm_head = if ck.tensors.contains_key("lm_head.weight") && !c.tie_word_embeddings {
         Some(ck.matrix("lm_head.weight", c.vocab_size, h)?)
     } else if !c.tie_word_embeddings {
-        return Err(Error::MissingTensor("lm_head.weight (tie_word_embeddings is false)".into()));
+        return Err(Error::MissingTensor(
+            "lm_head.weight (tie_word_embeddings is false)".into(),
+        ));
     } else {
         None
     };
@@ -244,5 +348,12 @@ pub fn load(dir: &Path) -> Result<Weights> {
             down: ck.ternary(&format!("{p}.mlp.down_proj"), h, i, c)?,
         });
     }
-    Ok(Weights { config, embed, lm_head, final_norm, layers, file_bytes: ck.file_bytes })
+    Ok(Weights {
+        config,
+        embed,
+        lm_head,
+        final_norm,
+        layers,
+        file_bytes: ck.file_bytes,
+    })
 }

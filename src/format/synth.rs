@@ -37,17 +37,41 @@ impl Spec {
 
 fn specs(c: &ModelConfig) -> Vec<Spec> {
     let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
-    let bf = |name: String, shape: Vec<usize>, center: f32, spread: f32| Spec { name, shape, fill: Fill::Bf16 { center, spread } };
+    let bf = |name: String, shape: Vec<usize>, center: f32, spread: f32| Spec {
+        name,
+        shape,
+        fill: Fill::Bf16 { center, spread },
+    };
     let mut v = vec![
-        bf("model.embed_tokens.weight".into(), vec![c.vocab_size, h], 0.0, 0.05),
+        bf(
+            "model.embed_tokens.weight".into(),
+            vec![c.vocab_size, h],
+            0.0,
+            0.05,
+        ),
         bf("model.norm.weight".into(), vec![h], 1.0, 0.1),
     ];
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
         v.push(bf(format!("{p}.input_layernorm.weight"), vec![h], 1.0, 0.1));
-        v.push(bf(format!("{p}.post_attention_layernorm.weight"), vec![h], 1.0, 0.1));
-        v.push(bf(format!("{p}.self_attn.attn_sub_norm.weight"), vec![q], 1.0, 0.1));
-        v.push(bf(format!("{p}.mlp.ffn_sub_norm.weight"), vec![i], 1.0, 0.1));
+        v.push(bf(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            1.0,
+            0.1,
+        ));
+        v.push(bf(
+            format!("{p}.self_attn.attn_sub_norm.weight"),
+            vec![q],
+            1.0,
+            0.1,
+        ));
+        v.push(bf(
+            format!("{p}.mlp.ffn_sub_norm.weight"),
+            vec![i],
+            1.0,
+            0.1,
+        ));
         let lin = [
             ("self_attn.q_proj", q, h),
             ("self_attn.k_proj", kv, h),
@@ -59,22 +83,34 @@ fn specs(c: &ModelConfig) -> Vec<Spec> {
         ];
         for (name, rows, cols) in lin {
             v.push(bf(format!("{p}.{name}.weight_scale"), vec![1], 0.5, 0.4));
-            v.push(Spec { name: format!("{p}.{name}.weight"), shape: vec![rows / 4, cols], fill: Fill::Ternary });
+            v.push(Spec {
+                name: format!("{p}.{name}.weight"),
+                shape: vec![rows / 4, cols],
+                fill: Fill::Ternary,
+            });
         }
     }
     // The release's order: BF16 tensors first, then U8, each group sorted by name.
-    v.sort_by(|a, b| (matches!(a.fill, Fill::Ternary), &a.name).cmp(&(matches!(b.fill, Fill::Ternary), &b.name)));
+    v.sort_by(|a, b| {
+        (matches!(a.fill, Fill::Ternary), &a.name).cmp(&(matches!(b.fill, Fill::Ternary), &b.name))
+    });
     v
 }
 
 /// Writes `config.json`, `generation_config.json` and a random `model.safetensors` for `config`
 /// into `dir`. `progress(done, total)` is called as bytes are written.
-pub fn write_model(dir: &Path, config: &ModelConfig, seed: u64, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+pub fn write_model(
+    dir: &Path,
+    config: &ModelConfig,
+    seed: u64,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<()> {
     config.validate()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let write_json = |name: &str, v: serde_json::Value| {
         let path = dir.join(name);
-        let text = serde_json::to_string_pretty(&v).map_err(|e| Error::json(&path, e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&v).map_err(|e| Error::json(&path, e.to_string()))?;
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
     };
     write_json("config.json", config.to_json())?;
@@ -88,25 +124,34 @@ pub fn write_model(dir: &Path, config: &ModelConfig, seed: u64, mut progress: im
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut offset = 0usize;
     for s in &specs {
-        let dtype = if matches!(s.fill, Fill::Ternary) { "U8" } else { "BF16" };
+        let dtype = if matches!(s.fill, Fill::Ternary) {
+            "U8"
+        } else {
+            "BF16"
+        };
         header.insert(
             s.name.clone(),
             serde_json::json!({"dtype": dtype, "shape": s.shape, "data_offsets": [offset, offset + s.bytes()]}),
         );
         offset += s.bytes();
     }
-    let mut head = serde_json::to_string(&header).map_err(|e| Error::Config(e.to_string()))?.into_bytes();
+    let mut head = serde_json::to_string(&header)
+        .map_err(|e| Error::Config(e.to_string()))?
+        .into_bytes();
     while head.len() % 8 != 0 {
         head.push(b' ');
     }
     let path = dir.join("model.safetensors");
     let io = |e| Error::io(&path, e);
     let mut out = BufWriter::with_capacity(1 << 20, File::create(&path).map_err(io)?);
-    out.write_all(&(head.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&(head.len() as u64).to_le_bytes())
+        .map_err(io)?;
     out.write_all(&head).map_err(io)?;
 
     // Bytes whose four 2-bit fields are all valid codes (0, 1, 2).
-    let valid: Vec<u8> = (0..=255u8).filter(|b| (0..4).all(|i| (b >> (2 * i)) & 3 != 3)).collect();
+    let valid: Vec<u8> = (0..=255u8)
+        .filter(|b| (0..4).all(|i| (b >> (2 * i)) & 3 != 3))
+        .collect();
     let mut rng = StdRng::seed_from_u64(seed);
     let total = offset as u64;
     let mut done = 0u64;

@@ -21,7 +21,12 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
 
 /// One row group (4 rows) × `T` tokens of code dot products.
 #[inline(always)]
-unsafe fn group<const T: usize>(g: *const u8, rb: usize, x: *const i8, kpad: usize) -> [[i32; T]; GROUP] {
+unsafe fn group<const T: usize>(
+    g: *const u8,
+    rb: usize,
+    x: *const i8,
+    kpad: usize,
+) -> [[i32; T]; GROUP] {
     let nblocks = rb / BLOCK_BYTES;
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);

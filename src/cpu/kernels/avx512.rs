@@ -32,21 +32,41 @@ unsafe fn group_single(g: *const u8, rb: usize, x: *const i8, _kpad: usize) -> [
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let wv = _mm256_loadu_si256(g.add((b * GROUP + r) * BLOCK_BYTES) as *const __m256i);
             acc_r[0] = _mm256_dpbusd_epi32(acc_r[0], _mm256_and_si256(wv, mask), xv[0]);
-            acc_r[1] = _mm256_dpbusd_epi32(acc_r[1], _mm256_and_si256(_mm256_srli_epi16(wv, 2), mask), xv[1]);
-            acc_r[2] = _mm256_dpbusd_epi32(acc_r[2], _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask), xv[2]);
-            acc_r[3] = _mm256_dpbusd_epi32(acc_r[3], _mm256_and_si256(_mm256_srli_epi16(wv, 6), mask), xv[3]);
+            acc_r[1] = _mm256_dpbusd_epi32(
+                acc_r[1],
+                _mm256_and_si256(_mm256_srli_epi16(wv, 2), mask),
+                xv[1],
+            );
+            acc_r[2] = _mm256_dpbusd_epi32(
+                acc_r[2],
+                _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask),
+                xv[2],
+            );
+            acc_r[3] = _mm256_dpbusd_epi32(
+                acc_r[3],
+                _mm256_and_si256(_mm256_srli_epi16(wv, 6), mask),
+                xv[3],
+            );
         }
     }
     let mut out = [0i32; GROUP];
     for (o, a) in out.iter_mut().zip(acc) {
-        *o = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), _mm256_add_epi32(a[2], a[3])));
+        *o = hsum_i32(_mm256_add_epi32(
+            _mm256_add_epi32(a[0], a[1]),
+            _mm256_add_epi32(a[2], a[3]),
+        ));
     }
     out
 }
 
 /// One row group (4 rows) × `T` tokens of code dot products.
 #[inline(always)]
-unsafe fn group<const T: usize>(g: *const u8, rb: usize, x: *const i8, kpad: usize) -> [[i32; T]; GROUP] {
+unsafe fn group<const T: usize>(
+    g: *const u8,
+    rb: usize,
+    x: *const i8,
+    kpad: usize,
+) -> [[i32; T]; GROUP] {
     let nblocks = rb / BLOCK_BYTES;
     let mask = _mm256_set1_epi8(3);
     let mut acc = [[_mm256_setzero_si256(); T]; GROUP];
@@ -85,7 +105,12 @@ pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i
     if ntok == 1 {
         let kpad = rb * 4;
         for (g, o) in out[..w.len() / rb].chunks_exact_mut(GROUP).enumerate() {
-            o.copy_from_slice(&group_single(w.as_ptr().add(g * GROUP * rb), rb, x.as_ptr(), kpad));
+            o.copy_from_slice(&group_single(
+                w.as_ptr().add(g * GROUP * rb),
+                rb,
+                x.as_ptr(),
+                kpad,
+            ));
         }
         return;
     }
@@ -137,8 +162,13 @@ pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
                 let v = _mm512_loadu_si512(row.add(i + 32 * k) as *const _);
                 let lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
                 let hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
-                acc[2 * k] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.as_ptr().add(i + 32 * k)), acc[2 * k]);
-                acc[2 * k + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.as_ptr().add(i + 32 * k + 16)), acc[2 * k + 1]);
+                acc[2 * k] =
+                    _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.as_ptr().add(i + 32 * k)), acc[2 * k]);
+                acc[2 * k + 1] = _mm512_fmadd_ps(
+                    hi,
+                    _mm512_loadu_ps(xp.as_ptr().add(i + 32 * k + 16)),
+                    acc[2 * k + 1],
+                );
             }
             i += 64;
         }

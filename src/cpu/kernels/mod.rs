@@ -15,7 +15,8 @@ pub mod scalar;
 macro_rules! for_each_group {
     ($w:expr, $rb:expr, $x:expr, $ntok:expr, $out:expr, $tt:literal, $group:ident) => {{
         use crate::cpu::packed::GROUP;
-        let (w, rb, x, ntok, out): (&[u8], usize, &[i8], usize, &mut [i32]) = ($w, $rb, $x, $ntok, $out);
+        let (w, rb, x, ntok, out): (&[u8], usize, &[i8], usize, &mut [i32]) =
+            ($w, $rb, $x, $ntok, $out);
         let kpad = rb * 4;
         let ngroups = w.len() / (GROUP * rb);
         let mut t = 0;
@@ -106,7 +107,12 @@ impl Kernels {
     /// `out[r * ntok + t] = Σ_c code(r, c) · x[t][c]` for the packed rows in `w` (`rb` bytes
     /// each) and `ntok` int8 token rows of `4 * rb` values in `x`.
     pub fn code_dots(self, w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
-        assert!(rb % 32 == 0 && w.len() % (4 * rb) == 0 && x.len() >= ntok * rb * 4 && out.len() >= (w.len() / rb) * ntok);
+        assert!(
+            rb % 32 == 0
+                && w.len() % (4 * rb) == 0
+                && x.len() >= ntok * rb * 4
+                && out.len() >= (w.len() / rb) * ntok
+        );
         match self.0 {
             Isa::Scalar => scalar::code_dots(w, rb, x, ntok, out),
             // SAFETY: the variant exists only when detection found the features; sizes checked above.
@@ -184,37 +190,71 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    fn random_case(rows: usize, cols: usize, ntok: usize, seed: u64) -> (PackedTernary, Vec<Vec<u8>>, Vec<i8>) {
+    fn random_case(
+        rows: usize,
+        cols: usize,
+        ntok: usize,
+        seed: u64,
+    ) -> (PackedTernary, Vec<Vec<u8>>, Vec<i8>) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let codes: Vec<Vec<u8>> =
-            (0..rows).map(|r| (0..cols).map(|c| ((r * 31 + c * 7 + rng.random_range(0..3)) % 3) as u8).collect()).collect();
+        let codes: Vec<Vec<u8>> = (0..rows)
+            .map(|r| {
+                (0..cols)
+                    .map(|c| ((r * 31 + c * 7 + rng.random_range(0..3)) % 3) as u8)
+                    .collect()
+            })
+            .collect();
         let kpad = crate::cpu::packed::padded_cols(cols);
         let mut x = vec![0i8; ntok * kpad];
         for t in 0..ntok {
             for c in 0..cols {
                 // Extremes included: the i16 accumulation must not overflow.
-                x[t * kpad + c] = if rng.random_bool(0.2) { 127 * if rng.random_bool(0.5) { 1 } else { -1 } } else { rng.random_range(-127..=127) };
+                x[t * kpad + c] = if rng.random_bool(0.2) {
+                    127 * if rng.random_bool(0.5) { 1 } else { -1 }
+                } else {
+                    rng.random_range(-127..=127)
+                };
             }
         }
-        (PackedTernary::from_codes(&codes, cols, vec![1.0; rows]), codes, x)
+        (
+            PackedTernary::from_codes(&codes, cols, vec![1.0; rows]),
+            codes,
+            x,
+        )
     }
 
     #[test]
     fn code_dots_match_scalar_on_odd_shapes() {
-        for (rows, cols, ntok) in [(4, 1, 1), (4, 128, 1), (8, 130, 3), (12, 300, 9), (172, 64, 5), (8, 2304, 17), (20, 6912, 2), (16, 2560, 7)] {
+        for (rows, cols, ntok) in [
+            (4, 1, 1),
+            (4, 128, 1),
+            (8, 130, 3),
+            (12, 300, 9),
+            (172, 64, 5),
+            (8, 2304, 17),
+            (20, 6912, 2),
+            (16, 2560, 7),
+        ] {
             let (w, codes, x) = random_case(rows, cols, ntok, (rows * cols + ntok) as u64);
             let mut want = vec![0i32; rows * ntok];
             // Independent of the packed layout: straight from the codes.
             for r in 0..rows {
                 for t in 0..ntok {
-                    want[r * ntok + t] = (0..cols).map(|c| codes[r][c] as i32 * x[t * w.kpad + c] as i32).sum();
+                    want[r * ntok + t] = (0..cols)
+                        .map(|c| codes[r][c] as i32 * x[t * w.kpad + c] as i32)
+                        .sum();
                     assert!((0..cols).all(|c| w.code(r, c) == codes[r][c]));
                 }
             }
             for k in Kernels::available() {
                 let mut got = vec![0i32; rows * ntok];
                 k.code_dots(&w.data, w.row_bytes(), &x, ntok, &mut got);
-                assert_eq!(got, want, "{} rows={rows} cols={cols} ntok={ntok}", k.name());
+                assert_eq!(
+                    got,
+                    want,
+                    "{} rows={rows} cols={cols} ntok={ntok}",
+                    k.name()
+                );
             }
         }
     }
@@ -238,24 +278,47 @@ mod tests {
     fn head_dots_match_scalar() {
         let mut rng = StdRng::seed_from_u64(9);
         for n in [1, 31, 64, 100, 2560, 2561] {
-            let wb: Vec<u16> = (0..n).map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_bits()).collect();
+            let wb: Vec<u16> = (0..n)
+                .map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_bits())
+                .collect();
             let x: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
             let wi: Vec<i8> = (0..n).map(|_| rng.random_range(-127..=127)).collect();
             let xi: Vec<i8> = (0..n).map(|_| rng.random_range(-127..=127)).collect();
-            let f_ref: f64 = wb.iter().zip(&x).map(|(&b, &v)| half::bf16::from_bits(b).to_f64() * v as f64).sum();
+            let f_ref: f64 = wb
+                .iter()
+                .zip(&x)
+                .map(|(&b, &v)| half::bf16::from_bits(b).to_f64() * v as f64)
+                .sum();
             let i_ref: i32 = wi.iter().zip(&xi).map(|(&a, &b)| a as i32 * b as i32).sum();
             for k in Kernels::available() {
                 let f = k.dot_bf16(&wb, &x) as f64;
-                assert!((f - f_ref).abs() <= 1e-4 * (1.0 + f_ref.abs()), "{} n={n}: {f} vs {f_ref}", k.name());
+                assert!(
+                    (f - f_ref).abs() <= 1e-4 * (1.0 + f_ref.abs()),
+                    "{} n={n}: {f} vs {f_ref}",
+                    k.name()
+                );
                 assert_eq!(k.dot_i8(&wi, &xi), i_ref, "{} n={n}", k.name());
                 let mut xp = vec![0.0; n];
                 k.prepare_bf16_activations(&x, &mut xp);
                 let mut two = [0.0f32; 2];
                 let w2: Vec<u16> = wb.iter().chain(wb.iter().rev()).copied().collect();
                 k.head_bf16(&w2, n, &xp, &mut two);
-                let rev_ref: f64 = wb.iter().rev().zip(&x).map(|(&b, &v)| half::bf16::from_bits(b).to_f64() * v as f64).sum();
-                assert!((two[0] as f64 - f_ref).abs() <= 1e-4 * (1.0 + f_ref.abs()), "{} n={n}", k.name());
-                assert!((two[1] as f64 - rev_ref).abs() <= 1e-4 * (1.0 + rev_ref.abs()), "{} n={n}", k.name());
+                let rev_ref: f64 = wb
+                    .iter()
+                    .rev()
+                    .zip(&x)
+                    .map(|(&b, &v)| half::bf16::from_bits(b).to_f64() * v as f64)
+                    .sum();
+                assert!(
+                    (two[0] as f64 - f_ref).abs() <= 1e-4 * (1.0 + f_ref.abs()),
+                    "{} n={n}",
+                    k.name()
+                );
+                assert!(
+                    (two[1] as f64 - rev_ref).abs() <= 1e-4 * (1.0 + rev_ref.abs()),
+                    "{} n={n}",
+                    k.name()
+                );
             }
         }
     }

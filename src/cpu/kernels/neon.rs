@@ -27,7 +27,10 @@ pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i
                     for half in 0..2 {
                         let wv = vld1q_u8(w.as_ptr().add(block_offset(rb, r, b) + 16 * half));
                         for i in 0..4 {
-                            let c = vreinterpretq_s8_u8(vandq_u8(vshlq_u8(wv, vdupq_n_s8(-2 * i as i8)), mask));
+                            let c = vreinterpretq_s8_u8(vandq_u8(
+                                vshlq_u8(wv, vdupq_n_s8(-2 * i as i8)),
+                                mask,
+                            ));
                             let xv = vld1q_s8(xt.add(b * BLOCK + i * 32 + 16 * half));
                             acc = vmlal_s8(acc, vget_low_s8(c), vget_low_s8(xv));
                             acc = vmlal_high_s8(acc, c, xv);
@@ -52,7 +55,11 @@ pub unsafe fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
     let mut i = 0;
     while i + 4 <= n {
         let bits = vshlq_n_u32(vmovl_u16(vld1_u16(w.as_ptr().add(i))), 16);
-        acc = vfmaq_f32(acc, vreinterpretq_f32_u32(bits), vld1q_f32(x.as_ptr().add(i)));
+        acc = vfmaq_f32(
+            acc,
+            vreinterpretq_f32_u32(bits),
+            vld1q_f32(x.as_ptr().add(i)),
+        );
         i += 4;
     }
     vaddvq_f32(acc) + super::scalar::dot_bf16(&w[i..], &x[i..])

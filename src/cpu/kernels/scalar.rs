@@ -26,7 +26,10 @@ pub fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
 
 /// Dot product of a bf16 row (raw little-endian u16 bits) with f32 activations.
 pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
-    w.iter().zip(x).map(|(&b, &v)| f32::from_bits((b as u32) << 16) * v).sum()
+    w.iter()
+        .zip(x)
+        .map(|(&b, &v)| f32::from_bits((b as u32) << 16) * v)
+        .sum()
 }
 
 /// Dot product of two int8 vectors.
