@@ -6,6 +6,14 @@ pub const ACT_QMAX: f32 = 127.0;
 /// Lower clamp of the activation absmax.
 pub const ACT_EPS: f32 = 1e-5;
 
+/// Rounds half to even for |v| < 2^22 without a libm call (adding and removing 1.5·2^23
+/// leaves the value rounded by the FPU's default round-to-nearest-even mode).
+#[inline(always)]
+pub fn round_half_even_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12582912.0;
+    (v + MAGIC) - MAGIC
+}
+
 /// Quantizes one token's activations to int8 (round half to even) and returns its absmax.
 ///
 /// `out` may be longer than `x`; the tail is zero-filled (padding for the kernels).
@@ -13,7 +21,8 @@ pub fn quantize_activations(x: &[f32], out: &mut [i8]) -> f32 {
     let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(ACT_EPS);
     let scale = ACT_QMAX / absmax;
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
+        // |v * scale| <= 127 (up to rounding), far inside the exact range of the magic add.
+        *o = round_half_even_small(v * scale).clamp(-128.0, 127.0) as i8;
     }
     out[x.len()..].fill(0);
     absmax
@@ -65,6 +74,17 @@ mod tests {
         let m = quantize_activations(&x, &mut q);
         assert_eq!(m, 127.0);
         assert_eq!(q, [0, 2, 2, 0, -2, 127, 3, 0]);
+    }
+
+    #[test]
+    fn fast_rounding_matches_round_ties_even() {
+        for i in -300_000..300_000 {
+            let v = i as f32 * 0.000_5 - 0.25;
+            assert_eq!(round_half_even_small(v), v.round_ties_even(), "{v}");
+        }
+        for v in [0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -127.5, 127.49999] {
+            assert_eq!(round_half_even_small(v), v.round_ties_even(), "{v}");
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 use rayon::prelude::*;
 
 use super::kernels::Kernels;
+use super::team::Team;
+use super::SharedMut;
 use crate::format::{FloatDtype, FloatTensor};
 use crate::quant::quantize_activations;
 
@@ -108,9 +110,26 @@ impl Head {
     }
 
     /// `out[v] = head[v] · h` for every vocabulary row; `xq` and `xp` are scratch.
-    pub fn logits(&self, k: Kernels, h: &[f32], xq: &mut [i8], xp: &mut [f32], out: &mut [f32]) {
+    pub fn logits(
+        &self,
+        team: &Team,
+        k: Kernels,
+        h: &[f32],
+        xq: &mut [i8],
+        xp: &mut [f32],
+        out: &mut [f32],
+    ) {
         let cols = h.len();
         const CHUNK: usize = 256;
+        let rows = out.len();
+        let shared = SharedMut::new(out);
+        let for_chunks = |f: &(dyn Fn(usize, &mut [f32]) + Sync)| {
+            team.run(rows.div_ceil(CHUNK), &|c| {
+                let r0 = c * CHUNK;
+                // SAFETY: chunk c owns output rows r0..r0 + CHUNK.
+                f(r0, unsafe { shared.slice(r0, CHUNK.min(rows - r0)) });
+            });
+        };
         match self {
             Head::Bf16 { tensor, copy } => {
                 let bits: &[u16] = match copy {
@@ -119,9 +138,8 @@ impl Head {
                 };
                 k.prepare_bf16_activations(h, xp);
                 let xp = &*xp;
-                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-                    let r0 = c * CHUNK;
-                    k.head_bf16(&bits[r0 * cols..(r0 + o.len()) * cols], cols, xp, o);
+                for_chunks(&|r0, o| {
+                    k.head_bf16(&bits[r0 * cols..(r0 + o.len()) * cols], cols, xp, o)
                 });
             }
             Head::F32(w) => {
@@ -139,9 +157,9 @@ impl Head {
             Head::Int8 { q, scale } => {
                 let xs = quantize_activations(h, xq) / 127.0;
                 let xq = &xq[..cols];
-                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                for_chunks(&|r0, o| {
                     for (i, v) in o.iter_mut().enumerate() {
-                        let r = c * CHUNK + i;
+                        let r = r0 + i;
                         *v = k.dot_i8(&q[r * cols..(r + 1) * cols], xq) as f32 * xs * scale[r];
                     }
                 });

@@ -5,10 +5,9 @@ pub mod kernels;
 pub mod membw;
 pub mod ops;
 pub mod packed;
+pub mod team;
 
 use std::cell::RefCell;
-
-use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::engine::model::{Backend, KvCache, Linear, LogitRows, NormSite};
@@ -17,6 +16,7 @@ use crate::format::{FloatTensor, Weights};
 use head::{Head, HeadMode};
 use kernels::Kernels;
 use packed::{padded_cols, PackedTernary};
+use team::Team;
 
 /// Options of the CPU backend.
 #[derive(Debug, Clone, Default)]
@@ -74,7 +74,7 @@ impl KvCache for CpuCache {
 pub struct CpuBackend {
     cfg: ModelConfig,
     kernels: Kernels,
-    pool: rayon::ThreadPool,
+    team: Team,
     embed: FloatTensor,
     head: Head,
     final_norm: Vec<f32>,
@@ -88,21 +88,35 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A raw pointer that may cross threads; users write disjoint elements only.
+/// A buffer that parallel tasks write at disjoint places.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used to write disjoint output elements from parallel tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+pub(crate) struct SharedMut<T>(*mut T);
+// SAFETY: tasks only write disjoint elements (each use documents why).
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    pub(crate) fn new(s: &mut [T]) -> Self {
+        SharedMut(s.as_mut_ptr())
+    }
+    /// # Safety
+    /// The range is in bounds and no other task touches it concurrently.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
 
 impl CpuBackend {
     /// Repacks `w` for the CPU kernels.
     pub fn load(w: &Weights, opts: &CpuOptions) -> Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(opts.threads)
+            .thread_name(|i| format!("bitnet-load-{i}"))
             .build()
             .map_err(|e| Error::Backend(format!("thread pool: {e}")))?;
         let kernels = opts.kernels.unwrap_or_else(Kernels::detect);
+        let team = Team::new(opts.threads);
         let cfg = w.config.clone();
         let layers = pool.install(|| {
             w.layers
@@ -126,7 +140,7 @@ impl CpuBackend {
             inv_freq: ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim),
             cfg,
             kernels,
-            pool,
+            team,
             embed: w.embed.clone(),
             head,
             final_norm: w.final_norm.clone(),
@@ -137,7 +151,7 @@ impl CpuBackend {
 
     /// Worker threads.
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.team.threads()
     }
 
     /// The kernel set in use.
@@ -176,35 +190,28 @@ impl CpuBackend {
         let (xscale, xsum) = (&s.xscale[..t], &s.xsum[..t]);
         let k = self.kernels;
         // Rows per task: multiples of 4, several tasks per thread for balance.
-        let per = (w.rows / (self.pool.current_num_threads() * 8)).clamp(4, 256) / 4 * 4;
-        let out = SendPtr(out);
-        self.pool.install(|| {
-            w.data
-                .par_chunks(per * rb)
-                .enumerate()
-                .for_each(|(c, chunk)| {
-                    let r0 = c * per;
-                    let n = chunk.len() / rb;
-                    DOTS.with_borrow_mut(|dots| {
-                        if dots.len() < n * t {
-                            dots.resize(n * t, 0);
-                        }
-                        k.code_dots(chunk, rb, x, t, dots);
-                        let out = out;
-                        for r in 0..n {
-                            let rs = w.row_scale[r0 + r];
-                            for ti in 0..t {
-                                let v = (dots[r * t + ti] - xsum[ti]) as f32 * xscale[ti] * rs;
-                                // SAFETY: each (token, row) element is written by exactly one task,
-                                // and `out` holds `t * ld` elements with `r0 + r < ld`.
-                                unsafe {
-                                    let p = out.0.add(ti * ld + r0 + r);
-                                    *p = if accumulate { *p + v } else { v };
-                                }
-                            }
-                        }
-                    });
-                });
+        let per = (w.rows / (self.team.threads() * 8)).clamp(4, 256) / 4 * 4;
+        let out = SharedMut(out);
+        self.team.run(w.rows.div_ceil(per), &|c| {
+            let r0 = c * per;
+            let n = per.min(w.rows - r0);
+            let chunk = &w.data[r0 * rb..(r0 + n) * rb];
+            DOTS.with_borrow_mut(|dots| {
+                if dots.len() < n * t {
+                    dots.resize(n * t, 0);
+                }
+                k.code_dots(chunk, rb, x, t, dots);
+                for r in 0..n {
+                    let rs = w.row_scale[r0 + r];
+                    for ti in 0..t {
+                        let v = (dots[r * t + ti] - xsum[ti]) as f32 * xscale[ti] * rs;
+                        // SAFETY: each (token, row) element is written by exactly one task,
+                        // and `out` holds `t * ld` elements with `r0 + r < ld`.
+                        let p = unsafe { &mut out.slice(ti * ld + r0 + r, 1)[0] };
+                        *p = if accumulate { *p + v } else { v };
+                    }
+                }
+            });
         });
     }
 }
@@ -213,7 +220,7 @@ impl CpuBackend {
 /// of the consuming matrix. `tmp` holds `t * width` scratch.
 #[allow(clippy::too_many_arguments)]
 fn norm_quant_rows(
-    pool: &rayon::ThreadPool,
+    team: &Team,
     t: usize,
     src: &[f32],
     w: &[f32],
@@ -225,30 +232,25 @@ fn norm_quant_rows(
 ) {
     let width = w.len();
     let kpad = padded_cols(width);
-    let work =
-        |((row, buf), ((q, sc), sm)): ((&[f32], &mut [f32]), ((&mut [i8], &mut f32), &mut i32))| {
-            *sc = ops::rmsnorm_quant(row, w, eps, buf, q) / 127.0;
-            *sm = q.iter().map(|&v| v as i32).sum();
+    let (tmp, xq, xscale, xsum) = (
+        SharedMut::new(tmp),
+        SharedMut::new(xq),
+        SharedMut::new(xscale),
+        SharedMut::new(xsum),
+    );
+    team.run(t, &|i| {
+        // SAFETY: task i touches only row i of each buffer; all hold at least t rows.
+        let (buf, q, sc, sm) = unsafe {
+            (
+                tmp.slice(i * width, width),
+                xq.slice(i * kpad, kpad),
+                xscale.slice(i, 1),
+                xsum.slice(i, 1),
+            )
         };
-    let rows = src[..t * width]
-        .chunks(width)
-        .zip(tmp[..t * width].chunks_mut(width));
-    let outs = xq[..t * kpad]
-        .chunks_mut(kpad)
-        .zip(xscale[..t].iter_mut())
-        .zip(xsum[..t].iter_mut());
-    if t == 1 {
-        rows.zip(outs).for_each(work);
-    } else {
-        let rows = src[..t * width]
-            .par_chunks(width)
-            .zip(tmp[..t * width].par_chunks_mut(width));
-        let outs = xq[..t * kpad]
-            .par_chunks_mut(kpad)
-            .zip(xscale[..t].par_iter_mut())
-            .zip(xsum[..t].par_iter_mut());
-        pool.install(|| rows.zip(outs).for_each(work));
-    }
+        sc[0] = ops::rmsnorm_quant(&src[i * width..(i + 1) * width], w, eps, buf, q) / 127.0;
+        sm[0] = q.iter().map(|&v| v as i32).sum();
+    });
 }
 
 impl Backend for CpuBackend {
@@ -262,7 +264,7 @@ impl Backend for CpuBackend {
         format!(
             "cpu ({} kernels, {} threads)",
             self.kernels.name(),
-            self.pool.current_num_threads()
+            self.team.threads()
         )
     }
 
@@ -300,7 +302,7 @@ impl Backend for CpuBackend {
         };
         let s = &mut self.step;
         norm_quant_rows(
-            &self.pool,
+            &self.team,
             s.t,
             &s.x,
             w,
@@ -316,7 +318,7 @@ impl Backend for CpuBackend {
         let w = &self.layers[layer].attn_sub_norm;
         let s = &mut self.step;
         norm_quant_rows(
-            &self.pool,
+            &self.team,
             s.t,
             &s.attn,
             w,
@@ -336,7 +338,7 @@ impl Backend for CpuBackend {
         }
         let w = &self.layers[layer].ffn_sub_norm;
         norm_quant_rows(
-            &self.pool,
+            &self.team,
             s.t,
             &s.mlp,
             w,
@@ -390,29 +392,24 @@ impl Backend for CpuBackend {
         let (nh, nkv, cap) = (c.num_heads, c.num_kv_heads, cache.capacity);
         let s = &mut self.step;
         let qkv = &s.qkv;
-        self.pool.install(|| {
-            s.attn[..s.t * q]
-                .par_chunks_mut(hd)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let (ti, h) = (i / nh, i % nh);
-                    let len = pos + ti + 1;
-                    let qv = &qkv[ti * (q + 2 * kv) + h * hd..][..hd];
-                    let base = (layer * nkv + h / group) * cap * hd;
-                    SCORES.with_borrow_mut(|scores| {
-                        if scores.len() < len {
-                            scores.resize(cap.max(len), 0.0);
-                        }
-                        ops::attend(
-                            qv,
-                            &cache.k[base..base + len * hd],
-                            &cache.v[base..base + len * hd],
-                            len,
-                            scores,
-                            out,
-                        );
-                    });
-                });
+        let attn = SharedMut::new(&mut s.attn);
+        self.team.run(s.t * nh, &|i| {
+            let (ti, h) = (i / nh, i % nh);
+            let len = pos + ti + 1;
+            let qv = &qkv[ti * (q + 2 * kv) + h * hd..][..hd];
+            let base = (layer * nkv + h / group) * cap * hd;
+            // SAFETY: task i writes only head h of token ti.
+            let out = unsafe { attn.slice(i * hd, hd) };
+            SCORES.with_borrow_mut(|scores| {
+                if scores.len() < len {
+                    scores.resize(cap.max(len), 0.0);
+                }
+                let (k, v) = (
+                    &cache.k[base..base + len * hd],
+                    &cache.v[base..base + len * hd],
+                );
+                ops::attend(qv, k, v, len, scores, out);
+            });
         });
     }
 
@@ -435,7 +432,7 @@ impl Backend for CpuBackend {
                 normed,
             );
             let (head, k, hq, hx) = (&self.head, self.kernels, &mut s.head_q, &mut s.head_x);
-            self.pool.install(|| head.logits(k, normed, hq, hx, o));
+            head.logits(&self.team, k, normed, hq, hx, o);
         }
         Ok(())
     }

@@ -123,3 +123,42 @@ pub unsafe fn dot_i8(w: &[i8], x: &[i8]) -> i32 {
     }
     hsum_i32(_mm256_add_epi32(acc[0], acc[1])) + super::scalar::dot_i8(&w[i..], &x[i..])
 }
+
+/// Order of the 32 activations of a chunk as [`head_bf16`] consumes them: `vpunpck{l,h}wd`
+/// against zero turns bf16 into f32 within each 128-bit lane.
+pub const BF16_PERM: [usize; 32] = [
+    0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15, //
+    16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31,
+];
+
+/// `out[r] = w[r] · x` for consecutive bf16 rows of `cols`; `xp` is `x` with every full 32-wide
+/// chunk reordered by [`BF16_PERM`] (the tail in natural order).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `w.len() == out.len() * cols`, `xp.len() == cols`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
+    let full = cols / 32 * 32;
+    let zero = _mm256_setzero_si256();
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = w.as_ptr().add(r * cols);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < full {
+            for k in 0..2 {
+                let v = _mm256_loadu_si256(row.add(i + 16 * k) as *const __m256i);
+                let lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+                let hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+                let xk = xp.as_ptr().add(i + 16 * k);
+                acc[2 * k] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xk), acc[2 * k]);
+                acc[2 * k + 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xk.add(8)), acc[2 * k + 1]);
+            }
+            i += 32;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+        let tail = std::slice::from_raw_parts(row.add(full), cols - full);
+        *o = lanes.iter().sum::<f32>() + super::scalar::dot_bf16(tail, &xp[full..]);
+    }
+}

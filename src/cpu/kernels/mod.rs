@@ -128,12 +128,16 @@ impl Kernels {
     /// Reorders activations `x` into `xp` as [`Self::head_bf16`] consumes them.
     pub fn prepare_bf16_activations(self, x: &[f32], xp: &mut [f32]) {
         xp.copy_from_slice(x);
-        #[cfg(target_arch = "x86_64")]
-        if self.0 == Isa::Avx512Vnni {
-            for (src, dst) in x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
-                for (d, &p) in dst.iter_mut().zip(avx512::BF16_PERM.iter()) {
-                    *d = src[p];
-                }
+        let perm = match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => &avx2::BF16_PERM,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => &avx512::BF16_PERM,
+            _ => return,
+        };
+        for (src, dst) in x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
+            for (d, &p) in dst.iter_mut().zip(perm.iter()) {
+                *d = src[p];
             }
         }
     }
@@ -144,6 +148,8 @@ impl Kernels {
         assert!(w.len() == out.len() * cols && xp.len() == cols);
         match self.0 {
             // SAFETY: features detected; sizes checked.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::head_bf16(w, cols, xp, out) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => unsafe { avx512::head_bf16(w, cols, xp, out) },
             _ => {
