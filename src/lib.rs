@@ -5,6 +5,8 @@ pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod format;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod quant;
 pub mod tokenizer;
 

@@ -1,0 +1,48 @@
+// Rotate-half RoPE of the step's q and k heads (in place in q|k|v) from a cos/sin table
+// computed on the host exactly as the CPU backend does, then k and v written to the cache.
+// Dispatch: (num_heads + num_kv_heads, T), 64 invocations.
+
+struct RopeP {
+    hd: u32,
+    nh: u32,
+    stride: u32, // f32 per q|k|v row
+    kv_dim: u32,
+}
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> rp: RopeP;
+@group(0) @binding(2) var<storage, read_write> qkv: array<f32>;
+@group(0) @binding(3) var<storage, read_write> kc: array<f32>;
+@group(0) @binding(4) var<storage, read_write> vc: array<f32>;
+@group(0) @binding(5) var<storage, read> table: array<vec2<f32>>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let head = wg.x;
+    let t = wg.y;
+    let p = step.pos + t;
+    let half = rp.hd / 2u;
+    let base = t * rp.stride + head * rp.hd;
+    let is_k = head >= rp.nh;
+    let kh = head - rp.nh;
+    let cbase = (kh * step.cap + p) * rp.hd;
+    for (var j = li; j < half; j = j + 64u) {
+        let cs = table[p * half + j];
+        let a = qkv[base + j];
+        let b = qkv[base + j + half];
+        let na = a * cs.x - b * cs.y;
+        let nb = b * cs.x + a * cs.y;
+        qkv[base + j] = na;
+        qkv[base + j + half] = nb;
+        if is_k {
+            kc[cbase + j] = na;
+            kc[cbase + j + half] = nb;
+        }
+    }
+    if is_k {
+        let vbase = base + rp.kv_dim;
+        for (var d = li; d < rp.hd; d = d + 64u) {
+            vc[cbase + d] = qkv[vbase + d];
+        }
+    }
+}

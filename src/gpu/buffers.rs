@@ -1,0 +1,230 @@
+//! GPU memory: weight repacking, head/embedding sharding under the binding-size limit, and
+//! buffer helpers. Everything here runs once at load time.
+
+use rayon::prelude::*;
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::format::{FloatDtype, FloatTensor, TernaryMatrix};
+
+/// Usage of activation and weight buffers (copies allow tests to read and write them).
+pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
+/// Columns padded to a multiple of 64 (one vec4<u32> of 2-bit codes, 64 int8 activations).
+pub fn pad64(n: usize) -> usize {
+    n.div_ceil(64) * 64
+}
+
+/// Elements of a head/embedding row padded to a multiple of 8 (one vec4<u32> of bf16 pairs).
+pub fn pad8(n: usize) -> usize {
+    n.div_ceil(8) * 8
+}
+
+/// A zero-filled storage buffer of at least `bytes` bytes.
+pub fn storage(device: &wgpu::Device, label: &str, bytes: usize) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (bytes.max(16) as u64).div_ceil(16) * 16,
+        usage: STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
+/// A storage buffer holding `data` (padded to 16 bytes).
+pub fn storage_init(device: &wgpu::Device, label: &str, data: &[u8]) -> wgpu::Buffer {
+    if data.len() % 16 == 0 && !data.is_empty() {
+        return device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: data,
+            usage: STORAGE,
+        });
+    }
+    let mut v = data.to_vec();
+    v.resize(data.len().max(16).div_ceil(16) * 16, 0);
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: &v,
+        usage: STORAGE,
+    })
+}
+
+/// A uniform buffer holding `words`.
+pub fn uniform(device: &wgpu::Device, label: &str, words: &[u32]) -> wgpu::Buffer {
+    let mut v = words.to_vec();
+    v.resize(words.len().div_ceil(4).max(1) * 4, 0);
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: bytemuck::cast_slice(&v),
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    })
+}
+
+/// Ternary matrices stacked by rows in the GPU layout: per row `kvec` vec4<u32> holding 16
+/// codes (`w + 1`, 2 bits, column `c` at bits `2 * (c % 16)` of word `c / 16`), zero-padded
+/// columns (code 0 multiplies a zero activation), and one f32 scale per row.
+pub struct PackedMatrix {
+    /// Code words, `rows * kvec * 4`.
+    pub words: Vec<u32>,
+    /// Per-row scale (each source matrix's `weight_scale`).
+    pub row_scale: Vec<f32>,
+    /// Rows in total.
+    pub rows: usize,
+    /// vec4<u32> per row.
+    pub kvec: usize,
+}
+
+impl PackedMatrix {
+    /// Repacks `mats` (same column count) stacked in order.
+    pub fn new(mats: &[&TernaryMatrix]) -> Result<Self> {
+        let cols = mats[0].cols;
+        if mats.iter().any(|m| m.cols != cols) {
+            return Err(Error::Backend("fused matrices differ in columns".into()));
+        }
+        let kvec = pad64(cols) / 64;
+        let rw = kvec * 4;
+        let rows: usize = mats.iter().map(|m| m.rows).sum();
+        let mut words = vec![0u32; rows * rw];
+        let mut row_scale = Vec::with_capacity(rows);
+        let mut r0 = 0;
+        for m in mats {
+            let block = &mut words[r0 * rw..(r0 + m.rows) * rw];
+            block.par_chunks_mut(rw).enumerate().try_for_each_init(
+                || vec![0u8; cols],
+                |codes, (r, out)| -> Result<()> {
+                    m.row_codes(r, codes)?;
+                    for (c, &code) in codes.iter().enumerate() {
+                        out[c / 16] |= (code as u32) << (2 * (c % 16));
+                    }
+                    Ok(())
+                },
+            )?;
+            row_scale.extend(std::iter::repeat_n(m.scale, m.rows));
+            r0 += m.rows;
+        }
+        // Padding columns keep code 0 (w = -1): their activations are zero, so they add 0.
+        Ok(PackedMatrix {
+            words,
+            row_scale,
+            rows,
+            kvec,
+        })
+    }
+}
+
+/// One slice of the vocabulary rows of the embedding/head, small enough for one binding.
+pub struct Shard {
+    /// First vocabulary row.
+    pub row0: usize,
+    /// Rows held.
+    pub rows: usize,
+    /// The rows: bf16 pairs (or f32 bits), `row_words` u32 per row.
+    pub buf: wgpu::Buffer,
+    /// Its uniform (row0, rows, cols, row_words, vocab, hn vec4 per row).
+    pub uni: wgpu::Buffer,
+}
+
+/// u32 words per stored row of `t` on the GPU.
+pub fn head_row_words(t: &FloatTensor) -> usize {
+    match t.dtype {
+        FloatDtype::BF16 => pad8(t.cols) / 2,
+        _ => pad8(t.cols),
+    }
+}
+
+/// Uploads `t` (`[vocab, hidden]`) as shards of at most `max_bytes` each.
+pub fn upload_shards(device: &wgpu::Device, t: &FloatTensor, max_bytes: u64) -> Result<Vec<Shard>> {
+    let rw = head_row_words(t);
+    let row_bytes = rw * 4;
+    let per = (max_bytes as usize / row_bytes).min(t.rows);
+    if per == 0 {
+        return Err(Error::Backend(format!(
+            "{}: one row ({row_bytes} bytes) exceeds the binding limit of {max_bytes} bytes",
+            t.name
+        )));
+    }
+    let es = t.dtype.size();
+    let src = t.bytes.as_slice();
+    let mut shards = Vec::new();
+    let mut row0 = 0;
+    while row0 < t.rows {
+        let rows = per.min(t.rows - row0);
+        let mut words = vec![0u32; rows * rw];
+        words.par_chunks_mut(rw).enumerate().for_each_init(
+            || vec![0f32; t.cols],
+            |tmp, (i, out)| {
+                let r = row0 + i;
+                match t.dtype {
+                    FloatDtype::BF16 => {
+                        let raw = &src[r * t.cols * es..(r + 1) * t.cols * es];
+                        for (c, b) in raw.chunks_exact(2).enumerate() {
+                            out[c / 2] |=
+                                (u16::from_le_bytes([b[0], b[1]]) as u32) << (16 * (c % 2));
+                        }
+                    }
+                    _ => {
+                        t.row_into(r, tmp);
+                        for (o, v) in out.iter_mut().zip(tmp.iter()) {
+                            *o = v.to_bits();
+                        }
+                    }
+                }
+            },
+        );
+        let buf = storage_init(
+            device,
+            &format!("{} rows {row0}..", t.name),
+            bytemuck::cast_slice(&words),
+        );
+        let uni = uniform(
+            device,
+            "shard",
+            &[
+                row0 as u32,
+                rows as u32,
+                t.cols as u32,
+                rw as u32,
+                t.rows as u32,
+                (pad8(t.cols) / 4) as u32,
+            ],
+        );
+        t.bytes
+            .release_range(row0 * t.cols * es, rows * t.cols * es);
+        shards.push(Shard {
+            row0,
+            rows,
+            buf,
+            uni,
+        });
+        row0 += rows;
+    }
+    Ok(shards)
+}
+
+/// A whole-buffer binding entry.
+pub fn entry(binding: u32, buf: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: buf.as_entire_binding(),
+    }
+}
+
+/// A bind group over whole buffers, bound in order 0, 1, 2, ...
+pub fn bind_group(
+    device: &wgpu::Device,
+    label: &str,
+    layout: &wgpu::BindGroupLayout,
+    bufs: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
+    let entries: Vec<_> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| entry(i as u32, b))
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout,
+        entries: &entries,
+    })
+}

@@ -1,0 +1,813 @@
+//! The wgpu backend: the whole forward pass in WGSL kernels.
+//!
+//! Weights are repacked and uploaded at load; activation buffers are planned for a maximum
+//! step size; every bind group is built at load (or when a cache is created). Ops record
+//! compute passes into one encoder kept in the backend, and [`Backend::logits`] submits it:
+//! a decode step is one command buffer and one submit, with the per-step values (token count,
+//! position, attention split) in one small uniform written with `queue.write_buffer`.
+
+pub mod buffers;
+pub mod context;
+pub mod kernels;
+pub mod pipelines;
+
+use std::sync::mpsc;
+
+use buffers::{bind_group, pad64, pad8, storage, storage_init, uniform, PackedMatrix, Shard};
+pub use context::{AdapterDesc, GpuContext};
+use kernels::NormKind;
+use pipelines::Pipelines;
+
+use crate::config::ModelConfig;
+use crate::cpu::ops::rope_inv_freq;
+use crate::engine::generate::PREFILL_CHUNK;
+use crate::engine::model::{Backend, KvCache, Linear, LogitRows, NormSite};
+use crate::error::{Error, Result};
+use crate::format::{FloatDtype, Weights};
+
+/// Options of the GPU backend.
+#[derive(Debug, Clone)]
+pub struct GpuOptions {
+    /// Most tokens in one step (buffers are planned for it); the generator's prefill chunk.
+    pub max_step: usize,
+    /// Use subgroup reductions when the adapter has them.
+    pub subgroups: bool,
+    /// Caps the bytes per storage binding below the device limit (tests force sharding).
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            max_step: PREFILL_CHUNK,
+            subgroups: true,
+            max_binding_bytes: None,
+        }
+    }
+}
+
+/// The adapter the GPU backend would use, or None when wgpu finds none. Check
+/// [`AdapterDesc::is_cpu`] to tell a real GPU from a software one (lavapipe, SwiftShader).
+pub fn probe() -> Option<AdapterDesc> {
+    context::probe()
+}
+
+/// Loads `weights` onto the best adapter (see [`probe`]).
+pub fn load(weights: &Weights, opts: &GpuOptions) -> Result<GpuBackend> {
+    GpuBackend::load(weights, opts)
+}
+
+/// A step activation buffer, for tests and debugging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Residual stream, `T × hidden` f32.
+    Residual,
+    /// Quantized activations, `T × pad64(width)/4` u32 (4 int8 each).
+    Quantized,
+    /// Per-token activation scale (absmax / 127), `T` f32.
+    Scales,
+    /// q|k|v, `T × (q + 2 kv)` f32.
+    Qkv,
+    /// Attention output, `T × q_dim` f32.
+    Attention,
+    /// gate|up, `T × 2 intermediate` f32.
+    GateUp,
+    /// Final-normed residual, `T × pad8(hidden)` f32.
+    FinalNormed,
+}
+
+struct Mat {
+    rows: usize,
+    bytes: u64,
+    bg: wgpu::BindGroup,
+}
+
+struct GpuLayer {
+    norm_input: wgpu::BindGroup,
+    norm_post: wgpu::BindGroup,
+    norm_attn: wgpu::BindGroup,
+    norm_ffn: wgpu::BindGroup,
+    qkv: Mat,
+    o: Mat,
+    gate_up: Mat,
+    down: Mat,
+}
+
+struct Bufs {
+    step: wgpu::Buffer,
+    tokens: wgpu::Buffer,
+    x: wgpu::Buffer,
+    xq: wgpu::Buffer,
+    xs: wgpu::Buffer,
+    qkv: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    gu: wgpu::Buffer,
+    hn: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    rope_params: wgpu::Buffer,
+}
+
+/// The KV cache on the GPU: f32 keys and values per layer `[kv_head][position][head_dim]`,
+/// the RoPE cos/sin table for its positions, attention partials, and the bind groups of the
+/// kernels that use them.
+pub struct GpuCache {
+    capacity: usize,
+    maxsplit: usize,
+    k: Vec<wgpu::Buffer>,
+    v: Vec<wgpu::Buffer>,
+    rope_bgs: Vec<wgpu::BindGroup>,
+    attn_bgs: Vec<wgpu::BindGroup>,
+}
+
+impl KvCache for GpuCache {
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+impl GpuCache {
+    /// Attention partial slots per (token, head).
+    pub fn max_splits(&self) -> usize {
+        self.maxsplit
+    }
+
+    /// GPU bytes held by the keys and values.
+    pub fn bytes(&self) -> u64 {
+        self.k.iter().chain(&self.v).map(|b| b.size()).sum()
+    }
+}
+
+/// The GPU backend.
+pub struct GpuBackend {
+    ctx: GpuContext,
+    cfg: ModelConfig,
+    pipes: Pipelines,
+    bufs: Bufs,
+    layers: Vec<GpuLayer>,
+    final_norm_bg: wgpu::BindGroup,
+    embed_shards: Vec<(Shard, wgpu::BindGroup)>,
+    head_shards: Vec<(Shard, wgpu::BindGroup)>,
+    head_bytes: u64,
+    inv_freq: Vec<f32>,
+    max_step: usize,
+    max_binding: u64,
+    logit_rows: usize,
+    encoder: Option<wgpu::CommandEncoder>,
+    tokens: Vec<u32>,
+    /// [t, pos, chunk, nsplit, cap, row0, nrows, 0]
+    step: [u32; 8],
+}
+
+fn mat(
+    device: &wgpu::Device,
+    p: &Pipelines,
+    b: &Bufs,
+    m: PackedMatrix,
+    out: &wgpu::Buffer,
+    name: &str,
+) -> Mat {
+    let w = storage_init(device, name, bytemuck::cast_slice(&m.words));
+    let rs = storage_init(device, name, bytemuck::cast_slice(&m.row_scale));
+    let params = uniform(
+        device,
+        name,
+        &[m.rows as u32, m.kvec as u32, m.rows as u32, 0],
+    );
+    let bg = bind_group(
+        device,
+        name,
+        &p.matmul_layout,
+        &[&b.step, &params, &w, &rs, &b.xq, &b.xs, out],
+    );
+    Mat {
+        rows: m.rows,
+        bytes: (m.words.len() * 4) as u64,
+        bg,
+    }
+}
+
+/// The step's encoder, created on first use.
+fn enc<'a>(
+    encoder: &'a mut Option<wgpu::CommandEncoder>,
+    device: &wgpu::Device,
+) -> &'a mut wgpu::CommandEncoder {
+    encoder.get_or_insert_with(|| {
+        device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("step"),
+        })
+    })
+}
+
+impl GpuBackend {
+    /// Repacks and uploads `w`, compiles the kernels and builds every bind group.
+    pub fn load(w: &Weights, opts: &GpuOptions) -> Result<Self> {
+        let ctx = GpuContext::new(opts.subgroups)?;
+        let cfg = w.config.clone();
+        cfg.validate()?;
+        if cfg.head_dim > 256 {
+            return Err(Error::Backend(format!(
+                "head_dim {} > 256 is not supported by the GPU attention kernel",
+                cfg.head_dim
+            )));
+        }
+        let max_step = opts.max_step.max(1);
+        let device = &ctx.device;
+        let mut max_binding = ctx
+            .limits
+            .max_storage_buffer_binding_size
+            .min(ctx.limits.max_buffer_size);
+        if let Some(m) = opts.max_binding_bytes {
+            max_binding = max_binding.min(m);
+        }
+        let head_t = w.head();
+        let f32_head = head_t.dtype != FloatDtype::BF16;
+        if (w.embed.dtype != FloatDtype::BF16) != f32_head {
+            return Err(Error::Backend(
+                "embedding and lm_head must have the same dtype class for the GPU backend".into(),
+            ));
+        }
+        let pipes = Pipelines::new(device, ctx.desc.subgroup_size, f32_head);
+
+        let (h, q, kv, i) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let hp = pad8(h);
+        let kpmax = pad64(h).max(pad64(q)).max(pad64(i));
+        let vocab = cfg.vocab_size;
+        let logit_rows = ((64usize << 20) / (vocab * 4))
+            .min(max_binding as usize / (vocab * 4))
+            .clamp(1, max_step);
+        let f = 4usize;
+        let bufs = Bufs {
+            step: uniform(device, "step", &[0; 8]),
+            tokens: storage(device, "tokens", max_step * 4),
+            x: storage(device, "x", max_step * h * f),
+            xq: storage(device, "xq", max_step * kpmax),
+            xs: storage(device, "xscale", max_step * f),
+            qkv: storage(device, "qkv", max_step * (q + 2 * kv) * f),
+            attn: storage(device, "attn", max_step * q * f),
+            gu: storage(device, "gate_up", max_step * 2 * i * f),
+            hn: storage(device, "final_normed", max_step * hp * f),
+            logits: storage(device, "logits", logit_rows * vocab * f),
+            readback: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: (logit_rows * vocab * f) as u64,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            rope_params: uniform(
+                device,
+                "rope",
+                &[
+                    cfg.head_dim as u32,
+                    cfg.num_heads as u32,
+                    (q + 2 * kv) as u32,
+                    kv as u32,
+                ],
+            ),
+        };
+        for (name, bytes) in [
+            ("x", max_step * h * f),
+            ("gate_up", max_step * 2 * i * f),
+            ("qkv", max_step * (q + 2 * kv) * f),
+        ] {
+            if bytes as u64 > max_binding {
+                return Err(Error::Backend(format!(
+                    "activation buffer {name} ({bytes} bytes for {max_step} tokens) exceeds the \
+                     binding limit {max_binding}: lower max_step"
+                )));
+            }
+        }
+
+        let eps = cfg.rms_norm_eps.to_bits();
+        let norm_h = uniform(
+            device,
+            "norm_h",
+            &[h as u32, h as u32, (pad64(h) / 4) as u32, eps],
+        );
+        let norm_q = uniform(
+            device,
+            "norm_q",
+            &[q as u32, q as u32, (pad64(q) / 4) as u32, eps],
+        );
+        let norm_i = uniform(
+            device,
+            "norm_i",
+            &[i as u32, 2 * i as u32, (pad64(i) / 4) as u32, eps],
+        );
+        let norm_f = uniform(device, "norm_final", &[h as u32, h as u32, hp as u32, eps]);
+        let gamma = |name: &str, v: &[f32]| storage_init(device, name, bytemuck::cast_slice(v));
+        let nbg = |name: &str,
+                   params: &wgpu::Buffer,
+                   src: &wgpu::Buffer,
+                   g: &wgpu::Buffer,
+                   out: &wgpu::Buffer| {
+            bind_group(
+                device,
+                name,
+                &pipes.norm_layout,
+                &[&bufs.step, params, src, g, out, &bufs.xs],
+            )
+        };
+
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for (li, l) in w.layers.iter().enumerate() {
+            let n = |s: &str| format!("layer {li} {s}");
+            layers.push(GpuLayer {
+                norm_input: nbg(
+                    &n("input_norm"),
+                    &norm_h,
+                    &bufs.x,
+                    &gamma(&n("input_norm"), &l.input_norm),
+                    &bufs.xq,
+                ),
+                norm_post: nbg(
+                    &n("post_norm"),
+                    &norm_h,
+                    &bufs.x,
+                    &gamma(&n("post_norm"), &l.post_attention_norm),
+                    &bufs.xq,
+                ),
+                norm_attn: nbg(
+                    &n("attn_sub_norm"),
+                    &norm_q,
+                    &bufs.attn,
+                    &gamma(&n("attn_sub_norm"), &l.attn_sub_norm),
+                    &bufs.xq,
+                ),
+                norm_ffn: nbg(
+                    &n("ffn_sub_norm"),
+                    &norm_i,
+                    &bufs.gu,
+                    &gamma(&n("ffn_sub_norm"), &l.ffn_sub_norm),
+                    &bufs.xq,
+                ),
+                qkv: mat(
+                    device,
+                    &pipes,
+                    &bufs,
+                    PackedMatrix::new(&[&l.q, &l.k, &l.v])?,
+                    &bufs.qkv,
+                    &n("qkv"),
+                ),
+                o: mat(
+                    device,
+                    &pipes,
+                    &bufs,
+                    PackedMatrix::new(&[&l.o])?,
+                    &bufs.x,
+                    &n("o"),
+                ),
+                gate_up: mat(
+                    device,
+                    &pipes,
+                    &bufs,
+                    PackedMatrix::new(&[&l.gate, &l.up])?,
+                    &bufs.gu,
+                    &n("gate_up"),
+                ),
+                down: mat(
+                    device,
+                    &pipes,
+                    &bufs,
+                    PackedMatrix::new(&[&l.down])?,
+                    &bufs.x,
+                    &n("down"),
+                ),
+            });
+        }
+        let final_norm_bg = nbg(
+            "final_norm",
+            &norm_f,
+            &bufs.x,
+            &gamma("final_norm", &w.final_norm),
+            &bufs.hn,
+        );
+
+        let embed_bg = |s: &Shard| {
+            bind_group(
+                device,
+                "embed",
+                &pipes.embed_layout,
+                &[&bufs.step, &s.uni, &bufs.tokens, &s.buf, &bufs.x],
+            )
+        };
+        let head_bg = |s: &Shard| {
+            bind_group(
+                device,
+                "head",
+                &pipes.head_layout,
+                &[&bufs.step, &s.uni, &s.buf, &bufs.hn, &bufs.logits],
+            )
+        };
+        let make = |s: Shard, bg: &dyn Fn(&Shard) -> wgpu::BindGroup| {
+            let g = bg(&s);
+            (s, g)
+        };
+        let embed_raw = buffers::upload_shards(device, &w.embed, max_binding)?;
+        let head_bytes = (head_t.rows * buffers::head_row_words(head_t) * 4) as u64;
+        let (embed_shards, head_shards) = match &w.lm_head {
+            None => {
+                let mut e = Vec::new();
+                let mut hs = Vec::new();
+                for s in embed_raw {
+                    let eb = embed_bg(&s);
+                    let hb = head_bg(&s);
+                    hs.push((
+                        Shard {
+                            row0: s.row0,
+                            rows: s.rows,
+                            buf: s.buf.clone(),
+                            uni: s.uni.clone(),
+                        },
+                        hb,
+                    ));
+                    e.push((s, eb));
+                }
+                (e, hs)
+            }
+            Some(lm) => {
+                let e = embed_raw.into_iter().map(|s| make(s, &embed_bg)).collect();
+                let hs = buffers::upload_shards(device, lm, max_binding)?
+                    .into_iter()
+                    .map(|s| make(s, &head_bg))
+                    .collect();
+                (e, hs)
+            }
+        };
+
+        Ok(GpuBackend {
+            inv_freq: rope_inv_freq(cfg.rope_theta, cfg.head_dim),
+            cfg,
+            pipes,
+            bufs,
+            layers,
+            final_norm_bg,
+            embed_shards,
+            head_shards,
+            head_bytes,
+            max_step,
+            max_binding,
+            logit_rows,
+            encoder: None,
+            tokens: Vec::new(),
+            step: [0; 8],
+            ctx,
+        })
+    }
+
+    /// The adapter in use.
+    pub fn adapter(&self) -> &AdapterDesc {
+        &self.ctx.desc
+    }
+
+    /// Most tokens in one step.
+    pub fn max_step(&self) -> usize {
+        self.max_step
+    }
+
+    /// Number of shards the head is split into (1 when it fits one binding).
+    pub fn head_shards(&self) -> usize {
+        self.head_shards.len()
+    }
+
+    /// Whether row reductions use subgroup operations.
+    pub fn uses_subgroups(&self) -> bool {
+        self.pipes.subgroups
+    }
+
+    fn t(&self) -> usize {
+        self.step[0] as usize
+    }
+
+    /// Writes the step uniform and tokens, and submits the recorded work (if any).
+    fn flush(&mut self) {
+        let q = &self.ctx.queue;
+        q.write_buffer(&self.bufs.step, 0, bytemuck::cast_slice(&self.step));
+        if !self.tokens.is_empty() {
+            q.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(&self.tokens));
+        }
+        if let Some(enc) = self.encoder.take() {
+            q.submit([enc.finish()]);
+        }
+    }
+
+    fn wait_map(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let (tx, rx) = mpsc::channel();
+        buf.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+            let _ = tx.send(r);
+        });
+        self.ctx
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Backend(format!("poll: {e}")))?;
+        rx.recv()
+            .map_err(|e| Error::Backend(format!("map: {e}")))?
+            .map_err(|e| Error::Backend(format!("map: {e}")))?;
+        let data = buf
+            .get_mapped_range(0..bytes)
+            .map_err(|e| Error::Backend(format!("map: {e}")))?
+            .to_vec();
+        buf.unmap();
+        Ok(data)
+    }
+
+    fn activation(&self, a: Activation) -> &wgpu::Buffer {
+        let b = &self.bufs;
+        match a {
+            Activation::Residual => &b.x,
+            Activation::Quantized => &b.xq,
+            Activation::Scales => &b.xs,
+            Activation::Qkv => &b.qkv,
+            Activation::Attention => &b.attn,
+            Activation::GateUp => &b.gu,
+            Activation::FinalNormed => &b.hn,
+        }
+    }
+
+    /// Submits pending work and reads a whole activation buffer (as u32 words; tests and
+    /// debugging only: this allocates a staging buffer).
+    pub fn read_activation(&mut self, a: Activation) -> Result<Vec<u32>> {
+        self.flush();
+        let src = self.activation(a).clone();
+        let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("debug read"),
+            size: src.size(),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(&src, 0, &staging, 0, src.size());
+        self.ctx.queue.submit([enc.finish()]);
+        let bytes = self.wait_map(&staging, src.size())?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+
+    /// Submits pending work, then overwrites the start of an activation buffer with `words`
+    /// (tests and debugging).
+    pub fn write_activation(&mut self, a: Activation, words: &[u32]) {
+        self.flush();
+        let buf = self.activation(a).clone();
+        self.ctx
+            .queue
+            .write_buffer(&buf, 0, bytemuck::cast_slice(words));
+    }
+
+    fn norm(
+        &mut self,
+        kind: NormKind,
+        which: impl Fn(&GpuLayer) -> &wgpu::BindGroup,
+        layer: usize,
+    ) {
+        let t = self.t();
+        let e = enc(&mut self.encoder, &self.ctx.device);
+        kernels::norm(e, &self.pipes, kind, which(&self.layers[layer]), t);
+    }
+}
+
+impl Backend for GpuBackend {
+    type Cache = GpuCache;
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn describe(&self) -> String {
+        format!("gpu ({})", self.ctx.desc)
+    }
+
+    fn new_cache(&self, capacity: usize) -> Result<GpuCache> {
+        let c = &self.cfg;
+        let device = &self.ctx.device;
+        let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
+        let layer_bytes = (nkv * capacity * hd * 4) as u64;
+        if layer_bytes > self.max_binding {
+            return Err(Error::Backend(format!(
+                "a layer's KV cache ({layer_bytes} bytes for {capacity} positions) exceeds the \
+                 binding limit {}",
+                self.max_binding
+            )));
+        }
+        // cos/sin per (position, j), computed exactly like the CPU backend's `ops::rope`.
+        let half = hd / 2;
+        let mut table = Vec::with_capacity(capacity * hd);
+        for p in 0..capacity {
+            for j in 0..half {
+                let (s, co) = (p as f32 * self.inv_freq[j]).sin_cos();
+                table.push(co);
+                table.push(s);
+            }
+        }
+        let table = storage_init(device, "rope table", bytemuck::cast_slice(&table));
+        let unit = (self.max_step * nh * (hd + 2) * 4) as u64;
+        let budget = self.max_binding.min(64 << 20);
+        let maxsplit = ((budget / unit) as usize).clamp(1, capacity.div_ceil(64));
+        let part = storage(device, "attention partials", unit as usize * maxsplit);
+        let attn_params = uniform(
+            device,
+            "attention",
+            &[
+                hd as u32,
+                nh as u32,
+                (nh / nkv) as u32,
+                (c.q_dim() + 2 * c.kv_dim()) as u32,
+                c.q_dim() as u32,
+                maxsplit as u32,
+                (1.0 / (hd as f32).sqrt()).to_bits(),
+                0,
+            ],
+        );
+        let b = &self.bufs;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        let mut rope_bgs = Vec::new();
+        let mut attn_bgs = Vec::new();
+        for l in 0..c.num_layers {
+            let kb = storage(device, &format!("k cache {l}"), layer_bytes as usize);
+            let vb = storage(device, &format!("v cache {l}"), layer_bytes as usize);
+            rope_bgs.push(bind_group(
+                device,
+                "rope",
+                &self.pipes.rope_layout,
+                &[&b.step, &b.rope_params, &b.qkv, &kb, &vb, &table],
+            ));
+            attn_bgs.push(bind_group(
+                device,
+                "attention",
+                &self.pipes.attn_layout,
+                &[&b.step, &attn_params, &b.qkv, &kb, &vb, &part, &b.attn],
+            ));
+            k.push(kb);
+            v.push(vb);
+        }
+        Ok(GpuCache {
+            capacity,
+            maxsplit,
+            k,
+            v,
+            rope_bgs,
+            attn_bgs,
+        })
+    }
+
+    fn embed(&mut self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.cfg.vocab_size;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Request(format!(
+                "token id {bad} is out of range (vocab_size {vocab})"
+            )));
+        }
+        if tokens.len() > self.max_step {
+            return Err(Error::Request(format!(
+                "{} tokens in one step but the GPU backend was planned for at most {}",
+                tokens.len(),
+                self.max_step
+            )));
+        }
+        // Drop any unsubmitted work of an abandoned step.
+        self.encoder = None;
+        self.tokens.clear();
+        self.tokens.extend_from_slice(tokens);
+        self.step = [tokens.len() as u32, 0, 64, 1, 0, 0, 0, 0];
+        let (t, h) = (tokens.len(), self.cfg.hidden_size);
+        let shards: Vec<_> = self.embed_shards.iter().map(|(_, bg)| bg.clone()).collect();
+        let enc = enc(&mut self.encoder, &self.ctx.device);
+        for bg in &shards {
+            kernels::embed(enc, &self.pipes, bg, h, t);
+        }
+        Ok(())
+    }
+
+    fn rmsnorm_quant(&mut self, layer: usize, site: NormSite) {
+        match site {
+            NormSite::Input => self.norm(NormKind::Quant, |l| &l.norm_input, layer),
+            NormSite::PostAttention => self.norm(NormKind::Quant, |l| &l.norm_post, layer),
+        }
+    }
+
+    fn ternary_matmul(&mut self, layer: usize, linear: Linear) {
+        let t = self.t();
+        let l = &self.layers[layer];
+        let (m, acc) = match linear {
+            Linear::Qkv => (&l.qkv, false),
+            Linear::O => (&l.o, true),
+            Linear::GateUp => (&l.gate_up, false),
+            Linear::Down => (&l.down, true),
+        };
+        let (bg, rows) = (m.bg.clone(), m.rows);
+        kernels::matmul(
+            enc(&mut self.encoder, &self.ctx.device),
+            &self.pipes,
+            &bg,
+            rows,
+            t,
+            acc,
+        );
+    }
+
+    fn rope_kv_write(&mut self, cache: &mut GpuCache, layer: usize, pos: usize) {
+        let t = self.t();
+        self.step[1] = pos as u32;
+        self.step[4] = cache.capacity as u32;
+        let heads = self.cfg.num_heads + self.cfg.num_kv_heads;
+        kernels::rope(
+            enc(&mut self.encoder, &self.ctx.device),
+            &self.pipes,
+            &cache.rope_bgs[layer],
+            heads,
+            t,
+        );
+    }
+
+    fn attention(&mut self, cache: &GpuCache, layer: usize, pos: usize) {
+        let t = self.t();
+        let maxlen = pos + t;
+        let chunk = maxlen.div_ceil(cache.maxsplit).div_ceil(64) * 64;
+        let nsplit = maxlen.div_ceil(chunk);
+        self.step[1] = pos as u32;
+        self.step[2] = chunk as u32;
+        self.step[3] = nsplit as u32;
+        self.step[4] = cache.capacity as u32;
+        let heads = self.cfg.num_heads;
+        kernels::attention(
+            enc(&mut self.encoder, &self.ctx.device),
+            &self.pipes,
+            &cache.attn_bgs[layer],
+            nsplit,
+            heads,
+            t,
+        );
+    }
+
+    fn attn_sub_norm_quant(&mut self, layer: usize) {
+        self.norm(NormKind::Quant, |l| &l.norm_attn, layer);
+    }
+
+    fn relu2_mul_norm_quant(&mut self, layer: usize) {
+        self.norm(NormKind::Relu2Quant, |l| &l.norm_ffn, layer);
+    }
+
+    fn logits(&mut self, rows: LogitRows, out: &mut Vec<f32>) -> Result<()> {
+        let t = self.t();
+        let vocab = self.cfg.vocab_size;
+        let range = match rows {
+            LogitRows::None => {
+                self.flush();
+                return Ok(());
+            }
+            LogitRows::Last => t - 1..t,
+            LogitRows::All => 0..t,
+        };
+        let fbg = self.final_norm_bg.clone();
+        kernels::norm(
+            enc(&mut self.encoder, &self.ctx.device),
+            &self.pipes,
+            NormKind::F32,
+            &fbg,
+            t,
+        );
+        out.clear();
+        out.reserve(range.len() * vocab);
+        let shards: Vec<_> = self
+            .head_shards
+            .iter()
+            .map(|(s, bg)| (s.rows, bg.clone()))
+            .collect();
+        let mut r0 = range.start;
+        while r0 < range.end {
+            let n = self.logit_rows.min(range.end - r0);
+            self.step[5] = r0 as u32;
+            self.step[6] = n as u32;
+            let bytes = (n * vocab * 4) as u64;
+            let (logits, readback) = (self.bufs.logits.clone(), self.bufs.readback.clone());
+            let enc = enc(&mut self.encoder, &self.ctx.device);
+            for (rows, bg) in &shards {
+                kernels::head(enc, &self.pipes, bg, *rows, n);
+            }
+            enc.copy_buffer_to_buffer(&logits, 0, &readback, 0, bytes);
+            self.flush();
+            let data = self.wait_map(&readback, bytes)?;
+            out.extend_from_slice(bytemuck::cast_slice(&data));
+            r0 += n;
+        }
+        Ok(())
+    }
+
+    fn decode_bytes_per_token(&self) -> u64 {
+        let ternary: u64 = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.bytes + l.o.bytes + l.gate_up.bytes + l.down.bytes)
+            .sum();
+        let c = &self.cfg;
+        let norms = (c.num_layers * 4 * (2 * c.hidden_size + c.intermediate_size)) as u64;
+        ternary + self.head_bytes + norms
+    }
+}

@@ -1,0 +1,264 @@
+//! WGSL modules compiled once at load, with per-device choices (subgroup or shared-memory
+//! reductions, invocations per row) and per-model choices (head weight format) as override
+//! constants or prelude selection.
+
+use std::borrow::Cow;
+
+const COMMON: &str = include_str!("../../shaders/common.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
+const REDUCE_SHARED: &str = include_str!("../../shaders/reduce_shared.wgsl");
+const EMBED: &str = include_str!("../../shaders/embed.wgsl");
+const NORM: &str = include_str!("../../shaders/norm.wgsl");
+const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
+const ROPE: &str = include_str!("../../shaders/rope.wgsl");
+const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
+const HEAD: &str = include_str!("../../shaders/head.wgsl");
+
+/// How a binding is used by a kernel.
+#[derive(Clone, Copy)]
+enum Use {
+    Uniform,
+    Read,
+    Write,
+}
+
+/// Invocations per workgroup of the row-parallel kernels (GEMV, head).
+pub const ROW_WG: u32 = 256;
+
+/// The compiled kernels and their bind group layouts.
+pub struct Pipelines {
+    /// Invocations that cooperate on one output row (GEMV, head).
+    pub tpr: u32,
+    /// Whether row reductions use subgroup operations.
+    pub subgroups: bool,
+    /// Embedding gather layout: step, shard, tokens, weights, x.
+    pub embed_layout: wgpu::BindGroupLayout,
+    /// Norm layout: step, params, src, gamma, out words, out scales.
+    pub norm_layout: wgpu::BindGroupLayout,
+    /// Matmul layout: step, params, weights, row scales, xq, xscale, out.
+    pub matmul_layout: wgpu::BindGroupLayout,
+    /// RoPE layout: step, params, qkv, k cache, v cache, cos/sin table.
+    pub rope_layout: wgpu::BindGroupLayout,
+    /// Attention layout: step, params, qkv, k cache, v cache, partials, out.
+    pub attn_layout: wgpu::BindGroupLayout,
+    /// Head layout: step, shard, weights, normed x, logits.
+    pub head_layout: wgpu::BindGroupLayout,
+    /// Embedding gather.
+    pub embed: wgpu::ComputePipeline,
+    /// RMSNorm + int8 quant.
+    pub norm_quant: wgpu::ComputePipeline,
+    /// relu²·up + RMSNorm + int8 quant.
+    pub norm_relu2: wgpu::ComputePipeline,
+    /// RMSNorm to f32 (final norm).
+    pub norm_f32: wgpu::ComputePipeline,
+    /// Ternary GEMV (decode), storing.
+    pub gemv: wgpu::ComputePipeline,
+    /// Ternary GEMV, adding into the output.
+    pub gemv_acc: wgpu::ComputePipeline,
+    /// Ternary tiled GEMM (prefill), storing.
+    pub gemm: wgpu::ComputePipeline,
+    /// Ternary tiled GEMM, adding into the output.
+    pub gemm_acc: wgpu::ComputePipeline,
+    /// RoPE + KV write.
+    pub rope: wgpu::ComputePipeline,
+    /// Attention partials per split.
+    pub attend: wgpu::ComputePipeline,
+    /// Attention split merge.
+    pub combine: wgpu::ComputePipeline,
+    /// Output head.
+    pub head: wgpu::ComputePipeline,
+}
+
+fn layout(device: &wgpu::Device, label: &str, uses: &[Use]) -> wgpu::BindGroupLayout {
+    let entries: Vec<_> = uses
+        .iter()
+        .enumerate()
+        .map(|(i, u)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match u {
+                    Use::Uniform => wgpu::BufferBindingType::Uniform,
+                    Use::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                    Use::Write => wgpu::BufferBindingType::Storage { read_only: false },
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(label),
+        entries: &entries,
+    })
+}
+
+fn module(device: &wgpu::Device, label: &str, parts: &[&str]) -> wgpu::ShaderModule {
+    device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(Cow::Owned(parts.concat())),
+    })
+}
+
+fn pipeline(
+    device: &wgpu::Device,
+    label: &str,
+    bgl: &wgpu::BindGroupLayout,
+    module: &wgpu::ShaderModule,
+    entry: &str,
+    constants: &[(&str, f64)],
+) -> wgpu::ComputePipeline {
+    let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(label),
+        bind_group_layouts: &[Some(bgl)],
+        immediate_size: 0,
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: Some(&pl),
+        module,
+        entry_point: Some(entry),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants,
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    })
+}
+
+impl Pipelines {
+    /// Compiles every kernel. `subgroup_size` selects subgroup reductions (one subgroup per
+    /// row); `f32_head` selects f32 instead of bf16 embedding/head storage.
+    pub fn new(device: &wgpu::Device, subgroup_size: Option<u32>, f32_head: bool) -> Self {
+        use Use::*;
+        let subgroups = subgroup_size.is_some();
+        let tpr = subgroup_size.unwrap_or(32).min(ROW_WG);
+        let reduce = if subgroups {
+            REDUCE_SUBGROUP
+        } else {
+            REDUCE_SHARED
+        };
+        let embed_layout = layout(device, "embed", &[Uniform, Uniform, Read, Read, Write]);
+        let norm_layout = layout(
+            device,
+            "norm",
+            &[Uniform, Uniform, Read, Read, Write, Write],
+        );
+        let matmul_layout = layout(
+            device,
+            "matmul",
+            &[Uniform, Uniform, Read, Read, Read, Read, Write],
+        );
+        let rope_layout = layout(
+            device,
+            "rope",
+            &[Uniform, Uniform, Write, Write, Write, Read],
+        );
+        let attn_layout = layout(
+            device,
+            "attention",
+            &[Uniform, Uniform, Read, Read, Read, Write, Write],
+        );
+        let head_layout = layout(device, "head", &[Uniform, Uniform, Read, Read, Write]);
+
+        let f32w = if f32_head { 1.0 } else { 0.0 };
+        let tprf = tpr as f64;
+        let m_embed = module(device, "embed", &[COMMON, EMBED]);
+        let m_norm = module(device, "norm", &[COMMON, NORM]);
+        let m_matmul = module(device, "matmul", &[COMMON, reduce, MATMUL]);
+        let m_rope = module(device, "rope", &[COMMON, ROPE]);
+        let m_attn = module(device, "attention", &[COMMON, ATTENTION]);
+        let m_head = module(device, "head", &[COMMON, reduce, HEAD]);
+        Pipelines {
+            tpr,
+            subgroups,
+            embed: pipeline(
+                device,
+                "embed",
+                &embed_layout,
+                &m_embed,
+                "main",
+                &[("F32_WEIGHTS", f32w)],
+            ),
+            norm_quant: pipeline(
+                device,
+                "norm_quant",
+                &norm_layout,
+                &m_norm,
+                "main",
+                &[("MODE", 0.0)],
+            ),
+            norm_relu2: pipeline(
+                device,
+                "norm_relu2",
+                &norm_layout,
+                &m_norm,
+                "main",
+                &[("MODE", 1.0)],
+            ),
+            norm_f32: pipeline(
+                device,
+                "norm_f32",
+                &norm_layout,
+                &m_norm,
+                "main",
+                &[("MODE", 2.0)],
+            ),
+            gemv: pipeline(
+                device,
+                "gemv",
+                &matmul_layout,
+                &m_matmul,
+                "gemv",
+                &[("ACCUM", 0.0), ("TPR", tprf)],
+            ),
+            gemv_acc: pipeline(
+                device,
+                "gemv_acc",
+                &matmul_layout,
+                &m_matmul,
+                "gemv",
+                &[("ACCUM", 1.0), ("TPR", tprf)],
+            ),
+            gemm: pipeline(
+                device,
+                "gemm",
+                &matmul_layout,
+                &m_matmul,
+                "gemm",
+                &[("ACCUM", 0.0), ("TPR", tprf)],
+            ),
+            gemm_acc: pipeline(
+                device,
+                "gemm_acc",
+                &matmul_layout,
+                &m_matmul,
+                "gemm",
+                &[("ACCUM", 1.0), ("TPR", tprf)],
+            ),
+            rope: pipeline(device, "rope", &rope_layout, &m_rope, "main", &[]),
+            attend: pipeline(device, "attend", &attn_layout, &m_attn, "attend", &[]),
+            combine: pipeline(device, "combine", &attn_layout, &m_attn, "combine", &[]),
+            head: pipeline(
+                device,
+                "head",
+                &head_layout,
+                &m_head,
+                "main",
+                &[("F32_WEIGHTS", f32w), ("TPR", tprf)],
+            ),
+            embed_layout,
+            norm_layout,
+            matmul_layout,
+            rope_layout,
+            attn_layout,
+            head_layout,
+        }
+    }
+
+    /// Rows of a GEMV/head workgroup.
+    pub fn rows_per_wg(&self) -> u32 {
+        ROW_WG / self.tpr
+    }
+}
