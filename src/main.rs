@@ -153,6 +153,9 @@ struct BenchArgs {
     /// Also measure the machine's memory read bandwidth (reported as machine_gb_s).
     #[arg(long)]
     membw: bool,
+    /// Report the time per op of the decode steps.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Args)]
@@ -408,6 +411,23 @@ fn bench(a: BenchArgs) -> Result<()> {
     )?;
     pb.set_message(format!("prefill {} + decode {}", a.prompt_len, a.gen));
     let out = m.gen.generate(&prompt, &opts, None, |_, _| true)?;
+    let profile = if a.profile {
+        // A separate decode-only run: one prompt token, then `gen` steps.
+        m.gen.generate(
+            &prompt[..1],
+            &GenerateOptions {
+                max_tokens: 2,
+                ..opts.clone()
+            },
+            None,
+            |_, _| true,
+        )?;
+        m.gen.start_profile();
+        m.gen.generate(&prompt[..1], &opts, None, |_, _| true)?;
+        m.gen.take_profile()
+    } else {
+        None
+    };
     pb.finish_and_clear();
     let prefill = a.prompt_len as f64 / out.prefill_s;
     let decode = out.decode_tok_s();
@@ -428,6 +448,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 "decode_bytes_per_token": bytes, "decode_gb_s": gb_s, "peak_rss_mb": rss,
                 "backend": backend, "prompt_len": a.prompt_len, "gen": a.gen,
                 "machine_gb_s": machine,
+                "profile_ms_per_step": profile.as_ref().map(|p| p.entries.iter().map(|e| (e.0.to_string(), serde_json::json!(e.1 * 1e3 / a.gen as f64))).collect::<serde_json::Map<_, _>>()),
             })
         );
     } else {
@@ -447,6 +468,17 @@ fn bench(a: BenchArgs) -> Result<()> {
                 mb,
                 100.0 * gb_s / mb
             );
+        }
+        if let Some(p) = &profile {
+            let total: f64 = p.entries.iter().map(|e| e.1).sum();
+            println!("decode profile (wall time per step over {} steps)", a.gen);
+            for (name, secs, calls) in &p.entries {
+                let per = secs * 1e3 / a.gen as f64;
+                println!(
+                    "  {name:<22} {per:>8.3} ms {:>5.1}%  ({calls} calls)",
+                    100.0 * secs / total
+                );
+            }
         }
     }
     Ok(())

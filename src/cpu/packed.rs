@@ -82,7 +82,10 @@ impl PackedTernary {
     /// Builds the kernel layout from per-row codes (`codes[r]` has `cols` entries).
     pub fn from_codes(codes: &[Vec<u8>], cols: usize, row_scale: Vec<f32>) -> Self {
         let rows = codes.len();
-        assert!(rows % GROUP == 0, "rows must be a multiple of {GROUP}");
+        assert!(
+            rows.is_multiple_of(GROUP),
+            "rows must be a multiple of {GROUP}"
+        );
         let kpad = padded_cols(cols);
         let rb = kpad / 4;
         let mut data = vec![0u8; rows * rb];

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use super::model::{forward, Backend, LogitRows};
+use super::model::{forward, Backend, LogitRows, OpProfile};
 use super::sampler::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -94,6 +94,7 @@ pub struct Generator<B: Backend> {
     cache: B::Cache,
     logits: Vec<f32>,
     prefill_chunk: usize,
+    profile: Option<OpProfile>,
 }
 
 impl<B: Backend> Generator<B> {
@@ -111,12 +112,23 @@ impl<B: Backend> Generator<B> {
             cache,
             logits: Vec::new(),
             prefill_chunk: PREFILL_CHUNK,
+            profile: None,
         })
     }
 
     /// Sets the most prompt tokens run in one step (at least 1).
     pub fn set_prefill_chunk(&mut self, n: usize) {
         self.prefill_chunk = n.max(1);
+    }
+
+    /// Starts recording per-op wall time (replacing any previous record).
+    pub fn start_profile(&mut self) {
+        self.profile = Some(OpProfile::default());
+    }
+
+    /// Stops recording and returns the per-op times.
+    pub fn take_profile(&mut self) -> Option<OpProfile> {
+        self.profile.take()
     }
 
     /// The backend.
@@ -167,6 +179,7 @@ impl<B: Backend> Generator<B> {
                 i * step,
                 rows,
                 &mut self.logits,
+                self.profile.as_mut(),
             )?;
             res.extend_from_slice(&self.logits);
         }
@@ -252,6 +265,7 @@ impl<B: Backend> Generator<B> {
                 context.len() - 1,
                 LogitRows::Last,
                 &mut self.logits,
+                self.profile.as_mut(),
             )?;
             std::mem::swap(&mut logits, &mut self.logits);
         }

@@ -73,8 +73,28 @@ pub trait Backend {
     fn decode_bytes_per_token(&self) -> u64;
 }
 
+/// Wall-clock time per op kind, accumulated over forward passes (meaningful for backends whose
+/// ops complete synchronously, like the CPU backend).
+#[derive(Debug, Clone, Default)]
+pub struct OpProfile {
+    /// (op name, seconds, calls) in first-seen order.
+    pub entries: Vec<(&'static str, f64, u64)>,
+}
+
+impl OpProfile {
+    fn add(&mut self, name: &'static str, secs: f64) {
+        match self.entries.iter_mut().find(|e| e.0 == name) {
+            Some(e) => {
+                e.1 += secs;
+                e.2 += 1;
+            }
+            None => self.entries.push((name, secs, 1)),
+        }
+    }
+}
+
 /// Runs `tokens` at positions `pos..` through the model, filling `cache` and writing the logits
-/// of `rows` into `out` (cleared first).
+/// of `rows` into `out` (cleared first). With `profile`, each op's wall time is recorded.
 pub fn forward<B: Backend>(
     b: &mut B,
     cache: &mut B::Cache,
@@ -82,6 +102,7 @@ pub fn forward<B: Backend>(
     pos: usize,
     rows: LogitRows,
     out: &mut Vec<f32>,
+    mut profile: Option<&mut OpProfile>,
 ) -> Result<()> {
     out.clear();
     if tokens.is_empty() {
@@ -94,18 +115,28 @@ pub fn forward<B: Backend>(
             cache.capacity()
         )));
     }
-    b.embed(tokens)?;
-    for l in 0..b.config().num_layers {
-        b.rmsnorm_quant(l, NormSite::Input);
-        b.ternary_matmul(l, Linear::Qkv);
-        b.rope_kv_write(cache, l, pos);
-        b.attention(cache, l, pos);
-        b.attn_sub_norm_quant(l);
-        b.ternary_matmul(l, Linear::O);
-        b.rmsnorm_quant(l, NormSite::PostAttention);
-        b.ternary_matmul(l, Linear::GateUp);
-        b.relu2_mul_norm_quant(l);
-        b.ternary_matmul(l, Linear::Down);
+    macro_rules! op {
+        ($name:literal, $e:expr) => {{
+            let t0 = profile.is_some().then(std::time::Instant::now);
+            let r = $e;
+            if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
+                p.add($name, t0.elapsed().as_secs_f64());
+            }
+            r
+        }};
     }
-    b.logits(rows, out)
+    op!("embed", b.embed(tokens))?;
+    for l in 0..b.config().num_layers {
+        op!("rmsnorm_quant", b.rmsnorm_quant(l, NormSite::Input));
+        op!("matmul_qkv", b.ternary_matmul(l, Linear::Qkv));
+        op!("rope_kv_write", b.rope_kv_write(cache, l, pos));
+        op!("attention", b.attention(cache, l, pos));
+        op!("attn_sub_norm_quant", b.attn_sub_norm_quant(l));
+        op!("matmul_o", b.ternary_matmul(l, Linear::O));
+        op!("rmsnorm_quant", b.rmsnorm_quant(l, NormSite::PostAttention));
+        op!("matmul_gate_up", b.ternary_matmul(l, Linear::GateUp));
+        op!("relu2_mul_norm_quant", b.relu2_mul_norm_quant(l));
+        op!("matmul_down", b.ternary_matmul(l, Linear::Down));
+    }
+    op!("final_norm_head", b.logits(rows, out))
 }

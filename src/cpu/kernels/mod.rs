@@ -108,8 +108,8 @@ impl Kernels {
     /// each) and `ntok` int8 token rows of `4 * rb` values in `x`.
     pub fn code_dots(self, w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
         assert!(
-            rb % 32 == 0
-                && w.len() % (4 * rb) == 0
+            rb.is_multiple_of(32)
+                && w.len().is_multiple_of(4 * rb)
                 && x.len() >= ntok * rb * 4
                 && out.len() >= (w.len() / rb) * ntok
         );
