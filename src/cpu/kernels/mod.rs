@@ -125,19 +125,26 @@ impl Kernels {
         }
     }
 
+    /// The order in which [`Self::head_bf16`] consumes each 32-wide chunk, if not natural.
+    fn bf16_perm(self) -> Option<&'static [usize; 32]> {
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Some(&avx2::BF16_PERM),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => Some(&avx512::BF16_PERM),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
     /// Reorders activations `x` into `xp` as [`Self::head_bf16`] consumes them.
     pub fn prepare_bf16_activations(self, x: &[f32], xp: &mut [f32]) {
         xp.copy_from_slice(x);
-        let perm = match self.0 {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => &avx2::BF16_PERM,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => &avx512::BF16_PERM,
-            _ => return,
-        };
-        for (src, dst) in x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
-            for (d, &p) in dst.iter_mut().zip(perm.iter()) {
-                *d = src[p];
+        if let Some(perm) = self.bf16_perm() {
+            for (src, dst) in x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
+                for (d, &p) in dst.iter_mut().zip(perm.iter()) {
+                    *d = src[p];
+                }
             }
         }
     }
