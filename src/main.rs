@@ -177,47 +177,115 @@ fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
-struct Loaded {
-    gen: Generator<CpuBackend>,
+/// A generator on whichever backend was chosen.
+enum Engine {
+    Cpu(Generator<CpuBackend>),
+    #[cfg(feature = "gpu")]
+    Gpu(Generator<bitnet_inference::gpu::GpuBackend>),
+}
+
+/// Evaluates `$body` with `$g` bound to the engine's generator, whatever its backend.
+macro_rules! with_gen {
+    ($engine:expr, $g:ident => $body:expr) => {
+        match $engine {
+            Engine::Cpu($g) => $body,
+            #[cfg(feature = "gpu")]
+            Engine::Gpu($g) => $body,
+        }
+    };
+}
+
+/// What the command bodies need besides the generator.
+struct Ctx {
     tokenizer: Option<Tokenizer>,
     gen_cfg: GenerationConfig,
     load_s: f64,
+    threads: usize,
+}
+
+struct Loaded {
+    gen: Engine,
+    tokenizer: Option<Tokenizer>,
+    gen_cfg: GenerationConfig,
+    load_s: f64,
+    threads: usize,
+}
+
+/// Picks the backend: `auto` takes a real GPU when wgpu finds one, else the CPU.
+fn choose_gpu(kind: BackendKind) -> Result<bool> {
+    match kind {
+        BackendKind::Cpu => Ok(false),
+        #[cfg(feature = "gpu")]
+        BackendKind::Gpu => Ok(true),
+        #[cfg(feature = "gpu")]
+        BackendKind::Auto => match bitnet_inference::gpu::probe() {
+            Some(a) if !a.is_cpu => Ok(true),
+            Some(a) => {
+                eprintln!("backend: cpu (the only GPU adapter is a software one: {a})");
+                Ok(false)
+            }
+            None => {
+                eprintln!("backend: cpu (no GPU adapter found)");
+                Ok(false)
+            }
+        },
+        #[cfg(not(feature = "gpu"))]
+        BackendKind::Gpu => {
+            bail!("this build has no GPU backend (built without the `gpu` feature)")
+        }
+        #[cfg(not(feature = "gpu"))]
+        BackendKind::Auto => Ok(false),
+    }
 }
 
 fn load(args: &ModelArgs) -> Result<Loaded> {
-    if args.backend == BackendKind::Gpu {
-        bail!("the GPU backend is not available in this build (use --backend cpu or auto)");
-    }
     let head = HeadMode::parse(&args.head)?;
+    let gpu = choose_gpu(args.backend)?;
     let t0 = Instant::now();
     let pb = spinner(&format!("loading {}", args.model.display()));
     let weights = format::safetensors::load(&args.model)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
     let gen_cfg = GenerationConfig::from_dir(&args.model, &weights.config)?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let backend = CpuBackend::load(
-        &weights,
-        &CpuOptions {
-            threads: args.threads,
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        args.threads
+    };
+    let gen = if gpu {
+        #[cfg(feature = "gpu")]
+        {
+            if head != HeadMode::Native {
+                bail!(
+                    "--head {} is not supported by the GPU backend yet",
+                    args.head
+                );
+            }
+            let backend = bitnet_inference::gpu::load(&weights, &Default::default())?;
+            Engine::Gpu(Generator::new(backend)?)
+        }
+        #[cfg(not(feature = "gpu"))]
+        unreachable!("choose_gpu never picks the GPU without the feature")
+    } else {
+        let opts = CpuOptions {
+            threads,
             head,
             kernels: None,
-        },
-    )?;
+        };
+        Engine::Cpu(Generator::new(CpuBackend::load(&weights, &opts)?)?)
+    };
     drop(weights);
-    let gen = Generator::new(backend)?;
     pb.finish_and_clear();
     let load_s = t0.elapsed().as_secs_f64();
     if args.backend == BackendKind::Auto {
-        eprintln!(
-            "backend: {} (no GPU backend in this build)",
-            gen.backend().describe()
-        );
+        eprintln!("backend: {}", with_gen!(&gen, g => g.backend().describe()));
     }
     Ok(Loaded {
         gen,
         tokenizer,
         gen_cfg,
         load_s,
+        threads,
     })
 }
 
@@ -233,10 +301,22 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let mut m = load(&a.model)?;
+    let ctx = Ctx {
+        tokenizer: m.tokenizer.take(),
+        gen_cfg: m.gen_cfg.clone(),
+        load_s: m.load_s,
+        threads: m.threads,
+    };
+    with_gen!(&mut m.gen, gen => generate_on(gen, ctx, &a))
+}
+
+fn generate_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &GenerateArgs) -> Result<()> {
+    let Ctx {
+        tokenizer, gen_cfg, ..
+    } = ctx;
     let prompt = match (&a.prompt, &a.tokens) {
         (_, Some(t)) => parse_tokens(t)?,
-        (Some(p), None) => m
-            .tokenizer
+        (Some(p), None) => tokenizer
             .as_ref()
             .context("the model has no tokenizer.json; pass --tokens instead of --prompt")?
             .encode(p, true)?,
@@ -252,21 +332,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
             repetition_penalty: a.repetition_penalty,
             seed: a.seed,
         },
-        eos_token_ids: m.gen_cfg.eos_token_ids.clone(),
+        eos_token_ids: gen_cfg.eos_token_ids.clone(),
         ignore_eos: a.ignore_eos,
         stop_strings: a.stop.clone(),
     };
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();
-    let out = m
-        .gen
-        .generate(&prompt, &opts, m.tokenizer.as_ref(), |_, piece| {
-            if stream && !piece.is_empty() {
-                let _ = stdout.write_all(piece.as_bytes());
-                let _ = stdout.flush();
-            }
-            true
-        })?;
+    let out = gen.generate(&prompt, &opts, tokenizer.as_ref(), |_, piece| {
+        if stream && !piece.is_empty() {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+        true
+    })?;
     if a.json {
         let v = serde_json::json!({
             "tokens": out.tokens,
@@ -278,7 +356,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         });
         writeln!(stdout, "{v}")?;
     } else {
-        if m.tokenizer.is_none() {
+        if tokenizer.is_none() {
             write!(
                 stdout,
                 "{}",
@@ -302,10 +380,20 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn chat(a: ChatArgs) -> Result<()> {
     let mut m = load(&a.model)?;
-    let tok = m
-        .tokenizer
-        .take()
-        .context("the model has no tokenizer.json")?;
+    let ctx = Ctx {
+        tokenizer: m.tokenizer.take(),
+        gen_cfg: m.gen_cfg.clone(),
+        load_s: m.load_s,
+        threads: m.threads,
+    };
+    with_gen!(&mut m.gen, gen => chat_on(gen, ctx, &a))
+}
+
+fn chat_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &ChatArgs) -> Result<()> {
+    let Ctx {
+        tokenizer, gen_cfg, ..
+    } = ctx;
+    let tok = tokenizer.context("the model has no tokenizer.json")?;
     if !tok.has_chat_template() {
         bail!(
             "{}: the model has no chat template",
@@ -324,7 +412,7 @@ fn chat(a: ChatArgs) -> Result<()> {
             seed: a.seed,
             ..Default::default()
         },
-        eos_token_ids: m.gen_cfg.eos_token_ids.clone(),
+        eos_token_ids: gen_cfg.eos_token_ids.clone(),
         ..Default::default()
     };
     eprintln!(
@@ -341,7 +429,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         messages.push(ChatMessage::new("user", line.trim()));
         let prompt = tok.encode_chat(&messages)?;
         let mut stdout = std::io::stdout().lock();
-        let out = m.gen.generate(&prompt, &opts, Some(&tok), |_, piece| {
+        let out = gen.generate(&prompt, &opts, Some(&tok), |_, piece| {
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
             true
@@ -354,9 +442,20 @@ fn chat(a: ChatArgs) -> Result<()> {
 
 fn logits(a: LogitsArgs) -> Result<()> {
     let mut m = load(&a.model)?;
+    let ctx = Ctx {
+        tokenizer: m.tokenizer.take(),
+        gen_cfg: m.gen_cfg.clone(),
+        load_s: m.load_s,
+        threads: m.threads,
+    };
+    with_gen!(&mut m.gen, gen => logits_on(gen, ctx, &a))
+}
+
+fn logits_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &LogitsArgs) -> Result<()> {
+    let _ = ctx;
     let toks = parse_tokens(&a.tokens)?;
-    let vocab = m.gen.backend().config().vocab_size;
-    let l = m.gen.logits(&toks, a.all)?;
+    let vocab = gen.backend().config().vocab_size;
+    let l = gen.logits(&toks, a.all)?;
     let v = if a.all {
         serde_json::json!({ "logits": l.chunks(vocab).collect::<Vec<_>>() })
     } else {
@@ -378,16 +477,26 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    if a.prompt_len == 0 || a.gen < 2 {
-        bail!("--prompt-len must be at least 1 and --gen at least 2");
-    }
     let mut m = load(&a.model)?;
-    let cfg = m.gen.backend().config().clone();
-    if a.prompt_len + a.gen > m.gen.context() {
+    let ctx = Ctx {
+        tokenizer: m.tokenizer.take(),
+        gen_cfg: m.gen_cfg.clone(),
+        load_s: m.load_s,
+        threads: m.threads,
+    };
+    with_gen!(&mut m.gen, gen => bench_on(gen, ctx, &a))
+}
+
+fn bench_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &BenchArgs) -> Result<()> {
+    let Ctx {
+        load_s, threads, ..
+    } = ctx;
+    let cfg = gen.backend().config().clone();
+    if a.prompt_len + a.gen > gen.context() {
         bail!(
             "--prompt-len + --gen = {} exceeds the context window ({})",
             a.prompt_len + a.gen,
-            m.gen.context()
+            gen.context()
         );
     }
     // A deterministic prompt of ordinary token ids.
@@ -400,7 +509,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         ..Default::default()
     };
     let pb = spinner("warming up");
-    m.gen.generate(
+    gen.generate(
         &prompt[..prompt.len().min(8)],
         &GenerateOptions {
             max_tokens: 4,
@@ -410,10 +519,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         |_, _| true,
     )?;
     pb.set_message(format!("prefill {} + decode {}", a.prompt_len, a.gen));
-    let out = m.gen.generate(&prompt, &opts, None, |_, _| true)?;
+    let out = gen.generate(&prompt, &opts, None, |_, _| true)?;
     let profile = if a.profile {
         // A separate decode-only run: one prompt token, then `gen` steps.
-        m.gen.generate(
+        gen.generate(
             &prompt[..1],
             &GenerateOptions {
                 max_tokens: 2,
@@ -422,21 +531,20 @@ fn bench(a: BenchArgs) -> Result<()> {
             None,
             |_, _| true,
         )?;
-        m.gen.start_profile();
-        m.gen.generate(&prompt[..1], &opts, None, |_, _| true)?;
-        m.gen.take_profile()
+        gen.start_profile();
+        gen.generate(&prompt[..1], &opts, None, |_, _| true)?;
+        gen.take_profile()
     } else {
         None
     };
     pb.finish_and_clear();
     let prefill = a.prompt_len as f64 / out.prefill_s;
     let decode = out.decode_tok_s();
-    let bytes = m.gen.backend().decode_bytes_per_token();
+    let bytes = gen.backend().decode_bytes_per_token();
     let gb_s = bytes as f64 * decode / 1e9;
     let rss = peak_rss_mb();
-    let threads = m.gen.backend().threads();
-    let backend = m.gen.backend().describe();
-    drop(m.gen);
+    let backend = gen.backend().describe();
+
     let machine = a
         .membw
         .then(|| bitnet_inference::cpu::membw::read_bandwidth_gb_s(1 << 30, threads, 5));
@@ -444,7 +552,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "load_s": m.load_s, "prefill_tok_s": prefill, "decode_tok_s": decode,
+                "load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode,
                 "decode_bytes_per_token": bytes, "decode_gb_s": gb_s, "peak_rss_mb": rss,
                 "backend": backend, "prompt_len": a.prompt_len, "gen": a.gen,
                 "machine_gb_s": machine,
@@ -453,7 +561,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         );
     } else {
         println!("backend        {backend}");
-        println!("load           {:.2} s", m.load_s);
+        println!("load           {:.2} s", load_s);
         println!(
             "prefill        {:.1} tok/s ({} tokens)",
             prefill, a.prompt_len
