@@ -34,7 +34,7 @@ pub fn storage(device: &wgpu::Device, label: &str, bytes: usize) -> wgpu::Buffer
 
 /// A storage buffer holding `data` (padded to 16 bytes).
 pub fn storage_init(device: &wgpu::Device, label: &str, data: &[u8]) -> wgpu::Buffer {
-    if data.len() % 16 == 0 && !data.is_empty() {
+    if data.len().is_multiple_of(16) && !data.is_empty() {
         return device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
             contents: data,

@@ -32,7 +32,8 @@ pub struct GpuOptions {
     pub max_step: usize,
     /// Use subgroup reductions when the adapter has them.
     pub subgroups: bool,
-    /// Caps the bytes per storage binding below the device limit (tests force sharding).
+    /// Caps the bytes of one embedding/head shard below the device's binding limit (tests use
+    /// it to force sharding).
     pub max_binding_bytes: Option<u64>,
 }
 
@@ -213,13 +214,13 @@ impl GpuBackend {
         }
         let max_step = opts.max_step.max(1);
         let device = &ctx.device;
-        let mut max_binding = ctx
+        let max_binding = ctx
             .limits
             .max_storage_buffer_binding_size
             .min(ctx.limits.max_buffer_size);
-        if let Some(m) = opts.max_binding_bytes {
-            max_binding = max_binding.min(m);
-        }
+        let shard_bytes = opts
+            .max_binding_bytes
+            .map_or(max_binding, |m| m.min(max_binding));
         let head_t = w.head();
         let f32_head = head_t.dtype != FloatDtype::BF16;
         if (w.embed.dtype != FloatDtype::BF16) != f32_head {
@@ -408,7 +409,7 @@ impl GpuBackend {
             let g = bg(&s);
             (s, g)
         };
-        let embed_raw = buffers::upload_shards(device, &w.embed, max_binding)?;
+        let embed_raw = buffers::upload_shards(device, &w.embed, shard_bytes)?;
         let head_bytes = (head_t.rows * buffers::head_row_words(head_t) * 4) as u64;
         let (embed_shards, head_shards) = match &w.lm_head {
             None => {
@@ -432,7 +433,7 @@ impl GpuBackend {
             }
             Some(lm) => {
                 let e = embed_raw.into_iter().map(|s| make(s, &embed_bg)).collect();
-                let hs = buffers::upload_shards(device, lm, max_binding)?
+                let hs = buffers::upload_shards(device, lm, shard_bytes)?
                     .into_iter()
                     .map(|s| make(s, &head_bg))
                     .collect();
