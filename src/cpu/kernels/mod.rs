@@ -66,6 +66,25 @@ impl Kernels {
         *Self::available().last().unwrap_or(&Kernels(Isa::Scalar))
     }
 
+    /// The kernel set called `name` ("auto" = the fastest), if this CPU supports it.
+    pub fn by_name(name: &str) -> crate::Result<Self> {
+        if name == "auto" {
+            return Ok(Self::detect());
+        }
+        let avail = Self::available();
+        avail
+            .iter()
+            .copied()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = avail.iter().map(|k| k.name()).collect();
+                crate::Error::Config(format!(
+                    "kernel set `{name}` is not available on this CPU (available: auto, {})",
+                    names.join(", ")
+                ))
+            })
+    }
+
     /// The portable reference kernels.
     pub fn scalar() -> Self {
         Kernels(Isa::Scalar)
