@@ -183,9 +183,9 @@ fn spinner(msg: &str) -> ProgressBar {
 
 /// A generator on whichever backend was chosen.
 enum Engine {
-    Cpu(Generator<CpuBackend>),
+    Cpu(Box<Generator<CpuBackend>>),
     #[cfg(feature = "gpu")]
-    Gpu(Generator<bitnet_inference::gpu::GpuBackend>),
+    Gpu(Box<Generator<bitnet_inference::gpu::GpuBackend>>),
 }
 
 /// Evaluates `$body` with `$g` bound to the engine's generator, whatever its backend.
@@ -266,7 +266,7 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
                 );
             }
             let backend = bitnet_inference::gpu::load(&weights, &Default::default())?;
-            Engine::Gpu(Generator::new(backend)?)
+            Engine::Gpu(Box::new(Generator::new(backend)?))
         }
         #[cfg(not(feature = "gpu"))]
         unreachable!("choose_gpu never picks the GPU without the feature")
@@ -276,7 +276,7 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
             head,
             kernels: Some(Kernels::by_name(&args.kernels)?),
         };
-        Engine::Cpu(Generator::new(CpuBackend::load(&weights, &opts)?)?)
+        Engine::Cpu(Box::new(Generator::new(CpuBackend::load(&weights, &opts)?)?))
     };
     drop(weights);
     pb.finish_and_clear();
