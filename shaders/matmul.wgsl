@@ -1,9 +1,18 @@
-// Ternary (2-bit codes, 16 per u32, code = w + 1) x int8 (4 per u32) matmul with exact i32
-// accumulation and one f32 rescale: out = f32(sum) * xscale[t] * row_scale[r].
-// Weights: row-major, each row padded to a multiple of 64 columns (one vec4<u32>).
+// Ternary (2-bit codes, code = w + 1) x int8 matmul with exact i32 accumulation and one f32
+// rescale: out = f32(sum) * xscale[t] * row_scale[r].
+//
+// Weights: row-major, each row padded to a multiple of 64 columns (one vec4<u32>). Within a u32
+// word (16 columns 16k..16k+15), column 16k + 4s + b sits at bits 8b + 2s, so that
+// `(word >> 2s) & 0x03030303` puts the codes of the 4 consecutive columns 16k+4s.. in the 4 bytes
+// of a word, which `dot4I8Packed` multiplies with one word of 4 int8 activations.
 // Activations: row t holds kvec * 4 vec4<u32> (64 int8 per weight vec4).
-// gemv: dispatch (ceil(rows / (256 / TPR)), T); TPR invocations per row.
-// gemm: dispatch (ceil(rows / 64), ceil(T / 8)); one row x 8 tokens per invocation.
+//
+// gemv (decode, T = 1 or a few): sum(code * x) - sum(x) per row; GROUPS groups of TPR invocations
+// per 128-invocation workgroup, each group two rows (r and r + GROUPS); the per-invocation
+// partial sums meet in workgroup memory. Dispatch: (ceil(rows / (2 * GROUPS)), T).
+// gemm (prefill): a 64-row x 64-token tile per 256-invocation workgroup, the weights expanded to
+// signed int8 words in workgroup memory, 4 rows x 4 tokens per invocation.
+// Dispatch: (ceil(rows / 64), ceil(T / 64)).
 
 struct MatP {
     rows: u32,
@@ -13,7 +22,7 @@ struct MatP {
 }
 
 override ACCUM: bool = false;
-override TPR: u32 = 32u;
+override TPR: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> mp: MatP;
@@ -23,18 +32,18 @@ override TPR: u32 = 32u;
 @group(0) @binding(5) var<storage, read> xs: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 
-// 16 ternary codes of `wb` times the 16 int8 of `xv`.
-fn dot16(wb: u32, xv: vec4<u32>) -> i32 {
-    var acc = 0;
-    for (var j = 0u; j < 4u; j = j + 1u) {
-        let xw = xv[j];
-        let cw = wb >> (8u * j);
-        acc = acc + (i32(cw & 3u) - 1) * (bitcast<i32>(xw << 24u) >> 24u);
-        acc = acc + (i32((cw >> 2u) & 3u) - 1) * (bitcast<i32>(xw << 16u) >> 24u);
-        acc = acc + (i32((cw >> 4u) & 3u) - 1) * (bitcast<i32>(xw << 8u) >> 24u);
-        acc = acc + (i32((cw >> 6u) & 3u) - 1) * (bitcast<i32>(xw) >> 24u);
-    }
-    return acc;
+const M2: u32 = 0x03030303u;
+const ONES: u32 = 0x01010101u;
+
+// sum over 16 columns of code * x for one weight word and one activation vec4.
+fn dotw(wd: u32, xv: vec4<u32>) -> i32 {
+    return dot4I8Packed(wd & M2, xv.x) + dot4I8Packed((wd >> 2u) & M2, xv.y)
+        + dot4I8Packed((wd >> 4u) & M2, xv.z) + dot4I8Packed((wd >> 6u) & M2, xv.w);
+}
+
+fn xsum(xv: vec4<u32>) -> i32 {
+    return dot4I8Packed(xv.x, ONES) + dot4I8Packed(xv.y, ONES) + dot4I8Packed(xv.z, ONES)
+        + dot4I8Packed(xv.w, ONES);
 }
 
 fn store(t: u32, row: u32, acc: i32) {
@@ -47,70 +56,125 @@ fn store(t: u32, row: u32, acc: i32) {
     }
 }
 
-@compute @workgroup_size(256)
+const GV_WG: u32 = 128u;
+var<workgroup> gred: array<vec2<i32>, 128>;
+
+@compute @workgroup_size(128)
 fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let rpw = 256u / TPR;
-    let row = wg.x * rpw + li / TPR;
+    let groups = GV_WG / TPR;
+    let g = li / TPR;
     let lane = li % TPR;
     let t = wg.y;
-    var acc = 0;
-    if row < mp.rows {
-        let wbase = row * mp.kvec;
-        let xbase = t * mp.kvec * 4u;
-        for (var m = lane; m < mp.kvec; m = m + TPR) {
-            let wv = w[wbase + m];
-            let xb = xbase + 4u * m;
-            acc = acc + dot16(wv.x, xq[xb]) + dot16(wv.y, xq[xb + 1u])
-                + dot16(wv.z, xq[xb + 2u]) + dot16(wv.w, xq[xb + 3u]);
-        }
+    let ra = wg.x * 2u * groups + g;
+    let rb = ra + groups;
+    let kvec = mp.kvec;
+    // Rows past the end read row 0 (always present) and are not stored.
+    let wa = select(0u, ra, ra < mp.rows) * kvec;
+    let wb = select(0u, rb, rb < mp.rows) * kvec;
+    let xbase = t * kvec * 4u;
+    var acc_a = 0;
+    var acc_b = 0;
+    var sx = 0;
+    for (var m = lane; m < kvec; m = m + TPR) {
+        let va = w[wa + m];
+        let vb = w[wb + m];
+        let xb = xbase + 4u * m;
+        let x0 = xq[xb];
+        let x1 = xq[xb + 1u];
+        let x2 = xq[xb + 2u];
+        let x3 = xq[xb + 3u];
+        acc_a = acc_a + dotw(va.x, x0) + dotw(va.y, x1) + dotw(va.z, x2) + dotw(va.w, x3);
+        acc_b = acc_b + dotw(vb.x, x0) + dotw(vb.y, x1) + dotw(vb.z, x2) + dotw(vb.w, x3);
+        sx = sx + xsum(x0) + xsum(x1) + xsum(x2) + xsum(x3);
     }
-    acc = reduce_i32(acc, li);
-    if lane == 0u && row < mp.rows {
-        store(t, row, acc);
+    gred[li] = vec2<i32>(acc_a - sx, acc_b - sx);
+    workgroupBarrier();
+    // Invocation i < 2 * groups sums the TPR partials of row (i % groups) + groups * (i / groups).
+    if li < 2u * groups {
+        let gg = li % groups;
+        let second = li >= groups;
+        var s = 0;
+        for (var k = 0u; k < TPR; k = k + 1u) {
+            let p = gred[gg * TPR + k];
+            s = s + select(p.x, p.y, second);
+        }
+        let row = select(ra - g + gg, rb - g + gg, second);
+        if row < mp.rows {
+            store(t, row, s);
+        }
     }
 }
 
-// 8 tokens x 4 weight vec4 (256 columns) of activations per k-step.
-var<workgroup> xt: array<vec4<u32>, 128>;
+// 64 rows x 16 expanded words (64 columns), row stride 20 words (padding against bank conflicts).
+const WS: u32 = 20u;
+var<workgroup> wt: array<vec4<u32>, 320>; // [row][5 vec4]
+var<workgroup> xt: array<vec4<u32>, 320>; // [token][5 vec4]
 
-@compute @workgroup_size(64)
+// Codes 0,1,2 in the bytes of `s` -> signed int8 -1,0,1 (no borrow between bytes).
+fn signed(s: u32) -> u32 {
+    return ((s | 0x80808080u) - ONES) ^ 0x80808080u;
+}
+
+@compute @workgroup_size(256)
 fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let row = wg.x * 64u + li;
-    let t0 = wg.y * 8u;
+    let r0 = wg.x * 64u;
+    let t0 = wg.y * 64u;
+    let tx = li % 16u; // rows tx + 16 i
+    let ty = li / 16u; // tokens ty + 16 j
     let xrow = mp.kvec * 4u;
-    var acc: array<i32, 8>;
-    for (var i = 0u; i < 8u; i = i + 1u) {
+    var acc: array<i32, 16>;
+    for (var i = 0u; i < 16u; i = i + 1u) {
         acc[i] = 0;
     }
-    for (var m0 = 0u; m0 < mp.kvec; m0 = m0 + 4u) {
-        for (var i = 0u; i < 2u; i = i + 1u) {
-            let e = li + 64u * i;
-            let tt = e / 16u;
-            let gi = m0 * 4u + e % 16u;
-            var v = vec4<u32>(0u);
-            if t0 + tt < step.t && gi < xrow {
-                v = xq[(t0 + tt) * xrow + gi];
-            }
-            xt[e] = v;
+    // Loader roles: row / token li / 4, quarter li % 4.
+    let lr = li / 4u;
+    let lq = li % 4u;
+    let wrow = r0 + lr;
+    let wok = wrow < mp.rows;
+    let wsrc = select(0u, wrow, wok) * mp.kvec;
+    let xtok = t0 + lr;
+    let xok = xtok < step.t;
+    let xsrc = select(0u, xtok, xok) * xrow;
+    for (var m = 0u; m < mp.kvec; m = m + 1u) {
+        // One code word (16 columns) -> 4 words of signed int8.
+        var cw = w[wsrc + m][lq];
+        var e = vec4<u32>(0u);
+        if wok {
+            e = vec4<u32>(signed(cw & M2), signed((cw >> 2u) & M2), signed((cw >> 4u) & M2),
+                signed((cw >> 6u) & M2));
         }
+        wt[lr * 5u + lq] = e;
+        var xv = vec4<u32>(0u);
+        if xok {
+            xv = xq[xsrc + 4u * m + lq];
+        }
+        xt[lr * 5u + lq] = xv;
         workgroupBarrier();
-        if row < mp.rows {
-            let mend = min(4u, mp.kvec - m0);
-            for (var mm = 0u; mm < mend; mm = mm + 1u) {
-                let wv = w[row * mp.kvec + m0 + mm];
-                for (var tt = 0u; tt < 8u; tt = tt + 1u) {
-                    let xb = tt * 16u + mm * 4u;
-                    acc[tt] = acc[tt] + dot16(wv.x, xt[xb]) + dot16(wv.y, xt[xb + 1u])
-                        + dot16(wv.z, xt[xb + 2u]) + dot16(wv.w, xt[xb + 3u]);
+        for (var q = 0u; q < 4u; q = q + 1u) {
+            var wv: array<vec4<u32>, 4>;
+            var xv4: array<vec4<u32>, 4>;
+            for (var i = 0u; i < 4u; i = i + 1u) {
+                wv[i] = wt[(tx + 16u * i) * 5u + q];
+                xv4[i] = xt[(ty + 16u * i) * 5u + q];
+            }
+            for (var i = 0u; i < 4u; i = i + 1u) {
+                for (var j = 0u; j < 4u; j = j + 1u) {
+                    let a = wv[i];
+                    let b = xv4[j];
+                    acc[i * 4u + j] = acc[i * 4u + j] + dot4I8Packed(a.x, b.x)
+                        + dot4I8Packed(a.y, b.y) + dot4I8Packed(a.z, b.z)
+                        + dot4I8Packed(a.w, b.w);
                 }
             }
         }
         workgroupBarrier();
     }
-    if row < mp.rows {
-        for (var tt = 0u; tt < 8u; tt = tt + 1u) {
-            if t0 + tt < step.t {
-                store(t0 + tt, row, acc[tt]);
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        let row = r0 + tx + 16u * i;
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            let t = t0 + ty + 16u * j;
+            if row < mp.rows && t < step.t {
+                store(t, row, acc[i * 4u + j]);
             }
         }
     }

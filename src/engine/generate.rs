@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use super::model::{forward, Backend, LogitRows, OpProfile};
+use super::model::{forward, forward_argmax, Backend, LogitRows, OpProfile};
 use super::sampler::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -88,6 +88,17 @@ impl Generation {
     }
 }
 
+/// `gpu:<name>` for a kernel name (a small fixed set, interned once each).
+fn gpu_name(name: &'static str) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static NAMES: Mutex<Option<HashMap<&'static str, &'static str>>> = Mutex::new(None);
+    let mut g = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    g.get_or_insert_with(HashMap::new)
+        .entry(name)
+        .or_insert_with(|| Box::leak(format!("gpu:{name}").into_boxed_str()))
+}
+
 /// A model with its KV cache: runs prompts and generates.
 pub struct Generator<B: Backend> {
     backend: B,
@@ -121,14 +132,25 @@ impl<B: Backend> Generator<B> {
         self.prefill_chunk = n.max(1);
     }
 
-    /// Starts recording per-op wall time (replacing any previous record).
+    /// Starts recording per-op wall time (replacing any previous record), and per-kernel
+    /// device time on backends that have it.
     pub fn start_profile(&mut self) {
         self.profile = Some(OpProfile::default());
+        self.backend.set_gpu_profiling(true);
+        let _ = self.backend.gpu_profile();
     }
 
-    /// Stops recording and returns the per-op times.
+    /// Stops recording and returns the per-op times; device kernel times, where the backend
+    /// records them, follow as entries named `gpu:<kernel>`.
     pub fn take_profile(&mut self) -> Option<OpProfile> {
-        self.profile.take()
+        let mut p = self.profile.take()?;
+        if let Some(k) = self.backend.gpu_profile() {
+            for (name, secs, calls) in k {
+                p.entries.push((gpu_name(name), secs, calls));
+            }
+        }
+        self.backend.set_gpu_profiling(false);
+        Some(p)
     }
 
     /// The backend.
@@ -217,8 +239,14 @@ impl<B: Backend> Generator<B> {
         let t1 = Instant::now();
         let mut emitted = 0usize; // bytes of `text` already passed to the callback
         let mut full_text = String::new();
+        // Plain greedy decoding needs only the argmax, which a backend may find on the device.
+        let greedy = opts.sampling.temperature == 0.0 && opts.sampling.repetition_penalty == 1.0;
+        let mut next: Option<u32> = None;
         loop {
-            let tok = sampler.sample(&mut logits, &context);
+            let tok = match next.take() {
+                Some(t) => t,
+                None => sampler.sample(&mut logits, &context),
+            };
             if !opts.ignore_eos && opts.eos_token_ids.contains(&tok) {
                 out.finish = FinishReason::Stop;
                 break;
@@ -258,16 +286,27 @@ impl<B: Backend> Generator<B> {
             {
                 break;
             }
-            forward(
-                &mut self.backend,
-                &mut self.cache,
-                &[tok],
-                context.len() - 1,
-                LogitRows::Last,
-                &mut self.logits,
-                self.profile.as_mut(),
-            )?;
-            std::mem::swap(&mut logits, &mut self.logits);
+            if greedy {
+                next = Some(forward_argmax(
+                    &mut self.backend,
+                    &mut self.cache,
+                    &[tok],
+                    context.len() - 1,
+                    &mut self.logits,
+                    self.profile.as_mut(),
+                )?);
+            } else {
+                forward(
+                    &mut self.backend,
+                    &mut self.cache,
+                    &[tok],
+                    context.len() - 1,
+                    LogitRows::Last,
+                    &mut self.logits,
+                    self.profile.as_mut(),
+                )?;
+                std::mem::swap(&mut logits, &mut self.logits);
+            }
         }
         out.decode_s = t1.elapsed().as_secs_f64();
         out.text = full_text;

@@ -71,6 +71,20 @@ pub trait Backend {
     fn logits(&mut self, rows: LogitRows, out: &mut Vec<f32>) -> Result<()>;
     /// Bytes of weights one decode step reads (ternary weights, head, norms).
     fn decode_bytes_per_token(&self) -> u64;
+    /// Final norm and head of the step's last position, then the index of its largest logit
+    /// (the lowest id on ties, as [`crate::engine::sampler::argmax`]). `scratch` may receive
+    /// the logits. Backends that can find it without reading the logits back override this.
+    fn argmax_last(&mut self, scratch: &mut Vec<f32>) -> Result<u32> {
+        self.logits(LogitRows::Last, scratch)?;
+        Ok(crate::engine::sampler::argmax(scratch))
+    }
+    /// Turns per-kernel device timing on or off (backends without it ignore this).
+    fn set_gpu_profiling(&mut self, _on: bool) {}
+    /// Device time per kernel, (name, seconds, dispatches), accumulated since profiling was
+    /// turned on or last taken; None when the backend has no such timing.
+    fn gpu_profile(&mut self) -> Option<Vec<(&'static str, f64, u64)>> {
+        None
+    }
 }
 
 /// Wall-clock time per op kind, accumulated over forward passes (meaningful for backends whose
@@ -82,7 +96,7 @@ pub struct OpProfile {
 }
 
 impl OpProfile {
-    fn add(&mut self, name: &'static str, secs: f64) {
+    pub(crate) fn add(&mut self, name: &'static str, secs: f64) {
         match self.entries.iter_mut().find(|e| e.0 == name) {
             Some(e) => {
                 e.1 += secs;
@@ -105,6 +119,43 @@ pub fn forward<B: Backend>(
     mut profile: Option<&mut OpProfile>,
 ) -> Result<()> {
     out.clear();
+    layers(b, cache, tokens, pos, profile.as_deref_mut())?;
+    let t0 = profile.is_some().then(std::time::Instant::now);
+    let r = b.logits(rows, out);
+    if let (Some(p), Some(t0)) = (profile, t0) {
+        p.add("final_norm_head", t0.elapsed().as_secs_f64());
+    }
+    r
+}
+
+/// Like [`forward`] for greedy decoding: returns the argmax of the last position's logits
+/// ([`Backend::argmax_last`]); `scratch` may receive logits.
+pub fn forward_argmax<B: Backend>(
+    b: &mut B,
+    cache: &mut B::Cache,
+    tokens: &[u32],
+    pos: usize,
+    scratch: &mut Vec<f32>,
+    mut profile: Option<&mut OpProfile>,
+) -> Result<u32> {
+    scratch.clear();
+    layers(b, cache, tokens, pos, profile.as_deref_mut())?;
+    let t0 = profile.is_some().then(std::time::Instant::now);
+    let r = b.argmax_last(scratch);
+    if let (Some(p), Some(t0)) = (profile, t0) {
+        p.add("final_norm_head", t0.elapsed().as_secs_f64());
+    }
+    r
+}
+
+/// Embedding and every layer of a step (everything before the final norm).
+fn layers<B: Backend>(
+    b: &mut B,
+    cache: &mut B::Cache,
+    tokens: &[u32],
+    pos: usize,
+    mut profile: Option<&mut OpProfile>,
+) -> Result<()> {
     if tokens.is_empty() {
         return Err(Error::Request("empty token sequence".into()));
     }
@@ -138,5 +189,5 @@ pub fn forward<B: Backend>(
         op!("relu2_mul_norm_quant", b.relu2_mul_norm_quant(l));
         op!("matmul_down", b.ternary_matmul(l, Linear::Down));
     }
-    op!("final_norm_head", b.logits(rows, out))
+    Ok(())
 }

@@ -62,7 +62,9 @@ pub fn uniform(device: &wgpu::Device, label: &str, words: &[u32]) -> wgpu::Buffe
 }
 
 /// Ternary matrices stacked by rows in the GPU layout: per row `kvec` vec4<u32> holding 16
-/// codes (`w + 1`, 2 bits, column `c` at bits `2 * (c % 16)` of word `c / 16`), zero-padded
+/// codes (`w + 1`, 2 bits) per word; column `c = 16 k + 4 s + b` sits at bits `8 b + 2 s` of
+/// word `k`, so `(word >> 2 s) & 0x03030303` holds 4 consecutive columns, one per byte, ready
+/// for `dot4I8Packed` against a word of 4 int8 activations; zero-padded
 /// columns (code 0 multiplies a zero activation), and one f32 scale per row.
 pub struct PackedMatrix {
     /// Code words, `rows * kvec * 4`.
@@ -95,7 +97,8 @@ impl PackedMatrix {
                 |codes, (r, out)| -> Result<()> {
                     m.row_codes(r, codes)?;
                     for (c, &code) in codes.iter().enumerate() {
-                        out[c / 16] |= (code as u32) << (2 * (c % 16));
+                        let (s, b) = ((c % 16) / 4, c % 4);
+                        out[c / 16] |= (code as u32) << (8 * b + 2 * s);
                     }
                     Ok(())
                 },

@@ -136,11 +136,13 @@ impl GpuContext {
         let adapter = pick(&instance)
             .ok_or_else(|| Error::Backend("no wgpu adapter with compute shaders found".into()))?;
         let desc = describe(&adapter, subgroups);
-        let features = if desc.subgroup_size.is_some() {
+        let mut features = if desc.subgroup_size.is_some() {
             wgpu::Features::SUBGROUP
         } else {
             wgpu::Features::empty()
         };
+        // Timestamps for `bench --profile` (per-kernel GPU time), where the adapter has them.
+        features |= adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("bitnet"),

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 
 use buffers::{bind_group, pad64, pad8, storage, storage_init, uniform, PackedMatrix, Shard};
 pub use context::{AdapterDesc, GpuContext};
-use kernels::NormKind;
+use kernels::{NormKind, Recorder};
 use pipelines::Pipelines;
 
 use crate::config::ModelConfig;
@@ -107,6 +107,10 @@ struct Bufs {
     logits: wgpu::Buffer,
     readback: wgpu::Buffer,
     rope_params: wgpu::Buffer,
+    /// Argmax of logits row 0: (value, index) partials, the result word and its readback.
+    argmax_part: wgpu::Buffer,
+    argmax_result: wgpu::Buffer,
+    argmax_readback: wgpu::Buffer,
 }
 
 /// The KV cache on the GPU: f32 keys and values per layer `[kv_head][position][head_dim]`,
@@ -147,6 +151,7 @@ pub struct GpuBackend {
     bufs: Bufs,
     layers: Vec<GpuLayer>,
     final_norm_bg: wgpu::BindGroup,
+    argmax_bg: wgpu::BindGroup,
     embed_shards: Vec<(Shard, wgpu::BindGroup)>,
     head_shards: Vec<(Shard, wgpu::BindGroup)>,
     head_bytes: u64,
@@ -154,7 +159,7 @@ pub struct GpuBackend {
     max_step: usize,
     max_binding: u64,
     logit_rows: usize,
-    encoder: Option<wgpu::CommandEncoder>,
+    rec: Recorder,
     tokens: Vec<u32>,
     /// [t, pos, chunk, nsplit, cap, row0, nrows, 0]
     step: [u32; 8],
@@ -186,18 +191,6 @@ fn mat(
         bytes: (m.words.len() * 4) as u64,
         bg,
     }
-}
-
-/// The step's encoder, created on first use.
-fn enc<'a>(
-    encoder: &'a mut Option<wgpu::CommandEncoder>,
-    device: &wgpu::Device,
-) -> &'a mut wgpu::CommandEncoder {
-    encoder.get_or_insert_with(|| {
-        device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("step"),
-        })
-    })
 }
 
 impl GpuBackend {
@@ -257,6 +250,14 @@ impl GpuBackend {
             readback: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("readback"),
                 size: (logit_rows * vocab * f) as u64,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            argmax_part: storage(device, "argmax partials", kernels::argmax_parts(vocab) * 8),
+            argmax_result: storage(device, "argmax", 16),
+            argmax_readback: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("argmax readback"),
+                size: 16,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
@@ -389,6 +390,22 @@ impl GpuBackend {
             &bufs.hn,
         );
 
+        let argmax_params = uniform(
+            device,
+            "argmax",
+            &[vocab as u32, kernels::argmax_parts(vocab) as u32],
+        );
+        let argmax_bg = bind_group(
+            device,
+            "argmax",
+            &pipes.argmax_layout,
+            &[
+                &argmax_params,
+                &bufs.logits,
+                &bufs.argmax_part,
+                &bufs.argmax_result,
+            ],
+        );
         let embed_bg = |s: &Shard| {
             bind_group(
                 device,
@@ -441,6 +458,10 @@ impl GpuBackend {
             }
         };
 
+        let mut rec = Recorder::new(&ctx.device);
+        if std::env::var_os("BITNET_GPU_PROFILE").is_some() {
+            rec.set_profiling(true, &ctx.queue);
+        }
         Ok(GpuBackend {
             inv_freq: rope_inv_freq(cfg.rope_theta, cfg.head_dim),
             cfg,
@@ -448,17 +469,38 @@ impl GpuBackend {
             bufs,
             layers,
             final_norm_bg,
+            argmax_bg,
             embed_shards,
             head_shards,
             head_bytes,
             max_step,
             max_binding,
             logit_rows,
-            encoder: None,
+            rec,
             tokens: Vec::new(),
             step: [0; 8],
             ctx,
         })
+    }
+
+    /// Prints the per-kernel GPU time accumulated since profiling was turned on (stderr).
+    pub fn print_gpu_profile(&mut self) {
+        let Some(p) = self.rec.take_profile() else {
+            return;
+        };
+        let total: f64 = p.iter().map(|e| e.1).sum();
+        eprintln!(
+            "gpu kernel time (timestamp queries), total {:.3} ms",
+            total * 1e3
+        );
+        for (name, secs, calls) in p {
+            eprintln!(
+                "  {name:<20} {:>10.3} ms {:>5.1}%  {calls:>6} dispatches  {:>8.2} us/dispatch",
+                secs * 1e3,
+                100.0 * secs / total.max(1e-12),
+                secs * 1e6 / calls.max(1) as f64
+            );
+        }
     }
 
     /// The adapter in use.
@@ -492,9 +534,7 @@ impl GpuBackend {
         if !self.tokens.is_empty() {
             q.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(&self.tokens));
         }
-        if let Some(enc) = self.encoder.take() {
-            q.submit([enc.finish()]);
-        }
+        self.rec.submit(q);
     }
 
     fn wait_map(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
@@ -568,8 +608,22 @@ impl GpuBackend {
         layer: usize,
     ) {
         let t = self.t();
-        let e = enc(&mut self.encoder, &self.ctx.device);
-        kernels::norm(e, &self.pipes, kind, which(&self.layers[layer]), t);
+        kernels::norm(
+            &mut self.rec,
+            &self.pipes,
+            kind,
+            which(&self.layers[layer]),
+            t,
+        );
+    }
+}
+
+impl Drop for GpuBackend {
+    fn drop(&mut self) {
+        // BITNET_GPU_PROFILE=1: every kernel is timed from load on; the totals print at exit.
+        if std::env::var_os("BITNET_GPU_PROFILE").is_some() {
+            self.print_gpu_profile();
+        }
     }
 }
 
@@ -673,15 +727,13 @@ impl Backend for GpuBackend {
             )));
         }
         // Drop any unsubmitted work of an abandoned step.
-        self.encoder = None;
+        self.rec.discard();
         self.tokens.clear();
         self.tokens.extend_from_slice(tokens);
         self.step = [tokens.len() as u32, 0, 64, 1, 0, 0, 0, 0];
         let (t, h) = (tokens.len(), self.cfg.hidden_size);
-        let shards: Vec<_> = self.embed_shards.iter().map(|(_, bg)| bg.clone()).collect();
-        let enc = enc(&mut self.encoder, &self.ctx.device);
-        for bg in &shards {
-            kernels::embed(enc, &self.pipes, bg, h, t);
+        for (_, bg) in &self.embed_shards {
+            kernels::embed(&mut self.rec, &self.pipes, bg, h, t);
         }
         Ok(())
     }
@@ -696,21 +748,13 @@ impl Backend for GpuBackend {
     fn ternary_matmul(&mut self, layer: usize, linear: Linear) {
         let t = self.t();
         let l = &self.layers[layer];
-        let (m, acc) = match linear {
-            Linear::Qkv => (&l.qkv, false),
-            Linear::O => (&l.o, true),
-            Linear::GateUp => (&l.gate_up, false),
-            Linear::Down => (&l.down, true),
+        let (m, acc, label) = match linear {
+            Linear::Qkv => (&l.qkv, false, "matmul_qkv"),
+            Linear::O => (&l.o, true, "matmul_o"),
+            Linear::GateUp => (&l.gate_up, false, "matmul_gate_up"),
+            Linear::Down => (&l.down, true, "matmul_down"),
         };
-        let (bg, rows) = (m.bg.clone(), m.rows);
-        kernels::matmul(
-            enc(&mut self.encoder, &self.ctx.device),
-            &self.pipes,
-            &bg,
-            rows,
-            t,
-            acc,
-        );
+        kernels::matmul(&mut self.rec, &self.pipes, label, &m.bg, m.rows, t, acc);
     }
 
     fn rope_kv_write(&mut self, cache: &mut GpuCache, layer: usize, pos: usize) {
@@ -718,13 +762,7 @@ impl Backend for GpuBackend {
         self.step[1] = pos as u32;
         self.step[4] = cache.capacity as u32;
         let heads = self.cfg.num_heads + self.cfg.num_kv_heads;
-        kernels::rope(
-            enc(&mut self.encoder, &self.ctx.device),
-            &self.pipes,
-            &cache.rope_bgs[layer],
-            heads,
-            t,
-        );
+        kernels::rope(&mut self.rec, &self.pipes, &cache.rope_bgs[layer], heads, t);
     }
 
     fn attention(&mut self, cache: &GpuCache, layer: usize, pos: usize) {
@@ -738,7 +776,7 @@ impl Backend for GpuBackend {
         self.step[4] = cache.capacity as u32;
         let heads = self.cfg.num_heads;
         kernels::attention(
-            enc(&mut self.encoder, &self.ctx.device),
+            &mut self.rec,
             &self.pipes,
             &cache.attn_bgs[layer],
             nsplit,
@@ -766,12 +804,11 @@ impl Backend for GpuBackend {
             LogitRows::Last => t - 1..t,
             LogitRows::All => 0..t,
         };
-        let fbg = self.final_norm_bg.clone();
         kernels::norm(
-            enc(&mut self.encoder, &self.ctx.device),
+            &mut self.rec,
             &self.pipes,
             NormKind::F32,
-            &fbg,
+            &self.final_norm_bg,
             t,
         );
         out.clear();
@@ -788,17 +825,56 @@ impl Backend for GpuBackend {
             self.step[6] = n as u32;
             let bytes = (n * vocab * 4) as u64;
             let (logits, readback) = (self.bufs.logits.clone(), self.bufs.readback.clone());
-            let enc = enc(&mut self.encoder, &self.ctx.device);
             for (rows, bg) in &shards {
-                kernels::head(enc, &self.pipes, bg, *rows, n);
+                kernels::head(&mut self.rec, &self.pipes, bg, *rows, n);
             }
-            enc.copy_buffer_to_buffer(&logits, 0, &readback, 0, bytes);
+            self.rec
+                .encoder()
+                .copy_buffer_to_buffer(&logits, 0, &readback, 0, bytes);
             self.flush();
             let data = self.wait_map(&readback, bytes)?;
             out.extend_from_slice(bytemuck::cast_slice(&data));
             r0 += n;
         }
         Ok(())
+    }
+
+    fn argmax_last(&mut self, _scratch: &mut Vec<f32>) -> Result<u32> {
+        let t = self.t();
+        kernels::norm(
+            &mut self.rec,
+            &self.pipes,
+            NormKind::F32,
+            &self.final_norm_bg,
+            t,
+        );
+        self.step[5] = (t - 1) as u32;
+        self.step[6] = 1;
+        for (s, bg) in &self.head_shards {
+            kernels::head(&mut self.rec, &self.pipes, bg, s.rows, 1);
+        }
+        kernels::argmax(
+            &mut self.rec,
+            &self.pipes,
+            &self.argmax_bg,
+            self.cfg.vocab_size,
+        );
+        let (res, rb) = (
+            self.bufs.argmax_result.clone(),
+            self.bufs.argmax_readback.clone(),
+        );
+        self.rec.encoder().copy_buffer_to_buffer(&res, 0, &rb, 0, 4);
+        self.flush();
+        let data = self.wait_map(&rb, 4)?;
+        Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+    }
+
+    fn set_gpu_profiling(&mut self, on: bool) {
+        self.rec.set_profiling(on, &self.ctx.queue);
+    }
+
+    fn gpu_profile(&mut self) -> Option<Vec<(&'static str, f64, u64)>> {
+        self.rec.take_profile()
     }
 
     fn decode_bytes_per_token(&self) -> u64 {

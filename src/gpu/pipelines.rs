@@ -13,6 +13,7 @@ const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
 const ROPE: &str = include_str!("../../shaders/rope.wgsl");
 const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
 const HEAD: &str = include_str!("../../shaders/head.wgsl");
+const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
 
 /// How a binding is used by a kernel.
 #[derive(Clone, Copy)]
@@ -24,6 +25,12 @@ enum Use {
 
 /// Invocations per workgroup of the row-parallel kernels (GEMV, head).
 pub const ROW_WG: u32 = 256;
+
+/// Invocations per GEMV workgroup (`GV_WG` in matmul.wgsl).
+pub const GEMV_WG: u32 = 128;
+
+/// Invocations per GEMV row (each group of them computes two rows).
+pub const GEMV_TPR: u32 = 16;
 
 /// The compiled kernels and their bind group layouts.
 pub struct Pipelines {
@@ -67,6 +74,12 @@ pub struct Pipelines {
     pub combine: wgpu::ComputePipeline,
     /// Output head.
     pub head: wgpu::ComputePipeline,
+    /// Argmax layout: params, logits, partials, result.
+    pub argmax_layout: wgpu::BindGroupLayout,
+    /// Argmax partials.
+    pub argmax_partial: wgpu::ComputePipeline,
+    /// Argmax merge.
+    pub argmax_final: wgpu::ComputePipeline,
 }
 
 fn layout(device: &wgpu::Device, label: &str, uses: &[Use]) -> wgpu::BindGroupLayout {
@@ -161,12 +174,14 @@ impl Pipelines {
             &[Uniform, Uniform, Read, Read, Read, Write, Write],
         );
         let head_layout = layout(device, "head", &[Uniform, Uniform, Read, Read, Write]);
+        let argmax_layout = layout(device, "argmax", &[Uniform, Read, Write, Write]);
 
         let f32w = if f32_head { 1.0 } else { 0.0 };
         let tprf = tpr as f64;
         let m_embed = module(device, "embed", &[COMMON, EMBED]);
         let m_norm = module(device, "norm", &[COMMON, NORM]);
-        let m_matmul = module(device, "matmul", &[COMMON, reduce, MATMUL]);
+        let m_matmul = module(device, "matmul", &[COMMON, MATMUL]);
+        let m_argmax = module(device, "argmax", &[COMMON, ARGMAX]);
         let m_rope = module(device, "rope", &[COMMON, ROPE]);
         let m_attn = module(device, "attention", &[COMMON, ATTENTION]);
         let m_head = module(device, "head", &[COMMON, reduce, HEAD]);
@@ -211,7 +226,7 @@ impl Pipelines {
                 &matmul_layout,
                 &m_matmul,
                 "gemv",
-                &[("ACCUM", 0.0), ("TPR", tprf)],
+                &[("ACCUM", 0.0), ("TPR", GEMV_TPR as f64)],
             ),
             gemv_acc: pipeline(
                 device,
@@ -219,7 +234,7 @@ impl Pipelines {
                 &matmul_layout,
                 &m_matmul,
                 "gemv",
-                &[("ACCUM", 1.0), ("TPR", tprf)],
+                &[("ACCUM", 1.0), ("TPR", GEMV_TPR as f64)],
             ),
             gemm: pipeline(
                 device,
@@ -227,7 +242,7 @@ impl Pipelines {
                 &matmul_layout,
                 &m_matmul,
                 "gemm",
-                &[("ACCUM", 0.0), ("TPR", tprf)],
+                &[("ACCUM", 0.0)],
             ),
             gemm_acc: pipeline(
                 device,
@@ -235,7 +250,7 @@ impl Pipelines {
                 &matmul_layout,
                 &m_matmul,
                 "gemm",
-                &[("ACCUM", 1.0), ("TPR", tprf)],
+                &[("ACCUM", 1.0)],
             ),
             rope: pipeline(device, "rope", &rope_layout, &m_rope, "main", &[]),
             attend: pipeline(device, "attend", &attn_layout, &m_attn, "attend", &[]),
@@ -248,6 +263,23 @@ impl Pipelines {
                 "main",
                 &[("F32_WEIGHTS", f32w), ("TPR", tprf)],
             ),
+            argmax_partial: pipeline(
+                device,
+                "argmax_partial",
+                &argmax_layout,
+                &m_argmax,
+                "partial",
+                &[],
+            ),
+            argmax_final: pipeline(
+                device,
+                "argmax_final",
+                &argmax_layout,
+                &m_argmax,
+                "final_",
+                &[],
+            ),
+            argmax_layout,
             embed_layout,
             norm_layout,
             matmul_layout,
@@ -257,7 +289,12 @@ impl Pipelines {
         }
     }
 
-    /// Rows of a GEMV/head workgroup.
+    /// Rows of a GEMV workgroup.
+    pub fn gemv_rows_per_wg(&self) -> u32 {
+        2 * GEMV_WG / GEMV_TPR
+    }
+
+    /// Rows of a head workgroup.
     pub fn rows_per_wg(&self) -> u32 {
         ROW_WG / self.tpr
     }

@@ -1,0 +1,84 @@
+// Greedy decoding on the GPU: the index of the largest logit of logits row 0 (the lowest index
+// on ties, like the CPU sampler), so a decode step reads back 4 bytes instead of the logits.
+// partial: dispatch (ceil(vocab / ARG_CHUNK)), 256 invocations; each workgroup writes its
+// (value, index) to part. final: dispatch (1), reads the partials and writes result[0].
+
+struct ArgP {
+    n: u32,     // logits
+    parts: u32, // partial results
+    pad0: u32,
+    pad1: u32,
+}
+
+const ARG_CHUNK: u32 = 4096u;
+
+@group(0) @binding(0) var<uniform> ap: ArgP;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> part: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read_write> result: array<u32>;
+
+var<workgroup> bv: array<f32, 256>;
+var<workgroup> bi: array<u32, 256>;
+
+// Is (v, i) before (bv, bj) in argmax order?
+fn better(v: f32, i: u32, w: f32, j: u32) -> bool {
+    return v > w || (v == w && i < j);
+}
+
+fn tree(li: u32) {
+    for (var s = 128u; s > 0u; s = s >> 1u) {
+        if li < s {
+            let v = bv[li + s];
+            let i = bi[li + s];
+            if better(v, i, bv[li], bi[li]) {
+                bv[li] = v;
+                bi[li] = i;
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(256)
+fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let start = wg.x * ARG_CHUNK;
+    let end = min(start + ARG_CHUNK, ap.n);
+    var best = NEG_BIG;
+    var bidx = 0xffffffffu;
+    for (var i = start + li; i < end; i = i + 256u) {
+        let v = logits[i];
+        if better(v, i, best, bidx) {
+            best = v;
+            bidx = i;
+        }
+    }
+    bv[li] = best;
+    bi[li] = bidx;
+    workgroupBarrier();
+    tree(li);
+    if li == 0u {
+        part[wg.x] = vec2<u32>(bitcast<u32>(bv[0]), bi[0]);
+    }
+}
+
+@compute @workgroup_size(256)
+fn final_(@builtin(local_invocation_index) li: u32) {
+    var best = NEG_BIG;
+    var bidx = 0xffffffffu;
+    for (var i = li; i < ap.parts; i = i + 256u) {
+        let p = part[i];
+        let v = bitcast<f32>(p.x);
+        if better(v, p.y, best, bidx) {
+            best = v;
+            bidx = p.y;
+        }
+    }
+    bv[li] = best;
+    bi[li] = bidx;
+    workgroupBarrier();
+    tree(li);
+    if li == 0u {
+        // All logits below NEG_BIG (or NaN): fall back to 0, like the CPU's argmax start.
+        result[0] = select(bi[0], 0u, bi[0] == 0xffffffffu);
+    }
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU backend's device measurement (see BENCHMARKS.md). Run on the device machine from the
+# repository root with `.gl/` carried: `.gl/*.deb` hold the Vulkan loader, `.gl/bitnet` the
+# release CLI built on the workstation (`cargo build --release && strip -o .gl/bitnet
+# target/release/bitnet`). Prints: adapter, the fixture's greedy tokens (must equal the CPU's),
+# then for 128- and 512-token prompts decode/prefill tok/s, and a decode profile with per-kernel
+# GPU time (timestamp queries, `gpu:<kernel>` entries, ms per decode step).
+set -u
+for f in .gl/*.deb; do dpkg -x "$f" /; done
+ldconfig
+export VK_DRIVER_FILES=${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+B=${BITNET:-.gl/bitnet}
+OUT=${OUT:-/tmp}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
+[ -d /tmp/m ] || $B synth --shape 2b4t --out /tmp/m >/dev/null
+echo "== fixture greedy (want [80,109,170,175,74,53,218,111,202,76,77,152,162,62,111,234])"
+$B generate --backend gpu --model tests/fixtures/tiny --tokens 297,251,21,88,201,206,250 \
+    --max-tokens 16 --ignore-eos --json | grep -o '"tokens":\[[0-9,]*\]'
+for p in ${PROMPTS:-128 512}; do
+    echo "== bench prompt $p"
+    $B bench --backend gpu --model /tmp/m --prompt-len "$p" --gen ${GEN:-64} --json | tee "$OUT/bench_$p.json" |
+        python3 -c 'import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ("backend","prefill_tok_s","decode_tok_s","decode_gb_s")})'
+done
+echo "== decode profile (prompt 128)"
+$B bench --backend gpu --model /tmp/m --prompt-len 128 --gen ${GEN:-64} --profile
+echo "== prefill profile (prompt 512, every kernel of the run timed; BITNET_GPU_PROFILE)"
+BITNET_GPU_PROFILE=1 $B bench --backend gpu --model /tmp/m --prompt-len 512 --gen 2 --json 2>&1 | grep -v '^{'
