@@ -325,12 +325,6 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
-    /// Ternary parameters per layer.
-    pub fn ternary_params_per_layer(&self) -> usize {
-        let h = self.hidden_size;
-        (self.q_dim() + 2 * self.kv_dim()) * h + self.q_dim() * h + 3 * self.intermediate_size * h
-    }
-
     /// The config.json this configuration is written as (release spelling, autobitlinear/offline).
     pub fn to_json(&self) -> Value {
         serde_json::json!({

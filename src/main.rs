@@ -276,7 +276,9 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
             head,
             kernels: Some(Kernels::by_name(&args.kernels)?),
         };
-        Engine::Cpu(Box::new(Generator::new(CpuBackend::load(&weights, &opts)?)?))
+        Engine::Cpu(Box::new(Generator::new(CpuBackend::load(
+            &weights, &opts,
+        )?)?))
     };
     drop(weights);
     pb.finish_and_clear();

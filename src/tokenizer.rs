@@ -34,7 +34,6 @@ pub struct Tokenizer {
     chat_template: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
-    bos_id: Option<u32>,
 }
 
 fn special_token_text(v: Option<&Value>) -> Option<String> {
@@ -72,11 +71,9 @@ impl Tokenizer {
                 .map(str::to_string)
         };
         let bos_token = special_token_text(cfg.get("bos_token"));
-        let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
         Ok(Some(Tokenizer {
             eos_token: special_token_text(cfg.get("eos_token")),
             bos_token,
-            bos_id,
             chat_template,
             inner,
         }))
@@ -101,16 +98,6 @@ impl Tokenizer {
         self.inner
             .decode(ids, skip_special)
             .map_err(|e| Error::Tokenizer(format!("decoding failed: {e}")))
-    }
-
-    /// The id of a token string, if it is in the vocabulary.
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
-    /// The BOS id from tokenizer_config.json.
-    pub fn bos_id(&self) -> Option<u32> {
-        self.bos_id
     }
 
     /// Whether a chat template is available.
