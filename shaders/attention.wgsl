@@ -49,7 +49,27 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         if p < end {
             var dot = 0.0;
             let kb = kbase + p * hd;
-            for (var d = 0u; d < hd; d = d + 1u) {
+            // Eight loads in flight; the sum keeps the sequential order.
+            var d = 0u;
+            for (; d + 8u <= hd; d = d + 8u) {
+                let k0 = kc[kb + d];
+                let k1 = kc[kb + d + 1u];
+                let k2 = kc[kb + d + 2u];
+                let k3 = kc[kb + d + 3u];
+                let k4 = kc[kb + d + 4u];
+                let k5 = kc[kb + d + 5u];
+                let k6 = kc[kb + d + 6u];
+                let k7 = kc[kb + d + 7u];
+                dot = dot + qs[d] * k0;
+                dot = dot + qs[d + 1u] * k1;
+                dot = dot + qs[d + 2u] * k2;
+                dot = dot + qs[d + 3u] * k3;
+                dot = dot + qs[d + 4u] * k4;
+                dot = dot + qs[d + 5u] * k5;
+                dot = dot + qs[d + 6u] * k6;
+                dot = dot + qs[d + 7u] * k7;
+            }
+            for (; d < hd; d = d + 1u) {
                 dot = dot + qs[d] * kc[kb + d];
             }
             score = dot * ap.scale;
@@ -74,8 +94,28 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             let d = li + 64u * k;
             if d < hd {
                 var acc = o[k] * f;
-                for (var i = 0u; i < n; i = i + 1u) {
-                    acc = acc + ex[i] * vc[kbase + (b + i) * hd + d];
+                let vb = kbase + b * hd + d;
+                var i = 0u;
+                for (; i + 8u <= n; i = i + 8u) {
+                    let v0 = vc[vb + i * hd];
+                    let v1 = vc[vb + (i + 1u) * hd];
+                    let v2 = vc[vb + (i + 2u) * hd];
+                    let v3 = vc[vb + (i + 3u) * hd];
+                    let v4 = vc[vb + (i + 4u) * hd];
+                    let v5 = vc[vb + (i + 5u) * hd];
+                    let v6 = vc[vb + (i + 6u) * hd];
+                    let v7 = vc[vb + (i + 7u) * hd];
+                    acc = acc + ex[i] * v0;
+                    acc = acc + ex[i + 1u] * v1;
+                    acc = acc + ex[i + 2u] * v2;
+                    acc = acc + ex[i + 3u] * v3;
+                    acc = acc + ex[i + 4u] * v4;
+                    acc = acc + ex[i + 5u] * v5;
+                    acc = acc + ex[i + 6u] * v6;
+                    acc = acc + ex[i + 7u] * v7;
+                }
+                for (; i < n; i = i + 1u) {
+                    acc = acc + ex[i] * vc[vb + i * hd];
                 }
                 o[k] = acc;
             }

@@ -115,17 +115,28 @@ fn signed(s: u32) -> u32 {
     return ((s | 0x80808080u) - ONES) ^ 0x80808080u;
 }
 
+fn d4(a: vec4<u32>, b: vec4<u32>) -> i32 {
+    return dot4I8Packed(a.x, b.x) + dot4I8Packed(a.y, b.y) + dot4I8Packed(a.z, b.z)
+        + dot4I8Packed(a.w, b.w);
+}
+
+// One row's weights against the 4 tokens' activations.
+fn d44(a: vec4<u32>, b0: vec4<u32>, b1: vec4<u32>, b2: vec4<u32>, b3: vec4<u32>) -> vec4<i32> {
+    return vec4<i32>(d4(a, b0), d4(a, b1), d4(a, b2), d4(a, b3));
+}
+
 @compute @workgroup_size(256)
 fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let r0 = wg.x * 64u;
     let t0 = wg.y * 64u;
     let tx = li % 16u; // rows tx + 16 i
     let ty = li / 16u; // tokens ty + 16 j
+    // acc_i: row tx + 16 i, component j: token ty + 16 j (no arrays: they can spill).
+    var acc0 = vec4<i32>(0);
+    var acc1 = vec4<i32>(0);
+    var acc2 = vec4<i32>(0);
+    var acc3 = vec4<i32>(0);
     let xrow = mp.kvec * 4u;
-    var acc: array<i32, 16>;
-    for (var i = 0u; i < 16u; i = i + 1u) {
-        acc[i] = 0;
-    }
     // Loader roles: row / token li / 4, quarter li % 4.
     let lr = li / 4u;
     let lq = li % 4u;
@@ -137,7 +148,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let xsrc = select(0u, xtok, xok) * xrow;
     for (var m = 0u; m < mp.kvec; m = m + 1u) {
         // One code word (16 columns) -> 4 words of signed int8.
-        var cw = w[wsrc + m][lq];
+        let cw = w[wsrc + m][lq];
         var e = vec4<u32>(0u);
         if wok {
             e = vec4<u32>(signed(cw & M2), signed((cw >> 2u) & M2), signed((cw >> 4u) & M2),
@@ -151,31 +162,41 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         xt[lr * 5u + lq] = xv;
         workgroupBarrier();
         for (var q = 0u; q < 4u; q = q + 1u) {
-            var wv: array<vec4<u32>, 4>;
-            var xv4: array<vec4<u32>, 4>;
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                wv[i] = wt[(tx + 16u * i) * 5u + q];
-                xv4[i] = xt[(ty + 16u * i) * 5u + q];
-            }
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                for (var j = 0u; j < 4u; j = j + 1u) {
-                    let a = wv[i];
-                    let b = xv4[j];
-                    acc[i * 4u + j] = acc[i * 4u + j] + dot4I8Packed(a.x, b.x)
-                        + dot4I8Packed(a.y, b.y) + dot4I8Packed(a.z, b.z)
-                        + dot4I8Packed(a.w, b.w);
-                }
-            }
+            let a0 = wt[tx * 5u + q];
+            let a1 = wt[(tx + 16u) * 5u + q];
+            let a2 = wt[(tx + 32u) * 5u + q];
+            let a3 = wt[(tx + 48u) * 5u + q];
+            let b0 = xt[ty * 5u + q];
+            let b1 = xt[(ty + 16u) * 5u + q];
+            let b2 = xt[(ty + 32u) * 5u + q];
+            let b3 = xt[(ty + 48u) * 5u + q];
+            acc0 = acc0 + d44(a0, b0, b1, b2, b3);
+            acc1 = acc1 + d44(a1, b0, b1, b2, b3);
+            acc2 = acc2 + d44(a2, b0, b1, b2, b3);
+            acc3 = acc3 + d44(a3, b0, b1, b2, b3);
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        let row = r0 + tx + 16u * i;
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let t = t0 + ty + 16u * j;
-            if row < mp.rows && t < step.t {
-                store(t, row, acc[i * 4u + j]);
-            }
-        }
+    store4(r0 + tx, t0 + ty, acc0);
+    store4(r0 + tx + 16u, t0 + ty, acc1);
+    store4(r0 + tx + 32u, t0 + ty, acc2);
+    store4(r0 + tx + 48u, t0 + ty, acc3);
+}
+
+fn store4(row: u32, t: u32, a: vec4<i32>) {
+    if row >= mp.rows {
+        return;
+    }
+    if t < step.t {
+        store(t, row, a.x);
+    }
+    if t + 16u < step.t {
+        store(t + 16u, row, a.y);
+    }
+    if t + 32u < step.t {
+        store(t + 32u, row, a.z);
+    }
+    if t + 48u < step.t {
+        store(t + 48u, row, a.w);
     }
 }

@@ -31,13 +31,35 @@ fn value(t: u32, c: u32) -> f32 {
     return src[base + c];
 }
 
+// value(t, c), or 0 past the row.
+fn vat(t: u32, c: u32) -> f32 {
+    if c < p.width {
+        return value(t, c);
+    }
+    return 0.0;
+}
+
+fn gam(c: u32) -> f32 {
+    if c < p.width {
+        return gamma[c];
+    }
+    return 0.0;
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = wg.x;
+    // Four loads in flight per iteration; the sum keeps the one-column-at-a-time order.
     var ss = 0.0;
-    for (var c = li; c < p.width; c = c + 256u) {
-        let v = value(t, c);
-        ss = ss + v * v;
+    for (var c = li; c < p.width; c = c + 1024u) {
+        let v0 = value(t, c);
+        let v1 = vat(t, c + 256u);
+        let v2 = vat(t, c + 512u);
+        let v3 = vat(t, c + 768u);
+        ss = ss + v0 * v0;
+        ss = ss + v1 * v1;
+        ss = ss + v2 * v2;
+        ss = ss + v3 * v3;
     }
     red[li] = ss;
     workgroupBarrier();
@@ -62,8 +84,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return;
     }
     var am = 0.0;
-    for (var c = li; c < p.width; c = c + 256u) {
-        am = max(am, abs(gamma[c] * (value(t, c) * inv)));
+    for (var c = li; c < p.width; c = c + 1024u) {
+        let v0 = value(t, c);
+        let v1 = vat(t, c + 256u);
+        let v2 = vat(t, c + 512u);
+        let v3 = vat(t, c + 768u);
+        am = max(am, abs(gamma[c] * (v0 * inv)));
+        am = max(am, abs(gam(c + 256u) * (v1 * inv)));
+        am = max(am, abs(gam(c + 512u) * (v2 * inv)));
+        am = max(am, abs(gam(c + 768u) * (v3 * inv)));
     }
     red[li] = am;
     workgroupBarrier();
