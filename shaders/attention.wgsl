@@ -162,3 +162,117 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         attn[t * ap.q_dim + h * hd + d] = acc / total;
     }
 }
+
+// Prefill attention, tiled over queries: one workgroup per (block of query tokens, KV head)
+// serves every query head of the GQA group (16 rows = tokens x heads), streams K/V through
+// workgroup memory in blocks of 16 positions, online softmax, causal mask; writes `attn`
+// directly (no split, no combine). 128 invocations: 8 per row, each owning the vec4 columns
+// lane, lane + 8, ... of the head (hd % 4 == 0, hd <= 128, group <= 16; else `attend`).
+// Dispatch: (ceil(T / tq), num_kv_heads), tq = max(1, 16 / group).
+const TB: u32 = 16u;
+var<workgroup> tk: array<vec4<f32>, 512>;
+var<workgroup> tv: array<vec4<f32>, 512>;
+var<workgroup> tred: array<f32, 2048>;
+var<workgroup> tsc: array<f32, 256>;
+
+@compute @workgroup_size(128)
+fn attend_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let hd = ap.hd;
+    let hd4 = hd / 4u;
+    let g = ap.group;
+    let tq = max(1u, 16u / g);
+    let kvh = wg.y;
+    let t0 = wg.x * tq;
+    let r = li / 8u;
+    let lane = li % 8u;
+    let tr = t0 + r / g;
+    let h = kvh * g + r % g;
+    let live = r < tq * g && tr < step.t;
+    let end = step.pos + min(t0 + tq, step.t);
+    let rlen = step.pos + tr + 1u;
+    let kbase = kvh * step.cap * hd;
+    var q = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var o = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var k = 0u; k < 4u; k = k + 1u) {
+        let d4 = lane + 8u * k;
+        if live && d4 < hd4 {
+            let a = tr * ap.stride + h * hd + 4u * d4;
+            q[k] = vec4<f32>(qkv[a], qkv[a + 1u], qkv[a + 2u], qkv[a + 3u]);
+        }
+    }
+    var m = NEG_BIG;
+    var l = 0.0;
+    for (var b = 0u; b < end; b = b + TB) {
+        let n = min(TB, end - b);
+        for (var i = li; i < TB * hd4; i = i + 128u) {
+            let j = i / hd4;
+            let c = i % hd4;
+            var kv = vec4<f32>(0.0);
+            var vv = vec4<f32>(0.0);
+            if j < n {
+                let a = kbase + (b + j) * hd + 4u * c;
+                kv = vec4<f32>(kc[a], kc[a + 1u], kc[a + 2u], kc[a + 3u]);
+                vv = vec4<f32>(vc[a], vc[a + 1u], vc[a + 2u], vc[a + 3u]);
+            }
+            tk[i] = kv;
+            tv[i] = vv;
+        }
+        workgroupBarrier();
+        for (var j = 0u; j < TB; j = j + 1u) {
+            var acc = 0.0;
+            for (var k = 0u; k < 4u; k = k + 1u) {
+                let d4 = lane + 8u * k;
+                if d4 < hd4 {
+                    acc = acc + dot(q[k], tk[j * hd4 + d4]);
+                }
+            }
+            tred[j * 128u + li] = acc;
+        }
+        workgroupBarrier();
+        for (var jj = 0u; jj < 2u; jj = jj + 1u) {
+            let j = lane + 8u * jj;
+            var s = 0.0;
+            for (var x = 0u; x < 8u; x = x + 1u) {
+                s = s + tred[j * 128u + r * 8u + x];
+            }
+            tsc[r * TB + j] = select(NEG_BIG, s * ap.scale, b + j < rlen);
+        }
+        workgroupBarrier();
+        var bm = NEG_BIG;
+        for (var j = 0u; j < TB; j = j + 1u) {
+            bm = max(bm, tsc[r * TB + j]);
+        }
+        let mn = max(m, bm);
+        let f = exp(m - mn);
+        for (var k = 0u; k < 4u; k = k + 1u) {
+            o[k] = o[k] * f;
+        }
+        var bl = 0.0;
+        for (var j = 0u; j < TB; j = j + 1u) {
+            let e = select(0.0, exp(tsc[r * TB + j] - mn), b + j < rlen);
+            bl = bl + e;
+            for (var k = 0u; k < 4u; k = k + 1u) {
+                let d4 = lane + 8u * k;
+                if d4 < hd4 {
+                    o[k] = o[k] + e * tv[j * hd4 + d4];
+                }
+            }
+        }
+        l = l * f + bl;
+        m = mn;
+        workgroupBarrier();
+    }
+    if live {
+        for (var k = 0u; k < 4u; k = k + 1u) {
+            let d4 = lane + 8u * k;
+            if d4 < hd4 {
+                let v = o[k] / l;
+                let a = tr * ap.q_dim + h * hd + 4u * d4;
+                attn[a] = v.x;
+                attn[a + 1u] = v.y;
+                attn[a + 2u] = v.z;
+                attn[a + 3u] = v.w;
+            }
+        }
+    }
+}

@@ -273,6 +273,29 @@ pub fn attention(
     enc.dispatch("combine", &p.combine, bg, [heads as u32, t as u32, 1]);
 }
 
+/// Whether the query-tiled prefill attention handles this head shape.
+pub fn tiled_attention_fits(head_dim: usize, group: usize) -> bool {
+    head_dim % 4 == 0 && head_dim <= 128 && (1..=16).contains(&group)
+}
+
+/// Prefill attention of `t` rows tiled over queries: one workgroup per (token block, KV head).
+pub fn attention_tiled(
+    enc: &mut Recorder,
+    p: &Pipelines,
+    bg: &wgpu::BindGroup,
+    kv_heads: usize,
+    group: usize,
+    t: usize,
+) {
+    let tq = (16 / group).max(1);
+    enc.dispatch(
+        "attend_tiled",
+        &p.attend_tiled,
+        bg,
+        [t.div_ceil(tq) as u32, kv_heads as u32, 1],
+    );
+}
+
 /// The head over one shard of `rows` vocabulary rows for `nrows` step rows.
 pub fn head(enc: &mut Recorder, p: &Pipelines, bg: &wgpu::BindGroup, rows: usize, nrows: usize) {
     let rpw = p.rows_per_wg() as usize;

@@ -775,6 +775,19 @@ impl Backend for GpuBackend {
         self.step[3] = nsplit as u32;
         self.step[4] = cache.capacity as u32;
         let heads = self.cfg.num_heads;
+        let kv_heads = self.cfg.num_kv_heads;
+        let group = heads / kv_heads;
+        if t > 1 && kernels::tiled_attention_fits(self.cfg.head_dim, group) {
+            kernels::attention_tiled(
+                &mut self.rec,
+                &self.pipes,
+                &cache.attn_bgs[layer],
+                kv_heads,
+                group,
+                t,
+            );
+            return;
+        }
         kernels::attention(
             &mut self.rec,
             &self.pipes,

@@ -72,6 +72,8 @@ pub struct Pipelines {
     pub attend: wgpu::ComputePipeline,
     /// Attention split merge.
     pub combine: wgpu::ComputePipeline,
+    /// Prefill attention tiled over queries (T > 1).
+    pub attend_tiled: wgpu::ComputePipeline,
     /// Output head.
     pub head: wgpu::ComputePipeline,
     /// Argmax layout: params, logits, partials, result.
@@ -255,6 +257,14 @@ impl Pipelines {
             rope: pipeline(device, "rope", &rope_layout, &m_rope, "main", &[]),
             attend: pipeline(device, "attend", &attn_layout, &m_attn, "attend", &[]),
             combine: pipeline(device, "combine", &attn_layout, &m_attn, "combine", &[]),
+            attend_tiled: pipeline(
+                device,
+                "attend_tiled",
+                &attn_layout,
+                &m_attn,
+                "attend_tiled",
+                &[],
+            ),
             head: pipeline(
                 device,
                 "head",
