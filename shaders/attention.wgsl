@@ -167,7 +167,8 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
 // serves every query head of the GQA group (16 rows = tokens x heads), streams K/V through
 // workgroup memory in blocks of 16 positions, online softmax, causal mask; writes `attn`
 // directly (no split, no combine). 128 invocations: 8 per row, each owning the vec4 columns
-// lane, lane + 8, ... of the head (hd % 4 == 0, hd <= 128, group <= 16; else `attend`).
+// lane, lane + 8, lane + 16, lane + 24 of the head in registers (hd % 4 == 0, hd <= 128,
+// group <= 16; else `attend`). Columns past hd4 hold q = 0 and are never written.
 // Dispatch: (ceil(T / tq), num_kv_heads), tq = max(1, 16 / group).
 const TB: u32 = 16u;
 var<workgroup> tk: array<vec4<f32>, 512>;
@@ -191,15 +192,19 @@ fn attend_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     let end = step.pos + min(t0 + tq, step.t);
     let rlen = step.pos + tr + 1u;
     let kbase = kvh * step.cap * hd;
-    var q = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    var o = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var k = 0u; k < 4u; k = k + 1u) {
-        let d4 = lane + 8u * k;
-        if live && d4 < hd4 {
-            let a = tr * ap.stride + h * hd + 4u * d4;
-            q[k] = vec4<f32>(qkv[a], qkv[a + 1u], qkv[a + 2u], qkv[a + 3u]);
-        }
-    }
+    let qa = tr * ap.stride + h * hd;
+    let c0 = lane < hd4;
+    let c1 = lane + 8u < hd4;
+    let c2 = lane + 16u < hd4;
+    let c3 = lane + 24u < hd4;
+    let q0 = load_q(live && c0, qa + 4u * lane);
+    let q1 = load_q(live && c1, qa + 4u * (lane + 8u));
+    let q2 = load_q(live && c2, qa + 4u * (lane + 16u));
+    let q3 = load_q(live && c3, qa + 4u * (lane + 24u));
+    var o0 = vec4<f32>(0.0);
+    var o1 = vec4<f32>(0.0);
+    var o2 = vec4<f32>(0.0);
+    var o3 = vec4<f32>(0.0);
     var m = NEG_BIG;
     var l = 0.0;
     for (var b = 0u; b < end; b = b + TB) {
@@ -219,22 +224,20 @@ fn attend_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         }
         workgroupBarrier();
         for (var j = 0u; j < TB; j = j + 1u) {
-            var acc = 0.0;
-            for (var k = 0u; k < 4u; k = k + 1u) {
-                let d4 = lane + 8u * k;
-                if d4 < hd4 {
-                    acc = acc + dot(q[k], tk[j * hd4 + d4]);
-                }
-            }
+            let kb = j * hd4 + lane;
+            // Columns past hd4 would read stale workgroup memory (maybe NaN): select, not 0*x.
+            var acc = select(0.0, dot(q0, tk[kb]), c0);
+            acc = acc + select(0.0, dot(q1, tk[min(kb + 8u, 511u)]), c1);
+            acc = acc + select(0.0, dot(q2, tk[min(kb + 16u, 511u)]), c2);
+            acc = acc + select(0.0, dot(q3, tk[min(kb + 24u, 511u)]), c3);
             tred[j * 128u + li] = acc;
         }
         workgroupBarrier();
         for (var jj = 0u; jj < 2u; jj = jj + 1u) {
             let j = lane + 8u * jj;
-            var s = 0.0;
-            for (var x = 0u; x < 8u; x = x + 1u) {
-                s = s + tred[j * 128u + r * 8u + x];
-            }
+            let rb = j * 128u + r * 8u;
+            let s = ((tred[rb] + tred[rb + 1u]) + (tred[rb + 2u] + tred[rb + 3u]))
+                + ((tred[rb + 4u] + tred[rb + 5u]) + (tred[rb + 6u] + tred[rb + 7u]));
             tsc[r * TB + j] = select(NEG_BIG, s * ap.scale, b + j < rlen);
         }
         workgroupBarrier();
@@ -244,35 +247,45 @@ fn attend_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         }
         let mn = max(m, bm);
         let f = exp(m - mn);
-        for (var k = 0u; k < 4u; k = k + 1u) {
-            o[k] = o[k] * f;
-        }
+        o0 = o0 * f;
+        o1 = o1 * f;
+        o2 = o2 * f;
+        o3 = o3 * f;
         var bl = 0.0;
         for (var j = 0u; j < TB; j = j + 1u) {
             let e = select(0.0, exp(tsc[r * TB + j] - mn), b + j < rlen);
             bl = bl + e;
-            for (var k = 0u; k < 4u; k = k + 1u) {
-                let d4 = lane + 8u * k;
-                if d4 < hd4 {
-                    o[k] = o[k] + e * tv[j * hd4 + d4];
-                }
-            }
+            let vb = j * hd4 + lane;
+            o0 = o0 + e * tv[vb];
+            o1 = o1 + e * tv[min(vb + 8u, 511u)];
+            o2 = o2 + e * tv[min(vb + 16u, 511u)];
+            o3 = o3 + e * tv[min(vb + 24u, 511u)];
         }
         l = l * f + bl;
         m = mn;
         workgroupBarrier();
     }
     if live {
-        for (var k = 0u; k < 4u; k = k + 1u) {
-            let d4 = lane + 8u * k;
-            if d4 < hd4 {
-                let v = o[k] / l;
-                let a = tr * ap.q_dim + h * hd + 4u * d4;
-                attn[a] = v.x;
-                attn[a + 1u] = v.y;
-                attn[a + 2u] = v.z;
-                attn[a + 3u] = v.w;
-            }
-        }
+        let oa = tr * ap.q_dim + h * hd;
+        store_o(c0, oa + 4u * lane, o0 / l);
+        store_o(c1, oa + 4u * (lane + 8u), o1 / l);
+        store_o(c2, oa + 4u * (lane + 16u), o2 / l);
+        store_o(c3, oa + 4u * (lane + 24u), o3 / l);
+    }
+}
+
+fn load_q(ok: bool, a: u32) -> vec4<f32> {
+    if ok {
+        return vec4<f32>(qkv[a], qkv[a + 1u], qkv[a + 2u], qkv[a + 3u]);
+    }
+    return vec4<f32>(0.0);
+}
+
+fn store_o(ok: bool, a: u32, v: vec4<f32>) {
+    if ok {
+        attn[a] = v.x;
+        attn[a + 1u] = v.y;
+        attn[a + 2u] = v.z;
+        attn[a + 3u] = v.w;
     }
 }
