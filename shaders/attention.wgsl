@@ -169,7 +169,8 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
 // directly (no split, no combine). 128 invocations: 8 per row, each owning the vec4 columns
 // lane, lane + 8, lane + 16, lane + 24 of the head in registers (hd % 4 == 0, hd <= 128,
 // group <= 16; else `attend`). Columns past hd4 hold q = 0 and are never written.
-// Dispatch: (ceil(T / tq), num_kv_heads), tq = max(1, 16 / group).
+// Dispatch: (ceil(T / tq), num_kv_heads, nsplit), tq = max(1, 16 / group); `combine` after it
+// when nsplit > 1.
 const TB: u32 = 16u;
 var<workgroup> tk: array<vec4<f32>, 512>;
 var<workgroup> tv: array<vec4<f32>, 512>;
@@ -189,7 +190,13 @@ fn attend_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     let tr = t0 + r / g;
     let h = kvh * g + r % g;
     let live = r < tq * g && tr < step.t;
-    let end = step.pos + min(t0 + tq, step.t);
+    // Split wg.z covers positions [start, kend) of step.chunk (as `attend`); its partials
+    // go to `part` for `combine`, or straight to `attn` when there is one split.
+    let start = wg.z * step.chunk;
+    let end = min(step.pos + min(t0 + tq, step.t), start + step.chunk);
+    if start >= end {
+        return;
+    }
     let rlen = step.pos + tr + 1u;
     let kbase = kvh * step.cap * hd;
     let qa = tr * ap.stride + h * hd;
@@ -207,7 +214,7 @@ fn attend_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     var o3 = vec4<f32>(0.0);
     var m = NEG_BIG;
     var l = 0.0;
-    for (var b = 0u; b < end; b = b + TB) {
+    for (var b = start; b < end; b = b + TB) {
         let n = min(TB, end - b);
         for (var i = li; i < TB * hd4; i = i + 128u) {
             let j = i / hd4;
@@ -265,7 +272,18 @@ fn attend_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         m = mn;
         workgroupBarrier();
     }
-    if live {
+    if live && step.nsplit > 1u && start < rlen {
+        let idx = ((tr * ap.nh + h) * ap.maxsplit + wg.z) * (hd + 2u);
+        if lane == 0u {
+            part[idx] = m;
+            part[idx + 1u] = l;
+        }
+        store_p(c0, idx + 2u + 4u * lane, o0);
+        store_p(c1, idx + 2u + 4u * (lane + 8u), o1);
+        store_p(c2, idx + 2u + 4u * (lane + 16u), o2);
+        store_p(c3, idx + 2u + 4u * (lane + 24u), o3);
+    }
+    if live && step.nsplit == 1u {
         let oa = tr * ap.q_dim + h * hd;
         store_o(c0, oa + 4u * lane, o0 / l);
         store_o(c1, oa + 4u * (lane + 8u), o1 / l);
@@ -287,5 +305,14 @@ fn store_o(ok: bool, a: u32, v: vec4<f32>) {
         attn[a + 1u] = v.y;
         attn[a + 2u] = v.z;
         attn[a + 3u] = v.w;
+    }
+}
+
+fn store_p(ok: bool, a: u32, v: vec4<f32>) {
+    if ok {
+        part[a] = v.x;
+        part[a + 1u] = v.y;
+        part[a + 2u] = v.z;
+        part[a + 3u] = v.w;
     }
 }

@@ -278,13 +278,15 @@ pub fn tiled_attention_fits(head_dim: usize, group: usize) -> bool {
     head_dim % 4 == 0 && head_dim <= 128 && (1..=16).contains(&group)
 }
 
-/// Prefill attention of `t` rows tiled over queries: one workgroup per (token block, KV head).
+/// Prefill attention of `t` rows tiled over queries: one workgroup per (token block, KV head,
+/// split), then the merge when there are several splits.
 pub fn attention_tiled(
     enc: &mut Recorder,
     p: &Pipelines,
     bg: &wgpu::BindGroup,
     kv_heads: usize,
     group: usize,
+    nsplit: usize,
     t: usize,
 ) {
     let tq = (16 / group).max(1);
@@ -292,8 +294,12 @@ pub fn attention_tiled(
         "attend_tiled",
         &p.attend_tiled,
         bg,
-        [t.div_ceil(tq) as u32, kv_heads as u32, 1],
+        [t.div_ceil(tq) as u32, kv_heads as u32, nsplit as u32],
     );
+    if nsplit > 1 {
+        let heads = kv_heads * group;
+        enc.dispatch("combine", &p.combine, bg, [heads as u32, t as u32, 1]);
+    }
 }
 
 /// The head over one shard of `rows` vocabulary rows for `nrows` step rows.

@@ -784,6 +784,7 @@ impl Backend for GpuBackend {
                 &cache.attn_bgs[layer],
                 kv_heads,
                 group,
+                nsplit,
                 t,
             );
             return;
