@@ -275,7 +275,7 @@ pub fn attention(
 
 /// Whether the query-tiled prefill attention handles this head shape.
 pub fn tiled_attention_fits(head_dim: usize, group: usize) -> bool {
-    head_dim % 4 == 0 && head_dim <= 128 && (1..=16).contains(&group)
+    head_dim.is_multiple_of(4) && head_dim <= 128 && (1..=16).contains(&group)
 }
 
 /// Prefill attention of `t` rows tiled over queries: one workgroup per (token block, KV head,
