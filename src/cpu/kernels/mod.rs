@@ -266,6 +266,9 @@ mod tests {
             (8, 2304, 17),
             (20, 6912, 2),
             (16, 2560, 7),
+            (16, 2560, 1),
+            (8, 300, 1),
+            (12, 6912, 1),
         ] {
             let (w, codes, x) = random_case(rows, cols, ntok, (rows * cols + ntok) as u64);
             let mut want = vec![0i32; rows * ntok];
