@@ -45,11 +45,10 @@ fn head(c: &mut Criterion) {
     for k in Kernels::available() {
         g.throughput(Throughput::Bytes((rows * cols * 2) as u64));
         g.bench_function(BenchmarkId::new("bf16", k.name()), |b| {
-            b.iter(|| {
-                (0..rows)
-                    .map(|r| k.dot_bf16(&wb[r * cols..(r + 1) * cols], &x))
-                    .sum::<f32>()
-            })
+            let mut xp = vec![0.0; cols];
+            k.prepare_bf16_activations(&x, &mut xp);
+            let mut out = vec![0.0; rows];
+            b.iter(|| k.head_bf16(&wb, cols, &xp, &mut out))
         });
         g.throughput(Throughput::Bytes((rows * cols) as u64));
         g.bench_function(BenchmarkId::new("int8", k.name()), |b| {

@@ -14,38 +14,9 @@ use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, Activation, GpuBackend, GpuOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 
-const DIR: &str = "tests/fixtures/tiny";
-
-fn reference() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(Path::new(DIR).join("reference.json")).unwrap())
-        .unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+mod common;
+use common::{floats, ids, max_abs_diff, reference, DIR};
 
 fn gpu(w: &Weights) -> GpuBackend {
     gpu_with(w, &GpuOptions::default())

@@ -11,30 +11,9 @@ use bitnet_inference::engine::generate::{GenerateOptions, Generator};
 use bitnet_inference::format::safetensors::load;
 use bitnet_inference::quant::quantize_activations;
 use bitnet_inference::tokenizer::{ChatMessage, Tokenizer};
-use serde_json::Value;
 
-const DIR: &str = "tests/fixtures/tiny";
-
-fn reference() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(Path::new(DIR).join("reference.json")).unwrap())
-        .unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+mod common;
+use common::{floats, ids, max_abs_diff, reference, DIR};
 
 fn generator(kernels: Kernels, head: HeadMode) -> Generator<CpuBackend> {
     let w = load(Path::new(DIR)).unwrap();
@@ -50,14 +29,6 @@ fn generator(kernels: Kernels, head: HeadMode) -> Generator<CpuBackend> {
         .unwrap(),
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

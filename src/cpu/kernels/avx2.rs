@@ -11,8 +11,9 @@ use crate::cpu::packed::{BLOCK, BLOCK_BYTES, GROUP};
 /// Blocks that can be accumulated in i16 without overflow.
 const FLUSH: usize = 16;
 
+/// Sum of the eight i32 lanes.
 #[inline(always)]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
+pub(super) unsafe fn hsum_i32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
@@ -76,29 +77,6 @@ unsafe fn group<const T: usize>(
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
     super::for_each_group!(w, rb, x, ntok, out, 2, group);
-}
-
-/// See [`super::scalar::dot_bf16`].
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; `w.len() == x.len()`.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
-    let n = w.len();
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (k, a) in acc.iter_mut().enumerate() {
-            let raw = _mm_loadu_si128(w.as_ptr().add(i + 8 * k) as *const __m128i);
-            let f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-            *a = _mm256_fmadd_ps(f, _mm256_loadu_ps(x.as_ptr().add(i + 8 * k)), *a);
-        }
-        i += 32;
-    }
-    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
-    lanes.iter().sum::<f32>() + super::scalar::dot_bf16(&w[i..], &x[i..])
 }
 
 /// See [`super::scalar::dot_i8`]. Inputs must not contain -128.

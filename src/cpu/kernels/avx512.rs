@@ -4,15 +4,8 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::hsum_i32;
 use crate::cpu::packed::{BLOCK, BLOCK_BYTES, GROUP};
-
-#[inline(always)]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
-}
 
 /// Bytes ahead of the decode stream to prefetch (measured: +3–4% decode on Zen 4).
 const PREFETCH: usize = 1024;
