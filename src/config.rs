@@ -367,23 +367,34 @@ impl GenerationConfig {
     /// Reads `dir/generation_config.json` if present, falling back to the model config's ids.
     pub fn from_dir(dir: &Path, model: &ModelConfig) -> Result<Self> {
         let path = dir.join("generation_config.json");
+        if !path.exists() {
+            return Self::from_json_text(None, model);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        Self::from_json_text(Some(&text), model).map_err(|e| match e {
+            Error::Json { msg, .. } => Error::json(&path, msg),
+            other => other,
+        })
+    }
+
+    /// Parses the text of `generation_config.json` (None: the model config's ids).
+    pub fn from_json_text(text: Option<&str>, model: &ModelConfig) -> Result<Self> {
         let mut g = GenerationConfig {
             eos_token_ids: model.eos_token_ids.clone(),
             bos_token_id: model.bos_token_id,
         };
-        if !path.exists() {
+        let Some(text) = text else {
             return Ok(g);
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| Error::json(&path, e.to_string()))?;
+        };
+        let path = "generation_config.json";
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::json(path, e.to_string()))?;
         let eos = token_ids(v.get("eos_token_id"), "eos_token_id")
-            .map_err(|e| Error::json(&path, e.to_string()))?;
+            .map_err(|e| Error::json(path, e.to_string()))?;
         if !eos.is_empty() {
             g.eos_token_ids = eos;
         }
         if let Some(b) = token_ids(v.get("bos_token_id"), "bos_token_id")
-            .map_err(|e| Error::json(&path, e.to_string()))?
+            .map_err(|e| Error::json(path, e.to_string()))?
             .first()
         {
             g.bos_token_id = Some(*b);

@@ -8,6 +8,9 @@ pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod quant;
+pub mod time;
 pub mod tokenizer;
+#[cfg(all(feature = "wasm", target_arch = "wasm32"))]
+pub mod wasm;
 
 pub use error::{Error, Result};

@@ -53,30 +53,47 @@ impl Tokenizer {
             return Ok(None);
         }
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::json(&path, e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Value = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            serde_json::from_str(&text).map_err(|e| Error::json(&cfg_path, e.to_string()))?
+        let cfg = if cfg_path.exists() {
+            Some(std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?)
         } else {
-            Value::Null
+            None
         };
         let jinja = dir.join("chat_template.jinja");
         let chat_template = if jinja.exists() {
             Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
         } else {
+            None
+        };
+        Self::from_parts(&bytes, cfg.as_deref(), chat_template).map(Some)
+    }
+
+    /// A tokenizer from the contents of `tokenizer.json`, `tokenizer_config.json` (optional) and
+    /// `chat_template.jinja` (optional; it wins over the config's `chat_template`).
+    pub fn from_parts(
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<&str>,
+        chat_template: Option<String>,
+    ) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| Error::json("tokenizer.json", e.to_string()))?;
+        let cfg: Value = match tokenizer_config {
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| Error::json("tokenizer_config.json", e.to_string()))?,
+            None => Value::Null,
+        };
+        let chat_template = chat_template.or_else(|| {
             cfg.get("chat_template")
                 .and_then(Value::as_str)
                 .map(str::to_string)
-        };
+        });
         let bos_token = special_token_text(cfg.get("bos_token"));
-        Ok(Some(Tokenizer {
+        Ok(Tokenizer {
             eos_token: special_token_text(cfg.get("eos_token")),
             bos_token,
             chat_template,
             inner,
-        }))
+        })
     }
 
     /// Encodes `text`. With `add_special`, the tokenizer's post-processor adds BOS, except when

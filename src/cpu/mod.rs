@@ -88,6 +88,17 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs "parallel" work on the calling thread (wasm32 has no threads).
+#[cfg(target_arch = "wasm32")]
+struct CurrentThread;
+
+#[cfg(target_arch = "wasm32")]
+impl CurrentThread {
+    fn install<R>(&self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
+}
+
 /// A buffer that parallel tasks write at disjoint places.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut<T>(*mut T);
@@ -110,11 +121,15 @@ impl<T> SharedMut<T> {
 impl CpuBackend {
     /// Repacks `w` for the CPU kernels.
     pub fn load(w: &Weights, opts: &CpuOptions) -> Result<Self> {
+        #[cfg(not(target_arch = "wasm32"))]
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(opts.threads)
             .thread_name(|i| format!("bitnet-load-{i}"))
             .build()
             .map_err(|e| Error::Backend(format!("thread pool: {e}")))?;
+        // No threads on wasm32: load on the calling thread.
+        #[cfg(target_arch = "wasm32")]
+        let pool = CurrentThread;
         let kernels = opts.kernels.unwrap_or_else(Kernels::detect);
         let team = Team::new(opts.threads);
         let cfg = w.config.clone();

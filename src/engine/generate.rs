@@ -1,6 +1,6 @@
 //! Streaming generation over any backend: chunked prefill, decode loop, stop conditions.
 
-use std::time::Instant;
+use crate::time::Instant;
 
 use super::model::{forward, forward_argmax, Backend, LogitRows, OpProfile};
 use super::sampler::{Sampler, SamplingParams};

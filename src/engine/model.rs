@@ -120,7 +120,7 @@ pub fn forward<B: Backend>(
 ) -> Result<()> {
     out.clear();
     layers(b, cache, tokens, pos, profile.as_deref_mut())?;
-    let t0 = profile.is_some().then(std::time::Instant::now);
+    let t0 = profile.is_some().then(crate::time::Instant::now);
     let r = b.logits(rows, out);
     if let (Some(p), Some(t0)) = (profile, t0) {
         p.add("final_norm_head", t0.elapsed().as_secs_f64());
@@ -140,7 +140,7 @@ pub fn forward_argmax<B: Backend>(
 ) -> Result<u32> {
     scratch.clear();
     layers(b, cache, tokens, pos, profile.as_deref_mut())?;
-    let t0 = profile.is_some().then(std::time::Instant::now);
+    let t0 = profile.is_some().then(crate::time::Instant::now);
     let r = b.argmax_last(scratch);
     if let (Some(p), Some(t0)) = (profile, t0) {
         p.add("final_norm_head", t0.elapsed().as_secs_f64());
@@ -148,8 +148,9 @@ pub fn forward_argmax<B: Backend>(
     r
 }
 
-/// Embedding and every layer of a step (everything before the final norm).
-fn layers<B: Backend>(
+/// Embedding and every layer of a step (everything before the final norm); backends that
+/// finish a step asynchronously (WebGPU in the browser) call it, then read the result.
+pub fn layers<B: Backend>(
     b: &mut B,
     cache: &mut B::Cache,
     tokens: &[u32],
@@ -168,7 +169,7 @@ fn layers<B: Backend>(
     }
     macro_rules! op {
         ($name:literal, $e:expr) => {{
-            let t0 = profile.is_some().then(std::time::Instant::now);
+            let t0 = profile.is_some().then(crate::time::Instant::now);
             let r = $e;
             if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
                 p.add($name, t0.elapsed().as_secs_f64());

@@ -28,6 +28,15 @@ pub enum Bytes {
     },
     /// Bytes produced at load time (e.g. ternarized master weights).
     Owned(Arc<Vec<u8>>),
+    /// `len` bytes at `start` of a file held in memory (loaded from bytes, e.g. in a browser).
+    Shared {
+        /// The whole file.
+        buf: Arc<Vec<u8>>,
+        /// Offset of the first byte.
+        start: usize,
+        /// Length in bytes.
+        len: usize,
+    },
 }
 
 impl Bytes {
@@ -36,6 +45,7 @@ impl Bytes {
         match self {
             Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
             Bytes::Owned(v) => v,
+            Bytes::Shared { buf, start, len } => &buf[*start..*start + *len],
         }
     }
 
@@ -46,6 +56,7 @@ impl Bytes {
     }
 
     /// [`Self::release_pages`] for bytes `offset..offset + len` of the range (clamped to it).
+    #[cfg_attr(not(unix), allow(unused_variables))]
     pub fn release_range(&self, offset: usize, len: usize) {
         #[cfg(unix)]
         if let Bytes::Mapped {

@@ -14,11 +14,27 @@ use crate::config::{ModelConfig, ScaleConvention};
 use crate::error::{Error, Result};
 use crate::quant::{pack_checkpoint, ternarize_absmean};
 
+/// A checkpoint file's bytes: mapped from disk, or held in memory.
+#[derive(Debug, Clone)]
+enum Backing {
+    Map(Arc<Mmap>),
+    Mem(Arc<Vec<u8>>),
+}
+
+impl Backing {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            Backing::Mem(v) => v,
+        }
+    }
+}
+
 /// One tensor's location.
 #[derive(Debug)]
 struct Entry {
     path: PathBuf,
-    map: Arc<Mmap>,
+    map: Backing,
     dtype: Dtype,
     shape: Vec<usize>,
     start: usize,
@@ -64,11 +80,28 @@ impl Checkpoint {
         Ok(ck)
     }
 
+    /// The tensors of safetensors files held in memory, as (file name, bytes): a single
+    /// `model.safetensors` or every shard of an index (the name is used in errors).
+    pub fn from_buffers(files: Vec<(String, Arc<Vec<u8>>)>) -> Result<Self> {
+        let mut ck = Checkpoint {
+            tensors: HashMap::new(),
+            file_bytes: 0,
+        };
+        for (name, buf) in files {
+            ck.add_backing(Path::new(&name), Backing::Mem(buf))?;
+        }
+        Ok(ck)
+    }
+
     fn add_file(&mut self, path: &Path) -> Result<()> {
-        let map = Arc::new(map_file(path)?);
-        self.file_bytes += map.len() as u64;
-        let (header_len, meta) = SafeTensors::read_metadata(&map[..]).map_err(|e| {
-            let which = inconsistent_tensor(&map[..])
+        self.add_backing(path, Backing::Map(Arc::new(map_file(path)?)))
+    }
+
+    fn add_backing(&mut self, path: &Path, map: Backing) -> Result<()> {
+        let bytes = map.as_slice();
+        self.file_bytes += bytes.len() as u64;
+        let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+            let which = inconsistent_tensor(bytes)
                 .map(|t| format!(" ({t})"))
                 .unwrap_or_default();
             Error::format(path, format!("invalid safetensors file: {e}{which}"))
@@ -101,10 +134,17 @@ impl Checkpoint {
     }
 
     fn bytes(e: &Entry) -> Bytes {
-        Bytes::Mapped {
-            map: e.map.clone(),
-            start: e.start,
-            len: e.len,
+        match &e.map {
+            Backing::Map(map) => Bytes::Mapped {
+                map: map.clone(),
+                start: e.start,
+                len: e.len,
+            },
+            Backing::Mem(buf) => Bytes::Shared {
+                buf: buf.clone(),
+                start: e.start,
+                len: e.len,
+            },
         }
     }
 
@@ -317,6 +357,11 @@ fn shard_files(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn load(dir: &Path) -> Result<Weights> {
     let config = ModelConfig::from_dir(dir)?;
     let ck = Checkpoint::open(dir)?;
+    weights(config, &ck)
+}
+
+/// Builds host [`Weights`] for `config` from the tensors of `ck` (validating every one).
+pub fn weights(config: ModelConfig, ck: &Checkpoint) -> Result<Weights> {
     let c = &config;
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let embed = ck.matrix("model.embed_tokens.weight", c.vocab_size, h)?;

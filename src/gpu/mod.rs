@@ -10,6 +10,8 @@ pub mod buffers;
 pub mod context;
 pub mod kernels;
 pub mod pipelines;
+#[cfg(all(target_arch = "wasm32", feature = "wasm"))]
+pub mod web;
 
 use std::sync::mpsc;
 
@@ -196,7 +198,11 @@ fn mat(
 impl GpuBackend {
     /// Repacks and uploads `w`, compiles the kernels and builds every bind group.
     pub fn load(w: &Weights, opts: &GpuOptions) -> Result<Self> {
-        let ctx = GpuContext::new(opts.subgroups)?;
+        Self::with_context(GpuContext::new(opts.subgroups)?, w, opts)
+    }
+
+    /// [`Self::load`] on a device already created (e.g. asynchronously, in a browser).
+    pub fn with_context(ctx: GpuContext, w: &Weights, opts: &GpuOptions) -> Result<Self> {
         let cfg = w.config.clone();
         cfg.validate()?;
         if cfg.head_dim > 256 {

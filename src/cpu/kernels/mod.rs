@@ -1,5 +1,5 @@
 //! CPU kernels: a scalar reference plus SIMD versions chosen at run time (x86_64) or compile
-//! time (aarch64). All share the layout of [`crate::cpu::packed`].
+//! time (aarch64, wasm32 with `+simd128`). All share the layout of [`crate::cpu::packed`].
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
@@ -8,6 +8,8 @@ pub mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 pub mod scalar;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub mod simd128;
 
 /// Drives a `group::<T>(group_ptr, rb, x_ptr, kpad) -> [[i32; T]; 4]` micro-kernel over all row
 /// groups and tokens: tokens in tiles of `$tt` (kept in L1) outside, row groups inside.
@@ -54,6 +56,8 @@ enum Isa {
     Avx512Vnni,
     #[cfg(target_arch = "aarch64")]
     Neon,
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    Simd128,
 }
 
 /// A kernel set that is valid on this CPU (only obtainable through detection).
@@ -107,6 +111,8 @@ impl Kernels {
         }
         #[cfg(target_arch = "aarch64")]
         v.push(Kernels(Isa::Neon));
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        v.push(Kernels(Isa::Simd128));
         v
     }
 
@@ -120,6 +126,8 @@ impl Kernels {
             Isa::Avx512Vnni => "avx512vnni",
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => "neon",
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Isa::Simd128 => "simd128",
         }
     }
 
@@ -141,6 +149,9 @@ impl Kernels {
             Isa::Avx512Vnni => unsafe { avx512::code_dots(w, rb, x, ntok, out) },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => unsafe { neon::code_dots(w, rb, x, ntok, out) },
+            // SAFETY: compiled with simd128 (validated when the module is instantiated).
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Isa::Simd128 => unsafe { simd128::code_dots(w, rb, x, ntok, out) },
         }
     }
 
@@ -185,6 +196,13 @@ impl Kernels {
                     *o = unsafe { neon::dot_bf16(row, xp) };
                 }
             }
+            // SAFETY: compiled with simd128; sizes checked.
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Isa::Simd128 => {
+                for (o, row) in out.iter_mut().zip(w.chunks_exact(cols)) {
+                    *o = unsafe { simd128::dot_bf16(row, xp) };
+                }
+            }
             Isa::Scalar => {
                 for (o, row) in out.iter_mut().zip(w.chunks_exact(cols)) {
                     *o = scalar::dot_bf16(row, xp);
@@ -205,6 +223,8 @@ impl Kernels {
             Isa::Avx512Vnni => unsafe { avx512::dot_i8(w, x) },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => unsafe { neon::dot_i8(w, x) },
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Isa::Simd128 => unsafe { simd128::dot_i8(w, x) },
         }
     }
 }

@@ -1,0 +1,731 @@
+//! The WebAssembly API (feature `wasm`, target wasm32-unknown-unknown) behind the npm package
+//! `bitnet-inference` (`npm/`): load a checkpoint from bytes, then generate token by token.
+//!
+//! The JS wrapper in `npm/src` is the public API; this layer is deliberately small and
+//! string/array typed: options and results cross as JSON text. Every fallible call returns
+//! an error (a rejected promise or a thrown `Error` with a clear message) instead of
+//! panicking; a panic that still happens is recorded by the hook installed at start-up and
+//! can be read with `takePanicMessage()`.
+//!
+//! Generation is a state machine driven from JS: `start(prompt, options)` then `step()` until
+//! `done`. Each `step()` returns a promise, so the WebGPU backend can await its readback
+//! (`mapAsync`) and the JS side can stop, abort or yield to the event loop between tokens.
+
+mod selftest;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+use wasm_bindgen::prelude::*;
+
+use crate::config::{GenerationConfig, ModelConfig};
+use crate::cpu::{CpuBackend, CpuCache, CpuOptions};
+use crate::engine::generate::{FinishReason, GenerateOptions, PREFILL_CHUNK};
+use crate::engine::model::{forward, forward_argmax, Backend, LogitRows};
+use crate::engine::sampler::{Sampler, SamplingParams};
+use crate::error::{Error, Result};
+use crate::format::safetensors::{weights, Checkpoint};
+#[cfg(feature = "gpu")]
+use crate::gpu::{GpuBackend, GpuCache, GpuContext, GpuOptions};
+use crate::time::Instant;
+use crate::tokenizer::{ChatMessage, Tokenizer};
+
+pub use selftest::kernel_self_test;
+
+static PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+/// Installs the panic hook (runs when the module is instantiated).
+#[wasm_bindgen(start)]
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = format!("bitnet-inference panicked: {info}");
+        if let Ok(mut p) = PANIC.lock() {
+            *p = Some(msg);
+        }
+    }));
+}
+
+/// The message of the last panic (then cleared), if any: the wrapper turns the trap that
+/// follows a panic into an error carrying this text.
+#[wasm_bindgen(js_name = takePanicMessage)]
+pub fn take_panic_message() -> Option<String> {
+    PANIC.lock().ok()?.take()
+}
+
+/// The engine's version.
+#[wasm_bindgen]
+pub fn version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+/// Whether this build includes the WebGPU backend.
+#[wasm_bindgen(js_name = hasWebGpuBackend)]
+pub fn has_webgpu_backend() -> bool {
+    cfg!(feature = "gpu")
+}
+
+fn js_err(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn req(msg: impl Into<String>) -> Error {
+    Error::Request(msg.into())
+}
+
+/// Whether `navigator.gpu` exists (false under Node, where wgpu's web backend would trap).
+fn navigator_has_gpu() -> bool {
+    let g = js_sys::global();
+    js_sys::Reflect::get(&g, &"navigator".into())
+        .ok()
+        .filter(|n| n.is_object())
+        .and_then(|n| js_sys::Reflect::get(&n, &"gpu".into()).ok())
+        .is_some_and(|gpu| gpu.is_object())
+}
+
+/// Collects the files of a checkpoint, then builds a [`Model`] on a backend.
+#[wasm_bindgen]
+#[derive(Default)]
+pub struct ModelBuilder {
+    safetensors: Vec<(String, Arc<Vec<u8>>)>,
+    config: Option<String>,
+    tokenizer: Option<Vec<u8>>,
+    tokenizer_config: Option<String>,
+    chat_template: Option<String>,
+    generation_config: Option<String>,
+}
+
+fn utf8(name: &str, bytes: Vec<u8>) -> Result<String> {
+    String::from_utf8(bytes).map_err(|_| Error::json(name, "the file is not UTF-8 text"))
+}
+
+#[wasm_bindgen]
+impl ModelBuilder {
+    /// An empty builder.
+    #[wasm_bindgen(constructor)]
+    pub fn new() -> ModelBuilder {
+        ModelBuilder::default()
+    }
+
+    /// Adds one file of the checkpoint by its name: `config.json`, `tokenizer.json`,
+    /// `tokenizer_config.json`, `chat_template.jinja`, `generation_config.json`, or a
+    /// `*.safetensors` file (all shards of a sharded checkpoint). Other names are an error.
+    #[wasm_bindgen(js_name = addFile)]
+    pub fn add_file(&mut self, name: &str, bytes: Vec<u8>) -> std::result::Result<(), JsError> {
+        let base = name.rsplit('/').next().unwrap_or(name);
+        match base {
+            "config.json" => self.config = Some(utf8(base, bytes).map_err(js_err)?),
+            "tokenizer.json" => self.tokenizer = Some(bytes),
+            "tokenizer_config.json" => {
+                self.tokenizer_config = Some(utf8(base, bytes).map_err(js_err)?)
+            }
+            "chat_template.jinja" => self.chat_template = Some(utf8(base, bytes).map_err(js_err)?),
+            "generation_config.json" => {
+                self.generation_config = Some(utf8(base, bytes).map_err(js_err)?)
+            }
+            n if n.ends_with(".safetensors") => {
+                self.safetensors.push((n.to_string(), Arc::new(bytes)))
+            }
+            other => {
+                return Err(js_err(format!(
+                    "unexpected model file `{other}` (expected config.json, tokenizer.json, \
+                     tokenizer_config.json, chat_template.jinja, generation_config.json or \
+                     *.safetensors)"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the model (a promise of [`Model`]). `options` is JSON:
+    /// `{"backend": "auto"|"webgpu"|"cpu", "contextLength": n, "subgroups": bool}`.
+    /// `auto` tries WebGPU where `navigator.gpu` exists and falls back to the CPU, saying why
+    /// in the model's info (`fallbackReason`). The builder is emptied.
+    pub fn build(&mut self, options: &str) -> js_sys::Promise {
+        let parts = std::mem::take(self);
+        let options = options.to_string();
+        wasm_bindgen_futures::future_to_promise(async move {
+            match build(parts, &options).await {
+                Ok(m) => Ok(JsValue::from(m)),
+                Err(e) => Err(js_err(e).into()),
+            }
+        })
+    }
+}
+
+enum Engine {
+    Cpu {
+        b: Box<CpuBackend>,
+        cache: CpuCache,
+    },
+    #[cfg(feature = "gpu")]
+    Gpu {
+        b: Box<GpuBackend>,
+        cache: GpuCache,
+    },
+}
+
+/// What a step must produce.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Nothing,
+    Argmax,
+    Logits,
+}
+
+impl Engine {
+    fn config(&self) -> &ModelConfig {
+        match self {
+            Engine::Cpu { b, .. } => b.config(),
+            #[cfg(feature = "gpu")]
+            Engine::Gpu { b, .. } => b.config(),
+        }
+    }
+
+    /// Runs `tokens` at `pos..`; returns the argmax (Want::Argmax) or fills `logits` with the
+    /// last position's logits (Want::Logits).
+    async fn step(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        want: Want,
+        logits: &mut Vec<f32>,
+    ) -> Result<Option<u32>> {
+        match self {
+            Engine::Cpu { b, cache } => match want {
+                Want::Nothing => {
+                    forward(&mut **b, cache, tokens, pos, LogitRows::None, logits, None)?;
+                    Ok(None)
+                }
+                Want::Argmax => Ok(Some(forward_argmax(
+                    &mut **b, cache, tokens, pos, logits, None,
+                )?)),
+                Want::Logits => {
+                    forward(&mut **b, cache, tokens, pos, LogitRows::Last, logits, None)?;
+                    Ok(None)
+                }
+            },
+            #[cfg(feature = "gpu")]
+            Engine::Gpu { b, cache } => {
+                crate::engine::model::layers(&mut **b, cache, tokens, pos, None)?;
+                match want {
+                    Want::Nothing => {
+                        b.submit_web()?;
+                        Ok(None)
+                    }
+                    Want::Argmax => Ok(Some(b.argmax_last_async().await?)),
+                    Want::Logits => {
+                        b.logits_last_async(logits).await?;
+                        Ok(None)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a whole prompt from position 0 in chunks; the last chunk produces `want`.
+    async fn prefill(
+        &mut self,
+        prompt: &[u32],
+        want: Want,
+        logits: &mut Vec<f32>,
+    ) -> Result<Option<u32>> {
+        let n = prompt.len();
+        let mut r = None;
+        for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+            let last = (i + 1) * PREFILL_CHUNK >= n;
+            let w = if last { want } else { Want::Nothing };
+            r = self.step(chunk, i * PREFILL_CHUNK, w, logits).await?;
+        }
+        Ok(r)
+    }
+}
+
+struct Session {
+    context: Vec<u32>,
+    prompt_len: usize,
+    tokens: Vec<u32>,
+    opts: GenerateOptions,
+    sampler: Sampler,
+    greedy: bool,
+    prefilled: bool,
+    emitted: usize,
+    full_text: String,
+    finish: Option<FinishReason>,
+    started: Instant,
+    decode_started: Option<Instant>,
+    prefill_s: f64,
+}
+
+struct Inner {
+    engine: Engine,
+    tokenizer: Option<Tokenizer>,
+    gen: GenerationConfig,
+    context: usize,
+    info: Value,
+    session: Option<Session>,
+    logits: Vec<f32>,
+}
+
+/// A loaded model on one backend, with its KV cache and at most one generation in progress.
+#[wasm_bindgen]
+pub struct Model {
+    inner: Rc<RefCell<Inner>>,
+}
+
+async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
+    let opts: Value = if options.trim().is_empty() {
+        json!({})
+    } else {
+        serde_json::from_str(options).map_err(|e| req(format!("load options: {e}")))?
+    };
+    let backend = opts["backend"].as_str().unwrap_or("auto").to_string();
+    if !["auto", "webgpu", "cpu"].contains(&backend.as_str()) {
+        return Err(req(format!(
+            "unknown backend `{backend}` (expected auto, webgpu or cpu)"
+        )));
+    }
+    let config_text = p
+        .config
+        .ok_or_else(|| req("the model has no config.json"))?;
+    if p.safetensors.is_empty() {
+        return Err(req("the model has no *.safetensors file"));
+    }
+    let cv: Value = serde_json::from_str(&config_text)
+        .map_err(|e| Error::json("config.json", e.to_string()))?;
+    let config = ModelConfig::from_json(&cv).map_err(|e| match e {
+        Error::Config(msg) => Error::json("config.json", msg),
+        other => other,
+    })?;
+    let gen = GenerationConfig::from_json_text(p.generation_config.as_deref(), &config)?;
+    let tokenizer = match &p.tokenizer {
+        Some(t) => Some(Tokenizer::from_parts(
+            t,
+            p.tokenizer_config.as_deref(),
+            p.chat_template.clone(),
+        )?),
+        None => None,
+    };
+    let file_bytes: usize = p.safetensors.iter().map(|f| f.1.len()).sum();
+    let ck = Checkpoint::from_buffers(p.safetensors)?;
+    let w = weights(config.clone(), &ck)?;
+    drop(ck);
+    let context = match opts["contextLength"].as_u64() {
+        Some(0) => return Err(req("contextLength must be at least 1")),
+        Some(n) => (n as usize).min(config.max_position_embeddings),
+        None => config.max_position_embeddings.min(2048),
+    };
+
+    let mut fallback: Option<String> = None;
+    let mut engine: Option<Engine> = None;
+    if backend != "cpu" {
+        #[cfg(feature = "gpu")]
+        {
+            let r: Result<Engine> = async {
+                if !navigator_has_gpu() {
+                    return Err(Error::Backend(
+                        "WebGPU is not available here (no navigator.gpu)".into(),
+                    ));
+                }
+                let ctx = GpuContext::new_web(opts["subgroups"].as_bool().unwrap_or(false)).await?;
+                let gopts = GpuOptions {
+                    max_step: PREFILL_CHUNK,
+                    subgroups: ctx.desc.subgroup_size.is_some(),
+                    max_binding_bytes: None,
+                };
+                let b = GpuBackend::load_web(ctx, &w, &gopts).await?;
+                let cache = b.new_cache(context)?;
+                Ok(Engine::Gpu {
+                    b: Box::new(b),
+                    cache,
+                })
+            }
+            .await;
+            match r {
+                Ok(e) => engine = Some(e),
+                Err(e) if backend == "auto" => fallback = Some(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+        #[cfg(not(feature = "gpu"))]
+        {
+            let msg = "this build has no WebGPU backend".to_string();
+            if backend == "webgpu" {
+                return Err(Error::Backend(msg));
+            }
+            fallback = Some(msg);
+        }
+    }
+    let engine = match engine {
+        Some(e) => e,
+        None => {
+            let b = CpuBackend::load(
+                &w,
+                &CpuOptions {
+                    threads: 1,
+                    ..Default::default()
+                },
+            )?;
+            let cache = b.new_cache(context)?;
+            Engine::Cpu {
+                b: Box::new(b),
+                cache,
+            }
+        }
+    };
+    drop(w);
+    let c = engine.config();
+    let (name, device, kernels, decode_bytes) = match &engine {
+        Engine::Cpu { b, .. } => (
+            "cpu",
+            b.describe(),
+            Some(b.kernels().name()),
+            b.decode_bytes_per_token(),
+        ),
+        #[cfg(feature = "gpu")]
+        Engine::Gpu { b, .. } => (
+            "webgpu",
+            b.adapter().to_string(),
+            None,
+            b.decode_bytes_per_token(),
+        ),
+    };
+    let info = json!({
+        "backend": name,
+        "device": device,
+        "kernels": kernels,
+        "fallbackReason": fallback,
+        "contextLength": context,
+        "fileBytes": file_bytes,
+        "decodeBytesPerToken": decode_bytes,
+        "hasTokenizer": tokenizer.is_some(),
+        "hasChatTemplate": tokenizer.as_ref().is_some_and(|t| t.has_chat_template()),
+        "eosTokenIds": gen.eos_token_ids,
+        "bosTokenId": gen.bos_token_id,
+        "config": c.to_json(),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    Ok(Model {
+        inner: Rc::new(RefCell::new(Inner {
+            engine,
+            tokenizer,
+            gen,
+            context,
+            info,
+            session: None,
+            logits: Vec::new(),
+        })),
+    })
+}
+
+fn busy() -> Error {
+    req("the model is busy with another call (await the previous step first)")
+}
+
+impl Inner {
+    fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| req("the model was loaded without tokenizer.json"))
+    }
+
+    fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
+        if prompt.is_empty() {
+            return Err(req("the prompt is empty"));
+        }
+        if prompt.len() > self.context {
+            return Err(req(format!(
+                "the prompt has {} tokens but the context window holds {}",
+                prompt.len(),
+                self.context
+            )));
+        }
+        let vocab = self.engine.config().vocab_size;
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(req(format!(
+                "token id {bad} is out of range (vocab_size {vocab})"
+            )));
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, prompt: Vec<u32>, options: &str) -> Result<()> {
+        self.check_prompt(&prompt)?;
+        let o: Value = if options.trim().is_empty() {
+            json!({})
+        } else {
+            serde_json::from_str(options).map_err(|e| req(format!("generate options: {e}")))?
+        };
+        let f32_of = |k: &str, d: f32| o[k].as_f64().map_or(d, |v| v as f32);
+        let sampling = SamplingParams {
+            temperature: f32_of("temperature", 0.0),
+            top_k: o["topK"].as_u64().unwrap_or(0) as usize,
+            top_p: f32_of("topP", 1.0),
+            min_p: f32_of("minP", 0.0),
+            repetition_penalty: f32_of("repetitionPenalty", 1.0),
+            seed: o["seed"].as_u64(),
+        };
+        sampling.validate()?;
+        let stop_strings = match &o["stop"] {
+            Value::Null => vec![],
+            Value::String(s) => vec![s.clone()],
+            Value::Array(a) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| req("stop must be a string or an array of strings"))
+                })
+                .collect::<Result<_>>()?,
+            _ => return Err(req("stop must be a string or an array of strings")),
+        };
+        let eos_token_ids = match o["eosTokenIds"].as_array() {
+            Some(a) => a
+                .iter()
+                .map(|v| v.as_u64().map(|x| x as u32))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| req("eosTokenIds must be token ids"))?,
+            None => self.gen.eos_token_ids.clone(),
+        };
+        let opts = GenerateOptions {
+            max_tokens: o["maxTokens"].as_u64().unwrap_or(128) as usize,
+            sampling: sampling.clone(),
+            eos_token_ids,
+            ignore_eos: o["ignoreEos"].as_bool().unwrap_or(false),
+            stop_strings,
+        };
+        let greedy = sampling.temperature == 0.0 && sampling.repetition_penalty == 1.0;
+        self.session = Some(Session {
+            prompt_len: prompt.len(),
+            context: prompt,
+            tokens: Vec::new(),
+            sampler: Sampler::new(sampling),
+            greedy,
+            prefilled: false,
+            emitted: 0,
+            full_text: String::new(),
+            finish: (opts.max_tokens == 0).then_some(FinishReason::Length),
+            started: Instant::now(),
+            decode_started: None,
+            prefill_s: 0.0,
+            opts,
+        });
+        Ok(())
+    }
+
+    async fn step(&mut self) -> Result<Value> {
+        let Inner {
+            engine,
+            tokenizer,
+            session,
+            logits,
+            context: cap,
+            ..
+        } = self;
+        let s = session
+            .as_mut()
+            .ok_or_else(|| req("no generation in progress (call start first)"))?;
+        if s.finish.is_none() {
+            let want = if s.greedy { Want::Argmax } else { Want::Logits };
+            let next = if !s.prefilled {
+                let r = engine.prefill(&s.context, want, logits).await?;
+                s.prefilled = true;
+                s.prefill_s = s.started.elapsed().as_secs_f64();
+                s.decode_started = Some(Instant::now());
+                r
+            } else {
+                let last = *s.context.last().unwrap_or(&0);
+                let pos = s.context.len() - 1;
+                engine.step(&[last], pos, want, logits).await?
+            };
+            let tok = match next {
+                Some(t) => t,
+                None => s.sampler.sample(logits, &s.context),
+            };
+            if !s.opts.ignore_eos && s.opts.eos_token_ids.contains(&tok) {
+                s.finish = Some(FinishReason::Stop);
+                return Ok(step_result(s, None, ""));
+            }
+            s.tokens.push(tok);
+            s.context.push(tok);
+            let mut piece = String::new();
+            if let Some(t) = tokenizer.as_ref() {
+                s.full_text = t.decode(&s.tokens, true)?;
+                if let Some(cut) = s
+                    .opts
+                    .stop_strings
+                    .iter()
+                    .filter_map(|x| s.full_text.find(x.as_str()))
+                    .min()
+                {
+                    s.full_text.truncate(cut);
+                    s.finish = Some(FinishReason::Stop);
+                }
+                // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
+                let stable = if s.finish == Some(FinishReason::Stop) {
+                    s.full_text.len()
+                } else {
+                    s.full_text.trim_end_matches('\u{FFFD}').len()
+                };
+                if stable > s.emitted && s.full_text.is_char_boundary(s.emitted) {
+                    piece = s.full_text[s.emitted..stable].to_string();
+                    s.emitted = stable;
+                }
+            }
+            if s.finish.is_none()
+                && (s.tokens.len() >= s.opts.max_tokens || s.context.len() >= *cap)
+            {
+                s.finish = Some(FinishReason::Length);
+            }
+            return Ok(step_result(s, Some(tok), &piece));
+        }
+        Ok(step_result(s, None, ""))
+    }
+}
+
+fn step_result(s: &Session, token: Option<u32>, text: &str) -> Value {
+    let decode_s = s.decode_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    json!({
+        "token": token,
+        "text": text,
+        "done": s.finish.is_some(),
+        "finishReason": s.finish.map(|f| f.as_str()),
+        "promptTokens": s.prompt_len,
+        "completionTokens": s.tokens.len(),
+        "prefillSeconds": s.prefill_s,
+        "decodeSeconds": decode_s,
+    })
+}
+
+#[wasm_bindgen]
+impl Model {
+    /// The backend, device, configuration and tokens of the model, as JSON.
+    pub fn info(&self) -> std::result::Result<String, JsError> {
+        let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
+        Ok(i.info.to_string())
+    }
+
+    /// Encodes text (with BOS etc. when `add_special`, never doubling a BOS in the text).
+    pub fn encode(&self, text: &str, add_special: bool) -> std::result::Result<Vec<u32>, JsError> {
+        let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
+        i.tokenizer()
+            .and_then(|t| t.encode(text, add_special))
+            .map_err(js_err)
+    }
+
+    /// Decodes token ids to text.
+    pub fn decode(&self, ids: Vec<u32>, skip_special: bool) -> std::result::Result<String, JsError> {
+        let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
+        i.tokenizer()
+            .and_then(|t| t.decode(&ids, skip_special))
+            .map_err(js_err)
+    }
+
+    /// Renders the chat template for `messages` (JSON `[{role, content}]`).
+    #[wasm_bindgen(js_name = applyChatTemplate)]
+    pub fn apply_chat_template(
+        &self,
+        messages: &str,
+        add_generation_prompt: bool,
+    ) -> std::result::Result<String, JsError> {
+        let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
+        let m = parse_messages(messages).map_err(js_err)?;
+        i.tokenizer()
+            .and_then(|t| t.apply_chat_template(&m, add_generation_prompt))
+            .map_err(js_err)
+    }
+
+    /// Renders and encodes a chat prompt (`messages` as JSON `[{role, content}]`).
+    #[wasm_bindgen(js_name = encodeChat)]
+    pub fn encode_chat(&self, messages: &str) -> std::result::Result<Vec<u32>, JsError> {
+        let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
+        let m = parse_messages(messages).map_err(js_err)?;
+        i.tokenizer()
+            .and_then(|t| t.encode_chat(&m))
+            .map_err(js_err)
+    }
+
+    /// Starts a generation from `prompt` (token ids), replacing any unfinished one. `options`
+    /// is JSON: `maxTokens`, `temperature`, `topK`, `topP`, `minP`, `repetitionPenalty`,
+    /// `seed`, `stop` (string or strings), `ignoreEos`, `eosTokenIds`.
+    pub fn start(&self, prompt: Vec<u32>, options: &str) -> std::result::Result<(), JsError> {
+        let mut i = self.inner.try_borrow_mut().map_err(|_| js_err(busy()))?;
+        i.start(prompt, options).map_err(js_err)
+    }
+
+    /// Produces the next token: a promise of JSON `{token, text, done, finishReason,
+    /// promptTokens, completionTokens, prefillSeconds, decodeSeconds}`. `token` is null when
+    /// the step ended the generation without a token (EOS).
+    pub fn step(&self) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut i = inner.try_borrow_mut().map_err(|_| js_err(busy()))?;
+            match i.step().await {
+                Ok(v) => Ok(JsValue::from_str(&v.to_string())),
+                Err(e) => {
+                    i.session = None;
+                    Err(js_err(e).into())
+                }
+            }
+        })
+    }
+
+    /// Ends the generation in progress (if any) as cancelled.
+    pub fn cancel(&self) -> std::result::Result<(), JsError> {
+        let mut i = self.inner.try_borrow_mut().map_err(|_| js_err(busy()))?;
+        if let Some(s) = i.session.as_mut() {
+            s.finish.get_or_insert(FinishReason::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// The logits of the last position of `prompt` run from position 0 (a promise of a
+    /// Float32Array of vocab_size values). Ends any generation in progress.
+    #[wasm_bindgen(js_name = promptLogits)]
+    pub fn prompt_logits(&self, prompt: Vec<u32>) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut i = inner.try_borrow_mut().map_err(|_| js_err(busy()))?;
+            i.check_prompt(&prompt).map_err(js_err)?;
+            i.session = None;
+            let Inner { engine, logits, .. } = &mut *i;
+            engine
+                .prefill(&prompt, Want::Logits, logits)
+                .await
+                .map_err(js_err)?;
+            Ok(js_sys::Float32Array::from(&logits[..]).into())
+        })
+    }
+}
+
+fn parse_messages(text: &str) -> Result<Vec<ChatMessage>> {
+    let v: Value = serde_json::from_str(text).map_err(|e| req(format!("messages: {e}")))?;
+    let a = v
+        .as_array()
+        .ok_or_else(|| req("messages must be an array of {role, content}"))?;
+    a.iter()
+        .enumerate()
+        .map(|(n, m)| {
+            let role = m["role"].as_str();
+            let content = match &m["content"] {
+                Value::String(s) => Some(s.clone()),
+                // OpenAI content parts: the text parts, concatenated.
+                Value::Array(parts) => Some(
+                    parts
+                        .iter()
+                        .filter_map(|p| p["text"].as_str())
+                        .collect::<Vec<_>>()
+                        .join(""),
+                ),
+                _ => None,
+            };
+            match (role, content) {
+                (Some(r), Some(c)) => Ok(ChatMessage::new(r, &c)),
+                _ => Err(req(format!(
+                    "messages[{n}] needs a string `role` and a string `content`"
+                ))),
+            }
+        })
+        .collect()
+}
