@@ -545,7 +545,10 @@ impl Inner {
             };
             if !s.opts.ignore_eos && s.opts.eos_token_ids.contains(&tok) {
                 s.finish = Some(FinishReason::Stop);
-                return Ok(step_result(s, None, ""));
+                // Text held back for a possible stop string belongs to the answer after all.
+                let rest = s.full_text.get(s.emitted..).unwrap_or("").to_string();
+                s.emitted = s.full_text.len();
+                return Ok(step_result(s, None, &rest));
             }
             s.tokens.push(tok);
             s.context.push(tok);
@@ -563,10 +566,12 @@ impl Inner {
                     s.finish = Some(FinishReason::Stop);
                 }
                 // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
+                // Also hold back a tail that may be the start of a stop string.
                 let stable = if s.finish == Some(FinishReason::Stop) {
                     s.full_text.len()
                 } else {
-                    s.full_text.trim_end_matches('\u{FFFD}').len()
+                    let t = s.full_text.trim_end_matches('\u{FFFD}');
+                    t.len() - stop_prefix_len(t, &s.opts.stop_strings)
                 };
                 if stable > s.emitted && s.full_text.is_char_boundary(s.emitted) {
                     piece = s.full_text[s.emitted..stable].to_string();
@@ -577,11 +582,30 @@ impl Inner {
                 && (s.tokens.len() >= s.opts.max_tokens || s.context.len() >= *cap)
             {
                 s.finish = Some(FinishReason::Length);
+                // The generation ends here: release text held back for a possible stop string.
+                if s.full_text.len() > s.emitted && s.full_text.is_char_boundary(s.emitted) {
+                    piece.push_str(&s.full_text[s.emitted..]);
+                    s.emitted = s.full_text.len();
+                }
             }
             return Ok(step_result(s, Some(tok), &piece));
         }
         Ok(step_result(s, None, ""))
     }
+}
+
+/// The length of the longest tail of `text` that is a proper prefix of one of `stops`.
+fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .filter_map(|stop| {
+            (1..stop.len())
+                .rev()
+                .filter(|&k| stop.is_char_boundary(k))
+                .find(|&k| text.ends_with(&stop[..k]))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn step_result(s: &Session, token: Option<u32>, text: &str) -> Value {

@@ -1,0 +1,283 @@
+// Gathering a checkpoint's files from a URL, a local path (Node), File objects or bytes, with
+// download progress and a browser cache (Cache API) that can be listed and cleared.
+import { isNode } from './runtime.js';
+
+export const CACHE_NAME = 'bitnet-inference-models-v1';
+const MANIFEST = '__bitnet_cache_manifest__.json';
+const OPTIONAL = ['tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'chat_template.jinja'];
+const KNOWN = new Set(['config.json', ...OPTIONAL, 'model.safetensors.index.json']);
+
+const hasCacheApi = () => typeof caches !== 'undefined' && typeof caches.open === 'function';
+
+function toBytes(v) {
+  if (v instanceof Uint8Array) return v;
+  if (v instanceof ArrayBuffer) return new Uint8Array(v);
+  if (ArrayBuffer.isView(v)) return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+  throw new TypeError('expected a Uint8Array, ArrayBuffer, Blob or File');
+}
+
+function isBlob(v) {
+  return typeof Blob !== 'undefined' && v instanceof Blob;
+}
+
+/** Reads a response body (or blob stream) into one Uint8Array, reporting progress. */
+async function readStream(stream, total, onBytes, signal) {
+  const reader = stream.getReader();
+  const chunks = [];
+  let loaded = 0;
+  for (;;) {
+    if (signal?.aborted) {
+      await reader.cancel().catch(() => {});
+      throw signal.reason ?? new Error('aborted');
+    }
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value);
+    loaded += value.byteLength;
+    onBytes(loaded, total);
+  }
+  if (chunks.length === 1) return chunks[0];
+  const out = new Uint8Array(loaded);
+  let o = 0;
+  for (const c of chunks) {
+    out.set(c, o);
+    o += c.byteLength;
+  }
+  return out;
+}
+
+async function blobBytes(blob, onBytes, signal) {
+  if (blob.stream) return readStream(blob.stream(), blob.size, onBytes, signal);
+  const b = new Uint8Array(await blob.arrayBuffer());
+  onBytes(b.byteLength, b.byteLength);
+  return b;
+}
+
+/** Progress over several files: per-file bytes summed into one running total. */
+class Progress {
+  constructor(cb) {
+    this.cb = cb;
+    this.files = new Map();
+  }
+  update(file, loaded, total) {
+    this.files.set(file, { loaded, total: total || 0 });
+    if (!this.cb) return;
+    let l = 0;
+    let t = 0;
+    for (const f of this.files.values()) {
+      l += f.loaded;
+      t += Math.max(f.total, f.loaded);
+    }
+    this.cb({ phase: 'download', file, fileLoaded: loaded, fileTotal: total || 0, loaded: l, total: t });
+  }
+}
+
+function fetcher(opts) {
+  return opts.fetch ?? globalThis.fetch?.bind(globalThis);
+}
+
+/** One file of a model directory URL: from the cache, else downloaded (and cached). */
+async function fetchFile(url, { optional, cache, progress, name, opts }) {
+  const href = url.href;
+  let res = cache ? await cache.match(href) : undefined;
+  const fromCache = !!res;
+  if (!res) {
+    const f = fetcher(opts);
+    if (!f) throw new Error('no fetch() in this environment');
+    try {
+      res = await f(href, { signal: opts.signal });
+    } catch (e) {
+      if (opts.signal?.aborted) throw opts.signal.reason ?? e;
+      throw new Error(`${href}: download failed (${e?.message ?? e})`);
+    }
+    if (res.status === 404 && optional) return null;
+    if (!res.ok) throw new Error(`${href}: HTTP ${res.status} ${res.statusText}`.trim());
+  }
+  const total = Number(res.headers.get('content-length')) || 0;
+  const onBytes = (l, t) => progress.update(name, l, t);
+  const bytes = res.body
+    ? await readStream(res.body, total, onBytes, opts.signal)
+    : new Uint8Array(await res.arrayBuffer());
+  progress.update(name, bytes.byteLength, bytes.byteLength);
+  if (cache && !fromCache) {
+    try {
+      await cache.put(href, new Response(bytes, { headers: { 'content-type': 'application/octet-stream' } }));
+    } catch (e) {
+      console.warn(`bitnet-inference: could not cache ${href}: ${e?.message ?? e}`);
+    }
+  }
+  return bytes;
+}
+
+function baseUrl(source) {
+  let href = source instanceof URL ? source.href : String(source);
+  const base = typeof location !== 'undefined' ? location.href : undefined;
+  let u = new URL(href, base);
+  if (u.pathname.endsWith('.safetensors') || u.pathname.endsWith('.json')) u = new URL('./', u);
+  else if (!u.pathname.endsWith('/')) u = new URL(u.pathname + '/' + u.search, u);
+  return u;
+}
+
+async function filesFromUrl(source, opts, progress) {
+  const base = baseUrl(source);
+  const useCache = opts.cache !== false && hasCacheApi() && /^https?:$/.test(base.protocol);
+  const cache = useCache ? await caches.open(CACHE_NAME) : null;
+  const get = (name, optional) =>
+    fetchFile(new URL(name, base), { optional, cache, progress, name, opts }).then((b) => b && [name, b]);
+  const files = [await get('config.json', false)];
+  const small = await Promise.all(OPTIONAL.map((n) => get(n, true)));
+  files.push(...small.filter(Boolean));
+  let weights = await get('model.safetensors', true);
+  if (weights) {
+    files.push(weights);
+  } else {
+    const index = await get('model.safetensors.index.json', true);
+    if (!index) throw new Error(`${base.href}: no model.safetensors or model.safetensors.index.json`);
+    const shards = shardNames(index[1]);
+    for (const s of shards) files.push(await get(s, false));
+  }
+  if (cache) {
+    const manifest = {
+      url: base.href,
+      files: files.map(([n, b]) => ({ name: n, bytes: b.byteLength })),
+      bytes: files.reduce((a, [, b]) => a + b.byteLength, 0),
+      cachedAt: new Date().toISOString(),
+    };
+    await cache.put(new URL(MANIFEST, base).href, new Response(JSON.stringify(manifest), {
+      headers: { 'content-type': 'application/json' },
+    })).catch(() => {});
+  }
+  return files;
+}
+
+function shardNames(indexBytes) {
+  let idx;
+  try {
+    idx = JSON.parse(new TextDecoder().decode(indexBytes));
+  } catch (e) {
+    throw new Error(`model.safetensors.index.json: ${e.message}`);
+  }
+  const map = idx?.weight_map;
+  if (!map || typeof map !== 'object') throw new Error('model.safetensors.index.json: missing object `weight_map`');
+  const names = [...new Set(Object.values(map))];
+  for (const n of names) {
+    if (typeof n !== 'string' || !n.endsWith('.safetensors') || n.includes('/') || n.includes('..')) {
+      throw new Error(`model.safetensors.index.json: \`${n}\` is not a shard file name`);
+    }
+  }
+  return names.sort();
+}
+
+async function filesFromPath(path, opts, progress) {
+  const fs = await import(/* webpackIgnore: true */ 'node:fs/promises');
+  const p = await import(/* webpackIgnore: true */ 'node:path');
+  const url = await import(/* webpackIgnore: true */ 'node:url');
+  let dir = path instanceof URL ? url.fileURLToPath(path) : String(path);
+  if (dir.startsWith('file:')) dir = url.fileURLToPath(dir);
+  if (dir.endsWith('.safetensors')) dir = p.dirname(dir);
+  const read = async (name, optional) => {
+    try {
+      const b = new Uint8Array(await fs.readFile(p.join(dir, name)));
+      progress.update(name, b.byteLength, b.byteLength);
+      return [name, b];
+    } catch (e) {
+      if (optional && e.code === 'ENOENT') return null;
+      throw new Error(`${p.join(dir, name)}: ${e.message}`);
+    }
+  };
+  const files = [await read('config.json', false)];
+  for (const n of OPTIONAL) {
+    const f = await read(n, true);
+    if (f) files.push(f);
+  }
+  const w = await read('model.safetensors', true);
+  if (w) files.push(w);
+  else {
+    const index = await read('model.safetensors.index.json', true);
+    if (!index) throw new Error(`${dir}: no model.safetensors or model.safetensors.index.json`);
+    for (const s of shardNames(index[1])) files.push(await read(s, false));
+  }
+  return files;
+}
+
+async function filesFromEntries(entries, opts, progress) {
+  const out = [];
+  const names = new Set();
+  for (const [rawName, v] of entries) {
+    const name = String(rawName).split('/').pop();
+    if (!(KNOWN.has(name) || name.endsWith('.safetensors'))) continue;
+    if (name === 'model.safetensors.index.json') continue; // shards are given as files
+    names.add(name);
+    if (isBlob(v)) out.push([name, await blobBytes(v, (l, t) => progress.update(name, l, t), opts.signal)]);
+    else if (typeof v === 'string' || v instanceof URL) {
+      out.push([name, await fetchFile(new URL(v, typeof location !== 'undefined' ? location.href : undefined), {
+        optional: false, cache: null, progress, name, opts,
+      })]);
+    } else {
+      const b = toBytes(v);
+      progress.update(name, b.byteLength, b.byteLength);
+      out.push([name, b]);
+    }
+  }
+  if (!names.has('config.json')) throw new Error('the model files have no config.json');
+  if (![...names].some((n) => n.endsWith('.safetensors'))) throw new Error('the model files have no *.safetensors');
+  return out;
+}
+
+/**
+ * The files of a checkpoint as [name, Uint8Array] pairs. `source`: a directory URL (or the URL
+ * of its model.safetensors), a local path or file: URL (Node), a FileList / File[] (the files
+ * of a model directory), or an object mapping file names to bytes, Blobs or URLs.
+ */
+export async function gatherFiles(source, opts = {}) {
+  const progress = new Progress(opts.onProgress);
+  if (source == null) throw new TypeError('BitNet.load: no model source given');
+  if (typeof source === 'object' && !(source instanceof URL)) {
+    if (typeof source.length === 'number' || Symbol.iterator in source) {
+      return filesFromEntries([...source].map((f) => [f.webkitRelativePath || f.name, f]), opts, progress);
+    }
+    const obj = source.files ?? source;
+    if (typeof obj.length === 'number' || Symbol.iterator in obj) return gatherFiles(obj, opts);
+    return filesFromEntries(Object.entries(obj), opts, progress);
+  }
+  const s = source instanceof URL ? source.href : String(source);
+  if (isNode && !/^(https?|blob|data):/.test(s)) return filesFromPath(source, opts, progress);
+  return filesFromUrl(source, opts, progress);
+}
+
+/** Models saved in the browser cache by earlier loads: `[{url, files, bytes, cachedAt}]`. */
+export async function listCachedModels() {
+  if (!hasCacheApi()) return [];
+  const cache = await caches.open(CACHE_NAME);
+  const out = [];
+  for (const req of await cache.keys()) {
+    if (!req.url.endsWith('/' + MANIFEST)) continue;
+    const r = await cache.match(req);
+    try {
+      out.push(await r.json());
+    } catch {
+      /* a damaged manifest: skip */
+    }
+  }
+  return out.sort((a, b) => a.url.localeCompare(b.url));
+}
+
+/** Deletes every cached file of the model at `url`; resolves to whether anything was deleted. */
+export async function deleteCachedModel(url) {
+  if (!hasCacheApi()) return false;
+  const base = baseUrl(url).href;
+  const cache = await caches.open(CACHE_NAME);
+  let any = false;
+  for (const req of await cache.keys()) {
+    if (req.url.startsWith(base) && !req.url.slice(base.length).includes('/')) {
+      any = (await cache.delete(req)) || any;
+    }
+  }
+  return any;
+}
+
+/** Deletes the whole model cache. */
+export async function clearModelCache() {
+  if (!hasCacheApi()) return false;
+  return caches.delete(CACHE_NAME);
+}

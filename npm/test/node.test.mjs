@@ -1,0 +1,187 @@
+// The package under Node 20 (CPU path, SIMD128 kernels): the tiny fixture against the
+// transformers float32 reference, the tokenizer, the JS API shapes and its errors.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+
+import { BitNet } from '../src/index.js';
+
+const FIXTURE = fileURLToPath(new URL('../../tests/fixtures/tiny/', import.meta.url));
+const ref = JSON.parse(readFileSync(FIXTURE + 'reference.json', 'utf8'));
+const prompts = ref.references.float32.prompts;
+
+let shared;
+const model = () => (shared ??= BitNet.load(FIXTURE));
+
+const maxAbsDiff = (a, b) => {
+  assert.equal(a.length, b.length);
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
+  return m;
+};
+
+test('SIMD128 kernels match the scalar reference on random and odd shapes', async () => {
+  const r = await BitNet.kernelSelfTest();
+  assert.deepEqual(r.kernels, ['scalar', 'simd128']);
+  assert.ok(r.cases >= 50, `only ${r.cases} cases`);
+  assert.deepEqual(r.failures, []);
+});
+
+test('auto backend falls back to the CPU under Node and says why', async () => {
+  const m = await model();
+  assert.equal(m.backend, 'cpu');
+  assert.equal(m.info.kernels, 'simd128');
+  assert.match(m.info.fallbackReason, /navigator\.gpu/);
+  assert.equal(m.info.config.vocab_size, 300);
+  assert.deepEqual(m.info.eosTokenIds, [298, 299]);
+});
+
+test('greedy tokens match the float32 reference for every prompt', async () => {
+  const m = await model();
+  for (const p of prompts) {
+    const out = await m.generateText(p.input_ids, { maxTokens: 16, ignoreEos: true });
+    assert.deepEqual(out.tokens, p.greedy_tokens, p.name);
+    assert.equal(out.finishReason, 'length');
+    assert.equal(out.usage.promptTokens, p.input_ids.length);
+    assert.equal(out.usage.completionTokens, 16);
+  }
+});
+
+test('last-position logits match the reference to 1e-4', async () => {
+  const m = await model();
+  for (const p of prompts) {
+    const got = await m.logits(p.input_ids);
+    assert.ok(got instanceof Float32Array);
+    const d = maxAbsDiff(got, p.prefill_last_logits);
+    assert.ok(d <= 1e-4, `${p.name}: max |Δ| ${d}`);
+  }
+});
+
+test('streaming yields one chunk per token, text included, and stops at EOS', async () => {
+  const m = await model();
+  const p = prompts[3];
+  const chunks = [];
+  for await (const c of m.generate(p.input_ids, { maxTokens: 16, ignoreEos: true })) chunks.push(c);
+  assert.equal(chunks.length, 16);
+  assert.deepEqual(chunks.map((c) => c.token), p.greedy_tokens);
+  assert.ok(chunks.at(-1).done && !chunks[0].done);
+  assert.equal(chunks.map((c) => c.text).join(''), m.decode(p.greedy_tokens));
+  assert.ok(chunks.at(-1).timings.tokensPerSecond > 0);
+  // With EOS honoured (the generation config's 298/299), generation ends at the first EOS
+  // if the reference produces one, and never emits it.
+  const eos = new Set([298, 299]);
+  const cut = p.greedy_tokens.findIndex((t) => eos.has(t));
+  const out = await m.generateText(p.input_ids, { maxTokens: 16 });
+  assert.deepEqual(out.tokens, cut < 0 ? p.greedy_tokens : p.greedy_tokens.slice(0, cut));
+});
+
+test('tokenizer and chat template match the reference', async () => {
+  const m = await model();
+  for (const s of ref.tokenizer.strings) {
+    assert.deepEqual(m.encode(s.text), s.ids_add_special_tokens_true);
+    assert.deepEqual(m.encode(s.text, { addSpecialTokens: false }), s.ids_add_special_tokens_false);
+    assert.equal(m.decode(s.ids_add_special_tokens_true), s.decoded_skip_special);
+  }
+  const chat = ref.tokenizer.chat;
+  assert.equal(m.applyChatTemplate(chat.messages), chat.rendered);
+  assert.deepEqual(m.tokenize({ messages: chat.messages }), chat.ids);
+});
+
+test('chat.completions.create: OpenAI shapes, streaming and not', async () => {
+  const m = await model();
+  const messages = [{ role: 'user', content: 'Hello' }];
+  const full = await m.chat.completions.create({ messages, max_tokens: 8 });
+  assert.equal(full.object, 'chat.completion');
+  assert.equal(full.choices[0].message.role, 'assistant');
+  assert.ok(['stop', 'length'].includes(full.choices[0].finish_reason));
+  assert.equal(full.usage.total_tokens, full.usage.prompt_tokens + full.usage.completion_tokens);
+  const ids = m.tokenize({ messages });
+  const greedy = await m.generateText(ids, { maxTokens: 8 });
+  assert.equal(full.choices[0].message.content, greedy.text);
+
+  const stream = await m.chat.completions.create({ messages, max_tokens: 8, stream: true,
+    stream_options: { include_usage: true } });
+  let text = '';
+  let last;
+  let first = true;
+  for await (const c of stream) {
+    assert.equal(c.object, 'chat.completion.chunk');
+    if (first) assert.equal(c.choices[0].delta.role, 'assistant');
+    first = false;
+    text += c.choices[0].delta.content ?? '';
+    last = c;
+  }
+  assert.equal(text, greedy.text);
+  assert.equal(last.choices[0].finish_reason, full.choices[0].finish_reason);
+  assert.equal(last.usage.completion_tokens, full.usage.completion_tokens);
+});
+
+test('sampling: a seed makes it reproducible; stop strings cut the text', async () => {
+  const m = await model();
+  const o = { maxTokens: 12, temperature: 1.0, topP: 0.9, topK: 50, seed: 42, ignoreEos: true };
+  const a = await m.generateText('Hello', o);
+  const b = await m.generateText('Hello', o);
+  assert.deepEqual(a.tokens, b.tokens);
+  const c = await m.generateText('Hello', { ...o, seed: 43 });
+  assert.notDeepEqual(a.tokens, c.tokens);
+  const p = prompts[3];
+  const text = m.decode(p.greedy_tokens);
+  const stop = text.slice(2, 4);
+  const out = await m.generateText(p.input_ids, { maxTokens: 16, ignoreEos: true, stop: [stop] });
+  assert.equal(out.finishReason, 'stop');
+  assert.equal(out.text, text.slice(0, text.indexOf(stop)));
+});
+
+test('AbortSignal stops a generation; the model stays usable', async () => {
+  const m = await model();
+  const p = prompts[2];
+  const pre = new AbortController();
+  pre.abort();
+  await assert.rejects(m.generateText(p.input_ids, { signal: pre.signal }), { name: 'AbortError' });
+  const ac = new AbortController();
+  let n = 0;
+  await assert.rejects(async () => {
+    for await (const c of m.generate(p.input_ids, { maxTokens: 16, ignoreEos: true, signal: ac.signal })) {
+      if (++n === 3) ac.abort();
+    }
+  }, { name: 'AbortError' });
+  assert.equal(n, 3);
+  const again = await m.generateText(p.input_ids, { maxTokens: 16, ignoreEos: true });
+  assert.deepEqual(again.tokens, p.greedy_tokens);
+});
+
+test('errors are rejected promises with clear messages', async () => {
+  const m = await model();
+  await assert.rejects(BitNet.load(FIXTURE, { backend: 'webgpu' }), /WebGPU is not available/);
+  await assert.rejects(BitNet.load(FIXTURE, { backend: 'tpu' }), /unknown backend `tpu`/);
+  await assert.rejects(BitNet.load('/nonexistent/model/dir'), /config\.json/);
+  const bytes = (n) => readFileSync(FIXTURE + n);
+  await assert.rejects(BitNet.load({ 'config.json': bytes('config.json') }), /no \*\.safetensors/);
+  const truncated = bytes('model.safetensors').subarray(0, 5000);
+  await assert.rejects(
+    BitNet.load({ 'config.json': bytes('config.json'), 'model.safetensors': truncated }),
+    /model\.safetensors/,
+  );
+  await assert.rejects(m.generateText([]), /prompt is empty/);
+  await assert.rejects(m.generateText([5000]), /out of range/);
+  await assert.rejects(m.generateText(new Array(300).fill(5)), /context window holds 256/);
+  await assert.rejects(m.generateText('hi', { temperature: -1 }), /temperature/);
+  await assert.rejects(m.generateText('hi', { seed: -3 }), /seed/);
+  // Still fine afterwards.
+  const p = prompts[1];
+  assert.deepEqual((await m.generateText(p.input_ids, { maxTokens: 16, ignoreEos: true })).tokens, p.greedy_tokens);
+});
+
+test('loading from bytes (as from File objects) and dispose', async () => {
+  const names = ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'model.safetensors'];
+  const files = Object.fromEntries(names.map((n) => [n, new Uint8Array(readFileSync(FIXTURE + n))]));
+  const events = [];
+  const m = await BitNet.load(files, { backend: 'cpu', contextLength: 64, onProgress: (e) => events.push(e.phase) });
+  assert.ok(events.includes('download') && events.at(-1) === 'ready');
+  assert.equal(m.info.contextLength, 64);
+  const p = prompts[2];
+  assert.deepEqual((await m.generateText(p.input_ids, { maxTokens: 16, ignoreEos: true })).tokens, p.greedy_tokens);
+  m.dispose();
+  await assert.rejects(m.generateText(p.input_ids), /disposed/);
+});
