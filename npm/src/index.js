@@ -205,6 +205,16 @@ export const BitNet = {
     b.free();
     const name = opts.name ?? (typeof source === 'string' || source instanceof URL ? String(source) : 'local');
     const model = new BitNetModel(raw, name);
+    if (model.info.backend === 'webgpu') {
+      // What the browser tells about the adapter (wgpu sees little of it).
+      try {
+        const a = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
+        const ai = a?.info ?? {};
+        model.info.adapter = { vendor: ai.vendor ?? '', architecture: ai.architecture ?? '', description: ai.description ?? '' };
+        const label = [ai.vendor, ai.architecture, ai.description].filter(Boolean).join(' ');
+        if (label) model.info.device = model.info.device.replace(/^WebGPU adapter/, label);
+      } catch { /* keep wgpu's description */ }
+    }
     opts.onProgress?.({ phase: 'ready', file: null, loaded: 0, total: 0 });
     return model;
   },

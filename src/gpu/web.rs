@@ -45,8 +45,10 @@ impl GpuContext {
             && lo.is_power_of_two()
             && (4..=128).contains(&lo))
         .then_some(lo);
-        let name = if info.name.is_empty() {
-            format!("{} {}", info.vendor, info.driver).trim().to_string()
+        // The browser hides most adapter details (the name may be empty or a number); the JS
+        // wrapper adds GPUAdapterInfo's vendor/architecture.
+        let name = if info.name.is_empty() || info.name.parse::<u64>().is_ok() {
+            "WebGPU adapter".to_string()
         } else {
             info.name.clone()
         };

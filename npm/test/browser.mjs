@@ -1,0 +1,168 @@
+#!/usr/bin/env node
+// Browser test: Debian's headless Chromium (SwiftShader provides WebGPU) drives the demo page
+// served from 127.0.0.1, loads the tiny fixture on WebGPU and on the CPU fallback, checks both
+// against the transformers greedy tokens, measures tokens/s, and saves screenshots.
+// Chromium is spawned with exactly the flags of TOOLCHAIN.md and attached over CDP.
+// Env: CHROMIUM (binary, default `chromium`), BITNET_BROWSER_OUT (default <repo>/target/browser-test).
+import { spawn } from 'node:child_process';
+import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+import { serve } from './serve.mjs';
+
+const root = resolve(fileURLToPath(new URL('../..', import.meta.url)));
+const outDir = process.env.BITNET_BROWSER_OUT ?? join(root, 'target', 'browser-test');
+const ref = JSON.parse(readFileSync(join(root, 'tests/fixtures/tiny/reference.json'), 'utf8'));
+const prompts = ref.references.float32.prompts;
+
+function freePort() {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.on('error', rej);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => res(port));
+    });
+  });
+}
+
+async function connect(port, proc) {
+  const deadline = Date.now() + 60_000;
+  let last;
+  while (Date.now() < deadline) {
+    if (proc.exitCode !== null) throw new Error(`chromium exited with ${proc.exitCode}`);
+    try {
+      return await chromium.connectOverCDP(`http://127.0.0.1:${port}`);
+    } catch (e) {
+      last = e;
+      await new Promise((r) => setTimeout(r, 300));
+    }
+  }
+  throw new Error(`could not attach to chromium: ${last?.message}`);
+}
+
+const failures = [];
+function check(cond, msg) {
+  if (!cond) failures.push(msg);
+  console.log(`${cond ? 'ok  ' : 'FAIL'} ${msg}`);
+}
+
+mkdirSync(outDir, { recursive: true });
+const { server, url } = await serve(root);
+const userDir = mkdtempSync(join(tmpdir(), 'bitnet-chromium-'));
+const port = await freePort();
+const flags = [
+  '--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--disable-quic', `--user-data-dir=${userDir}`,
+  '--enable-unsafe-webgpu', `--remote-debugging-port=${port}`, 'about:blank',
+];
+const proc = spawn(process.env.CHROMIUM ?? 'chromium', flags, { stdio: ['ignore', 'ignore', 'pipe'] });
+let stderr = '';
+proc.stderr.on('data', (d) => { stderr = (stderr + d).slice(-20000); });
+const results = { machine: process.env.BITNET_MACHINE ?? null, backends: {} };
+let browser;
+try {
+  browser = await connect(port, proc);
+  const context = browser.contexts()[0] ?? (await browser.newContext());
+  const page = await context.newPage();
+  await page.setViewportSize({ width: 1100, height: 800 });
+  const logs = [];
+  page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));
+
+  await page.goto(`${url}/web/`);
+  const adapter = await page.evaluate(async () => {
+    const a = await navigator.gpu?.requestAdapter();
+    return a ? { architecture: a.info?.architecture, vendor: a.info?.vendor } : null;
+  });
+  console.log(`WebGPU adapter: ${JSON.stringify(adapter)}`);
+  check(adapter !== null, 'navigator.gpu.requestAdapter() returns an adapter');
+
+  for (const backend of ['webgpu', 'cpu']) {
+    await page.goto(`${url}/web/?model=../tests/fixtures/tiny/&backend=${backend}&autoload=1`);
+    await page.waitForFunction(() => ['ready', 'error'].includes(document.documentElement.dataset.state),
+      null, { timeout: 180_000 });
+    const state = await page.evaluate(() => document.documentElement.dataset.state);
+    const status = await page.textContent('#status');
+    check(state === 'ready', `${backend}: model loads (${status.trim()})`);
+    if (state !== 'ready') continue;
+    const info = await page.evaluate(() => window.bitnetDemo.model.info);
+    check(info.backend === backend, `${backend}: backend reported as ${info.backend} on ${info.device}`);
+    for (const p of prompts) {
+      const tokens = await page.evaluate(([ids]) => window.bitnetDemo.generateTokens(ids, { maxTokens: 16, ignoreEos: true }), [p.input_ids]);
+      check(JSON.stringify(tokens) === JSON.stringify(p.greedy_tokens), `${backend}: greedy tokens of ${p.name}${JSON.stringify(tokens) === JSON.stringify(p.greedy_tokens) ? '' : `: got ${tokens} want ${p.greedy_tokens}`}`);
+    }
+    // Speed: 200 greedy tokens after a 1-token prompt (best of 3).
+    const speed = await page.evaluate(async () => {
+      let best = null;
+      for (let i = 0; i < 3; i++) {
+        const r = await window.bitnetDemo.model.generateText([297], { maxTokens: 200, ignoreEos: true });
+        if (!best || r.timings.tokensPerSecond > best.timings.tokensPerSecond) best = r;
+      }
+      return { tokensPerSecond: best.timings.tokensPerSecond, tokens: best.tokens.length };
+    });
+    console.log(`${backend}: ${speed.tokensPerSecond.toFixed(1)} tok/s (${speed.tokens} tokens)`);
+    results.backends[backend] = { device: info.device, kernels: info.kernels, ...speed };
+
+    // The UI itself: send a message, see streamed text and the speed, then screenshot.
+    await page.fill('#prompt', 'Hello! What is BitNet?');
+    await page.click('#send-btn');
+    await page.waitForFunction(() => document.documentElement.dataset.state === 'generating', null, { timeout: 10_000 }).catch(() => {});
+    await page.waitForFunction(() => document.documentElement.dataset.state === 'ready', null, { timeout: 120_000 });
+    const meta = await page.textContent('.msg.assistant .meta').catch(() => null);
+    check(!!meta && /tok\/s/.test(meta), `${backend}: chat reply with stats (${meta})`);
+    const shot = join(outDir, `demo-${backend}.png`);
+    await page.screenshot({ path: shot, fullPage: true });
+    console.log(`screenshot: ${shot}`);
+
+    // Stop button: a long generation is stopped by the user.
+    await page.click('#clear-btn');
+    await page.evaluate(() => {
+      document.getElementById('max-tokens').value = '4000';
+      window.bitnetDemo.extraOptions = { ignoreEos: true };
+    });
+    await page.fill('#prompt', 'Tell me a long story.');
+    // Click Stop as soon as the first streamed text shows (from inside the page: the CPU path
+    // of the tiny model can finish the whole reply within a few milliseconds).
+    await page.evaluate(() => new Promise((resolve) => {
+      const log = document.getElementById('messages');
+      const obs = new MutationObserver(() => {
+        const body = log.querySelector('.msg.assistant:last-child .body');
+        if (body?.textContent.length) {
+          obs.disconnect();
+          document.getElementById('stop-btn').click();
+          resolve();
+        }
+      });
+      obs.observe(log, { childList: true, subtree: true, characterData: true });
+      document.getElementById('send-btn').click();
+    }));
+    await page.waitForFunction(() => document.documentElement.dataset.state === 'ready', null, { timeout: 60_000 });
+    const stopped = await page.textContent('.msg.assistant:last-child .meta').catch(() => '');
+    // WebGPU on SwiftShader is slow enough that the stop always lands mid-reply.
+    const want = backend === 'webgpu' ? /stopped/ : /stopped|length/;
+    check(want.test(stopped), `${backend}: stop button ends generation (${stopped})`);
+  }
+  const errors = logs.filter((l) => l.startsWith('[error]') || l.startsWith('[pageerror]'));
+  if (errors.length) console.log(`page errors:\n${errors.join('\n')}`);
+  writeFileSync(join(outDir, 'results.json'), JSON.stringify(results, null, 2));
+  writeFileSync(join(outDir, 'console.log'), logs.join('\n'));
+} catch (e) {
+  failures.push(`browser test crashed: ${e.stack ?? e}`);
+  console.error(e);
+  console.error(`chromium stderr (tail):\n${stderr.slice(-3000)}`);
+} finally {
+  await browser?.close().catch(() => {});
+  proc.kill('SIGTERM');
+  server.close();
+  setTimeout(() => { try { proc.kill('SIGKILL'); } catch { /* gone */ } }, 2000).unref();
+  try { rmSync(userDir, { recursive: true, force: true }); } catch { /* busy */ }
+}
+if (failures.length) {
+  console.error(`\n${failures.length} browser check(s) failed:\n- ${failures.join('\n- ')}`);
+  process.exit(1);
+}
+console.log('\nbrowser test passed');
