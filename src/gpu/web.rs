@@ -109,7 +109,9 @@ async fn read_buffer(buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         return Err(Error::Backend(format!("WebGPU: {e}")));
     }
     if !ok {
-        return Err(Error::Backend("WebGPU: mapping the readback buffer failed".into()));
+        return Err(Error::Backend(
+            "WebGPU: mapping the readback buffer failed".into(),
+        ));
     }
     let data = buf
         .get_mapped_range(0..bytes)

@@ -75,6 +75,7 @@ fn req(msg: impl Into<String>) -> Error {
 }
 
 /// Whether `navigator.gpu` exists (false under Node, where wgpu's web backend would trap).
+#[cfg(feature = "gpu")]
 fn navigator_has_gpu() -> bool {
     let g = js_sys::global();
     js_sys::Reflect::get(&g, &"navigator".into())
@@ -318,6 +319,7 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
     };
 
     let mut fallback: Option<String> = None;
+    #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
     let mut engine: Option<Engine> = None;
     if backend != "cpu" {
         #[cfg(feature = "gpu")]
@@ -622,6 +624,10 @@ fn step_result(s: &Session, token: Option<u32>, text: &str) -> Value {
     })
 }
 
+// The step futures hold the model's RefCell borrow across their awaits on purpose: a second
+// call meanwhile gets a "busy" error from `try_borrow*` (never a panic), and the JS wrapper
+// queues its calls so that this does not happen.
+#[allow(clippy::await_holding_refcell_ref)]
 #[wasm_bindgen]
 impl Model {
     /// The backend, device, configuration and tokens of the model, as JSON.
@@ -639,7 +645,11 @@ impl Model {
     }
 
     /// Decodes token ids to text.
-    pub fn decode(&self, ids: Vec<u32>, skip_special: bool) -> std::result::Result<String, JsError> {
+    pub fn decode(
+        &self,
+        ids: Vec<u32>,
+        skip_special: bool,
+    ) -> std::result::Result<String, JsError> {
         let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
         i.tokenizer()
             .and_then(|t| t.decode(&ids, skip_special))

@@ -1,0 +1,275 @@
+// Types of the bitnet-inference package.
+
+/** Where a model comes from. */
+export type ModelSource =
+  /** A model directory URL (config.json, model.safetensors or model.safetensors.index.json +
+   * shards, tokenizer.json, tokenizer_config.json, generation_config.json, chat_template.jinja),
+   * or the URL of its model.safetensors. In Node: also a local directory path or file: URL. */
+  | string
+  | URL
+  /** The files of a model directory (e.g. an `<input type=file multiple>`). */
+  | FileList
+  | File[]
+  /** File name → contents (bytes, a Blob/File, or a URL to fetch). */
+  | Record<string, Uint8Array | ArrayBuffer | Blob | string | URL>;
+
+export type BackendChoice = 'auto' | 'webgpu' | 'cpu';
+
+export interface LoadProgress {
+  /** `download` while files are read, `load` while the engine prepares the weights, then `ready`. */
+  phase: 'download' | 'load' | 'ready';
+  /** The file being read (download phase). */
+  file: string | null;
+  /** Bytes read so far over all files. */
+  loaded: number;
+  /** Total bytes of the files whose size is known so far (0 when unknown). */
+  total: number;
+  fileLoaded?: number;
+  fileTotal?: number;
+}
+
+export interface LoadOptions {
+  /** `auto` (default): WebGPU where `navigator.gpu` works, else the CPU (see `info.fallbackReason`). */
+  backend?: BackendChoice;
+  onProgress?: (p: LoadProgress) => void;
+  /** Keep downloaded files in the browser cache (Cache API) and reuse them; default true. */
+  cache?: boolean;
+  /** Positions of the KV cache (default: min(max_position_embeddings, 2048)). */
+  contextLength?: number;
+  /** Use WebGPU subgroup operations where the adapter reports a fixed size (default false). */
+  subgroups?: boolean;
+  /** Cancels the download. */
+  signal?: AbortSignal;
+  /** A fetch implementation (default: globalThis.fetch). */
+  fetch?: typeof fetch;
+  /** The model name reported by chat completions (default: the source URL). */
+  name?: string;
+  /** Where the .wasm comes from (default: next to the package's JS). */
+  wasm?: string | URL | Uint8Array | WebAssembly.Module;
+  /** loadInWorker only: the worker script URL (default: the package's worker.js). */
+  workerUrl?: string | URL;
+}
+
+/** config.json as the engine read it. */
+export interface ModelConfigJson {
+  vocab_size: number;
+  hidden_size: number;
+  intermediate_size: number;
+  num_hidden_layers: number;
+  num_attention_heads: number;
+  num_key_value_heads: number;
+  max_position_embeddings: number;
+  [key: string]: unknown;
+}
+
+export interface ModelInfo {
+  backend: 'webgpu' | 'cpu';
+  /** A description of the adapter or CPU kernels. */
+  device: string;
+  /** The CPU kernel set ('simd128' or 'scalar'); null on WebGPU. */
+  kernels: string | null;
+  /** Why `auto` did not use WebGPU (null when it did, or when the CPU was asked for). */
+  fallbackReason: string | null;
+  /** WebGPU adapter details from the browser. */
+  adapter?: { vendor: string; architecture: string; description: string };
+  contextLength: number;
+  fileBytes: number;
+  decodeBytesPerToken: number;
+  hasTokenizer: boolean;
+  hasChatTemplate: boolean;
+  eosTokenIds: number[];
+  bosTokenId: number | null;
+  config: ModelConfigJson;
+  version: string;
+}
+
+export interface GenerateOptions {
+  /** Most new tokens (default 128). */
+  maxTokens?: number;
+  /** 0 (default) is greedy. */
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  minP?: number;
+  repetitionPenalty?: number;
+  /** A non-negative integer for reproducible sampling. */
+  seed?: number;
+  /** Strings that end the generation (the text is cut before them). */
+  stop?: string | string[];
+  /** Keep going past end-of-sequence tokens. */
+  ignoreEos?: boolean;
+  /** End-of-sequence ids (default: generation_config.json's). */
+  eosTokenIds?: number[];
+  /** Stops the generation: the iterator throws an AbortError. */
+  signal?: AbortSignal;
+  /** For string prompts: add BOS etc. (default true). */
+  addSpecialTokens?: boolean;
+  /** Yield to the event loop every n tokens (default 1). */
+  yieldEvery?: number;
+}
+
+export interface Timings {
+  prefillSeconds: number;
+  decodeSeconds: number;
+  /** Decode speed: tokens after the first over their time. */
+  tokensPerSecond: number;
+  prefillTokensPerSecond: number;
+}
+
+export interface GenerateChunk {
+  /** New text (may be '' while a multi-byte character or a possible stop string is held back). */
+  text: string;
+  /** The token id, or null when the step ended the generation at an end-of-sequence token. */
+  token: number | null;
+  done: boolean;
+  /** On the last chunk. */
+  finishReason?: 'stop' | 'length' | 'cancelled';
+  promptTokens?: number;
+  completionTokens?: number;
+  usage?: { promptTokens: number; completionTokens: number };
+  timings?: Timings;
+}
+
+export interface GenerateResult {
+  text: string;
+  tokens: number[];
+  finishReason: 'stop' | 'length' | 'cancelled';
+  usage: { promptTokens: number; completionTokens: number };
+  timings: Timings;
+}
+
+export interface ChatMessage {
+  role: 'system' | 'user' | 'assistant' | string;
+  content: string | Array<{ type?: string; text?: string }>;
+}
+
+/** A prompt: text (BOS added), token ids, or chat messages (the model's chat template). */
+export type Prompt = string | number[] | Uint32Array | { messages: ChatMessage[] };
+
+export interface ChatCompletionRequest {
+  messages: ChatMessage[];
+  stream?: boolean;
+  stream_options?: { include_usage?: boolean };
+  max_tokens?: number;
+  max_completion_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  top_k?: number;
+  min_p?: number;
+  repetition_penalty?: number;
+  seed?: number;
+  stop?: string | string[];
+  signal?: AbortSignal;
+  /** Accepted and ignored (the loaded model answers). */
+  model?: string;
+}
+
+export interface ChatCompletionUsage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+}
+
+export interface ChatCompletion {
+  id: string;
+  object: 'chat.completion';
+  created: number;
+  model: string;
+  choices: Array<{
+    index: number;
+    message: { role: 'assistant'; content: string };
+    finish_reason: 'stop' | 'length';
+  }>;
+  usage?: ChatCompletionUsage;
+  timings?: Timings;
+}
+
+export interface ChatCompletionChunk {
+  id: string;
+  object: 'chat.completion.chunk';
+  created: number;
+  model: string;
+  choices: Array<{
+    index: number;
+    delta: { role?: 'assistant'; content?: string };
+    finish_reason: 'stop' | 'length' | null;
+  }>;
+  usage?: ChatCompletionUsage;
+  timings?: Timings;
+}
+
+export interface Chat {
+  completions: {
+    create(req: ChatCompletionRequest & { stream: true }): Promise<AsyncIterable<ChatCompletionChunk>>;
+    create(req: ChatCompletionRequest & { stream?: false }): Promise<ChatCompletion>;
+    create(req: ChatCompletionRequest): Promise<ChatCompletion | AsyncIterable<ChatCompletionChunk>>;
+  };
+}
+
+/** A model loaded in this thread ({@link BitNet.load}). Calls on one model run one at a time. */
+export declare class BitNetModel {
+  readonly info: ModelInfo;
+  readonly backend: 'webgpu' | 'cpu';
+  readonly chat: Chat;
+  encode(text: string, opts?: { addSpecialTokens?: boolean }): number[];
+  decode(ids: ArrayLike<number>, opts?: { skipSpecialTokens?: boolean }): string;
+  applyChatTemplate(messages: ChatMessage[], opts?: { addGenerationPrompt?: boolean }): string;
+  tokenize(input: Prompt, opts?: { addSpecialTokens?: boolean }): number[];
+  generate(input: Prompt, opts?: GenerateOptions): AsyncGenerator<GenerateChunk, void, void>;
+  generateText(input: Prompt, opts?: GenerateOptions): Promise<GenerateResult>;
+  /** Logits of the last prompt position (vocab_size values). */
+  logits(input: Prompt): Promise<Float32Array>;
+  dispose(): void;
+  [Symbol.dispose](): void;
+}
+
+/** A model hosted in a Web Worker ({@link BitNet.loadInWorker}): the same API, async throughout. */
+export interface WorkerModel {
+  readonly info: ModelInfo;
+  readonly backend: 'webgpu' | 'cpu';
+  readonly chat: Chat;
+  encode(text: string, opts?: { addSpecialTokens?: boolean }): Promise<number[]>;
+  decode(ids: ArrayLike<number>, opts?: { skipSpecialTokens?: boolean }): Promise<string>;
+  applyChatTemplate(messages: ChatMessage[], opts?: { addGenerationPrompt?: boolean }): Promise<string>;
+  tokenize(input: Prompt, opts?: { addSpecialTokens?: boolean }): Promise<number[]>;
+  generate(input: Prompt, opts?: GenerateOptions): AsyncGenerator<GenerateChunk, void, void>;
+  generateText(input: Prompt, opts?: GenerateOptions): Promise<GenerateResult>;
+  logits(input: Prompt): Promise<Float32Array>;
+  /** Frees the model and terminates the worker. */
+  dispose(): void;
+  [Symbol.dispose](): void;
+}
+
+export interface KernelSelfTest {
+  kernels: string[];
+  cases: number;
+  failures: string[];
+}
+
+export declare const BitNet: {
+  load(source: ModelSource, opts?: LoadOptions): Promise<BitNetModel>;
+  loadInWorker(source: ModelSource, opts?: LoadOptions): Promise<WorkerModel>;
+  version(): Promise<string>;
+  kernelSelfTest(): Promise<KernelSelfTest>;
+  hasWebGPU(): boolean;
+  readonly isNode: boolean;
+};
+export default BitNet;
+
+export interface CachedModel {
+  url: string;
+  files: Array<{ name: string; bytes: number }>;
+  bytes: number;
+  cachedAt: string;
+}
+
+/** Models kept in the browser cache by earlier loads (empty where there is no Cache API). */
+export declare function listCachedModels(): Promise<CachedModel[]>;
+/** Deletes the cached files of the model at `url`; resolves to whether anything was deleted. */
+export declare function deleteCachedModel(url: string | URL): Promise<boolean>;
+/** Deletes every cached model. */
+export declare function clearModelCache(): Promise<boolean>;
+/** Whether `navigator.gpu` exists here. */
+export declare function hasWebGPU(): boolean;
+/** Instantiates the WebAssembly module ahead of the first load (optional). */
+export declare function initWasm(source?: string | URL | Uint8Array | WebAssembly.Module): Promise<unknown>;
