@@ -38,6 +38,8 @@ export interface LoadOptions {
   contextLength?: number;
   /** Use WebGPU subgroup operations where the adapter reports a fixed size (default false). */
   subgroups?: boolean;
+  /** The CPU path's kernels (default: the fastest, simd128). */
+  kernels?: 'auto' | 'simd128' | 'scalar';
   /** Cancels the download. */
   signal?: AbortSignal;
   /** A fetch implementation (default: globalThis.fetch). */

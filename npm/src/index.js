@@ -201,6 +201,7 @@ export const BitNet = {
       backend,
       contextLength: opts.contextLength,
       subgroups: opts.subgroups,
+      kernels: opts.kernels,
     })));
     b.free();
     const name = opts.name ?? (typeof source === 'string' || source instanceof URL ? String(source) : 'local');

@@ -155,6 +155,7 @@ test('errors are rejected promises with clear messages', async () => {
   const m = await model();
   await assert.rejects(BitNet.load(FIXTURE, { backend: 'webgpu' }), /WebGPU is not available/);
   await assert.rejects(BitNet.load(FIXTURE, { backend: 'tpu' }), /unknown backend `tpu`/);
+  await assert.rejects(BitNet.load(FIXTURE, { backend: 'cpu', kernels: 'avx9' }), /kernel set `avx9`/);
   await assert.rejects(BitNet.load('/nonexistent/model/dir'), /config\.json/);
   const bytes = (n) => readFileSync(FIXTURE + n);
   await assert.rejects(BitNet.load({ 'config.json': bytes('config.json') }), /no \*\.safetensors/);
@@ -177,7 +178,9 @@ test('loading from bytes (as from File objects) and dispose', async () => {
   const names = ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'model.safetensors'];
   const files = Object.fromEntries(names.map((n) => [n, new Uint8Array(readFileSync(FIXTURE + n))]));
   const events = [];
-  const m = await BitNet.load(files, { backend: 'cpu', contextLength: 64, onProgress: (e) => events.push(e.phase) });
+  const m = await BitNet.load(files, { backend: 'cpu', contextLength: 64, kernels: 'scalar',
+    onProgress: (e) => events.push(e.phase) });
+  assert.equal(m.info.kernels, 'scalar');
   assert.ok(events.includes('download') && events.at(-1) === 'ready');
   assert.equal(m.info.contextLength, 64);
   const p = prompts[2];

@@ -140,7 +140,8 @@ impl ModelBuilder {
     }
 
     /// Builds the model (a promise of [`Model`]). `options` is JSON:
-    /// `{"backend": "auto"|"webgpu"|"cpu", "contextLength": n, "subgroups": bool}`.
+    /// `{"backend": "auto"|"webgpu"|"cpu", "contextLength": n, "subgroups": bool,
+    /// "kernels": "auto"|"simd128"|"scalar"}` (kernels: the CPU path's).
     /// `auto` tries WebGPU where `navigator.gpu` exists and falls back to the CPU, saying why
     /// in the model's info (`fallbackReason`). The builder is emptied.
     pub fn build(&mut self, options: &str) -> js_sys::Promise {
@@ -362,10 +363,15 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
     let engine = match engine {
         Some(e) => e,
         None => {
+            let kernels = match opts["kernels"].as_str() {
+                Some(name) => Some(crate::cpu::kernels::Kernels::by_name(name)?),
+                None => None,
+            };
             let b = CpuBackend::load(
                 &w,
                 &CpuOptions {
                     threads: 1,
+                    kernels,
                     ..Default::default()
                 },
             )?;
