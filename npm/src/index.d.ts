@@ -40,6 +40,8 @@ export interface LoadOptions {
   subgroups?: boolean;
   /** The CPU path's kernels (default: the fastest, simd128). */
   kernels?: 'auto' | 'simd128' | 'scalar';
+  /** Caps the WebGPU shards of the embedding/head below the device's binding limit (testing). */
+  maxBindingBytes?: number;
   /** Cancels the download. */
   signal?: AbortSignal;
   /** A fetch implementation (default: globalThis.fetch). */

@@ -202,6 +202,7 @@ export const BitNet = {
       contextLength: opts.contextLength,
       subgroups: opts.subgroups,
       kernels: opts.kernels,
+      maxBindingBytes: opts.maxBindingBytes,
     })));
     b.free();
     const name = opts.name ?? (typeof source === 'string' || source instanceof URL ? String(source) : 'local');

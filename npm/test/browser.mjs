@@ -146,6 +146,45 @@ try {
     const want = backend === 'webgpu' ? /stopped/ : /stopped|length/;
     check(want.test(stopped), `${backend}: stop button ends generation (${stopped})`);
   }
+  // In the page's own thread (no worker): WebGPU with the embedding/head split into many
+  // small shards (as a large model is split under the binding limit), and the weights cache.
+  if (adapter) {
+    const r = await page.evaluate(async ([ids]) => {
+      const { BitNet, listCachedModels, deleteCachedModel } = await import('/npm/src/index.js');
+      const m = await BitNet.load('/tests/fixtures/tiny/', { backend: 'webgpu', maxBindingBytes: 4096 });
+      const out = [];
+      for (const p of ids) out.push((await m.generateText(p, { maxTokens: 16, ignoreEos: true })).tokens);
+      const backend = m.backend;
+      m.dispose();
+      const cached = (await listCachedModels()).map((c) => c.url);
+      const deleted = await deleteCachedModel('/tests/fixtures/tiny/');
+      const after = (await listCachedModels()).map((c) => c.url);
+      return { backend, out, cached, deleted, after };
+    }, [prompts.map((p) => p.input_ids)]);
+    check(r.backend === 'webgpu', 'sharded: in-page model on webgpu');
+    prompts.forEach((p, i) => check(JSON.stringify(r.out[i]) === JSON.stringify(p.greedy_tokens),
+      `sharded (4 KiB bindings) webgpu: greedy tokens of ${p.name}`));
+    check(r.cached.some((u) => u.endsWith('/tests/fixtures/tiny/')), `cache lists the loaded model (${r.cached})`);
+    check(r.deleted && !r.after.some((u) => u.endsWith('/tests/fixtures/tiny/')), 'deleteCachedModel removes it');
+  }
+  // Local files: the demo's file picker with the fixture's files, on the CPU backend.
+  {
+    await page.goto(`${url}/web/`);
+    const dir = join(root, 'tests/fixtures/tiny');
+    const names = ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'model.safetensors'];
+    await page.setInputFiles('#model-files', names.map((n) => join(dir, n)));
+    await page.check('input[name=source][value=files]');
+    await page.selectOption('#backend-select', 'cpu');
+    await page.click('#load-btn');
+    await page.waitForFunction(() => ['ready', 'error'].includes(document.documentElement.dataset.state), null, { timeout: 60_000 });
+    const state = await page.evaluate(() => document.documentElement.dataset.state);
+    check(state === 'ready', `local files: model loads (${(await page.textContent('#status')).trim()})`);
+    if (state === 'ready') {
+      const p = prompts[2];
+      const tokens = await page.evaluate(([ids]) => window.bitnetDemo.generateTokens(ids, { maxTokens: 16, ignoreEos: true }), [p.input_ids]);
+      check(JSON.stringify(tokens) === JSON.stringify(p.greedy_tokens), `local files: greedy tokens of ${p.name}`);
+    }
+  }
   const errors = logs.filter((l) => l.startsWith('[error]') || l.startsWith('[pageerror]'));
   if (errors.length) console.log(`page errors:\n${errors.join('\n')}`);
   writeFileSync(join(outDir, 'results.json'), JSON.stringify(results, null, 2));

@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
 import { BitNet } from '../src/index.js';
+import { initWasm, guard } from '../src/runtime.js';
 
 const FIXTURE = fileURLToPath(new URL('../../tests/fixtures/tiny/', import.meta.url));
 const ref = JSON.parse(readFileSync(FIXTURE + 'reference.json', 'utf8'));
@@ -187,4 +188,9 @@ test('loading from bytes (as from File objects) and dispose', async () => {
   assert.deepEqual((await m.generateText(p.input_ids, { maxTokens: 16, ignoreEos: true })).tokens, p.greedy_tokens);
   m.dispose();
   await assert.rejects(m.generateText(p.input_ids), /disposed/);
+});
+
+test('a Rust panic surfaces as an Error carrying its message', async () => {
+  const wasm = await initWasm();
+  await assert.rejects(guard(() => wasm.__panicForTests()), /panicked.*test panic/);
 });

@@ -40,7 +40,8 @@ static PANIC: Mutex<Option<String>> = Mutex::new(None);
 #[wasm_bindgen(start)]
 pub fn start() {
     std::panic::set_hook(Box::new(|info| {
-        let msg = format!("bitnet-inference panicked: {info}");
+        // One line: "bitnet-inference: panicked at <file:line:col>: <message>".
+        let msg = format!("bitnet-inference: {}", info.to_string().replace('\n', " "));
         if let Ok(mut p) = PANIC.lock() {
             *p = Some(msg);
         }
@@ -52,6 +53,13 @@ pub fn start() {
 #[wasm_bindgen(js_name = takePanicMessage)]
 pub fn take_panic_message() -> Option<String> {
     PANIC.lock().ok()?.take()
+}
+
+/// Panics on purpose (tests check that a panic reaches JS as an Error with its message).
+#[doc(hidden)]
+#[wasm_bindgen(js_name = __panicForTests)]
+pub fn panic_for_tests() {
+    panic!("test panic");
 }
 
 /// The engine's version.
@@ -141,7 +149,8 @@ impl ModelBuilder {
 
     /// Builds the model (a promise of [`Model`]). `options` is JSON:
     /// `{"backend": "auto"|"webgpu"|"cpu", "contextLength": n, "subgroups": bool,
-    /// "kernels": "auto"|"simd128"|"scalar"}` (kernels: the CPU path's).
+    /// "kernels": "auto"|"simd128"|"scalar", "maxBindingBytes": n}` (kernels: the CPU path's;
+    /// maxBindingBytes caps WebGPU embedding/head shards below the device limit, for tests).
     /// `auto` tries WebGPU where `navigator.gpu` exists and falls back to the CPU, saying why
     /// in the model's info (`fallbackReason`). The builder is emptied.
     pub fn build(&mut self, options: &str) -> js_sys::Promise {
@@ -335,7 +344,7 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
                 let gopts = GpuOptions {
                     max_step: PREFILL_CHUNK,
                     subgroups: ctx.desc.subgroup_size.is_some(),
-                    max_binding_bytes: None,
+                    max_binding_bytes: opts["maxBindingBytes"].as_u64(),
                 };
                 let b = GpuBackend::load_web(ctx, &w, &gopts).await?;
                 let cache = b.new_cache(context)?;
