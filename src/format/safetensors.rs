@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
+#[cfg(not(target_pointer_width = "32"))]
+use safetensors::tensor::SafeTensors;
+use safetensors::tensor::{Dtype, TensorInfo};
 
 use super::{Bytes, FloatDtype, FloatTensor, LayerWeights, TernaryMatrix, Weights};
 use crate::config::{ModelConfig, ScaleConvention};
@@ -100,14 +102,8 @@ impl Checkpoint {
     fn add_backing(&mut self, path: &Path, map: Backing) -> Result<()> {
         let bytes = map.as_slice();
         self.file_bytes += bytes.len() as u64;
-        let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
-            let which = inconsistent_tensor(bytes)
-                .map(|t| format!(" ({t})"))
-                .unwrap_or_default();
-            Error::format(path, format!("invalid safetensors file: {e}{which}"))
-        })?;
-        let data_start = 8 + header_len;
-        for (name, info) in meta.tensors() {
+        let (data_start, infos) = tensor_infos(bytes).map_err(|e| Error::format(path, e))?;
+        for (name, info) in infos {
             let (a, b) = info.data_offsets;
             let entry = Entry {
                 path: path.to_path_buf(),
@@ -298,6 +294,102 @@ impl Checkpoint {
     }
 }
 
+/// The tensors of a safetensors file, with the offset where its data starts. On 64-bit
+/// targets this is the `safetensors` crate's validated parse.
+#[cfg(not(target_pointer_width = "32"))]
+fn tensor_infos(bytes: &[u8]) -> std::result::Result<(usize, Vec<(String, TensorInfo)>), String> {
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        let which = inconsistent_tensor(bytes)
+            .map(|t| format!(" ({t})"))
+            .unwrap_or_default();
+        format!("invalid safetensors file: {e}{which}")
+    })?;
+    let infos = meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.clone()))
+        .collect();
+    Ok((8 + header_len, infos))
+}
+
+/// On 32-bit targets (wasm32) the crate computes tensor sizes in bits in a `usize` and rejects
+/// any tensor over 512 MiB (the 2B4T embedding is 657 MB), so the header is checked here in
+/// u64 with the same rules.
+#[cfg(target_pointer_width = "32")]
+fn tensor_infos(bytes: &[u8]) -> std::result::Result<(usize, Vec<(String, TensorInfo)>), String> {
+    parse_header_u64(bytes).map_err(|e| format!("invalid safetensors file: {e}"))
+}
+
+/// Parses and validates a safetensors header with 64-bit size arithmetic: the header length
+/// fits the file, every tensor's dtype × shape equals its byte range, and the ranges tile the
+/// data section exactly (in offset order, no gaps or overlaps, up to the end of the file).
+#[cfg_attr(not(target_pointer_width = "32"), allow(dead_code))]
+fn parse_header_u64(
+    bytes: &[u8],
+) -> std::result::Result<(usize, Vec<(String, TensorInfo)>), String> {
+    /// The safetensors crate's limit on the header size.
+    const MAX_HEADER: u64 = 100_000_000;
+    let n = u64::from_le_bytes(
+        bytes
+            .get(..8)
+            .ok_or("the file is shorter than its 8-byte header length")?
+            .try_into()
+            .map_err(|_| "header length")?,
+    );
+    if n > MAX_HEADER {
+        return Err(format!("header length {n} exceeds {MAX_HEADER} bytes"));
+    }
+    let end = 8 + n as usize;
+    let header = bytes
+        .get(8..end)
+        .ok_or_else(|| format!("header length {n} runs past the end of the file"))?;
+    let text = std::str::from_utf8(header).map_err(|e| format!("header is not UTF-8: {e}"))?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| format!("header is not a JSON object: {e}"))?;
+    let mut infos = Vec::with_capacity(map.len());
+    for (name, v) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: TensorInfo =
+            serde_json::from_value(v).map_err(|e| format!("tensor `{name}`: {e}"))?;
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.bitsize() as u64, |acc, &d| {
+                acc.checked_mul(d as u64)
+            })
+            .ok_or_else(|| format!("tensor `{name}`: size overflows"))?;
+        let (a, b) = info.data_offsets;
+        if bits % 8 != 0 || b < a || (b - a) as u64 != bits / 8 {
+            return Err(format!(
+                "tensor `{name}`: dtype {:?}, shape {:?}, data_offsets [{a}, {b}] disagree",
+                info.dtype, info.shape
+            ));
+        }
+        infos.push((name, info));
+    }
+    infos.sort_by_key(|(_, i)| i.data_offsets);
+    let mut at = 0usize;
+    for (name, i) in &infos {
+        if i.data_offsets.0 != at {
+            return Err(format!(
+                "tensor `{name}` starts at {} but the previous data ends at {at}",
+                i.data_offsets.0
+            ));
+        }
+        at = i.data_offsets.1;
+    }
+    if end as u64 + at as u64 != bytes.len() as u64 {
+        return Err(format!(
+            "the tensors cover {at} data bytes but the file holds {}",
+            bytes.len() - end
+        ));
+    }
+    Ok((end, infos))
+}
+
+#[cfg(not(target_pointer_width = "32"))]
 /// Names the first tensor (by name) whose dtype and shape disagree with its data offsets, for
 /// the header errors of the safetensors crate that do not say which tensor is wrong.
 fn inconsistent_tensor(buf: &[u8]) -> Option<String> {
@@ -401,4 +493,82 @@ pub fn weights(config: ModelConfig, ck: &Checkpoint) -> Result<Weights> {
         layers,
         file_bytes: ck.file_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.resize(v.len() + data, 0);
+        v
+    }
+
+    #[test]
+    fn u64_header_parser_agrees_with_the_crate_on_the_fixture() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/model.safetensors");
+        let bytes = std::fs::read(path).unwrap();
+        let (start, mut ours) = parse_header_u64(&bytes).unwrap();
+        let (n, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(start, 8 + n);
+        let mut theirs: Vec<_> = meta.tensors().into_iter().collect();
+        assert_eq!(ours.len(), theirs.len());
+        ours.sort_by(|a, b| a.0.cmp(&b.0));
+        theirs.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((a, ia), (b, ib)) in ours.iter().zip(&theirs) {
+            assert_eq!(a, b);
+            assert_eq!(
+                (ia.dtype, &ia.shape, ia.data_offsets),
+                (ib.dtype, &ib.shape, ib.data_offsets)
+            );
+        }
+    }
+
+    #[test]
+    fn u64_header_parser_rejects_inconsistent_files() {
+        let ok = r#"{"a":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]},"b":{"dtype":"U8","shape":[4],"data_offsets":[12,16]}}"#;
+        assert!(parse_header_u64(&file(ok, 16)).is_ok());
+        let cases = [
+            (ok, 15, "cover 16 data bytes"),
+            (ok, 17, "cover 16 data bytes"),
+            (
+                r#"{"a":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,10]}}"#,
+                10,
+                "disagree",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+                6,
+                "starts at 2",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+                6,
+                "starts at 2",
+            ),
+            // Sizes beyond 32 bits are computed exactly (and here disagree with the file).
+            (
+                r#"{"a":{"dtype":"BF16","shape":[1048576,1048576],"data_offsets":[0,2199023255552]}}"#,
+                8,
+                "cover 2199023255552",
+            ),
+            (
+                r#"{"a":{"dtype":"BF16","shape":[4294967296,4294967296,4],"data_offsets":[0,8]}}"#,
+                8,
+                "overflows",
+            ),
+            (r#"[1,2]"#, 0, "JSON object"),
+        ];
+        for (h, data, want) in cases {
+            let e = parse_header_u64(&file(h, data)).unwrap_err();
+            assert!(e.contains(want), "{h}: {e}");
+        }
+        let mut short = file(ok, 16);
+        short.truncate(20);
+        assert!(parse_header_u64(&short).unwrap_err().contains("runs past"));
+        assert!(parse_header_u64(&[1, 2, 3]).is_err());
+    }
 }
