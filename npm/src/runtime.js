@@ -34,6 +34,14 @@ export function toError(e) {
     err.cause = e;
     return err;
   }
+  if (typeof WebAssembly !== 'undefined' && e instanceof WebAssembly.RuntimeError) {
+    // A trap without a panic message: an allocation failure aborts this way.
+    const err = new Error(`bitnet-inference: the WebAssembly engine stopped (${e.message}); ` +
+      'most likely it ran out of memory (wasm32 is limited to 4 GiB): try WebGPU, a shorter ' +
+      'contextLength or a smaller model. Load the model again before further use.');
+    err.cause = e;
+    return err;
+  }
   if (e instanceof Error) return e;
   return new Error(typeof e === 'string' ? e : String(e));
 }

@@ -372,6 +372,7 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
     let engine = match engine {
         Some(e) => e,
         None => {
+            check_wasm_memory(&w, context)?;
             let kernels = match opts["kernels"].as_str() {
                 Some(name) => Some(crate::cpu::kernels::Kernels::by_name(name)?),
                 None => None,
@@ -434,6 +435,37 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
             logits: Vec::new(),
         })),
     })
+}
+
+/// Fails with a clear message when the CPU path's repacked weights and KV cache cannot fit
+/// in what is left of wasm32's 4 GiB of memory (the checkpoint's bytes are already in it).
+fn check_wasm_memory(w: &crate::format::Weights, context: usize) -> Result<()> {
+    use crate::cpu::packed::padded_cols;
+    let c = &w.config;
+    let ternary: u64 = w
+        .layers
+        .iter()
+        .flat_map(|l| l.linears())
+        .map(|m| (m.rows * padded_cols(m.cols) / 4) as u64)
+        .sum();
+    let kv = 2 * (c.num_layers * c.kv_dim() * context * 4) as u64;
+    let need = ternary + kv;
+    let used = (core::arch::wasm32::memory_size(0) as u64) << 16;
+    let left = (4u64 << 30).saturating_sub(used);
+    if need > left {
+        return Err(Error::Backend(format!(
+            "the model does not fit in WebAssembly memory: the CPU backend needs {} MB more \
+             (repacked weights {} MB + KV cache {} MB for {context} positions) but only {} MB \
+             remain of the 4 GiB limit ({} MB hold the checkpoint); use WebGPU, a shorter \
+             contextLength or a smaller model",
+            need >> 20,
+            ternary >> 20,
+            kv >> 20,
+            left >> 20,
+            used >> 20
+        )));
+    }
+    Ok(())
 }
 
 fn busy() -> Error {
