@@ -1,6 +1,6 @@
 // Decode GEMV (T = 1 or a few tokens) with its input's RMSNorm + int8 quantization fused in:
-// every workgroup normalises and quantizes its token's source row into workgroup memory with
-// exactly norm.wgsl's arithmetic (MODE 0: the row itself; MODE 1: relu(gate)² · up), then
+// every workgroup normalises and quantizes its token's source row into workgroup memory (as
+// norm.wgsl; MODE 0: the row itself; MODE 1: relu(gate)² · up; width % 4 == 0), then
 // computes 2 * FG output rows like matmul.wgsl's gemv (same weight and activation layout, exact
 // i32 accumulation). This saves the norm's own dispatch; the redundant per-workgroup norm reads
 // a row that is hot in L2.
@@ -30,14 +30,15 @@ override ACCUM: bool = false;
 const FW: u32 = 256u;   // invocations per workgroup
 const FTPR: u32 = 16u;  // invocations per row pair
 const FG: u32 = 16u;    // row pairs per workgroup
-const XMAX: u32 = 768u; // vec4<u32> of quantized input: up to 12288 columns
+const NW: u32 = 7u;     // input words (4 columns) per invocation: up to 7168 columns
+const XMAX: u32 = 448u; // vec4<u32> of quantized input (NW * FW / 4)
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> fp: FusedP;
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> rs: array<f32>;
-@group(0) @binding(4) var<storage, read> src: array<f32>;
-@group(0) @binding(5) var<storage, read> gamma: array<f32>;
+@group(0) @binding(4) var<storage, read> src: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> gamma: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<storage, read> table: array<vec2<f32>>;
 @group(0) @binding(8) var<storage, read_write> kc: array<f32>;
@@ -60,27 +61,27 @@ fn fxsum(xv: vec4<u32>) -> i32 {
         + dot4I8Packed(xv.w, FONES);
 }
 
-// The normalised input's source value at column c of token t, or 0 past the row.
-fn sv(t: u32, c: u32) -> f32 {
-    if c >= fp.width {
-        return 0.0;
+// The source of token t's word w (columns 4w..4w+3), or 0 past the row.
+fn sv4(t: u32, w: u32) -> vec4<f32> {
+    if 4u * w >= fp.width {
+        return vec4<f32>(0.0);
     }
-    let base = t * fp.src_stride;
+    let base = t * (fp.src_stride / 4u);
     if MODE == 1u {
-        let g = max(src[base + c], 0.0);
-        return g * g * src[base + fp.width + c];
+        let g = max(src[base + w], vec4<f32>(0.0));
+        return g * g * src[base + fp.width / 4u + w];
     }
-    return src[base + c];
+    return src[base + w];
 }
 
-fn gv(c: u32) -> f32 {
-    if c < fp.width {
-        return gamma[c];
+fn gv4(w: u32) -> vec4<f32> {
+    if 4u * w < fp.width {
+        return gamma[w];
     }
-    return 0.0;
+    return vec4<f32>(0.0);
 }
 
-// Sum (max when `is_max`) over the workgroup, in norm.wgsl's tree order.
+// Sum (max when `is_max`) over the workgroup.
 fn wg_reduce(v: f32, li: u32, is_max: bool) -> f32 {
     fred[li] = v;
     workgroupBarrier();
@@ -96,45 +97,41 @@ fn wg_reduce(v: f32, li: u32, is_max: bool) -> f32 {
     return r;
 }
 
+fn q8(y: f32, scale: f32) -> u32 {
+    // WGSL round() is round-half-to-even, like the CPU quantizer.
+    return bitcast<u32>(i32(clamp(round(y * scale), -128.0, 127.0))) & 0xffu;
+}
+
 // Normalises and quantizes token t's source row into `xw`; returns its scale (absmax / 127).
+// Invocation li owns the words li + FW * k (4 columns each), held in registers: every load
+// of the row is issued at once.
 fn prologue(t: u32, li: u32) -> f32 {
+    var v: array<vec4<f32>, NW>;
+    var g: array<vec4<f32>, NW>;
+    for (var k = 0u; k < NW; k = k + 1u) {
+        v[k] = sv4(t, li + FW * k);
+        g[k] = gv4(li + FW * k);
+    }
     var ss = 0.0;
-    for (var c = li; c < fp.width; c = c + 1024u) {
-        let v0 = sv(t, c);
-        let v1 = sv(t, c + 256u);
-        let v2 = sv(t, c + 512u);
-        let v3 = sv(t, c + 768u);
-        ss = ss + v0 * v0;
-        ss = ss + v1 * v1;
-        ss = ss + v2 * v2;
-        ss = ss + v3 * v3;
+    for (var k = 0u; k < NW; k = k + 1u) {
+        ss = ss + dot(v[k], v[k]);
     }
     let ms = wg_reduce(ss, li, false) / f32(fp.width);
     let inv = 1.0 / sqrt(ms + fp.eps);
     var am = 0.0;
-    for (var c = li; c < fp.width; c = c + 1024u) {
-        let v0 = sv(t, c);
-        let v1 = sv(t, c + 256u);
-        let v2 = sv(t, c + 512u);
-        let v3 = sv(t, c + 768u);
-        am = max(am, abs(gv(c) * (v0 * inv)));
-        am = max(am, abs(gv(c + 256u) * (v1 * inv)));
-        am = max(am, abs(gv(c + 512u) * (v2 * inv)));
-        am = max(am, abs(gv(c + 768u) * (v3 * inv)));
+    for (var k = 0u; k < NW; k = k + 1u) {
+        let y = abs(g[k] * (v[k] * inv));
+        am = max(am, max(max(y.x, y.y), max(y.z, y.w)));
     }
     let absmax = max(wg_reduce(am, li, true), 1e-5);
     let scale = 127.0 / absmax;
-    for (var wi = li; wi < fp.kvec * 16u; wi = wi + FW) {
-        var packed = 0u;
-        for (var b = 0u; b < 4u; b = b + 1u) {
-            let c = wi * 4u + b;
-            if c < fp.width {
-                let y = gamma[c] * (sv(t, c) * inv);
-                let q = i32(clamp(round(y * scale), -128.0, 127.0));
-                packed = packed | ((bitcast<u32>(q) & 0xffu) << (8u * b));
-            }
+    for (var k = 0u; k < NW; k = k + 1u) {
+        let wi = li + FW * k;
+        if wi < fp.kvec * 16u {
+            let y = g[k] * (v[k] * inv);
+            xw[wi >> 2u][wi & 3u] = q8(y.x, scale) | (q8(y.y, scale) << 8u)
+                | (q8(y.z, scale) << 16u) | (q8(y.w, scale) << 24u);
         }
-        xw[wi >> 2u][wi & 3u] = packed;
     }
     workgroupBarrier();
     return absmax / 127.0;

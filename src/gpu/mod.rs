@@ -356,7 +356,9 @@ impl GpuBackend {
 
         let hd = cfg.head_dim;
         let fused = opts.fused
-            && [h, q, i].iter().all(|&n| pad64(n) <= FUSED_MAX_WIDTH)
+            && [h, q, i]
+                .iter()
+                .all(|&n| pad64(n) <= FUSED_MAX_WIDTH && n.is_multiple_of(4))
             && hd.is_multiple_of(2);
         // Fused GEMV parameters: rows, kvec, ld, width, src_stride, eps, q, kv, hd.
         let fparams = |name: &str, m: &Mat, width: usize, src_stride: usize| {

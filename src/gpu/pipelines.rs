@@ -33,8 +33,8 @@ pub const GEMV_WG: u32 = 128;
 /// Output rows of a fused GEMV workgroup (`2 * FG` in gemv_fused.wgsl).
 pub const FUSED_ROWS: u32 = 32;
 
-/// Widest input the fused GEMV normalises in workgroup memory (`16 * XMAX` in gemv_fused.wgsl).
-pub const FUSED_MAX_WIDTH: usize = 12288;
+/// Widest input the fused GEMV normalises in registers (`4 * NW * FW` in gemv_fused.wgsl).
+pub const FUSED_MAX_WIDTH: usize = 7168;
 
 /// Invocations per GEMV row (each group of them computes two rows).
 pub const GEMV_TPR: u32 = 16;
