@@ -1,5 +1,6 @@
 //! BitNet b1.58 inference: ternary weights, int8 activations, CPU SIMD kernels.
 
+pub mod batch;
 pub mod config;
 pub mod cpu;
 pub mod engine;
