@@ -9,6 +9,8 @@ pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod quant;
+#[cfg(feature = "server")]
+pub mod serve;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
