@@ -544,12 +544,13 @@ impl<B: BatchBackend> Engine<B> {
         for (id, finish) in finished {
             if let Some(i) = self.running.iter().position(|s| s.id == id) {
                 let mut s = self.running.swap_remove(i);
+                self.free(&mut s);
+                self.publish();
                 s.sink.send(Event::Done {
                     finish,
                     prompt_tokens: s.prompt_len,
                     completion_tokens: s.generated,
                 });
-                self.free(&mut s);
             }
         }
         Ok(())
