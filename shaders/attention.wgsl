@@ -21,6 +21,9 @@ struct AttnP {
 @group(0) @binding(4) var<storage, read> vc: array<f32>;
 @group(0) @binding(5) var<storage, read_write> part: array<f32>;
 @group(0) @binding(6) var<storage, read_write> attn: array<f32>;
+// The same K and V caches seen as vec4 rows (attend_vec: hd % 4 == 0).
+@group(0) @binding(7) var<storage, read> kc4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> vc4: array<vec4<f32>>;
 
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> sc: array<f32, 64>;
@@ -315,4 +318,131 @@ fn store_p(ok: bool, a: u32, v: vec4<f32>) {
         part[a + 2u] = v.z;
         part[a + 3u] = v.w;
     }
+}
+
+// Decode attention for hd % 4 == 0 and hd <= 128, same partials as `attend` (or `attn` itself
+// when the step has one split): per block of 64 positions, invocation i scores position i with
+// vec4 K loads (8 in flight), block max and sum by tree reductions, and P·V is split into two
+// halves of 32 positions with one vec4 column per invocation. Dispatch: (nsplit, num_heads, T).
+var<workgroup> q4: array<vec4<f32>, 32>;
+var<workgroup> dp: array<f32, 64>;
+var<workgroup> dred: array<f32, 64>;
+var<workgroup> dpv: array<vec4<f32>, 64>;
+
+fn dreduce(v: f32, li: u32, is_max: bool) -> f32 {
+    dred[li] = v;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s = s >> 1u) {
+        if li < s {
+            let o = dred[li + s];
+            dred[li] = select(dred[li] + o, max(dred[li], o), is_max);
+        }
+        workgroupBarrier();
+    }
+    let r = dred[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(64)
+fn attend_vec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let s = wg.x;
+    let h = wg.y;
+    let t = wg.z;
+    let hd4 = ap.hd / 4u;
+    let len = step.pos + t + 1u;
+    let start = s * step.chunk;
+    let end = min(start + step.chunk, len);
+    let kb4 = (h / ap.group) * step.cap * hd4;
+    if li < hd4 {
+        let qb = t * ap.stride + h * ap.hd + 4u * li;
+        q4[li] = vec4<f32>(qkv[qb], qkv[qb + 1u], qkv[qb + 2u], qkv[qb + 3u]);
+    }
+    workgroupBarrier();
+    let c4 = li % 32u;
+    let half = li / 32u;
+    var m = NEG_BIG;
+    var l = 0.0;
+    var o = vec4<f32>(0.0);
+    for (var b = start; b < end; b = b + 64u) {
+        let p = b + li;
+        var score = NEG_BIG;
+        if p < end {
+            let kr = kb4 + p * hd4;
+            var acc = 0.0;
+            var d = 0u;
+            for (; d + 8u <= hd4; d = d + 8u) {
+                let k0 = kc4[kr + d];
+                let k1 = kc4[kr + d + 1u];
+                let k2 = kc4[kr + d + 2u];
+                let k3 = kc4[kr + d + 3u];
+                let k4 = kc4[kr + d + 4u];
+                let k5 = kc4[kr + d + 5u];
+                let k6 = kc4[kr + d + 6u];
+                let k7 = kc4[kr + d + 7u];
+                acc = acc + dot(q4[d], k0) + dot(q4[d + 1u], k1) + dot(q4[d + 2u], k2)
+                    + dot(q4[d + 3u], k3) + dot(q4[d + 4u], k4) + dot(q4[d + 5u], k5)
+                    + dot(q4[d + 6u], k6) + dot(q4[d + 7u], k7);
+            }
+            for (; d < hd4; d = d + 1u) {
+                acc = acc + dot(q4[d], kc4[kr + d]);
+            }
+            score = acc * ap.scale;
+        }
+        let mn = max(m, dreduce(score, li, true));
+        let f = exp(m - mn);
+        let e = select(0.0, exp(score - mn), p < end);
+        dp[li] = e;
+        l = l * f + dreduce(e, li, false);
+        // dreduce's barriers also publish dp.
+        o = o * f;
+        if c4 < hd4 {
+            let i0 = 32u * half;
+            let n = min(i0 + 32u, end - b);
+            let vr = kb4 + b * hd4 + c4;
+            var i = i0;
+            for (; i + 8u <= n; i = i + 8u) {
+                let v0 = vc4[vr + i * hd4];
+                let v1 = vc4[vr + (i + 1u) * hd4];
+                let v2 = vc4[vr + (i + 2u) * hd4];
+                let v3 = vc4[vr + (i + 3u) * hd4];
+                let v4 = vc4[vr + (i + 4u) * hd4];
+                let v5 = vc4[vr + (i + 5u) * hd4];
+                let v6 = vc4[vr + (i + 6u) * hd4];
+                let v7 = vc4[vr + (i + 7u) * hd4];
+                o = o + dp[i] * v0 + dp[i + 1u] * v1 + dp[i + 2u] * v2 + dp[i + 3u] * v3
+                    + dp[i + 4u] * v4 + dp[i + 5u] * v5 + dp[i + 6u] * v6 + dp[i + 7u] * v7;
+            }
+            for (; i < n; i = i + 1u) {
+                o = o + dp[i] * vc4[vr + i * hd4];
+            }
+        }
+        m = mn;
+        workgroupBarrier();
+    }
+    dpv[li] = o;
+    workgroupBarrier();
+    if li >= hd4 {
+        return;
+    }
+    let tot = dpv[li] + dpv[li + 32u];
+    if step.nsplit == 1u {
+        let a = t * ap.q_dim + h * ap.hd + 4u * li;
+        let r = tot / l;
+        attn[a] = r.x;
+        attn[a + 1u] = r.y;
+        attn[a + 2u] = r.z;
+        attn[a + 3u] = r.w;
+        return;
+    }
+    let idx = ((t * ap.nh + h) * ap.maxsplit + s) * (ap.hd + 2u);
+    if li == 0u {
+        part[idx] = m;
+        part[idx + 1u] = l;
+    }
+    let a = idx + 2u + 4u * li;
+    part[a] = tot.x;
+    part[a + 1u] = tot.y;
+    part[a + 2u] = tot.z;
+    part[a + 3u] = tot.w;
 }

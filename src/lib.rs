@@ -1,5 +1,6 @@
 //! BitNet b1.58 inference: ternary weights, int8 activations, CPU SIMD kernels.
 
+pub mod batch;
 pub mod config;
 pub mod cpu;
 pub mod engine;
@@ -8,6 +9,8 @@ pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod quant;
+#[cfg(feature = "server")]
+pub mod serve;
 pub mod time;
 pub mod tokenizer;
 #[cfg(all(feature = "wasm", target_arch = "wasm32"))]

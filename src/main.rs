@@ -38,6 +38,9 @@ enum Cmd {
     Bench(BenchArgs),
     /// Write a random model of a preset shape in the HF packed format.
     Synth(SynthArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API with continuous batching (CPU).
+    #[cfg(feature = "server")]
+    Serve(ServeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -173,6 +176,103 @@ struct SynthArgs {
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[cfg(feature = "server")]
+#[derive(Args)]
+struct ServeArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, default_value = "models/tiny")]
+    model: PathBuf,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0 picks a free one; the address is printed as `listening on http://...`).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* and /admin/*.
+    #[arg(long, env = "BITNET_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Allowed CORS origin (repeat; `*` for any).
+    #[arg(long = "cors-origin")]
+    cors_origins: Vec<String>,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Most sequences decoding together.
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    /// Most requests waiting; beyond it requests get 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Most token rows per step (decode rows plus prompt chunks).
+    #[arg(long, default_value_t = 256)]
+    step_tokens: usize,
+    /// KV cache pool size in MiB (paged in blocks shared by all sequences).
+    #[arg(long, default_value_t = 1024)]
+    kv_cache_mb: usize,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Largest max_tokens a request may ask for (also the default).
+    #[arg(long, default_value_t = 4096)]
+    max_tokens_limit: usize,
+    /// Longest prompt in tokens (0 = the model's context).
+    #[arg(long, default_value_t = 0)]
+    max_prompt_tokens: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+#[cfg(feature = "server")]
+fn serve(a: ServeArgs) -> Result<()> {
+    use bitnet_inference::batch::scheduler::SchedulerConfig;
+    use bitnet_inference::serve::{run, ServeOptions};
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match a.log_format.as_str() {
+        "json" => fmt.json().init(),
+        "text" => fmt.init(),
+        other => bail!("--log-format {other}: use text or json"),
+    }
+    if !a.model.join("config.json").exists() {
+        bail!(
+            "{}: no config.json (is --model a model directory?)",
+            a.model.display()
+        );
+    }
+    run(ServeOptions {
+        model: a.model,
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key.filter(|k| !k.is_empty()),
+        cors_origins: a.cors_origins,
+        threads: a.threads,
+        scheduler: SchedulerConfig {
+            max_batch: a.max_batch,
+            max_queue: a.max_queue,
+            step_tokens: a.step_tokens,
+            block_size: a.block_size,
+            ..Default::default()
+        },
+        kv_cache_mb: a.kv_cache_mb,
+        max_tokens_limit: a.max_tokens_limit,
+        max_prompt_tokens: a.max_prompt_tokens,
+        max_body_bytes: a.max_body_bytes,
+        shutdown_timeout: a.shutdown_timeout,
+    })?;
+    Ok(())
 }
 
 fn spinner(msg: &str) -> ProgressBar {
@@ -621,5 +721,7 @@ fn main() -> Result<()> {
         Cmd::Logits(a) => logits(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Synth(a) => synth(a),
+        #[cfg(feature = "server")]
+        Cmd::Serve(a) => serve(a),
     }
 }

@@ -9,7 +9,7 @@ use bitnet_inference::config::{ModelConfig, Preset};
 use bitnet_inference::cpu::ops;
 use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
-use bitnet_inference::engine::model::{Backend, Linear, LogitRows, NormSite};
+use bitnet_inference::engine::model::{forward, Backend, Linear, LogitRows, NormSite};
 use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, Activation, GpuBackend, GpuOptions};
 use rand::rngs::StdRng;
@@ -636,4 +636,49 @@ fn whole_forward_quantization_equals_cpu_quantization_of_gpu_inputs() {
         .map(|_| rng.random_range(0..cfg.vocab_size as u32))
         .collect();
     assert_eq!(quant_flips(&w, &prompt), 0);
+}
+
+/// Logits of every position, fed one token per step (decode-shaped steps).
+fn decode_logits<B: Backend>(b: &mut B, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = b.new_cache(tokens.len()).unwrap();
+    let (mut all, mut out) = (Vec::new(), Vec::new());
+    for (pos, &t) in tokens.iter().enumerate() {
+        forward(b, &mut cache, &[t], pos, LogitRows::Last, &mut out, None).unwrap();
+        all.extend_from_slice(&out);
+    }
+    all
+}
+
+#[test]
+fn fused_decode_layers_match_unfused_and_cpu() {
+    let shapes = [
+        odd_config(),
+        ModelConfig {
+            vocab_size: 64,
+            hidden_size: 20,
+            intermediate_size: 12,
+            num_layers: 1,
+            num_heads: 5,
+            num_kv_heads: 5,
+            head_dim: 4,
+            max_position_embeddings: 64,
+            ..Preset::Tiny.config()
+        },
+    ];
+    for (n, cfg) in shapes.iter().enumerate() {
+        let (_dir, w) = synth_model(cfg, 40 + n as u64);
+        let mut rng = StdRng::seed_from_u64(n as u64);
+        let tokens: Vec<u32> = (0..70)
+            .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+            .collect();
+        let fused = decode_logits(&mut gpu(&w), &tokens);
+        let plain = GpuOptions {
+            fused: false,
+            ..Default::default()
+        };
+        let unfused = decode_logits(&mut gpu_with(&w, &plain), &tokens);
+        let reference = decode_logits(&mut cpu(&w), &tokens);
+        check_positions(&fused, &unfused, cfg.vocab_size, 1e-5, "fused vs unfused");
+        check_positions(&fused, &reference, cfg.vocab_size, 1e-5, "fused vs cpu");
+    }
 }

@@ -19,7 +19,7 @@ $B generate --backend gpu --model tests/fixtures/tiny --tokens 297,251,21,88,201
     --max-tokens 16 --ignore-eos --json | grep -o '"tokens":\[[0-9,]*\]'
 for p in ${PROMPTS:-128 512}; do
     echo "== bench prompt $p"
-    $B bench --backend gpu --model /tmp/m --prompt-len "$p" --gen ${GEN:-64} --json | tee "$OUT/bench_$p.json" |
+    BITNET_GPU_TIMING=1 $B bench --backend gpu --model /tmp/m --prompt-len "$p" --gen ${GEN:-64} --json | tee "$OUT/bench_$p.json" |
         python3 -c 'import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ("backend","prefill_tok_s","decode_tok_s","decode_gb_s")})'
 done
 echo "== decode profile (prompt 128)"

@@ -166,4 +166,81 @@ impl Head {
             }
         }
     }
+
+    /// [`Self::logits`] of `n = h.len() / cols` rows at once (`out`: `n × vocab`): each chunk
+    /// of head rows is read once for all of them (a batched decode step), and every row's
+    /// logits are bit-identical to [`Self::logits`]. `xq` and `xp` are scratch of `n × cols`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn logits_batch(
+        &self,
+        team: &Team,
+        k: Kernels,
+        h: &[f32],
+        cols: usize,
+        xq: &mut [i8],
+        xp: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let n = h.len() / cols;
+        if n == 0 {
+            return;
+        }
+        const CHUNK: usize = 256;
+        let vocab = out.len() / n;
+        let shared = SharedMut::new(out);
+        let for_chunks = |f: &(dyn Fn(usize, usize, &mut [f32]) + Sync)| {
+            team.run(vocab.div_ceil(CHUNK), &|c| {
+                let r0 = c * CHUNK;
+                let len = CHUNK.min(vocab - r0);
+                for row in 0..n {
+                    // SAFETY: chunk c owns output rows r0..r0 + len of every batch row.
+                    f(row, r0, unsafe { shared.slice(row * vocab + r0, len) });
+                }
+            });
+        };
+        match self {
+            Head::Bf16 { tensor, copy } => {
+                let bits: &[u16] = match copy {
+                    Some(c) => c,
+                    None => bytemuck::cast_slice(tensor.bytes.as_slice()),
+                };
+                for (x, p) in h.chunks(cols).zip(xp.chunks_mut(cols)) {
+                    k.prepare_bf16_activations(x, p);
+                }
+                let xp = &*xp;
+                for_chunks(&|row, r0, o| {
+                    let w = &bits[r0 * cols..(r0 + o.len()) * cols];
+                    k.head_bf16(w, cols, &xp[row * cols..(row + 1) * cols], o)
+                });
+            }
+            Head::F32(w) => {
+                for_chunks(&|row, r0, o| {
+                    let x = &h[row * cols..(row + 1) * cols];
+                    for (i, v) in o.iter_mut().enumerate() {
+                        let r = r0 + i;
+                        *v = w[r * cols..(r + 1) * cols]
+                            .iter()
+                            .zip(x)
+                            .map(|(a, b)| a * b)
+                            .sum();
+                    }
+                });
+            }
+            Head::Int8 { q, scale } => {
+                let xs: Vec<f32> = h
+                    .chunks(cols)
+                    .zip(xq.chunks_mut(cols))
+                    .map(|(x, q)| quantize_activations(x, q) / 127.0)
+                    .collect();
+                let xq = &*xq;
+                for_chunks(&|row, r0, o| {
+                    let x = &xq[row * cols..(row + 1) * cols];
+                    for (i, v) in o.iter_mut().enumerate() {
+                        let r = r0 + i;
+                        *v = k.dot_i8(&q[r * cols..(r + 1) * cols], x) as f32 * xs[row] * scale[r];
+                    }
+                });
+            }
+        }
+    }
 }

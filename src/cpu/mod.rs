@@ -1,5 +1,6 @@
 //! The CPU backend: weights repacked for SIMD kernels, threads via rayon.
 
+pub mod batch;
 pub mod head;
 pub mod kernels;
 pub mod membw;

@@ -56,15 +56,35 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// One query head over `len` cached positions: `out = softmax(q·K^T / sqrt(hd)) V`.
-/// `k` and `v` hold `len` rows of `hd`; `scores` needs `len` elements.
+/// Softmax attention of `q` over `len` cached positions (`k`, `v`: `len × hd` rows);
+/// `scores` is scratch of at least `len`.
 pub fn attend(q: &[f32], k: &[f32], v: &[f32], len: usize, scores: &mut [f32], out: &mut [f32]) {
+    let hd = q.len();
+    attend_rows(
+        q,
+        len,
+        |p| &k[p * hd..(p + 1) * hd],
+        |p| &v[p * hd..(p + 1) * hd],
+        scores,
+        out,
+    );
+}
+
+/// [`attend`] with the key and value rows of position `p` given by `k(p)` and `v(p)` (paged
+/// caches); the same arithmetic in the same order.
+pub fn attend_rows<'a>(
+    q: &[f32],
+    len: usize,
+    k: impl Fn(usize) -> &'a [f32],
+    v: impl Fn(usize) -> &'a [f32],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let hd = q.len();
     let scale = 1.0 / (hd as f32).sqrt();
     let mut max = f32::NEG_INFINITY;
     for (p, s) in scores[..len].iter_mut().enumerate() {
-        let kp = &k[p * hd..(p + 1) * hd];
-        *s = dot(q, kp) * scale;
+        *s = dot(q, k(p)) * scale;
         max = max.max(*s);
     }
     let mut sum = 0.0;
@@ -76,7 +96,7 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], len: usize, scores: &mut [f32], o
     out.fill(0.0);
     for (p, &s) in scores[..len].iter().enumerate() {
         let w = s * inv;
-        for (o, &vv) in out.iter_mut().zip(&v[p * hd..(p + 1) * hd]) {
+        for (o, &vv) in out.iter_mut().zip(v(p)) {
             *o += w * vv;
         }
     }

@@ -67,6 +67,11 @@ pub trait Backend {
     fn attn_sub_norm_quant(&mut self, layer: usize);
     /// relu(gate)² · up, ffn_sub_norm, then int8 quantization.
     fn relu2_mul_norm_quant(&mut self, layer: usize);
+    /// Records all of `layer` for the current step at once when the backend has a fused path
+    /// for this step's shape (returns true), instead of the per-op sequence (returns false).
+    fn fused_layer(&mut self, _cache: &mut Self::Cache, _layer: usize, _pos: usize) -> bool {
+        false
+    }
     /// Final norm and head for `rows`; logits appended to `out` (`vocab` per row).
     fn logits(&mut self, rows: LogitRows, out: &mut Vec<f32>) -> Result<()>;
     /// Bytes of weights one decode step reads (ternary weights, head, norms).
@@ -179,6 +184,9 @@ pub fn layers<B: Backend>(
     }
     op!("embed", b.embed(tokens))?;
     for l in 0..b.config().num_layers {
+        if op!("fused_layer", b.fused_layer(cache, l, pos)) {
+            continue;
+        }
         op!("rmsnorm_quant", b.rmsnorm_quant(l, NormSite::Input));
         op!("matmul_qkv", b.ternary_matmul(l, Linear::Qkv));
         op!("rope_kv_write", b.rope_kv_write(cache, l, pos));

@@ -250,12 +250,28 @@ pub fn matmul(
     }
 }
 
+/// A fused norm + GEMV (`pl` one of the `gemv_norm*` pipelines) producing `rows` rows for
+/// one token.
+pub fn gemv_fused(
+    enc: &mut Recorder,
+    label: &'static str,
+    pl: &wgpu::ComputePipeline,
+    bg: &wgpu::BindGroup,
+    rows: usize,
+) {
+    let wgs = rows.div_ceil(super::pipelines::FUSED_ROWS as usize);
+    enc.dispatch(label, pl, bg, [wgs as u32, 1, 1]);
+}
+
 /// RoPE of `heads` (q + kv) heads of `t` rows, and the KV write.
 pub fn rope(enc: &mut Recorder, p: &Pipelines, bg: &wgpu::BindGroup, heads: usize, t: usize) {
     enc.dispatch("rope", &p.rope, bg, [heads as u32, t as u32, 1]);
 }
 
-/// Split attention of `t` rows over `nsplit` splits, then the merge.
+/// Split attention of `t` rows over `nsplit` splits, then the merge. One decode row with
+/// `head_dim % 4 == 0` (<= 128) takes the vec4 kernel, which writes the output itself when
+/// there is one split.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     enc: &mut Recorder,
     p: &Pipelines,
@@ -263,13 +279,17 @@ pub fn attention(
     nsplit: usize,
     heads: usize,
     t: usize,
+    head_dim: usize,
 ) {
-    enc.dispatch(
-        "attend",
-        &p.attend,
-        bg,
-        [nsplit as u32, heads as u32, t as u32],
-    );
+    let dims = [nsplit as u32, heads as u32, t as u32];
+    if t == 1 && head_dim.is_multiple_of(4) && head_dim <= 128 {
+        enc.dispatch("attend_vec", &p.attend_vec, bg, dims);
+        if nsplit == 1 {
+            return;
+        }
+    } else {
+        enc.dispatch("attend", &p.attend, bg, dims);
+    }
     enc.dispatch("combine", &p.combine, bg, [heads as u32, t as u32, 1]);
 }
 

@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use buffers::{bind_group, pad64, pad8, storage, storage_init, uniform, PackedMatrix, Shard};
 pub use context::{AdapterDesc, GpuContext};
 use kernels::{NormKind, Recorder};
-use pipelines::Pipelines;
+use pipelines::{Pipelines, FUSED_MAX_WIDTH};
 
 use crate::config::ModelConfig;
 use crate::cpu::ops::rope_inv_freq;
@@ -37,6 +37,9 @@ pub struct GpuOptions {
     /// Caps the bytes of one embedding/head shard below the device's binding limit (tests use
     /// it to force sharding).
     pub max_binding_bytes: Option<u64>,
+    /// Decode steps fold each norm into the matmul that consumes it and RoPE + the KV write
+    /// into the q|k|v matmul (5-6 dispatches a layer instead of 11); off runs one kernel per op.
+    pub fused: bool,
 }
 
 impl Default for GpuOptions {
@@ -45,6 +48,7 @@ impl Default for GpuOptions {
             max_step: PREFILL_CHUNK,
             subgroups: true,
             max_binding_bytes: None,
+            fused: true,
         }
     }
 }
@@ -81,8 +85,20 @@ pub enum Activation {
 
 struct Mat {
     rows: usize,
+    /// vec4<u32> of weights per row.
+    kvec: usize,
     bytes: u64,
+    w: wgpu::Buffer,
+    rs: wgpu::Buffer,
     bg: wgpu::BindGroup,
+}
+
+/// A layer's fused decode bind groups (norm folded into the matmul that consumes it); the
+/// q|k|v one depends on the KV cache and lives in [`GpuCache`].
+struct FusedLayer {
+    o: wgpu::BindGroup,
+    gate_up: wgpu::BindGroup,
+    down: wgpu::BindGroup,
 }
 
 struct GpuLayer {
@@ -90,10 +106,12 @@ struct GpuLayer {
     norm_post: wgpu::BindGroup,
     norm_attn: wgpu::BindGroup,
     norm_ffn: wgpu::BindGroup,
+    input_gamma: wgpu::Buffer,
     qkv: Mat,
     o: Mat,
     gate_up: Mat,
     down: Mat,
+    fused: Option<FusedLayer>,
 }
 
 struct Bufs {
@@ -125,6 +143,8 @@ pub struct GpuCache {
     v: Vec<wgpu::Buffer>,
     rope_bgs: Vec<wgpu::BindGroup>,
     attn_bgs: Vec<wgpu::BindGroup>,
+    /// Fused norm + q|k|v GEMV + RoPE + KV write, per layer (when fusion is on).
+    qkv_bgs: Vec<wgpu::BindGroup>,
 }
 
 impl KvCache for GpuCache {
@@ -144,6 +164,9 @@ impl GpuCache {
         self.k.iter().chain(&self.v).map(|b| b.size()).sum()
     }
 }
+
+/// A decode step is submitted in parts of this many layers (the first part after two).
+const SUBMIT_LAYERS: usize = 8;
 
 /// The GPU backend.
 pub struct GpuBackend {
@@ -165,6 +188,18 @@ pub struct GpuBackend {
     tokens: Vec<u32>,
     /// [t, pos, chunk, nsplit, cap, row0, nrows, 0]
     step: [u32; 8],
+    /// Host-side timing of decode steps (`BITNET_GPU_TIMING=1`).
+    timing: Option<HostTiming>,
+}
+
+/// Where a step's wall time goes on the host: recording, submitting, waiting for the GPU.
+#[derive(Default)]
+struct HostTiming {
+    started: Option<std::time::Instant>,
+    steps: u64,
+    record: f64,
+    submit: f64,
+    wait: f64,
 }
 
 fn mat(
@@ -190,7 +225,10 @@ fn mat(
     );
     Mat {
         rows: m.rows,
+        kvec: m.kvec,
         bytes: (m.words.len() * 4) as u64,
+        w,
+        rs,
         bg,
     }
 }
@@ -322,70 +360,104 @@ impl GpuBackend {
             )
         };
 
+        let hd = cfg.head_dim;
+        let fused = opts.fused
+            && [h, q, i]
+                .iter()
+                .all(|&n| pad64(n) <= FUSED_MAX_WIDTH && n.is_multiple_of(4))
+            && hd.is_multiple_of(2);
+        // Fused GEMV parameters: rows, kvec, ld, width, src_stride, eps, q, kv, hd.
+        let fparams = |name: &str, m: &Mat, width: usize, src_stride: usize| {
+            uniform(
+                device,
+                name,
+                &[
+                    m.rows as u32,
+                    m.kvec as u32,
+                    m.rows as u32,
+                    width as u32,
+                    src_stride as u32,
+                    eps,
+                    q as u32,
+                    kv as u32,
+                    hd as u32,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        };
+        let fbg = |name: &str,
+                   params: &wgpu::Buffer,
+                   m: &Mat,
+                   src: &wgpu::Buffer,
+                   g: &wgpu::Buffer,
+                   out: &wgpu::Buffer| {
+            bind_group(
+                device,
+                name,
+                &pipes.fused_layout,
+                &[&bufs.step, params, &m.w, &m.rs, src, g, out],
+            )
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for (li, l) in w.layers.iter().enumerate() {
             let n = |s: &str| format!("layer {li} {s}");
-            layers.push(GpuLayer {
-                norm_input: nbg(
-                    &n("input_norm"),
-                    &norm_h,
-                    &bufs.x,
-                    &gamma(&n("input_norm"), &l.input_norm),
-                    &bufs.xq,
-                ),
-                norm_post: nbg(
-                    &n("post_norm"),
-                    &norm_h,
-                    &bufs.x,
-                    &gamma(&n("post_norm"), &l.post_attention_norm),
-                    &bufs.xq,
-                ),
-                norm_attn: nbg(
-                    &n("attn_sub_norm"),
-                    &norm_q,
+            let g_in = gamma(&n("input_norm"), &l.input_norm);
+            let g_post = gamma(&n("post_norm"), &l.post_attention_norm);
+            let g_attn = gamma(&n("attn_sub_norm"), &l.attn_sub_norm);
+            let g_ffn = gamma(&n("ffn_sub_norm"), &l.ffn_sub_norm);
+            let matrix = |parts: &[&crate::format::TernaryMatrix], out, name: &str| {
+                Ok::<_, Error>(mat(
+                    device,
+                    &pipes,
+                    &bufs,
+                    PackedMatrix::new(parts)?,
+                    out,
+                    name,
+                ))
+            };
+            let qkv = matrix(&[&l.q, &l.k, &l.v], &bufs.qkv, &n("qkv"))?;
+            let o = matrix(&[&l.o], &bufs.x, &n("o"))?;
+            let gate_up = matrix(&[&l.gate, &l.up], &bufs.gu, &n("gate_up"))?;
+            let down = matrix(&[&l.down], &bufs.x, &n("down"))?;
+            let fused = fused.then(|| FusedLayer {
+                o: fbg(
+                    &n("fused o"),
+                    &fparams(&n("fused o"), &o, q, q),
+                    &o,
                     &bufs.attn,
-                    &gamma(&n("attn_sub_norm"), &l.attn_sub_norm),
-                    &bufs.xq,
-                ),
-                norm_ffn: nbg(
-                    &n("ffn_sub_norm"),
-                    &norm_i,
-                    &bufs.gu,
-                    &gamma(&n("ffn_sub_norm"), &l.ffn_sub_norm),
-                    &bufs.xq,
-                ),
-                qkv: mat(
-                    device,
-                    &pipes,
-                    &bufs,
-                    PackedMatrix::new(&[&l.q, &l.k, &l.v])?,
-                    &bufs.qkv,
-                    &n("qkv"),
-                ),
-                o: mat(
-                    device,
-                    &pipes,
-                    &bufs,
-                    PackedMatrix::new(&[&l.o])?,
+                    &g_attn,
                     &bufs.x,
-                    &n("o"),
                 ),
-                gate_up: mat(
-                    device,
-                    &pipes,
-                    &bufs,
-                    PackedMatrix::new(&[&l.gate, &l.up])?,
-                    &bufs.gu,
-                    &n("gate_up"),
-                ),
-                down: mat(
-                    device,
-                    &pipes,
-                    &bufs,
-                    PackedMatrix::new(&[&l.down])?,
+                gate_up: fbg(
+                    &n("fused gate_up"),
+                    &fparams(&n("fused gate_up"), &gate_up, h, h),
+                    &gate_up,
                     &bufs.x,
-                    &n("down"),
+                    &g_post,
+                    &bufs.gu,
                 ),
+                down: fbg(
+                    &n("fused down"),
+                    &fparams(&n("fused down"), &down, i, 2 * i),
+                    &down,
+                    &bufs.gu,
+                    &g_ffn,
+                    &bufs.x,
+                ),
+            });
+            layers.push(GpuLayer {
+                norm_input: nbg(&n("input_norm"), &norm_h, &bufs.x, &g_in, &bufs.xq),
+                norm_post: nbg(&n("post_norm"), &norm_h, &bufs.x, &g_post, &bufs.xq),
+                norm_attn: nbg(&n("attn_sub_norm"), &norm_q, &bufs.attn, &g_attn, &bufs.xq),
+                norm_ffn: nbg(&n("ffn_sub_norm"), &norm_i, &bufs.gu, &g_ffn, &bufs.xq),
+                input_gamma: g_in,
+                qkv,
+                o,
+                gate_up,
+                down,
+                fused,
             });
         }
         let final_norm_bg = nbg(
@@ -485,6 +557,7 @@ impl GpuBackend {
             rec,
             tokens: Vec::new(),
             step: [0; 8],
+            timing: std::env::var_os("BITNET_GPU_TIMING").map(|_| HostTiming::default()),
             ctx,
         })
     }
@@ -541,6 +614,15 @@ impl GpuBackend {
             q.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(&self.tokens));
         }
         self.rec.submit(q);
+    }
+
+    /// After a decode step's `layer`: submits what is recorded so far every few layers, so the
+    /// GPU starts on the first layers while the host encodes the rest (wgpu's per-dispatch
+    /// encoding at submit costs about as much as the GPU work of a decode step).
+    fn end_layer(&mut self, layer: usize) {
+        if self.t() == 1 && layer % SUBMIT_LAYERS == 1 && layer + 1 < self.cfg.num_layers {
+            self.flush();
+        }
     }
 
     fn wait_map(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
@@ -630,6 +712,16 @@ impl Drop for GpuBackend {
         if std::env::var_os("BITNET_GPU_PROFILE").is_some() {
             self.print_gpu_profile();
         }
+        if let Some(t) = &self.timing {
+            let n = t.steps.max(1) as f64 * 1e-6;
+            eprintln!(
+                "host timing over {} argmax steps: record {:.1} us, submit {:.1} us, wait {:.1} us per step",
+                t.steps,
+                t.record / n,
+                t.submit / n,
+                t.wait / n
+            );
+        }
     }
 }
 
@@ -690,6 +782,7 @@ impl Backend for GpuBackend {
         let mut v = Vec::new();
         let mut rope_bgs = Vec::new();
         let mut attn_bgs = Vec::new();
+        let mut qkv_bgs = Vec::new();
         for l in 0..c.num_layers {
             let kb = storage(device, &format!("k cache {l}"), layer_bytes as usize);
             let vb = storage(device, &format!("v cache {l}"), layer_bytes as usize);
@@ -703,8 +796,58 @@ impl Backend for GpuBackend {
                 device,
                 "attention",
                 &self.pipes.attn_layout,
-                &[&b.step, &attn_params, &b.qkv, &kb, &vb, &part, &b.attn],
+                &[
+                    &b.step,
+                    &attn_params,
+                    &b.qkv,
+                    &kb,
+                    &vb,
+                    &part,
+                    &b.attn,
+                    &kb,
+                    &vb,
+                ],
             ));
+            let layer = &self.layers[l];
+            if layer.fused.is_some() {
+                let m = &layer.qkv;
+                let h = c.hidden_size;
+                let params = uniform(
+                    device,
+                    "fused qkv",
+                    &[
+                        m.rows as u32,
+                        m.kvec as u32,
+                        m.rows as u32,
+                        h as u32,
+                        h as u32,
+                        c.rms_norm_eps.to_bits(),
+                        c.q_dim() as u32,
+                        c.kv_dim() as u32,
+                        hd as u32,
+                        0,
+                        0,
+                        0,
+                    ],
+                );
+                qkv_bgs.push(bind_group(
+                    device,
+                    "fused qkv",
+                    &self.pipes.fused_rope_layout,
+                    &[
+                        &b.step,
+                        &params,
+                        &m.w,
+                        &m.rs,
+                        &b.x,
+                        &layer.input_gamma,
+                        &b.qkv,
+                        &table,
+                        &kb,
+                        &vb,
+                    ],
+                ));
+            }
             k.push(kb);
             v.push(vb);
         }
@@ -715,6 +858,7 @@ impl Backend for GpuBackend {
             v,
             rope_bgs,
             attn_bgs,
+            qkv_bgs,
         })
     }
 
@@ -734,6 +878,9 @@ impl Backend for GpuBackend {
         }
         // Drop any unsubmitted work of an abandoned step.
         self.rec.discard();
+        if let Some(t) = &mut self.timing {
+            t.started = Some(std::time::Instant::now());
+        }
         self.tokens.clear();
         self.tokens.extend_from_slice(tokens);
         self.step = [tokens.len() as u32, 0, 64, 1, 0, 0, 0, 0];
@@ -761,6 +908,9 @@ impl Backend for GpuBackend {
             Linear::Down => (&l.down, true, "matmul_down"),
         };
         kernels::matmul(&mut self.rec, &self.pipes, label, &m.bg, m.rows, t, acc);
+        if matches!(linear, Linear::Down) {
+            self.end_layer(layer);
+        }
     }
 
     fn rope_kv_write(&mut self, cache: &mut GpuCache, layer: usize, pos: usize) {
@@ -802,7 +952,44 @@ impl Backend for GpuBackend {
             nsplit,
             heads,
             t,
+            self.cfg.head_dim,
         );
+    }
+
+    fn fused_layer(&mut self, cache: &mut GpuCache, layer: usize, pos: usize) -> bool {
+        if self.t() != 1 || cache.qkv_bgs.len() <= layer {
+            return false;
+        }
+        let Some(f) = &self.layers[layer].fused else {
+            return false;
+        };
+        let (o, gate_up, down) = (f.o.clone(), f.gate_up.clone(), f.down.clone());
+        let l = &self.layers[layer];
+        let rows = [l.qkv.rows, l.o.rows, l.gate_up.rows, l.down.rows];
+        self.step[1] = pos as u32;
+        self.step[4] = cache.capacity as u32;
+        let p = &self.pipes;
+        let qkv = &cache.qkv_bgs[layer];
+        kernels::gemv_fused(&mut self.rec, "fused_qkv", &p.gemv_norm_rope, qkv, rows[0]);
+        self.attention(cache, layer, pos);
+        let p = &self.pipes;
+        kernels::gemv_fused(&mut self.rec, "fused_o", &p.gemv_norm_acc, &o, rows[1]);
+        kernels::gemv_fused(
+            &mut self.rec,
+            "fused_gate_up",
+            &p.gemv_norm,
+            &gate_up,
+            rows[2],
+        );
+        kernels::gemv_fused(
+            &mut self.rec,
+            "fused_down",
+            &p.gemv_relu2_acc,
+            &down,
+            rows[3],
+        );
+        self.end_layer(layer);
+        true
     }
 
     fn attn_sub_norm_quant(&mut self, layer: usize) {
@@ -884,8 +1071,18 @@ impl Backend for GpuBackend {
             self.bufs.argmax_readback.clone(),
         );
         self.rec.encoder().copy_buffer_to_buffer(&res, 0, &rb, 0, 4);
+        let t0 = std::time::Instant::now();
         self.flush();
+        let t1 = std::time::Instant::now();
         let data = self.wait_map(&rb, 4)?;
+        if let Some(t) = &mut self.timing {
+            if let Some(s) = t.started.take() {
+                t.steps += 1;
+                t.record += (t0 - s).as_secs_f64();
+                t.submit += (t1 - t0).as_secs_f64();
+                t.wait += t1.elapsed().as_secs_f64();
+            }
+        }
         Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
     }
 

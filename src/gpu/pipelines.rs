@@ -13,6 +13,7 @@ const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
 const ROPE: &str = include_str!("../../shaders/rope.wgsl");
 const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
 const HEAD: &str = include_str!("../../shaders/head.wgsl");
+const GEMV_FUSED: &str = include_str!("../../shaders/gemv_fused.wgsl");
 const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
 
 /// How a binding is used by a kernel.
@@ -28,6 +29,12 @@ pub const ROW_WG: u32 = 256;
 
 /// Invocations per GEMV workgroup (`GV_WG` in matmul.wgsl).
 pub const GEMV_WG: u32 = 128;
+
+/// Output rows of a fused GEMV workgroup (`2 * FG` in gemv_fused.wgsl).
+pub const FUSED_ROWS: u32 = 32;
+
+/// Widest input the fused GEMV normalises in registers (`4 * NW * FW` in gemv_fused.wgsl).
+pub const FUSED_MAX_WIDTH: usize = 7168;
 
 /// Invocations per GEMV row (each group of them computes two rows).
 pub const GEMV_TPR: u32 = 16;
@@ -46,10 +53,22 @@ pub struct Pipelines {
     pub matmul_layout: wgpu::BindGroupLayout,
     /// RoPE layout: step, params, qkv, k cache, v cache, cos/sin table.
     pub rope_layout: wgpu::BindGroupLayout,
-    /// Attention layout: step, params, qkv, k cache, v cache, partials, out.
+    /// Attention layout: step, params, qkv, k cache, v cache, partials, out, k and v as vec4.
     pub attn_layout: wgpu::BindGroupLayout,
     /// Head layout: step, shard, weights, normed x, logits.
     pub head_layout: wgpu::BindGroupLayout,
+    /// Fused norm + GEMV layout: step, params, weights, row scales, source, gamma, out.
+    pub fused_layout: wgpu::BindGroupLayout,
+    /// Fused norm + GEMV + RoPE layout: the above, then cos/sin table, k cache, v cache.
+    pub fused_rope_layout: wgpu::BindGroupLayout,
+    /// RMSNorm + quant fused into a storing GEMV (gate|up).
+    pub gemv_norm: wgpu::ComputePipeline,
+    /// RMSNorm + quant fused into an accumulating GEMV (o).
+    pub gemv_norm_acc: wgpu::ComputePipeline,
+    /// relu²·up + RMSNorm + quant fused into an accumulating GEMV (down).
+    pub gemv_relu2_acc: wgpu::ComputePipeline,
+    /// RMSNorm + quant + q|k|v GEMV + RoPE + KV write.
+    pub gemv_norm_rope: wgpu::ComputePipeline,
     /// Embedding gather.
     pub embed: wgpu::ComputePipeline,
     /// RMSNorm + int8 quant.
@@ -70,6 +89,8 @@ pub struct Pipelines {
     pub rope: wgpu::ComputePipeline,
     /// Attention partials per split.
     pub attend: wgpu::ComputePipeline,
+    /// Decode attention partials with vec4 K/V rows (hd % 4 == 0, hd <= 128).
+    pub attend_vec: wgpu::ComputePipeline,
     /// Attention split merge.
     pub combine: wgpu::ComputePipeline,
     /// Prefill attention tiled over queries (T > 1).
@@ -173,7 +194,19 @@ impl Pipelines {
         let attn_layout = layout(
             device,
             "attention",
-            &[Uniform, Uniform, Read, Read, Read, Write, Write],
+            &[Uniform, Uniform, Read, Read, Read, Write, Write, Read, Read],
+        );
+        let fused_layout = layout(
+            device,
+            "gemv_fused",
+            &[Uniform, Uniform, Read, Read, Read, Read, Write],
+        );
+        let fused_rope_layout = layout(
+            device,
+            "gemv_fused_rope",
+            &[
+                Uniform, Uniform, Read, Read, Read, Read, Write, Read, Write, Write,
+            ],
         );
         let head_layout = layout(device, "head", &[Uniform, Uniform, Read, Read, Write]);
         let argmax_layout = layout(device, "argmax", &[Uniform, Read, Write, Write]);
@@ -183,6 +216,7 @@ impl Pipelines {
         let m_embed = module(device, "embed", &[COMMON, EMBED]);
         let m_norm = module(device, "norm", &[COMMON, NORM]);
         let m_matmul = module(device, "matmul", &[COMMON, MATMUL]);
+        let m_fused = module(device, "gemv_fused", &[COMMON, GEMV_FUSED]);
         let m_argmax = module(device, "argmax", &[COMMON, ARGMAX]);
         let m_rope = module(device, "rope", &[COMMON, ROPE]);
         let m_attn = module(device, "attention", &[COMMON, ATTENTION]);
@@ -254,8 +288,48 @@ impl Pipelines {
                 "gemm",
                 &[("ACCUM", 1.0)],
             ),
+            gemv_norm: pipeline(
+                device,
+                "gemv_norm",
+                &fused_layout,
+                &m_fused,
+                "gemv_norm",
+                &[("MODE", 0.0), ("ACCUM", 0.0)],
+            ),
+            gemv_norm_acc: pipeline(
+                device,
+                "gemv_norm_acc",
+                &fused_layout,
+                &m_fused,
+                "gemv_norm",
+                &[("MODE", 0.0), ("ACCUM", 1.0)],
+            ),
+            gemv_relu2_acc: pipeline(
+                device,
+                "gemv_relu2_acc",
+                &fused_layout,
+                &m_fused,
+                "gemv_norm",
+                &[("MODE", 1.0), ("ACCUM", 1.0)],
+            ),
+            gemv_norm_rope: pipeline(
+                device,
+                "gemv_norm_rope",
+                &fused_rope_layout,
+                &m_fused,
+                "gemv_norm_rope",
+                &[("MODE", 0.0), ("ACCUM", 0.0)],
+            ),
             rope: pipeline(device, "rope", &rope_layout, &m_rope, "main", &[]),
             attend: pipeline(device, "attend", &attn_layout, &m_attn, "attend", &[]),
+            attend_vec: pipeline(
+                device,
+                "attend_vec",
+                &attn_layout,
+                &m_attn,
+                "attend_vec",
+                &[],
+            ),
             combine: pipeline(device, "combine", &attn_layout, &m_attn, "combine", &[]),
             attend_tiled: pipeline(
                 device,
@@ -290,6 +364,8 @@ impl Pipelines {
                 &[],
             ),
             argmax_layout,
+            fused_layout,
+            fused_rope_layout,
             embed_layout,
             norm_layout,
             matmul_layout,

@@ -345,6 +345,7 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
                     max_step: PREFILL_CHUNK,
                     subgroups: ctx.desc.subgroup_size.is_some(),
                     max_binding_bytes: opts["maxBindingBytes"].as_u64(),
+                    ..GpuOptions::default()
                 };
                 let b = GpuBackend::load_web(ctx, &w, &gopts).await?;
                 let cache = b.new_cache(context)?;

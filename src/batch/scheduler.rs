@@ -1,0 +1,565 @@
+//! The continuous-batching scheduler: one engine thread owns the backend and the KV pool;
+//! requests join the running batch at any step and leave when they finish or their client goes
+//! away. Each step takes one decode row from every sequence that has its prompt done and fills
+//! the rest of the step's token budget with prompt chunks, so a long prompt never stalls the
+//! others. Admission waits for KV blocks; when the pool runs dry mid-generation the most recently
+//! admitted sequence is preempted (its blocks freed, recomputed later).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::blocks::{prefix_hashes, BlockAllocator};
+use super::{forward_rows, BatchBackend, RowSlot};
+use crate::engine::generate::FinishReason;
+use crate::engine::sampler::{Sampler, SamplingParams};
+use crate::error::{Error, Result};
+
+/// Scheduler limits.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Most sequences in the running batch.
+    pub max_batch: usize,
+    /// Most requests waiting for admission; more are refused ([`SubmitError::QueueFull`]).
+    pub max_queue: usize,
+    /// Most token rows in one step (decode rows plus prompt chunks).
+    pub step_tokens: usize,
+    /// KV blocks in the pool.
+    pub kv_blocks: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Most positions of one sequence (prompt + generated).
+    pub max_context: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batch: 64,
+            max_queue: 256,
+            step_tokens: 256,
+            kv_blocks: 1024,
+            block_size: 16,
+            max_context: 4096,
+        }
+    }
+}
+
+/// What a request's sink receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The next generated token.
+    Token(u32),
+    /// The request ended.
+    Done {
+        /// Why it ended.
+        finish: FinishReason,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Generated tokens (the stop token excluded).
+        completion_tokens: usize,
+    },
+    /// The request failed.
+    Error(String),
+}
+
+/// Where a request's events go.
+pub trait EventSink: Send {
+    /// Delivers `e`; false when the receiver is gone (the request is then cancelled).
+    fn send(&mut self, e: Event) -> bool;
+    /// Whether the receiver is gone (checked every step so abandoned requests free their blocks).
+    fn is_closed(&self) -> bool;
+}
+
+impl EventSink for mpsc::Sender<Event> {
+    fn send(&mut self, e: Event) -> bool {
+        mpsc::Sender::send(self, e).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// A generation request.
+pub struct Request {
+    /// Prompt token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Token ids that end generation (not emitted).
+    pub stop_ids: Vec<u32>,
+    /// Higher runs first among waiting requests.
+    pub priority: i32,
+    /// Receives the tokens and the end.
+    pub sink: Box<dyn EventSink>,
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The waiting queue is full: retry later.
+    #[error("the request queue is full ({0} waiting)")]
+    QueueFull(usize),
+    /// The request can never run.
+    #[error("{0}")]
+    Invalid(String),
+    /// The engine thread has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Live counters of a scheduler (read by the server's metrics).
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    /// Requests waiting for admission.
+    pub queued: AtomicUsize,
+    /// Sequences in the running batch.
+    pub running: AtomicUsize,
+    /// KV blocks referenced by sequences.
+    pub kv_used: AtomicUsize,
+    /// Idle KV blocks holding a reusable prompt prefix.
+    pub kv_cached: AtomicUsize,
+    /// KV blocks in the pool.
+    pub kv_total: AtomicUsize,
+    /// Prompt tokens computed (prefix-cache hits excluded).
+    pub prompt_tokens: AtomicU64,
+    /// Prompt tokens served from cached prefix blocks.
+    pub prefix_hit_tokens: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+    /// Batched steps run.
+    pub steps: AtomicU64,
+    /// Sequences preempted for lack of KV blocks.
+    pub preemptions: AtomicU64,
+}
+
+/// A handle to a running scheduler; clones share it. The engine thread stops when every
+/// handle is gone and its work is done.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: SyncSender<Request>,
+    stats: Arc<SchedulerStats>,
+    cfg: SchedulerConfig,
+    vocab: usize,
+    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Scheduler {
+    /// Starts the engine thread over `backend` with a pool sized by `cfg`.
+    pub fn spawn<B: BatchBackend + Send + 'static>(
+        backend: B,
+        cfg: SchedulerConfig,
+    ) -> Result<Self> {
+        if cfg.block_size == 0 || cfg.kv_blocks == 0 || cfg.max_batch == 0 || cfg.step_tokens == 0 {
+            return Err(Error::Request(
+                "scheduler limits must be positive (block size, blocks, batch, step tokens)".into(),
+            ));
+        }
+        let pool = backend.new_pool(cfg.kv_blocks, cfg.block_size)?;
+        let stats = Arc::new(SchedulerStats::default());
+        stats.kv_total.store(cfg.kv_blocks, Relaxed);
+        let (tx, rx) = mpsc::sync_channel(cfg.max_queue.max(1));
+        let vocab = backend.config().vocab_size;
+        let mut engine = Engine {
+            backend,
+            pool,
+            alloc: BlockAllocator::new(cfg.kv_blocks, cfg.block_size),
+            cfg: cfg.clone(),
+            stats: stats.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            logits: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("bitnet-engine".into())
+            .spawn(move || engine.run(rx))
+            .map_err(|e| Error::Backend(format!("engine thread: {e}")))?;
+        Ok(Scheduler {
+            tx,
+            stats,
+            cfg,
+            vocab,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        })
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> &Arc<SchedulerStats> {
+        &self.stats
+    }
+
+    /// The limits.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Queues `r`; its events go to its sink.
+    pub fn submit(&self, r: Request) -> std::result::Result<(), SubmitError> {
+        let len = r.prompt.len();
+        if len == 0 {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(bad) = r.prompt.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(SubmitError::Invalid(format!(
+                "token id {bad} is out of range (vocab_size {})",
+                self.vocab
+            )));
+        }
+        if len >= self.cfg.max_context {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt has {len} tokens but the context holds {}",
+                self.cfg.max_context
+            )));
+        }
+        let blocks = (len + 1).div_ceil(self.cfg.block_size);
+        if blocks > self.cfg.kv_blocks {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt needs {blocks} KV blocks but the pool has {}",
+                self.cfg.kv_blocks
+            )));
+        }
+        r.sampling
+            .validate()
+            .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        let queued = self.stats.queued.fetch_add(1, Relaxed);
+        if queued >= self.cfg.max_queue {
+            self.stats.queued.fetch_sub(1, Relaxed);
+            return Err(SubmitError::QueueFull(queued));
+        }
+        match self.tx.try_send(r) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull(queued),
+                    TrySendError::Disconnected(_) => SubmitError::Stopped,
+                })
+            }
+        }
+    }
+
+    /// Drops this handle and, when it is the last one, waits for the engine thread to finish
+    /// its work.
+    pub fn shutdown(self) {
+        let thread = self.thread.clone();
+        drop(self);
+        if Arc::strong_count(&thread) == 1 {
+            if let Some(t) = thread.lock().ok().and_then(|mut g| g.take()) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+struct Seq {
+    id: u64,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    generated: usize,
+    /// Positions whose keys and values are in the pool.
+    computed: usize,
+    /// Prompt tokens already registered as cached prefix blocks.
+    registered: usize,
+    table: Vec<u32>,
+    sampler: Sampler,
+    max_tokens: usize,
+    stop_ids: Vec<u32>,
+    priority: i32,
+    sink: Box<dyn EventSink>,
+}
+
+struct Engine<B: BatchBackend> {
+    backend: B,
+    pool: B::Pool,
+    alloc: BlockAllocator,
+    cfg: SchedulerConfig,
+    stats: Arc<SchedulerStats>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    next_id: u64,
+    logits: Vec<f32>,
+}
+
+impl<B: BatchBackend> Engine<B> {
+    fn run(&mut self, rx: Receiver<Request>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(r) => self.enqueue(r),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(r) = rx.try_recv() {
+                self.enqueue(r);
+            }
+            self.drop_cancelled();
+            self.admit();
+            if let Err(e) = self.step() {
+                // A failed step poisons every running sequence's state: end them all.
+                for mut s in std::mem::take(&mut self.running) {
+                    s.sink.send(Event::Error(e.to_string()));
+                    self.free(&mut s);
+                }
+            }
+            self.publish();
+        }
+    }
+
+    fn enqueue(&mut self, r: Request) {
+        let seq = Seq {
+            id: self.next_id,
+            prompt_len: r.prompt.len(),
+            tokens: r.prompt,
+            generated: 0,
+            computed: 0,
+            registered: 0,
+            table: Vec::new(),
+            sampler: Sampler::new(r.sampling),
+            max_tokens: r.max_tokens,
+            stop_ids: r.stop_ids,
+            priority: r.priority,
+            sink: r.sink,
+        };
+        self.next_id += 1;
+        // Higher priority first; arrival order among equals.
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| w.priority < seq.priority)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
+    }
+
+    fn free(&mut self, s: &mut Seq) {
+        for b in s.table.drain(..) {
+            self.alloc.release(b);
+        }
+        s.computed = 0;
+        s.registered = 0;
+    }
+
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].sink.is_closed() {
+                let mut s = self.running.swap_remove(i);
+                self.free(&mut s);
+            } else {
+                i += 1;
+            }
+        }
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.sink.is_closed());
+        let gone = before - self.waiting.len();
+        self.stats.queued.fetch_sub(gone, Relaxed);
+    }
+
+    /// Admits waiting sequences while the batch has room and the pool has blocks for their
+    /// whole prompt (after prefix reuse) plus the first generated token.
+    fn admit(&mut self) {
+        let bs = self.cfg.block_size;
+        while self.running.len() < self.cfg.max_batch {
+            let Some(s) = self.waiting.front() else { break };
+            let hashes = prefix_hashes(&s.tokens[..s.tokens.len() - 1], bs);
+            let hit = self.alloc.cached_prefix(&hashes);
+            let need = (s.tokens.len() + 1).div_ceil(bs) - hit;
+            // Cached blocks counted in `available` may be the very ones this prefix reuses.
+            if self.alloc.available() < need + hit {
+                break;
+            }
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
+            self.stats.queued.fetch_sub(1, Relaxed);
+            for h in &hashes[..hit] {
+                match self.alloc.lookup(*h) {
+                    Some(b) => s.table.push(b),
+                    None => break,
+                }
+            }
+            s.computed = s.table.len() * bs;
+            s.registered = s.computed;
+            self.stats
+                .prefix_hit_tokens
+                .fetch_add(s.computed as u64, Relaxed);
+            self.running.push(s);
+        }
+    }
+
+    /// Makes sure sequence `i` has blocks for positions up to `end`, preempting the most
+    /// recently admitted other sequence when the pool is empty. False if it cannot.
+    fn reserve(&mut self, i: usize, end: usize) -> bool {
+        let bs = self.cfg.block_size;
+        while self.running[i].table.len() * bs < end {
+            match self.alloc.alloc() {
+                Some(b) => self.running[i].table.push(b),
+                None => {
+                    let me = self.running[i].id;
+                    let Some(v) = self
+                        .running
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| s.id != me)
+                        .max_by_key(|(_, s)| (-(s.priority as i64), s.id))
+                        .map(|(j, _)| j)
+                    else {
+                        return false;
+                    };
+                    let mut victim = self.running.remove(v);
+                    self.free(&mut victim);
+                    self.stats.preemptions.fetch_add(1, Relaxed);
+                    self.stats.queued.fetch_add(1, Relaxed);
+                    self.waiting.push_front(victim);
+                    return self.reserve(if v < i { i - 1 } else { i }, end);
+                }
+            }
+        }
+        true
+    }
+
+    fn step(&mut self) -> Result<()> {
+        if self.running.is_empty() {
+            return Ok(());
+        }
+        let mut budget = self.cfg.step_tokens;
+        // Decode rows first (one each), then prompt chunks in admission order.
+        let mut order: Vec<u64> = self.running.iter().map(|s| s.id).collect();
+        order.sort_by_key(|id| {
+            let s = self.running.iter().find(|s| s.id == *id);
+            s.map_or((1, *id), |s| {
+                ((s.tokens.len() - s.computed > 1) as u64, s.id)
+            })
+        });
+        let mut plan: Vec<(u64, usize)> = Vec::new();
+        for id in order {
+            if budget == 0 {
+                break;
+            }
+            let Some(i) = self.running.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            let s = &self.running[i];
+            let n = (s.tokens.len() - s.computed).min(budget);
+            let end = s.computed + n;
+            if !self.reserve(i, end) {
+                continue;
+            }
+            budget -= n;
+            plan.push((id, n));
+        }
+        // Preemption may have removed planned sequences.
+        plan.retain(|(id, _)| self.running.iter().any(|s| s.id == *id));
+        if plan.is_empty() {
+            if let Some(mut s) = self.running.pop() {
+                s.sink.send(Event::Error(
+                    "the KV cache is too small for this request".into(),
+                ));
+                self.free(&mut s);
+            }
+            return Ok(());
+        }
+        let mut tokens = Vec::new();
+        let mut rows = Vec::new();
+        let mut tables = Vec::new();
+        let mut logit_rows = Vec::new();
+        let mut sampled = Vec::new();
+        for (k, &(id, n)) in plan.iter().enumerate() {
+            let Some(s) = self.running.iter().find(|s| s.id == id) else {
+                continue;
+            };
+            for p in s.computed..s.computed + n {
+                tokens.push(s.tokens[p]);
+                rows.push(RowSlot { seq: k, pos: p });
+            }
+            tables.push(s.table.clone());
+            if s.computed + n == s.tokens.len() {
+                logit_rows.push(rows.len() - 1);
+                sampled.push(id);
+            }
+        }
+        forward_rows(
+            &mut self.backend,
+            &mut self.pool,
+            &tokens,
+            &rows,
+            &tables,
+            &logit_rows,
+            &mut self.logits,
+        )?;
+        self.stats.steps.fetch_add(1, Relaxed);
+        let vocab = self.backend.config().vocab_size;
+        let bs = self.cfg.block_size;
+        for &(id, n) in &plan {
+            let Some(s) = self.running.iter_mut().find(|s| s.id == id) else {
+                continue;
+            };
+            if s.computed < s.prompt_len {
+                let prompt_part = (s.computed + n).min(s.prompt_len) - s.computed;
+                self.stats
+                    .prompt_tokens
+                    .fetch_add(prompt_part as u64, Relaxed);
+            }
+            s.computed += n;
+            // Full blocks of the prompt become reusable prefixes.
+            let full = (s.computed.min(s.prompt_len)) / bs;
+            if full > s.registered / bs {
+                let hashes = prefix_hashes(&s.tokens[..full * bs], bs);
+                for (j, h) in hashes.iter().enumerate().skip(s.registered / bs) {
+                    self.alloc.register(s.table[j], *h);
+                }
+                s.registered = full * bs;
+            }
+        }
+        let mut finished = Vec::new();
+        for (k, id) in sampled.into_iter().enumerate() {
+            let Some(i) = self.running.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            let s = &mut self.running[i];
+            let logits = &mut self.logits[k * vocab..(k + 1) * vocab];
+            let tok = s.sampler.sample(logits, &s.tokens);
+            let mut end = None;
+            if s.stop_ids.contains(&tok) {
+                end = Some(FinishReason::Stop);
+            } else {
+                s.tokens.push(tok);
+                s.generated += 1;
+                self.stats.generated_tokens.fetch_add(1, Relaxed);
+                if !s.sink.send(Event::Token(tok)) {
+                    end = Some(FinishReason::Cancelled);
+                } else if s.generated >= s.max_tokens || s.tokens.len() >= self.cfg.max_context {
+                    end = Some(FinishReason::Length);
+                }
+            }
+            if let Some(f) = end {
+                finished.push((id, f));
+            }
+        }
+        for (id, finish) in finished {
+            if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                let mut s = self.running.swap_remove(i);
+                self.free(&mut s);
+                self.publish();
+                s.sink.send(Event::Done {
+                    finish,
+                    prompt_tokens: s.prompt_len,
+                    completion_tokens: s.generated,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let st = &self.stats;
+        st.running.store(self.running.len(), Relaxed);
+        st.kv_used.store(self.alloc.used(), Relaxed);
+        st.kv_cached.store(self.alloc.cached(), Relaxed);
+    }
+}

@@ -1,0 +1,140 @@
+//! The CPU backend's batched steps over a paged KV pool.
+
+use super::{ops, CpuBackend, SharedMut, SCORES};
+use crate::batch::{BatchBackend, RowSlot};
+use crate::error::{Error, Result};
+
+/// Keys and values in blocks: `[block][layer][kv_head][position in block][head_dim]` f32.
+pub struct CpuKvPool {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    block_size: usize,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl CpuKvPool {
+    /// Offset of (block, layer, kv head, position in block).
+    fn at(&self, block: u32, layer: usize, kh: usize, off: usize) -> usize {
+        (((block as usize * self.layers + layer) * self.kv_heads + kh) * self.block_size + off)
+            * self.head_dim
+    }
+}
+
+impl BatchBackend for CpuBackend {
+    type Pool = CpuKvPool;
+
+    fn new_pool(&self, blocks: usize, block_size: usize) -> Result<CpuKvPool> {
+        let c = &self.cfg;
+        let n = blocks
+            .checked_mul(self.block_bytes(block_size) / 8)
+            .ok_or_else(|| Error::Request("KV pool size overflows".into()))?;
+        // Zeroed allocations are lazily backed: untouched blocks cost no resident memory.
+        Ok(CpuKvPool {
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+            block_size,
+            layers: c.num_layers,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    fn block_bytes(&self, block_size: usize) -> usize {
+        2 * 4 * block_size * self.cfg.num_layers * self.cfg.kv_dim()
+    }
+
+    fn rope_kv_write_rows(
+        &mut self,
+        pool: &mut CpuKvPool,
+        layer: usize,
+        rows: &[RowSlot],
+        tables: &[Vec<u32>],
+    ) {
+        let c = &self.cfg;
+        let (hd, q, kv) = (c.head_dim, c.q_dim(), c.kv_dim());
+        let bs = pool.block_size;
+        let s = &mut self.step;
+        for (row, slot) in s.qkv[..s.t * (q + 2 * kv)].chunks_mut(q + 2 * kv).zip(rows) {
+            let p = slot.pos;
+            for head in row[..q + kv].chunks_mut(hd) {
+                ops::rope(head, p, &self.inv_freq);
+            }
+            let block = tables[slot.seq][p / bs];
+            for h in 0..c.num_kv_heads {
+                let dst = pool.at(block, layer, h, p % bs);
+                pool.k[dst..dst + hd].copy_from_slice(&row[q + h * hd..q + (h + 1) * hd]);
+                pool.v[dst..dst + hd].copy_from_slice(&row[q + kv + h * hd..q + kv + (h + 1) * hd]);
+            }
+        }
+    }
+
+    fn attention_rows(
+        &mut self,
+        pool: &CpuKvPool,
+        layer: usize,
+        rows: &[RowSlot],
+        tables: &[Vec<u32>],
+    ) {
+        let c = &self.cfg;
+        let (hd, q, kv) = (c.head_dim, c.q_dim(), c.kv_dim());
+        let group = c.num_heads / c.num_kv_heads;
+        let nh = c.num_heads;
+        let bs = pool.block_size;
+        let s = &mut self.step;
+        let qkv = &s.qkv;
+        let attn = SharedMut::new(&mut s.attn);
+        self.team.run(s.t * nh, &|i| {
+            let (ti, h) = (i / nh, i % nh);
+            let slot = rows[ti];
+            let len = slot.pos + 1;
+            let table = &tables[slot.seq];
+            let kh = h / group;
+            let qv = &qkv[ti * (q + 2 * kv) + h * hd..][..hd];
+            // SAFETY: task i writes only head h of row ti.
+            let out = unsafe { attn.slice(i * hd, hd) };
+            let row = |p: usize| pool.at(table[p / bs], layer, kh, p % bs);
+            SCORES.with_borrow_mut(|scores| {
+                if scores.len() < len {
+                    scores.resize(len, 0.0);
+                }
+                ops::attend_rows(
+                    qv,
+                    len,
+                    |p| &pool.k[row(p)..row(p) + hd],
+                    |p| &pool.v[row(p)..row(p) + hd],
+                    scores,
+                    out,
+                );
+            });
+        });
+    }
+
+    fn logits_rows(&mut self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let s = &mut self.step;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= s.t) {
+            return Err(Error::Request(format!(
+                "logits of row {bad} requested from a {}-row step",
+                s.t
+            )));
+        }
+        let mut normed = vec![0.0f32; rows.len() * h];
+        for (n, &r) in normed.chunks_mut(h).zip(rows) {
+            ops::rmsnorm(
+                &s.x[r * h..(r + 1) * h],
+                &self.final_norm,
+                self.cfg.rms_norm_eps,
+                n,
+            );
+        }
+        out.clear();
+        out.resize(rows.len() * vocab, 0.0);
+        let mut xq = vec![0i8; rows.len() * h];
+        let mut xp = vec![0.0f32; rows.len() * h];
+        self.head
+            .logits_batch(&self.team, self.kernels, &normed, h, &mut xq, &mut xp, out);
+        Ok(())
+    }
+}

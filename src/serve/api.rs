@@ -1,0 +1,228 @@
+//! OpenAI-shaped request and response bodies, and the JSON error every failure returns.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// An error response: status and an OpenAI-style `{"error": {...}}` body.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message.
+    pub message: String,
+    /// OpenAI error type (`invalid_request_error`, ...).
+    pub kind: &'static str,
+    /// The offending request field, if any.
+    pub param: Option<&'static str>,
+    /// Seconds the client should wait (429).
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    /// 400 for a bad request field.
+    pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            retry_after: None,
+        }
+    }
+
+    /// Any status with a message.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            retry_after: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.status.as_u16(),
+            }
+        });
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+/// A string or a list of strings (`stop`, `prompt`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One string.
+    One(String),
+    /// Several strings.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The strings.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A completion prompt: text, or token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// Text (or a one-element list of text).
+    Text(OneOrMany),
+    /// Token ids.
+    Tokens(Vec<u32>),
+}
+
+/// Sampling and limit fields shared by both endpoints.
+#[derive(Debug, Deserialize, Default)]
+pub struct Common {
+    /// Model id (must be the served one when given).
+    pub model: Option<String>,
+    /// Most tokens to generate.
+    pub max_tokens: Option<u32>,
+    /// Newer name of `max_tokens` (chat).
+    pub max_completion_tokens: Option<u32>,
+    /// Sampling temperature (0 = greedy).
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    pub top_p: Option<f32>,
+    /// Top-k cut (extension).
+    pub top_k: Option<u32>,
+    /// Seed of the sampler.
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Option<OneOrMany>,
+    /// Stream as server-sent events.
+    pub stream: Option<bool>,
+    /// Streaming options (`include_usage`).
+    pub stream_options: Option<StreamOptions>,
+    /// Completions per prompt (only 1 is supported).
+    pub n: Option<u32>,
+    /// Scheduling priority (extension; higher first).
+    pub priority: Option<i32>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    /// Send a final chunk with `usage`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Everything else.
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+/// One chat message.
+#[derive(Debug, Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Its text.
+    pub content: Content,
+}
+
+/// Message content: a string or a list of text parts.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// `[{"type": "text", "text": ...}]`.
+    Parts(Vec<Part>),
+}
+
+/// One content part.
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    /// Part type (only `text`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text.
+    pub text: Option<String>,
+}
+
+impl Content {
+    /// The text, or an error for non-text parts.
+    pub fn text(&self) -> Result<String, ApiError> {
+        match self {
+            Content::Text(s) => Ok(s.clone()),
+            Content::Parts(p) => p
+                .iter()
+                .map(|p| match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => Ok(t.as_str()),
+                    _ => Err(ApiError::invalid(
+                        Some("messages"),
+                        format!("content part type `{}` is not supported", p.kind),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| v.concat()),
+        }
+    }
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// Everything else.
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+/// `POST /admin/load`.
+#[derive(Debug, Deserialize)]
+pub struct LoadRequest {
+    /// Model directory on the server.
+    pub model: String,
+}
+
+/// Parses a JSON body, turning any failure into a 400 that says what is wrong.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "malformed JSON"
+        } else {
+            "invalid request"
+        };
+        ApiError::invalid(None, format!("{what}: {e}"))
+    })
+}
+
+/// `usage` of a response.
+pub fn usage(prompt: usize, completion: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}

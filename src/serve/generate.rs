@@ -1,0 +1,228 @@
+//! One request's generation as the handlers see it: submit to the scheduler, then pull text
+//! pieces (detokenized incrementally, stop strings applied) until the end.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::api::ApiError;
+use super::{AppState, LoadedModel};
+use crate::batch::scheduler::{Event, EventSink, Request, SubmitError};
+use crate::engine::generate::FinishReason;
+use crate::engine::sampler::SamplingParams;
+use crate::tokenizer::Tokenizer;
+
+/// What to generate.
+pub struct Job {
+    /// The model (kept alive until the job ends, across model swaps).
+    pub model: Arc<LoadedModel>,
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stops: Vec<String>,
+    /// Scheduling priority.
+    pub priority: i32,
+}
+
+struct TokioSink(UnboundedSender<Event>);
+
+impl EventSink for TokioSink {
+    fn send(&mut self, e: Event) -> bool {
+        self.0.send(e).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// A piece of a running job's output.
+pub enum Piece {
+    /// New text.
+    Text(String),
+    /// The end, with OpenAI's finish reason and token counts.
+    End {
+        /// `stop` or `length`.
+        finish: &'static str,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Generated tokens.
+        completion_tokens: usize,
+    },
+}
+
+/// A submitted job.
+pub struct Run {
+    rx: Option<UnboundedReceiver<Event>>,
+    state: Arc<AppState>,
+    tokenizer: Arc<Tokenizer>,
+    ids: Vec<u32>,
+    emitted: usize,
+    stops: Vec<String>,
+    prompt_tokens: usize,
+    pending: VecDeque<Piece>,
+    started: Instant,
+    last: Option<Instant>,
+    ended: bool,
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+impl Run {
+    /// Submits `job`; 429 when the queue is full, 400 when it can never run.
+    pub fn start(state: &Arc<AppState>, job: Job) -> Result<Run, ApiError> {
+        let (tx, rx) = unbounded_channel();
+        let eos = job.model.eos.clone();
+        let prompt_tokens = job.prompt.len();
+        job.model
+            .sched
+            .submit(Request {
+                prompt: job.prompt,
+                max_tokens: job.max_tokens,
+                sampling: job.sampling,
+                stop_ids: eos,
+                priority: job.priority,
+                sink: Box::new(TokioSink(tx)),
+            })
+            .map_err(|e| match e {
+                SubmitError::QueueFull(_) => ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_error",
+                        e.to_string(),
+                    )
+                },
+                SubmitError::Invalid(m) => ApiError::invalid(None, m),
+                SubmitError::Stopped => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    e.to_string(),
+                ),
+            })?;
+        Ok(Run {
+            rx: Some(rx),
+            state: state.clone(),
+            tokenizer: job.model.tokenizer.clone(),
+            ids: Vec::new(),
+            emitted: 0,
+            stops: job.stops,
+            prompt_tokens,
+            pending: VecDeque::new(),
+            started: Instant::now(),
+            last: None,
+            ended: false,
+        })
+    }
+
+    fn end(&mut self, finish: &'static str) {
+        // Dropping the receiver cancels the request in the scheduler (if still running).
+        self.rx = None;
+        self.ended = true;
+        let m = &self.state.metrics;
+        m.prompt_tokens.inc_by(self.prompt_tokens as u64);
+        m.duration.observe(self.started.elapsed().as_secs_f64());
+        self.pending.push_back(Piece::End {
+            finish,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.ids.len(),
+        });
+    }
+
+    /// Text after `emitted` of the decoded ids, stop strings applied; (piece, stopped).
+    fn text(&mut self, at_end: bool) -> Result<(String, bool), String> {
+        let mut full = self
+            .tokenizer
+            .decode(&self.ids, true)
+            .map_err(|e| e.to_string())?;
+        let mut stopped = false;
+        if let Some(cut) = self
+            .stops
+            .iter()
+            .filter_map(|s| full.find(s.as_str()))
+            .min()
+        {
+            full.truncate(cut);
+            stopped = true;
+        }
+        // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
+        let stable = if stopped || at_end {
+            full.len()
+        } else {
+            full.trim_end_matches('\u{FFFD}').len()
+        };
+        let mut piece = String::new();
+        if stable > self.emitted && full.is_char_boundary(self.emitted) {
+            piece = full[self.emitted..stable].to_string();
+            self.emitted = stable;
+        }
+        Ok((piece, stopped))
+    }
+
+    /// The next piece; None after the end. Errors carry the engine's message.
+    pub async fn next(&mut self) -> Option<Result<Piece, String>> {
+        loop {
+            if let Some(p) = self.pending.pop_front() {
+                return Some(Ok(p));
+            }
+            if self.ended {
+                return None;
+            }
+            let ev = match &mut self.rx {
+                Some(rx) => rx.recv().await,
+                None => None,
+            };
+            match ev {
+                Some(Event::Token(t)) => {
+                    let m = &self.state.metrics;
+                    match self.last {
+                        None => m.ttft.observe(self.started.elapsed().as_secs_f64()),
+                        Some(l) => m.token_latency.observe(l.elapsed().as_secs_f64()),
+                    }
+                    self.last = Some(Instant::now());
+                    m.generated_tokens.inc();
+                    self.ids.push(t);
+                    let (piece, stopped) = match self.text(false) {
+                        Ok(x) => x,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    if !piece.is_empty() {
+                        self.pending.push_back(Piece::Text(piece));
+                    }
+                    if stopped {
+                        self.end("stop");
+                    }
+                }
+                Some(Event::Done { finish, .. }) => {
+                    match self.text(true) {
+                        Ok((piece, _)) if !piece.is_empty() => {
+                            self.pending.push_back(Piece::Text(piece))
+                        }
+                        Ok(_) => {}
+                        Err(e) => return Some(Err(e)),
+                    }
+                    self.end(finish_str(finish));
+                }
+                Some(Event::Error(e)) => {
+                    self.ended = true;
+                    return Some(Err(e));
+                }
+                None => {
+                    self.ended = true;
+                    return Some(Err("the engine stopped".into()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! Route handlers and the middleware that authenticates, counts and logs every request.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{MatchedPath, Request as HttpRequest, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::api::{self, ApiError, ChatRequest, Common, CompletionRequest, LoadRequest, Prompt};
+use super::generate::{Job, Piece, Run};
+use super::{load_model, AppState, LoadedModel};
+use crate::engine::sampler::SamplingParams;
+use crate::tokenizer::ChatMessage;
+
+type AppResult<T> = Result<T, ApiError>;
+
+fn body(b: Result<Bytes, BytesRejection>) -> AppResult<Bytes> {
+    b.map_err(|e| {
+        let status = e.status();
+        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body is larger than the server accepts".to_string()
+        } else {
+            e.body_text()
+        };
+        ApiError::new(status, "invalid_request_error", msg)
+    })
+}
+
+fn ready(state: &AppState) -> AppResult<Arc<LoadedModel>> {
+    state.model().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the model is still loading",
+        )
+    })
+}
+
+/// The request's shared fields checked against the model and the server's limits.
+struct Plan {
+    job: Job,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn plan(state: &AppState, model: Arc<LoadedModel>, prompt: Vec<u32>, c: Common) -> AppResult<Plan> {
+    if let Some(m) = &c.model {
+        if *m != model.id {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                param: Some("model"),
+                ..ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!(
+                        "the model `{m}` does not exist (this server serves `{}`)",
+                        model.id
+                    ),
+                )
+            });
+        }
+    }
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
+    }
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
+    }
+    let opts = &state.opts;
+    let max_prompt = if opts.max_prompt_tokens == 0 {
+        model.context - 1
+    } else {
+        opts.max_prompt_tokens.min(model.context - 1)
+    };
+    if prompt.len() > max_prompt {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            format!(
+                "the prompt has {} tokens; this server accepts at most {max_prompt}",
+                prompt.len()
+            ),
+        ));
+    }
+    let room = model.context - prompt.len();
+    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
+        Some(0) => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                "max_tokens must be at least 1",
+            ))
+        }
+        Some(n) if n as usize > opts.max_tokens_limit => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                format!(
+                    "max_tokens {n} exceeds this server's limit {}",
+                    opts.max_tokens_limit
+                ),
+            ))
+        }
+        Some(n) => (n as usize).min(room),
+        None => opts.max_tokens_limit.min(room),
+    };
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            "temperature must be in [0, 2]",
+        ));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(Some("top_p"), "top_p must be in (0, 1]"));
+    }
+    let stops = c.stop.map(|s| s.into_vec()).unwrap_or_default();
+    if stops.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            "stop strings must not be empty",
+        ));
+    }
+    Ok(Plan {
+        stream: c.stream.unwrap_or(false),
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+        job: Job {
+            model,
+            prompt,
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                top_k: c.top_k.unwrap_or(0) as usize,
+                seed: c.seed,
+                ..Default::default()
+            },
+            stops,
+            priority: c.priority.unwrap_or(0),
+        },
+    })
+}
+
+fn completion_prompt(model: &LoadedModel, p: Prompt) -> AppResult<Vec<u32>> {
+    match p {
+        Prompt::Tokens(ids) => Ok(ids),
+        Prompt::Text(t) => {
+            let mut v = t.into_vec();
+            if v.len() != 1 {
+                return Err(ApiError::invalid(
+                    Some("prompt"),
+                    "send exactly one prompt per request",
+                ));
+            }
+            let text = v.pop().unwrap_or_default();
+            model
+                .tokenizer
+                .encode(&text, true)
+                .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))
+        }
+    }
+}
+
+fn chat_prompt(model: &LoadedModel, req: &ChatRequest) -> AppResult<Vec<u32>> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "messages must not be empty",
+        ));
+    }
+    let mut msgs = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer"
+        ) {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                format!("unknown role `{}`", m.role),
+            ));
+        }
+        let role = if m.role == "developer" {
+            "system"
+        } else {
+            m.role.as_str()
+        };
+        msgs.push(ChatMessage::new(role, &m.content.text()?));
+    }
+    model
+        .tokenizer
+        .encode_chat(&msgs)
+        .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))
+}
+
+/// Chat or text completion chunk/response bodies.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Text,
+    Chat,
+}
+
+struct Shape {
+    kind: Kind,
+    id: String,
+    model: String,
+    created: u64,
+}
+
+impl Shape {
+    fn chunk(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+        let choice = match self.kind {
+            Kind::Text => json!({
+                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+            }),
+            Kind::Chat => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+            }
+        };
+        json!({
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        })
+    }
+
+    fn usage_chunk(&self, usage: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage,
+        })
+    }
+
+    fn whole(&self, text: &str, finish: &str, usage: Value) -> Value {
+        let choice = match self.kind {
+            Kind::Text => json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+            }),
+            Kind::Chat => json!({
+                "index": 0,
+                "message": { "role": "assistant", "content": text },
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage,
+        })
+    }
+}
+
+fn engine_error(e: String) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e)
+}
+
+async fn respond(state: Arc<AppState>, kind: Kind, plan: Plan) -> AppResult<Response> {
+    let shape = Shape {
+        kind,
+        id: state.new_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        model: plan.job.model.id.clone(),
+        created: super::now_s(),
+    };
+    let mut run = Run::start(&state, plan.job)?;
+    if !plan.stream {
+        let mut text = String::new();
+        while let Some(p) = run.next().await {
+            match p.map_err(engine_error)? {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::End {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let usage = api::usage(prompt_tokens, completion_tokens);
+                    return Ok(Json(shape.whole(&text, finish, usage)).into_response());
+                }
+            }
+        }
+        return Err(engine_error("generation ended without a result".into()));
+    }
+    let include_usage = plan.include_usage;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
+    tokio::spawn(async move {
+        let send = |v: Value| SseEvent::default().data(v.to_string());
+        if kind == Kind::Chat
+            && tx
+                .send(send(shape.chunk(Some(""), None, true)))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        loop {
+            let p = tokio::select! {
+                p = run.next() => p,
+                _ = tx.closed() => return,
+            };
+            let ev = match p {
+                None => break,
+                Some(Ok(Piece::Text(t))) => send(shape.chunk(Some(&t), None, false)),
+                Some(Ok(Piece::End {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                })) => {
+                    if tx
+                        .send(send(shape.chunk(None, Some(finish), false)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if !include_usage {
+                        continue;
+                    }
+                    send(shape.usage_chunk(api::usage(prompt_tokens, completion_tokens)))
+                }
+                Some(Err(e)) => send(json!({ "error": { "message": e, "type": "server_error" } })),
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|o| o.map(Ok::<_, Infallible>))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> AppResult<Response> {
+    let req: CompletionRequest = api::parse(&body(b)?)?;
+    let model = ready(&state)?;
+    let prompt = completion_prompt(&model, req.prompt)?;
+    let p = plan(&state, model, prompt, req.common)?;
+    respond(state, Kind::Text, p).await
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(
+    State(state): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> AppResult<Response> {
+    let mut req: ChatRequest = api::parse(&body(b)?)?;
+    let model = ready(&state)?;
+    let prompt = chat_prompt(&model, &req)?;
+    let common = std::mem::take(&mut req.common);
+    let p = plan(&state, model, prompt, common)?;
+    respond(state, Kind::Chat, p).await
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(state): State<Arc<AppState>>) -> AppResult<Json<Value>> {
+    let m = ready(&state)?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{ "id": m.id, "object": "model", "created": m.created, "owned_by": "bitnet-inference" }],
+    })))
+}
+
+/// `GET /health`: 200 when serving, 503 while loading or draining.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "draining" })),
+        )
+            .into_response();
+    }
+    match state.model() {
+        Some(m) => Json(json!({ "status": "ok", "model": m.id })).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "loading" })),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /metrics` (Prometheus text format).
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = state.model();
+    let text = state.metrics.render(m.as_ref().map(|m| &**m.sched.stats()));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}
+
+/// `POST /admin/load` `{"model": DIR}`: loads DIR and switches new requests to it once ready;
+/// in-flight requests finish on the old model; a failed load leaves the old one serving.
+pub async fn admin_load(
+    State(state): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> AppResult<Json<Value>> {
+    let req: LoadRequest = api::parse(&body(b)?)?;
+    let st = state.clone();
+    let dir = std::path::PathBuf::from(&req.model);
+    let loaded = tokio::task::spawn_blocking(move || load_model(&dir, &st.opts))
+        .await
+        .map_err(|e| engine_error(e.to_string()))?
+        .map_err(|e| ApiError::invalid(Some("model"), e.to_string()))?;
+    let id = loaded.id.clone();
+    tracing::info!(model = %id, "model swapped in");
+    state.set_model(Arc::new(loaded));
+    Ok(Json(json!({ "status": "ok", "model": id })))
+}
+
+/// Unknown routes: a JSON 404.
+pub async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "no such endpoint",
+    )
+}
+
+/// `GET /v1/ws`: send a chat (`messages`) or completion (`prompt`) request as a text frame;
+/// the reply is the same chunks as SSE streaming, one per frame, then
+/// `{"done": true, "finish_reason", "usage"}`. Requests on one socket run one after another.
+pub async fn websocket(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| ws_session(state, socket))
+}
+
+async fn ws_request(state: &Arc<AppState>, text: &str) -> AppResult<(Kind, Plan)> {
+    let v: Value = api::parse(text.as_bytes())?;
+    let model = ready(state)?;
+    if v.get("messages").is_some() {
+        let mut req: ChatRequest = serde_json::from_value(v)
+            .map_err(|e| ApiError::invalid(None, format!("invalid request: {e}")))?;
+        let prompt = chat_prompt(&model, &req)?;
+        let common = std::mem::take(&mut req.common);
+        Ok((Kind::Chat, plan(state, model, prompt, common)?))
+    } else {
+        let req: CompletionRequest = serde_json::from_value(v)
+            .map_err(|e| ApiError::invalid(None, format!("invalid request: {e}")))?;
+        let prompt = completion_prompt(&model, req.prompt)?;
+        Ok((Kind::Text, plan(state, model, prompt, req.common)?))
+    }
+}
+
+async fn ws_session(state: Arc<AppState>, mut socket: WebSocket) {
+    while let Some(Ok(msg)) = socket.recv().await {
+        let text = match msg {
+            WsMessage::Text(t) => t.to_string(),
+            WsMessage::Close(_) => break,
+            _ => continue,
+        };
+        let frame = |v: Value| WsMessage::Text(v.to_string().into());
+        let err = |e: ApiError| json!({ "error": { "message": e.message, "type": e.kind, "code": e.status.as_u16() } });
+        let (kind, plan) = match ws_request(&state, &text).await {
+            Ok(x) => x,
+            Err(e) => {
+                if socket.send(frame(err(e))).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let shape = Shape {
+            kind,
+            id: state.new_id("ws"),
+            model: plan.job.model.id.clone(),
+            created: super::now_s(),
+        };
+        let mut run = match Run::start(&state, plan.job) {
+            Ok(r) => r,
+            Err(e) => {
+                if socket.send(frame(err(e))).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let mut first = true;
+        while let Some(p) = run.next().await {
+            let v = match p {
+                Ok(Piece::Text(t)) => {
+                    let c = shape.chunk(Some(&t), None, first);
+                    first = false;
+                    c
+                }
+                Ok(Piece::End {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => json!({
+                    "done": true,
+                    "finish_reason": finish,
+                    "usage": api::usage(prompt_tokens, completion_tokens),
+                }),
+                Err(e) => json!({ "error": { "message": e, "type": "server_error" } }),
+            };
+            if socket.send(frame(v)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn key_matches(given: &[u8], key: &[u8]) -> bool {
+    given.len() == key.len() && given.iter().zip(key).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+}
+
+/// Authenticates `/v1/*` and `/admin/*` (when an API key is set), then counts and logs the
+/// request by endpoint and status.
+pub async fn observe(
+    State(state): State<Arc<AppState>>,
+    matched: Option<MatchedPath>,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
+    let t0 = Instant::now();
+    let endpoint = matched.map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let protected = path.starts_with("/v1/") || path.starts_with("/admin/");
+    let resp = match &state.opts.api_key {
+        Some(key) if protected => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if key_matches(given.as_bytes(), key.as_bytes()) {
+                next.run(req).await
+            } else {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "missing or wrong API key (Authorization: Bearer KEY)",
+                )
+                .into_response()
+            }
+        }
+        _ => next.run(req).await,
+    };
+    let status = resp.status();
+    state
+        .metrics
+        .requests
+        .with_label_values(&[endpoint.as_str(), status.as_str()])
+        .inc();
+    tracing::info!(
+        %method,
+        path,
+        status = status.as_u16(),
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        "request"
+    );
+    resp
+}

@@ -1,0 +1,146 @@
+//! Prometheus metrics of the server: request counts by endpoint and status, token counters,
+//! latency histograms, and the scheduler's queue, batch and KV-cache gauges read at scrape time.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::batch::scheduler::SchedulerStats;
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by endpoint and HTTP status.
+    pub requests: IntCounterVec,
+    /// Prompt tokens of finished requests.
+    pub prompt_tokens: IntCounter,
+    /// Tokens streamed to clients.
+    pub generated_tokens: IntCounter,
+    /// Request arrival to first token.
+    pub ttft: Histogram,
+    /// Time between consecutive tokens of a request.
+    pub token_latency: Histogram,
+    /// Request arrival to end.
+    pub duration: Histogram,
+    queue: IntGauge,
+    running: IntGauge,
+    kv_used: IntGauge,
+    kv_total: IntGauge,
+    kv_cached: IntGauge,
+    prefix_hits: IntGauge,
+    preemptions: IntGauge,
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "bitnet_requests_total",
+                "HTTP requests by endpoint and status",
+            ),
+            &["endpoint", "status"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(requests.clone()))
+            .expect("unique metric");
+        let lat = prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets");
+        Metrics {
+            requests,
+            prompt_tokens: counter(
+                &r,
+                "bitnet_prompt_tokens_total",
+                "Prompt tokens of requests",
+            ),
+            generated_tokens: counter(&r, "bitnet_generated_tokens_total", "Generated tokens"),
+            ttft: histogram(
+                &r,
+                "bitnet_time_to_first_token_seconds",
+                "Time from request arrival to its first token",
+                lat.clone(),
+            ),
+            token_latency: histogram(
+                &r,
+                "bitnet_inter_token_latency_seconds",
+                "Time between consecutive tokens of a request",
+                lat.clone(),
+            ),
+            duration: histogram(
+                &r,
+                "bitnet_request_duration_seconds",
+                "Time from request arrival to its end",
+                lat,
+            ),
+            queue: gauge(&r, "bitnet_queue_depth", "Requests waiting for admission"),
+            running: gauge(
+                &r,
+                "bitnet_running_sequences",
+                "Sequences in the running batch",
+            ),
+            kv_used: gauge(&r, "bitnet_kv_blocks_used", "KV cache blocks in use"),
+            kv_total: gauge(&r, "bitnet_kv_blocks_total", "KV cache blocks in the pool"),
+            kv_cached: gauge(
+                &r,
+                "bitnet_kv_blocks_cached",
+                "Idle KV blocks holding reusable prompt prefixes",
+            ),
+            prefix_hits: gauge(
+                &r,
+                "bitnet_prefix_cache_hit_tokens",
+                "Prompt tokens served from cached prefix blocks (current model)",
+            ),
+            preemptions: gauge(
+                &r,
+                "bitnet_preemptions",
+                "Sequences preempted for KV blocks (current model)",
+            ),
+            registry: r,
+        }
+    }
+
+    /// The text exposition, with the gauges of `stats` (the serving model's scheduler).
+    pub fn render(&self, stats: Option<&SchedulerStats>) -> String {
+        if let Some(s) = stats {
+            self.queue.set(s.queued.load(Relaxed) as i64);
+            self.running.set(s.running.load(Relaxed) as i64);
+            self.kv_used.set(s.kv_used.load(Relaxed) as i64);
+            self.kv_total.set(s.kv_total.load(Relaxed) as i64);
+            self.kv_cached.set(s.kv_cached.load(Relaxed) as i64);
+            self.prefix_hits
+                .set(s.prefix_hit_tokens.load(Relaxed) as i64);
+            self.preemptions.set(s.preemptions.load(Relaxed) as i64);
+        }
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

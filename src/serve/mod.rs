@@ -1,0 +1,295 @@
+//! `bitnet serve`: an OpenAI-compatible HTTP server over the continuous-batching scheduler.
+//! Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (JSON or SSE streaming),
+//! `GET /v1/models`, `GET /v1/ws` (WebSocket streaming), `GET /health`, `GET /metrics`
+//! (Prometheus), `GET /openapi.json`, `POST /admin/load` (hot model swap). Graceful shutdown on
+//! SIGTERM/SIGINT: stop accepting, finish in-flight requests up to a timeout, exit 0.
+
+pub mod api;
+mod generate;
+mod handlers;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+use crate::batch::scheduler::{Scheduler, SchedulerConfig};
+use crate::batch::BatchBackend;
+use crate::config::GenerationConfig;
+use crate::cpu::{CpuBackend, CpuOptions};
+use crate::error::{Error, Result};
+use crate::format::safetensors;
+use crate::tokenizer::Tokenizer;
+
+/// Everything `bitnet serve` is configured with.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Model directory served at start.
+    pub model: PathBuf,
+    /// Address to bind (127.0.0.1 unless told otherwise).
+    pub host: String,
+    /// Port (0 picks a free one; the chosen address is printed).
+    pub port: u16,
+    /// Bearer token required on `/v1/*` and `/admin/*` when set.
+    pub api_key: Option<String>,
+    /// Allowed CORS origins (`*` for any); none disables CORS headers.
+    pub cors_origins: Vec<String>,
+    /// CPU worker threads (0 = one per core).
+    pub threads: usize,
+    /// Batching limits (kv_blocks is derived from `kv_cache_mb` at load).
+    pub scheduler: SchedulerConfig,
+    /// KV pool size in MiB.
+    pub kv_cache_mb: usize,
+    /// Largest `max_tokens` a request may ask for (and the default when it asks none).
+    pub max_tokens_limit: usize,
+    /// Longest prompt in tokens (0 = the context).
+    pub max_prompt_tokens: usize,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests get after SIGTERM.
+    pub shutdown_timeout: u64,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            model: PathBuf::from("models/tiny"),
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_key: None,
+            cors_origins: Vec::new(),
+            threads: 0,
+            scheduler: SchedulerConfig::default(),
+            kv_cache_mb: 1024,
+            max_tokens_limit: 4096,
+            max_prompt_tokens: 0,
+            max_body_bytes: 1 << 20,
+            shutdown_timeout: 30,
+        }
+    }
+}
+
+/// A model ready to serve.
+pub struct LoadedModel {
+    /// Its id (the directory name).
+    pub id: String,
+    /// Its scheduler.
+    pub sched: Scheduler,
+    /// Its tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// Token ids that end generation.
+    pub eos: Vec<u32>,
+    /// Positions per sequence.
+    pub context: usize,
+    /// Seconds since the epoch at load.
+    pub created: u64,
+}
+
+/// Shared server state.
+pub struct AppState {
+    model: RwLock<Option<Arc<LoadedModel>>>,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+    /// Options.
+    pub opts: ServeOptions,
+    draining: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// The serving model, if loaded.
+    pub fn model(&self) -> Option<Arc<LoadedModel>> {
+        self.model.read().ok().and_then(|m| m.clone())
+    }
+
+    fn set_model(&self, m: Arc<LoadedModel>) {
+        if let Ok(mut g) = self.model.write() {
+            *g = Some(m);
+        }
+    }
+
+    /// A fresh response id with `prefix`.
+    pub fn new_id(&self, prefix: &str) -> String {
+        format!("{prefix}-{}", self.next_id.fetch_add(1, Relaxed))
+    }
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Loads `dir` on the CPU backend and starts its scheduler.
+pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
+    let weights = safetensors::load(dir)?;
+    let cfg = weights.config.clone();
+    let tokenizer = Tokenizer::from_dir(dir)?.ok_or_else(|| {
+        Error::Request(format!(
+            "{}: the server needs tokenizer.json beside the model",
+            dir.display()
+        ))
+    })?;
+    let gen_cfg = GenerationConfig::from_dir(dir, &cfg)?;
+    let backend = CpuBackend::load(
+        &weights,
+        &CpuOptions {
+            threads: opts.threads,
+            ..Default::default()
+        },
+    )?;
+    drop(weights);
+    let mut sc = opts.scheduler.clone();
+    sc.max_context = cfg.max_position_embeddings;
+    let block = backend.block_bytes(sc.block_size).max(1);
+    sc.kv_blocks = ((opts.kv_cache_mb << 20) / block).max(1);
+    let context = sc.max_context;
+    let sched = Scheduler::spawn(backend, sc)?;
+    let id = dir
+        .canonicalize()
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    Ok(LoadedModel {
+        id,
+        sched,
+        tokenizer: Arc::new(tokenizer),
+        eos: gen_cfg.eos_token_ids,
+        context,
+        created: now_s(),
+    })
+}
+
+/// The router over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let mut app = Router::new()
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/chat/completions", post(handlers::chat))
+        .route("/v1/models", get(handlers::models))
+        .route("/v1/ws", get(handlers::websocket))
+        .route("/admin/load", post(handlers::admin_load))
+        .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
+        .route("/openapi.json", get(handlers::openapi))
+        .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::observe,
+        ))
+        .layer(DefaultBodyLimit::max(state.opts.max_body_bytes));
+    let origins = &state.opts.cors_origins;
+    if !origins.is_empty() {
+        let allow = if origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(allow)
+                .allow_methods(Any)
+                .allow_headers(Any),
+        );
+    }
+    app.with_state(state)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Runs the server until SIGTERM/SIGINT (then drains and returns).
+pub fn run(opts: ServeOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Backend(format!("tokio runtime: {e}")))?;
+    rt.block_on(serve(opts))
+}
+
+async fn serve(opts: ServeOptions) -> Result<()> {
+    let addr: SocketAddr = format!("{}:{}", opts.host, opts.port)
+        .parse()
+        .or_else(|_| {
+            use std::net::ToSocketAddrs;
+            (opts.host.as_str(), opts.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|_| Error::Request(format!("--host {}: not an address", opts.host)))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Request(format!("cannot listen on {addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::Backend(e.to_string()))?;
+    let state = Arc::new(AppState {
+        model: RwLock::new(None),
+        metrics: metrics::Metrics::new(),
+        opts: opts.clone(),
+        draining: AtomicBool::new(false),
+        next_id: AtomicU64::new(1),
+    });
+    println!("listening on http://{local}");
+    tracing::info!(%local, model = %opts.model.display(), "listening; loading the model");
+    let loader = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let t0 = std::time::Instant::now();
+        match load_model(&loader.opts.model, &loader.opts) {
+            Ok(m) => {
+                tracing::info!(model = %m.id, secs = t0.elapsed().as_secs_f64(), "model ready");
+                loader.set_model(Arc::new(m));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "model load failed");
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
+    });
+    let app = router(state.clone());
+    let drain = state.clone();
+    let timeout = opts.shutdown_timeout;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            drain.draining.store(true, Relaxed);
+            tracing::info!(timeout, "shutting down: draining in-flight requests");
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(timeout)).await;
+                tracing::warn!("drain timeout reached; exiting");
+                std::process::exit(0);
+            });
+        })
+        .await
+        .map_err(|e| Error::Backend(format!("server: {e}")))?;
+    tracing::info!("drained; bye");
+    Ok(())
+}

@@ -1,0 +1,506 @@
+//! `bitnet serve` as operators run it: the real binary on a loopback port, driven over HTTP,
+//! SSE and WebSocket by real clients (and the official OpenAI Python client).
+#![cfg(feature = "server")]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bitnet_inference::config::{ModelConfig, Preset};
+use bitnet_inference::cpu::{CpuBackend, CpuOptions};
+use bitnet_inference::engine::generate::{GenerateOptions, Generator};
+use bitnet_inference::format::{safetensors::load, synth};
+use bitnet_inference::tokenizer::Tokenizer;
+use serde_json::{json, Value};
+
+mod common;
+
+/// A random model large enough that generation takes a while (so requests overlap,
+/// disconnects and drains happen mid-generation), with the fixture's tokenizer.
+fn slow_model() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("bitnet-serve-slow-{}", std::process::id()));
+        let cfg = ModelConfig {
+            vocab_size: 300,
+            hidden_size: 512,
+            intermediate_size: 1536,
+            num_layers: 8,
+            num_heads: 8,
+            num_kv_heads: 2,
+            head_dim: 64,
+            max_position_embeddings: 1024,
+            bos_token_id: Some(297),
+            // No end token: requests run to max_tokens, so they overlap and can be cut off.
+            eos_token_ids: vec![],
+            ..Preset::Tiny.config()
+        };
+        synth::write_model(&dir, &cfg, 5, |_, _| {}).unwrap();
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+        ] {
+            std::fs::copy(common::fixture().join(f), dir.join(f)).unwrap();
+        }
+        dir
+    })
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+            .args(["serve", "--port", "0", "--threads", "2", "--model"])
+            .arg(model)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        let s = Server { child, base };
+        let t0 = Instant::now();
+        while s.get("/health").0 != 200 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "server never became ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let r = agent().get(&self.url(path)).call();
+        match r {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            ),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, Value, Option<String>) {
+        let mut r = agent()
+            .post(&self.url(path))
+            .header("content-type", "application/json")
+            .send(body)
+            .unwrap();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = r.body_mut().read_to_string().unwrap();
+        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        (r.status().as_u16(), v, retry)
+    }
+
+    /// A streaming request: the concatenated text, the finish reason, whether [DONE] came.
+    fn stream(&self, path: &str, body: Value) -> (String, String, bool) {
+        let r = agent()
+            .post(&self.url(path))
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let mut text = String::new();
+        let mut finish = String::new();
+        let mut done = false;
+        for line in BufReader::new(r.into_body().into_reader()).lines() {
+            let line = line.unwrap();
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                done = true;
+                break;
+            }
+            let v: Value = serde_json::from_str(data).unwrap();
+            for c in v["choices"].as_array().unwrap() {
+                let piece = c["delta"]["content"].as_str().or(c["text"].as_str());
+                text.push_str(piece.unwrap_or(""));
+                if let Some(f) = c["finish_reason"].as_str() {
+                    finish = f.to_string();
+                }
+            }
+        }
+        (text, finish, done)
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+/// What `bitnet generate` prints for a greedy run, as JSON.
+fn cli_generate(model: &Path, prompt: &str, max_tokens: usize) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args([
+            "generate",
+            "--json",
+            "--temperature",
+            "0",
+            "--prompt",
+            prompt,
+        ])
+        .args(["--max-tokens", &max_tokens.to_string(), "--model"])
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn greedy_completion_equals_cli_generate_plain_and_streamed() {
+    let model = common::fixture();
+    let s = Server::start(&model, &[]);
+    let want = cli_generate(&model, "Hello world", 20);
+    let body =
+        json!({ "model": "tiny", "prompt": "Hello world", "max_tokens": 20, "temperature": 0 });
+    let (code, v, _) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want["text"]);
+    assert_eq!(v["choices"][0]["finish_reason"], want["finish_reason"]);
+    assert_eq!(v["usage"]["prompt_tokens"], want["prompt_tokens"]);
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (text, finish, done) = s.stream("/v1/completions", sb);
+    assert!(done);
+    assert_eq!(text, want["text"].as_str().unwrap());
+    assert_eq!(finish, want["finish_reason"].as_str().unwrap());
+    let (code, models) = s.get("/v1/models");
+    assert_eq!(code, 200);
+    assert!(models.contains("\"tiny\""));
+    let (code, doc) = s.get("/openapi.json");
+    assert_eq!(code, 200);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    assert!(doc["paths"]["/v1/chat/completions"].is_object());
+}
+
+#[test]
+fn concurrent_streaming_clients_get_their_own_outputs() {
+    let model = slow_model();
+    let s = Server::start(model, &[]);
+    let w = load(model).unwrap();
+    let tok = Tokenizer::from_dir(model).unwrap().unwrap();
+    let mut g = Generator::new(
+        CpuBackend::load(
+            &w,
+            &CpuOptions {
+                threads: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let n = 64;
+    let prompts: Vec<String> = (0..n)
+        .map(|i| format!("client {i} says {}", i * 37 % 101))
+        .collect();
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let opts = GenerateOptions {
+                max_tokens: 12,
+                ..Default::default()
+            };
+            g.generate(&tok.encode(p, true).unwrap(), &opts, Some(&tok), |_, _| {
+                true
+            })
+            .unwrap()
+            .text
+        })
+        .collect();
+    let got: Vec<(String, String, bool)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let s = &s;
+                sc.spawn(move || {
+                    s.stream(
+                        "/v1/completions",
+                        json!({ "prompt": p, "max_tokens": 12, "temperature": 0, "stream": true }),
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (text, _, done)) in got.iter().enumerate() {
+        assert!(done, "client {i} got no [DONE]");
+        assert_eq!(text, &want[i], "client {i}");
+    }
+    let t0 = Instant::now();
+    while s.metric("bitnet_kv_blocks_used") != 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "blocks still in use"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_flood_beyond_the_queue_gets_429_and_the_server_stays_healthy() {
+    let s = Server::start(slow_model(), &["--max-batch", "1", "--max-queue", "2"]);
+    let codes: Vec<(u16, Option<String>)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..24)
+            .map(|_| {
+                let s = &s;
+                sc.spawn(move || {
+                    let b = json!({ "prompt": "flood", "max_tokens": 40, "temperature": 0 });
+                    let (c, v, retry) = s.post("/v1/completions", &b.to_string());
+                    if c == 429 {
+                        assert!(v["error"]["message"].is_string());
+                    }
+                    (c, retry)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let limited = codes.iter().filter(|c| c.0 == 429).count();
+    assert!(limited > 0, "no 429 in {codes:?}");
+    assert!(codes.iter().all(|c| c.0 == 200 || c.0 == 429), "{codes:?}");
+    assert!(
+        codes.iter().filter(|c| c.0 == 429).all(|c| c.1.is_some()),
+        "Retry-After missing"
+    );
+    assert_eq!(s.get("/health").0, 200);
+    let b = json!({ "prompt": "after", "max_tokens": 2 });
+    assert_eq!(s.post("/v1/completions", &b.to_string()).0, 200);
+}
+
+#[test]
+fn disconnected_clients_free_their_kv_blocks() {
+    let s = Server::start(slow_model(), &[]);
+    let r = agent()
+        .post(&s.url("/v1/completions"))
+        .header("content-type", "application/json")
+        .send(json!({ "prompt": "a long one", "max_tokens": 900, "stream": true }).to_string())
+        .unwrap();
+    let mut reader = BufReader::new(r.into_body().into_reader());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("data: "));
+    assert!(s.metric("bitnet_kv_blocks_used") > 0.0);
+    drop(reader);
+    let t0 = Instant::now();
+    while s.metric("bitnet_kv_blocks_used") != 0.0 || s.metric("bitnet_running_sequences") != 0.0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "blocks not freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(s.metric("bitnet_generated_tokens_total") < 900.0);
+}
+
+#[test]
+fn bad_requests_get_4xx_json_errors() {
+    let s = Server::start(&common::fixture(), &["--max-body-bytes", "2000"]);
+    let cases: &[(&str, String, u16)] = &[
+        ("/v1/completions", "{not json".into(), 400),
+        ("/v1/completions", r#"{"prompt": 5}"#.into(), 400),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": "many"}"#.into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "model": "gpt-9"}"#.into(),
+            404,
+        ),
+        ("/v1/completions", r#"{"prompt": "x", "n": 2}"#.into(), 400),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "temperature": -1}"#.into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 0}"#.into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": [1, 2, 100000]}"#.into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"prompt": "{}"}}"#, "word ".repeat(600)),
+            413,
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"prompt": [{}]}}"#, vec!["1"; 300].join(",")),
+            400,
+        ),
+        ("/v1/chat/completions", r#"{"messages": []}"#.into(), 400),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "robot", "content": "x"}]}"#.into(),
+            400,
+        ),
+        ("/v1/nothing", "{}".into(), 404),
+    ];
+    for (path, body, want) in cases {
+        let (code, v, _) = s.post(path, body);
+        assert_eq!(code, *want, "{path} {body:.60}: {v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    assert_eq!(s.get("/health").0, 200);
+    assert!(s.metric("bitnet_requests_total{endpoint=\"/v1/completions\",status=\"400\"}") >= 7.0);
+}
+
+#[test]
+fn api_key_guards_the_api_but_not_health() {
+    let s = Server::start(&common::fixture(), &["--api-key", "sekrit"]);
+    let body = json!({ "prompt": "x", "max_tokens": 2 }).to_string();
+    let (code, v, _) = s.post("/v1/completions", &body);
+    assert_eq!(code, 401, "{v}");
+    let mut r = agent()
+        .post(&s.url("/v1/completions"))
+        .header("authorization", "Bearer sekrit")
+        .send(body)
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "{}",
+        r.body_mut().read_to_string().unwrap()
+    );
+    assert_eq!(s.get("/health").0, 200);
+}
+
+#[test]
+fn websocket_streams_chat_chunks() {
+    let s = Server::start(&common::fixture(), &[]);
+    let url = s.url("/v1/ws").replace("http://", "ws://");
+    let (mut ws, _) = tungstenite::connect(url).unwrap();
+    let req = json!({ "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 6, "temperature": 0 });
+    ws.send(tungstenite::Message::text(req.to_string()))
+        .unwrap();
+    let mut text = String::new();
+    loop {
+        let m = ws.read().unwrap();
+        let v: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        if v["done"] == json!(true) {
+            assert_eq!(v["usage"]["completion_tokens"], json!(6));
+            break;
+        }
+        text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    let (code, v, _) = s.post("/v1/chat/completions", &req.to_string());
+    assert_eq!(code, 200);
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        text
+    );
+}
+
+#[test]
+fn hot_swap_loads_a_new_model_and_a_failed_load_keeps_the_old() {
+    let s = Server::start(&common::fixture(), &[]);
+    let (code, v, _) = s.post(
+        "/admin/load",
+        &json!({ "model": "/nonexistent/model" }).to_string(),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(s.get("/v1/models").1.contains("\"tiny\""));
+    let dir = slow_model();
+    let (code, v, _) = s.post("/admin/load", &json!({ "model": dir }).to_string());
+    assert_eq!(code, 200, "{v}");
+    let id = dir.file_name().unwrap().to_str().unwrap();
+    assert!(s.get("/v1/models").1.contains(id));
+    let (code, v, _) = s.post(
+        "/v1/completions",
+        &json!({ "prompt": "x", "max_tokens": 2, "model": id }).to_string(),
+    );
+    assert_eq!(code, 200, "{v}");
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let mut s = Server::start(slow_model(), &[]);
+    let r = agent()
+        .post(&s.url("/v1/completions"))
+        .header("content-type", "application/json")
+        .send(
+            json!({ "prompt": "drain me", "max_tokens": 200, "stream": true, "temperature": 0 })
+                .to_string(),
+        )
+        .unwrap();
+    let mut reader = BufReader::new(r.into_body().into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("\"finish_reason\":\"length\""), "{rest:.300}");
+    assert!(rest.trim_end().ends_with("data: [DONE]"));
+    let status = s.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn openai_python_client_completes_and_streams_chat() {
+    let s = Server::start(&common::fixture(), &[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("{}/v1", s.base))
+        .arg("tiny")
+        .output()
+        .expect("python3 is required (CI installs it with the openai package)");
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
