@@ -45,7 +45,7 @@ export interface LoadOptions {
   maxBindingBytes?: number;
   /** Cancels the download. */
   signal?: AbortSignal;
-  /** A fetch implementation (default: globalThis.fetch). */
+  /** A fetch implementation (default: globalThis.fetch; not used by loadInWorker). */
   fetch?: typeof fetch;
   /** The model name reported by chat completions (default: the source URL). */
   name?: string;

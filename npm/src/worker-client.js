@@ -59,8 +59,20 @@ class WorkerModel {
   }
 
   async _load(source, opts) {
-    const { onProgress, signal, workerUrl, ...rest } = opts;
-    this.info = await this.#call({ type: 'load', source, opts: rest }, onProgress);
+    // Functions and signals cannot cross to the worker: progress comes back as messages, and
+    // an abort ends the worker.
+    const { onProgress, signal, workerUrl, fetch: _fetch, wasm: _wasm, ...rest } = opts;
+    if (signal?.aborted) throw abortError(signal);
+    let onAbort;
+    const aborted = new Promise((_, reject) => {
+      onAbort = () => reject(abortError(signal));
+      signal?.addEventListener('abort', onAbort, { once: true });
+    });
+    try {
+      this.info = await Promise.race([this.#call({ type: 'load', source, opts: rest }, onProgress), aborted]);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
     return this;
   }
 
