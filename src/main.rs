@@ -41,6 +41,9 @@ enum Cmd {
     /// Serve the model over an OpenAI-compatible HTTP API with continuous batching (CPU).
     #[cfg(feature = "server")]
     Serve(ServeArgs),
+    /// Load-test a server: requests/s, tokens/s, TTFT and per-token latency per concurrency.
+    #[cfg(feature = "server")]
+    BenchServe(BenchServeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -229,6 +232,103 @@ struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+}
+
+#[cfg(feature = "server")]
+#[derive(Args)]
+struct BenchServeArgs {
+    /// A running server (`http://host:port`); without it a server is started on --model.
+    #[arg(long)]
+    url: Option<String>,
+    /// Model directory for the server started here.
+    #[arg(long, default_value = "models/tiny")]
+    model: PathBuf,
+    /// Worker threads of the server started here (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    clients: Vec<usize>,
+    /// Requests each client sends, one after another.
+    #[arg(long, default_value_t = 2)]
+    requests: usize,
+    /// Prompt tokens per request (random ids).
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[cfg(feature = "server")]
+fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    use bitnet_inference::serve::bench::run_level;
+    use std::io::BufRead;
+    let mut child = None;
+    let base = match &a.url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => {
+            let most = a.clients.iter().copied().max().unwrap_or(1);
+            let mut c = std::process::Command::new(std::env::current_exe()?)
+                .args(["serve", "--port", "0", "--max-batch", &most.to_string()])
+                .args(["--max-queue", &(most * 2).to_string(), "--threads"])
+                .arg(a.threads.to_string())
+                .arg("--model")
+                .arg(&a.model)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let mut line = String::new();
+            if let Some(out) = c.stdout.take() {
+                std::io::BufReader::new(out).read_line(&mut line)?;
+            }
+            let base = line
+                .trim()
+                .strip_prefix("listening on ")
+                .context("the server did not start")?
+                .to_string();
+            child = Some(c);
+            let t0 = std::time::Instant::now();
+            while ureq::get(&format!("{base}/health")).call().is_err() {
+                if t0.elapsed() > Duration::from_secs(300) {
+                    bail!("the server did not become ready");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            base
+        }
+    };
+    let mut results = Vec::new();
+    for &c in &a.clients {
+        let r = run_level(&base, c, a.requests, a.prompt_len, a.max_tokens)?;
+        if !a.json {
+            println!(
+                "clients {:>3}: {:>6.2} req/s  {:>8.1} tok/s  TTFT p50 {:>8.1} ms p99 {:>8.1} ms  \
+                 per-token p50 {:>7.1} ms p99 {:>7.1} ms",
+                r.clients,
+                r.requests_per_s,
+                r.tokens_per_s,
+                r.ttft_ms_p50,
+                r.ttft_ms_p99,
+                r.tpot_ms_p50,
+                r.tpot_ms_p99
+            );
+        }
+        results.push(r);
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "levels": results }));
+    }
+    if let Some(mut c) = child {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    Ok(())
 }
 
 #[cfg(feature = "server")]
@@ -723,5 +823,7 @@ fn main() -> Result<()> {
         Cmd::Synth(a) => synth(a),
         #[cfg(feature = "server")]
         Cmd::Serve(a) => serve(a),
+        #[cfg(feature = "server")]
+        Cmd::BenchServe(a) => bench_serve(a),
     }
 }
