@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """transformers' view of an exported model: held-out perplexity and greedy continuations.
 
-    python3 tools/train/reference.py --model DIR --file TEXT [--limit-chars N] [--out JSON]
+    python3 tools/train/reference.py --model DIR --file TEXT [--max-tokens N] [--out JSON]
                                      [--prompt TEXT ...] [--tokens N]
 
 Loads DIR with transformers' BitNetForCausalLM (AutoModelForCausalLM.from_pretrained(dir), then
 .to(torch.float32): FORMAT.md's float32 oracle), tokenizes TEXT with AutoTokenizer (BOS + text),
-and scores it in windows of max_position_embeddings tokens with stride = window (every token
+keeps the first --max-tokens ids (0 = all), and scores them in windows of max_position_embeddings tokens with stride = window (every token
 but each window's first is predicted from the tokens before it in its window), the recipe of
 tools/train/train.py and `bitnet perplexity`. Then greedy-decodes each prompt (BOS + prompt,
 --tokens new tokens, not stopping at EOS) with the KV cache.
@@ -15,15 +15,19 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
 
+# Prompts whose greedy paths have long stretches of decisive steps (top1 - top2 logit margin
+# >= 0.25): where the margin is smaller, float32 rounding alone can change the token (see
+# models/kjv-fortunes/README.md, "Numerical noise").
 DEFAULT_PROMPTS = [
-    "In the beginning God created",
-    "And Jesus said unto them,",
-    "A fool and his money",
-    "The best way to predict the future is",
+    "It is better to",
+    "For God so loved the world,",
+    "Now the serpent was",
+    "Thou shalt not",
 ]
 
 
@@ -72,7 +76,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--file", required=True)
-    ap.add_argument("--limit-chars", type=int, default=0, help="score only the first N characters")
+    ap.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
     ap.add_argument("--out")
     ap.add_argument("--prompt", action="append")
     ap.add_argument("--tokens", type=int, default=32)
@@ -86,17 +90,20 @@ def main():
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "AutoBitLinear"
     window = model.config.max_position_embeddings
     text = open(a.file, encoding="utf-8").read()
-    if a.limit_chars:
-        text = text[: a.limit_chars]
     ids = tok(text)["input_ids"]
+    file_tokens = len(ids)
+    if a.max_tokens:
+        ids = ids[: a.max_tokens]
     nll, count = window_nll(model, ids, window)
     res = {
+        "command": "python3 tools/train/reference.py " + " ".join(sys.argv[1:]),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "model": os.path.basename(os.path.normpath(a.model)),
         "file": os.path.basename(a.file),
-        "chars": len(text),
-        "limit_chars": a.limit_chars,
+        "file_chars": len(text),
+        "max_tokens": a.max_tokens,
+        "file_tokens": file_tokens,
         "tokens": len(ids),
         "window": window,
         "stride": window,
@@ -104,7 +111,7 @@ def main():
         "nll": nll,
         "mean_nll": nll / count,
         "ppl": math.exp(nll / count),
-        "recipe": "ids = tokenizer(text) (BOS + text); windows [b, b+W), b = 0, W, 2W, ...; each window "
+        "recipe": "ids = tokenizer(text)[:max_tokens] (BOS + text); windows [b, b+W), b = 0, W, 2W, ...; each window "
                   "run from position 0; positions b+1..e-1 scored; float32 model",
         "greedy": [],
     }
@@ -113,7 +120,8 @@ def main():
         toks, margins = greedy(model, pids, a.tokens)
         res["greedy"].append({"prompt": p, "input_ids": pids, "tokens": toks,
                               "text": tok.decode(toks, skip_special_tokens=False),
-                              "min_margin_top1_top2": min(margins)})
+                              "min_margin_top1_top2": min(margins),
+                              "margins_top1_top2": [round(x, 5) for x in margins]})
     res["seconds"] = round(time.time() - t0, 1)
     print(f"ppl {res['ppl']:.4f} over {count} scored tokens ({len(ids)} tokens)")
     for g in res["greedy"]:

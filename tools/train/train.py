@@ -363,6 +363,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--test-limit", type=int, default=0, help="evaluate only the first N test tokens")
+    ap.add_argument("--time-limit", type=float, default=0,
+                    help="safety net: stop training after this many seconds (the log says so)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -421,7 +423,7 @@ def main():
         opt.step()
         tokens_seen += a.batch * a.seq
         if step % 10 == 0 or step == a.steps - 1:
-            lv = float(loss)
+            lv = loss.item()
             log["loss"].append([step, round(lv, 4), round(time.time() - t_train, 2)])
             if step % 50 == 0:
                 print(f"step {step} loss {lv:.4f} gn {float(gn):.2f} lr {lr_at(step):.2e} "
@@ -433,8 +435,12 @@ def main():
                   f"({tokens_seen / len(train):.1f} epochs)", flush=True)
             if vl < best[0]:
                 best = (vl, step + 1, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+            if a.time_limit and time.time() - t_train > a.time_limit and step < a.steps - 1:
+                log["stopped_early_at_step"] = step + 1
+                print(f"time limit reached: stopping at step {step + 1} of {a.steps}", flush=True)
+                break
     train_s = time.time() - t_train
-    log.update(train_seconds=round(train_s, 1), steps=a.steps, tokens_seen=tokens_seen,
+    log.update(train_seconds=round(train_s, 1), steps=step + 1, tokens_seen=tokens_seen,
                epochs=tokens_seen / len(train), best_val_loss=best[0], best_step=best[1],
                final_train_loss=log["loss"][-1][1])
     print(f"trained {a.steps} steps in {train_s:.1f}s; best val loss {best[0]:.4f} at step {best[1]}", flush=True)
