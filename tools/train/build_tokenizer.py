@@ -4,7 +4,7 @@
     python3 tools/train/build_tokenizer.py --corpus DIR --out DIR [--vocab 4096]
 
 Reads DIR/train.jsonl (only the training split is used to learn merges), writes the tokenizer
-files (tokenizer.json, tokenizer_config.json, chat_template.jinja, special_tokens_map.json) to
+files (tokenizer.json, tokenizer_config.json, chat_template.jinja) to
 --out, and token streams for training to --corpus:
   train.u16, val.u16   uint16 little-endian, every document as <|begin_of_text|> text <|end_of_text|>
   test.u16             tokenizer(test.txt) with add_special_tokens=True (one BOS, then the text):
