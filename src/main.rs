@@ -1,4 +1,4 @@
-//! The `bitnet` command-line tool: generate, chat, logits, perplexity, bench and synth.
+//! The `bitnet` command-line tool: generate, chat, logits, perplexity, bench, synth and serve.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -205,7 +205,7 @@ struct SynthArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, default_value = "models/tiny")]
+    #[arg(long, default_value = "models/kjv-fortunes")]
     model: PathBuf,
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
