@@ -1,4 +1,4 @@
-//! The `bitnet` command-line tool: generate, chat, logits, bench and synth.
+//! The `bitnet` command-line tool: generate, chat, logits, perplexity, bench, synth and serve.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,8 @@ enum Cmd {
     Chat(ChatArgs),
     /// Print the logits of a token sequence as JSON.
     Logits(LogitsArgs),
+    /// Perplexity of a text file, scored in windows of the model's context.
+    Perplexity(PerplexityArgs),
     /// Measure load time, prefill and decode speed, bandwidth and memory.
     Bench(BenchArgs),
     /// Write a random model of a preset shape in the HF packed format.
@@ -56,7 +58,7 @@ enum BackendKind {
 #[derive(Args)]
 struct ModelArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, default_value = "models/tiny")]
+    #[arg(long, default_value = "models/kjv-fortunes")]
     model: PathBuf,
     /// Backend.
     #[arg(long, value_enum, default_value = "auto")]
@@ -148,6 +150,27 @@ struct LogitsArgs {
 }
 
 #[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// UTF-8 text file to score (tokenized with BOS, like a prompt).
+    #[arg(long)]
+    file: PathBuf,
+    /// Tokens per window (0 = the model's context, max_position_embeddings).
+    #[arg(long, default_value_t = 0)]
+    window: usize,
+    /// Distance between window starts (0 = the window: non-overlapping windows).
+    #[arg(long, default_value_t = 0)]
+    stride: usize,
+    /// Score only the first N tokens of the file (0 = all).
+    #[arg(long, default_value_t = 0)]
+    max_tokens: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -185,7 +208,7 @@ struct SynthArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, default_value = "models/tiny")]
+    #[arg(long, default_value = "models/kjv-fortunes")]
     model: PathBuf,
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
@@ -671,6 +694,62 @@ fn logits_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &LogitsArgs) -> Re
     Ok(())
 }
 
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let mut m = load(&a.model)?;
+    let ctx = Ctx {
+        tokenizer: m.tokenizer.take(),
+        gen_cfg: m.gen_cfg.clone(),
+        load_s: m.load_s,
+        threads: m.threads,
+    };
+    with_gen!(&mut m.gen, gen => perplexity_on(gen, ctx, &a))
+}
+
+fn perplexity_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &PerplexityArgs) -> Result<()> {
+    let tok = ctx.tokenizer.context("the model has no tokenizer.json")?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let mut ids = tok.encode(&text, true)?;
+    if a.max_tokens > 0 {
+        ids.truncate(a.max_tokens);
+    }
+    let window = if a.window == 0 {
+        gen.context()
+    } else {
+        a.window
+    };
+    let stride = if a.stride == 0 { window } else { a.stride };
+    let pb = spinner(&format!("scoring {} tokens", ids.len()));
+    let t0 = Instant::now();
+    let r = gen.perplexity(&ids, window, stride)?;
+    let secs = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let backend = gen.backend().describe();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ppl": r.ppl(), "mean_nll": r.mean_nll(), "nll": r.nll, "tokens": r.tokens,
+                "scored": r.scored, "window": r.window, "stride": r.stride,
+                "seconds": secs, "backend": backend,
+            })
+        );
+    } else {
+        println!("perplexity     {:.4}", r.ppl());
+        println!(
+            "nll            {:.5} nats/token ({:.2} in all)",
+            r.mean_nll(),
+            r.nll
+        );
+        println!(
+            "tokens         {} ({} scored; window {}, stride {})",
+            r.tokens, r.scored, r.window, r.stride
+        );
+        println!("time           {secs:.2} s ({backend})");
+    }
+    Ok(())
+}
+
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -819,6 +898,7 @@ fn main() -> Result<()> {
         Cmd::Generate(a) => generate(a),
         Cmd::Chat(a) => chat(a),
         Cmd::Logits(a) => logits(a),
+        Cmd::Perplexity(a) => perplexity(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Synth(a) => synth(a),
         #[cfg(feature = "server")]
