@@ -14,4 +14,4 @@ COPY models /models
 USER 10001
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/bitnet", "serve", "--host", "0.0.0.0", "--port", "8080"]
-CMD ["--model", "/models/tiny"]
+CMD ["--model", "/models/kjv-fortunes"]

@@ -264,7 +264,7 @@ struct BenchServeArgs {
     #[arg(long)]
     url: Option<String>,
     /// Model directory for the server started here.
-    #[arg(long, default_value = "models/tiny")]
+    #[arg(long, default_value = "models/kjv-fortunes")]
     model: PathBuf,
     /// Worker threads of the server started here (0 = one per core).
     #[arg(long, default_value_t = 0)]

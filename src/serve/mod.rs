@@ -61,7 +61,7 @@ pub struct ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
-            model: PathBuf::from("models/tiny"),
+            model: PathBuf::from("models/kjv-fortunes"),
             host: "127.0.0.1".into(),
             port: 8080,
             api_key: None,
