@@ -1,5 +1,5 @@
 //! Load a checkpoint, generate from a prompt and stream the text: the smallest program using
-//! the library. `cargo run --release --example generate -- models/tiny "Hello"`
+//! the library. `cargo run --release --example generate -- models/kjv-fortunes "Thou shalt not"`
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,8 +12,8 @@ use bitnet_inference::tokenizer::Tokenizer;
 
 fn main() -> bitnet_inference::Result<()> {
     let mut args = std::env::args().skip(1);
-    let dir = PathBuf::from(args.next().unwrap_or_else(|| "models/tiny".into()));
-    let prompt = args.next().unwrap_or_else(|| "Hello".into());
+    let dir = PathBuf::from(args.next().unwrap_or_else(|| "models/kjv-fortunes".into()));
+    let prompt = args.next().unwrap_or_else(|| "Thou shalt not".into());
 
     let weights = load(&dir)?;
     let tokenizer = Tokenizer::from_dir(&dir)?.ok_or_else(|| {

@@ -1,4 +1,4 @@
-//! The `bitnet` command-line tool: generate, chat, logits, bench and synth.
+//! The `bitnet` command-line tool: generate, chat, logits, perplexity, bench, synth and serve.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,8 @@ enum Cmd {
     Chat(ChatArgs),
     /// Print the logits of a token sequence as JSON.
     Logits(LogitsArgs),
+    /// Perplexity of a text file, scored in windows of the model's context.
+    Perplexity(PerplexityArgs),
     /// Measure load time, prefill and decode speed, bandwidth and memory.
     Bench(BenchArgs),
     /// Write a random model of a preset shape in the HF packed format.
@@ -41,6 +43,9 @@ enum Cmd {
     /// Serve the model over an OpenAI-compatible HTTP API with continuous batching (CPU).
     #[cfg(feature = "server")]
     Serve(ServeArgs),
+    /// Load-test a server: requests/s, tokens/s, TTFT and per-token latency per concurrency.
+    #[cfg(feature = "server")]
+    BenchServe(BenchServeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -53,7 +58,7 @@ enum BackendKind {
 #[derive(Args)]
 struct ModelArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, default_value = "models/tiny")]
+    #[arg(long, default_value = "models/kjv-fortunes")]
     model: PathBuf,
     /// Backend.
     #[arg(long, value_enum, default_value = "auto")]
@@ -145,6 +150,27 @@ struct LogitsArgs {
 }
 
 #[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// UTF-8 text file to score (tokenized with BOS, like a prompt).
+    #[arg(long)]
+    file: PathBuf,
+    /// Tokens per window (0 = the model's context, max_position_embeddings).
+    #[arg(long, default_value_t = 0)]
+    window: usize,
+    /// Distance between window starts (0 = the window: non-overlapping windows).
+    #[arg(long, default_value_t = 0)]
+    stride: usize,
+    /// Score only the first N tokens of the file (0 = all).
+    #[arg(long, default_value_t = 0)]
+    max_tokens: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -182,7 +208,7 @@ struct SynthArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, default_value = "models/tiny")]
+    #[arg(long, default_value = "models/kjv-fortunes")]
     model: PathBuf,
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
@@ -229,6 +255,103 @@ struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+}
+
+#[cfg(feature = "server")]
+#[derive(Args)]
+struct BenchServeArgs {
+    /// A running server (`http://host:port`); without it a server is started on --model.
+    #[arg(long)]
+    url: Option<String>,
+    /// Model directory for the server started here.
+    #[arg(long, default_value = "models/kjv-fortunes")]
+    model: PathBuf,
+    /// Worker threads of the server started here (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    clients: Vec<usize>,
+    /// Requests each client sends, one after another.
+    #[arg(long, default_value_t = 2)]
+    requests: usize,
+    /// Prompt tokens per request (random ids).
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[cfg(feature = "server")]
+fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    use bitnet_inference::serve::bench::run_level;
+    use std::io::BufRead;
+    let mut child = None;
+    let base = match &a.url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => {
+            let most = a.clients.iter().copied().max().unwrap_or(1);
+            let mut c = std::process::Command::new(std::env::current_exe()?)
+                .args(["serve", "--port", "0", "--max-batch", &most.to_string()])
+                .args(["--max-queue", &(most * 2).to_string(), "--threads"])
+                .arg(a.threads.to_string())
+                .arg("--model")
+                .arg(&a.model)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let mut line = String::new();
+            if let Some(out) = c.stdout.take() {
+                std::io::BufReader::new(out).read_line(&mut line)?;
+            }
+            let base = line
+                .trim()
+                .strip_prefix("listening on ")
+                .context("the server did not start")?
+                .to_string();
+            child = Some(c);
+            let t0 = std::time::Instant::now();
+            while ureq::get(&format!("{base}/health")).call().is_err() {
+                if t0.elapsed() > Duration::from_secs(300) {
+                    bail!("the server did not become ready");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            base
+        }
+    };
+    let mut results = Vec::new();
+    for &c in &a.clients {
+        let r = run_level(&base, c, a.requests, a.prompt_len, a.max_tokens)?;
+        if !a.json {
+            println!(
+                "clients {:>3}: {:>6.2} req/s  {:>8.1} tok/s  TTFT p50 {:>8.1} ms p99 {:>8.1} ms  \
+                 per-token p50 {:>7.1} ms p99 {:>7.1} ms",
+                r.clients,
+                r.requests_per_s,
+                r.tokens_per_s,
+                r.ttft_ms_p50,
+                r.ttft_ms_p99,
+                r.tpot_ms_p50,
+                r.tpot_ms_p99
+            );
+        }
+        results.push(r);
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "levels": results }));
+    }
+    if let Some(mut c) = child {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    Ok(())
 }
 
 #[cfg(feature = "server")]
@@ -571,6 +694,62 @@ fn logits_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &LogitsArgs) -> Re
     Ok(())
 }
 
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let mut m = load(&a.model)?;
+    let ctx = Ctx {
+        tokenizer: m.tokenizer.take(),
+        gen_cfg: m.gen_cfg.clone(),
+        load_s: m.load_s,
+        threads: m.threads,
+    };
+    with_gen!(&mut m.gen, gen => perplexity_on(gen, ctx, &a))
+}
+
+fn perplexity_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &PerplexityArgs) -> Result<()> {
+    let tok = ctx.tokenizer.context("the model has no tokenizer.json")?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let mut ids = tok.encode(&text, true)?;
+    if a.max_tokens > 0 {
+        ids.truncate(a.max_tokens);
+    }
+    let window = if a.window == 0 {
+        gen.context()
+    } else {
+        a.window
+    };
+    let stride = if a.stride == 0 { window } else { a.stride };
+    let pb = spinner(&format!("scoring {} tokens", ids.len()));
+    let t0 = Instant::now();
+    let r = gen.perplexity(&ids, window, stride)?;
+    let secs = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let backend = gen.backend().describe();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ppl": r.ppl(), "mean_nll": r.mean_nll(), "nll": r.nll, "tokens": r.tokens,
+                "scored": r.scored, "window": r.window, "stride": r.stride,
+                "seconds": secs, "backend": backend,
+            })
+        );
+    } else {
+        println!("perplexity     {:.4}", r.ppl());
+        println!(
+            "nll            {:.5} nats/token ({:.2} in all)",
+            r.mean_nll(),
+            r.nll
+        );
+        println!(
+            "tokens         {} ({} scored; window {}, stride {})",
+            r.tokens, r.scored, r.window, r.stride
+        );
+        println!("time           {secs:.2} s ({backend})");
+    }
+    Ok(())
+}
+
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -719,9 +898,12 @@ fn main() -> Result<()> {
         Cmd::Generate(a) => generate(a),
         Cmd::Chat(a) => chat(a),
         Cmd::Logits(a) => logits(a),
+        Cmd::Perplexity(a) => perplexity(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Synth(a) => synth(a),
         #[cfg(feature = "server")]
         Cmd::Serve(a) => serve(a),
+        #[cfg(feature = "server")]
+        Cmd::BenchServe(a) => bench_serve(a),
     }
 }

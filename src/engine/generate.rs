@@ -88,6 +88,33 @@ impl Generation {
     }
 }
 
+/// The result of [`Generator::perplexity`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Perplexity {
+    /// Tokens in the sequence.
+    pub tokens: usize,
+    /// Tokens predicted (each scored once).
+    pub scored: usize,
+    /// Sum of −ln p(token) over the scored tokens, in nats.
+    pub nll: f64,
+    /// Window length in tokens.
+    pub window: usize,
+    /// Distance between window starts.
+    pub stride: usize,
+}
+
+impl Perplexity {
+    /// Mean negative log-likelihood per scored token, in nats.
+    pub fn mean_nll(&self) -> f64 {
+        self.nll / self.scored.max(1) as f64
+    }
+
+    /// exp(mean_nll).
+    pub fn ppl(&self) -> f64 {
+        self.mean_nll().exp()
+    }
+}
+
 /// `gpu:<name>` for a kernel name (a small fixed set, interned once each).
 fn gpu_name(name: &'static str) -> &'static str {
     use std::collections::HashMap;
@@ -206,6 +233,59 @@ impl<B: Backend> Generator<B> {
             res.extend_from_slice(&self.logits);
         }
         Ok(res)
+    }
+
+    /// Scores `ids` in windows of `window` tokens starting every `stride` tokens, each run from
+    /// position 0 (Hugging Face's sliding-window perplexity recipe): in the window `[b, e)`,
+    /// token `p` is predicted from `ids[b..p]` and scored if `p > b` and `p` lies past the
+    /// previous window's end, so every token but the first is scored once when `stride < window`,
+    /// and every token but each window's first when `stride == window`.
+    pub fn perplexity(&mut self, ids: &[u32], window: usize, stride: usize) -> Result<Perplexity> {
+        if window < 2 || window > self.context() {
+            return Err(Error::Request(format!(
+                "the window must be 2..={} tokens (the context), not {window}",
+                self.context()
+            )));
+        }
+        if stride == 0 || stride > window {
+            return Err(Error::Request(format!(
+                "the stride must be 1..={window} (the window), not {stride}"
+            )));
+        }
+        if ids.len() < 2 {
+            return Err(Error::Request("perplexity needs at least 2 tokens".into()));
+        }
+        let vocab = self.backend.config().vocab_size;
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Request(format!(
+                "token id {t} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let n = ids.len();
+        let (mut nll, mut scored, mut prev_end, mut b) = (0f64, 0usize, 0usize, 0usize);
+        while prev_end < n {
+            let e = (b + window).min(n);
+            let first = (b + 1).max(prev_end);
+            if first < e {
+                let logits = self.logits(&ids[b..e], true)?;
+                for p in first..e {
+                    let row = &logits[(p - b - 1) * vocab..(p - b) * vocab];
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+                    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+                    nll += max + sum.ln() - row[ids[p] as usize] as f64;
+                }
+                scored += e - first;
+            }
+            prev_end = e;
+            b += stride;
+        }
+        Ok(Perplexity {
+            tokens: n,
+            scored,
+            nll,
+            window,
+            stride,
+        })
     }
 
     /// Generates from `prompt`; `on_token(id, new_text)` sees each token as it is produced and

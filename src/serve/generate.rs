@@ -61,7 +61,7 @@ pub enum Piece {
 pub struct Run {
     rx: Option<UnboundedReceiver<Event>>,
     state: Arc<AppState>,
-    tokenizer: Arc<Tokenizer>,
+    tokenizer: Option<Arc<Tokenizer>>,
     ids: Vec<u32>,
     emitted: usize,
     stops: Vec<String>,
@@ -142,10 +142,10 @@ impl Run {
 
     /// Text after `emitted` of the decoded ids, stop strings applied; (piece, stopped).
     fn text(&mut self, at_end: bool) -> Result<(String, bool), String> {
-        let mut full = self
-            .tokenizer
-            .decode(&self.ids, true)
-            .map_err(|e| e.to_string())?;
+        let Some(tok) = &self.tokenizer else {
+            return Ok((String::new(), false));
+        };
+        let mut full = tok.decode(&self.ids, true).map_err(|e| e.to_string())?;
         let mut stopped = false;
         if let Some(cut) = self
             .stops
@@ -197,7 +197,8 @@ impl Run {
                         Ok(x) => x,
                         Err(e) => return Some(Err(e)),
                     };
-                    if !piece.is_empty() {
+                    // Without a tokenizer every token still makes a (textless) chunk.
+                    if !piece.is_empty() || self.tokenizer.is_none() {
                         self.pending.push_back(Piece::Text(piece));
                     }
                     if stopped {

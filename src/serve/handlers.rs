@@ -148,6 +148,15 @@ fn plan(state: &AppState, model: Arc<LoadedModel>, prompt: Vec<u32>, c: Common) 
     })
 }
 
+fn tokenizer(model: &LoadedModel) -> AppResult<&crate::tokenizer::Tokenizer> {
+    model.tokenizer.as_deref().ok_or_else(|| {
+        ApiError::invalid(
+            Some("prompt"),
+            "this model has no tokenizer.json: send the prompt as token ids",
+        )
+    })
+}
+
 fn completion_prompt(model: &LoadedModel, p: Prompt) -> AppResult<Vec<u32>> {
     match p {
         Prompt::Tokens(ids) => Ok(ids),
@@ -160,8 +169,7 @@ fn completion_prompt(model: &LoadedModel, p: Prompt) -> AppResult<Vec<u32>> {
                 ));
             }
             let text = v.pop().unwrap_or_default();
-            model
-                .tokenizer
+            tokenizer(model)?
                 .encode(&text, true)
                 .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))
         }
@@ -193,8 +201,7 @@ fn chat_prompt(model: &LoadedModel, req: &ChatRequest) -> AppResult<Vec<u32>> {
         };
         msgs.push(ChatMessage::new(role, &m.content.text()?));
     }
-    model
-        .tokenizer
+    tokenizer(model)?
         .encode_chat(&msgs)
         .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))
 }

@@ -5,6 +5,7 @@
 //! SIGTERM/SIGINT: stop accepting, finish in-flight requests up to a timeout, exit 0.
 
 pub mod api;
+pub mod bench;
 mod generate;
 mod handlers;
 pub mod metrics;
@@ -60,7 +61,7 @@ pub struct ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
-            model: PathBuf::from("models/tiny"),
+            model: PathBuf::from("models/kjv-fortunes"),
             host: "127.0.0.1".into(),
             port: 8080,
             api_key: None,
@@ -82,8 +83,8 @@ pub struct LoadedModel {
     pub id: String,
     /// Its scheduler.
     pub sched: Scheduler,
-    /// Its tokenizer.
-    pub tokenizer: Arc<Tokenizer>,
+    /// Its tokenizer (None: token-id prompts only, and streamed chunks carry no text).
+    pub tokenizer: Option<Arc<Tokenizer>>,
     /// Token ids that end generation.
     pub eos: Vec<u32>,
     /// Positions per sequence.
@@ -131,12 +132,7 @@ fn now_s() -> u64 {
 pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
     let weights = safetensors::load(dir)?;
     let cfg = weights.config.clone();
-    let tokenizer = Tokenizer::from_dir(dir)?.ok_or_else(|| {
-        Error::Request(format!(
-            "{}: the server needs tokenizer.json beside the model",
-            dir.display()
-        ))
-    })?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
     let gen_cfg = GenerationConfig::from_dir(dir, &cfg)?;
     let backend = CpuBackend::load(
         &weights,
@@ -160,7 +156,7 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
     Ok(LoadedModel {
         id,
         sched,
-        tokenizer: Arc::new(tokenizer),
+        tokenizer: tokenizer.map(Arc::new),
         eos: gen_cfg.eos_token_ids,
         context,
         created: now_s(),
