@@ -3,7 +3,7 @@
 import { BitNet, listCachedModels, deleteCachedModel } from '../npm/src/index.js';
 
 /** The repository's default model, relative to this page. One place to change it. */
-export const DEFAULT_MODEL_URL = new URL('../models/tiny/', import.meta.url).href;
+export const DEFAULT_MODEL_URL = new URL('../models/kjv-fortunes/', import.meta.url).href;
 
 const $ = (id) => document.getElementById(id);
 const ui = {

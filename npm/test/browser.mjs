@@ -167,6 +167,33 @@ try {
     check(r.cached.some((u) => u.endsWith('/tests/fixtures/tiny/')), `cache lists the loaded model (${r.cached})`);
     check(r.deleted && !r.after.some((u) => u.endsWith('/tests/fixtures/tiny/')), 'deleteCachedModel removes it');
   }
+  // The page's default model (DEFAULT_MODEL_URL in web/app.js) on both backends: it loads,
+  // chats, and its speed is recorded.
+  for (const backend of adapter ? ['webgpu', 'cpu'] : ['cpu']) {
+    await page.goto(`${url}/web/?backend=${backend}&autoload=1`);
+    await page.waitForFunction(() => ['ready', 'error'].includes(document.documentElement.dataset.state), null, { timeout: 180_000 });
+    const state = await page.evaluate(() => document.documentElement.dataset.state);
+    check(state === 'ready', `default model on ${backend}: loads (${(await page.textContent('#status')).trim()})`);
+    if (state !== 'ready') continue;
+    const speed = await page.evaluate(async (n) => {
+      const m = window.bitnetDemo.model;
+      const r = await m.generateText('In the beginning', { maxTokens: n, ignoreEos: true });
+      return { backend: m.backend, tokensPerSecond: r.timings.tokensPerSecond, text: r.text };
+    }, backend === 'cpu' ? 128 : 8);
+    check(speed.backend === backend && speed.text.length > 0, `default model on ${backend}: generates (${JSON.stringify(speed.text.slice(0, 40))})`);
+    console.log(`default model, ${backend}: ${speed.tokensPerSecond.toFixed(1)} tok/s`);
+    results.backends[`default-${backend}`] = speed;
+    // SwiftShader runs this model at well under 1 tok/s: keep the WebGPU reply short.
+    await page.evaluate((n) => { document.getElementById('max-tokens').value = String(n); }, backend === 'cpu' ? 64 : 6);
+    await page.fill('#prompt', 'Tell me a fortune.');
+    await page.click('#send-btn');
+    await page.waitForFunction(() => document.querySelector('.msg.assistant .meta'), null, { timeout: 120_000 });
+    await page.waitForFunction(() => document.documentElement.dataset.state === 'ready', null, { timeout: 120_000 });
+    const shot = join(outDir, `demo-default-${backend}.png`);
+    await page.screenshot({ path: shot, fullPage: true });
+    console.log(`screenshot: ${shot}`);
+  }
+
   // Local files: the demo's file picker with the fixture's files, on the CPU backend.
   {
     await page.goto(`${url}/web/`);

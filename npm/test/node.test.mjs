@@ -194,3 +194,28 @@ test('a Rust panic surfaces as an Error carrying its message', async () => {
   const wasm = await initWasm();
   await assert.rejects(guard(() => wasm.__panicForTests()), /panicked.*test panic/);
 });
+
+test('default model (models/kjv-fortunes): tokenizer and greedy tokens match transformers', async () => {
+  const dir = fileURLToPath(new URL('../../models/kjv-fortunes/', import.meta.url));
+  const kref = JSON.parse(readFileSync(
+    fileURLToPath(new URL('../../tests/fixtures/kjv-fortunes/reference.json', import.meta.url)), 'utf8'));
+  const m = await BitNet.load(dir);
+  try {
+    assert.equal(m.info.kernels, 'simd128');
+    let decisive = 0;
+    for (const g of kref.greedy) {
+      assert.deepEqual(m.encode(g.prompt), g.input_ids, g.prompt);
+      // Equal up to the reference's first non-decisive step (top1 − top2 margin < 0.25), as
+      // the Rust test tests/kjv_fortunes.rs does.
+      const n = g.tokens.length;
+      let prefix = g.margins_top1_top2.findIndex((x) => x < 0.25);
+      if (prefix < 0) prefix = n;
+      decisive += prefix;
+      const out = await m.generateText(g.input_ids, { maxTokens: n, ignoreEos: true });
+      assert.deepEqual(out.tokens.slice(0, prefix), g.tokens.slice(0, prefix), g.prompt);
+    }
+    assert.ok(decisive >= 20, `only ${decisive} decisive steps`);
+  } finally {
+    m.dispose();
+  }
+});
