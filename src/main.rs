@@ -225,6 +225,9 @@ struct ServeArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Head storage: native (exact) or int8 (per-row scales; faster for large batches).
+    #[arg(long, default_value = "native")]
+    head: String,
     /// Most sequences decoding together.
     #[arg(long, default_value_t = 64)]
     max_batch: usize,
@@ -269,6 +272,9 @@ struct BenchServeArgs {
     /// Worker threads of the server started here (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Head storage of the server started here: native or int8.
+    #[arg(long, default_value = "native")]
+    head: String,
     /// Concurrency levels.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     clients: Vec<usize>,
@@ -297,8 +303,8 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
             let most = a.clients.iter().copied().max().unwrap_or(1);
             let mut c = std::process::Command::new(std::env::current_exe()?)
                 .args(["serve", "--port", "0", "--max-batch", &most.to_string()])
-                .args(["--max-queue", &(most * 2).to_string(), "--threads"])
-                .arg(a.threads.to_string())
+                .args(["--max-queue", &(most * 2).to_string(), "--head", &a.head])
+                .args(["--threads", &a.threads.to_string()])
                 .arg("--model")
                 .arg(&a.model)
                 .stdout(std::process::Stdio::piped())
@@ -382,6 +388,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         api_key: a.api_key.filter(|k| !k.is_empty()),
         cors_origins: a.cors_origins,
         threads: a.threads,
+        head: bitnet_inference::cpu::head::HeadMode::parse(&a.head)?,
         scheduler: SchedulerConfig {
             max_batch: a.max_batch,
             max_queue: a.max_queue,
