@@ -616,6 +616,23 @@ impl GpuBackend {
         self.rec.submit(q);
     }
 
+    /// Records the final norm and the head of the step's last position (logits row 0).
+    pub(super) fn record_head_last(&mut self) {
+        let t = self.t();
+        kernels::norm(
+            &mut self.rec,
+            &self.pipes,
+            NormKind::F32,
+            &self.final_norm_bg,
+            t,
+        );
+        self.step[5] = (t - 1) as u32;
+        self.step[6] = 1;
+        for (s, bg) in &self.head_shards {
+            kernels::head(&mut self.rec, &self.pipes, bg, s.rows, 1);
+        }
+    }
+
     /// After a decode step's `layer`: submits what is recorded so far every few layers, so the
     /// GPU starts on the first layers while the host encodes the rest (wgpu's per-dispatch
     /// encoding at submit costs about as much as the GPU work of a decode step).
@@ -957,37 +974,33 @@ impl Backend for GpuBackend {
     }
 
     fn fused_layer(&mut self, cache: &mut GpuCache, layer: usize, pos: usize) -> bool {
-        if self.t() != 1 || cache.qkv_bgs.len() <= layer {
+        if self.t() != 1 || cache.qkv_bgs.len() <= layer || self.layers[layer].fused.is_none() {
             return false;
         }
-        let Some(f) = &self.layers[layer].fused else {
-            return false;
-        };
-        let (o, gate_up, down) = (f.o.clone(), f.gate_up.clone(), f.down.clone());
-        let l = &self.layers[layer];
-        let rows = [l.qkv.rows, l.o.rows, l.gate_up.rows, l.down.rows];
         self.step[1] = pos as u32;
         self.step[4] = cache.capacity as u32;
-        let p = &self.pipes;
+        let rows = self.layers[layer].qkv.rows;
         let qkv = &cache.qkv_bgs[layer];
-        kernels::gemv_fused(&mut self.rec, "fused_qkv", &p.gemv_norm_rope, qkv, rows[0]);
+        kernels::gemv_fused(
+            &mut self.rec,
+            "fused_qkv",
+            &self.pipes.gemv_norm_rope,
+            qkv,
+            rows,
+        );
         self.attention(cache, layer, pos);
-        let p = &self.pipes;
-        kernels::gemv_fused(&mut self.rec, "fused_o", &p.gemv_norm_acc, &o, rows[1]);
-        kernels::gemv_fused(
-            &mut self.rec,
-            "fused_gate_up",
-            &p.gemv_norm,
-            &gate_up,
-            rows[2],
-        );
-        kernels::gemv_fused(
-            &mut self.rec,
-            "fused_down",
-            &p.gemv_relu2_acc,
-            &down,
-            rows[3],
-        );
+        let (l, p, rec) = (&self.layers[layer], &self.pipes, &mut self.rec);
+        if let Some(f) = &l.fused {
+            kernels::gemv_fused(rec, "fused_o", &p.gemv_norm_acc, &f.o, l.o.rows);
+            kernels::gemv_fused(
+                rec,
+                "fused_gate_up",
+                &p.gemv_norm,
+                &f.gate_up,
+                l.gate_up.rows,
+            );
+            kernels::gemv_fused(rec, "fused_down", &p.gemv_relu2_acc, &f.down, l.down.rows);
+        }
         self.end_layer(layer);
         true
     }
@@ -1047,19 +1060,7 @@ impl Backend for GpuBackend {
     }
 
     fn argmax_last(&mut self, _scratch: &mut Vec<f32>) -> Result<u32> {
-        let t = self.t();
-        kernels::norm(
-            &mut self.rec,
-            &self.pipes,
-            NormKind::F32,
-            &self.final_norm_bg,
-            t,
-        );
-        self.step[5] = (t - 1) as u32;
-        self.step[6] = 1;
-        for (s, bg) in &self.head_shards {
-            kernels::head(&mut self.rec, &self.pipes, bg, s.rows, 1);
-        }
+        self.record_head_last();
         kernels::argmax(
             &mut self.rec,
             &self.pipes,

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use wasm_bindgen::JsValue;
 
 use super::context::{AdapterDesc, GpuContext};
-use super::kernels::{self, NormKind};
+use super::kernels;
 use super::GpuBackend;
 use crate::engine::model::Backend;
 use crate::error::{Error, Result};
@@ -148,19 +148,7 @@ impl GpuBackend {
     /// [`Backend::argmax_last`] for the web: records the final norm, head and argmax of the
     /// step's last position, submits, and awaits the 4-byte result.
     pub async fn argmax_last_async(&mut self) -> Result<u32> {
-        let t = self.t();
-        kernels::norm(
-            &mut self.rec,
-            &self.pipes,
-            NormKind::F32,
-            &self.final_norm_bg,
-            t,
-        );
-        self.step[5] = (t - 1) as u32;
-        self.step[6] = 1;
-        for (s, bg) in &self.head_shards {
-            kernels::head(&mut self.rec, &self.pipes, bg, s.rows, 1);
-        }
+        self.record_head_last();
         kernels::argmax(
             &mut self.rec,
             &self.pipes,
@@ -179,20 +167,8 @@ impl GpuBackend {
 
     /// [`Backend::logits`] of the step's last position for the web (into `out`, cleared).
     pub async fn logits_last_async(&mut self, out: &mut Vec<f32>) -> Result<()> {
-        let t = self.t();
+        self.record_head_last();
         let vocab = self.config().vocab_size;
-        kernels::norm(
-            &mut self.rec,
-            &self.pipes,
-            NormKind::F32,
-            &self.final_norm_bg,
-            t,
-        );
-        self.step[5] = (t - 1) as u32;
-        self.step[6] = 1;
-        for (s, bg) in &self.head_shards {
-            kernels::head(&mut self.rec, &self.pipes, bg, s.rows, 1);
-        }
         let bytes = (vocab * 4) as u64;
         let (logits, readback) = (self.bufs.logits.clone(), self.bufs.readback.clone());
         self.rec
