@@ -55,6 +55,17 @@ enum BackendKind {
     Gpu,
 }
 
+impl BackendKind {
+    /// The command-line spelling.
+    fn name(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Cpu => "cpu",
+            BackendKind::Gpu => "gpu",
+        }
+    }
+}
+
 #[derive(Args)]
 struct ModelArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json).
@@ -222,6 +233,9 @@ struct ServeArgs {
     /// Allowed CORS origin (repeat; `*` for any).
     #[arg(long = "cors-origin")]
     cors_origins: Vec<String>,
+    /// Backend: auto takes a real GPU when wgpu finds one, else the CPU.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendKind,
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -269,6 +283,9 @@ struct BenchServeArgs {
     /// Model directory for the server started here.
     #[arg(long, default_value = "models/kjv-fortunes")]
     model: PathBuf,
+    /// Backend of the server started here.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendKind,
     /// Worker threads of the server started here (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -305,6 +322,7 @@ fn bench_serve(a: BenchServeArgs) -> Result<()> {
                 .args(["serve", "--port", "0", "--max-batch", &most.to_string()])
                 .args(["--max-queue", &(most * 2).to_string(), "--head", &a.head])
                 .args(["--threads", &a.threads.to_string()])
+                .args(["--backend", a.backend.name()])
                 .arg("--model")
                 .arg(&a.model)
                 .stdout(std::process::Stdio::piped())
@@ -387,6 +405,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         port: a.port,
         api_key: a.api_key.filter(|k| !k.is_empty()),
         cors_origins: a.cors_origins,
+        gpu: choose_gpu(a.backend)?,
         threads: a.threads,
         head: bitnet_inference::cpu::head::HeadMode::parse(&a.head)?,
         scheduler: SchedulerConfig {

@@ -172,6 +172,11 @@ fn agent() -> ureq::Agent {
 
 /// What `bitnet generate` prints for a greedy run, as JSON.
 fn cli_generate(model: &Path, prompt: &str, max_tokens: usize) -> Value {
+    cli_generate_on(model, prompt, max_tokens, "cpu")
+}
+
+/// [`cli_generate`] on `backend`.
+fn cli_generate_on(model: &Path, prompt: &str, max_tokens: usize, backend: &str) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
         .args([
             "generate",
@@ -181,6 +186,7 @@ fn cli_generate(model: &Path, prompt: &str, max_tokens: usize) -> Value {
             "--prompt",
             prompt,
         ])
+        .args(["--backend", backend])
         .args(["--max-tokens", &max_tokens.to_string(), "--model"])
         .arg(model)
         .output()
@@ -214,6 +220,43 @@ fn greedy_completion_equals_cli_generate_plain_and_streamed() {
     assert_eq!(code, 200);
     let doc: Value = serde_json::from_str(&doc).unwrap();
     assert!(doc["paths"]["/v1/chat/completions"].is_object());
+}
+
+#[test]
+fn gpu_backend_serves_concurrent_clients_like_cli_generate() {
+    let model = common::fixture();
+    let s = Server::start(&model, &["--backend", "gpu"]);
+    let prompts = [
+        "Hello world",
+        "The cat",
+        "One two three four",
+        "a",
+        "Once upon a time",
+    ];
+    let want: Vec<Value> = prompts
+        .iter()
+        .map(|p| cli_generate_on(&model, p, 16, "gpu"))
+        .collect();
+    let got: Vec<(String, String, bool)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let s = &s;
+                sc.spawn(move || {
+                    s.stream(
+                        "/v1/completions",
+                        json!({ "prompt": p, "max_tokens": 16, "temperature": 0, "stream": true }),
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (text, finish, done)) in got.iter().enumerate() {
+        assert!(done, "client {i} got no [DONE]");
+        assert_eq!(text, want[i]["text"].as_str().unwrap(), "client {i}");
+        assert_eq!(finish, want[i]["finish_reason"].as_str().unwrap());
+    }
 }
 
 #[test]

@@ -293,6 +293,28 @@ pub fn attention(
     enc.dispatch("combine", &p.combine, bg, [heads as u32, t as u32, 1]);
 }
 
+/// RoPE of `heads` (q + kv) heads of `t` rows of different sequences, and their KV write into
+/// the paged pool.
+pub fn paged_rope(enc: &mut Recorder, p: &Pipelines, bg: &wgpu::BindGroup, heads: usize, t: usize) {
+    enc.dispatch("paged_rope", &p.paged_rope, bg, [heads as u32, t as u32, 1]);
+}
+
+/// Attention of `t` rows of different sequences over the paged pool.
+pub fn paged_attention(
+    enc: &mut Recorder,
+    p: &Pipelines,
+    bg: &wgpu::BindGroup,
+    heads: usize,
+    t: usize,
+) {
+    enc.dispatch(
+        "paged_attend",
+        &p.paged_attend,
+        bg,
+        [heads as u32, t as u32, 1],
+    );
+}
+
 /// Whether the query-tiled prefill attention handles this head shape.
 pub fn tiled_attention_fits(head_dim: usize, group: usize) -> bool {
     head_dim.is_multiple_of(4) && head_dim <= 128 && (1..=16).contains(&group)

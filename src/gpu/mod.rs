@@ -6,6 +6,7 @@
 //! a decode step is one command buffer and one submit, with the per-step values (token count,
 //! position, attention split) in one small uniform written with `queue.write_buffer`.
 
+pub mod batch;
 pub mod buffers;
 pub mod context;
 pub mod kernels;
@@ -190,6 +191,8 @@ pub struct GpuBackend {
     step: [u32; 8],
     /// Host-side timing of decode steps (`BITNET_GPU_TIMING=1`).
     timing: Option<HostTiming>,
+    /// A batched step's invalid row slots, reported by its `logits_rows`.
+    batch_error: Option<Error>,
 }
 
 /// Where a step's wall time goes on the host: recording, submitting, waiting for the GPU.
@@ -558,6 +561,7 @@ impl GpuBackend {
             tokens: Vec::new(),
             step: [0; 8],
             timing: std::env::var_os("BITNET_GPU_TIMING").map(|_| HostTiming::default()),
+            batch_error: None,
             ctx,
         })
     }
@@ -616,8 +620,8 @@ impl GpuBackend {
         self.rec.submit(q);
     }
 
-    /// Records the final norm and the head of the step's last position (logits row 0).
-    pub(super) fn record_head_last(&mut self) {
+    /// Records the final norm of every row of the step.
+    fn record_final_norm(&mut self) {
         let t = self.t();
         kernels::norm(
             &mut self.rec,
@@ -626,6 +630,42 @@ impl GpuBackend {
             &self.final_norm_bg,
             t,
         );
+    }
+
+    /// Runs the head over the final-normed rows `range` (recorded with the step so far),
+    /// in batches of the logits buffer's rows, and appends their logits to `out`.
+    fn read_head_rows(&mut self, range: std::ops::Range<usize>, out: &mut Vec<f32>) -> Result<()> {
+        let vocab = self.cfg.vocab_size;
+        if range.is_empty() {
+            self.flush();
+            return Ok(());
+        }
+        out.reserve(range.len() * vocab);
+        let mut r0 = range.start;
+        while r0 < range.end {
+            let n = self.logit_rows.min(range.end - r0);
+            self.step[5] = r0 as u32;
+            self.step[6] = n as u32;
+            let bytes = (n * vocab * 4) as u64;
+            for (s, bg) in &self.head_shards {
+                kernels::head(&mut self.rec, &self.pipes, bg, s.rows, n);
+            }
+            let (logits, readback) = (self.bufs.logits.clone(), self.bufs.readback.clone());
+            self.rec
+                .encoder()
+                .copy_buffer_to_buffer(&logits, 0, &readback, 0, bytes);
+            self.flush();
+            let data = self.wait_map(&readback, bytes)?;
+            out.extend_from_slice(bytemuck::cast_slice(&data));
+            r0 += n;
+        }
+        Ok(())
+    }
+
+    /// Records the final norm and the head of the step's last position (logits row 0).
+    pub(super) fn record_head_last(&mut self) {
+        let t = self.t();
+        self.record_final_norm();
         self.step[5] = (t - 1) as u32;
         self.step[6] = 1;
         for (s, bg) in &self.head_shards {
@@ -1015,7 +1055,6 @@ impl Backend for GpuBackend {
 
     fn logits(&mut self, rows: LogitRows, out: &mut Vec<f32>) -> Result<()> {
         let t = self.t();
-        let vocab = self.cfg.vocab_size;
         let range = match rows {
             LogitRows::None => {
                 self.flush();
@@ -1024,39 +1063,9 @@ impl Backend for GpuBackend {
             LogitRows::Last => t - 1..t,
             LogitRows::All => 0..t,
         };
-        kernels::norm(
-            &mut self.rec,
-            &self.pipes,
-            NormKind::F32,
-            &self.final_norm_bg,
-            t,
-        );
+        self.record_final_norm();
         out.clear();
-        out.reserve(range.len() * vocab);
-        let shards: Vec<_> = self
-            .head_shards
-            .iter()
-            .map(|(s, bg)| (s.rows, bg.clone()))
-            .collect();
-        let mut r0 = range.start;
-        while r0 < range.end {
-            let n = self.logit_rows.min(range.end - r0);
-            self.step[5] = r0 as u32;
-            self.step[6] = n as u32;
-            let bytes = (n * vocab * 4) as u64;
-            let (logits, readback) = (self.bufs.logits.clone(), self.bufs.readback.clone());
-            for (rows, bg) in &shards {
-                kernels::head(&mut self.rec, &self.pipes, bg, *rows, n);
-            }
-            self.rec
-                .encoder()
-                .copy_buffer_to_buffer(&logits, 0, &readback, 0, bytes);
-            self.flush();
-            let data = self.wait_map(&readback, bytes)?;
-            out.extend_from_slice(bytemuck::cast_slice(&data));
-            r0 += n;
-        }
-        Ok(())
+        self.read_head_rows(range, out)
     }
 
     fn argmax_last(&mut self, _scratch: &mut Vec<f32>) -> Result<u32> {

@@ -15,6 +15,8 @@ const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
 const HEAD: &str = include_str!("../../shaders/head.wgsl");
 const GEMV_FUSED: &str = include_str!("../../shaders/gemv_fused.wgsl");
 const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
+const PAGED_ROPE: &str = include_str!("../../shaders/paged_rope.wgsl");
+const PAGED_ATTENTION: &str = include_str!("../../shaders/paged_attention.wgsl");
 
 /// How a binding is used by a kernel.
 #[derive(Clone, Copy)]
@@ -103,6 +105,15 @@ pub struct Pipelines {
     pub argmax_partial: wgpu::ComputePipeline,
     /// Argmax merge.
     pub argmax_final: wgpu::ComputePipeline,
+    /// Paged RoPE + KV write layout: step, params, qkv, k pool, v pool, cos/sin table, row
+    /// slots, block tables.
+    pub paged_rope_layout: wgpu::BindGroupLayout,
+    /// Paged attention layout: step, params, qkv, k pool, v pool, row slots, block tables, out.
+    pub paged_attn_layout: wgpu::BindGroupLayout,
+    /// RoPE + KV write of rows of different sequences into the paged pool.
+    pub paged_rope: wgpu::ComputePipeline,
+    /// Attention of rows of different sequences over the paged pool.
+    pub paged_attend: wgpu::ComputePipeline,
 }
 
 fn layout(device: &wgpu::Device, label: &str, uses: &[Use]) -> wgpu::BindGroupLayout {
@@ -210,6 +221,16 @@ impl Pipelines {
         );
         let head_layout = layout(device, "head", &[Uniform, Uniform, Read, Read, Write]);
         let argmax_layout = layout(device, "argmax", &[Uniform, Read, Write, Write]);
+        let paged_rope_layout = layout(
+            device,
+            "paged_rope",
+            &[Uniform, Uniform, Write, Write, Write, Read, Read, Read],
+        );
+        let paged_attn_layout = layout(
+            device,
+            "paged_attention",
+            &[Uniform, Uniform, Read, Read, Read, Read, Read, Write],
+        );
 
         let f32w = if f32_head { 1.0 } else { 0.0 };
         let tprf = tpr as f64;
@@ -221,6 +242,8 @@ impl Pipelines {
         let m_rope = module(device, "rope", &[COMMON, ROPE]);
         let m_attn = module(device, "attention", &[COMMON, ATTENTION]);
         let m_head = module(device, "head", &[COMMON, reduce, HEAD]);
+        let m_paged_rope = module(device, "paged_rope", &[COMMON, PAGED_ROPE]);
+        let m_paged_attn = module(device, "paged_attention", &[COMMON, PAGED_ATTENTION]);
         Pipelines {
             tpr,
             subgroups,
@@ -363,6 +386,24 @@ impl Pipelines {
                 "final_",
                 &[],
             ),
+            paged_rope: pipeline(
+                device,
+                "paged_rope",
+                &paged_rope_layout,
+                &m_paged_rope,
+                "main",
+                &[],
+            ),
+            paged_attend: pipeline(
+                device,
+                "paged_attend",
+                &paged_attn_layout,
+                &m_paged_attn,
+                "main",
+                &[],
+            ),
+            paged_rope_layout,
+            paged_attn_layout,
             argmax_layout,
             fused_layout,
             fused_rope_layout,

@@ -43,6 +43,8 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Allowed CORS origins (`*` for any); none disables CORS headers.
     pub cors_origins: Vec<String>,
+    /// Run the model on the GPU backend (else the CPU backend).
+    pub gpu: bool,
     /// CPU worker threads (0 = one per core).
     pub threads: usize,
     /// Head storage (int8 halves the head's reads and speeds up large batches).
@@ -69,6 +71,7 @@ impl Default for ServeOptions {
             port: 8080,
             api_key: None,
             cors_origins: Vec::new(),
+            gpu: false,
             threads: 0,
             head: HeadMode::default(),
             scheduler: SchedulerConfig::default(),
@@ -132,27 +135,29 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Loads `dir` on the CPU backend and starts its scheduler.
+/// Loads `dir` on the configured backend and starts its scheduler.
 pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
     let weights = safetensors::load(dir)?;
     let cfg = weights.config.clone();
     let tokenizer = Tokenizer::from_dir(dir)?;
     let gen_cfg = GenerationConfig::from_dir(dir, &cfg)?;
-    let backend = CpuBackend::load(
-        &weights,
-        &CpuOptions {
-            threads: opts.threads,
-            head: opts.head,
-            ..Default::default()
-        },
-    )?;
-    drop(weights);
     let mut sc = opts.scheduler.clone();
     sc.max_context = cfg.max_position_embeddings;
-    let block = backend.block_bytes(sc.block_size).max(1);
-    sc.kv_blocks = ((opts.kv_cache_mb << 20) / block).max(1);
     let context = sc.max_context;
-    let sched = Scheduler::spawn(backend, sc)?;
+    let sched = if opts.gpu {
+        start_gpu(&weights, opts, sc)?
+    } else {
+        let backend = CpuBackend::load(
+            &weights,
+            &CpuOptions {
+                threads: opts.threads,
+                head: opts.head,
+                ..Default::default()
+            },
+        )?;
+        drop(weights);
+        start(backend, opts, sc, usize::MAX)?
+    };
     let id = dir
         .canonicalize()
         .unwrap_or_else(|_| dir.to_path_buf())
@@ -166,6 +171,54 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
         context,
         created: now_s(),
     })
+}
+
+/// Sizes the KV pool from `--kv-cache-mb` (at most `max_blocks`) and starts the scheduler
+/// thread on `backend`.
+fn start<B: BatchBackend + Send + 'static>(
+    backend: B,
+    opts: &ServeOptions,
+    mut sc: SchedulerConfig,
+    max_blocks: usize,
+) -> Result<Scheduler> {
+    let block = backend.block_bytes(sc.block_size).max(1);
+    let want = ((opts.kv_cache_mb << 20) / block).max(1);
+    sc.kv_blocks = want.min(max_blocks).max(1);
+    if sc.kv_blocks < want {
+        tracing::warn!(
+            blocks = sc.kv_blocks,
+            requested = want,
+            "KV cache limited by the device's largest binding"
+        );
+    }
+    Scheduler::spawn(backend, sc)
+}
+
+#[cfg(feature = "gpu")]
+fn start_gpu(
+    weights: &crate::format::Weights,
+    opts: &ServeOptions,
+    sc: SchedulerConfig,
+) -> Result<Scheduler> {
+    let gopts = crate::gpu::GpuOptions {
+        max_step: sc.step_tokens,
+        ..Default::default()
+    };
+    let backend = crate::gpu::GpuBackend::load(weights, &gopts)?;
+    tracing::info!(adapter = %backend.adapter(), "serving on the GPU backend");
+    let max_blocks = backend.max_pool_blocks(sc.block_size);
+    start(backend, opts, sc, max_blocks)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn start_gpu(
+    _weights: &crate::format::Weights,
+    _opts: &ServeOptions,
+    _sc: SchedulerConfig,
+) -> Result<Scheduler> {
+    Err(Error::Backend(
+        "this build has no GPU backend (built without the `gpu` feature)".into(),
+    ))
 }
 
 /// The router over `state`.
