@@ -6,6 +6,7 @@
 //! a decode step is one command buffer and one submit, with the per-step values (token count,
 //! position, attention split) in one small uniform written with `queue.write_buffer`.
 
+#[cfg(not(target_arch = "wasm32"))]
 pub mod batch;
 pub mod buffers;
 pub mod context;
@@ -192,6 +193,7 @@ pub struct GpuBackend {
     /// Host-side timing of decode steps (`BITNET_GPU_TIMING=1`).
     timing: Option<HostTiming>,
     /// A batched step's invalid row slots, reported by its `logits_rows`.
+    #[cfg(not(target_arch = "wasm32"))]
     batch_error: Option<Error>,
 }
 
@@ -561,6 +563,7 @@ impl GpuBackend {
             tokens: Vec::new(),
             step: [0; 8],
             timing: std::env::var_os("BITNET_GPU_TIMING").map(|_| HostTiming::default()),
+            #[cfg(not(target_arch = "wasm32"))]
             batch_error: None,
             ctx,
         })
