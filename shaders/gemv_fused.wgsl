@@ -30,8 +30,11 @@ override ACCUM: bool = false;
 const FW: u32 = 256u;   // invocations per workgroup
 const FTPR: u32 = 16u;  // invocations per row pair
 const FG: u32 = 16u;    // row pairs per workgroup
-const NW: u32 = 7u;     // input words (4 columns) per invocation: up to 7168 columns
-const XMAX: u32 = 448u; // vec4<u32> of quantized input (NW * FW / 4)
+// Input words (4 columns) per invocation and vec4<u32> of quantized input (NW * FW / 4):
+// src/gpu/pipelines.rs sets them per input width (registers hold NW vec4s twice), up to 7 words
+// = 7168 columns. `wg_reduce` (workgroup sum or max) is prepended: reduce_wg_*.wgsl.
+const NW: u32 = 7u;
+const XMAX: u32 = 448u;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> fp: FusedP;
@@ -45,7 +48,6 @@ const XMAX: u32 = 448u; // vec4<u32> of quantized input (NW * FW / 4)
 @group(0) @binding(9) var<storage, read_write> vc: array<f32>;
 
 var<workgroup> xw: array<vec4<u32>, XMAX>;
-var<workgroup> fred: array<f32, FW>;
 var<workgroup> pred: array<vec2<i32>, FW>;
 
 const FM2: u32 = 0x03030303u;
@@ -79,22 +81,6 @@ fn gv4(w: u32) -> vec4<f32> {
         return gamma[w];
     }
     return vec4<f32>(0.0);
-}
-
-// Sum (max when `is_max`) over the workgroup.
-fn wg_reduce(v: f32, li: u32, is_max: bool) -> f32 {
-    fred[li] = v;
-    workgroupBarrier();
-    for (var s = FW / 2u; s > 0u; s = s >> 1u) {
-        if li < s {
-            let o = fred[li + s];
-            fred[li] = select(fred[li] + o, max(fred[li], o), is_max);
-        }
-        workgroupBarrier();
-    }
-    let r = fred[0];
-    workgroupBarrier();
-    return r;
 }
 
 fn q8(y: f32, scale: f32) -> u32 {

@@ -1,6 +1,8 @@
 // The output head over one shard of the vocabulary: logits[r] = head[r] · hn[t] for the step
 // rows row0..row0+nrows. Weights are bf16 pairs in u32 (or f32 bits), rows padded to 8 elements.
-// Dispatch: (ceil(shard rows / (256 / TPR)), nrows); TPR invocations per row.
+// Dispatch: (nrows, ceil(shard rows / (256 / TPR))); TPR invocations per row. The step rows
+// of one block of vocabulary rows are neighbouring workgroups, so a batch reads each weight
+// from memory once (the others hit L2).
 
 struct Shard {
     row0: u32,
@@ -33,9 +35,9 @@ fn hi(v: u32) -> f32 {
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let rpw = 256u / TPR;
-    let row = wg.x * rpw + li / TPR;
+    let row = wg.y * rpw + li / TPR;
     let lane = li % TPR;
-    let tl = wg.y;
+    let tl = wg.x;
     let t = step.row0 + tl;
     var acc = 0.0;
     if row < shard.rows {

@@ -351,7 +351,7 @@ pub fn head(enc: &mut Recorder, p: &Pipelines, bg: &wgpu::BindGroup, rows: usize
         "head",
         &p.head,
         bg,
-        [rows.div_ceil(rpw) as u32, nrows as u32, 1],
+        [nrows as u32, rows.div_ceil(rpw) as u32, 1],
     );
 }
 

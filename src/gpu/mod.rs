@@ -270,7 +270,8 @@ impl GpuBackend {
                 "embedding and lm_head must have the same dtype class for the GPU backend".into(),
             ));
         }
-        let pipes = Pipelines::new(device, ctx.desc.subgroup_size, f32_head);
+        let fused_widths = [cfg.hidden_size.max(cfg.q_dim()), cfg.intermediate_size];
+        let pipes = Pipelines::new(device, ctx.desc.subgroup_size, f32_head, fused_widths);
 
         let (h, q, kv, i) = (
             cfg.hidden_size,
@@ -540,6 +541,14 @@ impl GpuBackend {
                 (e, hs)
             }
         };
+        let most = ctx.limits.max_compute_workgroups_per_dimension as usize;
+        let rpw = pipes.rows_per_wg() as usize;
+        if let Some((s, _)) = head_shards.iter().find(|(s, _)| s.rows.div_ceil(rpw) > most) {
+            return Err(Error::Backend(format!(
+                "a head shard of {} vocabulary rows needs more than {most} workgroups",
+                s.rows
+            )));
+        }
 
         let mut rec = Recorder::new(&ctx.device);
         if std::env::var_os("BITNET_GPU_PROFILE").is_some() {

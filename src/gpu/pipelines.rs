@@ -14,6 +14,8 @@ const ROPE: &str = include_str!("../../shaders/rope.wgsl");
 const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
 const HEAD: &str = include_str!("../../shaders/head.wgsl");
 const GEMV_FUSED: &str = include_str!("../../shaders/gemv_fused.wgsl");
+const REDUCE_WG_SHARED: &str = include_str!("../../shaders/reduce_wg_shared.wgsl");
+const REDUCE_WG_SUBGROUP: &str = include_str!("../../shaders/reduce_wg_subgroup.wgsl");
 const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
 const PAGED_ROPE: &str = include_str!("../../shaders/paged_rope.wgsl");
 const PAGED_ATTENTION: &str = include_str!("../../shaders/paged_attention.wgsl");
@@ -177,7 +179,14 @@ fn pipeline(
 impl Pipelines {
     /// Compiles every kernel. `subgroup_size` selects subgroup reductions (one subgroup per
     /// row); `f32_head` selects f32 instead of bf16 embedding/head storage.
-    pub fn new(device: &wgpu::Device, subgroup_size: Option<u32>, f32_head: bool) -> Self {
+    /// `fused_widths` are the widest inputs of the fused decode GEMVs that normalise a
+    /// hidden-sized row (q|k|v, o, gate|up) and an intermediate-sized one (down).
+    pub fn new(
+        device: &wgpu::Device,
+        subgroup_size: Option<u32>,
+        f32_head: bool,
+        fused_widths: [usize; 2],
+    ) -> Self {
         use Use::*;
         let subgroups = subgroup_size.is_some();
         let tpr = subgroup_size.unwrap_or(32).min(ROW_WG);
@@ -237,7 +246,40 @@ impl Pipelines {
         let m_embed = module(device, "embed", &[COMMON, EMBED]);
         let m_norm = module(device, "norm", &[COMMON, NORM]);
         let m_matmul = module(device, "matmul", &[COMMON, MATMUL]);
-        let m_fused = module(device, "gemv_fused", &[COMMON, GEMV_FUSED]);
+        let wg_reduce = if subgroups {
+            REDUCE_WG_SUBGROUP
+        } else {
+            REDUCE_WG_SHARED
+        };
+        let fused_src = |width: usize| {
+            // Words (4 columns) each of the 256 invocations holds: as few registers as the
+            // width allows.
+            let nw = (super::buffers::pad64(width) / 4).div_ceil(256).clamp(1, 7);
+            GEMV_FUSED
+                .replace("const NW: u32 = 7u;", &format!("const NW: u32 = {nw}u;"))
+                .replace(
+                    "const XMAX: u32 = 448u;",
+                    &format!("const XMAX: u32 = {}u;", nw * 64),
+                )
+        };
+        let m_fused = module(
+            device,
+            "gemv_fused",
+            &[COMMON, wg_reduce, &fused_src(fused_widths[0])],
+        );
+        let m_fused_i = module(
+            device,
+            "gemv_fused_intermediate",
+            &[COMMON, wg_reduce, &fused_src(fused_widths[1])],
+        );
+        let sg = [("SG", tprf)];
+        let fc = |mode: f64, acc: f64| {
+            let mut c = vec![("MODE", mode), ("ACCUM", acc)];
+            if subgroups {
+                c.extend(sg);
+            }
+            c
+        };
         let m_argmax = module(device, "argmax", &[COMMON, ARGMAX]);
         let m_rope = module(device, "rope", &[COMMON, ROPE]);
         let m_attn = module(device, "attention", &[COMMON, ATTENTION]);
@@ -317,7 +359,7 @@ impl Pipelines {
                 &fused_layout,
                 &m_fused,
                 "gemv_norm",
-                &[("MODE", 0.0), ("ACCUM", 0.0)],
+                &fc(0.0, 0.0),
             ),
             gemv_norm_acc: pipeline(
                 device,
@@ -325,15 +367,15 @@ impl Pipelines {
                 &fused_layout,
                 &m_fused,
                 "gemv_norm",
-                &[("MODE", 0.0), ("ACCUM", 1.0)],
+                &fc(0.0, 1.0),
             ),
             gemv_relu2_acc: pipeline(
                 device,
                 "gemv_relu2_acc",
                 &fused_layout,
-                &m_fused,
+                &m_fused_i,
                 "gemv_norm",
-                &[("MODE", 1.0), ("ACCUM", 1.0)],
+                &fc(1.0, 1.0),
             ),
             gemv_norm_rope: pipeline(
                 device,
@@ -341,7 +383,7 @@ impl Pipelines {
                 &fused_rope_layout,
                 &m_fused,
                 "gemv_norm_rope",
-                &[("MODE", 0.0), ("ACCUM", 0.0)],
+                &fc(0.0, 0.0),
             ),
             rope: pipeline(device, "rope", &rope_layout, &m_rope, "main", &[]),
             attend: pipeline(device, "attend", &attn_layout, &m_attn, "attend", &[]),
