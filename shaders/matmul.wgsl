@@ -10,6 +10,9 @@
 // gemv (decode, T = 1 or a few): sum(code * x) - sum(x) per row; GROUPS groups of TPR invocations
 // per 128-invocation workgroup, each group two rows (r and r + GROUPS); the per-invocation
 // partial sums meet in workgroup memory. Dispatch: (ceil(rows / (2 * GROUPS)), T).
+// gemv4 (small batches, T up to a few dozen): as gemv for 4 tokens at once, each weight vec4
+// loaded once for the 4; tokens past T read token 0 and are not stored.
+// Dispatch: (ceil(rows / (2 * GROUPS)), ceil(T / 4)).
 // gemm (prefill): a 64-row x 64-token tile per 256-invocation workgroup, the weights expanded to
 // signed int8 words in workgroup memory, 4 rows x 4 tokens per invocation.
 // Dispatch: (ceil(rows / 64), ceil(T / 64)).
@@ -101,6 +104,78 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let row = select(ra - g + gg, rb - g + gg, second);
         if row < mp.rows {
             store(t, row, s);
+        }
+    }
+}
+
+var<workgroup> gred4: array<vec4<i32>, 256>;
+
+// Row a (b) of weight vec4 va (vb) against one token's activation vec4s.
+fn dot_ab(va: vec4<u32>, vb: vec4<u32>, xb: u32) -> vec3<i32> {
+    let x0 = xq[xb];
+    let x1 = xq[xb + 1u];
+    let x2 = xq[xb + 2u];
+    let x3 = xq[xb + 3u];
+    return vec3<i32>(
+        dotw(va.x, x0) + dotw(va.y, x1) + dotw(va.z, x2) + dotw(va.w, x3),
+        dotw(vb.x, x0) + dotw(vb.y, x1) + dotw(vb.z, x2) + dotw(vb.w, x3),
+        xsum(x0) + xsum(x1) + xsum(x2) + xsum(x3)
+    );
+}
+
+@compute @workgroup_size(128)
+fn gemv4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let groups = GV_WG / TPR;
+    let g = li / TPR;
+    let lane = li % TPR;
+    let t0 = wg.y * 4u;
+    let ra = wg.x * 2u * groups + g;
+    let rb = ra + groups;
+    let kvec = mp.kvec;
+    let wa = select(0u, ra, ra < mp.rows) * kvec;
+    let wb = select(0u, rb, rb < mp.rows) * kvec;
+    let xrow = kvec * 4u;
+    let x0b = t0 * xrow;
+    let x1b = select(0u, t0 + 1u, t0 + 1u < step.t) * xrow;
+    let x2b = select(0u, t0 + 2u, t0 + 2u < step.t) * xrow;
+    let x3b = select(0u, t0 + 3u, t0 + 3u < step.t) * xrow;
+    // Component j: token t0 + j.
+    var acc_a = vec4<i32>(0);
+    var acc_b = vec4<i32>(0);
+    for (var m = lane; m < kvec; m = m + TPR) {
+        let va = w[wa + m];
+        let vb = w[wb + m];
+        let d0 = dot_ab(va, vb, x0b + 4u * m);
+        let d1 = dot_ab(va, vb, x1b + 4u * m);
+        let d2 = dot_ab(va, vb, x2b + 4u * m);
+        let d3 = dot_ab(va, vb, x3b + 4u * m);
+        acc_a = acc_a + vec4<i32>(d0.x - d0.z, d1.x - d1.z, d2.x - d2.z, d3.x - d3.z);
+        acc_b = acc_b + vec4<i32>(d0.y - d0.z, d1.y - d1.z, d2.y - d2.z, d3.y - d3.z);
+    }
+    gred4[li] = acc_a;
+    gred4[li + 128u] = acc_b;
+    workgroupBarrier();
+    // Invocation i < 2 * groups sums the TPR partials of row (i % groups) + groups * (i / groups).
+    if li < 2u * groups {
+        let gg = li % groups;
+        let second = li >= groups;
+        let base = gg * TPR + select(0u, 128u, second);
+        var s = vec4<i32>(0);
+        for (var k = 0u; k < TPR; k = k + 1u) {
+            s = s + gred4[base + k];
+        }
+        let row = select(ra - g + gg, rb - g + gg, second);
+        if row < mp.rows {
+            store(t0, row, s.x);
+            if t0 + 1u < step.t {
+                store(t0 + 1u, row, s.y);
+            }
+            if t0 + 2u < step.t {
+                store(t0 + 2u, row, s.z);
+            }
+            if t0 + 3u < step.t {
+                store(t0 + 3u, row, s.w);
+            }
         }
     }
 }

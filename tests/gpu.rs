@@ -282,7 +282,8 @@ fn ternary_matmul_is_exact_gemv_and_gemm() {
     let mut rng = StdRng::seed_from_u64(2);
     let (h, i, q) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim());
     let l = &w.layers[1];
-    for t in [1usize, 2, 9, 17] {
+    // GEMV (1), the 4-token GEMV (2..=64, partial groups of 4) and the tiled GEMM (> 64).
+    for t in [1usize, 2, 9, 17, 64, 65, 130] {
         g.embed(&vec![5; t]).unwrap();
         let rq = |rng: &mut StdRng, n: usize| -> Vec<i8> {
             (0..n)

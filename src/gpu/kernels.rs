@@ -2,6 +2,11 @@
 
 use super::pipelines::Pipelines;
 
+/// Steps of up to this many tokens (batched decode rows) take the 4-token GEMV instead of
+/// the 64 x 64 tiled GEMM: every workgroup splits K over its lanes, so a small step is not
+/// bound by one tile's walk over all of K.
+pub const GEMV4_MAX_T: usize = 64;
+
 /// Most timestamp queries of one submit (two per profiled dispatch).
 const MAX_QUERIES: u32 = 4096;
 
@@ -223,7 +228,8 @@ pub fn norm(enc: &mut Recorder, p: &Pipelines, kind: NormKind, bg: &wgpu::BindGr
     enc.dispatch(label, pl, bg, [t as u32, 1, 1]);
 }
 
-/// Ternary matmul of `t` rows by a `rows`-row matrix: GEMV for one token, tiled GEMM otherwise.
+/// Ternary matmul of `t` rows by a `rows`-row matrix: GEMV for one token, the 4-token GEMV for
+/// small steps, tiled GEMM otherwise.
 /// `label` names the matrix in profiles.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
@@ -235,10 +241,14 @@ pub fn matmul(
     t: usize,
     accumulate: bool,
 ) {
+    let rpw = p.gemv_rows_per_wg() as usize;
     if t == 1 {
         let pl = if accumulate { &p.gemv_acc } else { &p.gemv };
-        let rpw = p.gemv_rows_per_wg() as usize;
         enc.dispatch(label, pl, bg, [rows.div_ceil(rpw) as u32, 1, 1]);
+    } else if t <= GEMV4_MAX_T {
+        let pl = if accumulate { &p.gemv4_acc } else { &p.gemv4 };
+        let dims = [rows.div_ceil(rpw) as u32, t.div_ceil(4) as u32, 1];
+        enc.dispatch(label, pl, bg, dims);
     } else {
         let pl = if accumulate { &p.gemm_acc } else { &p.gemm };
         enc.dispatch(

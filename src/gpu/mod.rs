@@ -543,7 +543,10 @@ impl GpuBackend {
         };
         let most = ctx.limits.max_compute_workgroups_per_dimension as usize;
         let rpw = pipes.rows_per_wg() as usize;
-        if let Some((s, _)) = head_shards.iter().find(|(s, _)| s.rows.div_ceil(rpw) > most) {
+        if let Some((s, _)) = head_shards
+            .iter()
+            .find(|(s, _)| s.rows.div_ceil(rpw) > most)
+        {
             return Err(Error::Backend(format!(
                 "a head shard of {} vocabulary rows needs more than {most} workgroups",
                 s.rows

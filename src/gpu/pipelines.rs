@@ -85,6 +85,10 @@ pub struct Pipelines {
     pub gemv: wgpu::ComputePipeline,
     /// Ternary GEMV, adding into the output.
     pub gemv_acc: wgpu::ComputePipeline,
+    /// Ternary GEMV of 4 tokens at once (small batches), storing.
+    pub gemv4: wgpu::ComputePipeline,
+    /// Ternary GEMV of 4 tokens at once, adding into the output.
+    pub gemv4_acc: wgpu::ComputePipeline,
     /// Ternary tiled GEMM (prefill), storing.
     pub gemm: wgpu::ComputePipeline,
     /// Ternary tiled GEMM, adding into the output.
@@ -328,6 +332,22 @@ impl Pipelines {
                 &m_matmul,
                 "gemv",
                 &[("ACCUM", 0.0), ("TPR", GEMV_TPR as f64)],
+            ),
+            gemv4: pipeline(
+                device,
+                "gemv4",
+                &matmul_layout,
+                &m_matmul,
+                "gemv4",
+                &[("ACCUM", 0.0), ("TPR", GEMV_TPR as f64)],
+            ),
+            gemv4_acc: pipeline(
+                device,
+                "gemv4_acc",
+                &matmul_layout,
+                &m_matmul,
+                "gemv4",
+                &[("ACCUM", 1.0), ("TPR", GEMV_TPR as f64)],
             ),
             gemv_acc: pipeline(
                 device,
