@@ -32,7 +32,8 @@ const FTPR: u32 = 16u;  // invocations per row pair
 const FG: u32 = 16u;    // row pairs per workgroup
 // Input words (4 columns) per invocation and vec4<u32> of quantized input (NW * FW / 4):
 // src/gpu/pipelines.rs sets them per input width (registers hold NW vec4s twice), up to 7 words
-// = 7168 columns. `wg_reduce` (workgroup sum or max) is prepended: reduce_wg_*.wgsl.
+// = 7168 columns. `wg_reduce` (workgroup sum or max) and `row_pair_sums` are prepended:
+// reduce_wg_*.wgsl and reduce_pairs_*.wgsl.
 const NW: u32 = 7u;
 const XMAX: u32 = 448u;
 
@@ -48,7 +49,6 @@ const XMAX: u32 = 448u;
 @group(0) @binding(9) var<storage, read_write> vc: array<f32>;
 
 var<workgroup> xw: array<vec4<u32>, XMAX>;
-var<workgroup> pred: array<vec2<i32>, FW>;
 
 const FM2: u32 = 0x03030303u;
 const FONES: u32 = 0x01010101u;
@@ -146,36 +146,26 @@ fn partial(ra: u32, rb: u32, lane: u32) -> vec2<i32> {
     return vec2<i32>(acc_a - sx, acc_b - sx);
 }
 
-// The sums of group g's two rows over its FTPR invocations.
-fn group_sums(g: u32) -> vec2<i32> {
-    var s = vec2<i32>(0, 0);
-    for (var k = 0u; k < FTPR; k = k + 1u) {
-        s = s + pred[g * FTPR + k];
-    }
-    return s;
-}
-
 @compute @workgroup_size(256)
 fn gemv_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = wg.y;
     let xscale = prologue(t, li);
     let g = li / FTPR;
     let r0 = wg.x * 2u * FG;
-    pred[li] = partial(r0 + g, r0 + g + FG, li % FTPR);
-    workgroupBarrier();
-    if li < 2u * FG {
-        let gg = li % FG;
-        let second = li >= FG;
-        let s = group_sums(gg);
-        let row = r0 + gg + select(0u, FG, second);
-        if row < fp.rows {
-            let v = f32(select(s.x, s.y, second)) * xscale * rs[row];
-            let o = t * fp.ld + row;
-            if ACCUM {
-                out[o] = out[o] + v;
-            } else {
-                out[o] = v;
-            }
+    let s = row_pair_sums(partial(r0 + g, r0 + g + FG, li % FTPR), li);
+    if li % FTPR == 0u {
+        store_row(t, r0 + g, f32(s.x) * xscale);
+        store_row(t, r0 + g + FG, f32(s.y) * xscale);
+    }
+}
+
+fn store_row(t: u32, row: u32, v: f32) {
+    if row < fp.rows {
+        let o = t * fp.ld + row;
+        if ACCUM {
+            out[o] = out[o] + v * rs[row];
+        } else {
+            out[o] = v * rs[row];
         }
     }
 }
@@ -192,11 +182,9 @@ fn gemv_norm_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
     let xscale = prologue(t, li);
     let half = fp.hd / 2u;
     let ra = pair_row(wg.x * FG + li / FTPR);
-    pred[li] = partial(ra, ra + half, li % FTPR);
-    workgroupBarrier();
-    if li < FG {
-        let s = group_sums(li);
-        let a_row = pair_row(wg.x * FG + li);
+    let s = row_pair_sums(partial(ra, ra + half, li % FTPR), li);
+    if li % FTPR == 0u {
+        let a_row = ra;
         let b_row = a_row + half;
         if b_row < fp.rows {
             let a = f32(s.x) * xscale * rs[a_row];

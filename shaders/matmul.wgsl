@@ -221,21 +221,29 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let xtok = t0 + lr;
     let xok = xtok < step.t;
     let xsrc = select(0u, xtok, xok) * xrow;
+    // The global loads of step m + 1 are issued before step m's arithmetic, so their latency
+    // hides behind it.
+    var cw = w[wsrc][lq];
+    var xv = vec4<u32>(0u);
+    if xok {
+        xv = xq[xsrc + lq];
+    }
     for (var m = 0u; m < mp.kvec; m = m + 1u) {
         // One code word (16 columns) -> 4 words of signed int8.
-        let cw = w[wsrc + m][lq];
         var e = vec4<u32>(0u);
         if wok {
             e = vec4<u32>(signed(cw & M2), signed((cw >> 2u) & M2), signed((cw >> 4u) & M2),
                 signed((cw >> 6u) & M2));
         }
         wt[lr * 5u + lq] = e;
-        var xv = vec4<u32>(0u);
-        if xok {
-            xv = xq[xsrc + 4u * m + lq];
-        }
         xt[lr * 5u + lq] = xv;
         workgroupBarrier();
+        if m + 1u < mp.kvec {
+            cw = w[wsrc + m + 1u][lq];
+            if xok {
+                xv = xq[xsrc + 4u * (m + 1u) + lq];
+            }
+        }
         for (var q = 0u; q < 4u; q = q + 1u) {
             let a0 = wt[tx * 5u + q];
             let a1 = wt[(tx + 16u) * 5u + q];

@@ -16,6 +16,8 @@ const HEAD: &str = include_str!("../../shaders/head.wgsl");
 const GEMV_FUSED: &str = include_str!("../../shaders/gemv_fused.wgsl");
 const REDUCE_WG_SHARED: &str = include_str!("../../shaders/reduce_wg_shared.wgsl");
 const REDUCE_WG_SUBGROUP: &str = include_str!("../../shaders/reduce_wg_subgroup.wgsl");
+const REDUCE_PAIRS_SHARED: &str = include_str!("../../shaders/reduce_pairs_shared.wgsl");
+const REDUCE_PAIRS_SUBGROUP: &str = include_str!("../../shaders/reduce_pairs_subgroup.wgsl");
 const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
 const PAGED_ROPE: &str = include_str!("../../shaders/paged_rope.wgsl");
 const PAGED_ATTENTION: &str = include_str!("../../shaders/paged_attention.wgsl");
@@ -266,15 +268,21 @@ impl Pipelines {
                     &format!("const XMAX: u32 = {}u;", nw * 64),
                 )
         };
+        // The row-pair butterfly needs a subgroup to hold a pair's 16 invocations.
+        let pair_sums = if subgroups && tpr >= 16 {
+            REDUCE_PAIRS_SUBGROUP
+        } else {
+            REDUCE_PAIRS_SHARED
+        };
         let m_fused = module(
             device,
             "gemv_fused",
-            &[COMMON, wg_reduce, &fused_src(fused_widths[0])],
+            &[COMMON, wg_reduce, pair_sums, &fused_src(fused_widths[0])],
         );
         let m_fused_i = module(
             device,
             "gemv_fused_intermediate",
-            &[COMMON, wg_reduce, &fused_src(fused_widths[1])],
+            &[COMMON, wg_reduce, pair_sums, &fused_src(fused_widths[1])],
         );
         let sg = [("SG", tprf)];
         let fc = |mode: f64, acc: f64| {
