@@ -200,6 +200,10 @@ struct BenchArgs {
     /// Report the time per op of the decode steps.
     #[arg(long)]
     profile: bool,
+    /// Also measure batched decode: this many sequences of --prompt-len tokens decoding
+    /// --gen tokens together over a paged KV cache (reported as batch_decode_tok_s).
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
 }
 
 #[derive(Args)]
@@ -798,7 +802,25 @@ fn bench(a: BenchArgs) -> Result<()> {
     with_gen!(&mut m.gen, gen => bench_on(gen, ctx, &a))
 }
 
-fn bench_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &BenchArgs) -> Result<()> {
+/// `bench --batch`: batched decode tok/s and the share of step time in `forward_rows`.
+fn bench_batch<B: bitnet_inference::batch::BatchBackend>(
+    b: &mut B,
+    a: &BenchArgs,
+) -> Result<Option<(f64, f64)>> {
+    if a.batch == 0 {
+        return Ok(None);
+    }
+    let (tok_s, forward_s) =
+        bitnet_inference::batch::decode_throughput(b, a.batch, a.prompt_len, a.gen)?;
+    let steps_s = (a.batch * a.gen) as f64 / tok_s;
+    Ok(Some((tok_s, forward_s / steps_s)))
+}
+
+fn bench_on<B: bitnet_inference::batch::BatchBackend>(
+    gen: &mut Generator<B>,
+    ctx: Ctx,
+    a: &BenchArgs,
+) -> Result<()> {
     let Ctx {
         load_s, threads, ..
     } = ctx;
@@ -848,6 +870,8 @@ fn bench_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &BenchArgs) -> Resu
     } else {
         None
     };
+    pb.set_message(format!("batched decode of {} sequences", a.batch));
+    let batch = bench_batch(gen.backend_mut(), a)?;
     pb.finish_and_clear();
     let prefill = a.prompt_len as f64 / out.prefill_s;
     let decode = out.decode_tok_s();
@@ -867,6 +891,8 @@ fn bench_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &BenchArgs) -> Resu
                 "decode_bytes_per_token": bytes, "decode_gb_s": gb_s, "peak_rss_mb": rss,
                 "backend": backend, "prompt_len": a.prompt_len, "gen": a.gen,
                 "machine_gb_s": machine,
+                "batch": a.batch, "batch_decode_tok_s": batch.map(|b| b.0),
+                "batch_forward_share": batch.map(|b| b.1),
                 "profile_ms_per_step": profile.as_ref().map(|p| p.entries.iter().map(|e| (e.0.to_string(), serde_json::json!(e.1 * 1e3 / a.gen as f64))).collect::<serde_json::Map<_, _>>()),
             })
         );
@@ -881,6 +907,14 @@ fn bench_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &BenchArgs) -> Resu
         println!("bytes/token    {:.1} MB", bytes as f64 / 1e6);
         println!("bandwidth      {:.2} GB/s", gb_s);
         println!("peak RSS       {:.0} MB", rss);
+        if let Some((tok_s, share)) = batch {
+            println!(
+                "batch decode   {tok_s:.1} tok/s ({} sequences; {:.0}% of the time in the \
+                 steps incl. reading the logits back, the rest in argmax)",
+                a.batch,
+                100.0 * share
+            );
+        }
         if let Some(mb) = machine {
             println!(
                 "machine read   {:.2} GB/s ({:.0}% used by decode)",

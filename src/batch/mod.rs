@@ -82,3 +82,57 @@ pub fn forward_rows<B: BatchBackend>(
     }
     b.logits_rows(logit_rows, out)
 }
+
+/// Batched decode throughput: `seqs` sequences of `prompt_len` prompt tokens each are
+/// prefilled, then decode `steps` tokens together (one row each per step, greedy, logits of
+/// every row read back and argmax'ed as the scheduler does). Returns (generated tokens/s,
+/// seconds of the steps spent in `forward_rows`).
+pub fn decode_throughput<B: BatchBackend>(
+    b: &mut B,
+    seqs: usize,
+    prompt_len: usize,
+    steps: usize,
+) -> Result<(f64, f64)> {
+    let (bs, vocab) = (16, b.config().vocab_size);
+    let len = prompt_len.max(1) + steps + 1;
+    let per = len.div_ceil(bs);
+    let mut pool = b.new_pool(seqs * per, bs)?;
+    let tables: Vec<Vec<u32>> = (0..seqs)
+        .map(|s| (0..per).map(|i| (s * per + i) as u32).collect())
+        .collect();
+    let mut out = Vec::new();
+    let mut next = vec![0u32; seqs];
+    for (s, n) in next.iter_mut().enumerate() {
+        let prompt: Vec<u32> = (0..prompt_len.max(1))
+            .map(|i| ((i * 7919 + 13 * s + 1) % vocab) as u32)
+            .collect();
+        let rows: Vec<RowSlot> = (0..prompt.len())
+            .map(|pos| RowSlot { seq: s, pos })
+            .collect();
+        for (tok, row) in prompt.chunks(256).zip(rows.chunks(256)) {
+            let one = [tables[s].clone()];
+            let r: Vec<RowSlot> = row.iter().map(|r| RowSlot { seq: 0, ..*r }).collect();
+            forward_rows(b, &mut pool, tok, &r, &one, &[r.len() - 1], &mut out)?;
+        }
+        *n = crate::engine::sampler::argmax(&out[..vocab]);
+    }
+    let all: Vec<usize> = (0..seqs).collect();
+    let t0 = crate::time::Instant::now();
+    let mut forward = 0.0;
+    for k in 0..steps {
+        let rows: Vec<RowSlot> = (0..seqs)
+            .map(|seq| RowSlot {
+                seq,
+                pos: prompt_len.max(1) + k,
+            })
+            .collect();
+        let f0 = crate::time::Instant::now();
+        forward_rows(b, &mut pool, &next, &rows, &tables, &all, &mut out)?;
+        forward += f0.elapsed().as_secs_f64();
+        for (s, n) in next.iter_mut().enumerate() {
+            *n = crate::engine::sampler::argmax(&out[s * vocab..(s + 1) * vocab]);
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(((seqs * steps) as f64 / secs, forward))
+}

@@ -185,6 +185,11 @@ impl<B: Backend> Generator<B> {
         &self.backend
     }
 
+    /// The backend, mutably (its KV cache stays with the generator).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// Positions the KV cache holds.
     pub fn context(&self) -> usize {
         use super::model::KvCache;

@@ -248,6 +248,13 @@ pub fn matmul(
     } else if t <= GEMV4_MAX_T {
         let pl = if accumulate { &p.gemv4_acc } else { &p.gemv4 };
         let dims = [rows.div_ceil(rpw) as u32, t.div_ceil(4) as u32, 1];
+        let label = match label {
+            "matmul_qkv" => "gemv4_qkv",
+            "matmul_o" => "gemv4_o",
+            "matmul_gate_up" => "gemv4_gate_up",
+            "matmul_down" => "gemv4_down",
+            other => other,
+        };
         enc.dispatch(label, pl, bg, dims);
     } else {
         let pl = if accumulate { &p.gemm_acc } else { &p.gemm };

@@ -670,8 +670,9 @@ impl GpuBackend {
                 .encoder()
                 .copy_buffer_to_buffer(&logits, 0, &readback, 0, bytes);
             self.flush();
-            let data = self.wait_map(&readback, bytes)?;
-            out.extend_from_slice(bytemuck::cast_slice(&data));
+            self.read_mapped(&readback, bytes, |data| {
+                out.extend_from_slice(bytemuck::cast_slice(data));
+            })?;
             r0 += n;
         }
         Ok(())
@@ -688,16 +689,26 @@ impl GpuBackend {
         }
     }
 
-    /// After a decode step's `layer`: submits what is recorded so far every few layers, so the
-    /// GPU starts on the first layers while the host encodes the rest (wgpu's per-dispatch
-    /// encoding at submit costs about as much as the GPU work of a decode step).
+    /// After a step's `layer`: submits what is recorded so far every few layers, so the GPU
+    /// starts on the first layers while the host encodes the rest (wgpu's per-dispatch encoding
+    /// at submit costs about as much as the GPU work of a decode step).
     fn end_layer(&mut self, layer: usize) {
-        if self.t() == 1 && layer % SUBMIT_LAYERS == 1 && layer + 1 < self.cfg.num_layers {
+        if layer % SUBMIT_LAYERS == 1 && layer + 1 < self.cfg.num_layers {
             self.flush();
         }
     }
 
     fn wait_map(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        self.read_mapped(buf, bytes, |data| data.to_vec())
+    }
+
+    /// Waits for the submitted work, maps the first `bytes` of `buf` and hands them to `f`.
+    fn read_mapped<T>(
+        &self,
+        buf: &wgpu::Buffer,
+        bytes: u64,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
         let (tx, rx) = mpsc::channel();
         buf.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
             let _ = tx.send(r);
@@ -711,10 +722,11 @@ impl GpuBackend {
             .map_err(|e| Error::Backend(format!("map: {e}")))?;
         let data = buf
             .get_mapped_range(0..bytes)
-            .map_err(|e| Error::Backend(format!("map: {e}")))?
-            .to_vec();
+            .map_err(|e| Error::Backend(format!("map: {e}")))?;
+        let r = f(&data);
+        drop(data);
         buf.unmap();
-        Ok(data)
+        Ok(r)
     }
 
     fn activation(&self, a: Activation) -> &wgpu::Buffer {
