@@ -5,6 +5,7 @@
 //! others. Admission waits for KV blocks; when the pool runs dry mid-generation the most recently
 //! admitted sequence is preempted (its blocks freed, recomputed later).
 
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -516,14 +517,24 @@ impl<B: BatchBackend> Engine<B> {
                 s.registered = full * bs;
             }
         }
+        // Every row's sampling (a pass over the vocabulary at least) in parallel.
+        let mut by_row: Vec<Option<&mut Seq>> = sampled.iter().map(|_| None).collect();
+        for s in self.running.iter_mut() {
+            if let Some(k) = sampled.iter().position(|&id| id == s.id) {
+                by_row[k] = Some(s);
+            }
+        }
+        let picked: Vec<Option<u32>> = by_row
+            .par_iter_mut()
+            .zip(self.logits.par_chunks_mut(vocab))
+            .map(|(s, logits)| s.as_mut().map(|s| s.sampler.sample(logits, &s.tokens)))
+            .collect();
         let mut finished = Vec::new();
-        for (k, id) in sampled.into_iter().enumerate() {
-            let Some(i) = self.running.iter().position(|s| s.id == id) else {
+        for (id, tok) in sampled.into_iter().zip(picked) {
+            let (Some(i), Some(tok)) = (self.running.iter().position(|s| s.id == id), tok) else {
                 continue;
             };
             let s = &mut self.running[i];
-            let logits = &mut self.logits[k * vocab..(k + 1) * vocab];
-            let tok = s.sampler.sample(logits, &s.tokens);
             let mut end = None;
             if s.stop_ids.contains(&tok) {
                 end = Some(FinishReason::Stop);

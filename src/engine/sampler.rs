@@ -68,13 +68,22 @@ pub struct Sampler {
 
 /// Index of the largest logit (the lowest id on ties, like `torch.argmax`).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+    // Two passes the compiler vectorises: the maximum (NaN never wins), then its first index.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = logits.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
         }
     }
-    best as u32
+    let mut m = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        if v > m {
+            m = v;
+        }
+    }
+    logits.iter().position(|&v| v == m).unwrap_or(0) as u32
 }
 
 impl Sampler {
@@ -166,6 +175,32 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_matches_a_scalar_scan_on_odd_lengths_ties_and_nan() {
+        let scan = |l: &[f32]| {
+            let mut best = 0;
+            for (i, &v) in l.iter().enumerate() {
+                if v > l[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        for len in [1usize, 2, 15, 16, 17, 37, 1000, 4099] {
+            for _ in 0..20 {
+                // Few distinct values: ties are common.
+                let mut l: Vec<f32> = (0..len).map(|_| rng.random_range(0..8) as f32).collect();
+                if len > 3 {
+                    l[len / 3] = f32::NAN;
+                }
+                assert_eq!(argmax(&l), scan(&l), "{l:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 20]), 0);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 5.0, f32::NAN, 5.0]), 2);
+    }
 
     #[test]
     fn greedy_takes_lowest_id_on_ties() {
