@@ -11,7 +11,8 @@
 // per 128-invocation workgroup, each group two rows (r and r + GROUPS); the per-invocation
 // partial sums meet in workgroup memory. Dispatch: (ceil(rows / (2 * GROUPS)), T).
 // gemv4 (small batches, T up to a few dozen): as gemv for 4 tokens at once, each weight vec4
-// loaded once for the 4; tokens past T read token 0 and are not stored.
+// loaded and expanded to signed int8 once for the 4 (so no sum(x) correction); tokens past T
+// read token 0 and are not stored.
 // Dispatch: (ceil(rows / (2 * GROUPS)), ceil(T / 4)).
 // gemm (prefill): a 64-row x 64-token tile per 256-invocation workgroup, the weights expanded to
 // signed int8 words in workgroup memory, 4 rows x 4 tokens per invocation.
@@ -110,16 +111,33 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
 var<workgroup> gred4: array<vec4<i32>, 256>;
 
-// Row a (b) of weight vec4 va (vb) against one token's activation vec4s.
-fn dot_ab(va: vec4<u32>, vb: vec4<u32>, xb: u32) -> vec3<i32> {
+// One weight vec4 (64 columns of 2-bit codes) as 16 words of signed int8 (-1, 0, 1).
+struct Expanded {
+    e0: vec4<u32>,
+    e1: vec4<u32>,
+    e2: vec4<u32>,
+    e3: vec4<u32>,
+}
+
+fn expand(v: vec4<u32>) -> Expanded {
+    return Expanded(expand_word(v.x), expand_word(v.y), expand_word(v.z), expand_word(v.w));
+}
+
+// Word wd (16 columns) -> 4 words of 4 signed int8 in dot4I8Packed order (see the top).
+fn expand_word(wd: u32) -> vec4<u32> {
+    return vec4<u32>(signed(wd & M2), signed((wd >> 2u) & M2), signed((wd >> 4u) & M2),
+        signed((wd >> 6u) & M2));
+}
+
+// Rows a and b (expanded) against one token's 64 activations at xb.
+fn dot_ab(a: Expanded, b: Expanded, xb: u32) -> vec2<i32> {
     let x0 = xq[xb];
     let x1 = xq[xb + 1u];
     let x2 = xq[xb + 2u];
     let x3 = xq[xb + 3u];
-    return vec3<i32>(
-        dotw(va.x, x0) + dotw(va.y, x1) + dotw(va.z, x2) + dotw(va.w, x3),
-        dotw(vb.x, x0) + dotw(vb.y, x1) + dotw(vb.z, x2) + dotw(vb.w, x3),
-        xsum(x0) + xsum(x1) + xsum(x2) + xsum(x3)
+    return vec2<i32>(
+        d4(a.e0, x0) + d4(a.e1, x1) + d4(a.e2, x2) + d4(a.e3, x3),
+        d4(b.e0, x0) + d4(b.e1, x1) + d4(b.e2, x2) + d4(b.e3, x3)
     );
 }
 
@@ -142,15 +160,16 @@ fn gemv4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     // Component j: token t0 + j.
     var acc_a = vec4<i32>(0);
     var acc_b = vec4<i32>(0);
+    // Each weight vec4 is expanded to signed int8 once for the 4 tokens.
     for (var m = lane; m < kvec; m = m + TPR) {
-        let va = w[wa + m];
-        let vb = w[wb + m];
-        let d0 = dot_ab(va, vb, x0b + 4u * m);
-        let d1 = dot_ab(va, vb, x1b + 4u * m);
-        let d2 = dot_ab(va, vb, x2b + 4u * m);
-        let d3 = dot_ab(va, vb, x3b + 4u * m);
-        acc_a = acc_a + vec4<i32>(d0.x - d0.z, d1.x - d1.z, d2.x - d2.z, d3.x - d3.z);
-        acc_b = acc_b + vec4<i32>(d0.y - d0.z, d1.y - d1.z, d2.y - d2.z, d3.y - d3.z);
+        let ea = expand(w[wa + m]);
+        let eb = expand(w[wb + m]);
+        let d0 = dot_ab(ea, eb, x0b + 4u * m);
+        let d1 = dot_ab(ea, eb, x1b + 4u * m);
+        let d2 = dot_ab(ea, eb, x2b + 4u * m);
+        let d3 = dot_ab(ea, eb, x3b + 4u * m);
+        acc_a = acc_a + vec4<i32>(d0.x, d1.x, d2.x, d3.x);
+        acc_b = acc_b + vec4<i32>(d0.y, d1.y, d2.y, d3.y);
     }
     gred4[li] = acc_a;
     gred4[li + 128u] = acc_b;
@@ -232,8 +251,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         // One code word (16 columns) -> 4 words of signed int8.
         var e = vec4<u32>(0u);
         if wok {
-            e = vec4<u32>(signed(cw & M2), signed((cw >> 2u) & M2), signed((cw >> 4u) & M2),
-                signed((cw >> 6u) & M2));
+            e = expand_word(cw);
         }
         wt[lr * 5u + lq] = e;
         xt[lr * 5u + lq] = xv;
