@@ -49,6 +49,11 @@ pub trait BatchBackend: Backend {
     );
     /// Final norm and head of the step rows `rows`; logits (`vocab` per row) into `out`.
     fn logits_rows(&mut self, rows: &[usize], out: &mut Vec<f32>) -> Result<()>;
+    /// Whether the scheduler should sample a step's rows on several host threads (false when
+    /// the backend's own workers keep the cores busy).
+    fn sample_in_parallel(&self) -> bool {
+        true
+    }
 }
 
 /// Runs one batched step: `tokens[i]` at `rows[i]`, then the logits of the step rows

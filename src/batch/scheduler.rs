@@ -517,18 +517,30 @@ impl<B: BatchBackend> Engine<B> {
                 s.registered = full * bs;
             }
         }
-        // Every row's sampling (a pass over the vocabulary at least) in parallel.
+        // Every row's sampling (a pass over the vocabulary at least), in parallel when the
+        // backend leaves the host's cores idle between steps.
         let mut by_row: Vec<Option<&mut Seq>> = sampled.iter().map(|_| None).collect();
         for s in self.running.iter_mut() {
             if let Some(k) = sampled.iter().position(|&id| id == s.id) {
                 by_row[k] = Some(s);
             }
         }
-        let picked: Vec<Option<u32>> = by_row
-            .par_iter_mut()
-            .zip(self.logits.par_chunks_mut(vocab))
-            .map(|(s, logits)| s.as_mut().map(|s| s.sampler.sample(logits, &s.tokens)))
-            .collect();
+        let sample = |(s, logits): (&mut Option<&mut Seq>, &mut [f32])| {
+            s.as_mut().map(|s| s.sampler.sample(logits, &s.tokens))
+        };
+        let picked: Vec<Option<u32>> = if self.backend.sample_in_parallel() {
+            by_row
+                .par_iter_mut()
+                .zip(self.logits.par_chunks_mut(vocab))
+                .map(sample)
+                .collect()
+        } else {
+            by_row
+                .iter_mut()
+                .zip(self.logits.chunks_mut(vocab))
+                .map(sample)
+                .collect()
+        };
         let mut finished = Vec::new();
         for (id, tok) in sampled.into_iter().zip(picked) {
             let (Some(i), Some(tok)) = (self.running.iter().position(|s| s.id == id), tok) else {

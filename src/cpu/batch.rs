@@ -111,6 +111,11 @@ impl BatchBackend for CpuBackend {
         });
     }
 
+    /// The worker team spins between steps: sampling on other threads would compete with it.
+    fn sample_in_parallel(&self) -> bool {
+        false
+    }
+
     fn logits_rows(&mut self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
         let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let s = &mut self.step;
