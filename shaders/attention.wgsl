@@ -324,25 +324,6 @@ fn store_p(ok: bool, a: u32, v: vec4<f32>) {
 // when the step has one split): per block of 64 positions, invocation i scores position i with
 // vec4 K loads (8 in flight), block max and sum by tree reductions, and P·V is split into two
 // halves of 32 positions with one vec4 column per invocation. Dispatch: (nsplit, num_heads, T).
-var<workgroup> q4: array<vec4<f32>, 32>;
-var<workgroup> dp: array<f32, 64>;
-var<workgroup> dred: array<f32, 64>;
-var<workgroup> dpv: array<vec4<f32>, 64>;
-
-fn dreduce(v: f32, li: u32, is_max: bool) -> f32 {
-    dred[li] = v;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s = s >> 1u) {
-        if li < s {
-            let o = dred[li + s];
-            dred[li] = select(dred[li] + o, max(dred[li], o), is_max);
-        }
-        workgroupBarrier();
-    }
-    let r = dred[0];
-    workgroupBarrier();
-    return r;
-}
 
 @compute @workgroup_size(64)
 fn attend_vec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -369,25 +350,7 @@ fn attend_vec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         var score = NEG_BIG;
         if p < end {
             let kr = kb4 + p * hd4;
-            var acc = 0.0;
-            var d = 0u;
-            for (; d + 8u <= hd4; d = d + 8u) {
-                let k0 = kc4[kr + d];
-                let k1 = kc4[kr + d + 1u];
-                let k2 = kc4[kr + d + 2u];
-                let k3 = kc4[kr + d + 3u];
-                let k4 = kc4[kr + d + 4u];
-                let k5 = kc4[kr + d + 5u];
-                let k6 = kc4[kr + d + 6u];
-                let k7 = kc4[kr + d + 7u];
-                acc = acc + dot(q4[d], k0) + dot(q4[d + 1u], k1) + dot(q4[d + 2u], k2)
-                    + dot(q4[d + 3u], k3) + dot(q4[d + 4u], k4) + dot(q4[d + 5u], k5)
-                    + dot(q4[d + 6u], k6) + dot(q4[d + 7u], k7);
-            }
-            for (; d < hd4; d = d + 1u) {
-                acc = acc + dot(q4[d], kc4[kr + d]);
-            }
-            score = acc * ap.scale;
+            score = qk4(kr, hd4) * ap.scale;
         }
         let mn = max(m, dreduce(score, li, true));
         let f = exp(m - mn);

@@ -29,26 +29,6 @@ struct PagedP {
 @group(0) @binding(6) var<storage, read> blocks: array<u32>;
 @group(0) @binding(7) var<storage, read_write> attn: array<f32>;
 
-var<workgroup> q4: array<vec4<f32>, 32>;
-var<workgroup> dp: array<f32, 64>;
-var<workgroup> dred: array<f32, 64>;
-var<workgroup> dpv: array<vec4<f32>, 64>;
-
-fn dreduce(v: f32, li: u32, is_max: bool) -> f32 {
-    dred[li] = v;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s = s >> 1u) {
-        if li < s {
-            let o = dred[li + s];
-            dred[li] = select(dred[li] + o, max(dred[li], o), is_max);
-        }
-        workgroupBarrier();
-    }
-    let r = dred[0];
-    workgroupBarrier();
-    return r;
-}
-
 // vec4 index of position p's row (KV head kh) of sequence s.
 fn row4(s: u32, kh: u32, p: u32) -> u32 {
     let blk = blocks[s * pp.tstride + p / pp.bs];
@@ -79,25 +59,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         var score = NEG_BIG;
         if p < len {
             let kr = row4(s, kh, p);
-            var acc = 0.0;
-            var d = 0u;
-            for (; d + 8u <= hd4; d = d + 8u) {
-                let k0 = kc4[kr + d];
-                let k1 = kc4[kr + d + 1u];
-                let k2 = kc4[kr + d + 2u];
-                let k3 = kc4[kr + d + 3u];
-                let k4 = kc4[kr + d + 4u];
-                let k5 = kc4[kr + d + 5u];
-                let k6 = kc4[kr + d + 6u];
-                let k7 = kc4[kr + d + 7u];
-                acc = acc + dot(q4[d], k0) + dot(q4[d + 1u], k1) + dot(q4[d + 2u], k2)
-                    + dot(q4[d + 3u], k3) + dot(q4[d + 4u], k4) + dot(q4[d + 5u], k5)
-                    + dot(q4[d + 6u], k6) + dot(q4[d + 7u], k7);
-            }
-            for (; d < hd4; d = d + 1u) {
-                acc = acc + dot(q4[d], kc4[kr + d]);
-            }
-            score = acc * pp.scale;
+            score = qk4(kr, hd4) * pp.scale;
         }
         let mn = max(m, dreduce(score, li, true));
         let f = exp(m - mn);

@@ -34,29 +34,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let t = wg.y;
     let slot = rows[t];
     let p = slot.x;
-    let half = pp.hd / 2u;
     let base = t * pp.stride + head * pp.hd;
     let is_k = head >= pp.nh;
     let kh = head - pp.nh;
     let blk = blocks[slot.y * pp.tstride + p / pp.bs];
     let cbase = ((blk * pp.kvh + kh) * pp.bs + p % pp.bs) * pp.hd;
-    for (var j = li; j < half; j = j + 64u) {
-        let cs = table[p * half + j];
-        let a = qkv[base + j];
-        let b = qkv[base + j + half];
-        let na = a * cs.x - b * cs.y;
-        let nb = b * cs.x + a * cs.y;
-        qkv[base + j] = na;
-        qkv[base + j + half] = nb;
-        if is_k {
-            kc[cbase + j] = na;
-            kc[cbase + j + half] = nb;
-        }
-    }
-    if is_k {
-        let vbase = base + pp.kv_dim;
-        for (var d = li; d < pp.hd; d = d + 64u) {
-            vc[cbase + d] = qkv[vbase + d];
-        }
-    }
+    rope_head(li, base, cbase, p, is_k, pp.hd, pp.kv_dim);
 }

@@ -21,28 +21,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let head = wg.x;
     let t = wg.y;
     let p = step.pos + t;
-    let half = rp.hd / 2u;
     let base = t * rp.stride + head * rp.hd;
     let is_k = head >= rp.nh;
     let kh = head - rp.nh;
     let cbase = (kh * step.cap + p) * rp.hd;
-    for (var j = li; j < half; j = j + 64u) {
-        let cs = table[p * half + j];
-        let a = qkv[base + j];
-        let b = qkv[base + j + half];
-        let na = a * cs.x - b * cs.y;
-        let nb = b * cs.x + a * cs.y;
-        qkv[base + j] = na;
-        qkv[base + j + half] = nb;
-        if is_k {
-            kc[cbase + j] = na;
-            kc[cbase + j + half] = nb;
-        }
-    }
-    if is_k {
-        let vbase = base + rp.kv_dim;
-        for (var d = li; d < rp.hd; d = d + 64u) {
-            vc[cbase + d] = qkv[vbase + d];
-        }
-    }
+    rope_head(li, base, cbase, p, is_k, rp.hd, rp.kv_dim);
 }

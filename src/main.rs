@@ -462,10 +462,7 @@ struct Ctx {
 
 struct Loaded {
     gen: Engine,
-    tokenizer: Option<Tokenizer>,
-    gen_cfg: GenerationConfig,
-    load_s: f64,
-    threads: usize,
+    ctx: Ctx,
 }
 
 /// Picks the backend: `auto` takes a real GPU when wgpu finds one, else the CPU.
@@ -541,10 +538,12 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
     }
     Ok(Loaded {
         gen,
-        tokenizer,
-        gen_cfg,
-        load_s,
-        threads,
+        ctx: Ctx {
+            tokenizer,
+            gen_cfg,
+            load_s,
+            threads,
+        },
     })
 }
 
@@ -559,14 +558,8 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let mut m = load(&a.model)?;
-    let ctx = Ctx {
-        tokenizer: m.tokenizer.take(),
-        gen_cfg: m.gen_cfg.clone(),
-        load_s: m.load_s,
-        threads: m.threads,
-    };
-    with_gen!(&mut m.gen, gen => generate_on(gen, ctx, &a))
+    let Loaded { mut gen, ctx } = load(&a.model)?;
+    with_gen!(&mut gen, g => generate_on(g, ctx, &a))
 }
 
 fn generate_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &GenerateArgs) -> Result<()> {
@@ -638,14 +631,8 @@ fn generate_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &GenerateArgs) -
 }
 
 fn chat(a: ChatArgs) -> Result<()> {
-    let mut m = load(&a.model)?;
-    let ctx = Ctx {
-        tokenizer: m.tokenizer.take(),
-        gen_cfg: m.gen_cfg.clone(),
-        load_s: m.load_s,
-        threads: m.threads,
-    };
-    with_gen!(&mut m.gen, gen => chat_on(gen, ctx, &a))
+    let Loaded { mut gen, ctx } = load(&a.model)?;
+    with_gen!(&mut gen, g => chat_on(g, ctx, &a))
 }
 
 fn chat_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &ChatArgs) -> Result<()> {
@@ -700,14 +687,8 @@ fn chat_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &ChatArgs) -> Result
 }
 
 fn logits(a: LogitsArgs) -> Result<()> {
-    let mut m = load(&a.model)?;
-    let ctx = Ctx {
-        tokenizer: m.tokenizer.take(),
-        gen_cfg: m.gen_cfg.clone(),
-        load_s: m.load_s,
-        threads: m.threads,
-    };
-    with_gen!(&mut m.gen, gen => logits_on(gen, ctx, &a))
+    let Loaded { mut gen, ctx } = load(&a.model)?;
+    with_gen!(&mut gen, g => logits_on(g, ctx, &a))
 }
 
 fn logits_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &LogitsArgs) -> Result<()> {
@@ -725,14 +706,8 @@ fn logits_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &LogitsArgs) -> Re
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let mut m = load(&a.model)?;
-    let ctx = Ctx {
-        tokenizer: m.tokenizer.take(),
-        gen_cfg: m.gen_cfg.clone(),
-        load_s: m.load_s,
-        threads: m.threads,
-    };
-    with_gen!(&mut m.gen, gen => perplexity_on(gen, ctx, &a))
+    let Loaded { mut gen, ctx } = load(&a.model)?;
+    with_gen!(&mut gen, g => perplexity_on(g, ctx, &a))
 }
 
 fn perplexity_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &PerplexityArgs) -> Result<()> {
@@ -792,14 +767,8 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let mut m = load(&a.model)?;
-    let ctx = Ctx {
-        tokenizer: m.tokenizer.take(),
-        gen_cfg: m.gen_cfg.clone(),
-        load_s: m.load_s,
-        threads: m.threads,
-    };
-    with_gen!(&mut m.gen, gen => bench_on(gen, ctx, &a))
+    let Loaded { mut gen, ctx } = load(&a.model)?;
+    with_gen!(&mut gen, g => bench_on(g, ctx, &a))
 }
 
 /// `bench --batch`: batched decode tok/s and the share of step time in `forward_rows`.

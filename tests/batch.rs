@@ -7,38 +7,15 @@ use std::time::Duration;
 
 use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerConfig};
 use bitnet_inference::batch::{forward_rows, BatchBackend, RowSlot};
-use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};
 use bitnet_inference::engine::sampler::SamplingParams;
 use bitnet_inference::format::{safetensors::load, Weights};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 mod common;
+use common::{cpu, prompts};
 
 fn weights() -> Weights {
     load(&common::fixture()).unwrap()
-}
-
-fn cpu(w: &Weights) -> CpuBackend {
-    CpuBackend::load(
-        w,
-        &CpuOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
-
-fn prompts(n: usize, vocab: u32, seed: u64) -> Vec<Vec<u32>> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|i| {
-            let len = 1 + (i * 7 + 3) % 23;
-            (0..len).map(|_| rng.random_range(0..vocab)).collect()
-        })
-        .collect()
 }
 
 #[test]

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use bitnet_inference::config::{ModelConfig, Preset};
 use bitnet_inference::cpu::ops;
-use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
 use bitnet_inference::engine::model::{forward, Backend, Linear, LogitRows, NormSite};
 use bitnet_inference::format::{safetensors::load, synth, Weights};
@@ -16,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 mod common;
-use common::{floats, ids, max_abs_diff, reference, DIR};
+use common::{cpu, floats, ids, max_abs_diff, reference, DIR};
 
 fn gpu(w: &Weights) -> GpuBackend {
     gpu_with(w, &GpuOptions::default())
@@ -26,17 +25,6 @@ fn gpu_with(w: &Weights, o: &GpuOptions) -> GpuBackend {
     let b = gpu::load(w, o).expect("a wgpu adapter is required for the GPU tests");
     eprintln!("{}", b.describe());
     b
-}
-
-fn cpu(w: &Weights) -> CpuBackend {
-    CpuBackend::load(
-        w,
-        &CpuOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap()
 }
 
 /// A random model of `cfg` in a fresh temp dir.

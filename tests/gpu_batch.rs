@@ -10,43 +10,19 @@ use std::time::Duration;
 use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerConfig};
 use bitnet_inference::batch::{forward_rows, BatchBackend, RowSlot};
 use bitnet_inference::config::{ModelConfig, Preset};
-use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};
 use bitnet_inference::engine::sampler::SamplingParams;
 use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, GpuBackend, GpuOptions};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 mod common;
-use common::{max_abs_diff, DIR};
+use common::{cpu, max_abs_diff, prompts, DIR};
 
 fn gpu(w: &Weights) -> GpuBackend {
     let b =
         gpu::load(w, &GpuOptions::default()).expect("a wgpu adapter is required for the GPU tests");
     eprintln!("{}", bitnet_inference::engine::model::Backend::describe(&b));
     b
-}
-
-fn cpu(w: &Weights) -> CpuBackend {
-    CpuBackend::load(
-        w,
-        &CpuOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
-
-fn prompts(n: usize, vocab: u32, seed: u64) -> Vec<Vec<u32>> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|i| {
-            let len = 1 + (i * 7 + 3) % 23;
-            (0..len).map(|_| rng.random_range(0..vocab)).collect()
-        })
-        .collect()
 }
 
 /// The logits of every row of two mixed steps (each prompt's first half, then the rest) over

@@ -147,6 +147,26 @@ impl Server {
         (text, finish, done)
     }
 
+    /// Streams greedy completions of all `prompts` concurrently, one client thread each.
+    fn stream_all<P: serde::Serialize + Sync>(
+        &self,
+        prompts: &[P],
+        max_tokens: usize,
+    ) -> Vec<(String, String, bool)> {
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = prompts
+                .iter()
+                .map(|p| {
+                    let body = json!({
+                        "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": true
+                    });
+                    sc.spawn(move || self.stream("/v1/completions", body))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     fn metric(&self, name: &str) -> f64 {
         let (_, text) = self.get("/metrics");
         text.lines()
@@ -237,21 +257,7 @@ fn gpu_backend_serves_concurrent_clients_like_cli_generate() {
         .iter()
         .map(|p| cli_generate_on(&model, p, 16, "gpu"))
         .collect();
-    let got: Vec<(String, String, bool)> = std::thread::scope(|sc| {
-        let hs: Vec<_> = prompts
-            .iter()
-            .map(|p| {
-                let s = &s;
-                sc.spawn(move || {
-                    s.stream(
-                        "/v1/completions",
-                        json!({ "prompt": p, "max_tokens": 16, "temperature": 0, "stream": true }),
-                    )
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let got = s.stream_all(&prompts, 16);
     for (i, (text, finish, done)) in got.iter().enumerate() {
         assert!(done, "client {i} got no [DONE]");
         assert_eq!(text, want[i]["text"].as_str().unwrap(), "client {i}");
@@ -294,21 +300,7 @@ fn concurrent_streaming_clients_get_their_own_outputs() {
             .text
         })
         .collect();
-    let got: Vec<(String, String, bool)> = std::thread::scope(|sc| {
-        let hs: Vec<_> = prompts
-            .iter()
-            .map(|p| {
-                let s = &s;
-                sc.spawn(move || {
-                    s.stream(
-                        "/v1/completions",
-                        json!({ "prompt": p, "max_tokens": 12, "temperature": 0, "stream": true }),
-                    )
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let got = s.stream_all(&prompts, 12);
     for (i, (text, _, done)) in got.iter().enumerate() {
         assert!(done, "client {i} got no [DONE]");
         assert_eq!(text, &want[i], "client {i}");

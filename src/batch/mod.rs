@@ -117,9 +117,7 @@ pub fn decode_throughput<B: BatchBackend>(
             .map(|pos| RowSlot { seq: s, pos })
             .collect();
         for (tok, row) in prompt.chunks(256).zip(rows.chunks(256)) {
-            let one = [tables[s].clone()];
-            let r: Vec<RowSlot> = row.iter().map(|r| RowSlot { seq: 0, ..*r }).collect();
-            forward_rows(b, &mut pool, tok, &r, &one, &[r.len() - 1], &mut out)?;
+            forward_rows(b, &mut pool, tok, row, &tables, &[row.len() - 1], &mut out)?;
         }
         *n = crate::engine::sampler::argmax(&out[..vocab]);
     }

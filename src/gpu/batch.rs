@@ -1,7 +1,7 @@
 //! The GPU backend's batched steps over a paged KV pool: rows of one step belong to different
 //! sequences, each row carrying its own position and block table (uploaded once per step).
 
-use super::buffers::{bind_group, storage, storage_init, uniform};
+use super::buffers::{bind_group, storage, uniform};
 use super::{kernels, GpuBackend};
 use crate::batch::{BatchBackend, RowSlot};
 use crate::error::{Error, Result};
@@ -109,16 +109,7 @@ impl BatchBackend for GpuBackend {
         let positions = c.max_position_embeddings.min(blocks * block_size).max(1);
         let tstride = positions.div_ceil(block_size);
         let device = &self.ctx.device;
-        let half = hd / 2;
-        let mut table = Vec::with_capacity(positions * hd);
-        for p in 0..positions {
-            for j in 0..half {
-                let (s, co) = (p as f32 * self.inv_freq[j]).sin_cos();
-                table.push(co);
-                table.push(s);
-            }
-        }
-        let table = storage_init(device, "paged rope table", bytemuck::cast_slice(&table));
+        let table = self.rope_table(positions);
         let rows = storage(device, "row slots", self.max_step * 8);
         let tables = storage(device, "block tables", self.max_step * tstride * 4);
         let params = uniform(

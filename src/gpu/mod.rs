@@ -635,6 +635,39 @@ impl GpuBackend {
         self.rec.submit(q);
     }
 
+    /// RoPE cos/sin per (position, j) for `positions` positions, computed exactly like the CPU
+    /// backend's `ops::rope`.
+    fn rope_table(&self, positions: usize) -> wgpu::Buffer {
+        let half = self.cfg.head_dim / 2;
+        let mut table = Vec::with_capacity(positions * 2 * half);
+        for p in 0..positions {
+            for &f in &self.inv_freq[..half] {
+                let (s, co) = (p as f32 * f).sin_cos();
+                table.push(co);
+                table.push(s);
+            }
+        }
+        storage_init(&self.ctx.device, "rope table", bytemuck::cast_slice(&table))
+    }
+
+    /// Records the final norm, head and argmax of the step's last position and the copy of
+    /// the result word into the returned readback buffer.
+    pub(super) fn record_argmax_last(&mut self) -> wgpu::Buffer {
+        self.record_head_last();
+        kernels::argmax(
+            &mut self.rec,
+            &self.pipes,
+            &self.argmax_bg,
+            self.cfg.vocab_size,
+        );
+        let (res, rb) = (
+            self.bufs.argmax_result.clone(),
+            self.bufs.argmax_readback.clone(),
+        );
+        self.rec.encoder().copy_buffer_to_buffer(&res, 0, &rb, 0, 4);
+        rb
+    }
+
     /// Records the final norm of every row of the step.
     fn record_final_norm(&mut self) {
         let t = self.t();
@@ -832,17 +865,7 @@ impl Backend for GpuBackend {
                 self.max_binding
             )));
         }
-        // cos/sin per (position, j), computed exactly like the CPU backend's `ops::rope`.
-        let half = hd / 2;
-        let mut table = Vec::with_capacity(capacity * hd);
-        for p in 0..capacity {
-            for j in 0..half {
-                let (s, co) = (p as f32 * self.inv_freq[j]).sin_cos();
-                table.push(co);
-                table.push(s);
-            }
-        }
-        let table = storage_init(device, "rope table", bytemuck::cast_slice(&table));
+        let table = self.rope_table(capacity);
         let unit = (self.max_step * nh * (hd + 2) * 4) as u64;
         let budget = self.max_binding.min(64 << 20);
         let maxsplit = ((budget / unit) as usize).clamp(1, capacity.div_ceil(64));
@@ -1096,18 +1119,7 @@ impl Backend for GpuBackend {
     }
 
     fn argmax_last(&mut self, _scratch: &mut Vec<f32>) -> Result<u32> {
-        self.record_head_last();
-        kernels::argmax(
-            &mut self.rec,
-            &self.pipes,
-            &self.argmax_bg,
-            self.cfg.vocab_size,
-        );
-        let (res, rb) = (
-            self.bufs.argmax_result.clone(),
-            self.bufs.argmax_readback.clone(),
-        );
-        self.rec.encoder().copy_buffer_to_buffer(&res, 0, &rb, 0, 4);
+        let rb = self.record_argmax_last();
         let t0 = std::time::Instant::now();
         self.flush();
         let t1 = std::time::Instant::now();

@@ -11,7 +11,9 @@ const EMBED: &str = include_str!("../../shaders/embed.wgsl");
 const NORM: &str = include_str!("../../shaders/norm.wgsl");
 const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
 const ROPE: &str = include_str!("../../shaders/rope.wgsl");
+const ROPE_HEAD: &str = include_str!("../../shaders/rope_head.wgsl");
 const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
+const ATTEND_VEC_COMMON: &str = include_str!("../../shaders/attend_vec_common.wgsl");
 const HEAD: &str = include_str!("../../shaders/head.wgsl");
 const GEMV_FUSED: &str = include_str!("../../shaders/gemv_fused.wgsl");
 const REDUCE_WG_SHARED: &str = include_str!("../../shaders/reduce_wg_shared.wgsl");
@@ -293,11 +295,15 @@ impl Pipelines {
             c
         };
         let m_argmax = module(device, "argmax", &[COMMON, ARGMAX]);
-        let m_rope = module(device, "rope", &[COMMON, ROPE]);
-        let m_attn = module(device, "attention", &[COMMON, ATTENTION]);
+        let m_rope = module(device, "rope", &[COMMON, ROPE_HEAD, ROPE]);
+        let m_attn = module(device, "attention", &[COMMON, ATTEND_VEC_COMMON, ATTENTION]);
         let m_head = module(device, "head", &[COMMON, reduce, HEAD]);
-        let m_paged_rope = module(device, "paged_rope", &[COMMON, PAGED_ROPE]);
-        let m_paged_attn = module(device, "paged_attention", &[COMMON, PAGED_ATTENTION]);
+        let m_paged_rope = module(device, "paged_rope", &[COMMON, ROPE_HEAD, PAGED_ROPE]);
+        let m_paged_attn = module(
+            device,
+            "paged_attention",
+            &[COMMON, ATTEND_VEC_COMMON, PAGED_ATTENTION],
+        );
         Pipelines {
             tpr,
             subgroups,

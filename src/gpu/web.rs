@@ -8,7 +8,6 @@ use std::sync::Mutex;
 use wasm_bindgen::JsValue;
 
 use super::context::{AdapterDesc, GpuContext};
-use super::kernels;
 use super::GpuBackend;
 use crate::engine::model::Backend;
 use crate::error::{Error, Result};
@@ -148,18 +147,7 @@ impl GpuBackend {
     /// [`Backend::argmax_last`] for the web: records the final norm, head and argmax of the
     /// step's last position, submits, and awaits the 4-byte result.
     pub async fn argmax_last_async(&mut self) -> Result<u32> {
-        self.record_head_last();
-        kernels::argmax(
-            &mut self.rec,
-            &self.pipes,
-            &self.argmax_bg,
-            self.cfg.vocab_size,
-        );
-        let (res, rb) = (
-            self.bufs.argmax_result.clone(),
-            self.bufs.argmax_readback.clone(),
-        );
-        self.rec.encoder().copy_buffer_to_buffer(&res, 0, &rb, 0, 4);
+        let rb = self.record_argmax_last();
         self.flush();
         let data = read_buffer(&rb, 4).await?;
         Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))

@@ -4,6 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bitnet_inference::cpu::{CpuBackend, CpuOptions};
+use bitnet_inference::format::Weights;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 /// The tiny reference checkpoint, relative to the crate root (the tests' working directory).
@@ -87,4 +91,27 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The CPU backend on `w` with 2 threads.
+pub fn cpu(w: &Weights) -> CpuBackend {
+    CpuBackend::load(
+        w,
+        &CpuOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// `n` random prompts of 1 to 23 tokens below `vocab`.
+pub fn prompts(n: usize, vocab: u32, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let len = 1 + (i * 7 + 3) % 23;
+            (0..len).map(|_| rng.random_range(0..vocab)).collect()
+        })
+        .collect()
 }

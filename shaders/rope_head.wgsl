@@ -1,0 +1,26 @@
+// Shared by rope.wgsl and paged_rope.wgsl (which bind `qkv`, `kc`, `vc` and the cos/sin
+// `table`): invocation li's share of rotate-half RoPE of the head at `base` of q|k|v for position
+// p, in place; a k head (is_k) is also written to the cache at `cbase`, with its v head (kv_dim
+// further on in the row).
+fn rope_head(li: u32, base: u32, cbase: u32, p: u32, is_k: bool, hd: u32, kv_dim: u32) {
+    let half = hd / 2u;
+    for (var j = li; j < half; j = j + 64u) {
+        let cs = table[p * half + j];
+        let a = qkv[base + j];
+        let b = qkv[base + j + half];
+        let na = a * cs.x - b * cs.y;
+        let nb = b * cs.x + a * cs.y;
+        qkv[base + j] = na;
+        qkv[base + j + half] = nb;
+        if is_k {
+            kc[cbase + j] = na;
+            kc[cbase + j + half] = nb;
+        }
+    }
+    if is_k {
+        let vbase = base + kv_dim;
+        for (var d = li; d < hd; d = d + 64u) {
+            vc[cbase + d] = qkv[vbase + d];
+        }
+    }
+}
