@@ -194,7 +194,8 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// Also measure the machine's memory read bandwidth (reported as machine_gb_s).
+    /// Also measure the memory read bandwidth (machine_gb_s): the host's, or on the GPU backend
+    /// the device's, with its copy bandwidth and the ternary GEMV's (gpu_bandwidth).
     #[arg(long)]
     membw: bool,
     /// Report the time per op of the decode steps.
@@ -768,7 +769,22 @@ fn peak_rss_mb() -> f64 {
 
 fn bench(a: BenchArgs) -> Result<()> {
     let Loaded { mut gen, ctx } = load(&a.model)?;
-    with_gen!(&mut gen, g => bench_on(g, ctx, &a))
+    let device = if a.membw {
+        device_bandwidth(&mut gen)
+    } else {
+        None
+    };
+    with_gen!(&mut gen, g => bench_on(g, ctx, &a, device))
+}
+
+/// `bench --membw` on the GPU backend: the device's copy/read bandwidth and the ternary GEMV's
+/// weight bandwidth (see `gpu::bandwidth`) as JSON, None on the CPU backend.
+fn device_bandwidth(gen: &mut Engine) -> Option<serde_json::Value> {
+    match gen {
+        #[cfg(feature = "gpu")]
+        Engine::Gpu(g) => serde_json::to_value(g.backend_mut().bandwidth(5)).ok(),
+        _ => None,
+    }
 }
 
 /// `bench --batch`: batched decode tok/s and the share of step time in `forward_rows`.
@@ -789,6 +805,7 @@ fn bench_on<B: bitnet_inference::batch::BatchBackend>(
     gen: &mut Generator<B>,
     ctx: Ctx,
     a: &BenchArgs,
+    device: Option<serde_json::Value>,
 ) -> Result<()> {
     let Ctx {
         load_s, threads, ..
@@ -849,9 +866,14 @@ fn bench_on<B: bitnet_inference::batch::BatchBackend>(
     let rss = peak_rss_mb();
     let backend = gen.backend().describe();
 
-    let machine = a
-        .membw
-        .then(|| bitnet_inference::cpu::membw::read_bandwidth_gb_s(1 << 30, threads, 5));
+    // The GPU's read bandwidth where measured, else the host's.
+    let gb = |k: &str| device.as_ref().and_then(|d| d[k].as_f64()).map(|v| v / 1e9);
+    let machine = match gb("read") {
+        Some(read) => Some(read),
+        None => a
+            .membw
+            .then(|| bitnet_inference::cpu::membw::read_bandwidth_gb_s(1 << 30, threads, 5)),
+    };
     if a.json {
         println!(
             "{}",
@@ -859,7 +881,7 @@ fn bench_on<B: bitnet_inference::batch::BatchBackend>(
                 "load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode,
                 "decode_bytes_per_token": bytes, "decode_gb_s": gb_s, "peak_rss_mb": rss,
                 "backend": backend, "prompt_len": a.prompt_len, "gen": a.gen,
-                "machine_gb_s": machine,
+                "machine_gb_s": machine, "gpu_bandwidth": device,
                 "batch": a.batch, "batch_decode_tok_s": batch.map(|b| b.0),
                 "batch_forward_share": batch.map(|b| b.1),
                 "profile_ms_per_step": profile.as_ref().map(|p| p.entries.iter().map(|e| (e.0.to_string(), serde_json::json!(e.1 * 1e3 / a.gen as f64))).collect::<serde_json::Map<_, _>>()),
@@ -882,6 +904,17 @@ fn bench_on<B: bitnet_inference::batch::BatchBackend>(
                  steps incl. reading the logits back, the rest in argmax)",
                 a.batch,
                 100.0 * share
+            );
+        }
+        if let (Some(copy), Some(serial), Some(indep)) =
+            (gb("copy"), gb("gemv_serial"), gb("gemv_independent"))
+        {
+            println!("gpu copy       {copy:.1} GB/s (read + write)");
+            println!(
+                "ternary gemv   {serial:.1} GB/s back to back as in decode ({:.0}% of copy), \
+                 {indep:.1} GB/s independent ({:.0}%)",
+                100.0 * serial / copy,
+                100.0 * indep / copy
             );
         }
         if let Some(mb) = machine {

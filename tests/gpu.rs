@@ -109,6 +109,47 @@ fn fixture_greedy_tokens_match_reference() {
     }
 }
 
+/// `bench --membw` on the GPU: the probes count every ternary byte of a step and leave the
+/// backend's state (KV cache, step buffers) usable: generation afterwards is unchanged.
+#[test]
+fn bandwidth_probe_counts_every_matrix_and_keeps_generation_intact() {
+    let r = reference();
+    let w = load(Path::new(DIR)).unwrap();
+    let c = w.config.clone();
+    let mut g = Generator::new(gpu(&w)).unwrap();
+    let p = &r["references"]["float32"]["prompts"][0];
+    let opts = GenerateOptions {
+        max_tokens: 8,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let before = g
+        .generate(&ids(&p["input_ids"]), &opts, None, |_, _| true)
+        .unwrap();
+    let bw = g.backend_mut().bandwidth(1);
+    let (h, q, kv, i) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    // rows x padded columns / 4 codes per byte, per layer: q|k|v, o, gate|up, down.
+    let layer = (q + 2 * kv) * pad64(h) + h * pad64(q) + 2 * i * pad64(h) + h * pad64(i);
+    assert_eq!(bw.gemv_bytes, (c.num_layers * layer / 4) as u64);
+    for (what, v) in [
+        ("copy", bw.copy),
+        ("read", bw.read),
+        ("serial", bw.gemv_serial),
+        ("independent", bw.gemv_independent),
+    ] {
+        assert!(v.is_finite() && v > 0.0, "{what}: {v}");
+    }
+    let after = g
+        .generate(&ids(&p["input_ids"]), &opts, None, |_, _| true)
+        .unwrap();
+    assert_eq!(after.tokens, before.tokens);
+}
+
 fn pad64(n: usize) -> usize {
     n.div_ceil(64) * 64
 }

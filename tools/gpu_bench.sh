@@ -4,7 +4,11 @@
 # release CLI built on the workstation (`cargo build --release && strip -o .gl/bitnet
 # target/release/bitnet`). Prints: adapter, the fixture's greedy tokens (must equal the CPU's),
 # then for 128- and 512-token prompts decode/prefill tok/s, and a decode profile with per-kernel
-# GPU time (timestamp queries, `gpu:<kernel>` entries, ms per decode step).
+# GPU time (timestamp queries, `gpu:<kernel>` entries, ms per decode step), the device's copy
+# bandwidth against the ternary GEMV's (`--membw`), and the prefill-512 kernel profile.
+# `.gl/gpu_test` (optional: `cargo test --release --test gpu --no-run`, copied there; the tests
+# find their fixtures through the checkout path they were built in) runs the GPU test suite on
+# the device first.
 set -u
 for f in .gl/*.deb; do dpkg -x "$f" /; done
 ldconfig
@@ -13,6 +17,10 @@ export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 B=${BITNET:-.gl/bitnet}
 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null
+if [ -x .gl/gpu_test ]; then
+    echo "== GPU tests on the device"
+    .gl/gpu_test --test-threads 1 2>&1 | grep -E "^test |test result|panicked"
+fi
 [ -d /tmp/m ] || $B synth --shape 2b4t --out /tmp/m >/dev/null
 echo "== fixture greedy (want [80,109,170,175,74,53,218,111,202,76,77,152,162,62,111,234])"
 $B generate --backend gpu --model tests/fixtures/tiny --tokens 297,251,21,88,201,206,250 \
@@ -22,6 +30,8 @@ for p in ${PROMPTS:-128 512}; do
     BITNET_GPU_TIMING=1 $B bench --backend gpu --model /tmp/m --prompt-len "$p" --gen ${GEN:-64} --json | tee "$OUT/bench_$p.json" |
         python3 -c 'import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ("backend","prefill_tok_s","decode_tok_s","decode_gb_s")})'
 done
+echo "== bandwidth: copy kernel vs the ternary GEMV (all layers' matrices, one token)"
+$B bench --backend gpu --model /tmp/m --prompt-len 16 --gen 8 --membw | grep -E "gpu copy|ternary gemv|machine read"
 echo "== decode profile (prompt 128)"
 $B bench --backend gpu --model /tmp/m --prompt-len 128 --gen ${GEN:-64} --profile
 echo "== prefill profile (prompt 512, every kernel of the run timed; BITNET_GPU_PROFILE)"

@@ -145,11 +145,12 @@ impl<B: Backend> Generator<B> {
     /// A generator with a KV cache of `context` positions.
     pub fn with_context(backend: B, context: usize) -> Result<Self> {
         let cache = backend.new_cache(context)?;
+        let prefill_chunk = backend.prefill_chunk();
         Ok(Generator {
             backend,
             cache,
             logits: Vec::new(),
-            prefill_chunk: PREFILL_CHUNK,
+            prefill_chunk,
             profile: None,
         })
     }

@@ -83,6 +83,11 @@ pub trait Backend {
         self.logits(LogitRows::Last, scratch)?;
         Ok(crate::engine::sampler::argmax(scratch))
     }
+    /// Most prompt tokens the generator should run in one step: the CPU's chunk by default;
+    /// the GPU backend takes the step size its buffers are planned for.
+    fn prefill_chunk(&self) -> usize {
+        crate::engine::generate::PREFILL_CHUNK
+    }
     /// Turns per-kernel device timing on or off (backends without it ignore this).
     fn set_gpu_profiling(&mut self, _on: bool) {}
     /// Device time per kernel, (name, seconds, dispatches), accumulated since profiling was

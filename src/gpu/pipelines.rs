@@ -22,6 +22,7 @@ const REDUCE_PAIRS_SHARED: &str = include_str!("../../shaders/reduce_pairs_share
 const REDUCE_PAIRS_SUBGROUP: &str = include_str!("../../shaders/reduce_pairs_subgroup.wgsl");
 const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
 const PAGED_ROPE: &str = include_str!("../../shaders/paged_rope.wgsl");
+const COPY: &str = include_str!("../../shaders/copy.wgsl");
 const PAGED_ATTENTION: &str = include_str!("../../shaders/paged_attention.wgsl");
 
 /// How a binding is used by a kernel.
@@ -97,6 +98,13 @@ pub struct Pipelines {
     pub gemm: wgpu::ComputePipeline,
     /// Ternary tiled GEMM, adding into the output.
     pub gemm_acc: wgpu::ComputePipeline,
+
+    /// Bandwidth probe layout: source, destination.
+    pub probe_layout: wgpu::BindGroupLayout,
+    /// Copy bandwidth probe.
+    pub probe_copy: wgpu::ComputePipeline,
+    /// Read bandwidth probe.
+    pub probe_read: wgpu::ComputePipeline,
     /// RoPE + KV write.
     pub rope: wgpu::ComputePipeline,
     /// Attention partials per split.
@@ -254,6 +262,24 @@ impl Pipelines {
         let m_embed = module(device, "embed", &[COMMON, EMBED]);
         let m_norm = module(device, "norm", &[COMMON, NORM]);
         let m_matmul = module(device, "matmul", &[COMMON, MATMUL]);
+        let probe_layout = layout(device, "probe", &[Read, Write]);
+        let m_copy = module(device, "copy", &[COPY]);
+        let probe_copy = pipeline(
+            device,
+            "probe_copy",
+            &probe_layout,
+            &m_copy,
+            "probe_copy",
+            &[],
+        );
+        let probe_read = pipeline(
+            device,
+            "probe_read",
+            &probe_layout,
+            &m_copy,
+            "probe_read",
+            &[],
+        );
         let wg_reduce = if subgroups {
             REDUCE_WG_SUBGROUP
         } else {
@@ -387,6 +413,9 @@ impl Pipelines {
                 "gemm",
                 &[("ACCUM", 1.0)],
             ),
+            probe_layout,
+            probe_copy,
+            probe_read,
             gemv_norm: pipeline(
                 device,
                 "gemv_norm",
