@@ -2,18 +2,7 @@
 // rows row0..row0+nrows. Weights are bf16 pairs in u32 (or f32 bits), rows padded to 8 elements.
 // Dispatch: (nrows, ceil(shard rows / (256 / TPR))); TPR invocations per row. The step rows
 // of one block of vocabulary rows are neighbouring workgroups, so a batch reads each weight
-// from memory once (the others hit L2).
-
-struct Shard {
-    row0: u32,
-    rows: u32,
-    cols: u32,
-    row_words: u32,
-    vocab: u32,
-    hn_vec4: u32,
-    pad0: u32,
-    pad1: u32,
-}
+// from memory once (the others hit L2). `struct Shard` comes from head_shard.wgsl.
 
 override F32_WEIGHTS: bool = false;
 override TPR: u32 = 32u;

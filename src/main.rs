@@ -510,13 +510,11 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
     let gen = if gpu {
         #[cfg(feature = "gpu")]
         {
-            if head != HeadMode::Native {
-                bail!(
-                    "--head {} is not supported by the GPU backend yet",
-                    args.head
-                );
-            }
-            let backend = bitnet_inference::gpu::load(&weights, &Default::default())?;
+            let opts = bitnet_inference::gpu::GpuOptions {
+                head,
+                ..Default::default()
+            };
+            let backend = bitnet_inference::gpu::load(&weights, &opts)?;
             Engine::Gpu(Box::new(Generator::new(backend)?))
         }
         #[cfg(not(feature = "gpu"))]

@@ -28,6 +28,17 @@ pub fn quantize_activations(x: &[f32], out: &mut [i8]) -> f32 {
     absmax
 }
 
+/// Quantizes one row of a float weight to int8 with its own scale (absmax / 127, round half
+/// to even; the int8 head of both backends) and returns the scale (`w ≈ q · scale`).
+pub fn quantize_weight_row(row: &[f32], q: &mut [i8]) -> f32 {
+    let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let inv = if m > 0.0 { 127.0 / m } else { 0.0 };
+    for (o, &v) in q.iter_mut().zip(row) {
+        *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    m / 127.0
+}
+
 /// Absmean ternarization of a master weight (`WeightQuant`, FORMAT.md §4):
 /// returns codes in {-1, 0, 1} and the multiplier that restores the real scale.
 pub fn ternarize_absmean(w: &[f32]) -> (Vec<i8>, f32) {

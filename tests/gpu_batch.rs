@@ -10,6 +10,8 @@ use std::time::Duration;
 use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerConfig};
 use bitnet_inference::batch::{forward_rows, BatchBackend, RowSlot};
 use bitnet_inference::config::{ModelConfig, Preset};
+use bitnet_inference::cpu::head::HeadMode;
+use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};
 use bitnet_inference::engine::sampler::SamplingParams;
 use bitnet_inference::format::{safetensors::load, synth, Weights};
@@ -19,8 +21,15 @@ mod common;
 use common::{cpu, max_abs_diff, prompts, DIR};
 
 fn gpu(w: &Weights) -> GpuBackend {
-    let b =
-        gpu::load(w, &GpuOptions::default()).expect("a wgpu adapter is required for the GPU tests");
+    gpu_head(w, HeadMode::Native)
+}
+
+fn gpu_head(w: &Weights, head: HeadMode) -> GpuBackend {
+    let opts = GpuOptions {
+        head,
+        ..Default::default()
+    };
+    let b = gpu::load(w, &opts).expect("a wgpu adapter is required for the GPU tests");
     eprintln!("{}", bitnet_inference::engine::model::Backend::describe(&b));
     b
 }
@@ -75,10 +84,24 @@ fn batched_logits<B: BatchBackend>(b: &mut B, ps: &[Vec<u32>], bs: usize) -> Vec
 /// single-sequence GPU path too). So: nine in ten positions agree to float noise (wrong paged
 /// addressing breaks nearly all of them), and none differs by more than a one-code flip.
 fn check_batched_against_cpu(w: &Weights, bs: usize, tol: f32) {
+    check_batched_head(w, bs, tol, HeadMode::Native);
+}
+
+/// [`check_batched_against_cpu`] with both backends' head stored as `head`.
+fn check_batched_head(w: &Weights, bs: usize, tol: f32, head: HeadMode) {
     let vocab = w.config.vocab_size;
     let ps = prompts(6, vocab as u32, 3);
-    let want = batched_logits(&mut cpu(w), &ps, bs);
-    let got = batched_logits(&mut gpu(w), &ps, bs);
+    let mut c = CpuBackend::load(
+        w,
+        &CpuOptions {
+            threads: 2,
+            head,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let want = batched_logits(&mut c, &ps, bs);
+    let got = batched_logits(&mut gpu_head(w, head), &ps, bs);
     let (mut close, mut total) = (0, 0);
     for (s, (g, c)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.len(), c.len());
@@ -105,6 +128,12 @@ fn check_batched_against_cpu(w: &Weights, bs: usize, tol: f32) {
 #[test]
 fn fixture_batched_rows_match_cpu() {
     check_batched_against_cpu(&load(Path::new(DIR)).unwrap(), 4, 1e-4);
+}
+
+/// The int8 head's inputs (int8 rows and their scales) are gathered like the float rows.
+#[test]
+fn fixture_batched_rows_with_int8_head_match_cpu() {
+    check_batched_head(&load(Path::new(DIR)).unwrap(), 4, 1e-4, HeadMode::Int8);
 }
 
 #[test]

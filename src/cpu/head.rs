@@ -84,12 +84,7 @@ impl Head {
                             || vec![0f32; cols],
                             |row, (i, (qr, s))| {
                                 t.row_into(r0 + i, row);
-                                let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                                *s = m / 127.0;
-                                let inv = if m > 0.0 { 127.0 / m } else { 0.0 };
-                                for (o, &v) in qr.iter_mut().zip(row.iter()) {
-                                    *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-                                }
+                                *s = crate::quant::quantize_weight_row(row, qr);
                             },
                         );
                     let es = t.dtype.size() * cols;

@@ -221,21 +221,32 @@ impl BatchBackend for GpuBackend {
             )));
         }
         self.record_final_norm();
-        // Gather the requested rows of the normed residual to the front (through the gate|up
-        // buffer: a copy may not read and write one buffer).
+        // Gather the requested rows of the head's input (the normed residual, or its int8 rows
+        // and scales for the int8 head) to the front, through the gate|up buffer: a copy may
+        // not read and write one buffer.
         if rows.iter().enumerate().any(|(i, &r)| i != r) {
-            let row = (super::buffers::pad8(self.cfg.hidden_size) * 4) as u64;
-            let (hn, scratch) = (self.bufs.hn.clone(), self.bufs.gu.clone());
-            if scratch.size() < rows.len() as u64 * row {
-                return Err(Error::Backend(
-                    "the gate|up buffer is too small to gather the head's rows".into(),
-                ));
+            let h = self.cfg.hidden_size;
+            let inputs = if self.final_norm_q_bg.is_some() {
+                vec![
+                    (self.bufs.xq.clone(), super::buffers::pad64(h) as u64),
+                    (self.bufs.xs.clone(), 4),
+                ]
+            } else {
+                vec![(self.bufs.hn.clone(), (super::buffers::pad8(h) * 4) as u64)]
+            };
+            let scratch = self.bufs.gu.clone();
+            for (src, row) in inputs {
+                if scratch.size() < rows.len() as u64 * row {
+                    return Err(Error::Backend(
+                        "the gate|up buffer is too small to gather the head's rows".into(),
+                    ));
+                }
+                let enc = self.rec.encoder();
+                for (i, &r) in rows.iter().enumerate() {
+                    enc.copy_buffer_to_buffer(&src, r as u64 * row, &scratch, i as u64 * row, row);
+                }
+                enc.copy_buffer_to_buffer(&scratch, 0, &src, 0, rows.len() as u64 * row);
             }
-            let enc = self.rec.encoder();
-            for (i, &r) in rows.iter().enumerate() {
-                enc.copy_buffer_to_buffer(&hn, r as u64 * row, &scratch, i as u64 * row, row);
-            }
-            enc.copy_buffer_to_buffer(&scratch, 0, &hn, 0, rows.len() as u64 * row);
         }
         out.clear();
         self.read_head_rows(0..rows.len(), out)

@@ -122,7 +122,7 @@ pub struct Shard {
     pub row0: usize,
     /// Rows held.
     pub rows: usize,
-    /// The rows: bf16 pairs (or f32 bits), `row_words` u32 per row.
+    /// The rows: bf16 pairs (or f32 bits, or int8), `row_words` u32 per row.
     pub buf: wgpu::Buffer,
     /// Its uniform (row0, rows, cols, row_words, vocab, hn vec4 per row).
     pub uni: wgpu::Buffer,
@@ -200,6 +200,68 @@ pub fn upload_shards(device: &wgpu::Device, t: &FloatTensor, max_bytes: u64) -> 
             buf,
             uni,
         });
+        row0 += rows;
+    }
+    Ok(shards)
+}
+
+/// Quantizes `t` (`[vocab, hidden]`) to int8 rows with per-row scales (as the CPU backend's
+/// int8 head) and uploads them as shards of at most `max_bytes`: each shard's rows (padded to
+/// 64 int8) and, beside it, its row scales.
+pub fn upload_i8_shards(
+    device: &wgpu::Device,
+    t: &FloatTensor,
+    max_bytes: u64,
+) -> Result<Vec<(Shard, wgpu::Buffer)>> {
+    let row_bytes = pad64(t.cols);
+    let rw = row_bytes / 4;
+    let per = (max_bytes as usize / row_bytes).min(t.rows);
+    if per == 0 {
+        return Err(Error::Backend(format!(
+            "{}: one int8 row ({row_bytes} bytes) exceeds the binding limit of {max_bytes} bytes",
+            t.name
+        )));
+    }
+    let mut shards = Vec::new();
+    let mut row0 = 0;
+    while row0 < t.rows {
+        let rows = per.min(t.rows - row0);
+        let mut q = vec![0i8; rows * row_bytes];
+        let mut scale = vec![0f32; rows];
+        q.par_chunks_mut(row_bytes)
+            .zip(scale.par_iter_mut())
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; t.cols],
+                |tmp, (i, (qr, s))| {
+                    t.row_into(row0 + i, tmp);
+                    *s = crate::quant::quantize_weight_row(tmp, &mut qr[..t.cols]);
+                },
+            );
+        let name = format!("{} int8 rows {row0}..", t.name);
+        let buf = storage_init(device, &name, bytemuck::cast_slice(&q));
+        let scales = storage_init(device, &name, bytemuck::cast_slice(&scale));
+        let uni = uniform(
+            device,
+            "shard",
+            &[
+                row0 as u32,
+                rows as u32,
+                t.cols as u32,
+                rw as u32,
+                t.rows as u32,
+                (pad64(t.cols) / 16) as u32,
+            ],
+        );
+        shards.push((
+            Shard {
+                row0,
+                rows,
+                buf,
+                uni,
+            },
+            scales,
+        ));
         row0 += rows;
     }
     Ok(shards)

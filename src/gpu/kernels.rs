@@ -361,15 +361,22 @@ pub fn attention_tiled(
     }
 }
 
-/// The head over one shard of `rows` vocabulary rows for `nrows` step rows.
-pub fn head(enc: &mut Recorder, p: &Pipelines, bg: &wgpu::BindGroup, rows: usize, nrows: usize) {
+/// The head (float, or `int8`) over one shard of `rows` vocabulary rows for `nrows` step rows.
+pub fn head(
+    enc: &mut Recorder,
+    p: &Pipelines,
+    bg: &wgpu::BindGroup,
+    rows: usize,
+    nrows: usize,
+    int8: bool,
+) {
     let rpw = p.rows_per_wg() as usize;
-    enc.dispatch(
-        "head",
-        &p.head,
-        bg,
-        [nrows as u32, rows.div_ceil(rpw) as u32, 1],
-    );
+    let (label, pl) = if int8 {
+        ("head_i8", &p.head_i8)
+    } else {
+        ("head", &p.head)
+    };
+    enc.dispatch(label, pl, bg, [nrows as u32, rows.div_ceil(rpw) as u32, 1]);
 }
 
 /// Argmax of logits row 0 into the result word.

@@ -25,6 +25,7 @@ use kernels::{NormKind, Recorder};
 use pipelines::{Pipelines, FUSED_MAX_WIDTH};
 
 use crate::config::ModelConfig;
+use crate::cpu::head::HeadMode;
 use crate::cpu::ops::rope_inv_freq;
 use crate::engine::generate::PREFILL_CHUNK;
 use crate::engine::model::{Backend, KvCache, Linear, LogitRows, NormSite};
@@ -50,6 +51,9 @@ pub struct GpuOptions {
     /// Decode steps fold each norm into the matmul that consumes it and RoPE + the KV write
     /// into the q|k|v matmul (5-6 dispatches a layer instead of 11); off runs one kernel per op.
     pub fused: bool,
+    /// The head's storage: the checkpoint's dtype, or int8 rows with per-row scales (half the
+    /// bytes of a bf16 head; logits as the CPU backend's int8 head).
+    pub head: HeadMode,
 }
 
 impl Default for GpuOptions {
@@ -59,6 +63,7 @@ impl Default for GpuOptions {
             subgroups: true,
             max_binding_bytes: None,
             fused: true,
+            head: HeadMode::Native,
         }
     }
 }
@@ -190,6 +195,8 @@ pub struct GpuBackend {
     embed_shards: Vec<(Shard, wgpu::BindGroup)>,
     head_shards: Vec<(Shard, wgpu::BindGroup)>,
     head_bytes: u64,
+    /// With the int8 head: the final norm into int8 rows (xq, xs) it reads.
+    final_norm_q_bg: Option<wgpu::BindGroup>,
     inv_freq: Vec<f32>,
     max_step: usize,
     max_binding: u64,
@@ -474,13 +481,10 @@ impl GpuBackend {
                 fused,
             });
         }
-        let final_norm_bg = nbg(
-            "final_norm",
-            &norm_f,
-            &bufs.x,
-            &gamma("final_norm", &w.final_norm),
-            &bufs.hn,
-        );
+        let g_final = gamma("final_norm", &w.final_norm);
+        let final_norm_bg = nbg("final_norm", &norm_f, &bufs.x, &g_final, &bufs.hn);
+        let final_norm_q_bg = (opts.head == HeadMode::Int8)
+            .then(|| nbg("final_norm_q", &norm_h, &bufs.x, &g_final, &bufs.xq));
 
         let argmax_params = uniform(
             device,
@@ -519,8 +523,37 @@ impl GpuBackend {
             (s, g)
         };
         let embed_raw = buffers::upload_shards(device, &w.embed, shard_bytes)?;
-        let head_bytes = (head_t.rows * buffers::head_row_words(head_t) * 4) as u64;
+        let int8_head = opts.head == HeadMode::Int8;
+        let head_bytes = if int8_head {
+            (head_t.rows * (pad64(head_t.cols) + 4)) as u64
+        } else {
+            (head_t.rows * buffers::head_row_words(head_t) * 4) as u64
+        };
         let (embed_shards, head_shards) = match &w.lm_head {
+            _ if int8_head => {
+                let e = embed_raw.into_iter().map(|s| make(s, &embed_bg)).collect();
+                let hs = buffers::upload_i8_shards(device, head_t, shard_bytes)?
+                    .into_iter()
+                    .map(|(s, scales)| {
+                        let bg = bind_group(
+                            device,
+                            "head_i8",
+                            &pipes.head_i8_layout,
+                            &[
+                                &bufs.step,
+                                &s.uni,
+                                &s.buf,
+                                &scales,
+                                &bufs.xq,
+                                &bufs.xs,
+                                &bufs.logits,
+                            ],
+                        );
+                        (s, bg)
+                    })
+                    .collect();
+                (e, hs)
+            }
             None => {
                 let mut e = Vec::new();
                 let mut hs = Vec::new();
@@ -576,6 +609,7 @@ impl GpuBackend {
             embed_shards,
             head_shards,
             head_bytes,
+            final_norm_q_bg,
             max_step,
             max_binding,
             logit_rows,
@@ -677,15 +711,14 @@ impl GpuBackend {
     }
 
     /// Records the final norm of every row of the step.
+    /// With the int8 head, the norm quantizes the rows to int8 instead (xq, xs).
     fn record_final_norm(&mut self) {
         let t = self.t();
-        kernels::norm(
-            &mut self.rec,
-            &self.pipes,
-            NormKind::F32,
-            &self.final_norm_bg,
-            t,
-        );
+        let (kind, bg) = match &self.final_norm_q_bg {
+            Some(bg) => (NormKind::Quant, bg),
+            None => (NormKind::F32, &self.final_norm_bg),
+        };
+        kernels::norm(&mut self.rec, &self.pipes, kind, bg, t);
     }
 
     /// Runs the head over the final-normed rows `range` (recorded with the step so far),
@@ -703,8 +736,9 @@ impl GpuBackend {
             self.step[5] = r0 as u32;
             self.step[6] = n as u32;
             let bytes = (n * vocab * 4) as u64;
+            let int8 = self.final_norm_q_bg.is_some();
             for (s, bg) in &self.head_shards {
-                kernels::head(&mut self.rec, &self.pipes, bg, s.rows, n);
+                kernels::head(&mut self.rec, &self.pipes, bg, s.rows, n, int8);
             }
             let (logits, readback) = (self.bufs.logits.clone(), self.bufs.readback.clone());
             self.rec
@@ -725,8 +759,9 @@ impl GpuBackend {
         self.record_final_norm();
         self.step[5] = (t - 1) as u32;
         self.step[6] = 1;
+        let int8 = self.final_norm_q_bg.is_some();
         for (s, bg) in &self.head_shards {
-            kernels::head(&mut self.rec, &self.pipes, bg, s.rows, 1);
+            kernels::head(&mut self.rec, &self.pipes, bg, s.rows, 1, int8);
         }
     }
 
@@ -858,7 +893,12 @@ impl Backend for GpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("gpu ({})", self.ctx.desc)
+        let head = if self.final_norm_q_bg.is_some() {
+            ", int8 head"
+        } else {
+            ""
+        };
+        format!("gpu ({}{head})", self.ctx.desc)
     }
 
     fn prefill_chunk(&self) -> usize {

@@ -14,7 +14,9 @@ const ROPE: &str = include_str!("../../shaders/rope.wgsl");
 const ROPE_HEAD: &str = include_str!("../../shaders/rope_head.wgsl");
 const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
 const ATTEND_VEC_COMMON: &str = include_str!("../../shaders/attend_vec_common.wgsl");
+const HEAD_SHARD: &str = include_str!("../../shaders/head_shard.wgsl");
 const HEAD: &str = include_str!("../../shaders/head.wgsl");
+const HEAD_I8: &str = include_str!("../../shaders/head_i8.wgsl");
 const GEMV_FUSED: &str = include_str!("../../shaders/gemv_fused.wgsl");
 const REDUCE_WG_SHARED: &str = include_str!("../../shaders/reduce_wg_shared.wgsl");
 const REDUCE_WG_SUBGROUP: &str = include_str!("../../shaders/reduce_wg_subgroup.wgsl");
@@ -117,6 +119,10 @@ pub struct Pipelines {
     pub attend_tiled: wgpu::ComputePipeline,
     /// Output head.
     pub head: wgpu::ComputePipeline,
+    /// The int8 head (`--head int8`).
+    pub head_i8: wgpu::ComputePipeline,
+    /// Its layout: step, shard, int8 rows, row scales, xq, xscale, logits.
+    pub head_i8_layout: wgpu::BindGroupLayout,
     /// Argmax layout: params, logits, partials, result.
     pub argmax_layout: wgpu::BindGroupLayout,
     /// Argmax partials.
@@ -323,7 +329,13 @@ impl Pipelines {
         let m_argmax = module(device, "argmax", &[COMMON, ARGMAX]);
         let m_rope = module(device, "rope", &[COMMON, ROPE_HEAD, ROPE]);
         let m_attn = module(device, "attention", &[COMMON, ATTEND_VEC_COMMON, ATTENTION]);
-        let m_head = module(device, "head", &[COMMON, reduce, HEAD]);
+        let m_head = module(device, "head", &[COMMON, reduce, HEAD_SHARD, HEAD]);
+        let m_head_i8 = module(device, "head_i8", &[COMMON, reduce, HEAD_SHARD, HEAD_I8]);
+        let head_i8_layout = layout(
+            device,
+            "head_i8",
+            &[Uniform, Uniform, Read, Read, Read, Read, Write],
+        );
         let m_paged_rope = module(device, "paged_rope", &[COMMON, ROPE_HEAD, PAGED_ROPE]);
         let m_paged_attn = module(
             device,
@@ -475,6 +487,15 @@ impl Pipelines {
                 "main",
                 &[("F32_WEIGHTS", f32w), ("TPR", tprf)],
             ),
+            head_i8: pipeline(
+                device,
+                "head_i8",
+                &head_i8_layout,
+                &m_head_i8,
+                "main",
+                &[("TPR", tprf)],
+            ),
+            head_i8_layout,
             argmax_partial: pipeline(
                 device,
                 "argmax_partial",

@@ -202,6 +202,7 @@ fn start_gpu(
 ) -> Result<Scheduler> {
     let gopts = crate::gpu::GpuOptions {
         max_step: sc.step_tokens,
+        head: opts.head,
         ..Default::default()
     };
     let backend = crate::gpu::GpuBackend::load(weights, &gopts)?;

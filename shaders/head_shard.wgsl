@@ -1,0 +1,11 @@
+// One shard of the vocabulary rows of the output head (src/gpu/buffers.rs `Shard`).
+struct Shard {
+    row0: u32,
+    rows: u32,
+    cols: u32,
+    row_words: u32,
+    vocab: u32,
+    hn_vec4: u32, // vec4 per row of the head's input (f32, or int8 for the int8 head)
+    pad0: u32,
+    pad1: u32,
+}
