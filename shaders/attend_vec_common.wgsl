@@ -26,20 +26,20 @@ fn qk4(kr: u32, hd4: u32) -> f32 {
     var acc = 0.0;
     var d = 0u;
     for (; d + 8u <= hd4; d = d + 8u) {
-        let k0 = kc4[kr + d];
-        let k1 = kc4[kr + d + 1u];
-        let k2 = kc4[kr + d + 2u];
-        let k3 = kc4[kr + d + 3u];
-        let k4 = kc4[kr + d + 4u];
-        let k5 = kc4[kr + d + 5u];
-        let k6 = kc4[kr + d + 6u];
-        let k7 = kc4[kr + d + 7u];
+        let k0 = k4_at(kr + d);
+        let k1 = k4_at(kr + d + 1u);
+        let k2 = k4_at(kr + d + 2u);
+        let k3 = k4_at(kr + d + 3u);
+        let k4 = k4_at(kr + d + 4u);
+        let k5 = k4_at(kr + d + 5u);
+        let k6 = k4_at(kr + d + 6u);
+        let k7 = k4_at(kr + d + 7u);
         acc = acc + dot(q4[d], k0) + dot(q4[d + 1u], k1) + dot(q4[d + 2u], k2)
             + dot(q4[d + 3u], k3) + dot(q4[d + 4u], k4) + dot(q4[d + 5u], k5)
             + dot(q4[d + 6u], k6) + dot(q4[d + 7u], k7);
     }
     for (; d < hd4; d = d + 1u) {
-        acc = acc + dot(q4[d], kc4[kr + d]);
+        acc = acc + dot(q4[d], k4_at(kr + d));
     }
     return acc;
 }

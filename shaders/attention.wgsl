@@ -17,13 +17,13 @@ struct AttnP {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> ap: AttnP;
 @group(0) @binding(2) var<storage, read> qkv: array<f32>;
-@group(0) @binding(3) var<storage, read> kc: array<f32>;
-@group(0) @binding(4) var<storage, read> vc: array<f32>;
+@group(0) @binding(3) var<storage, read> kc: array<KV_S>;
+@group(0) @binding(4) var<storage, read> vc: array<KV_S>;
 @group(0) @binding(5) var<storage, read_write> part: array<f32>;
 @group(0) @binding(6) var<storage, read_write> attn: array<f32>;
 // The same K and V caches seen as vec4 rows (attend_vec: hd % 4 == 0).
-@group(0) @binding(7) var<storage, read> kc4: array<vec4<f32>>;
-@group(0) @binding(8) var<storage, read> vc4: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> kc4: array<KV_V4>;
+@group(0) @binding(8) var<storage, read> vc4: array<KV_V4>;
 
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> sc: array<f32, 64>;
@@ -55,14 +55,14 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             // Eight loads in flight; the sum keeps the sequential order.
             var d = 0u;
             for (; d + 8u <= hd; d = d + 8u) {
-                let k0 = kc[kb + d];
-                let k1 = kc[kb + d + 1u];
-                let k2 = kc[kb + d + 2u];
-                let k3 = kc[kb + d + 3u];
-                let k4 = kc[kb + d + 4u];
-                let k5 = kc[kb + d + 5u];
-                let k6 = kc[kb + d + 6u];
-                let k7 = kc[kb + d + 7u];
+                let k0 = k_at(kb + d);
+                let k1 = k_at(kb + d + 1u);
+                let k2 = k_at(kb + d + 2u);
+                let k3 = k_at(kb + d + 3u);
+                let k4 = k_at(kb + d + 4u);
+                let k5 = k_at(kb + d + 5u);
+                let k6 = k_at(kb + d + 6u);
+                let k7 = k_at(kb + d + 7u);
                 dot = dot + qs[d] * k0;
                 dot = dot + qs[d + 1u] * k1;
                 dot = dot + qs[d + 2u] * k2;
@@ -73,7 +73,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                 dot = dot + qs[d + 7u] * k7;
             }
             for (; d < hd; d = d + 1u) {
-                dot = dot + qs[d] * kc[kb + d];
+                dot = dot + qs[d] * k_at(kb + d);
             }
             score = dot * ap.scale;
         }
@@ -100,14 +100,14 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                 let vb = kbase + b * hd + d;
                 var i = 0u;
                 for (; i + 8u <= n; i = i + 8u) {
-                    let v0 = vc[vb + i * hd];
-                    let v1 = vc[vb + (i + 1u) * hd];
-                    let v2 = vc[vb + (i + 2u) * hd];
-                    let v3 = vc[vb + (i + 3u) * hd];
-                    let v4 = vc[vb + (i + 4u) * hd];
-                    let v5 = vc[vb + (i + 5u) * hd];
-                    let v6 = vc[vb + (i + 6u) * hd];
-                    let v7 = vc[vb + (i + 7u) * hd];
+                    let v0 = v_at(vb + i * hd);
+                    let v1 = v_at(vb + (i + 1u) * hd);
+                    let v2 = v_at(vb + (i + 2u) * hd);
+                    let v3 = v_at(vb + (i + 3u) * hd);
+                    let v4 = v_at(vb + (i + 4u) * hd);
+                    let v5 = v_at(vb + (i + 5u) * hd);
+                    let v6 = v_at(vb + (i + 6u) * hd);
+                    let v7 = v_at(vb + (i + 7u) * hd);
                     acc = acc + ex[i] * v0;
                     acc = acc + ex[i + 1u] * v1;
                     acc = acc + ex[i + 2u] * v2;
@@ -118,7 +118,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                     acc = acc + ex[i + 7u] * v7;
                 }
                 for (; i < n; i = i + 1u) {
-                    acc = acc + ex[i] * vc[vb + i * hd];
+                    acc = acc + ex[i] * v_at(vb + i * hd);
                 }
                 o[k] = acc;
             }
@@ -226,8 +226,8 @@ fn attend_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             var vv = vec4<f32>(0.0);
             if j < n {
                 let a = kbase + (b + j) * hd + 4u * c;
-                kv = vec4<f32>(kc[a], kc[a + 1u], kc[a + 2u], kc[a + 3u]);
-                vv = vec4<f32>(vc[a], vc[a + 1u], vc[a + 2u], vc[a + 3u]);
+                kv = vec4<f32>(k_at(a), k_at(a + 1u), k_at(a + 2u), k_at(a + 3u));
+                vv = vec4<f32>(v_at(a), v_at(a + 1u), v_at(a + 2u), v_at(a + 3u));
             }
             tk[i] = kv;
             tv[i] = vv;
@@ -365,19 +365,19 @@ fn attend_vec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
             let vr = kb4 + b * hd4 + c4;
             var i = i0;
             for (; i + 8u <= n; i = i + 8u) {
-                let v0 = vc4[vr + i * hd4];
-                let v1 = vc4[vr + (i + 1u) * hd4];
-                let v2 = vc4[vr + (i + 2u) * hd4];
-                let v3 = vc4[vr + (i + 3u) * hd4];
-                let v4 = vc4[vr + (i + 4u) * hd4];
-                let v5 = vc4[vr + (i + 5u) * hd4];
-                let v6 = vc4[vr + (i + 6u) * hd4];
-                let v7 = vc4[vr + (i + 7u) * hd4];
+                let v0 = v4_at(vr + i * hd4);
+                let v1 = v4_at(vr + (i + 1u) * hd4);
+                let v2 = v4_at(vr + (i + 2u) * hd4);
+                let v3 = v4_at(vr + (i + 3u) * hd4);
+                let v4 = v4_at(vr + (i + 4u) * hd4);
+                let v5 = v4_at(vr + (i + 5u) * hd4);
+                let v6 = v4_at(vr + (i + 6u) * hd4);
+                let v7 = v4_at(vr + (i + 7u) * hd4);
                 o = o + dp[i] * v0 + dp[i + 1u] * v1 + dp[i + 2u] * v2 + dp[i + 3u] * v3
                     + dp[i + 4u] * v4 + dp[i + 5u] * v5 + dp[i + 6u] * v6 + dp[i + 7u] * v7;
             }
             for (; i < n; i = i + 1u) {
-                o = o + dp[i] * vc4[vr + i * hd4];
+                o = o + dp[i] * v4_at(vr + i * hd4);
             }
         }
         m = mn;

@@ -45,8 +45,8 @@ const XMAX: u32 = 448u;
 @group(0) @binding(5) var<storage, read> gamma: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<storage, read> table: array<vec2<f32>>;
-@group(0) @binding(8) var<storage, read_write> kc: array<f32>;
-@group(0) @binding(9) var<storage, read_write> vc: array<f32>;
+@group(0) @binding(8) var<storage, read_write> kc: array<KV_W>;
+@group(0) @binding(9) var<storage, read_write> vc: array<KV_W>;
 
 var<workgroup> xw: array<vec4<u32>, XMAX>;
 
@@ -200,15 +200,15 @@ fn gemv_norm_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
                 out[ob + b_row] = nb;
                 if a_row >= fp.q_dim {
                     let cb = (((a_row - fp.q_dim) / fp.hd) * step.cap + p) * fp.hd + j;
-                    kc[cb] = na;
-                    kc[cb + half] = nb;
+                    k_put(cb, na);
+                    k_put(cb + half, nb);
                 }
             } else {
                 out[ob + a_row] = a;
                 out[ob + b_row] = b;
                 let cb = (((a_row - fp.q_dim - fp.kv_dim) / fp.hd) * step.cap + p) * fp.hd + j;
-                vc[cb] = a;
-                vc[cb + half] = b;
+                v_put(cb, a);
+                v_put(cb + half, b);
             }
         }
     }

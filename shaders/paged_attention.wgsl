@@ -23,8 +23,8 @@ struct PagedP {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> pp: PagedP;
 @group(0) @binding(2) var<storage, read> qkv: array<f32>;
-@group(0) @binding(3) var<storage, read> kc4: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> vc4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> kc4: array<KV_V4>;
+@group(0) @binding(4) var<storage, read> vc4: array<KV_V4>;
 @group(0) @binding(5) var<storage, read> rows: array<vec2<u32>>;
 @group(0) @binding(6) var<storage, read> blocks: array<u32>;
 @group(0) @binding(7) var<storage, read_write> attn: array<f32>;
@@ -73,14 +73,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let n = min(i0 + 32u, len - b);
             var i = i0;
             for (; i + 4u <= n; i = i + 4u) {
-                let v0 = vc4[row4(s, kh, b + i) + c4];
-                let v1 = vc4[row4(s, kh, b + i + 1u) + c4];
-                let v2 = vc4[row4(s, kh, b + i + 2u) + c4];
-                let v3 = vc4[row4(s, kh, b + i + 3u) + c4];
+                let v0 = v4_at(row4(s, kh, b + i) + c4);
+                let v1 = v4_at(row4(s, kh, b + i + 1u) + c4);
+                let v2 = v4_at(row4(s, kh, b + i + 2u) + c4);
+                let v3 = v4_at(row4(s, kh, b + i + 3u) + c4);
                 o = o + dp[i] * v0 + dp[i + 1u] * v1 + dp[i + 2u] * v2 + dp[i + 3u] * v3;
             }
             for (; i < n; i = i + 1u) {
-                o = o + dp[i] * vc4[row4(s, kh, b + i) + c4];
+                o = o + dp[i] * v4_at(row4(s, kh, b + i) + c4);
             }
         }
         m = mn;

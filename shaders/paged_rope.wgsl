@@ -22,8 +22,8 @@ struct PagedP {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> pp: PagedP;
 @group(0) @binding(2) var<storage, read_write> qkv: array<f32>;
-@group(0) @binding(3) var<storage, read_write> kc: array<f32>;
-@group(0) @binding(4) var<storage, read_write> vc: array<f32>;
+@group(0) @binding(3) var<storage, read_write> kc: array<KV_W>;
+@group(0) @binding(4) var<storage, read_write> vc: array<KV_W>;
 @group(0) @binding(5) var<storage, read> table: array<vec2<f32>>;
 @group(0) @binding(6) var<storage, read> rows: array<vec2<u32>>;
 @group(0) @binding(7) var<storage, read> blocks: array<u32>;

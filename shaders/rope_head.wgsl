@@ -13,14 +13,14 @@ fn rope_head(li: u32, base: u32, cbase: u32, p: u32, is_k: bool, hd: u32, kv_dim
         qkv[base + j] = na;
         qkv[base + j + half] = nb;
         if is_k {
-            kc[cbase + j] = na;
-            kc[cbase + j + half] = nb;
+            k_put(cbase + j, na);
+            k_put(cbase + j + half, nb);
         }
     }
     if is_k {
         let vbase = base + kv_dim;
         for (var d = li; d < hd; d = d + 64u) {
-            vc[cbase + d] = qkv[vbase + d];
+            v_put(cbase + d, qkv[vbase + d]);
         }
     }
 }

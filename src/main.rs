@@ -13,7 +13,7 @@ use bitnet_inference::cpu::head::HeadMode;
 use bitnet_inference::cpu::kernels::Kernels;
 use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
-use bitnet_inference::engine::model::Backend;
+use bitnet_inference::engine::model::{Backend, KvDtype};
 use bitnet_inference::engine::sampler::SamplingParams;
 use bitnet_inference::format;
 use bitnet_inference::tokenizer::{ChatMessage, Tokenizer};
@@ -83,6 +83,9 @@ struct ModelArgs {
     /// Head storage: native (checkpoint dtype) or int8 (per-row scales).
     #[arg(long, default_value = "native")]
     head: String,
+    /// KV cache element type: f32, or f16 (GPU backend: half the cache memory and reads).
+    #[arg(long, default_value = "f32")]
+    kv: String,
 }
 
 #[derive(Args)]
@@ -247,6 +250,9 @@ struct ServeArgs {
     /// Head storage: native (exact) or int8 (per-row scales; faster for large batches).
     #[arg(long, default_value = "native")]
     head: String,
+    /// KV pool element type: f32, or f16 (GPU backend: twice the positions per MiB).
+    #[arg(long, default_value = "f32")]
+    kv: String,
     /// Most sequences decoding together.
     #[arg(long, default_value_t = 64)]
     max_batch: usize,
@@ -413,6 +419,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         gpu: choose_gpu(a.backend)?,
         threads: a.threads,
         head: bitnet_inference::cpu::head::HeadMode::parse(&a.head)?,
+        kv: KvDtype::parse(&a.kv)?,
         scheduler: SchedulerConfig {
             max_batch: a.max_batch,
             max_queue: a.max_queue,
@@ -507,11 +514,19 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
     } else {
         args.threads
     };
+    let kv = KvDtype::parse(&args.kv)?;
+    if kv != KvDtype::F32 && !gpu {
+        bail!(
+            "--kv {} needs the GPU backend (the CPU's KV cache is f32)",
+            args.kv
+        );
+    }
     let gen = if gpu {
         #[cfg(feature = "gpu")]
         {
             let opts = bitnet_inference::gpu::GpuOptions {
                 head,
+                kv,
                 ..Default::default()
             };
             let backend = bitnet_inference::gpu::load(&weights, &opts)?;
@@ -524,6 +539,7 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
             threads,
             head,
             kernels: Some(Kernels::by_name(&args.kernels)?),
+            kv,
         };
         Engine::Cpu(Box::new(Generator::new(CpuBackend::load(
             &weights, &opts,

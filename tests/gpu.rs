@@ -10,7 +10,7 @@ use bitnet_inference::cpu::head::HeadMode;
 use bitnet_inference::cpu::ops;
 use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
-use bitnet_inference::engine::model::{forward, Backend, Linear, LogitRows, NormSite};
+use bitnet_inference::engine::model::{forward, Backend, KvDtype, Linear, LogitRows, NormSite};
 use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, Activation, GpuBackend, GpuOptions};
 use rand::rngs::StdRng;
@@ -358,9 +358,37 @@ fn ternary_matmul_is_exact_gemv_and_gemm() {
 
 #[test]
 fn rope_kv_write_and_attention_match_cpu_ops() {
-    let cfg = odd_config();
-    let (_dir, w) = synth_model(&cfg, 13);
-    let mut g = gpu(&w);
+    let fixture_like = ModelConfig {
+        hidden_size: 64,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        ..odd_config()
+    };
+    for cfg in [odd_config(), fixture_like] {
+        for kv in [KvDtype::F32, KvDtype::F16] {
+            rope_kv_write_and_attention_at(&cfg, kv);
+        }
+    }
+}
+
+/// [`rope_kv_write_and_attention_match_cpu_ops`] with a `kv` cache (the host reference rounds
+/// keys and values to f16 for an f16 one).
+fn rope_kv_write_and_attention_at(cfg: &ModelConfig, kv_dtype: KvDtype) {
+    let (_dir, w) = synth_model(cfg, 13);
+    let mut g = gpu_with(
+        &w,
+        &GpuOptions {
+            kv: kv_dtype,
+            ..Default::default()
+        },
+    );
+    let round = |x: &[f32]| -> Vec<f32> {
+        match kv_dtype {
+            KvDtype::F32 => x.to_vec(),
+            KvDtype::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+        }
+    };
     let mut rng = StdRng::seed_from_u64(3);
     let (hd, q, kv) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
     let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
@@ -388,8 +416,9 @@ fn rope_kv_write_and_attention_match_cpu_ops() {
             }
             for kh in 0..nkv {
                 let dst = (kh * cap + pos + ti) * hd;
-                kc[dst..dst + hd].copy_from_slice(&row[q + kh * hd..q + (kh + 1) * hd]);
-                vc[dst..dst + hd].copy_from_slice(&row[q + kv + kh * hd..q + kv + (kh + 1) * hd]);
+                kc[dst..dst + hd].copy_from_slice(&round(&row[q + kh * hd..q + (kh + 1) * hd]));
+                vc[dst..dst + hd]
+                    .copy_from_slice(&round(&row[q + kv + kh * hd..q + kv + (kh + 1) * hd]));
             }
         }
         let d = max_abs_diff(&got_qkv[..t * stride], &want_qkv);
@@ -413,7 +442,7 @@ fn rope_kv_write_and_attention_match_cpu_ops() {
                 let d = max_abs_diff(gw, &out);
                 assert!(
                     d <= 1e-5,
-                    "attention t={t} pos={pos} token {ti} head {h}: {d}"
+                    "{kv_dtype:?} attention t={t} pos={pos} token {ti} head {h}: {d}"
                 );
             }
         }
@@ -590,6 +619,154 @@ fn int8_head_effect_on_fixture_logits() {
         assert!(effect > 1e-3 && effect < 0.2, "{}: {effect}", p["name"]);
         let a = gi.generate(&prompt, &opts, None, |_, _| true).unwrap();
         assert_eq!(a.tokens, ids(&p["greedy_tokens"]), "{}", p["name"]);
+    }
+}
+
+/// Per-position max |Δ| of two backends' logits.
+fn per_position(a: &[f32], b: &[f32], vocab: usize) -> Vec<f32> {
+    a.chunks(vocab)
+        .zip(b.chunks(vocab))
+        .map(|(x, y)| max_abs_diff(x, y))
+        .collect()
+}
+
+/// `--kv f16`: every attention path reads and writes the same f16 values (tiled prefill and
+/// split attention, decode with the fused and the unfused KV writers, the scalar kernel of
+/// head_dim 4 agree with each other as closely as with f32), and the result is the CPU
+/// backend's with its cache rounded to f16.
+#[test]
+fn f16_kv_cache_paths_agree_and_stay_close_to_f32() {
+    let shapes = [
+        odd_config(),
+        ModelConfig {
+            vocab_size: 64,
+            hidden_size: 20,
+            intermediate_size: 12,
+            num_layers: 1,
+            num_heads: 5,
+            num_kv_heads: 5,
+            head_dim: 4,
+            max_position_embeddings: 160,
+            ..Preset::Tiny.config()
+        },
+    ];
+    for (n, cfg) in shapes.iter().enumerate() {
+        let (_dir, w) = synth_model(cfg, 40 + n as u64);
+        let vocab = cfg.vocab_size;
+        let mut rng = StdRng::seed_from_u64(7);
+        let seq: Vec<u32> = (0..140)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect();
+        // Teacher-forced logits of every position: one prefill step, or (chunk 1) one decode
+        // step per token.
+        let run = |kv, fused, chunk: Option<usize>| {
+            let opts = GpuOptions {
+                kv,
+                fused,
+                ..Default::default()
+            };
+            let mut gen = Generator::with_context(gpu_with(&w, &opts), 141).unwrap();
+            if let Some(c) = chunk {
+                gen.set_prefill_chunk(c);
+            }
+            gen.logits(&seq, true).unwrap()
+        };
+        let f32_prefill = run(KvDtype::F32, true, None);
+        let f32_decode = run(KvDtype::F32, true, Some(1));
+        let f16_prefill = run(KvDtype::F16, true, None);
+        let paths32 = per_position(&f32_prefill, &f32_decode, vocab);
+        let worst32 = paths32.iter().copied().fold(0.0, f32::max);
+        for (what, other) in [
+            ("fused decode", run(KvDtype::F16, true, Some(1))),
+            ("unfused decode", run(KvDtype::F16, false, Some(1))),
+        ] {
+            let d = per_position(&f16_prefill, &other, vocab);
+            let worst = d.iter().copied().fold(0.0, f32::max);
+            eprintln!("shape {n}: f16 prefill vs {what} {worst} (f32: {worst32})");
+            assert!(worst <= worst32.max(1e-4) * 2.0, "shape {n} {what}: {d:?}");
+        }
+        let d = per_position(&f16_prefill, &f32_prefill, vocab);
+        let worst = d.iter().copied().fold(0.0, f32::max);
+        let mean = d.iter().sum::<f32>() / d.len() as f32;
+        eprintln!("shape {n}: f16 vs f32 KV worst {worst}, mean {mean}");
+        // The CPU backend rounding its cache to f16 computes the same thing.
+        let c = CpuBackend::load(
+            &w,
+            &CpuOptions {
+                threads: 2,
+                kv: KvDtype::F16,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let want = Generator::with_context(c, 141)
+            .unwrap()
+            .logits(&seq, true)
+            .unwrap();
+        check_positions(
+            &f16_prefill,
+            &want,
+            vocab,
+            1e-5,
+            "f16 KV vs CPU f16 rounding",
+        );
+    }
+}
+
+/// The f16 KV cache on the fixture: its logits against the transformers float32 reference
+/// (the effect BENCHMARKS.md reports) and the CPU backend's with an f16-rounded cache (equal),
+/// with the same greedy tokens as that CPU run.
+#[test]
+fn f16_kv_cache_effect_on_fixture_logits() {
+    let r = reference();
+    let w = load(Path::new(DIR)).unwrap();
+    let opts = GpuOptions {
+        kv: KvDtype::F16,
+        ..Default::default()
+    };
+    let mut g = Generator::new(gpu_with(&w, &opts)).unwrap();
+    let c = CpuBackend::load(
+        &w,
+        &CpuOptions {
+            threads: 2,
+            kv: KvDtype::F16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut c = Generator::new(c).unwrap();
+    let gen = GenerateOptions {
+        max_tokens: 16,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    for p in r["references"]["float32"]["prompts"].as_array().unwrap() {
+        let prompt = ids(&p["input_ids"]);
+        let got = g.logits(&prompt, false).unwrap();
+        let want = floats(&p["prefill_last_logits"]);
+        let effect = max_abs_diff(&got, &want);
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / want.len() as f32;
+        let vs_cpu = max_abs_diff(&got, &c.logits(&prompt, false).unwrap());
+        let out = g.generate(&prompt, &gen, None, |_, _| true).unwrap();
+        let same = out
+            .tokens
+            .iter()
+            .zip(ids(&p["greedy_tokens"]))
+            .take_while(|(a, b)| **a == *b)
+            .count();
+        eprintln!(
+            "{}: f16 KV vs reference max {effect:.4} mean {mean:.4}, vs CPU f16 {vs_cpu}, \
+             greedy prefix {same}/16",
+            p["name"]
+        );
+        assert!(vs_cpu <= 1e-4, "{}: {vs_cpu}", p["name"]);
+        let cpu_out = c.generate(&prompt, &gen, None, |_, _| true).unwrap();
+        assert_eq!(out.tokens, cpu_out.tokens, "{}", p["name"]);
     }
 }
 

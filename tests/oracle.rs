@@ -24,6 +24,7 @@ fn generator(kernels: Kernels, head: HeadMode) -> Generator<CpuBackend> {
                 threads: 2,
                 head,
                 kernels: Some(kernels),
+                ..Default::default()
             },
         )
         .unwrap(),

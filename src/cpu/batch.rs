@@ -64,8 +64,9 @@ impl BatchBackend for CpuBackend {
             let block = tables[slot.seq][p / bs];
             for h in 0..c.num_kv_heads {
                 let dst = pool.at(block, layer, h, p % bs);
-                pool.k[dst..dst + hd].copy_from_slice(&row[q + h * hd..q + (h + 1) * hd]);
-                pool.v[dst..dst + hd].copy_from_slice(&row[q + kv + h * hd..q + kv + (h + 1) * hd]);
+                let (ks, vs) = (q + h * hd, q + kv + h * hd);
+                super::write_kv(&mut pool.k[dst..dst + hd], &row[ks..ks + hd], self.kv);
+                super::write_kv(&mut pool.v[dst..dst + hd], &row[vs..vs + hd], self.kv);
             }
         }
     }

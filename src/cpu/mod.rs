@@ -11,7 +11,7 @@ pub mod team;
 use std::cell::RefCell;
 
 use crate::config::ModelConfig;
-use crate::engine::model::{Backend, KvCache, Linear, LogitRows, NormSite};
+use crate::engine::model::{Backend, KvCache, KvDtype, Linear, LogitRows, NormSite};
 use crate::error::{Error, Result};
 use crate::format::{FloatTensor, Weights};
 use head::{Head, HeadMode};
@@ -28,6 +28,21 @@ pub struct CpuOptions {
     pub head: HeadMode,
     /// Kernel set (None = the fastest detected).
     pub kernels: Option<Kernels>,
+    /// KV precision: f16 rounds every cached key and value to f16 (stored in f32), the
+    /// numerics of the GPU's f16 cache, for comparing the two.
+    pub kv: KvDtype,
+}
+
+/// Copies keys or values into the cache at `kv`'s precision.
+fn write_kv(dst: &mut [f32], src: &[f32], kv: KvDtype) {
+    match kv {
+        KvDtype::F32 => dst.copy_from_slice(src),
+        KvDtype::F16 => {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = half::f16::from_f32(s).to_f32();
+            }
+        }
+    }
 }
 
 struct CpuLayer {
@@ -82,6 +97,7 @@ pub struct CpuBackend {
     layers: Vec<CpuLayer>,
     inv_freq: Vec<f32>,
     step: Step,
+    kv: KvDtype,
 }
 
 thread_local! {
@@ -162,6 +178,7 @@ impl CpuBackend {
             final_norm: w.final_norm.clone(),
             layers,
             step: Step::default(),
+            kv: opts.kv,
         })
     }
 
@@ -394,9 +411,9 @@ impl Backend for CpuBackend {
             }
             for h in 0..c.num_kv_heads {
                 let dst = ((layer * c.num_kv_heads + h) * cap + p) * hd;
-                cache.k[dst..dst + hd].copy_from_slice(&row[q + h * hd..q + (h + 1) * hd]);
-                cache.v[dst..dst + hd]
-                    .copy_from_slice(&row[q + kv + h * hd..q + kv + (h + 1) * hd]);
+                let (ks, vs) = (q + h * hd, q + kv + h * hd);
+                write_kv(&mut cache.k[dst..dst + hd], &row[ks..ks + hd], self.kv);
+                write_kv(&mut cache.v[dst..dst + hd], &row[vs..vs + hd], self.kv);
             }
         }
     }

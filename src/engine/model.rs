@@ -42,6 +42,38 @@ pub trait KvCache {
     fn capacity(&self) -> usize;
 }
 
+/// The element type of a KV cache (and of a serving pool): f32 everywhere, f16 on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// f32, as the CPU backend (exact against it).
+    #[default]
+    F32,
+    /// f16 pairs in u32 words: half the memory and half the attention reads, keys and values
+    /// rounded to f16.
+    F16,
+}
+
+impl KvDtype {
+    /// Parses `f32` or `f16`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            other => Err(Error::Config(format!(
+                "unknown KV cache type `{other}` (expected f32 or f16)"
+            ))),
+        }
+    }
+
+    /// Bytes per cached value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
 /// The ops a backend implements. A step processes `T` consecutive tokens; its buffers (the
 /// residual stream, quantized activations, q|k|v, attention output, gate|up) live in the backend.
 pub trait Backend {

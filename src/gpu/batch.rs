@@ -33,7 +33,8 @@ impl GpuBackend {
     /// binding).
     pub fn max_pool_blocks(&self, block_size: usize) -> usize {
         let c = &self.cfg;
-        let per_block = (c.num_kv_heads * block_size.max(1) * c.head_dim * 4).max(1) as u64;
+        let per_block =
+            (c.num_kv_heads * block_size.max(1) * c.head_dim * self.kv.bytes()).max(1) as u64;
         (self.max_binding / per_block) as usize
     }
 
@@ -97,7 +98,7 @@ impl BatchBackend for GpuBackend {
         }
         let (blocks, block_size) = (blocks.max(1), block_size.max(1));
         let layer_bytes = blocks
-            .checked_mul(nkv * block_size * hd * 4)
+            .checked_mul(nkv * block_size * hd * self.kv.bytes())
             .ok_or_else(|| Error::Request("KV pool size overflows".into()))?;
         if layer_bytes as u64 > self.max_binding {
             return Err(Error::Backend(format!(
@@ -164,7 +165,7 @@ impl BatchBackend for GpuBackend {
     }
 
     fn block_bytes(&self, block_size: usize) -> usize {
-        2 * 4 * block_size * self.cfg.num_layers * self.cfg.kv_dim()
+        2 * self.kv.bytes() * block_size * self.cfg.num_layers * self.cfg.kv_dim()
     }
 
     fn rope_kv_write_rows(

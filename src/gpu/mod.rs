@@ -28,7 +28,7 @@ use crate::config::ModelConfig;
 use crate::cpu::head::HeadMode;
 use crate::cpu::ops::rope_inv_freq;
 use crate::engine::generate::PREFILL_CHUNK;
-use crate::engine::model::{Backend, KvCache, Linear, LogitRows, NormSite};
+use crate::engine::model::{Backend, KvCache, KvDtype, Linear, LogitRows, NormSite};
 use crate::error::{Error, Result};
 use crate::format::{FloatDtype, Weights};
 
@@ -54,6 +54,8 @@ pub struct GpuOptions {
     /// The head's storage: the checkpoint's dtype, or int8 rows with per-row scales (half the
     /// bytes of a bf16 head; logits as the CPU backend's int8 head).
     pub head: HeadMode,
+    /// The KV cache's element type.
+    pub kv: KvDtype,
 }
 
 impl Default for GpuOptions {
@@ -64,6 +66,7 @@ impl Default for GpuOptions {
             max_binding_bytes: None,
             fused: true,
             head: HeadMode::Native,
+            kv: KvDtype::F32,
         }
     }
 }
@@ -197,6 +200,8 @@ pub struct GpuBackend {
     head_bytes: u64,
     /// With the int8 head: the final norm into int8 rows (xq, xs) it reads.
     final_norm_q_bg: Option<wgpu::BindGroup>,
+    /// The KV cache's element type.
+    kv: KvDtype,
     inv_freq: Vec<f32>,
     max_step: usize,
     max_binding: u64,
@@ -286,7 +291,13 @@ impl GpuBackend {
             ));
         }
         let fused_widths = [cfg.hidden_size.max(cfg.q_dim()), cfg.intermediate_size];
-        let pipes = Pipelines::new(device, ctx.desc.subgroup_size, f32_head, fused_widths);
+        let pipes = Pipelines::new(
+            device,
+            ctx.desc.subgroup_size,
+            f32_head,
+            fused_widths,
+            opts.kv,
+        );
 
         let (h, q, kv, i) = (
             cfg.hidden_size,
@@ -610,6 +621,7 @@ impl GpuBackend {
             head_shards,
             head_bytes,
             final_norm_q_bg,
+            kv: opts.kv,
             max_step,
             max_binding,
             logit_rows,
@@ -898,7 +910,11 @@ impl Backend for GpuBackend {
         } else {
             ""
         };
-        format!("gpu ({}{head})", self.ctx.desc)
+        let kv = match self.kv {
+            KvDtype::F32 => "",
+            KvDtype::F16 => ", f16 KV cache",
+        };
+        format!("gpu ({}{head}{kv})", self.ctx.desc)
     }
 
     fn prefill_chunk(&self) -> usize {
@@ -909,7 +925,7 @@ impl Backend for GpuBackend {
         let c = &self.cfg;
         let device = &self.ctx.device;
         let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
-        let layer_bytes = (nkv * capacity * hd * 4) as u64;
+        let layer_bytes = (nkv * capacity * hd * self.kv.bytes()) as u64;
         if layer_bytes > self.max_binding {
             return Err(Error::Backend(format!(
                 "a layer's KV cache ({layer_bytes} bytes for {capacity} positions) exceeds the \

@@ -4,6 +4,8 @@
 
 use std::borrow::Cow;
 
+use crate::engine::model::KvDtype;
+
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const REDUCE_SHARED: &str = include_str!("../../shaders/reduce_shared.wgsl");
@@ -25,6 +27,8 @@ const REDUCE_PAIRS_SUBGROUP: &str = include_str!("../../shaders/reduce_pairs_sub
 const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
 const PAGED_ROPE: &str = include_str!("../../shaders/paged_rope.wgsl");
 const COPY: &str = include_str!("../../shaders/copy.wgsl");
+const KV_F32: &str = include_str!("../../shaders/kv_f32.wgsl");
+const KV_F16: &str = include_str!("../../shaders/kv_f16.wgsl");
 const PAGED_ATTENTION: &str = include_str!("../../shaders/paged_attention.wgsl");
 
 /// How a binding is used by a kernel.
@@ -165,6 +169,42 @@ fn layout(device: &wgpu::Device, label: &str, uses: &[Use]) -> wgpu::BindGroupLa
     })
 }
 
+/// Section `name` (`read1`, `read4` or `write`) of the KV cache accessors for `kv`.
+fn kv_section(kv: KvDtype, name: &str) -> &'static str {
+    let src = match kv {
+        KvDtype::F32 => KV_F32,
+        KvDtype::F16 => KV_F16,
+    };
+    let marker = format!("// --- {name}\n");
+    let start = src
+        .find(&marker)
+        .map(|i| i + marker.len())
+        .expect("every KV accessor file has the three sections");
+    let end = src[start..]
+        .find("// --- ")
+        .map_or(src.len(), |e| start + e);
+    &src[start..end]
+}
+
+/// A module from `parts` with the KV cache element types of `kv` filled in.
+fn kv_module(
+    device: &wgpu::Device,
+    label: &str,
+    parts: &[&str],
+    kv: KvDtype,
+) -> wgpu::ShaderModule {
+    let (s, v4, w) = match kv {
+        KvDtype::F32 => ("f32", "vec4<f32>", "f32"),
+        KvDtype::F16 => ("u32", "vec2<u32>", "atomic<u32>"),
+    };
+    let src = parts
+        .concat()
+        .replace("KV_S", s)
+        .replace("KV_V4", v4)
+        .replace("KV_W", w);
+    module(device, label, &[&src])
+}
+
 fn module(device: &wgpu::Device, label: &str, parts: &[&str]) -> wgpu::ShaderModule {
     device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(label),
@@ -201,6 +241,7 @@ fn pipeline(
 impl Pipelines {
     /// Compiles every kernel. `subgroup_size` selects subgroup reductions (one subgroup per
     /// row); `f32_head` selects f32 instead of bf16 embedding/head storage.
+    /// `kv` is the KV cache's element type.
     /// `fused_widths` are the widest inputs of the fused decode GEMVs that normalise a
     /// hidden-sized row (q|k|v, o, gate|up) and an intermediate-sized one (down).
     pub fn new(
@@ -208,6 +249,7 @@ impl Pipelines {
         subgroup_size: Option<u32>,
         f32_head: bool,
         fused_widths: [usize; 2],
+        kv: KvDtype,
     ) -> Self {
         use Use::*;
         let subgroups = subgroup_size.is_some();
@@ -308,15 +350,34 @@ impl Pipelines {
         } else {
             REDUCE_PAIRS_SHARED
         };
-        let m_fused = module(
+        let (read1, read4, write) = (
+            kv_section(kv, "read1"),
+            kv_section(kv, "read4"),
+            kv_section(kv, "write"),
+        );
+        let m_fused = kv_module(
             device,
             "gemv_fused",
-            &[COMMON, wg_reduce, pair_sums, &fused_src(fused_widths[0])],
+            &[
+                COMMON,
+                wg_reduce,
+                pair_sums,
+                &fused_src(fused_widths[0]),
+                write,
+            ],
+            kv,
         );
-        let m_fused_i = module(
+        let m_fused_i = kv_module(
             device,
             "gemv_fused_intermediate",
-            &[COMMON, wg_reduce, pair_sums, &fused_src(fused_widths[1])],
+            &[
+                COMMON,
+                wg_reduce,
+                pair_sums,
+                &fused_src(fused_widths[1]),
+                write,
+            ],
+            kv,
         );
         let sg = [("SG", tprf)];
         let fc = |mode: f64, acc: f64| {
@@ -327,8 +388,13 @@ impl Pipelines {
             c
         };
         let m_argmax = module(device, "argmax", &[COMMON, ARGMAX]);
-        let m_rope = module(device, "rope", &[COMMON, ROPE_HEAD, ROPE]);
-        let m_attn = module(device, "attention", &[COMMON, ATTEND_VEC_COMMON, ATTENTION]);
+        let m_rope = kv_module(device, "rope", &[COMMON, write, ROPE_HEAD, ROPE], kv);
+        let m_attn = kv_module(
+            device,
+            "attention",
+            &[COMMON, read1, read4, ATTEND_VEC_COMMON, ATTENTION],
+            kv,
+        );
         let m_head = module(device, "head", &[COMMON, reduce, HEAD_SHARD, HEAD]);
         let m_head_i8 = module(device, "head_i8", &[COMMON, reduce, HEAD_SHARD, HEAD_I8]);
         let head_i8_layout = layout(
@@ -336,11 +402,17 @@ impl Pipelines {
             "head_i8",
             &[Uniform, Uniform, Read, Read, Read, Read, Write],
         );
-        let m_paged_rope = module(device, "paged_rope", &[COMMON, ROPE_HEAD, PAGED_ROPE]);
-        let m_paged_attn = module(
+        let m_paged_rope = kv_module(
+            device,
+            "paged_rope",
+            &[COMMON, write, ROPE_HEAD, PAGED_ROPE],
+            kv,
+        );
+        let m_paged_attn = kv_module(
             device,
             "paged_attention",
-            &[COMMON, ATTEND_VEC_COMMON, PAGED_ATTENTION],
+            &[COMMON, read4, ATTEND_VEC_COMMON, PAGED_ATTENTION],
+            kv,
         );
         Pipelines {
             tpr,

@@ -26,6 +26,7 @@ use crate::batch::BatchBackend;
 use crate::config::GenerationConfig;
 use crate::cpu::head::HeadMode;
 use crate::cpu::{CpuBackend, CpuOptions};
+use crate::engine::model::KvDtype;
 use crate::error::{Error, Result};
 use crate::format::safetensors;
 use crate::tokenizer::Tokenizer;
@@ -49,6 +50,8 @@ pub struct ServeOptions {
     pub threads: usize,
     /// Head storage (int8 halves the head's reads and speeds up large batches).
     pub head: HeadMode,
+    /// KV pool element type (f16 on the GPU backend only).
+    pub kv: KvDtype,
     /// Batching limits (kv_blocks is derived from `kv_cache_mb` at load).
     pub scheduler: SchedulerConfig,
     /// KV pool size in MiB.
@@ -74,6 +77,7 @@ impl Default for ServeOptions {
             gpu: false,
             threads: 0,
             head: HeadMode::default(),
+            kv: KvDtype::F32,
             scheduler: SchedulerConfig::default(),
             kv_cache_mb: 1024,
             max_tokens_limit: 4096,
@@ -146,6 +150,10 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
     let context = sc.max_context;
     let sched = if opts.gpu {
         start_gpu(&weights, opts, sc)?
+    } else if opts.kv != KvDtype::F32 {
+        return Err(Error::Config(
+            "an f16 KV pool needs the GPU backend (the CPU's KV cache is f32)".into(),
+        ));
     } else {
         let backend = CpuBackend::load(
             &weights,
@@ -203,6 +211,7 @@ fn start_gpu(
     let gopts = crate::gpu::GpuOptions {
         max_step: sc.step_tokens,
         head: opts.head,
+        kv: opts.kv,
         ..Default::default()
     };
     let backend = crate::gpu::GpuBackend::load(weights, &gopts)?;
