@@ -14,3 +14,10 @@ struct Step {
 
 // A lower bound that is finite (WGSL has no infinity literal).
 const NEG_BIG: f32 = -3.0e38;
+
+// `v` rounded to f32 as it is: `zero` (0, read from a uniform) hides that from the compiler, so a
+// following add is not contracted with the multiply that produced `v` into one FMA (Vulkan on
+// NVIDIA does that), which would round differently from the CPU backend's separate operations.
+fn rounded(v: f32, zero: u32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(v) | zero);
+}

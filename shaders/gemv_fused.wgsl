@@ -163,7 +163,7 @@ fn store_row(t: u32, row: u32, v: f32) {
     if row < fp.rows {
         let o = t * fp.ld + row;
         if ACCUM {
-            out[o] = out[o] + v * rs[row];
+            out[o] = out[o] + rounded(v * rs[row], fp.p0);
         } else {
             out[o] = v * rs[row];
         }
@@ -194,8 +194,8 @@ fn gemv_norm_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
             let ob = t * fp.ld;
             if a_row < fp.q_dim + fp.kv_dim {
                 let cs = table[p * half + j];
-                let na = a * cs.x - b * cs.y;
-                let nb = b * cs.x + a * cs.y;
+                let na = rounded(a * cs.x, fp.p0) - rounded(b * cs.y, fp.p0);
+                let nb = rounded(b * cs.x, fp.p0) + rounded(a * cs.y, fp.p0);
                 out[ob + a_row] = na;
                 out[ob + b_row] = nb;
                 if a_row >= fp.q_dim {

@@ -54,23 +54,10 @@ fn store(t: u32, row: u32, acc: i32) {
     let v = f32(acc) * xs[t] * rs[row];
     let o = t * mp.ld + row;
     if ACCUM {
-        out[o] = out[o] + v;
+        out[o] = out[o] + rounded(v, mp.pad);
     } else {
         out[o] = v;
     }
-}
-
-// Rows a and b against one token's 64 activations at xb: (sum code*x for a, for b, sum x).
-fn dot_step(va: vec4<u32>, vb: vec4<u32>, xb: u32) -> vec3<i32> {
-    let x0 = xq[xb];
-    let x1 = xq[xb + 1u];
-    let x2 = xq[xb + 2u];
-    let x3 = xq[xb + 3u];
-    return vec3<i32>(
-        dotw(va.x, x0) + dotw(va.y, x1) + dotw(va.z, x2) + dotw(va.w, x3),
-        dotw(vb.x, x0) + dotw(vb.y, x1) + dotw(vb.z, x2) + dotw(vb.w, x3),
-        xsum(x0) + xsum(x1) + xsum(x2) + xsum(x3)
-    );
 }
 
 const GV_WG: u32 = 128u;
@@ -92,20 +79,17 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var acc_a = 0;
     var acc_b = 0;
     var sx = 0;
-    // Two steps per iteration, their four weight loads issued together (more bytes in flight
-    // per invocation); a second step past the end re-reads the first and counts nothing.
-    for (var m = lane; m < kvec; m = m + 2u * TPR) {
-        let more = m + TPR < kvec;
-        let m2 = select(m, m + TPR, more);
+    for (var m = lane; m < kvec; m = m + TPR) {
         let va = w[wa + m];
         let vb = w[wb + m];
-        let va2 = w[wa + m2];
-        let vb2 = w[wb + m2];
-        let s1 = dot_step(va, vb, xbase + 4u * m);
-        let s2 = dot_step(va2, vb2, xbase + 4u * m2);
-        acc_a = acc_a + s1.x + select(0, s2.x, more);
-        acc_b = acc_b + s1.y + select(0, s2.y, more);
-        sx = sx + s1.z + select(0, s2.z, more);
+        let xb = xbase + 4u * m;
+        let x0 = xq[xb];
+        let x1 = xq[xb + 1u];
+        let x2 = xq[xb + 2u];
+        let x3 = xq[xb + 3u];
+        acc_a = acc_a + dotw(va.x, x0) + dotw(va.y, x1) + dotw(va.z, x2) + dotw(va.w, x3);
+        acc_b = acc_b + dotw(vb.x, x0) + dotw(vb.y, x1) + dotw(vb.z, x2) + dotw(vb.w, x3);
+        sx = sx + xsum(x0) + xsum(x1) + xsum(x2) + xsum(x3);
     }
     gred[li] = vec2<i32>(acc_a - sx, acc_b - sx);
     workgroupBarrier();

@@ -8,8 +8,8 @@ fn rope_head(li: u32, base: u32, cbase: u32, p: u32, is_k: bool, hd: u32, kv_dim
         let cs = table[p * half + j];
         let a = qkv[base + j];
         let b = qkv[base + j + half];
-        let na = a * cs.x - b * cs.y;
-        let nb = b * cs.x + a * cs.y;
+        let na = rounded(a * cs.x, step.pad) - rounded(b * cs.y, step.pad);
+        let nb = rounded(b * cs.x, step.pad) + rounded(a * cs.y, step.pad);
         qkv[base + j] = na;
         qkv[base + j + half] = nb;
         if is_k {

@@ -3,7 +3,8 @@
 # repository root with `.gl/` carried: `.gl/*.deb` hold the Vulkan loader, `.gl/bitnet` the
 # release CLI built on the workstation (`cargo build --release && strip -o .gl/bitnet
 # target/release/bitnet`). Prints: adapter, the fixture's greedy tokens (must equal the CPU's),
-# then for 128- and 512-token prompts decode/prefill tok/s, and a decode profile with per-kernel
+# then for 128- and 512-token prompts decode/prefill tok/s (and at 512 with the int8 head and the
+# f16 KV cache), and a decode profile with per-kernel
 # GPU time (timestamp queries, `gpu:<kernel>` entries, ms per decode step), the device's copy
 # bandwidth against the ternary GEMV's (`--membw`), and the prefill-512 kernel profile.
 # `.gl/gpu_test` (optional: `cargo test --release --test gpu --no-run`, copied there; the tests
@@ -28,6 +29,11 @@ $B generate --backend gpu --model tests/fixtures/tiny --tokens 297,251,21,88,201
 for p in ${PROMPTS:-128 512}; do
     echo "== bench prompt $p"
     BITNET_GPU_TIMING=1 $B bench --backend gpu --model /tmp/m --prompt-len "$p" --gen ${GEN:-64} --json | tee "$OUT/bench_$p.json" |
+        python3 -c 'import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ("backend","prefill_tok_s","decode_tok_s","decode_gb_s")})'
+done
+for opt in "--head int8" "--kv f16"; do
+    echo "== bench prompt 512, $opt"
+    $B bench --backend gpu --model /tmp/m --prompt-len 512 --gen ${GEN:-64} --json $opt |
         python3 -c 'import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ("backend","prefill_tok_s","decode_tok_s","decode_gb_s")})'
 done
 echo "== bandwidth: copy kernel vs the ternary GEMV (all layers' matrices, one token)"
