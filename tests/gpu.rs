@@ -43,6 +43,21 @@ fn synth_model(cfg: &ModelConfig, seed: u64) -> (PathBuf, Weights) {
     (dir, w)
 }
 
+/// A one-layer model with head_dim 4 (the scalar attention kernels) and `positions`.
+fn head_dim_4_config(positions: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 64,
+        hidden_size: 20,
+        intermediate_size: 12,
+        num_layers: 1,
+        num_heads: 5,
+        num_kv_heads: 5,
+        head_dim: 4,
+        max_position_embeddings: positions,
+        ..Preset::Tiny.config()
+    }
+}
+
 fn odd_config() -> ModelConfig {
     ModelConfig {
         vocab_size: 203,
@@ -540,17 +555,7 @@ fn odd_shapes_match_cpu_backend() {
             max_position_embeddings: 64,
             ..Preset::Tiny.config()
         },
-        ModelConfig {
-            vocab_size: 64,
-            hidden_size: 20,
-            intermediate_size: 12,
-            num_layers: 1,
-            num_heads: 5,
-            num_kv_heads: 5,
-            head_dim: 4,
-            max_position_embeddings: 64,
-            ..Preset::Tiny.config()
-        },
+        head_dim_4_config(64),
     ];
     for (n, cfg) in shapes.iter().enumerate() {
         let (_dir, w) = synth_model(cfg, 20 + n as u64);
@@ -636,20 +641,7 @@ fn per_position(a: &[f32], b: &[f32], vocab: usize) -> Vec<f32> {
 /// backend's with its cache rounded to f16.
 #[test]
 fn f16_kv_cache_paths_agree_and_stay_close_to_f32() {
-    let shapes = [
-        odd_config(),
-        ModelConfig {
-            vocab_size: 64,
-            hidden_size: 20,
-            intermediate_size: 12,
-            num_layers: 1,
-            num_heads: 5,
-            num_kv_heads: 5,
-            head_dim: 4,
-            max_position_embeddings: 160,
-            ..Preset::Tiny.config()
-        },
-    ];
+    let shapes = [odd_config(), head_dim_4_config(160)];
     for (n, cfg) in shapes.iter().enumerate() {
         let (_dir, w) = synth_model(cfg, 40 + n as u64);
         let vocab = cfg.vocab_size;
@@ -936,20 +928,7 @@ fn decode_logits<B: Backend>(b: &mut B, tokens: &[u32]) -> Vec<f32> {
 
 #[test]
 fn fused_decode_layers_match_unfused_and_cpu() {
-    let shapes = [
-        odd_config(),
-        ModelConfig {
-            vocab_size: 64,
-            hidden_size: 20,
-            intermediate_size: 12,
-            num_layers: 1,
-            num_heads: 5,
-            num_kv_heads: 5,
-            head_dim: 4,
-            max_position_embeddings: 64,
-            ..Preset::Tiny.config()
-        },
-    ];
+    let shapes = [odd_config(), head_dim_4_config(64)];
     for (n, cfg) in shapes.iter().enumerate() {
         let (_dir, w) = synth_model(cfg, 40 + n as u64);
         let mut rng = StdRng::seed_from_u64(n as u64);

@@ -136,6 +136,20 @@ pub fn head_row_words(t: &FloatTensor) -> usize {
     }
 }
 
+/// A shard's uniform (head_shard.wgsl): rows `row0..row0 + rows` of `t`, `row_words` u32 per
+/// stored row, `input_vec4` vec4 per row of the head's input.
+fn shard_uniform(
+    device: &wgpu::Device,
+    t: &FloatTensor,
+    row0: usize,
+    rows: usize,
+    row_words: usize,
+    input_vec4: usize,
+) -> wgpu::Buffer {
+    let words = [row0, rows, t.cols, row_words, t.rows, input_vec4].map(|v| v as u32);
+    uniform(device, "shard", &words)
+}
+
 /// Uploads `t` (`[vocab, hidden]`) as shards of at most `max_bytes` each.
 pub fn upload_shards(device: &wgpu::Device, t: &FloatTensor, max_bytes: u64) -> Result<Vec<Shard>> {
     let rw = head_row_words(t);
@@ -180,18 +194,7 @@ pub fn upload_shards(device: &wgpu::Device, t: &FloatTensor, max_bytes: u64) -> 
             &format!("{} rows {row0}..", t.name),
             bytemuck::cast_slice(&words),
         );
-        let uni = uniform(
-            device,
-            "shard",
-            &[
-                row0 as u32,
-                rows as u32,
-                t.cols as u32,
-                rw as u32,
-                t.rows as u32,
-                (pad8(t.cols) / 4) as u32,
-            ],
-        );
+        let uni = shard_uniform(device, t, row0, rows, rw, pad8(t.cols) / 4);
         t.bytes
             .release_range(row0 * t.cols * es, rows * t.cols * es);
         shards.push(Shard {
@@ -241,18 +244,7 @@ pub fn upload_i8_shards(
         let name = format!("{} int8 rows {row0}..", t.name);
         let buf = storage_init(device, &name, bytemuck::cast_slice(&q));
         let scales = storage_init(device, &name, bytemuck::cast_slice(&scale));
-        let uni = uniform(
-            device,
-            "shard",
-            &[
-                row0 as u32,
-                rows as u32,
-                t.cols as u32,
-                rw as u32,
-                t.rows as u32,
-                (pad64(t.cols) / 16) as u32,
-            ],
-        );
+        let uni = shard_uniform(device, t, row0, rows, rw, pad64(t.cols) / 16);
         shards.push((
             Shard {
                 row0,
