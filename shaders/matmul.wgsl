@@ -26,7 +26,7 @@ struct MatP {
 }
 
 override ACCUM: bool = false;
-override TPR: u32 = 16u;
+override TPR: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> mp: MatP;
