@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use bitnet_inference::config::{ModelConfig, Preset};
 use bitnet_inference::cpu::head::HeadMode;
 use bitnet_inference::cpu::ops;
-use bitnet_inference::cpu::{CpuBackend, CpuOptions};
+use bitnet_inference::cpu::CpuBackend;
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
 use bitnet_inference::engine::model::{forward, Backend, KvDtype, Linear, LogitRows, NormSite};
 use bitnet_inference::format::{safetensors::load, synth, Weights};
@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 mod common;
-use common::{cpu, floats, ids, max_abs_diff, reference, DIR};
+use common::{cpu, cpu_with, floats, ids, max_abs_diff, reference, DIR};
 
 fn gpu(w: &Weights) -> GpuBackend {
     gpu_with(w, &GpuOptions::default())
@@ -477,11 +477,7 @@ fn rope_kv_write_and_attention_at(cfg: &ModelConfig, kv_dtype: KvDtype) {
 /// quantizer itself agrees exactly. So: the first position must agree to float noise (`tol`),
 /// and none may exceed the size of a one-code flip.
 fn check_positions(a: &[f32], b: &[f32], vocab: usize, tol: f32, what: &str) {
-    let per: Vec<f32> = a
-        .chunks(vocab)
-        .zip(b.chunks(vocab))
-        .map(|(x, y)| max_abs_diff(x, y))
-        .collect();
+    let per = per_position(a, b, vocab);
     let close = per.iter().filter(|&&d| d <= tol).count();
     let worst = per.iter().copied().fold(0.0, f32::max);
     eprintln!(
@@ -563,18 +559,6 @@ fn odd_shapes_match_cpu_backend() {
     }
 }
 
-fn cpu_int8_head(w: &Weights) -> CpuBackend {
-    CpuBackend::load(
-        w,
-        &CpuOptions {
-            threads: 2,
-            head: HeadMode::Int8,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
-
 /// `--head int8` on the GPU: the same int8 rows and scales as the CPU's int8 head, exact i32
 /// dot products, also when the head is split over several bindings.
 #[test]
@@ -590,7 +574,14 @@ fn int8_head_matches_cpu_int8_head() {
     );
     assert!(g.head_shards() > 1, "{} head shards", g.head_shards());
     assert!(g.describe().contains("int8 head"));
-    compare_backends(&w, g, cpu_int8_head(&w), 13, 6, 1e-5);
+    compare_backends(
+        &w,
+        g,
+        cpu_with(&w, HeadMode::Int8, KvDtype::F32),
+        13,
+        6,
+        1e-5,
+    );
 }
 
 /// The int8 head's effect on the fixture's logits against the transformers float32 reference
@@ -605,7 +596,7 @@ fn int8_head_effect_on_fixture_logits() {
         ..Default::default()
     };
     let mut gi = Generator::new(gpu_with(&w, &int8)).unwrap();
-    let mut ci = Generator::new(cpu_int8_head(&w)).unwrap();
+    let mut ci = Generator::new(cpu_with(&w, HeadMode::Int8, KvDtype::F32)).unwrap();
     let opts = GenerateOptions {
         max_tokens: 16,
         ignore_eos: true,
@@ -682,15 +673,7 @@ fn f16_kv_cache_paths_agree_and_stay_close_to_f32() {
         let mean = d.iter().sum::<f32>() / d.len() as f32;
         eprintln!("shape {n}: f16 vs f32 KV worst {worst}, mean {mean}");
         // The CPU backend rounding its cache to f16 computes the same thing.
-        let c = CpuBackend::load(
-            &w,
-            &CpuOptions {
-                threads: 2,
-                kv: KvDtype::F16,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let c = cpu_with(&w, HeadMode::Native, KvDtype::F16);
         let want = Generator::with_context(c, 141)
             .unwrap()
             .logits(&seq, true)
@@ -717,16 +700,7 @@ fn f16_kv_cache_effect_on_fixture_logits() {
         ..Default::default()
     };
     let mut g = Generator::new(gpu_with(&w, &opts)).unwrap();
-    let c = CpuBackend::load(
-        &w,
-        &CpuOptions {
-            threads: 2,
-            kv: KvDtype::F16,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut c = Generator::new(c).unwrap();
+    let mut c = Generator::new(cpu_with(&w, HeadMode::Native, KvDtype::F16)).unwrap();
     let gen = GenerateOptions {
         max_tokens: 16,
         ignore_eos: true,

@@ -11,7 +11,6 @@ use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerCon
 use bitnet_inference::batch::{forward_rows, BatchBackend, RowSlot};
 use bitnet_inference::config::{ModelConfig, Preset};
 use bitnet_inference::cpu::head::HeadMode;
-use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};
 use bitnet_inference::engine::model::KvDtype;
 use bitnet_inference::engine::sampler::SamplingParams;
@@ -19,7 +18,7 @@ use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, GpuBackend, GpuOptions};
 
 mod common;
-use common::{cpu, max_abs_diff, prompts, DIR};
+use common::{cpu, cpu_with, max_abs_diff, prompts, DIR};
 
 fn gpu(w: &Weights) -> GpuBackend {
     gpu_head(w, HeadMode::Native, KvDtype::F32)
@@ -101,17 +100,7 @@ fn check_batched_with(w: &Weights, bs: usize, tol: f32, head: HeadMode, kv: KvDt
     };
     let vocab = w.config.vocab_size;
     let ps = prompts(6, vocab as u32, 3);
-    let mut c = CpuBackend::load(
-        w,
-        &CpuOptions {
-            threads: 2,
-            head,
-            kv,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let want = batched_logits(&mut c, &ps, bs);
+    let want = batched_logits(&mut cpu_with(w, head, kv), &ps, bs);
     let got = batched_logits(&mut gpu_head(w, head, kv), &ps, bs);
     let (mut close, mut total) = (0, 0);
     for (s, (g, c)) in got.iter().zip(&want).enumerate() {

@@ -48,8 +48,8 @@ pub enum KvDtype {
     /// f32, as the CPU backend (exact against it).
     #[default]
     F32,
-    /// f16 pairs in u32 words: half the memory and half the attention reads, keys and values
-    /// rounded to f16.
+    /// Keys and values rounded to f16: the GPU stores them as f16 pairs in u32 words (half the
+    /// memory and half the attention reads); the CPU only rounds them, to be compared with it.
     F16,
 }
 

@@ -227,7 +227,7 @@ impl BatchBackend for GpuBackend {
         // not read and write one buffer.
         if rows.iter().enumerate().any(|(i, &r)| i != r) {
             let h = self.cfg.hidden_size;
-            let inputs = if self.final_norm_q_bg.is_some() {
+            let inputs = if self.int8_head() {
                 vec![
                     (self.bufs.xq.clone(), super::buffers::pad64(h) as u64),
                     (self.bufs.xs.clone(), 4),

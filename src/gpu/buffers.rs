@@ -117,6 +117,7 @@ impl PackedMatrix {
 }
 
 /// One slice of the vocabulary rows of the embedding/head, small enough for one binding.
+#[derive(Clone)]
 pub struct Shard {
     /// First vocabulary row.
     pub row0: usize,

@@ -540,59 +540,41 @@ impl GpuBackend {
         } else {
             (head_t.rows * buffers::head_row_words(head_t) * 4) as u64
         };
-        let (embed_shards, head_shards) = match &w.lm_head {
-            _ if int8_head => {
-                let e = embed_raw.into_iter().map(|s| make(s, &embed_bg)).collect();
-                let hs = buffers::upload_i8_shards(device, head_t, shard_bytes)?
-                    .into_iter()
-                    .map(|(s, scales)| {
-                        let bg = bind_group(
-                            device,
-                            "head_i8",
-                            &pipes.head_i8_layout,
-                            &[
-                                &bufs.step,
-                                &s.uni,
-                                &s.buf,
-                                &scales,
-                                &bufs.xq,
-                                &bufs.xs,
-                                &bufs.logits,
-                            ],
-                        );
-                        (s, bg)
-                    })
-                    .collect();
-                (e, hs)
-            }
-            None => {
-                let mut e = Vec::new();
-                let mut hs = Vec::new();
-                for s in embed_raw {
-                    let eb = embed_bg(&s);
-                    let hb = head_bg(&s);
-                    hs.push((
-                        Shard {
-                            row0: s.row0,
-                            rows: s.rows,
-                            buf: s.buf.clone(),
-                            uni: s.uni.clone(),
-                        },
-                        hb,
-                    ));
-                    e.push((s, eb));
-                }
-                (e, hs)
-            }
-            Some(lm) => {
-                let e = embed_raw.into_iter().map(|s| make(s, &embed_bg)).collect();
-                let hs = buffers::upload_shards(device, lm, shard_bytes)?
+        let head_shards: Vec<_> = if int8_head {
+            buffers::upload_i8_shards(device, head_t, shard_bytes)?
+                .into_iter()
+                .map(|(s, scales)| {
+                    let bg = bind_group(
+                        device,
+                        "head_i8",
+                        &pipes.head_i8_layout,
+                        &[
+                            &bufs.step,
+                            &s.uni,
+                            &s.buf,
+                            &scales,
+                            &bufs.xq,
+                            &bufs.xs,
+                            &bufs.logits,
+                        ],
+                    );
+                    (s, bg)
+                })
+                .collect()
+        } else {
+            match &w.lm_head {
+                // Tied: the head reads the embedding's shards.
+                None => embed_raw
+                    .iter()
+                    .map(|s| make(s.clone(), &head_bg))
+                    .collect(),
+                Some(lm) => buffers::upload_shards(device, lm, shard_bytes)?
                     .into_iter()
                     .map(|s| make(s, &head_bg))
-                    .collect();
-                (e, hs)
+                    .collect(),
             }
         };
+        let embed_shards: Vec<_> = embed_raw.into_iter().map(|s| make(s, &embed_bg)).collect();
         let most = ctx.limits.max_compute_workgroups_per_dimension as usize;
         let rpw = pipes.rows_per_wg() as usize;
         if let Some((s, _)) = head_shards
@@ -722,6 +704,11 @@ impl GpuBackend {
         rb
     }
 
+    /// Whether the head is stored as int8 (`--head int8`).
+    fn int8_head(&self) -> bool {
+        self.final_norm_q_bg.is_some()
+    }
+
     /// Records the final norm of every row of the step.
     /// With the int8 head, the norm quantizes the rows to int8 instead (xq, xs).
     fn record_final_norm(&mut self) {
@@ -748,7 +735,7 @@ impl GpuBackend {
             self.step[5] = r0 as u32;
             self.step[6] = n as u32;
             let bytes = (n * vocab * 4) as u64;
-            let int8 = self.final_norm_q_bg.is_some();
+            let int8 = self.int8_head();
             for (s, bg) in &self.head_shards {
                 kernels::head(&mut self.rec, &self.pipes, bg, s.rows, n, int8);
             }
@@ -771,7 +758,7 @@ impl GpuBackend {
         self.record_final_norm();
         self.step[5] = (t - 1) as u32;
         self.step[6] = 1;
-        let int8 = self.final_norm_q_bg.is_some();
+        let int8 = self.int8_head();
         for (s, bg) in &self.head_shards {
             kernels::head(&mut self.rec, &self.pipes, bg, s.rows, 1, int8);
         }
@@ -905,11 +892,7 @@ impl Backend for GpuBackend {
     }
 
     fn describe(&self) -> String {
-        let head = if self.final_norm_q_bg.is_some() {
-            ", int8 head"
-        } else {
-            ""
-        };
+        let head = if self.int8_head() { ", int8 head" } else { "" };
         let kv = match self.kv {
             KvDtype::F32 => "",
             KvDtype::F16 => ", f16 KV cache",

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bitnet_inference::cpu::head::HeadMode;
 use bitnet_inference::cpu::{CpuBackend, CpuOptions};
+use bitnet_inference::engine::model::KvDtype;
 use bitnet_inference::format::Weights;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -95,10 +97,17 @@ impl Drop for TempDir {
 
 /// The CPU backend on `w` with 2 threads.
 pub fn cpu(w: &Weights) -> CpuBackend {
+    cpu_with(w, HeadMode::Native, KvDtype::F32)
+}
+
+/// The CPU backend on `w` with 2 threads, the head stored as `head` and its KV cache at `kv`.
+pub fn cpu_with(w: &Weights, head: HeadMode, kv: KvDtype) -> CpuBackend {
     CpuBackend::load(
         w,
         &CpuOptions {
             threads: 2,
+            head,
+            kv,
             ..Default::default()
         },
     )
