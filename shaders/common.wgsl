@@ -21,3 +21,47 @@ const NEG_BIG: f32 = -3.0e38;
 fn rounded(v: f32, zero: u32) -> f32 {
     return bitcast<f32>(bitcast<u32>(v) | zero);
 }
+
+// `a / b` rounded to nearest even, as IEEE division on the CPU, for finite a and normal b with a
+// normal quotient (Vulkan lets `/` be 2.5 ulp off, and on NVIDIA it is: the activation scale
+// 127 / absmax then moves int8 codes away from the CPU's). A float estimate of the quotient's
+// 24-bit significand is corrected with the exact integer remainder, which is small enough to
+// come out of wrapping u32 arithmetic.
+fn div_exact(a: f32, b: f32) -> f32 {
+    let ua = bitcast<u32>(a);
+    let ub = bitcast<u32>(b);
+    let sign = (ua ^ ub) & 0x80000000u;
+    if (ua & 0x7fffffffu) == 0u {
+        return bitcast<f32>(sign);
+    }
+    var ma = (ua & 0x7fffffu) | 0x800000u;
+    let mb = (ub & 0x7fffffu) | 0x800000u;
+    var e = i32((ua >> 23u) & 0xffu) - i32((ub >> 23u) & 0xffu);
+    if ma < mb {
+        ma = ma << 1u;
+        e = e - 1;
+    }
+    // ma / mb in [1, 2): the significand Q = ma * 2^23 / mb, estimated to a few units, and the
+    // remainder ma * 2^23 - q * mb (|remainder| < 2^31, so the low 32 bits are all of it); one
+    // float step brings q within a unit of Q, the integer steps round it to nearest even.
+    var q = u32(round(f32(ma) / f32(mb) * 8388608.0));
+    var r = bitcast<i32>((ma << 23u) - q * mb);
+    let m = i32(mb);
+    let c = i32(round(f32(r) / f32(m)));
+    q = bitcast<u32>(bitcast<i32>(q) + c);
+    r = r - c * m;
+    for (var i = 0; i < 2; i = i + 1) {
+        if 2 * r > m || (2 * r == m && (q & 1u) == 1u) {
+            q = q + 1u;
+            r = r - m;
+        } else if 2 * r < -m || (2 * r == -m && (q & 1u) == 1u) {
+            q = q - 1u;
+            r = r + m;
+        }
+    }
+    if q == 0x1000000u {
+        q = 0x800000u;
+        e = e + 1;
+    }
+    return bitcast<f32>(sign | (u32(e + 127) << 23u) | (q & 0x7fffffu));
+}

@@ -110,7 +110,7 @@ fn prologue(t: u32, li: u32) -> f32 {
         am = max(am, max(max(y.x, y.y), max(y.z, y.w)));
     }
     let absmax = max(wg_reduce(am, li, true), 1e-5);
-    let scale = 127.0 / absmax;
+    let scale = div_exact(127.0, absmax);
     for (var k = 0u; k < NW; k = k + 1u) {
         let wi = li + FW * k;
         if wi < fp.kvec * 16u {
@@ -120,7 +120,7 @@ fn prologue(t: u32, li: u32) -> f32 {
         }
     }
     workgroupBarrier();
-    return absmax / 127.0;
+    return div_exact(absmax, 127.0);
 }
 
 // This invocation's share of sum(code * x) - sum(x) for rows ra and rb.

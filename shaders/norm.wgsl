@@ -103,7 +103,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     let absmax = max(red[0], 1e-5);
-    let scale = 127.0 / absmax;
+    let scale = div_exact(127.0, absmax);
     for (var wi = li; wi < p.out_words; wi = wi + 256u) {
         var packed = 0u;
         for (var b = 0u; b < 4u; b = b + 1u) {
@@ -118,6 +118,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         outq[obase + wi] = packed;
     }
     if li == 0u {
-        outs[t] = absmax / 127.0;
+        outs[t] = div_exact(absmax, 127.0);
     }
 }

@@ -11,6 +11,8 @@ pub mod bandwidth;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod batch;
 pub mod buffers;
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod common_tests;
 pub mod context;
 pub mod kernels;
 pub mod pipelines;

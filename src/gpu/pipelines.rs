@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use crate::engine::model::KvDtype;
 
-const COMMON: &str = include_str!("../../shaders/common.wgsl");
+pub(super) const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const REDUCE_SHARED: &str = include_str!("../../shaders/reduce_shared.wgsl");
 const EMBED: &str = include_str!("../../shaders/embed.wgsl");
