@@ -11,6 +11,7 @@ use bitnet_inference::cpu::ops;
 use bitnet_inference::cpu::CpuBackend;
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
 use bitnet_inference::engine::model::{forward, Backend, KvDtype, Linear, LogitRows, NormSite};
+use bitnet_inference::engine::sampler::{top_candidates, SamplingParams};
 use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, Activation, GpuBackend, GpuOptions};
 use rand::rngs::StdRng;
@@ -918,5 +919,106 @@ fn fused_decode_layers_match_unfused_and_cpu() {
         let reference = decode_logits(&mut cpu(&w), &tokens);
         check_positions(&fused, &unfused, cfg.vocab_size, 1e-5, "fused vs unfused");
         check_positions(&fused, &reference, cfg.vocab_size, 1e-5, "fused vs cpu");
+    }
+}
+
+/// GPU top-k against the CPU sampler's selection on the same logits: ties (few distinct
+/// values), both zeros, negatives and temperatures; one pass (k of one chunk) up to three.
+#[test]
+fn top_k_selection_matches_cpu_candidates() {
+    let cfg = ModelConfig {
+        vocab_size: 9001,
+        ..odd_config()
+    };
+    let (_dir, w) = synth_model(&cfg, 60);
+    let mut g = gpu(&w);
+    let mut rng = StdRng::seed_from_u64(61);
+    let levels = [-3.5f32, -0.0, 0.0, 0.25, 1.0, 7.75, 7.7500005];
+    let logits: Vec<f32> = (0..cfg.vocab_size)
+        .map(|i| match i % 3 {
+            0 => levels[rng.random_range(0..levels.len())],
+            _ => rng.random_range(-8.0f32..8.0),
+        })
+        .collect();
+    g.write_activation(Activation::Logits, &from_f32(&logits));
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for k in [1usize, 2, 40, 127, 128] {
+        for inv_t in [1.0f32, 1.0 / 0.7, 1.0 / 1.3] {
+            g.top_k_of_logits(k, inv_t, &mut got).unwrap();
+            top_candidates(&logits, k, inv_t, &mut want);
+            let bits =
+                |v: &[(f32, u32)]| v.iter().map(|c| (c.0.to_bits(), c.1)).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "k {k}, 1/t {inv_t}");
+        }
+    }
+    assert!(g.top_k_of_logits(129, 1.0, &mut got).is_err());
+    assert!(g.top_k_of_logits(0, 1.0, &mut got).is_err());
+}
+
+/// Top-k sampling on the GPU (k within the device path and above it, with top-p and min-p)
+/// draws the CPU backend's tokens from the same seed on the fixture, and each step's device
+/// candidates are the CPU selection from that step's logits.
+#[test]
+fn sampled_decoding_with_gpu_top_k_matches_cpu() {
+    let w = load(Path::new(DIR)).unwrap();
+    let prompt = [297u32, 251, 21, 88, 201, 206, 250];
+    for (top_k, top_p, min_p) in [(40, 1.0, 0.0), (5, 0.9, 0.05), (200, 0.95, 0.0)] {
+        let opts = GenerateOptions {
+            max_tokens: 24,
+            ignore_eos: true,
+            sampling: SamplingParams {
+                temperature: 0.8,
+                top_k,
+                top_p,
+                min_p,
+                seed: Some(9),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let gpu_tokens = Generator::new(gpu(&w))
+            .unwrap()
+            .generate(&prompt, &opts, None, |_, _| true)
+            .unwrap()
+            .tokens;
+        let cpu_tokens = Generator::new(cpu(&w))
+            .unwrap()
+            .generate(&prompt, &opts, None, |_, _| true)
+            .unwrap()
+            .tokens;
+        assert_eq!(
+            gpu_tokens, cpu_tokens,
+            "top_k {top_k}, top_p {top_p}, min_p {min_p}"
+        );
+    }
+    // Step by step: the device's candidates are the CPU's selection of the device's logits.
+    let mut g = gpu(&w);
+    let mut cache = g.new_cache(16).unwrap();
+    let (mut logits, mut got, mut want) = (Vec::new(), Vec::new(), Vec::new());
+    for (pos, &t) in prompt.iter().enumerate() {
+        forward(
+            &mut g,
+            &mut cache,
+            &[t],
+            pos,
+            LogitRows::Last,
+            &mut logits,
+            None,
+        )
+        .unwrap();
+        top_candidates(&logits, 40, 1.25, &mut want);
+        forward(
+            &mut g,
+            &mut cache,
+            &[t],
+            pos,
+            LogitRows::None,
+            &mut logits,
+            None,
+        )
+        .unwrap();
+        let mut scratch = Vec::new();
+        g.top_k_last(40, 1.25, &mut scratch, &mut got).unwrap();
+        assert_eq!(got, want, "position {pos}");
     }
 }

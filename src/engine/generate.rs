@@ -2,7 +2,7 @@
 
 use crate::time::Instant;
 
-use super::model::{forward, forward_argmax, Backend, LogitRows, OpProfile};
+use super::model::{forward, forward_argmax, forward_top_k, Backend, LogitRows, OpProfile};
 use super::sampler::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -328,6 +328,7 @@ impl<B: Backend> Generator<B> {
         // Plain greedy decoding needs only the argmax, which a backend may find on the device.
         let greedy = opts.sampling.temperature == 0.0 && opts.sampling.repetition_penalty == 1.0;
         let mut next: Option<u32> = None;
+        let mut candidates = Vec::new();
         loop {
             let tok = match next.take() {
                 Some(t) => t,
@@ -372,7 +373,21 @@ impl<B: Backend> Generator<B> {
             {
                 break;
             }
-            if greedy {
+            if let (false, Some(request)) = (greedy, sampler.candidates_only()) {
+                // Top-k sampling needs only the k best logits, which a backend may select on
+                // its device.
+                forward_top_k(
+                    &mut self.backend,
+                    &mut self.cache,
+                    &[tok],
+                    context.len() - 1,
+                    request,
+                    &mut self.logits,
+                    &mut candidates,
+                    self.profile.as_mut(),
+                )?;
+                next = Some(sampler.sample_candidates(&candidates));
+            } else if greedy {
                 next = Some(forward_argmax(
                     &mut self.backend,
                     &mut self.cache,

@@ -115,6 +115,21 @@ pub trait Backend {
         self.logits(LogitRows::Last, scratch)?;
         Ok(crate::engine::sampler::argmax(scratch))
     }
+    /// Final norm and head of the step's last position, then its `k` best candidates for
+    /// temperature sampling ([`crate::engine::sampler::top_candidates`] with `inv_t`) into
+    /// `out`; `scratch` may receive the logits. Backends that can select them without reading
+    /// the logits back override this.
+    fn top_k_last(
+        &mut self,
+        k: usize,
+        inv_t: f32,
+        scratch: &mut Vec<f32>,
+        out: &mut Vec<(f32, u32)>,
+    ) -> Result<()> {
+        self.logits(LogitRows::Last, scratch)?;
+        crate::engine::sampler::top_candidates(scratch, k, inv_t, out);
+        Ok(())
+    }
     /// Most prompt tokens the generator should run in one step: the CPU's chunk by default;
     /// the GPU backend takes the step size its buffers are planned for.
     fn prefill_chunk(&self) -> usize {
@@ -184,6 +199,29 @@ pub fn forward_argmax<B: Backend>(
     layers(b, cache, tokens, pos, profile.as_deref_mut())?;
     let t0 = profile.is_some().then(crate::time::Instant::now);
     let r = b.argmax_last(scratch);
+    if let (Some(p), Some(t0)) = (profile, t0) {
+        p.add("final_norm_head", t0.elapsed().as_secs_f64());
+    }
+    r
+}
+
+/// Like [`forward_argmax`] for top-k sampling: the last position's `k` best candidates
+/// ([`Backend::top_k_last`]) into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_top_k<B: Backend>(
+    b: &mut B,
+    cache: &mut B::Cache,
+    tokens: &[u32],
+    pos: usize,
+    (k, inv_t): (usize, f32),
+    scratch: &mut Vec<f32>,
+    out: &mut Vec<(f32, u32)>,
+    mut profile: Option<&mut OpProfile>,
+) -> Result<()> {
+    scratch.clear();
+    layers(b, cache, tokens, pos, profile.as_deref_mut())?;
+    let t0 = profile.is_some().then(crate::time::Instant::now);
+    let r = b.top_k_last(k, inv_t, scratch, out);
     if let (Some(p), Some(t0)) = (profile, t0) {
         p.add("final_norm_head", t0.elapsed().as_secs_f64());
     }

@@ -86,6 +86,29 @@ pub fn argmax(logits: &[f32]) -> u32 {
     logits.iter().position(|&v| v == m).unwrap_or(0) as u32
 }
 
+/// The `k` largest of `logits × inv_t` (all of them when `k` is 0 or at least the vocab) as
+/// (scaled logit, id), best first, ties by lower id: the candidates temperature sampling with
+/// top-k draws from.
+pub fn top_candidates(logits: &[f32], k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) {
+    out.clear();
+    out.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l * inv_t, i as u32)),
+    );
+    if k > 0 && k < out.len() {
+        out.select_nth_unstable_by(k - 1, by_desc);
+        out.truncate(k);
+    }
+    out.sort_unstable_by(by_desc);
+}
+
+/// Candidate order: larger scaled logit first (`total_cmp`), then lower id.
+fn by_desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
 impl Sampler {
     /// A sampler for `params`.
     pub fn new(params: SamplingParams) -> Self {
@@ -117,20 +140,32 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits);
         }
-        let inv_t = 1.0 / p.temperature;
+        top_candidates(logits, p.top_k, 1.0 / p.temperature, &mut self.cand);
+        self.draw()
+    }
+
+    /// When this sampler needs only the `k` most likely tokens of a step (temperature > 0,
+    /// top-k on, no repetition penalty): `Some((k, 1 / temperature))` for
+    /// [`top_candidates`], which a backend may find on its device; the token is then drawn by
+    /// [`Sampler::sample_candidates`].
+    pub fn candidates_only(&self) -> Option<(usize, f32)> {
+        let p = &self.params;
+        (p.temperature > 0.0 && p.top_k > 0 && p.repetition_penalty == 1.0)
+            .then(|| (p.top_k, 1.0 / p.temperature))
+    }
+
+    /// Draws a token from the candidates [`top_candidates`] gives for
+    /// [`Sampler::candidates_only`]'s request: the same token [`Sampler::sample`] picks from
+    /// the full logits.
+    pub fn sample_candidates(&mut self, cand: &[(f32, u32)]) -> u32 {
         self.cand.clear();
-        self.cand.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (l * inv_t, i as u32)),
-        );
-        let by_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        if p.top_k > 0 && p.top_k < self.cand.len() {
-            self.cand.select_nth_unstable_by(p.top_k - 1, by_desc);
-            self.cand.truncate(p.top_k);
-        }
-        self.cand.sort_unstable_by(by_desc);
+        self.cand.extend_from_slice(cand);
+        self.draw()
+    }
+
+    /// Softmax over the sorted scaled candidates, min-p and top-p cuts, then a seeded draw.
+    fn draw(&mut self) -> u32 {
+        let p = &self.params;
         let max = self.cand[0].0;
         let mut sum = 0.0;
         for c in &mut self.cand {

@@ -390,6 +390,25 @@ pub fn argmax(enc: &mut Recorder, p: &Pipelines, bg: &wgpu::BindGroup, vocab: us
     enc.dispatch("argmax_final", &p.argmax_final, bg, [1, 1, 1]);
 }
 
+/// Entries one top-k workgroup sorts (`TK_CHUNK` in topk.wgsl).
+pub const TOPK_CHUNK: usize = 1024;
+
+/// Largest k the GPU selects (each pass keeps k of every chunk: at least 8× fewer).
+pub const TOPK_MAX: usize = TOPK_CHUNK / 8;
+
+/// Passes the top-k of `vocab` logits may take (one per 8× reduction).
+pub const TOPK_PASSES: usize = 8;
+
+/// One top-k pass over `n` entries (`first`: the logits), `ceil(n / TOPK_CHUNK)` workgroups.
+pub fn topk(enc: &mut Recorder, p: &Pipelines, bg: &wgpu::BindGroup, first: bool, n: usize) {
+    let (label, pl) = if first {
+        ("topk", &p.topk_first)
+    } else {
+        ("topk_merge", &p.topk_merge)
+    };
+    enc.dispatch(label, pl, bg, [n.div_ceil(TOPK_CHUNK) as u32, 1, 1]);
+}
+
 /// Partial results of the argmax over `vocab` logits.
 pub fn argmax_parts(vocab: usize) -> usize {
     vocab.div_ceil(4096)

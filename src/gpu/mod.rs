@@ -101,6 +101,8 @@ pub enum Activation {
     GateUp,
     /// Final-normed residual, `T × pad8(hidden)` f32.
     FinalNormed,
+    /// Logits, rows × vocab f32 (row 0: the last position's after a decode step's head).
+    Logits,
 }
 
 struct Mat {
@@ -151,6 +153,9 @@ struct Bufs {
     argmax_part: wgpu::Buffer,
     argmax_result: wgpu::Buffer,
     argmax_readback: wgpu::Buffer,
+    /// Top-k candidates: two buffers the passes alternate between, and the readback.
+    topk: [wgpu::Buffer; 2],
+    topk_readback: wgpu::Buffer,
 }
 
 /// The KV cache on the GPU: f32 keys and values per layer `[kv_head][position][head_dim]`,
@@ -197,6 +202,9 @@ pub struct GpuBackend {
     layers: Vec<GpuLayer>,
     final_norm_bg: wgpu::BindGroup,
     argmax_bg: wgpu::BindGroup,
+    /// Per top-k pass: its parameters (n, k, 1 / temperature) and bind group (pass i reads
+    /// buffer i % 2 (pass 0: the logits) and writes the other).
+    topk_passes: Vec<(wgpu::Buffer, wgpu::BindGroup)>,
     embed_shards: Vec<(Shard, wgpu::BindGroup)>,
     head_shards: Vec<(Shard, wgpu::BindGroup)>,
     head_bytes: u64,
@@ -333,6 +341,19 @@ impl GpuBackend {
             }),
             argmax_part: storage(device, "argmax partials", kernels::argmax_parts(vocab) * 8),
             argmax_result: storage(device, "argmax", 16),
+            topk: [0, 1].map(|_| {
+                storage(
+                    device,
+                    "topk candidates",
+                    vocab.div_ceil(kernels::TOPK_CHUNK) * kernels::TOPK_MAX * 8,
+                )
+            }),
+            topk_readback: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("topk readback"),
+                size: (kernels::TOPK_MAX * 8) as u64,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
             argmax_readback: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("argmax readback"),
                 size: 16,
@@ -515,6 +536,19 @@ impl GpuBackend {
                 &bufs.argmax_result,
             ],
         );
+        let topk_passes = (0..kernels::TOPK_PASSES)
+            .map(|i| {
+                let params = uniform(device, "topk", &[0u32; 4]);
+                let (src, dst) = (&bufs.topk[(i + 1) % 2], &bufs.topk[i % 2]);
+                let bg = bind_group(
+                    device,
+                    "topk",
+                    &pipes.topk_layout,
+                    &[&params, &bufs.logits, src, dst],
+                );
+                (params, bg)
+            })
+            .collect();
         let embed_bg = |s: &Shard| {
             bind_group(
                 device,
@@ -601,6 +635,7 @@ impl GpuBackend {
             layers,
             final_norm_bg,
             argmax_bg,
+            topk_passes,
             embed_shards,
             head_shards,
             head_bytes,
@@ -816,7 +851,61 @@ impl GpuBackend {
             Activation::Attention => &b.attn,
             Activation::GateUp => &b.gu,
             Activation::FinalNormed => &b.hn,
+            Activation::Logits => &b.logits,
         }
+    }
+
+    /// Records the top-k passes over logits row 0 (k <= [`kernels::TOPK_MAX`], at most the
+    /// vocab), submits, and reads the k best (logit × `inv_t`, id) back, best first, in the
+    /// order of [`crate::engine::sampler::top_candidates`].
+    pub fn top_k_of_logits(
+        &mut self,
+        k: usize,
+        inv_t: f32,
+        out: &mut Vec<(f32, u32)>,
+    ) -> Result<()> {
+        if k == 0 || k > kernels::TOPK_MAX.min(self.cfg.vocab_size) {
+            return Err(Error::Request(format!(
+                "GPU top-k takes k in 1..={}, got {k}",
+                kernels::TOPK_MAX.min(self.cfg.vocab_size)
+            )));
+        }
+        let mut n = self.cfg.vocab_size;
+        let mut pass = 0;
+        loop {
+            let (params, bg) = &self.topk_passes[pass];
+            let words = [n as u32, k as u32, inv_t.to_bits(), 0];
+            self.ctx
+                .queue
+                .write_buffer(params, 0, bytemuck::cast_slice(&words));
+            kernels::topk(&mut self.rec, &self.pipes, bg, pass == 0, n);
+            let groups = n.div_ceil(kernels::TOPK_CHUNK);
+            if groups == 1 {
+                break;
+            }
+            n = groups * k;
+            pass += 1;
+        }
+        let (res, rb) = (&self.bufs.topk[pass % 2], self.bufs.topk_readback.clone());
+        let bytes = (k * 8) as u64;
+        self.rec
+            .encoder()
+            .copy_buffer_to_buffer(res, 0, &rb, 0, bytes);
+        self.flush();
+        let data = self.wait_map(&rb, bytes)?;
+        out.clear();
+        out.extend(data.chunks_exact(8).map(|e| {
+            let key = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+            // Undo topk.wgsl's key_of.
+            let bits = if key & 0x8000_0000 != 0 {
+                key & 0x7fff_ffff
+            } else {
+                !key
+            };
+            (f32::from_bits(bits), id)
+        }));
+        Ok(())
     }
 
     /// Submits pending work and reads a whole activation buffer (as u32 words; tests and
@@ -1186,6 +1275,23 @@ impl Backend for GpuBackend {
             }
         }
         Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+    }
+
+    fn top_k_last(
+        &mut self,
+        k: usize,
+        inv_t: f32,
+        scratch: &mut Vec<f32>,
+        out: &mut Vec<(f32, u32)>,
+    ) -> Result<()> {
+        let k = k.min(self.cfg.vocab_size);
+        if k == 0 || k > kernels::TOPK_MAX {
+            self.logits(LogitRows::Last, scratch)?;
+            crate::engine::sampler::top_candidates(scratch, k, inv_t, out);
+            return Ok(());
+        }
+        self.record_head_last();
+        self.top_k_of_logits(k, inv_t, out)
     }
 
     fn set_gpu_profiling(&mut self, on: bool) {

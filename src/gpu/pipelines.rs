@@ -25,6 +25,7 @@ const REDUCE_WG_SUBGROUP: &str = include_str!("../../shaders/reduce_wg_subgroup.
 const REDUCE_PAIRS_SHARED: &str = include_str!("../../shaders/reduce_pairs_shared.wgsl");
 const REDUCE_PAIRS_SUBGROUP: &str = include_str!("../../shaders/reduce_pairs_subgroup.wgsl");
 const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
+const TOPK: &str = include_str!("../../shaders/topk.wgsl");
 const PAGED_ROPE: &str = include_str!("../../shaders/paged_rope.wgsl");
 const COPY: &str = include_str!("../../shaders/copy.wgsl");
 const KV_F32: &str = include_str!("../../shaders/kv_f32.wgsl");
@@ -134,6 +135,12 @@ pub struct Pipelines {
     pub argmax_partial: wgpu::ComputePipeline,
     /// Argmax merge.
     pub argmax_final: wgpu::ComputePipeline,
+    /// Top-k layout: params, logits, source pairs, destination pairs.
+    pub topk_layout: wgpu::BindGroupLayout,
+    /// Top-k first pass (over the logits).
+    pub topk_first: wgpu::ComputePipeline,
+    /// Top-k merge pass (over the previous pass's candidates).
+    pub topk_merge: wgpu::ComputePipeline,
     /// Paged RoPE + KV write layout: step, params, qkv, k pool, v pool, cos/sin table, row
     /// slots, block tables.
     pub paged_rope_layout: wgpu::BindGroupLayout,
@@ -295,6 +302,7 @@ impl Pipelines {
         );
         let head_layout = layout(device, "head", &[Uniform, Uniform, Read, Read, Write]);
         let argmax_layout = layout(device, "argmax", &[Uniform, Read, Write, Write]);
+        let topk_layout = layout(device, "topk", &[Uniform, Read, Read, Write]);
         let paged_rope_layout = layout(
             device,
             "paged_rope",
@@ -389,6 +397,7 @@ impl Pipelines {
             c
         };
         let m_argmax = module(device, "argmax", &[COMMON, ARGMAX]);
+        let m_topk = module(device, "topk", &[COMMON, TOPK]);
         let m_rope = kv_module(device, "rope", &[COMMON, write, ROPE_HEAD, ROPE], kv);
         let m_attn = kv_module(
             device,
@@ -569,6 +578,8 @@ impl Pipelines {
                 &[("TPR", tprf)],
             ),
             head_i8_layout,
+            topk_first: pipeline(device, "topk_first", &topk_layout, &m_topk, "first", &[]),
+            topk_merge: pipeline(device, "topk_merge", &topk_layout, &m_topk, "merge", &[]),
             argmax_partial: pipeline(
                 device,
                 "argmax_partial",
@@ -604,6 +615,7 @@ impl Pipelines {
             paged_rope_layout,
             paged_attn_layout,
             argmax_layout,
+            topk_layout,
             fused_layout,
             fused_rope_layout,
             embed_layout,

@@ -1,0 +1,90 @@
+// Top-k sampling on the GPU: the k best of logits row 0 scaled by 1 / temperature, as the CPU
+// sampler orders them (larger value first, `total_cmp`, then lower id), so a sampled decode step
+// reads back k (value, id) pairs instead of the logits. Each workgroup sorts a chunk of TK_CHUNK
+// entries in workgroup memory (bitonic) and writes its first k to dst; passes repeat over those
+// until one workgroup is left. Entries are (key, id): key orders like `total_cmp` as a u32.
+// first: dispatch (ceil(vocab / TK_CHUNK)), reads `logits`; merge: reads the previous pass's
+// pairs from `src`.
+
+struct TopkP {
+    n: u32,      // entries this pass reads
+    k: u32,      // entries each workgroup keeps (k <= TK_CHUNK / 8)
+    inv_t: f32,  // 1 / temperature (first pass)
+    pad: u32,
+}
+
+const TK_CHUNK: u32 = 1024u;
+
+@group(0) @binding(0) var<uniform> tp: TopkP;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> src: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read_write> dst: array<vec2<u32>>;
+
+var<workgroup> sk: array<vec2<u32>, TK_CHUNK>;
+
+// The f32 order of `total_cmp` as a u32 order: negatives (sign set) have every bit flipped,
+// the rest the sign bit set.
+fn key_of(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
+}
+
+// Does a come before b (larger key, then lower id)? Padding is (0, 0xffffffff): last.
+fn before(a: vec2<u32>, b: vec2<u32>) -> bool {
+    return a.x > b.x || (a.x == b.x && a.y < b.y);
+}
+
+// Sorts sk best first (bitonic network, 4 entries and 2 compare-exchanges per invocation and
+// stage), then writes the first k to this workgroup's slots of dst.
+fn sort_and_keep(wg: u32, li: u32) {
+    workgroupBarrier();
+    for (var size = 2u; size <= TK_CHUNK; size = size << 1u) {
+        for (var stride = size >> 1u; stride > 0u; stride = stride >> 1u) {
+            for (var h = 0u; h < 2u; h = h + 1u) {
+                let p = li + 256u * h;
+                let i = 2u * stride * (p / stride) + p % stride;
+                let j = i + stride;
+                let a = sk[i];
+                let b = sk[j];
+                // Blocks with (i & size) == 0 end best first, the others best last.
+                let swap = select(before(a, b), before(b, a), (i & size) == 0u);
+                if swap {
+                    sk[i] = b;
+                    sk[j] = a;
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+    if li < tp.k {
+        dst[wg * tp.k + li] = sk[li];
+    }
+}
+
+@compute @workgroup_size(256)
+fn first(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    for (var h = 0u; h < 4u; h = h + 1u) {
+        let e = li + 256u * h;
+        let g = wg.x * TK_CHUNK + e;
+        var v = vec2<u32>(0u, 0xffffffffu);
+        if g < tp.n {
+            v = vec2<u32>(key_of(logits[g] * tp.inv_t), g);
+        }
+        sk[e] = v;
+    }
+    sort_and_keep(wg.x, li);
+}
+
+@compute @workgroup_size(256)
+fn merge(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    for (var h = 0u; h < 4u; h = h + 1u) {
+        let e = li + 256u * h;
+        let g = wg.x * TK_CHUNK + e;
+        var v = vec2<u32>(0u, 0xffffffffu);
+        if g < tp.n {
+            v = src[g];
+        }
+        sk[e] = v;
+    }
+    sort_and_keep(wg.x, li);
+}
