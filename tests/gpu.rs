@@ -10,8 +10,10 @@ use bitnet_inference::cpu::head::HeadMode;
 use bitnet_inference::cpu::ops;
 use bitnet_inference::cpu::CpuBackend;
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
-use bitnet_inference::engine::model::{forward, Backend, KvDtype, Linear, LogitRows, NormSite};
-use bitnet_inference::engine::sampler::{top_candidates, SamplingParams};
+use bitnet_inference::engine::model::{
+    forward, forward_argmax, Backend, KvDtype, Linear, LogitRows, NormSite,
+};
+use bitnet_inference::engine::sampler::{argmax, top_candidates, SamplingParams};
 use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, Activation, GpuBackend, GpuOptions};
 use rand::rngs::StdRng;
@@ -1021,4 +1023,56 @@ fn sampled_decoding_with_gpu_top_k_matches_cpu() {
         g.top_k_last(40, 1.25, &mut scratch, &mut got).unwrap();
         assert_eq!(got, want, "position {pos}");
     }
+}
+
+/// Greedy generation queues each step's successor on the device (fed by its argmax there):
+/// the tokens are those of waiting on every step, when a run stops at max_tokens with a step
+/// still queued and the generator is reused, when the callback stops it, and at the context's
+/// end.
+#[test]
+fn queued_greedy_steps_match_step_by_step_argmax() {
+    let cfg = odd_config();
+    let (_dir, w) = synth_model(&cfg, 70);
+    let prompt = [3u32, 17, 101, 5];
+    let ctx = 64;
+    let want = {
+        let mut g = gpu(&w);
+        let mut cache = g.new_cache(ctx).unwrap();
+        let mut logits = Vec::new();
+        forward(
+            &mut g,
+            &mut cache,
+            &prompt,
+            0,
+            LogitRows::Last,
+            &mut logits,
+            None,
+        )
+        .unwrap();
+        let mut tokens = vec![argmax(&logits)];
+        for pos in prompt.len()..ctx - 1 {
+            let last = tokens[tokens.len() - 1];
+            tokens
+                .push(forward_argmax(&mut g, &mut cache, &[last], pos, &mut logits, None).unwrap());
+        }
+        tokens
+    };
+    let opts = |max_tokens| GenerateOptions {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut gen = Generator::with_context(gpu(&w), ctx).unwrap();
+    let run = |gen: &mut Generator<GpuBackend>, n, stop_after: usize| {
+        let mut seen = 0;
+        gen.generate(&prompt, &opts(n), None, |_, _| {
+            seen += 1;
+            seen < stop_after
+        })
+        .unwrap()
+        .tokens
+    };
+    assert_eq!(run(&mut gen, 7, usize::MAX), want[..7]);
+    assert_eq!(run(&mut gen, 5, 3), want[..3]);
+    assert_eq!(run(&mut gen, 1000, usize::MAX), want);
 }

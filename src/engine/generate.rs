@@ -2,7 +2,9 @@
 
 use crate::time::Instant;
 
-use super::model::{forward, forward_argmax, forward_top_k, Backend, LogitRows, OpProfile};
+use super::model::{
+    forward, forward_argmax, forward_top_k, queue_greedy_step, Backend, LogitRows, OpProfile,
+};
 use super::sampler::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -329,6 +331,8 @@ impl<B: Backend> Generator<B> {
         let greedy = opts.sampling.temperature == 0.0 && opts.sampling.repetition_penalty == 1.0;
         let mut next: Option<u32> = None;
         let mut candidates = Vec::new();
+        // Whether the step for the token about to be emitted is already queued on the device.
+        let mut queued = false;
         loop {
             let tok = match next.take() {
                 Some(t) => t,
@@ -387,6 +391,32 @@ impl<B: Backend> Generator<B> {
                     self.profile.as_mut(),
                 )?;
                 next = Some(sampler.sample_candidates(&candidates));
+            } else if greedy && self.backend.can_queue_steps() {
+                // The step for `tok` (queued ahead by the previous iteration, or now), then the
+                // one after it, fed on the device by this step's argmax: the device works on
+                // the next step while the host reads this one's token.
+                let pos = context.len() - 1;
+                let room = context.len() + 1 < self.context();
+                let mut profile = self.profile.as_mut();
+                if !queued {
+                    queue_greedy_step(
+                        &mut self.backend,
+                        &mut self.cache,
+                        Some(tok),
+                        pos,
+                        profile.as_deref_mut(),
+                    )?;
+                }
+                queued = out.tokens.len() + 1 < opts.max_tokens
+                    && room
+                    && queue_greedy_step(
+                        &mut self.backend,
+                        &mut self.cache,
+                        None,
+                        pos + 1,
+                        profile,
+                    )?;
+                next = Some(self.backend.read_queued_argmax()?);
             } else if greedy {
                 next = Some(forward_argmax(
                     &mut self.backend,

@@ -130,6 +130,33 @@ pub trait Backend {
         crate::engine::sampler::top_candidates(scratch, k, inv_t, out);
         Ok(())
     }
+    /// Whether the backend can queue greedy decode steps ([`queue_greedy_step`]): each
+    /// step's argmax stays on the device as the next step's input, so the device never waits
+    /// for the host between steps.
+    fn can_queue_steps(&self) -> bool {
+        false
+    }
+    /// Starts a step (one token, as [`Backend::embed`]) whose input is the argmax of the step
+    /// queued last, still on the device.
+    fn embed_queued_argmax(&mut self) -> Result<()> {
+        Err(Error::Backend(
+            "this backend does not queue decode steps".into(),
+        ))
+    }
+    /// Records the final norm, head and argmax of the step, submits it without waiting, and
+    /// queues its argmax for [`Backend::read_queued_argmax`].
+    fn queue_argmax_last(&mut self) -> Result<()> {
+        Err(Error::Backend(
+            "this backend does not queue decode steps".into(),
+        ))
+    }
+    /// The argmax of the oldest queued step, waiting for it. Starting a step from host tokens
+    /// ([`Backend::embed`]) drops the queue.
+    fn read_queued_argmax(&mut self) -> Result<u32> {
+        Err(Error::Backend(
+            "this backend does not queue decode steps".into(),
+        ))
+    }
     /// Most prompt tokens the generator should run in one step: the CPU's chunk by default;
     /// the GPU backend takes the step size its buffers are planned for.
     fn prefill_chunk(&self) -> usize {
@@ -228,6 +255,45 @@ pub fn forward_top_k<B: Backend>(
     r
 }
 
+/// Greedy decoding with queued steps: queues the decode step at `pos` whose input is `token`,
+/// or (None) the argmax of the step queued before it, kept on the device; its argmax is read
+/// later with [`Backend::read_queued_argmax`]. Returns false (recording nothing) when the
+/// backend cannot queue steps.
+pub fn queue_greedy_step<B: Backend>(
+    b: &mut B,
+    cache: &mut B::Cache,
+    token: Option<u32>,
+    pos: usize,
+    mut profile: Option<&mut OpProfile>,
+) -> Result<bool> {
+    if !b.can_queue_steps() {
+        return Ok(false);
+    }
+    check_context(cache, pos, 1)?;
+    match token {
+        Some(t) => b.embed(&[t])?,
+        None => b.embed_queued_argmax()?,
+    }
+    layer_stack(b, cache, pos, profile.as_deref_mut());
+    let t0 = profile.is_some().then(crate::time::Instant::now);
+    b.queue_argmax_last()?;
+    if let (Some(p), Some(t0)) = (profile, t0) {
+        p.add("final_norm_head", t0.elapsed().as_secs_f64());
+    }
+    Ok(true)
+}
+
+fn check_context<C: KvCache>(cache: &C, pos: usize, tokens: usize) -> Result<()> {
+    if pos + tokens > cache.capacity() {
+        return Err(Error::Request(format!(
+            "context overflow: {} positions needed but the context holds {}",
+            pos + tokens,
+            cache.capacity()
+        )));
+    }
+    Ok(())
+}
+
 /// Embedding and every layer of a step (everything before the final norm); backends that
 /// finish a step asynchronously (WebGPU in the browser) call it, then read the result.
 pub fn layers<B: Backend>(
@@ -240,13 +306,23 @@ pub fn layers<B: Backend>(
     if tokens.is_empty() {
         return Err(Error::Request("empty token sequence".into()));
     }
-    if pos + tokens.len() > cache.capacity() {
-        return Err(Error::Request(format!(
-            "context overflow: {} positions needed but the context holds {}",
-            pos + tokens.len(),
-            cache.capacity()
-        )));
+    check_context(cache, pos, tokens.len())?;
+    let t0 = profile.is_some().then(crate::time::Instant::now);
+    b.embed(tokens)?;
+    if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
+        p.add("embed", t0.elapsed().as_secs_f64());
     }
+    layer_stack(b, cache, pos, profile);
+    Ok(())
+}
+
+/// Every layer of the embedded step at `pos`.
+fn layer_stack<B: Backend>(
+    b: &mut B,
+    cache: &mut B::Cache,
+    pos: usize,
+    mut profile: Option<&mut OpProfile>,
+) {
     macro_rules! op {
         ($name:literal, $e:expr) => {{
             let t0 = profile.is_some().then(crate::time::Instant::now);
@@ -257,7 +333,6 @@ pub fn layers<B: Backend>(
             r
         }};
     }
-    op!("embed", b.embed(tokens))?;
     for l in 0..b.config().num_layers {
         if op!("fused_layer", b.fused_layer(cache, l, pos)) {
             continue;
@@ -273,5 +348,4 @@ pub fn layers<B: Backend>(
         op!("relu2_mul_norm_quant", b.relu2_mul_norm_quant(l));
         op!("matmul_down", b.ternary_matmul(l, Linear::Down));
     }
-    Ok(())
 }

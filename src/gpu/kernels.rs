@@ -159,21 +159,20 @@ impl Recorder {
         }
     }
 
-    /// Submits the recorded work (if any); with profiling, waits for it and adds its timings.
-    pub fn submit(&mut self, queue: &wgpu::Queue) {
+    /// Submits the recorded work (if any) and returns its submission; with profiling, waits
+    /// for it and adds its timings.
+    pub fn submit(&mut self, queue: &wgpu::Queue) -> Option<wgpu::SubmissionIndex> {
         self.pass = None;
-        let Some(mut enc) = self.encoder.take() else {
-            return;
-        };
+        let mut enc = self.encoder.take()?;
         let n = self.prof.as_ref().map_or(0, |p| p.labels.len() as u32);
         if n > 0 {
             let p = self.prof.as_ref().unwrap();
             enc.resolve_query_set(&p.set, 0..2 * n, &p.resolve, 0);
             enc.copy_buffer_to_buffer(&p.resolve, 0, &p.readback, 0, 16 * n as u64);
         }
-        queue.submit([enc.finish()]);
+        let index = queue.submit([enc.finish()]);
         if n == 0 {
-            return;
+            return Some(index);
         }
         let p = self.prof.as_mut().unwrap();
         let slice = p.readback.slice(0..16 * n as u64);
@@ -194,6 +193,7 @@ impl Recorder {
         }
         p.readback.unmap();
         p.labels.clear();
+        Some(index)
     }
 }
 

@@ -153,6 +153,8 @@ struct Bufs {
     argmax_part: wgpu::Buffer,
     argmax_result: wgpu::Buffer,
     argmax_readback: wgpu::Buffer,
+    /// Readbacks of queued greedy steps' argmax (one per step in flight).
+    argmax_ring: [wgpu::Buffer; 3],
     /// Top-k candidates: two buffers the passes alternate between, and the readback.
     topk: [wgpu::Buffer; 2],
     topk_readback: wgpu::Buffer,
@@ -218,6 +220,10 @@ pub struct GpuBackend {
     logit_rows: usize,
     rec: Recorder,
     tokens: Vec<u32>,
+    /// Queued greedy steps (`queue_greedy_step`): argmax readback and submission, oldest first.
+    queued: std::collections::VecDeque<(wgpu::Buffer, Option<wgpu::SubmissionIndex>)>,
+    /// Steps queued so far (picks the next readback of `argmax_ring`).
+    queued_total: usize,
     /// [t, pos, chunk, nsplit, cap, row0, nrows, 0]
     step: [u32; 8],
     /// Host-side timing of decode steps (`BITNET_GPU_TIMING=1`).
@@ -341,6 +347,14 @@ impl GpuBackend {
             }),
             argmax_part: storage(device, "argmax partials", kernels::argmax_parts(vocab) * 8),
             argmax_result: storage(device, "argmax", 16),
+            argmax_ring: [0, 1, 2].map(|_| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("queued argmax readback"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            }),
             topk: [0, 1].map(|_| {
                 storage(
                     device,
@@ -646,6 +660,8 @@ impl GpuBackend {
             logit_rows,
             rec,
             tokens: Vec::new(),
+            queued: Default::default(),
+            queued_total: 0,
             step: [0; 8],
             timing: std::env::var_os("BITNET_GPU_TIMING").map(|_| HostTiming::default()),
             #[cfg(not(target_arch = "wasm32"))]
@@ -699,13 +715,13 @@ impl GpuBackend {
     }
 
     /// Writes the step uniform and tokens, and submits the recorded work (if any).
-    fn flush(&mut self) {
+    fn flush(&mut self) -> Option<wgpu::SubmissionIndex> {
         let q = &self.ctx.queue;
         q.write_buffer(&self.bufs.step, 0, bytemuck::cast_slice(&self.step));
         if !self.tokens.is_empty() {
             q.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(&self.tokens));
         }
-        self.rec.submit(q);
+        self.rec.submit(q)
     }
 
     /// RoPE cos/sin per (position, j) for `positions` positions, computed exactly like the CPU
@@ -810,6 +826,23 @@ impl GpuBackend {
         }
     }
 
+    /// Starts recording a step of `t` tokens (`host` of them written at submit; none when the
+    /// tokens buffer already holds the input) with its embedding gather.
+    fn begin_step(&mut self, host: &[u32], t: usize) {
+        // Drop any unsubmitted work of an abandoned step.
+        self.rec.discard();
+        if let Some(timing) = &mut self.timing {
+            timing.started = Some(std::time::Instant::now());
+        }
+        self.tokens.clear();
+        self.tokens.extend_from_slice(host);
+        self.step = [t as u32, 0, 64, 1, 0, 0, 0, 0];
+        let h = self.cfg.hidden_size;
+        for (_, bg) in &self.embed_shards {
+            kernels::embed(&mut self.rec, &self.pipes, bg, h, t);
+        }
+    }
+
     fn wait_map(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         self.read_mapped(buf, bytes, |data| data.to_vec())
     }
@@ -821,13 +854,28 @@ impl GpuBackend {
         bytes: u64,
         f: impl FnOnce(&[u8]) -> T,
     ) -> Result<T> {
+        self.read_mapped_after(buf, bytes, None, f)
+    }
+
+    /// [`Self::read_mapped`] waiting only for submission `index` (all work when None), so
+    /// work queued after it keeps the GPU busy meanwhile.
+    fn read_mapped_after<T>(
+        &self,
+        buf: &wgpu::Buffer,
+        bytes: u64,
+        index: Option<wgpu::SubmissionIndex>,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
         let (tx, rx) = mpsc::channel();
         buf.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
             let _ = tx.send(r);
         });
         self.ctx
             .device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index: index,
+                timeout: None,
+            })
             .map_err(|e| Error::Backend(format!("poll: {e}")))?;
         rx.recv()
             .map_err(|e| Error::Backend(format!("map: {e}")))?
@@ -1125,19 +1173,59 @@ impl Backend for GpuBackend {
                 self.max_step
             )));
         }
-        // Drop any unsubmitted work of an abandoned step.
-        self.rec.discard();
-        if let Some(t) = &mut self.timing {
-            t.started = Some(std::time::Instant::now());
-        }
-        self.tokens.clear();
-        self.tokens.extend_from_slice(tokens);
-        self.step = [tokens.len() as u32, 0, 64, 1, 0, 0, 0, 0];
-        let (t, h) = (tokens.len(), self.cfg.hidden_size);
-        for (_, bg) in &self.embed_shards {
-            kernels::embed(&mut self.rec, &self.pipes, bg, h, t);
-        }
+        // Host tokens start over: queued steps no one reads any more are dropped.
+        self.queued.clear();
+        self.begin_step(tokens, tokens.len());
         Ok(())
+    }
+
+    fn can_queue_steps(&self) -> bool {
+        // The browser reads results asynchronously (web.rs) and never blocks on a step.
+        !cfg!(target_arch = "wasm32")
+    }
+
+    fn embed_queued_argmax(&mut self) -> Result<()> {
+        if self.queued.is_empty() {
+            return Err(Error::Request(
+                "no queued decode step to take the input token from".into(),
+            ));
+        }
+        if self.queued.len() >= self.bufs.argmax_ring.len() {
+            return Err(Error::Request(format!(
+                "at most {} decode steps may be queued",
+                self.bufs.argmax_ring.len()
+            )));
+        }
+        // The tokens buffer holds the last queued step's argmax (copied there on the device).
+        self.begin_step(&[], 1);
+        Ok(())
+    }
+
+    fn queue_argmax_last(&mut self) -> Result<()> {
+        self.record_head_last();
+        kernels::argmax(
+            &mut self.rec,
+            &self.pipes,
+            &self.argmax_bg,
+            self.cfg.vocab_size,
+        );
+        let rb = self.bufs.argmax_ring[self.queued_total % self.bufs.argmax_ring.len()].clone();
+        self.queued_total += 1;
+        let enc = self.rec.encoder();
+        enc.copy_buffer_to_buffer(&self.bufs.argmax_result, 0, &rb, 0, 4);
+        enc.copy_buffer_to_buffer(&self.bufs.argmax_result, 0, &self.bufs.tokens, 0, 4);
+        let index = self.flush();
+        self.queued.push_back((rb, index));
+        Ok(())
+    }
+
+    fn read_queued_argmax(&mut self) -> Result<u32> {
+        let (rb, index) = self
+            .queued
+            .pop_front()
+            .ok_or_else(|| Error::Request("no queued decode step to read".into()))?;
+        let data = self.read_mapped_after(&rb, 4, index, |d| d.to_vec())?;
+        Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
     }
 
     fn rmsnorm_quant(&mut self, layer: usize, site: NormSite) {
