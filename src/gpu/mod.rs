@@ -1013,7 +1013,7 @@ impl Drop for GpuBackend {
         if let Some(t) = &self.timing {
             let n = t.steps.max(1) as f64 * 1e-6;
             eprintln!(
-                "host timing over {} argmax steps: record {:.1} us, submit {:.1} us, wait {:.1} us per step",
+                "host timing over {} greedy steps: record {:.1} us, submit {:.1} us, wait {:.1} us per step",
                 t.steps,
                 t.record / n,
                 t.submit / n,
@@ -1214,7 +1214,14 @@ impl Backend for GpuBackend {
         let enc = self.rec.encoder();
         enc.copy_buffer_to_buffer(&self.bufs.argmax_result, 0, &rb, 0, 4);
         enc.copy_buffer_to_buffer(&self.bufs.argmax_result, 0, &self.bufs.tokens, 0, 4);
+        let t0 = std::time::Instant::now();
         let index = self.flush();
+        if let Some(t) = &mut self.timing {
+            if let Some(s) = t.started.take() {
+                t.record += (t0 - s).as_secs_f64();
+                t.submit += t0.elapsed().as_secs_f64();
+            }
+        }
         self.queued.push_back((rb, index));
         Ok(())
     }
@@ -1224,7 +1231,12 @@ impl Backend for GpuBackend {
             .queued
             .pop_front()
             .ok_or_else(|| Error::Request("no queued decode step to read".into()))?;
+        let t0 = std::time::Instant::now();
         let data = self.read_mapped_after(&rb, 4, index, |d| d.to_vec())?;
+        if let Some(t) = &mut self.timing {
+            t.steps += 1;
+            t.wait += t0.elapsed().as_secs_f64();
+        }
         Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
     }
 
