@@ -126,9 +126,7 @@ pub trait Backend {
         scratch: &mut Vec<f32>,
         out: &mut Vec<(f32, u32)>,
     ) -> Result<()> {
-        self.logits(LogitRows::Last, scratch)?;
-        crate::engine::sampler::top_candidates(scratch, k, inv_t, out);
-        Ok(())
+        top_k_from_logits(self, k, inv_t, scratch, out)
     }
     /// Whether the backend can queue greedy decode steps ([`queue_greedy_step`]): each
     /// step's argmax stays on the device as the next step's input, so the device never waits
@@ -230,6 +228,19 @@ pub fn forward_argmax<B: Backend>(
         p.add("final_norm_head", t0.elapsed().as_secs_f64());
     }
     r
+}
+
+/// [`Backend::top_k_last`] through the full logits (read into `scratch`).
+pub fn top_k_from_logits<B: Backend + ?Sized>(
+    b: &mut B,
+    k: usize,
+    inv_t: f32,
+    scratch: &mut Vec<f32>,
+    out: &mut Vec<(f32, u32)>,
+) -> Result<()> {
+    b.logits(LogitRows::Last, scratch)?;
+    crate::engine::sampler::top_candidates(scratch, k, inv_t, out);
+    Ok(())
 }
 
 /// Like [`forward_argmax`] for top-k sampling: the last position's `k` best candidates

@@ -30,7 +30,9 @@ use crate::config::ModelConfig;
 use crate::cpu::head::HeadMode;
 use crate::cpu::ops::rope_inv_freq;
 use crate::engine::generate::PREFILL_CHUNK;
-use crate::engine::model::{Backend, KvCache, KvDtype, Linear, LogitRows, NormSite};
+use crate::engine::model::{
+    top_k_from_logits, Backend, KvCache, KvDtype, Linear, LogitRows, NormSite,
+};
 use crate::error::{Error, Result};
 use crate::format::{FloatDtype, Weights};
 
@@ -739,9 +741,9 @@ impl GpuBackend {
         storage_init(&self.ctx.device, "rope table", bytemuck::cast_slice(&table))
     }
 
-    /// Records the final norm, head and argmax of the step's last position and the copy of
-    /// the result word into the returned readback buffer.
-    pub(super) fn record_argmax_last(&mut self) -> wgpu::Buffer {
+    /// Records the final norm, head and argmax of the step's last position (into the argmax
+    /// result word).
+    fn record_argmax(&mut self) {
         self.record_head_last();
         kernels::argmax(
             &mut self.rec,
@@ -749,6 +751,12 @@ impl GpuBackend {
             &self.argmax_bg,
             self.cfg.vocab_size,
         );
+    }
+
+    /// Records the final norm, head and argmax of the step's last position and the copy of
+    /// the result word into the returned readback buffer.
+    pub(super) fn record_argmax_last(&mut self) -> wgpu::Buffer {
+        self.record_argmax();
         let (res, rb) = (
             self.bufs.argmax_result.clone(),
             self.bufs.argmax_readback.clone(),
@@ -1202,13 +1210,7 @@ impl Backend for GpuBackend {
     }
 
     fn queue_argmax_last(&mut self) -> Result<()> {
-        self.record_head_last();
-        kernels::argmax(
-            &mut self.rec,
-            &self.pipes,
-            &self.argmax_bg,
-            self.cfg.vocab_size,
-        );
+        self.record_argmax();
         let rb = self.bufs.argmax_ring[self.queued_total % self.bufs.argmax_ring.len()].clone();
         self.queued_total += 1;
         let enc = self.rec.encoder();
@@ -1386,9 +1388,7 @@ impl Backend for GpuBackend {
     ) -> Result<()> {
         let k = k.min(self.cfg.vocab_size);
         if k == 0 || k > kernels::TOPK_MAX {
-            self.logits(LogitRows::Last, scratch)?;
-            crate::engine::sampler::top_candidates(scratch, k, inv_t, out);
-            return Ok(());
+            return top_k_from_logits(self, k, inv_t, scratch, out);
         }
         self.record_head_last();
         self.top_k_of_logits(k, inv_t, out)
