@@ -194,7 +194,8 @@ impl GpuCache {
     }
 }
 
-/// A decode step is submitted in parts of this many layers (the first part after two).
+/// A step is submitted in parts of this many layers (the first part after two), unless it is
+/// queued behind other steps.
 const SUBMIT_LAYERS: usize = 8;
 
 /// The GPU backend.
@@ -226,6 +227,9 @@ pub struct GpuBackend {
     queued: std::collections::VecDeque<(wgpu::Buffer, Option<wgpu::SubmissionIndex>)>,
     /// Steps queued so far (picks the next readback of `argmax_ring`).
     queued_total: usize,
+    /// Whether the step being recorded is submitted at once (the GPU has queued steps to run
+    /// meanwhile) rather than in parts of a few layers.
+    whole_step: bool,
     /// [t, pos, chunk, nsplit, cap, row0, nrows, 0]
     step: [u32; 8],
     /// Host-side timing of decode steps (`BITNET_GPU_TIMING=1`).
@@ -664,6 +668,7 @@ impl GpuBackend {
             tokens: Vec::new(),
             queued: Default::default(),
             queued_total: 0,
+            whole_step: false,
             step: [0; 8],
             timing: std::env::var_os("BITNET_GPU_TIMING").map(|_| HostTiming::default()),
             #[cfg(not(target_arch = "wasm32"))]
@@ -827,9 +832,10 @@ impl GpuBackend {
 
     /// After a step's `layer`: submits what is recorded so far every few layers, so the GPU
     /// starts on the first layers while the host encodes the rest (wgpu's per-dispatch encoding
-    /// at submit costs about as much as the GPU work of a decode step).
+    /// at submit costs a large part of a decode step's GPU time), unless the GPU is still busy
+    /// with queued steps: then the step goes in one submit (H200: decode 446 vs 427 tok/s).
     fn end_layer(&mut self, layer: usize) {
-        if layer % SUBMIT_LAYERS == 1 && layer + 1 < self.cfg.num_layers {
+        if !self.whole_step && layer % SUBMIT_LAYERS == 1 && layer + 1 < self.cfg.num_layers {
             self.flush();
         }
     }
@@ -844,6 +850,7 @@ impl GpuBackend {
         }
         self.tokens.clear();
         self.tokens.extend_from_slice(host);
+        self.whole_step = !self.queued.is_empty();
         self.step = [t as u32, 0, 64, 1, 0, 0, 0, 0];
         let h = self.cfg.hidden_size;
         for (_, bg) in &self.embed_shards {
