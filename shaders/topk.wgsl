@@ -3,8 +3,8 @@
 // reads back k (value, id) pairs instead of the logits. Each workgroup sorts a chunk of TK_CHUNK
 // entries in workgroup memory (bitonic) and writes its first k to dst; passes repeat over those
 // until one workgroup is left. Entries are (key, id): key orders like `total_cmp` as a u32.
-// first: dispatch (ceil(vocab / TK_CHUNK)), reads `logits`; merge: reads the previous pass's
-// pairs from `src`.
+// Dispatch: (ceil(n / TK_CHUNK)); FIRST (the first pass) reads `logits`, later passes the previous
+// pass's pairs from `src`.
 
 struct TopkP {
     n: u32,      // entries this pass reads
@@ -61,28 +61,24 @@ fn sort_and_keep(wg: u32, li: u32) {
     }
 }
 
-@compute @workgroup_size(256)
-fn first(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    for (var h = 0u; h < 4u; h = h + 1u) {
-        let e = li + 256u * h;
-        let g = wg.x * TK_CHUNK + e;
-        var v = vec2<u32>(0u, 0xffffffffu);
-        if g < tp.n {
-            v = vec2<u32>(key_of(logits[g] * tp.inv_t), g);
-        }
-        sk[e] = v;
+override FIRST: bool = true;
+
+// Entry g of this pass's input: a logit as (key, id) in the first pass, else a previous pair.
+fn entry(g: u32) -> vec2<u32> {
+    if FIRST {
+        return vec2<u32>(key_of(logits[g] * tp.inv_t), g);
     }
-    sort_and_keep(wg.x, li);
+    return src[g];
 }
 
 @compute @workgroup_size(256)
-fn merge(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     for (var h = 0u; h < 4u; h = h + 1u) {
         let e = li + 256u * h;
         let g = wg.x * TK_CHUNK + e;
         var v = vec2<u32>(0u, 0xffffffffu);
         if g < tp.n {
-            v = src[g];
+            v = entry(g);
         }
         sk[e] = v;
     }

@@ -329,6 +329,8 @@ impl<B: Backend> Generator<B> {
         let mut full_text = String::new();
         // Plain greedy decoding needs only the argmax, which a backend may find on the device.
         let greedy = opts.sampling.temperature == 0.0 && opts.sampling.repetition_penalty == 1.0;
+        // Top-k sampling needs only the k best logits (never set when greedy).
+        let top_k = sampler.candidates_only();
         let mut next: Option<u32> = None;
         let mut candidates = Vec::new();
         // Whether the step for the token about to be emitted is already queued on the device.
@@ -377,7 +379,7 @@ impl<B: Backend> Generator<B> {
             {
                 break;
             }
-            if let (false, Some(request)) = (greedy, sampler.candidates_only()) {
+            if let Some(request) = top_k {
                 // Top-k sampling needs only the k best logits, which a backend may select on
                 // its device.
                 forward_top_k(

@@ -137,23 +137,17 @@ pub trait Backend {
     /// Starts a step (one token, as [`Backend::embed`]) whose input is the argmax of the step
     /// queued last, still on the device.
     fn embed_queued_argmax(&mut self) -> Result<()> {
-        Err(Error::Backend(
-            "this backend does not queue decode steps".into(),
-        ))
+        Err(not_queueing())
     }
     /// Records the final norm, head and argmax of the step, submits it without waiting, and
     /// queues its argmax for [`Backend::read_queued_argmax`].
     fn queue_argmax_last(&mut self) -> Result<()> {
-        Err(Error::Backend(
-            "this backend does not queue decode steps".into(),
-        ))
+        Err(not_queueing())
     }
     /// The argmax of the oldest queued step, waiting for it. Starting a step from host tokens
     /// ([`Backend::embed`]) drops the queue.
     fn read_queued_argmax(&mut self) -> Result<u32> {
-        Err(Error::Backend(
-            "this backend does not queue decode steps".into(),
-        ))
+        Err(not_queueing())
     }
     /// Most prompt tokens the generator should run in one step: the CPU's chunk by default;
     /// the GPU backend takes the step size its buffers are planned for.
@@ -292,6 +286,11 @@ pub fn queue_greedy_step<B: Backend>(
         p.add("final_norm_head", t0.elapsed().as_secs_f64());
     }
     Ok(true)
+}
+
+/// The error of [`Backend`]'s step-queueing defaults.
+fn not_queueing() -> Error {
+    Error::Backend("this backend does not queue decode steps".into())
 }
 
 fn check_context<C: KvCache>(cache: &C, pos: usize, tokens: usize) -> Result<()> {

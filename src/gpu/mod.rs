@@ -194,6 +194,11 @@ impl GpuCache {
     }
 }
 
+/// The little-endian u32 at the start of a readback (an argmax result).
+fn first_word(data: &[u8]) -> u32 {
+    u32::from_le_bytes([data[0], data[1], data[2], data[3]])
+}
+
 /// A step is submitted in parts of this many layers (the first part after two), unless it is
 /// queued behind other steps.
 const SUBMIT_LAYERS: usize = 8;
@@ -955,20 +960,20 @@ impl GpuBackend {
             .encoder()
             .copy_buffer_to_buffer(res, 0, &rb, 0, bytes);
         self.flush();
-        let data = self.wait_map(&rb, bytes)?;
-        out.clear();
-        out.extend(data.chunks_exact(8).map(|e| {
-            let key = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-            let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
-            // Undo topk.wgsl's key_of.
-            let bits = if key & 0x8000_0000 != 0 {
-                key & 0x7fff_ffff
-            } else {
-                !key
-            };
-            (f32::from_bits(bits), id)
-        }));
-        Ok(())
+        self.read_mapped(&rb, bytes, |data| {
+            out.clear();
+            out.extend(data.chunks_exact(8).map(|e| {
+                let key = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+                let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+                // Undo topk.wgsl's key_of.
+                let bits = if key & 0x8000_0000 != 0 {
+                    key & 0x7fff_ffff
+                } else {
+                    !key
+                };
+                (f32::from_bits(bits), id)
+            }));
+        })
     }
 
     /// Submits pending work and reads a whole activation buffer (as u32 words; tests and
@@ -1241,12 +1246,12 @@ impl Backend for GpuBackend {
             .pop_front()
             .ok_or_else(|| Error::Request("no queued decode step to read".into()))?;
         let t0 = std::time::Instant::now();
-        let data = self.read_mapped_after(&rb, 4, index, |d| d.to_vec())?;
+        let token = self.read_mapped_after(&rb, 4, index, first_word)?;
         if let Some(t) = &mut self.timing {
             t.steps += 1;
             t.wait += t0.elapsed().as_secs_f64();
         }
-        Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+        Ok(token)
     }
 
     fn rmsnorm_quant(&mut self, layer: usize, site: NormSite) {
@@ -1374,7 +1379,7 @@ impl Backend for GpuBackend {
         let t0 = std::time::Instant::now();
         self.flush();
         let t1 = std::time::Instant::now();
-        let data = self.wait_map(&rb, 4)?;
+        let token = self.read_mapped(&rb, 4, first_word)?;
         if let Some(t) = &mut self.timing {
             if let Some(s) = t.started.take() {
                 t.steps += 1;
@@ -1383,7 +1388,7 @@ impl Backend for GpuBackend {
                 t.wait += t1.elapsed().as_secs_f64();
             }
         }
-        Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+        Ok(token)
     }
 
     fn top_k_last(
