@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// How a packed linear's `weight_scale` applies (FORMAT.md §4).
+/// How a packed linear's `weight_scale` applies (docs/NUMERICS.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScaleConvention {
     /// `autobitlinear`: real weight = ternary × scale.

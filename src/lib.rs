@@ -1,5 +1,7 @@
 //! BitNet b1.58 inference: ternary weights, int8 activations, CPU SIMD kernels.
 
+pub mod arch;
+pub mod backend;
 pub mod batch;
 pub mod config;
 pub mod cpu;
@@ -8,7 +10,9 @@ pub mod error;
 pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod load;
 pub mod quant;
+pub mod reference;
 #[cfg(feature = "server")]
 pub mod serve;
 pub mod time;

@@ -1,4 +1,4 @@
-//! The numerics contract shared by every backend (FORMAT.md §3–5): absmean ternarization,
+//! The numerics contract shared by every backend (docs/NUMERICS.md §3–5): absmean ternarization,
 //! the 2-bit code packing of the checkpoint, and per-token absmax int8 activation quantization.
 
 /// Largest int8 code of an activation (Qp = 127).
@@ -39,7 +39,7 @@ pub fn quantize_weight_row(row: &[f32], q: &mut [i8]) -> f32 {
     m / 127.0
 }
 
-/// Absmean ternarization of a master weight (`WeightQuant`, FORMAT.md §4):
+/// Absmean ternarization of a master weight (`WeightQuant`, docs/NUMERICS.md §4):
 /// returns codes in {-1, 0, 1} and the multiplier that restores the real scale.
 pub fn ternarize_absmean(w: &[f32]) -> (Vec<i8>, f32) {
     let mean = (w.iter().map(|v| v.abs() as f64).sum::<f64>() / w.len().max(1) as f64) as f32;

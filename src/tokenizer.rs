@@ -1,6 +1,6 @@
 //! Text ↔ token ids: `tokenizer.json` through the `tokenizers` crate, chat templates from
 //! `tokenizer_config.json` or `chat_template.jinja` rendered with minijinja, and BOS handling
-//! that never doubles the BOS (FORMAT.md §9).
+//! that never doubles the BOS (docs/NUMERICS.md §9).
 
 use std::path::Path;
 

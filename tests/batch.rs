@@ -5,8 +5,9 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use bitnet_inference::backend::{BatchBackend, RowSlot};
 use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerConfig};
-use bitnet_inference::batch::{forward_rows, BatchBackend, RowSlot};
+use bitnet_inference::engine::forward::forward_rows;
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};
 use bitnet_inference::engine::sampler::SamplingParams;
 use bitnet_inference::format::{safetensors::load, Weights};

@@ -175,6 +175,38 @@ fn generate_text_matches_json_text() {
 }
 
 #[test]
+fn a_stop_string_split_across_tokens_is_never_streamed() {
+    let tiny = tiny();
+    let gen = |extra: &[&str]| {
+        let mut args = vec!["generate", "--prompt", "Hello", "--max-tokens", "24"];
+        args.extend_from_slice(&["--ignore-eos", "--model", &tiny]);
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| bitnet_ok(&args.iter().map(|s| &s[..]).collect::<Vec<_>>());
+    let free: Value = serde_json::from_str(run(gen(&["--json"])).trim()).unwrap();
+    let tokens: Vec<u32> = free["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let tok = bitnet_inference::tokenizer::Tokenizer::from_dir(Path::new(&tiny))
+        .unwrap()
+        .unwrap();
+    let (stop, before) = common::split_stop(&tok, &tokens);
+    // Streamed: exactly the text before the stop string, none of its first characters.
+    assert_eq!(
+        run(gen(&["--stop", &stop])),
+        format!("{before}\n"),
+        "stop {stop:?}"
+    );
+    let cut: Value = serde_json::from_str(run(gen(&["--stop", &stop, "--json"])).trim()).unwrap();
+    assert_eq!(cut["text"], before.as_str());
+    assert_eq!(cut["finish_reason"], "stop");
+}
+
+#[test]
 fn logits_last_and_all() {
     let tiny = tiny();
     let m = bitnet_json(&["logits", "--model", &tiny, "--tokens", "297,251"]);

@@ -5,17 +5,18 @@
 
 use std::path::{Path, PathBuf};
 
+use bitnet_inference::arch::GatedAct;
+use bitnet_inference::backend::HeadMode;
+use bitnet_inference::backend::{Backend, KvDtype, Linear, LogitRows, NormSite};
 use bitnet_inference::config::{ModelConfig, Preset};
-use bitnet_inference::cpu::head::HeadMode;
-use bitnet_inference::cpu::ops;
 use bitnet_inference::cpu::CpuBackend;
+use bitnet_inference::engine::forward::{forward, forward_argmax, top_k_last};
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
-use bitnet_inference::engine::model::{
-    forward, forward_argmax, Backend, KvDtype, Linear, LogitRows, NormSite,
-};
-use bitnet_inference::engine::sampler::{argmax, top_candidates, SamplingParams};
+use bitnet_inference::engine::sampler::SamplingParams;
 use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, Activation, GpuBackend, GpuOptions};
+use bitnet_inference::reference as ops;
+use bitnet_inference::reference::{argmax, top_candidates};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -279,12 +280,12 @@ fn rmsnorm_quant_and_relu2_match_cpu_ops() {
 
         let a = random(&mut rng, t * q, 2.0);
         g.write_activation(Activation::Attention, &from_f32(&a));
-        g.attn_sub_norm_quant(0);
+        g.attn_out_quant(0, true);
         check_quant(&mut g, &a, &w.layers[0].attn_sub_norm, t, cfg.rms_norm_eps);
 
         let gu = random(&mut rng, t * 2 * i, 2.0);
         g.write_activation(Activation::GateUp, &from_f32(&gu));
-        g.relu2_mul_norm_quant(0);
+        g.gated_act_quant(0, GatedAct::Relu2, true);
         let mut m = vec![0.0; t * i];
         for ti in 0..t {
             let row = &gu[ti * 2 * i..(ti + 1) * 2 * i];
@@ -474,7 +475,7 @@ fn rope_kv_write_and_attention_at(cfg: &ModelConfig, kv_dtype: KvDtype) {
 
 /// Position-wise comparison of two backends' logits. Both compute in f32 with different
 /// summation orders (attention, norms), so activations differ by ulps; where such a value sits
-/// on an int8 rounding boundary one backend's code moves by ±1 (FORMAT.md §10), which moves
+/// on an int8 rounding boundary one backend's code moves by ±1 (docs/NUMERICS.md §10), which moves
 /// that position's logits (and, through the KV cache, later ones) by ~1e-2 on these random
 /// models. `whole_forward_quantization_equals_cpu_quantization_of_gpu_inputs` shows the GPU
 /// quantizer itself agrees exactly. So: the first position must agree to float noise (`tol`),
@@ -844,7 +845,7 @@ fn quant_flips(w: &Weights, tokens: &[u32]) -> usize {
         g.rope_kv_write(&mut cache, l, 0);
         g.attention(&cache, l, 0);
         let a = to_f32(&g.read_activation(Activation::Attention).unwrap())[..t * q].to_vec();
-        g.attn_sub_norm_quant(l);
+        g.attn_out_quant(l, true);
         check(&mut g, &a, &w.layers[l].attn_sub_norm);
         g.ternary_matmul(l, Linear::O);
         let x = to_f32(&g.read_activation(Activation::Residual).unwrap())[..t * h].to_vec();
@@ -857,7 +858,7 @@ fn quant_flips(w: &Weights, tokens: &[u32]) -> usize {
             let row = &gu[ti * 2 * i..(ti + 1) * 2 * i];
             ops::relu2_mul(&row[..i], &row[i..], &mut m[ti * i..(ti + 1) * i]);
         }
-        g.relu2_mul_norm_quant(l);
+        g.gated_act_quant(l, GatedAct::Relu2, true);
         check(&mut g, &m, &w.layers[l].ffn_sub_norm);
         g.ternary_matmul(l, Linear::Down);
     }
@@ -1020,7 +1021,7 @@ fn sampled_decoding_with_gpu_top_k_matches_cpu() {
         )
         .unwrap();
         let mut scratch = Vec::new();
-        g.top_k_last(40, 1.25, &mut scratch, &mut got).unwrap();
+        top_k_last(&mut g, (40, 1.25), &mut scratch, &mut got).unwrap();
         assert_eq!(got, want, "position {pos}");
     }
 }

@@ -7,12 +7,13 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use bitnet_inference::backend::HeadMode;
+use bitnet_inference::backend::KvDtype;
+use bitnet_inference::backend::{BatchBackend, RowSlot};
 use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerConfig};
-use bitnet_inference::batch::{forward_rows, BatchBackend, RowSlot};
 use bitnet_inference::config::{ModelConfig, Preset};
-use bitnet_inference::cpu::head::HeadMode;
+use bitnet_inference::engine::forward::forward_rows;
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};
-use bitnet_inference::engine::model::KvDtype;
 use bitnet_inference::engine::sampler::SamplingParams;
 use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, GpuBackend, GpuOptions};
@@ -31,7 +32,7 @@ fn gpu_head(w: &Weights, head: HeadMode, kv: KvDtype) -> GpuBackend {
         ..Default::default()
     };
     let b = gpu::load(w, &opts).expect("a wgpu adapter is required for the GPU tests");
-    eprintln!("{}", bitnet_inference::engine::model::Backend::describe(&b));
+    eprintln!("{}", bitnet_inference::backend::Backend::describe(&b));
     b
 }
 

@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use bitnet_inference::backend::Backend;
 use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
-use bitnet_inference::engine::model::Backend;
 use bitnet_inference::format::safetensors::load;
 use bitnet_inference::tokenizer::Tokenizer;
 use serde_json::Value;
@@ -169,7 +169,7 @@ fn check_greedy<B: Backend>(backend: B, n: usize) {
         let logits = g.logits(&seq, true).unwrap();
         for (k, (&t, &m)) in want[..n].iter().zip(&margins).enumerate() {
             let row = &logits[(prompt.len() - 1 + k) * vocab..][..vocab];
-            let best = bitnet_inference::engine::sampler::argmax(row);
+            let best = bitnet_inference::reference::argmax(row);
             let top = row[t as usize];
             if m >= DECISIVE {
                 decisive_total += 1;

@@ -1,10 +1,10 @@
 //! The whole model against the transformers float32 reference of `tests/fixtures/tiny`
-//! (FORMAT.md §10): teacher-forced logits at every position, greedy tokens with the KV cache,
+//! (docs/NUMERICS.md §10): teacher-forced logits at every position, greedy tokens with the KV cache,
 //! on every CPU kernel set, plus the tokenizer and the int8 activation probe.
 
 use std::path::Path;
 
-use bitnet_inference::cpu::head::HeadMode;
+use bitnet_inference::backend::HeadMode;
 use bitnet_inference::cpu::kernels::Kernels;
 use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};

@@ -243,6 +243,22 @@ fn greedy_completion_equals_cli_generate_plain_and_streamed() {
 }
 
 #[test]
+fn a_stop_string_split_across_tokens_is_never_streamed() {
+    let model = common::fixture();
+    let s = Server::start(&model, &[]);
+    let free = cli_generate(&model, "Hello world", 24);
+    let tokens: Vec<u32> = common::ids(&free["tokens"]);
+    let tok = Tokenizer::from_dir(&model).unwrap().unwrap();
+    let (stop, before) = common::split_stop(&tok, &tokens);
+    let body = json!({ "model": "tiny", "prompt": "Hello world", "max_tokens": 24,
+                       "temperature": 0, "stop": [stop], "stream": true });
+    let (text, finish, done) = s.stream("/v1/completions", body);
+    assert!(done);
+    assert_eq!(text, before, "stop {stop:?}");
+    assert_eq!(finish, "stop");
+}
+
+#[test]
 fn gpu_backend_serves_concurrent_clients_like_cli_generate() {
     let model = common::fixture();
     let s = Server::start(&model, &["--backend", "gpu"]);

@@ -134,6 +134,32 @@ test('sampling: a seed makes it reproducible; stop strings cut the text', async 
   assert.equal(out.text, text.slice(0, text.indexOf(stop)));
 });
 
+test('a stop string split across tokens is never streamed', async () => {
+  const m = await model();
+  const p = prompts[3];
+  const full = m.decode(p.greedy_tokens);
+  // A stop string whose first two characters end one token's text and the rest start the next.
+  let stop = null;
+  for (let k = 1; k < p.greedy_tokens.length && stop === null; k++) {
+    const head = m.decode(p.greedy_tokens.slice(0, k));
+    const chars = [...head];
+    const rest = [...full.slice(head.length)];
+    if (!full.startsWith(head) || chars.length < 3 || rest.length < 2) continue;
+    const tail = chars.slice(-2).join('');
+    if (tail.trim() === '') continue;
+    const cand = tail + rest.slice(0, 2).join('');
+    if (!cand.includes('\uFFFD') && full.indexOf(cand) === head.length - tail.length) stop = cand;
+  }
+  assert.ok(stop, `no token boundary in ${JSON.stringify(full)}`);
+  const before = full.slice(0, full.indexOf(stop));
+  const chunks = [];
+  for await (const c of m.generate(p.input_ids, { maxTokens: 16, ignoreEos: true, stop: [stop] })) {
+    chunks.push(c);
+  }
+  assert.equal(chunks.map((c) => c.text).join(''), before, `stop ${JSON.stringify(stop)}`);
+  assert.equal(chunks.at(-1).finishReason, 'stop');
+});
+
 test('AbortSignal stops a generation; the model stays usable', async () => {
   const m = await model();
   const p = prompts[2];

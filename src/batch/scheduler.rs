@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::blocks::{prefix_hashes, BlockAllocator};
-use super::{forward_rows, BatchBackend, RowSlot};
-use crate::engine::generate::FinishReason;
+use crate::backend::{BatchBackend, RowSlot};
+use crate::engine::forward::forward_rows;
 use crate::engine::sampler::{Sampler, SamplingParams};
+use crate::engine::session::FinishReason;
 use crate::error::{Error, Result};
 
 /// Scheduler limits.

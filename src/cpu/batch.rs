@@ -1,8 +1,9 @@
 //! The CPU backend's batched steps over a paged KV pool.
 
-use super::{ops, CpuBackend, SharedMut, SCORES};
-use crate::batch::{BatchBackend, RowSlot};
+use super::{CpuBackend, SharedMut, SCORES};
+use crate::backend::{BatchBackend, RowSlot};
 use crate::error::{Error, Result};
+use crate::reference as ops;
 
 /// Keys and values in blocks: `[block][layer][kv_head][position in block][head_dim]` f32.
 pub struct CpuKvPool {

@@ -5,31 +5,9 @@ use rayon::prelude::*;
 use super::kernels::Kernels;
 use super::team::Team;
 use super::SharedMut;
+use crate::backend::HeadMode;
 use crate::format::{FloatDtype, FloatTensor};
 use crate::quant::quantize_activations;
-
-/// How the head is stored for the CPU kernels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum HeadMode {
-    /// The checkpoint's dtype (bf16 read in place; f16/f32 as f32).
-    #[default]
-    Native,
-    /// int8 weights with one f32 scale per row; the final hidden state is quantized per token.
-    Int8,
-}
-
-impl HeadMode {
-    /// Parses `native`/`bf16` or `int8`.
-    pub fn parse(s: &str) -> crate::Result<Self> {
-        match s {
-            "native" | "bf16" => Ok(HeadMode::Native),
-            "int8" => Ok(HeadMode::Int8),
-            other => Err(crate::Error::Config(format!(
-                "unknown head mode `{other}` (expected native or int8)"
-            ))),
-        }
-    }
-}
 
 /// Head weights in a kernel-ready form.
 #[derive(Debug)]

@@ -4,17 +4,18 @@ pub mod batch;
 pub mod head;
 pub mod kernels;
 pub mod membw;
-pub mod ops;
 pub mod packed;
 pub mod team;
 
 use std::cell::RefCell;
 
+use crate::arch::GatedAct;
+use crate::backend::{Backend, HeadMode, KvCache, KvDtype, Linear, LogitRows, NormSite};
 use crate::config::ModelConfig;
-use crate::engine::model::{Backend, KvCache, KvDtype, Linear, LogitRows, NormSite};
 use crate::error::{Error, Result};
 use crate::format::{FloatTensor, Weights};
-use head::{Head, HeadMode};
+use crate::reference as ops;
+use head::Head;
 use kernels::Kernels;
 use packed::{padded_cols, PackedTernary};
 use team::Team;
@@ -249,21 +250,21 @@ impl CpuBackend {
     }
 }
 
-/// RMSNorm + int8 quantization of `t` rows of `src` (width `w.len()`), with the padded stride
-/// of the consuming matrix. `tmp` holds `t * width` scratch.
+/// RMSNorm (with gamma `w`; none: no norm) + int8 quantization of `t` rows of `src` (width
+/// `width`), with the padded stride of the consuming matrix. `tmp` holds `t * width` scratch.
 #[allow(clippy::too_many_arguments)]
 fn norm_quant_rows(
     team: &Team,
     t: usize,
     src: &[f32],
-    w: &[f32],
+    width: usize,
+    w: Option<&[f32]>,
     eps: f32,
     tmp: &mut [f32],
     xq: &mut [i8],
     xscale: &mut [f32],
     xsum: &mut [i32],
 ) {
-    let width = w.len();
     let kpad = padded_cols(width);
     let (tmp, xq, xscale, xsum) = (
         SharedMut::new(tmp),
@@ -281,7 +282,12 @@ fn norm_quant_rows(
                 xsum.slice(i, 1),
             )
         };
-        sc[0] = ops::rmsnorm_quant(&src[i * width..(i + 1) * width], w, eps, buf, q) / 127.0;
+        let row = &src[i * width..(i + 1) * width];
+        let absmax = match w {
+            Some(w) => ops::rmsnorm_quant(row, w, eps, buf, q),
+            None => crate::quant::quantize_activations(row, q),
+        };
+        sc[0] = absmax / 127.0;
         sm[0] = q.iter().map(|&v| v as i32).sum();
     });
 }
@@ -338,7 +344,8 @@ impl Backend for CpuBackend {
             &self.team,
             s.t,
             &s.x,
-            w,
+            self.cfg.hidden_size,
+            Some(w),
             self.cfg.rms_norm_eps,
             &mut s.tmp,
             &mut s.xq,
@@ -347,14 +354,15 @@ impl Backend for CpuBackend {
         );
     }
 
-    fn attn_sub_norm_quant(&mut self, layer: usize) {
+    fn attn_out_quant(&mut self, layer: usize, sub_norm: bool) {
         let w = &self.layers[layer].attn_sub_norm;
         let s = &mut self.step;
         norm_quant_rows(
             &self.team,
             s.t,
             &s.attn,
-            w,
+            self.cfg.q_dim(),
+            sub_norm.then_some(&w[..]),
             self.cfg.rms_norm_eps,
             &mut s.tmp,
             &mut s.xq,
@@ -363,18 +371,19 @@ impl Backend for CpuBackend {
         );
     }
 
-    fn relu2_mul_norm_quant(&mut self, layer: usize) {
+    fn gated_act_quant(&mut self, layer: usize, act: GatedAct, sub_norm: bool) {
         let i = self.cfg.intermediate_size;
         let s = &mut self.step;
         for (gu, m) in s.gu[..s.t * 2 * i].chunks(2 * i).zip(s.mlp.chunks_mut(i)) {
-            ops::relu2_mul(&gu[..i], &gu[i..], m);
+            ops::gated_act(act, &gu[..i], &gu[i..], m);
         }
         let w = &self.layers[layer].ffn_sub_norm;
         norm_quant_rows(
             &self.team,
             s.t,
             &s.mlp,
-            w,
+            i,
+            sub_norm.then_some(&w[..]),
             self.cfg.rms_norm_eps,
             &mut s.tmp,
             &mut s.xq,

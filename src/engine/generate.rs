@@ -1,65 +1,14 @@
-//! Streaming generation over any backend: chunked prefill, decode loop, stop conditions.
+//! Streaming generation over any backend: chunked prefill, then a [`Session`] driven step by
+//! step, on the device's own token selection where the backend offers it.
 
 use crate::time::Instant;
 
-use super::model::{
-    forward, forward_argmax, forward_top_k, queue_greedy_step, Backend, LogitRows, OpProfile,
-};
-use super::sampler::{Sampler, SamplingParams};
+use super::forward::{forward, forward_argmax, forward_top_k, queue_greedy_step, OpProfile};
+use super::session::{check_prompt, Session, Want};
+pub use super::session::{FinishReason, GenerateOptions};
+use crate::backend::{Backend, KvCache, LogitRows};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
-
-/// Largest number of prompt tokens run through the model in one step.
-pub const PREFILL_CHUNK: usize = 256;
-
-/// What to generate.
-#[derive(Debug, Clone)]
-pub struct GenerateOptions {
-    /// Most tokens to generate.
-    pub max_tokens: usize,
-    /// Sampling parameters.
-    pub sampling: SamplingParams,
-    /// Token ids that end generation (usually generation_config's eos_token_id).
-    pub eos_token_ids: Vec<u32>,
-    /// Keep going past EOS tokens.
-    pub ignore_eos: bool,
-    /// Strings that end generation (the text is cut before them).
-    pub stop_strings: Vec<String>,
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        GenerateOptions {
-            max_tokens: 128,
-            sampling: SamplingParams::default(),
-            eos_token_ids: vec![],
-            ignore_eos: false,
-            stop_strings: vec![],
-        }
-    }
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An EOS token or stop string.
-    Stop,
-    /// `max_tokens` reached, or the context window is full.
-    Length,
-    /// The callback asked to stop.
-    Cancelled,
-}
-
-impl FinishReason {
-    /// The OpenAI spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Cancelled => "cancelled",
-        }
-    }
-}
 
 /// The result of a generation.
 #[derive(Debug, Clone)]
@@ -166,20 +115,22 @@ impl<B: Backend> Generator<B> {
     /// device time on backends that have it.
     pub fn start_profile(&mut self) {
         self.profile = Some(OpProfile::default());
-        self.backend.set_gpu_profiling(true);
-        let _ = self.backend.gpu_profile();
+        if let Some(d) = self.backend.device() {
+            d.set_profiling(true);
+            let _ = d.take_profile();
+        }
     }
 
     /// Stops recording and returns the per-op times; device kernel times, where the backend
     /// records them, follow as entries named `gpu:<kernel>`.
     pub fn take_profile(&mut self) -> Option<OpProfile> {
         let mut p = self.profile.take()?;
-        if let Some(k) = self.backend.gpu_profile() {
-            for (name, secs, calls) in k {
+        if let Some(d) = self.backend.device() {
+            for (name, secs, calls) in d.take_profile().unwrap_or_default() {
                 p.entries.push((gpu_name(name), secs, calls));
             }
+            d.set_profiling(false);
         }
-        self.backend.set_gpu_profiling(false);
         Some(p)
     }
 
@@ -195,22 +146,12 @@ impl<B: Backend> Generator<B> {
 
     /// Positions the KV cache holds.
     pub fn context(&self) -> usize {
-        use super::model::KvCache;
         self.cache.capacity()
     }
 
     fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
-        if prompt.is_empty() {
-            return Err(Error::Request("the prompt is empty".into()));
-        }
-        if prompt.len() > self.context() {
-            return Err(Error::Request(format!(
-                "the prompt has {} tokens but the context window holds {}",
-                prompt.len(),
-                self.context()
-            )));
-        }
-        Ok(())
+        let vocab = self.backend.config().vocab_size;
+        check_prompt(prompt, self.context(), vocab)
     }
 
     /// Runs `prompt` from position 0 and returns the logits of its last position
@@ -296,8 +237,10 @@ impl<B: Backend> Generator<B> {
         })
     }
 
-    /// Generates from `prompt`; `on_token(id, new_text)` sees each token as it is produced and
-    /// returns false to stop.
+    /// Generates from `prompt`; `on_token(id, new_text)` sees each token as it is produced
+    /// and returns false to stop (text held back for a possible stop string comes with a
+    /// later token, or, when an EOS token ends the generation, in one more call with the EOS
+    /// id).
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -305,11 +248,8 @@ impl<B: Backend> Generator<B> {
         tokenizer: Option<&Tokenizer>,
         mut on_token: impl FnMut(u32, &str) -> bool,
     ) -> Result<Generation> {
-        opts.sampling.validate()?;
-        self.check_prompt(prompt)?;
-        let mut sampler = Sampler::new(opts.sampling.clone());
-        let mut context: Vec<u32> = Vec::with_capacity(prompt.len() + opts.max_tokens);
-        context.extend_from_slice(prompt);
+        let vocab = self.backend.config().vocab_size;
+        let mut s = Session::new(prompt, opts, self.context(), vocab)?;
         let mut out = Generation {
             tokens: Vec::new(),
             text: String::new(),
@@ -318,19 +258,13 @@ impl<B: Backend> Generator<B> {
             prefill_s: 0.0,
             decode_s: 0.0,
         };
-        if opts.max_tokens == 0 {
+        if s.finish().is_some() {
             return Ok(out);
         }
         let t0 = Instant::now();
         let mut logits = self.logits(prompt, false)?;
         out.prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let mut emitted = 0usize; // bytes of `text` already passed to the callback
-        let mut full_text = String::new();
-        // Plain greedy decoding needs only the argmax, which a backend may find on the device.
-        let greedy = opts.sampling.temperature == 0.0 && opts.sampling.repetition_penalty == 1.0;
-        // Top-k sampling needs only the k best logits (never set when greedy).
-        let top_k = sampler.candidates_only();
         let mut next: Option<u32> = None;
         let mut candidates = Vec::new();
         // Whether the step for the token about to be emitted is already queued on the device.
@@ -338,111 +272,89 @@ impl<B: Backend> Generator<B> {
         loop {
             let tok = match next.take() {
                 Some(t) => t,
-                None => sampler.sample(&mut logits, &context),
+                None => s.pick(&mut logits),
             };
-            if !opts.ignore_eos && opts.eos_token_ids.contains(&tok) {
-                out.finish = FinishReason::Stop;
+            let e = s.accept(tok, tokenizer)?;
+            let go_on = match e.token {
+                Some(t) => on_token(t, &e.text),
+                None => e.text.is_empty() || on_token(tok, &e.text),
+            };
+            if !go_on {
+                s.cancel();
+            }
+            if s.finish().is_some() {
                 break;
             }
-            out.tokens.push(tok);
-            context.push(tok);
-            let mut piece = "";
-            if let Some(t) = tokenizer {
-                full_text = t.decode(&out.tokens, true)?;
-                if let Some(cut) = opts
-                    .stop_strings
-                    .iter()
-                    .filter_map(|s| full_text.find(s.as_str()))
-                    .min()
-                {
-                    full_text.truncate(cut);
-                    out.finish = FinishReason::Stop;
-                }
-                // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-                let stable = if out.finish == FinishReason::Stop {
-                    full_text.len()
-                } else {
-                    full_text.trim_end_matches('\u{FFFD}').len()
-                };
-                if stable > emitted && full_text.is_char_boundary(emitted) {
-                    piece = &full_text[emitted..stable];
-                    emitted = stable;
-                }
-            }
-            if !on_token(tok, piece) {
-                out.finish = FinishReason::Cancelled;
-                break;
-            }
-            if out.finish == FinishReason::Stop
-                || out.tokens.len() >= opts.max_tokens
-                || context.len() >= self.context()
-            {
-                break;
-            }
-            if let Some(request) = top_k {
-                // Top-k sampling needs only the k best logits, which a backend may select on
-                // its device.
-                forward_top_k(
-                    &mut self.backend,
-                    &mut self.cache,
-                    &[tok],
-                    context.len() - 1,
-                    request,
-                    &mut self.logits,
-                    &mut candidates,
-                    self.profile.as_mut(),
-                )?;
-                next = Some(sampler.sample_candidates(&candidates));
-            } else if greedy && self.backend.can_queue_steps() {
-                // The step for `tok` (queued ahead by the previous iteration, or now), then the
-                // one after it, fed on the device by this step's argmax: the device works on
-                // the next step while the host reads this one's token.
-                let pos = context.len() - 1;
-                let room = context.len() + 1 < self.context();
-                let mut profile = self.profile.as_mut();
-                if !queued {
-                    queue_greedy_step(
+            let pos = s.context().len() - 1;
+            match s.want() {
+                Want::TopK(k, inv_t) => {
+                    forward_top_k(
                         &mut self.backend,
                         &mut self.cache,
-                        Some(tok),
+                        &[tok],
                         pos,
-                        profile.as_deref_mut(),
+                        (k, inv_t),
+                        &mut self.logits,
+                        &mut candidates,
+                        self.profile.as_mut(),
                     )?;
+                    next = Some(s.pick_candidates(&candidates));
                 }
-                queued = out.tokens.len() + 1 < opts.max_tokens
-                    && room
-                    && queue_greedy_step(
+                Want::Argmax if self.backend.device().is_some() => {
+                    // The step for `tok` (queued ahead by the previous iteration, or now),
+                    // then the one after it, fed on the device by this step's argmax: the
+                    // device works on the next step while the host reads this one's token.
+                    let mut profile = self.profile.as_mut();
+                    if !queued {
+                        queue_greedy_step(
+                            &mut self.backend,
+                            &mut self.cache,
+                            Some(tok),
+                            pos,
+                            profile.as_deref_mut(),
+                        )?;
+                    }
+                    queued = s.room_for(1)
+                        && queue_greedy_step(
+                            &mut self.backend,
+                            &mut self.cache,
+                            None,
+                            pos + 1,
+                            profile,
+                        )?;
+                    let d = self.backend.device().ok_or_else(|| {
+                        Error::Backend("the backend stopped offering device steps".into())
+                    })?;
+                    next = Some(d.read_queued_argmax()?);
+                }
+                Want::Argmax => {
+                    next = Some(forward_argmax(
                         &mut self.backend,
                         &mut self.cache,
-                        None,
-                        pos + 1,
-                        profile,
+                        &[tok],
+                        pos,
+                        &mut self.logits,
+                        self.profile.as_mut(),
+                    )?);
+                }
+                Want::Logits => {
+                    forward(
+                        &mut self.backend,
+                        &mut self.cache,
+                        &[tok],
+                        pos,
+                        LogitRows::Last,
+                        &mut self.logits,
+                        self.profile.as_mut(),
                     )?;
-                next = Some(self.backend.read_queued_argmax()?);
-            } else if greedy {
-                next = Some(forward_argmax(
-                    &mut self.backend,
-                    &mut self.cache,
-                    &[tok],
-                    context.len() - 1,
-                    &mut self.logits,
-                    self.profile.as_mut(),
-                )?);
-            } else {
-                forward(
-                    &mut self.backend,
-                    &mut self.cache,
-                    &[tok],
-                    context.len() - 1,
-                    LogitRows::Last,
-                    &mut self.logits,
-                    self.profile.as_mut(),
-                )?;
-                std::mem::swap(&mut logits, &mut self.logits);
+                    std::mem::swap(&mut logits, &mut self.logits);
+                }
             }
         }
         out.decode_s = t1.elapsed().as_secs_f64();
-        out.text = full_text;
+        out.finish = s.finish().unwrap_or(FinishReason::Length);
+        out.tokens = s.tokens().to_vec();
+        out.text = s.text().to_string();
         Ok(out)
     }
 }

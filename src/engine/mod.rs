@@ -1,5 +1,8 @@
-//! The engine: forward pass over a backend, KV cache, sampling and generation.
+//! The engine: the forward pass over a backend, sampling, the generation state machine,
+//! streaming text and the generator that drives them.
 
+pub mod forward;
 pub mod generate;
-pub mod model;
 pub mod sampler;
+pub mod session;
+pub mod text;

@@ -3,6 +3,8 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::reference::{argmax, top_candidates};
+
 /// Sampling parameters (`temperature == 0` means greedy).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -64,49 +66,6 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     cand: Vec<(f32, u32)>,
-}
-
-/// Index of the largest logit (the lowest id on ties, like `torch.argmax`).
-pub fn argmax(logits: &[f32]) -> u32 {
-    // Two passes the compiler vectorises: the maximum (NaN never wins), then its first index.
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = logits.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = if v > *l { v } else { *l };
-        }
-    }
-    let mut m = f32::NEG_INFINITY;
-    for &v in lanes.iter().chain(chunks.remainder()) {
-        if v > m {
-            m = v;
-        }
-    }
-    logits.iter().position(|&v| v == m).unwrap_or(0) as u32
-}
-
-/// The `k` largest of `logits × inv_t` (all of them when `k` is 0 or at least the vocab) as
-/// (scaled logit, id), best first, ties by lower id: the candidates temperature sampling with
-/// top-k draws from.
-pub fn top_candidates(logits: &[f32], k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) {
-    out.clear();
-    out.extend(
-        logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (l * inv_t, i as u32)),
-    );
-    if k > 0 && k < out.len() {
-        out.select_nth_unstable_by(k - 1, by_desc);
-        out.truncate(k);
-    }
-    out.sort_unstable_by(by_desc);
-}
-
-/// Candidate order: larger scaled logit first (`total_cmp`), then lower id.
-fn by_desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
-    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
 impl Sampler {

@@ -153,7 +153,7 @@ impl FloatTensor {
 }
 
 /// A ternary matrix `[rows, cols]` in the checkpoint's packing (`[rows/4, cols]` bytes,
-/// FORMAT.md §3) with its per-tensor scale, normalised to a multiplier.
+/// docs/NUMERICS.md §3) with its per-tensor scale, normalised to a multiplier.
 #[derive(Debug, Clone)]
 pub struct TernaryMatrix {
     /// Tensor name in the checkpoint.

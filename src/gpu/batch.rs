@@ -3,7 +3,7 @@
 
 use super::buffers::{bind_group, storage, uniform};
 use super::{kernels, GpuBackend};
-use crate::batch::{BatchBackend, RowSlot};
+use crate::backend::{BatchBackend, RowSlot};
 use crate::error::{Error, Result};
 
 /// Keys and values in blocks, one buffer per layer for each: `[block][kv_head][position in

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use crate::engine::model::KvDtype;
+use crate::backend::KvDtype;
 
 pub(super) const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");

@@ -1,7 +1,7 @@
 //! The GPU backend in a browser (wgpu's WebGPU backend on wasm32): the adapter and device are
 //! requested asynchronously, and results are read back by awaiting `mapAsync` instead of
 //! blocking on `device.poll`, which cannot wait on the web. A step is recorded and submitted
-//! exactly as on native ([`crate::engine::model::layers`] then one of the `*_async` reads).
+//! exactly as on native ([`crate::engine::forward::layers`] then one of the `*_async` reads).
 
 use std::sync::Mutex;
 
@@ -9,7 +9,7 @@ use wasm_bindgen::JsValue;
 
 use super::context::{AdapterDesc, GpuContext};
 use super::GpuBackend;
-use crate::engine::model::Backend;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 
 /// The first uncaptured device error (validation, out of memory, device lost), reported by

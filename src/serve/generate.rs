@@ -11,8 +11,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::api::ApiError;
 use super::{AppState, LoadedModel};
 use crate::batch::scheduler::{Event, EventSink, Request, SubmitError};
-use crate::engine::generate::FinishReason;
 use crate::engine::sampler::SamplingParams;
+use crate::engine::session::FinishReason;
+use crate::engine::text::TextStream;
 use crate::tokenizer::Tokenizer;
 
 /// What to generate.
@@ -62,9 +63,8 @@ pub struct Run {
     rx: Option<UnboundedReceiver<Event>>,
     state: Arc<AppState>,
     tokenizer: Option<Arc<Tokenizer>>,
-    ids: Vec<u32>,
-    emitted: usize,
-    stops: Vec<String>,
+    text: TextStream,
+    generated: usize,
     prompt_tokens: usize,
     pending: VecDeque<Piece>,
     started: Instant,
@@ -115,9 +115,8 @@ impl Run {
             rx: Some(rx),
             state: state.clone(),
             tokenizer: job.model.tokenizer.clone(),
-            ids: Vec::new(),
-            emitted: 0,
-            stops: job.stops,
+            text: TextStream::new(&job.stops),
+            generated: 0,
             prompt_tokens,
             pending: VecDeque::new(),
             started: Instant::now(),
@@ -136,38 +135,8 @@ impl Run {
         self.pending.push_back(Piece::End {
             finish,
             prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.ids.len(),
+            completion_tokens: self.generated,
         });
-    }
-
-    /// Text after `emitted` of the decoded ids, stop strings applied; (piece, stopped).
-    fn text(&mut self, at_end: bool) -> Result<(String, bool), String> {
-        let Some(tok) = &self.tokenizer else {
-            return Ok((String::new(), false));
-        };
-        let mut full = tok.decode(&self.ids, true).map_err(|e| e.to_string())?;
-        let mut stopped = false;
-        if let Some(cut) = self
-            .stops
-            .iter()
-            .filter_map(|s| full.find(s.as_str()))
-            .min()
-        {
-            full.truncate(cut);
-            stopped = true;
-        }
-        // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-        let stable = if stopped || at_end {
-            full.len()
-        } else {
-            full.trim_end_matches('\u{FFFD}').len()
-        };
-        let mut piece = String::new();
-        if stable > self.emitted && full.is_char_boundary(self.emitted) {
-            piece = full[self.emitted..stable].to_string();
-            self.emitted = stable;
-        }
-        Ok((piece, stopped))
     }
 
     /// The next piece; None after the end. Errors carry the engine's message.
@@ -192,11 +161,15 @@ impl Run {
                     }
                     self.last = Some(Instant::now());
                     m.generated_tokens.inc();
-                    self.ids.push(t);
-                    let (piece, stopped) = match self.text(false) {
-                        Ok(x) => x,
-                        Err(e) => return Some(Err(e)),
+                    self.generated += 1;
+                    let piece = match &self.tokenizer {
+                        Some(tok) => match self.text.push(tok, t) {
+                            Ok(p) => p,
+                            Err(e) => return Some(Err(e.to_string())),
+                        },
+                        None => String::new(),
                     };
+                    let stopped = self.text.stopped();
                     // Without a tokenizer every token still makes a (textless) chunk.
                     if !piece.is_empty() || self.tokenizer.is_none() {
                         self.pending.push_back(Piece::Text(piece));
@@ -206,12 +179,10 @@ impl Run {
                     }
                 }
                 Some(Event::Done { finish, .. }) => {
-                    match self.text(true) {
-                        Ok((piece, _)) if !piece.is_empty() => {
-                            self.pending.push_back(Piece::Text(piece))
-                        }
-                        Ok(_) => {}
-                        Err(e) => return Some(Err(e)),
+                    // Text held back for a possible stop string belongs to the answer.
+                    let piece = self.text.finish();
+                    if !piece.is_empty() {
+                        self.pending.push_back(Piece::Text(piece));
                     }
                     self.end(finish_str(finish));
                 }

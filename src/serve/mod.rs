@@ -21,14 +21,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
+use crate::backend::{BatchBackend, HeadMode, KvDtype};
 use crate::batch::scheduler::{Scheduler, SchedulerConfig};
-use crate::batch::BatchBackend;
-use crate::config::GenerationConfig;
-use crate::cpu::head::HeadMode;
-use crate::cpu::{CpuBackend, CpuOptions};
-use crate::engine::model::KvDtype;
 use crate::error::{Error, Result};
-use crate::format::safetensors;
+use crate::load::{load_backend, BackendKind, Engine, LoadOptions, ModelFiles};
 use crate::tokenizer::Tokenizer;
 
 /// Everything `bitnet serve` is configured with.
@@ -44,8 +40,8 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Allowed CORS origins (`*` for any); none disables CORS headers.
     pub cors_origins: Vec<String>,
-    /// Run the model on the GPU backend (else the CPU backend).
-    pub gpu: bool,
+    /// The backend (auto: a real GPU when there is one).
+    pub backend: BackendKind,
     /// CPU worker threads (0 = one per core).
     pub threads: usize,
     /// Head storage (int8 halves the head's reads and speeds up large batches).
@@ -74,7 +70,7 @@ impl Default for ServeOptions {
             port: 8080,
             api_key: None,
             cors_origins: Vec::new(),
-            gpu: false,
+            backend: BackendKind::Cpu,
             threads: 0,
             head: HeadMode::default(),
             kv: KvDtype::F32,
@@ -141,30 +137,36 @@ fn now_s() -> u64 {
 
 /// Loads `dir` on the configured backend and starts its scheduler.
 pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
-    let weights = safetensors::load(dir)?;
-    let cfg = weights.config.clone();
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    let gen_cfg = GenerationConfig::from_dir(dir, &cfg)?;
+    let files = ModelFiles::from_dir(dir)?;
     let mut sc = opts.scheduler.clone();
-    sc.max_context = cfg.max_position_embeddings;
+    sc.max_context = files.config().max_position_embeddings;
     let context = sc.max_context;
-    let sched = if opts.gpu {
-        start_gpu(&weights, opts, sc)?
-    } else if opts.kv != KvDtype::F32 {
-        return Err(Error::Config(
-            "an f16 KV pool needs the GPU backend (the CPU's KV cache is f32)".into(),
-        ));
-    } else {
-        let backend = CpuBackend::load(
-            &weights,
-            &CpuOptions {
-                threads: opts.threads,
-                head: opts.head,
-                ..Default::default()
-            },
-        )?;
-        drop(weights);
-        start(backend, opts, sc, usize::MAX)?
+    let load = LoadOptions {
+        backend: opts.backend,
+        threads: opts.threads,
+        head: opts.head,
+        kv: opts.kv,
+        kernels: None,
+        max_step: Some(sc.step_tokens),
+    };
+    let (engine, fallback) = load_backend(&files.weights, &load)?;
+    if let Some(why) = fallback {
+        tracing::info!(reason = %why, "serving on the CPU backend");
+    }
+    let ModelFiles {
+        weights,
+        tokenizer,
+        generation,
+    } = files;
+    drop(weights);
+    let sched = match engine {
+        Engine::Cpu(b) => start(*b, opts, sc, usize::MAX)?,
+        #[cfg(feature = "gpu")]
+        Engine::Gpu(b) => {
+            tracing::info!(adapter = %b.adapter(), "serving on the GPU backend");
+            let max_blocks = b.max_pool_blocks(sc.block_size);
+            start(*b, opts, sc, max_blocks)?
+        }
     };
     let id = dir
         .canonicalize()
@@ -175,7 +177,7 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
         id,
         sched,
         tokenizer: tokenizer.map(Arc::new),
-        eos: gen_cfg.eos_token_ids,
+        eos: generation.eos_token_ids,
         context,
         created: now_s(),
     })
@@ -200,35 +202,6 @@ fn start<B: BatchBackend + Send + 'static>(
         );
     }
     Scheduler::spawn(backend, sc)
-}
-
-#[cfg(feature = "gpu")]
-fn start_gpu(
-    weights: &crate::format::Weights,
-    opts: &ServeOptions,
-    sc: SchedulerConfig,
-) -> Result<Scheduler> {
-    let gopts = crate::gpu::GpuOptions {
-        max_step: sc.step_tokens,
-        head: opts.head,
-        kv: opts.kv,
-        ..Default::default()
-    };
-    let backend = crate::gpu::GpuBackend::load(weights, &gopts)?;
-    tracing::info!(adapter = %backend.adapter(), "serving on the GPU backend");
-    let max_blocks = backend.max_pool_blocks(sc.block_size);
-    start(backend, opts, sc, max_blocks)
-}
-
-#[cfg(not(feature = "gpu"))]
-fn start_gpu(
-    _weights: &crate::format::Weights,
-    _opts: &ServeOptions,
-    _sc: SchedulerConfig,
-) -> Result<Scheduler> {
-    Err(Error::Backend(
-        "this build has no GPU backend (built without the `gpu` feature)".into(),
-    ))
 }
 
 /// The router over `state`.

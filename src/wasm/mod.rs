@@ -20,15 +20,16 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
 
+use crate::backend::{Backend, LogitRows, PREFILL_CHUNK};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::cpu::{CpuBackend, CpuCache, CpuOptions};
-use crate::engine::generate::{FinishReason, GenerateOptions, PREFILL_CHUNK};
-use crate::engine::model::{forward, forward_argmax, Backend, LogitRows};
-use crate::engine::sampler::{Sampler, SamplingParams};
+use crate::engine::forward::{forward, forward_argmax};
+use crate::engine::sampler::SamplingParams;
+use crate::engine::session::{check_prompt, GenerateOptions, Session, Want};
 use crate::error::{Error, Result};
-use crate::format::safetensors::{weights, Checkpoint};
 #[cfg(feature = "gpu")]
 use crate::gpu::{GpuBackend, GpuCache, GpuContext, GpuOptions};
+use crate::load::{InMemoryFiles, ModelFiles};
 use crate::time::Instant;
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
@@ -97,12 +98,7 @@ fn navigator_has_gpu() -> bool {
 #[wasm_bindgen]
 #[derive(Default)]
 pub struct ModelBuilder {
-    safetensors: Vec<(String, Arc<Vec<u8>>)>,
-    config: Option<String>,
-    tokenizer: Option<Vec<u8>>,
-    tokenizer_config: Option<String>,
-    chat_template: Option<String>,
-    generation_config: Option<String>,
+    files: InMemoryFiles,
 }
 
 fn utf8(name: &str, bytes: Vec<u8>) -> Result<String> {
@@ -123,18 +119,19 @@ impl ModelBuilder {
     #[wasm_bindgen(js_name = addFile)]
     pub fn add_file(&mut self, name: &str, bytes: Vec<u8>) -> std::result::Result<(), JsError> {
         let base = name.rsplit('/').next().unwrap_or(name);
+        let f = &mut self.files;
         match base {
-            "config.json" => self.config = Some(utf8(base, bytes).map_err(js_err)?),
-            "tokenizer.json" => self.tokenizer = Some(bytes),
+            "config.json" => f.config = Some(utf8(base, bytes).map_err(js_err)?),
+            "tokenizer.json" => f.tokenizer = Some(bytes),
             "tokenizer_config.json" => {
-                self.tokenizer_config = Some(utf8(base, bytes).map_err(js_err)?)
+                f.tokenizer_config = Some(utf8(base, bytes).map_err(js_err)?)
             }
-            "chat_template.jinja" => self.chat_template = Some(utf8(base, bytes).map_err(js_err)?),
+            "chat_template.jinja" => f.chat_template = Some(utf8(base, bytes).map_err(js_err)?),
             "generation_config.json" => {
-                self.generation_config = Some(utf8(base, bytes).map_err(js_err)?)
+                f.generation_config = Some(utf8(base, bytes).map_err(js_err)?)
             }
             n if n.ends_with(".safetensors") => {
-                self.safetensors.push((n.to_string(), Arc::new(bytes)))
+                f.safetensors.push((n.to_string(), Arc::new(bytes)))
             }
             other => {
                 return Err(js_err(format!(
@@ -179,7 +176,7 @@ enum Engine {
 
 /// What a step must produce.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Want {
+enum Produce {
     Nothing,
     Argmax,
     Logits,
@@ -194,39 +191,39 @@ impl Engine {
         }
     }
 
-    /// Runs `tokens` at `pos..`; returns the argmax (Want::Argmax) or fills `logits` with the
-    /// last position's logits (Want::Logits).
+    /// Runs `tokens` at `pos..`; returns the argmax (Produce::Argmax) or fills `logits` with the
+    /// last position's logits (Produce::Logits).
     async fn step(
         &mut self,
         tokens: &[u32],
         pos: usize,
-        want: Want,
+        want: Produce,
         logits: &mut Vec<f32>,
     ) -> Result<Option<u32>> {
         match self {
             Engine::Cpu { b, cache } => match want {
-                Want::Nothing => {
+                Produce::Nothing => {
                     forward(&mut **b, cache, tokens, pos, LogitRows::None, logits, None)?;
                     Ok(None)
                 }
-                Want::Argmax => Ok(Some(forward_argmax(
+                Produce::Argmax => Ok(Some(forward_argmax(
                     &mut **b, cache, tokens, pos, logits, None,
                 )?)),
-                Want::Logits => {
+                Produce::Logits => {
                     forward(&mut **b, cache, tokens, pos, LogitRows::Last, logits, None)?;
                     Ok(None)
                 }
             },
             #[cfg(feature = "gpu")]
             Engine::Gpu { b, cache } => {
-                crate::engine::model::layers(&mut **b, cache, tokens, pos, None)?;
+                crate::engine::forward::layers(&mut **b, cache, tokens, pos, None)?;
                 match want {
-                    Want::Nothing => {
+                    Produce::Nothing => {
                         b.submit_web()?;
                         Ok(None)
                     }
-                    Want::Argmax => Ok(Some(b.argmax_last_async().await?)),
-                    Want::Logits => {
+                    Produce::Argmax => Ok(Some(b.argmax_last_async().await?)),
+                    Produce::Logits => {
                         b.logits_last_async(logits).await?;
                         Ok(None)
                     }
@@ -239,31 +236,24 @@ impl Engine {
     async fn prefill(
         &mut self,
         prompt: &[u32],
-        want: Want,
+        want: Produce,
         logits: &mut Vec<f32>,
     ) -> Result<Option<u32>> {
         let n = prompt.len();
         let mut r = None;
         for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
             let last = (i + 1) * PREFILL_CHUNK >= n;
-            let w = if last { want } else { Want::Nothing };
+            let w = if last { want } else { Produce::Nothing };
             r = self.step(chunk, i * PREFILL_CHUNK, w, logits).await?;
         }
         Ok(r)
     }
 }
 
-struct Session {
-    context: Vec<u32>,
-    prompt_len: usize,
-    tokens: Vec<u32>,
-    opts: GenerateOptions,
-    sampler: Sampler,
-    greedy: bool,
+/// A generation in progress and its timing.
+struct Run {
+    s: Session,
     prefilled: bool,
-    emitted: usize,
-    full_text: String,
-    finish: Option<FinishReason>,
     started: Instant,
     decode_started: Option<Instant>,
     prefill_s: f64,
@@ -275,7 +265,7 @@ struct Inner {
     gen: GenerationConfig,
     context: usize,
     info: Value,
-    session: Option<Session>,
+    session: Option<Run>,
     logits: Vec<f32>,
 }
 
@@ -297,31 +287,13 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
             "unknown backend `{backend}` (expected auto, webgpu or cpu)"
         )));
     }
-    let config_text = p
-        .config
-        .ok_or_else(|| req("the model has no config.json"))?;
-    if p.safetensors.is_empty() {
-        return Err(req("the model has no *.safetensors file"));
-    }
-    let cv: Value = serde_json::from_str(&config_text)
-        .map_err(|e| Error::json("config.json", e.to_string()))?;
-    let config = ModelConfig::from_json(&cv).map_err(|e| match e {
-        Error::Config(msg) => Error::json("config.json", msg),
-        other => other,
-    })?;
-    let gen = GenerationConfig::from_json_text(p.generation_config.as_deref(), &config)?;
-    let tokenizer = match &p.tokenizer {
-        Some(t) => Some(Tokenizer::from_parts(
-            t,
-            p.tokenizer_config.as_deref(),
-            p.chat_template.clone(),
-        )?),
-        None => None,
-    };
-    let file_bytes: usize = p.safetensors.iter().map(|f| f.1.len()).sum();
-    let ck = Checkpoint::from_buffers(p.safetensors)?;
-    let w = weights(config.clone(), &ck)?;
-    drop(ck);
+    let file_bytes: usize = p.files.safetensors.iter().map(|f| f.1.len()).sum();
+    let ModelFiles {
+        weights: w,
+        tokenizer,
+        generation: gen,
+    } = ModelFiles::from_buffers(p.files)?;
+    let config = w.config.clone();
     let context = match opts["contextLength"].as_u64() {
         Some(0) => return Err(req("contextLength must be at least 1")),
         Some(n) => (n as usize).min(config.max_position_embeddings),
@@ -481,23 +453,7 @@ impl Inner {
     }
 
     fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
-        if prompt.is_empty() {
-            return Err(req("the prompt is empty"));
-        }
-        if prompt.len() > self.context {
-            return Err(req(format!(
-                "the prompt has {} tokens but the context window holds {}",
-                prompt.len(),
-                self.context
-            )));
-        }
-        let vocab = self.engine.config().vocab_size;
-        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(req(format!(
-                "token id {bad} is out of range (vocab_size {vocab})"
-            )));
-        }
-        Ok(())
+        check_prompt(prompt, self.context, self.engine.config().vocab_size)
     }
 
     fn start(&mut self, prompt: Vec<u32>, options: &str) -> Result<()> {
@@ -516,7 +472,6 @@ impl Inner {
             repetition_penalty: f32_of("repetitionPenalty", 1.0),
             seed: o["seed"].as_u64(),
         };
-        sampling.validate()?;
         let stop_strings = match &o["stop"] {
             Value::Null => vec![],
             Value::String(s) => vec![s.clone()],
@@ -540,26 +495,18 @@ impl Inner {
         };
         let opts = GenerateOptions {
             max_tokens: o["maxTokens"].as_u64().unwrap_or(128) as usize,
-            sampling: sampling.clone(),
+            sampling,
             eos_token_ids,
             ignore_eos: o["ignoreEos"].as_bool().unwrap_or(false),
             stop_strings,
         };
-        let greedy = sampling.temperature == 0.0 && sampling.repetition_penalty == 1.0;
-        self.session = Some(Session {
-            prompt_len: prompt.len(),
-            context: prompt,
-            tokens: Vec::new(),
-            sampler: Sampler::new(sampling),
-            greedy,
+        let vocab = self.engine.config().vocab_size;
+        self.session = Some(Run {
+            s: Session::new(&prompt, &opts, self.context, vocab)?,
             prefilled: false,
-            emitted: 0,
-            full_text: String::new(),
-            finish: (opts.max_tokens == 0).then_some(FinishReason::Length),
             started: Instant::now(),
             decode_started: None,
             prefill_s: 0.0,
-            opts,
         });
         Ok(())
     }
@@ -570,104 +517,50 @@ impl Inner {
             tokenizer,
             session,
             logits,
-            context: cap,
             ..
         } = self;
-        let s = session
+        let r = session
             .as_mut()
             .ok_or_else(|| req("no generation in progress (call start first)"))?;
-        if s.finish.is_none() {
-            let want = if s.greedy { Want::Argmax } else { Want::Logits };
-            let next = if !s.prefilled {
-                let r = engine.prefill(&s.context, want, logits).await?;
-                s.prefilled = true;
-                s.prefill_s = s.started.elapsed().as_secs_f64();
-                s.decode_started = Some(Instant::now());
-                r
-            } else {
-                let last = *s.context.last().unwrap_or(&0);
-                let pos = s.context.len() - 1;
-                engine.step(&[last], pos, want, logits).await?
-            };
-            let tok = match next {
-                Some(t) => t,
-                None => s.sampler.sample(logits, &s.context),
-            };
-            if !s.opts.ignore_eos && s.opts.eos_token_ids.contains(&tok) {
-                s.finish = Some(FinishReason::Stop);
-                // Text held back for a possible stop string belongs to the answer after all.
-                let rest = s.full_text.get(s.emitted..).unwrap_or("").to_string();
-                s.emitted = s.full_text.len();
-                return Ok(step_result(s, None, &rest));
-            }
-            s.tokens.push(tok);
-            s.context.push(tok);
-            let mut piece = String::new();
-            if let Some(t) = tokenizer.as_ref() {
-                s.full_text = t.decode(&s.tokens, true)?;
-                if let Some(cut) = s
-                    .opts
-                    .stop_strings
-                    .iter()
-                    .filter_map(|x| s.full_text.find(x.as_str()))
-                    .min()
-                {
-                    s.full_text.truncate(cut);
-                    s.finish = Some(FinishReason::Stop);
-                }
-                // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-                // Also hold back a tail that may be the start of a stop string.
-                let stable = if s.finish == Some(FinishReason::Stop) {
-                    s.full_text.len()
-                } else {
-                    let t = s.full_text.trim_end_matches('\u{FFFD}');
-                    t.len() - stop_prefix_len(t, &s.opts.stop_strings)
-                };
-                if stable > s.emitted && s.full_text.is_char_boundary(s.emitted) {
-                    piece = s.full_text[s.emitted..stable].to_string();
-                    s.emitted = stable;
-                }
-            }
-            if s.finish.is_none()
-                && (s.tokens.len() >= s.opts.max_tokens || s.context.len() >= *cap)
-            {
-                s.finish = Some(FinishReason::Length);
-                // The generation ends here: release text held back for a possible stop string.
-                if s.full_text.len() > s.emitted && s.full_text.is_char_boundary(s.emitted) {
-                    piece.push_str(&s.full_text[s.emitted..]);
-                    s.emitted = s.full_text.len();
-                }
-            }
-            return Ok(step_result(s, Some(tok), &piece));
+        if r.s.finish().is_some() {
+            return Ok(step_result(r, None, ""));
         }
-        Ok(step_result(s, None, ""))
+        // Top-k candidates are selected from the logits here (the browser reads them back).
+        let want = match r.s.want() {
+            Want::Argmax => Produce::Argmax,
+            Want::TopK(..) | Want::Logits => Produce::Logits,
+        };
+        let next = if !r.prefilled {
+            let out = engine.prefill(r.s.context(), want, logits).await?;
+            r.prefilled = true;
+            r.prefill_s = r.started.elapsed().as_secs_f64();
+            r.decode_started = Some(Instant::now());
+            out
+        } else {
+            let ctx = r.s.context();
+            let (last, pos) = (ctx[ctx.len() - 1], ctx.len() - 1);
+            engine.step(&[last], pos, want, logits).await?
+        };
+        let tok = match next {
+            Some(t) => t,
+            None => r.s.pick(logits),
+        };
+        let e = r.s.accept(tok, tokenizer.as_ref())?;
+        Ok(step_result(r, e.token, &e.text))
     }
 }
 
-/// The length of the longest tail of `text` that is a proper prefix of one of `stops`.
-fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
-    stops
-        .iter()
-        .filter_map(|stop| {
-            (1..stop.len())
-                .rev()
-                .filter(|&k| stop.is_char_boundary(k))
-                .find(|&k| text.ends_with(&stop[..k]))
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-fn step_result(s: &Session, token: Option<u32>, text: &str) -> Value {
-    let decode_s = s.decode_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+fn step_result(r: &Run, token: Option<u32>, text: &str) -> Value {
+    let decode_s = r.decode_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let s = &r.s;
     json!({
         "token": token,
         "text": text,
-        "done": s.finish.is_some(),
-        "finishReason": s.finish.map(|f| f.as_str()),
-        "promptTokens": s.prompt_len,
-        "completionTokens": s.tokens.len(),
-        "prefillSeconds": s.prefill_s,
+        "done": s.finish().is_some(),
+        "finishReason": s.finish().map(|f| f.as_str()),
+        "promptTokens": s.prompt_len(),
+        "completionTokens": s.tokens().len(),
+        "prefillSeconds": r.prefill_s,
         "decodeSeconds": decode_s,
     })
 }
@@ -756,8 +649,8 @@ impl Model {
     /// Ends the generation in progress (if any) as cancelled.
     pub fn cancel(&self) -> std::result::Result<(), JsError> {
         let mut i = self.inner.try_borrow_mut().map_err(|_| js_err(busy()))?;
-        if let Some(s) = i.session.as_mut() {
-            s.finish.get_or_insert(FinishReason::Cancelled);
+        if let Some(r) = i.session.as_mut() {
+            r.s.cancel();
         }
         Ok(())
     }
@@ -773,7 +666,7 @@ impl Model {
             i.session = None;
             let Inner { engine, logits, .. } = &mut *i;
             engine
-                .prefill(&prompt, Want::Logits, logits)
+                .prefill(&prompt, Produce::Logits, logits)
                 .await
                 .map_err(js_err)?;
             Ok(js_sys::Float32Array::from(&logits[..]).into())

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bitnet_inference::cpu::head::HeadMode;
+use bitnet_inference::backend::HeadMode;
+use bitnet_inference::backend::KvDtype;
 use bitnet_inference::cpu::{CpuBackend, CpuOptions};
-use bitnet_inference::engine::model::KvDtype;
 use bitnet_inference::format::Weights;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -123,4 +123,32 @@ pub fn prompts(n: usize, vocab: u32, seed: u64) -> Vec<Vec<u32>> {
             (0..len).map(|_| rng.random_range(0..vocab)).collect()
         })
         .collect()
+}
+
+/// A stop string that straddles a token boundary of `tokens` (its first characters end the
+/// text of `tokens[..k]`, the rest come with the next token), and the text before it: all a
+/// stream may deliver when the generation that produces `tokens` is given that stop string.
+pub fn split_stop(
+    tok: &bitnet_inference::tokenizer::Tokenizer,
+    tokens: &[u32],
+) -> (String, String) {
+    let full = tok.decode(tokens, true).unwrap();
+    for k in 1..tokens.len() {
+        let head = tok.decode(&tokens[..k], true).unwrap();
+        if !full.starts_with(&head) || head.chars().count() < 3 {
+            continue;
+        }
+        let b = head.len();
+        let a = head.char_indices().rev().nth(1).map_or(0, |(i, _)| i);
+        let rest = &full[b..];
+        if rest.chars().count() < 2 || head[a..].trim().is_empty() {
+            continue;
+        }
+        let e = b + rest.char_indices().nth(2).map_or(rest.len(), |(i, _)| i);
+        let stop = &full[a..e];
+        if !stop.contains('\u{FFFD}') && full.find(stop) == Some(a) {
+            return (stop.to_string(), full[..a].to_string());
+        }
+    }
+    panic!("no token boundary to put a stop string across in {full:?}");
 }

@@ -5,7 +5,7 @@
                                      [--prompt TEXT ...] [--tokens N]
 
 Loads DIR with transformers' BitNetForCausalLM (AutoModelForCausalLM.from_pretrained(dir), then
-.to(torch.float32): FORMAT.md's float32 oracle), tokenizes TEXT with AutoTokenizer (BOS + text),
+.to(torch.float32): docs/NUMERICS.md's float32 oracle), tokenizes TEXT with AutoTokenizer (BOS + text),
 keeps the first --max-tokens ids (0 = all), and scores them in windows of max_position_embeddings tokens with stride = window (every token
 but each window's first is predicted from the tokens before it in its window), the recipe of
 tools/train/train.py and `bitnet perplexity`. Then greedy-decodes each prompt (BOS + prompt,

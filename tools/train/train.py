@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Quantization-aware training of a small BitNet b1.58 model (the 2B4T architecture of FORMAT.md)
+"""Quantization-aware training of a small BitNet b1.58 model (the 2B4T architecture of docs/NUMERICS.md)
 and export in the release's packed checkpoint format.
 
     python3 tools/train/train.py --data DIR --out DIR [--preset base] [--steps N] [--seed S] ...
@@ -9,7 +9,7 @@ Writes to --out: config.json, generation_config.json, model.safetensors (uint8 p
 [out/4, in] + bf16 weight_scale [1], bf16 embeddings and norms, linear_class autobitlinear,
 offline), log.json (loss curve, steps, time, validation and held-out test perplexity).
 
-Architecture (FORMAT.md §6-§8): tied embeddings/head, per layer RMSNorm -> q/k/v BitLinear ->
+Architecture (docs/NUMERICS.md §6-§8): tied embeddings/head, per layer RMSNorm -> q/k/v BitLinear ->
 RoPE (rotate_half) -> causal GQA attention -> attn_sub_norm -> o BitLinear -> residual,
 RMSNorm -> relu(gate)^2 * up -> ffn_sub_norm -> down BitLinear -> residual; final RMSNorm.
 BitLinear during training: absmean ternary weights and per-token absmax int8 activations
@@ -63,7 +63,7 @@ class RMSNorm(nn.Module):
 
 
 def act_quant(x):
-    """Per-token absmax int8 fake quantization (FORMAT.md §5), computed in float32."""
+    """Per-token absmax int8 fake quantization (docs/NUMERICS.md §5), computed in float32."""
     xf = x.float()
     s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
     return (xf * s).round().clamp(-128, 127) / s
@@ -177,7 +177,7 @@ class BitNet(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
-# Export (FORMAT.md §1-§4)
+# Export (docs/NUMERICS.md §1-§4)
 # ------------------------------------------------------------------------------------------
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

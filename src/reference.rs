@@ -1,9 +1,10 @@
-//! Scalar f32 ops of the forward pass (norms, RoPE, attention, relu²), shared by the CPU
-//! backend and used as the reference for other backends.
+//! The scalar reference ops every backend is tested against: f32 norms, RoPE, attention,
+//! gated activations, and the token selections (argmax, top-k candidates) a device may make
+//! without reading the logits back. The CPU backend runs these very functions.
 
 use crate::quant::quantize_activations;
 
-/// `out = w · x / sqrt(mean(x²) + eps)` (FORMAT.md §7).
+/// `out = w · x / sqrt(mean(x²) + eps)` (docs/NUMERICS.md §7).
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let inv = 1.0 / (ms + eps).sqrt();
@@ -102,12 +103,70 @@ pub fn attend_rows<'a>(
     }
 }
 
+/// `m = act(gate) · up` for the architecture's gating activation.
+pub fn gated_act(act: crate::arch::GatedAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    match act {
+        crate::arch::GatedAct::Relu2 => relu2_mul(gate, up, out),
+        crate::arch::GatedAct::Silu => silu_mul(gate, up, out),
+    }
+}
+
+/// `m = silu(gate) · up`, `silu(g) = g / (1 + e^-g)`.
+pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
 /// `m = relu(gate)² · up`.
 pub fn relu2_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         let r = g.max(0.0);
         *o = r * r * u;
     }
+}
+
+/// Index of the largest logit (the lowest id on ties, like `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    // Two passes the compiler vectorises: the maximum (NaN never wins), then its first index.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = logits.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        if v > m {
+            m = v;
+        }
+    }
+    logits.iter().position(|&v| v == m).unwrap_or(0) as u32
+}
+
+/// The `k` largest of `logits × inv_t` (all of them when `k` is 0 or at least the vocab) as
+/// (scaled logit, id), best first, ties by lower id: the candidates temperature sampling with
+/// top-k draws from.
+pub fn top_candidates(logits: &[f32], k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) {
+    out.clear();
+    out.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l * inv_t, i as u32)),
+    );
+    if k > 0 && k < out.len() {
+        out.select_nth_unstable_by(k - 1, by_desc);
+        out.truncate(k);
+    }
+    out.sort_unstable_by(by_desc);
+}
+
+/// Candidate order: larger scaled logit first (`total_cmp`), then lower id.
+fn by_desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
 #[cfg(test)]

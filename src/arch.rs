@@ -1,0 +1,84 @@
+//! Model architectures as data: a layer is a short sequence of [`LayerOp`]s, written once
+//! here and run by every path (single-sequence decode and prefill, batched rows, the browser
+//! build, the GPU's fused decode) through [`crate::engine::forward`]. A backend may fuse
+//! consecutive ops ([`crate::backend::Backend::fuse`]); it never owns the order.
+//!
+//! Adding an architecture is a new description here (and any new op once per backend).
+
+use crate::backend::{Linear, NormSite};
+use crate::config::ModelConfig;
+
+/// The gating activation of the feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatedAct {
+    /// `relu(gate)² · up` (BitNet b1.58 2B-4T).
+    Relu2,
+    /// `silu(gate) · up` (Llama-architecture BitNet).
+    Silu,
+}
+
+/// One op of a layer, in the order of the layer's description.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerOp {
+    /// RMSNorm of the residual stream, then per-token int8 quantization.
+    NormQuant(NormSite),
+    /// A ternary × int8 matmul of the quantized activations (`O`, `Down` add into the
+    /// residual stream).
+    Matmul(Linear),
+    /// RoPE of the step's q and k, then k and v into the KV cache.
+    RopeKvWrite,
+    /// Causal GQA attention over the cache.
+    Attention,
+    /// The attention output, sub-normed or not, quantized for o_proj.
+    AttnOutQuant {
+        /// With attn_sub_norm.
+        sub_norm: bool,
+    },
+    /// The gated activation of gate|up, sub-normed or not, quantized for down_proj.
+    GatedActQuant {
+        /// The activation.
+        act: GatedAct,
+        /// With ffn_sub_norm.
+        sub_norm: bool,
+    },
+}
+
+impl LayerOp {
+    /// A short name for profiles.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerOp::NormQuant(_) => "rmsnorm_quant",
+            LayerOp::Matmul(Linear::Qkv) => "matmul_qkv",
+            LayerOp::Matmul(Linear::O) => "matmul_o",
+            LayerOp::Matmul(Linear::GateUp) => "matmul_gate_up",
+            LayerOp::Matmul(Linear::Down) => "matmul_down",
+            LayerOp::RopeKvWrite => "rope_kv_write",
+            LayerOp::Attention => "attention",
+            LayerOp::AttnOutQuant { .. } => "attn_out_quant",
+            LayerOp::GatedActQuant { .. } => "gated_act_quant",
+        }
+    }
+}
+
+/// A BitNet b1.58 layer (microsoft/bitnet-b1.58-2B-4T): sub-norms before o_proj and
+/// down_proj, relu² gating (docs/NUMERICS.md §6).
+pub const BITNET_B158: &[LayerOp] = &[
+    LayerOp::NormQuant(NormSite::Input),
+    LayerOp::Matmul(Linear::Qkv),
+    LayerOp::RopeKvWrite,
+    LayerOp::Attention,
+    LayerOp::AttnOutQuant { sub_norm: true },
+    LayerOp::Matmul(Linear::O),
+    LayerOp::NormQuant(NormSite::PostAttention),
+    LayerOp::Matmul(Linear::GateUp),
+    LayerOp::GatedActQuant {
+        act: GatedAct::Relu2,
+        sub_norm: true,
+    },
+    LayerOp::Matmul(Linear::Down),
+];
+
+/// The layer description of a model.
+pub fn layer_ops(_cfg: &ModelConfig) -> &'static [LayerOp] {
+    BITNET_B158
+}

@@ -1,0 +1,178 @@
+//! The backend contract, the bottom of the engine: the traits every backend implements and
+//! the option types they share. `cpu/` and `gpu/` import this module, [`crate::reference`],
+//! [`crate::quant`], [`crate::config`] and [`crate::format`], never each other and never the
+//! engine above them. The order of ops is not the backend's: [`crate::arch`] describes a
+//! layer as data and [`crate::engine::forward`] runs that description over these traits.
+
+mod options;
+
+pub use options::{HeadMode, KvDtype, PREFILL_CHUNK};
+
+use crate::arch::{GatedAct, LayerOp};
+use crate::config::ModelConfig;
+use crate::error::Result;
+
+/// Where an RMSNorm + int8 quantization reads the residual stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormSite {
+    /// input_layernorm, feeding q/k/v.
+    Input,
+    /// post_attention_layernorm, feeding gate/up.
+    PostAttention,
+}
+
+/// The fused ternary linears of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linear {
+    /// q, k and v stacked: quantized normed input → q|k|v.
+    Qkv,
+    /// o_proj, added into the residual stream.
+    O,
+    /// gate and up stacked.
+    GateUp,
+    /// down_proj, added into the residual stream.
+    Down,
+}
+
+/// Which positions of a step need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// None (a prefill chunk that is not the last).
+    None,
+    /// The last position only.
+    Last,
+    /// Every position of the step.
+    All,
+}
+
+/// A key/value cache of some capacity.
+pub trait KvCache {
+    /// Positions the cache can hold.
+    fn capacity(&self) -> usize;
+}
+
+/// One row of a batched step: the sequence (index into the step's block tables) and position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSlot {
+    /// Index of the row's sequence in the step's block tables.
+    pub seq: usize,
+    /// Position of the row's token in its sequence.
+    pub pos: usize,
+}
+
+/// The ops a backend implements. A step processes `T` consecutive tokens; its buffers (the
+/// residual stream, quantized activations, q|k|v, attention output, gate|up) live in the
+/// backend. Ops that cannot fail on valid state return nothing; the step's checks happen in
+/// [`Backend::embed`].
+pub trait Backend {
+    /// The backend's KV cache.
+    type Cache: KvCache;
+    /// The model configuration.
+    fn config(&self) -> &ModelConfig;
+    /// A human-readable description (backend, kernels, device).
+    fn describe(&self) -> String;
+    /// A KV cache for `capacity` positions.
+    fn new_cache(&self, capacity: usize) -> Result<Self::Cache>;
+    /// Most prompt tokens one step should take (the step size the backend is planned for).
+    fn prefill_chunk(&self) -> usize {
+        PREFILL_CHUNK
+    }
+    /// Starts a step: looks up the embeddings of `tokens` into the residual stream.
+    fn embed(&mut self, tokens: &[u32]) -> Result<()>;
+    /// RMSNorm of the residual stream at `site`, then per-token int8 quantization.
+    fn rmsnorm_quant(&mut self, layer: usize, site: NormSite);
+    /// A ternary × int8 matmul; `O` and `Down` add their output into the residual stream.
+    fn ternary_matmul(&mut self, layer: usize, linear: Linear);
+    /// RoPE on q and k for positions `pos..pos+T`, then k and v written into the cache.
+    fn rope_kv_write(&mut self, cache: &mut Self::Cache, layer: usize, pos: usize);
+    /// Causal GQA attention of the step's queries over cache positions `0..pos+T`.
+    fn attention(&mut self, cache: &Self::Cache, layer: usize, pos: usize);
+    /// The attention output (with its sub-norm when `sub_norm`), then int8 quantization.
+    fn attn_out_quant(&mut self, layer: usize, sub_norm: bool);
+    /// `act(gate) · up` (with the FFN sub-norm when `sub_norm`), then int8 quantization.
+    fn gated_act_quant(&mut self, layer: usize, act: GatedAct, sub_norm: bool);
+    /// Records the leading ops of `ops` (the rest of `layer`'s description, in order) fused
+    /// when the backend has a fused kernel sequence for them and this step's shape; returns
+    /// how many ops it recorded (0: none, run them one by one).
+    fn fuse(
+        &mut self,
+        _cache: &mut Self::Cache,
+        _layer: usize,
+        _pos: usize,
+        _ops: &[LayerOp],
+    ) -> usize {
+        0
+    }
+    /// Called after the last op of `layer` (backends that submit work in parts use it).
+    fn layer_done(&mut self, _layer: usize) {}
+    /// Final norm and head for `rows`; logits appended to `out` (`vocab` per row).
+    fn logits(&mut self, rows: LogitRows, out: &mut Vec<f32>) -> Result<()>;
+    /// Bytes of weights one decode step reads (ternary weights, head, norms).
+    fn decode_bytes_per_token(&self) -> u64;
+    /// The device capabilities, for backends whose steps run asynchronously on a device.
+    fn device(&mut self) -> Option<&mut dyn DeviceSteps> {
+        None
+    }
+}
+
+/// What a backend running on an asynchronous device can do beyond [`Backend`]: pick tokens
+/// without reading the logits back, queue steps without waiting for them, time its kernels.
+pub trait DeviceSteps {
+    /// Final norm and head of the step's last position, then the index of its largest logit
+    /// (the lowest id on ties, as [`crate::reference::argmax`]).
+    fn argmax_last(&mut self) -> Result<u32>;
+    /// Final norm and head of the step's last position, then its `k` best candidates for
+    /// temperature sampling ([`crate::reference::top_candidates`] with `inv_t`) into `out`;
+    /// false (recording nothing) when `k` is beyond what the device selects.
+    fn top_k_last(&mut self, k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) -> Result<bool>;
+    /// Starts a one-token step whose input is the argmax of the step queued last, still on
+    /// the device.
+    fn embed_queued_argmax(&mut self) -> Result<()>;
+    /// Records the final norm, head and argmax of the step, submits it without waiting, and
+    /// queues its argmax for [`DeviceSteps::read_queued_argmax`].
+    fn queue_argmax_last(&mut self) -> Result<()>;
+    /// The argmax of the oldest queued step, waiting for it. Starting a step from host tokens
+    /// ([`Backend::embed`]) drops the queue.
+    fn read_queued_argmax(&mut self) -> Result<u32>;
+    /// Turns per-kernel device timing on or off.
+    fn set_profiling(&mut self, on: bool);
+    /// Device time per kernel, (name, seconds, dispatches), accumulated since profiling was
+    /// turned on or last taken.
+    fn take_profile(&mut self) -> Option<Vec<(&'static str, f64, u64)>>;
+}
+
+/// Backends that run steps whose rows belong to different sequences, over a paged KV pool.
+/// Rows are processed exactly as [`Backend`] processes them in a single-sequence step (the same
+/// arithmetic: a row's logits do not depend on the other rows of its step).
+pub trait BatchBackend: Backend {
+    /// The paged KV pool.
+    type Pool: Send;
+    /// A pool of `blocks` blocks of `block_size` positions.
+    fn new_pool(&self, blocks: usize, block_size: usize) -> Result<Self::Pool>;
+    /// Bytes one block holds (keys and values of every layer).
+    fn block_bytes(&self, block_size: usize) -> usize;
+    /// RoPE of each row's q and k at its position, then its k and v into the pool at the slot
+    /// its sequence's block table gives.
+    fn rope_kv_write_rows(
+        &mut self,
+        pool: &mut Self::Pool,
+        layer: usize,
+        rows: &[RowSlot],
+        tables: &[Vec<u32>],
+    );
+    /// Causal attention of each row over its sequence's positions `0..=pos`.
+    fn attention_rows(
+        &mut self,
+        pool: &Self::Pool,
+        layer: usize,
+        rows: &[RowSlot],
+        tables: &[Vec<u32>],
+    );
+    /// Final norm and head of the step rows `rows`; logits (`vocab` per row) into `out`.
+    fn logits_rows(&mut self, rows: &[usize], out: &mut Vec<f32>) -> Result<()>;
+    /// Whether the scheduler should sample a step's rows on several host threads (false when
+    /// the backend's own workers keep the cores busy).
+    fn sample_in_parallel(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,141 @@
+//! `bitnet generate`: text (or tokens) from a prompt, streamed to stdout or as one JSON object.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::engine::{load, Ctx, Engine, Loaded};
+use super::ModelArgs;
+use bitnet_inference::backend::Backend;
+use bitnet_inference::engine::generate::{GenerateOptions, Generator};
+use bitnet_inference::engine::sampler::SamplingParams;
+
+#[derive(Args)]
+pub(crate) struct GenerateArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "tokens")]
+    pub(crate) prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long)]
+    pub(crate) tokens: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) max_tokens: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) repetition_penalty: f32,
+    /// Random seed.
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long = "stop")]
+    pub(crate) stop: Vec<String>,
+    /// Do not stop at EOS tokens.
+    #[arg(long)]
+    pub(crate) ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .with_context(|| format!("--tokens: `{t}` is not a token id"))
+        })
+        .collect()
+}
+
+pub(crate) fn generate(a: GenerateArgs) -> Result<()> {
+    let Loaded { mut gen, ctx } = load(&a.model)?;
+    with_gen!(&mut gen, g => generate_on(g, ctx, &a))
+}
+
+pub(crate) fn generate_on<B: Backend>(
+    gen: &mut Generator<B>,
+    ctx: Ctx,
+    a: &GenerateArgs,
+) -> Result<()> {
+    let Ctx {
+        tokenizer, gen_cfg, ..
+    } = ctx;
+    let prompt = match (&a.prompt, &a.tokens) {
+        (_, Some(t)) => parse_tokens(t)?,
+        (Some(p), None) => tokenizer
+            .as_ref()
+            .context("the model has no tokenizer.json; pass --tokens instead of --prompt")?
+            .encode(p, true)?,
+        (None, None) => bail!("pass --prompt TEXT or --tokens 1,2,3"),
+    };
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        eos_token_ids: gen_cfg.eos_token_ids.clone(),
+        ignore_eos: a.ignore_eos,
+        stop_strings: a.stop.clone(),
+    };
+    let stream = !a.json;
+    let mut stdout = std::io::stdout().lock();
+    let out = gen.generate(&prompt, &opts, tokenizer.as_ref(), |_, piece| {
+        if stream && !piece.is_empty() {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+        true
+    })?;
+    if a.json {
+        let v = serde_json::json!({
+            "tokens": out.tokens,
+            "text": out.text,
+            "prompt_tokens": out.prompt_tokens,
+            "decode_tok_s": out.decode_tok_s(),
+            "prefill_tok_s": out.prompt_tokens as f64 / out.prefill_s.max(1e-9),
+            "finish_reason": out.finish.as_str(),
+        });
+        writeln!(stdout, "{v}")?;
+    } else {
+        if tokenizer.is_none() {
+            write!(
+                stdout,
+                "{}",
+                out.tokens
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )?;
+        }
+        writeln!(stdout)?;
+        eprintln!(
+            "[{} prompt tokens, {} generated, {:.1} tok/s]",
+            out.prompt_tokens,
+            out.tokens.len(),
+            out.decode_tok_s()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! `bitnet serve` and `bitnet bench-serve`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use bitnet_inference::backend::{HeadMode, KvDtype};
+use bitnet_inference::load::BackendKind;
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, default_value = "models/kjv-fortunes")]
+    pub(crate) model: PathBuf,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) host: String,
+    /// Port (0 picks a free one; the address is printed as `listening on http://...`).
+    #[arg(long, default_value_t = 8080)]
+    pub(crate) port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* and /admin/*.
+    #[arg(long, env = "BITNET_API_KEY", hide_env_values = true)]
+    pub(crate) api_key: Option<String>,
+    /// Allowed CORS origin (repeat; `*` for any).
+    #[arg(long = "cors-origin")]
+    pub(crate) cors_origins: Vec<String>,
+    /// Backend: auto takes a real GPU when wgpu finds one, else the CPU.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) backend: BackendKind,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) threads: usize,
+    /// Head storage: native (exact) or int8 (per-row scales; faster for large batches).
+    #[arg(long, default_value = "native")]
+    pub(crate) head: String,
+    /// KV pool element type: f32, or f16 (GPU backend: twice the positions per MiB).
+    #[arg(long, default_value = "f32")]
+    pub(crate) kv: String,
+    /// Most sequences decoding together.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_batch: usize,
+    /// Most requests waiting; beyond it requests get 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_queue: usize,
+    /// Most token rows per step (decode rows plus prompt chunks).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) step_tokens: usize,
+    /// KV cache pool size in MiB (paged in blocks shared by all sequences).
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) kv_cache_mb: usize,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) block_size: usize,
+    /// Largest max_tokens a request may ask for (also the default).
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) max_tokens_limit: usize,
+    /// Longest prompt in tokens (0 = the model's context).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) max_prompt_tokens: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub(crate) max_body_bytes: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) shutdown_timeout: u64,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    pub(crate) log_format: String,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchServeArgs {
+    /// A running server (`http://host:port`); without it a server is started on --model.
+    #[arg(long)]
+    pub(crate) url: Option<String>,
+    /// Model directory for the server started here.
+    #[arg(long, default_value = "models/kjv-fortunes")]
+    pub(crate) model: PathBuf,
+    /// Backend of the server started here.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) backend: BackendKind,
+    /// Worker threads of the server started here (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) threads: usize,
+    /// Head storage of the server started here: native or int8.
+    #[arg(long, default_value = "native")]
+    pub(crate) head: String,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    pub(crate) clients: Vec<usize>,
+    /// Requests each client sends, one after another.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) requests: usize,
+    /// Prompt tokens per request (random ids).
+    #[arg(long, default_value_t = 32)]
+    pub(crate) prompt_len: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_tokens: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// `bitnet bench-serve`: load levels against a running server or one started here.
+pub(crate) fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    use bitnet_inference::serve::bench::run_level;
+    use std::io::BufRead;
+    let mut child = None;
+    let base = match &a.url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => {
+            let most = a.clients.iter().copied().max().unwrap_or(1);
+            let mut c = std::process::Command::new(std::env::current_exe()?)
+                .args(["serve", "--port", "0", "--max-batch", &most.to_string()])
+                .args(["--max-queue", &(most * 2).to_string(), "--head", &a.head])
+                .args(["--threads", &a.threads.to_string()])
+                .args(["--backend", a.backend.name()])
+                .arg("--model")
+                .arg(&a.model)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let mut line = String::new();
+            if let Some(out) = c.stdout.take() {
+                std::io::BufReader::new(out).read_line(&mut line)?;
+            }
+            let base = line
+                .trim()
+                .strip_prefix("listening on ")
+                .context("the server did not start")?
+                .to_string();
+            child = Some(c);
+            let t0 = std::time::Instant::now();
+            while ureq::get(&format!("{base}/health")).call().is_err() {
+                if t0.elapsed() > Duration::from_secs(300) {
+                    bail!("the server did not become ready");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            base
+        }
+    };
+    let mut results = Vec::new();
+    for &c in &a.clients {
+        let r = run_level(&base, c, a.requests, a.prompt_len, a.max_tokens)?;
+        if !a.json {
+            println!(
+                "clients {:>3}: {:>6.2} req/s  {:>8.1} tok/s  TTFT p50 {:>8.1} ms p99 {:>8.1} ms  \
+                 per-token p50 {:>7.1} ms p99 {:>7.1} ms",
+                r.clients,
+                r.requests_per_s,
+                r.tokens_per_s,
+                r.ttft_ms_p50,
+                r.ttft_ms_p99,
+                r.tpot_ms_p50,
+                r.tpot_ms_p99
+            );
+        }
+        results.push(r);
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "levels": results }));
+    }
+    if let Some(mut c) = child {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    Ok(())
+}
+
+/// `bitnet serve`: the HTTP server until SIGTERM.
+pub(crate) fn serve(a: ServeArgs) -> Result<()> {
+    use bitnet_inference::batch::scheduler::SchedulerConfig;
+    use bitnet_inference::serve::{run, ServeOptions};
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match a.log_format.as_str() {
+        "json" => fmt.json().init(),
+        "text" => fmt.init(),
+        other => bail!("--log-format {other}: use text or json"),
+    }
+    if !a.model.join("config.json").exists() {
+        bail!(
+            "{}: no config.json (is --model a model directory?)",
+            a.model.display()
+        );
+    }
+    run(ServeOptions {
+        model: a.model,
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key.filter(|k| !k.is_empty()),
+        cors_origins: a.cors_origins,
+        backend: a.backend,
+        threads: a.threads,
+        head: HeadMode::parse(&a.head)?,
+        kv: KvDtype::parse(&a.kv)?,
+        scheduler: SchedulerConfig {
+            max_batch: a.max_batch,
+            max_queue: a.max_queue,
+            step_tokens: a.step_tokens,
+            block_size: a.block_size,
+            ..Default::default()
+        },
+        kv_cache_mb: a.kv_cache_mb,
+        max_tokens_limit: a.max_tokens_limit,
+        max_prompt_tokens: a.max_prompt_tokens,
+        max_body_bytes: a.max_body_bytes,
+        shutdown_timeout: a.shutdown_timeout,
+    })?;
+    Ok(())
+}

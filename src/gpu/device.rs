@@ -1,0 +1,128 @@
+//! Timing, teardown and the device capabilities ([`crate::backend::DeviceSteps`]): token
+//! selection on the device and queued greedy steps.
+
+use super::*;
+
+/// Where a step's wall time goes on the host: recording, submitting, waiting for the GPU.
+#[derive(Default)]
+pub(super) struct HostTiming {
+    pub(super) started: Option<std::time::Instant>,
+    pub(super) steps: u64,
+    pub(super) record: f64,
+    pub(super) submit: f64,
+    pub(super) wait: f64,
+}
+
+/// The little-endian u32 at the start of a readback (an argmax result).
+pub(super) fn first_word(data: &[u8]) -> u32 {
+    u32::from_le_bytes([data[0], data[1], data[2], data[3]])
+}
+
+impl Drop for GpuBackend {
+    fn drop(&mut self) {
+        // BITNET_GPU_PROFILE=1: every kernel is timed from load on; the totals print at exit.
+        if std::env::var_os("BITNET_GPU_PROFILE").is_some() {
+            self.print_gpu_profile();
+        }
+        if let Some(t) = &self.timing {
+            let n = t.steps.max(1) as f64 * 1e-6;
+            eprintln!(
+                "host timing over {} greedy steps: record {:.1} us, submit {:.1} us, wait {:.1} us per step",
+                t.steps,
+                t.record / n,
+                t.submit / n,
+                t.wait / n
+            );
+        }
+    }
+}
+
+/// The device's own token selection, queued steps and kernel timing (native only: the
+/// browser reads results asynchronously, see `web.rs`).
+#[cfg(not(target_arch = "wasm32"))]
+impl crate::backend::DeviceSteps for GpuBackend {
+    fn argmax_last(&mut self) -> Result<u32> {
+        let rb = self.record_argmax_last();
+        let t0 = std::time::Instant::now();
+        self.flush();
+        let t1 = std::time::Instant::now();
+        let token = self.read_mapped(&rb, 4, first_word)?;
+        if let Some(t) = &mut self.timing {
+            if let Some(s) = t.started.take() {
+                t.steps += 1;
+                t.record += (t0 - s).as_secs_f64();
+                t.submit += (t1 - t0).as_secs_f64();
+                t.wait += t1.elapsed().as_secs_f64();
+            }
+        }
+        Ok(token)
+    }
+
+    fn top_k_last(&mut self, k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) -> Result<bool> {
+        let k = k.min(self.cfg.vocab_size);
+        if k == 0 || k > kernels::TOPK_MAX {
+            return Ok(false);
+        }
+        self.record_head_last();
+        self.top_k_of_logits(k, inv_t, out)?;
+        Ok(true)
+    }
+
+    fn set_profiling(&mut self, on: bool) {
+        self.rec.set_profiling(on, &self.ctx.queue);
+    }
+
+    fn take_profile(&mut self) -> Option<Vec<(&'static str, f64, u64)>> {
+        self.rec.take_profile()
+    }
+
+    fn embed_queued_argmax(&mut self) -> Result<()> {
+        if self.queued.is_empty() {
+            return Err(Error::Request(
+                "no queued decode step to take the input token from".into(),
+            ));
+        }
+        if self.queued.len() >= self.bufs.argmax_ring.len() {
+            return Err(Error::Request(format!(
+                "at most {} decode steps may be queued",
+                self.bufs.argmax_ring.len()
+            )));
+        }
+        // The tokens buffer holds the last queued step's argmax (copied there on the device).
+        self.begin_step(&[], 1);
+        Ok(())
+    }
+
+    fn queue_argmax_last(&mut self) -> Result<()> {
+        self.record_argmax();
+        let rb = self.bufs.argmax_ring[self.queued_total % self.bufs.argmax_ring.len()].clone();
+        self.queued_total += 1;
+        let enc = self.rec.encoder();
+        enc.copy_buffer_to_buffer(&self.bufs.argmax_result, 0, &rb, 0, 4);
+        enc.copy_buffer_to_buffer(&self.bufs.argmax_result, 0, &self.bufs.tokens, 0, 4);
+        let t0 = std::time::Instant::now();
+        let index = self.flush();
+        if let Some(t) = &mut self.timing {
+            if let Some(s) = t.started.take() {
+                t.record += (t0 - s).as_secs_f64();
+                t.submit += t0.elapsed().as_secs_f64();
+            }
+        }
+        self.queued.push_back((rb, index));
+        Ok(())
+    }
+
+    fn read_queued_argmax(&mut self) -> Result<u32> {
+        let (rb, index) = self
+            .queued
+            .pop_front()
+            .ok_or_else(|| Error::Request("no queued decode step to read".into()))?;
+        let t0 = std::time::Instant::now();
+        let token = self.read_mapped_after(&rb, 4, index, first_word)?;
+        if let Some(t) = &mut self.timing {
+            t.steps += 1;
+            t.wait += t0.elapsed().as_secs_f64();
+        }
+        Ok(token)
+    }
+}

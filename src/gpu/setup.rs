@@ -1,0 +1,438 @@
+//! Loading the GPU backend: weights repacked and uploaded, pipelines compiled, every bind
+//! group of the model built once.
+
+use super::*;
+
+pub(super) fn mat(
+    device: &wgpu::Device,
+    p: &Pipelines,
+    b: &Bufs,
+    m: PackedMatrix,
+    out: &wgpu::Buffer,
+    name: &str,
+) -> Mat {
+    let w = storage_init(device, name, bytemuck::cast_slice(&m.words));
+    let rs = storage_init(device, name, bytemuck::cast_slice(&m.row_scale));
+    let params = uniform(
+        device,
+        name,
+        &[m.rows as u32, m.kvec as u32, m.rows as u32, 0],
+    );
+    let bg = bind_group(
+        device,
+        name,
+        &p.matmul_layout,
+        &[&b.step, &params, &w, &rs, &b.xq, &b.xs, out],
+    );
+    Mat {
+        rows: m.rows,
+        kvec: m.kvec,
+        bytes: (m.words.len() * 4) as u64,
+        w,
+        rs,
+        bg,
+    }
+}
+
+impl GpuBackend {
+    /// Repacks and uploads `w`, compiles the kernels and builds every bind group.
+    pub fn load(w: &Weights, opts: &GpuOptions) -> Result<Self> {
+        Self::with_context(GpuContext::new(opts.subgroups)?, w, opts)
+    }
+
+    /// [`Self::load`] on a device already created (e.g. asynchronously, in a browser).
+    pub fn with_context(ctx: GpuContext, w: &Weights, opts: &GpuOptions) -> Result<Self> {
+        let cfg = w.config.clone();
+        cfg.validate()?;
+        if layer_ops(&cfg) != BITNET_B158 {
+            return Err(Error::Backend(
+                "the GPU backend runs the BitNet b1.58 layer (sub-norms, relu²) only".into(),
+            ));
+        }
+        if cfg.head_dim > 256 {
+            return Err(Error::Backend(format!(
+                "head_dim {} > 256 is not supported by the GPU attention kernel",
+                cfg.head_dim
+            )));
+        }
+        let max_step = opts.max_step.max(1);
+        let device = &ctx.device;
+        let max_binding = ctx
+            .limits
+            .max_storage_buffer_binding_size
+            .min(ctx.limits.max_buffer_size);
+        let shard_bytes = opts
+            .max_binding_bytes
+            .map_or(max_binding, |m| m.min(max_binding));
+        let head_t = w.head();
+        let f32_head = head_t.dtype != FloatDtype::BF16;
+        if (w.embed.dtype != FloatDtype::BF16) != f32_head {
+            return Err(Error::Backend(
+                "embedding and lm_head must have the same dtype class for the GPU backend".into(),
+            ));
+        }
+        let fused_widths = [cfg.hidden_size.max(cfg.q_dim()), cfg.intermediate_size];
+        let pipes = Pipelines::new(
+            device,
+            ctx.desc.subgroup_size,
+            f32_head,
+            fused_widths,
+            opts.kv,
+        );
+
+        let (h, q, kv, i) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let hp = pad8(h);
+        let kpmax = pad64(h).max(pad64(q)).max(pad64(i));
+        let vocab = cfg.vocab_size;
+        let logit_rows = ((64usize << 20) / (vocab * 4))
+            .min(max_binding as usize / (vocab * 4))
+            .clamp(1, max_step);
+        let f = 4usize;
+        let bufs = Bufs {
+            step: uniform(device, "step", &[0; 8]),
+            tokens: storage(device, "tokens", max_step * 4),
+            x: storage(device, "x", max_step * h * f),
+            xq: storage(device, "xq", max_step * kpmax),
+            xs: storage(device, "xscale", max_step * f),
+            qkv: storage(device, "qkv", max_step * (q + 2 * kv) * f),
+            attn: storage(device, "attn", max_step * q * f),
+            gu: storage(device, "gate_up", max_step * 2 * i * f),
+            hn: storage(device, "final_normed", max_step * hp * f),
+            logits: storage(device, "logits", logit_rows * vocab * f),
+            readback: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: (logit_rows * vocab * f) as u64,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            argmax_part: storage(device, "argmax partials", kernels::argmax_parts(vocab) * 8),
+            argmax_result: storage(device, "argmax", 16),
+            argmax_ring: [0, 1, 2].map(|_| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("queued argmax readback"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            }),
+            topk: [0, 1].map(|_| {
+                storage(
+                    device,
+                    "topk candidates",
+                    vocab.div_ceil(kernels::TOPK_CHUNK) * kernels::TOPK_MAX * 8,
+                )
+            }),
+            topk_readback: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("topk readback"),
+                size: (kernels::TOPK_MAX * 8) as u64,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            argmax_readback: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("argmax readback"),
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            rope_params: uniform(
+                device,
+                "rope",
+                &[
+                    cfg.head_dim as u32,
+                    cfg.num_heads as u32,
+                    (q + 2 * kv) as u32,
+                    kv as u32,
+                ],
+            ),
+        };
+        for (name, bytes) in [
+            ("x", max_step * h * f),
+            ("gate_up", max_step * 2 * i * f),
+            ("qkv", max_step * (q + 2 * kv) * f),
+        ] {
+            if bytes as u64 > max_binding {
+                return Err(Error::Backend(format!(
+                    "activation buffer {name} ({bytes} bytes for {max_step} tokens) exceeds the \
+                     binding limit {max_binding}: lower max_step"
+                )));
+            }
+        }
+
+        let eps = cfg.rms_norm_eps.to_bits();
+        let norm_h = uniform(
+            device,
+            "norm_h",
+            &[h as u32, h as u32, (pad64(h) / 4) as u32, eps],
+        );
+        let norm_q = uniform(
+            device,
+            "norm_q",
+            &[q as u32, q as u32, (pad64(q) / 4) as u32, eps],
+        );
+        let norm_i = uniform(
+            device,
+            "norm_i",
+            &[i as u32, 2 * i as u32, (pad64(i) / 4) as u32, eps],
+        );
+        let norm_f = uniform(device, "norm_final", &[h as u32, h as u32, hp as u32, eps]);
+        let gamma = |name: &str, v: &[f32]| storage_init(device, name, bytemuck::cast_slice(v));
+        let nbg = |name: &str,
+                   params: &wgpu::Buffer,
+                   src: &wgpu::Buffer,
+                   g: &wgpu::Buffer,
+                   out: &wgpu::Buffer| {
+            bind_group(
+                device,
+                name,
+                &pipes.norm_layout,
+                &[&bufs.step, params, src, g, out, &bufs.xs],
+            )
+        };
+
+        let hd = cfg.head_dim;
+        let fused = opts.fused
+            && [h, q, i]
+                .iter()
+                .all(|&n| pad64(n) <= FUSED_MAX_WIDTH && n.is_multiple_of(4))
+            && hd.is_multiple_of(2);
+        // Fused GEMV parameters: rows, kvec, ld, width, src_stride, eps, q, kv, hd.
+        let fparams = |name: &str, m: &Mat, width: usize, src_stride: usize| {
+            uniform(
+                device,
+                name,
+                &[
+                    m.rows as u32,
+                    m.kvec as u32,
+                    m.rows as u32,
+                    width as u32,
+                    src_stride as u32,
+                    eps,
+                    q as u32,
+                    kv as u32,
+                    hd as u32,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        };
+        let fbg = |name: &str,
+                   params: &wgpu::Buffer,
+                   m: &Mat,
+                   src: &wgpu::Buffer,
+                   g: &wgpu::Buffer,
+                   out: &wgpu::Buffer| {
+            bind_group(
+                device,
+                name,
+                &pipes.fused_layout,
+                &[&bufs.step, params, &m.w, &m.rs, src, g, out],
+            )
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for (li, l) in w.layers.iter().enumerate() {
+            let n = |s: &str| format!("layer {li} {s}");
+            let g_in = gamma(&n("input_norm"), &l.input_norm);
+            let g_post = gamma(&n("post_norm"), &l.post_attention_norm);
+            let g_attn = gamma(&n("attn_sub_norm"), &l.attn_sub_norm);
+            let g_ffn = gamma(&n("ffn_sub_norm"), &l.ffn_sub_norm);
+            let matrix = |parts: &[&crate::format::TernaryMatrix], out, name: &str| {
+                Ok::<_, Error>(mat(
+                    device,
+                    &pipes,
+                    &bufs,
+                    PackedMatrix::new(parts)?,
+                    out,
+                    name,
+                ))
+            };
+            let qkv = matrix(&[&l.q, &l.k, &l.v], &bufs.qkv, &n("qkv"))?;
+            let o = matrix(&[&l.o], &bufs.x, &n("o"))?;
+            let gate_up = matrix(&[&l.gate, &l.up], &bufs.gu, &n("gate_up"))?;
+            let down = matrix(&[&l.down], &bufs.x, &n("down"))?;
+            let fused = fused.then(|| FusedLayer {
+                o: fbg(
+                    &n("fused o"),
+                    &fparams(&n("fused o"), &o, q, q),
+                    &o,
+                    &bufs.attn,
+                    &g_attn,
+                    &bufs.x,
+                ),
+                gate_up: fbg(
+                    &n("fused gate_up"),
+                    &fparams(&n("fused gate_up"), &gate_up, h, h),
+                    &gate_up,
+                    &bufs.x,
+                    &g_post,
+                    &bufs.gu,
+                ),
+                down: fbg(
+                    &n("fused down"),
+                    &fparams(&n("fused down"), &down, i, 2 * i),
+                    &down,
+                    &bufs.gu,
+                    &g_ffn,
+                    &bufs.x,
+                ),
+            });
+            layers.push(GpuLayer {
+                norm_input: nbg(&n("input_norm"), &norm_h, &bufs.x, &g_in, &bufs.xq),
+                norm_post: nbg(&n("post_norm"), &norm_h, &bufs.x, &g_post, &bufs.xq),
+                norm_attn: nbg(&n("attn_sub_norm"), &norm_q, &bufs.attn, &g_attn, &bufs.xq),
+                norm_ffn: nbg(&n("ffn_sub_norm"), &norm_i, &bufs.gu, &g_ffn, &bufs.xq),
+                input_gamma: g_in,
+                qkv,
+                o,
+                gate_up,
+                down,
+                fused,
+            });
+        }
+        let g_final = gamma("final_norm", &w.final_norm);
+        let final_norm_bg = nbg("final_norm", &norm_f, &bufs.x, &g_final, &bufs.hn);
+        let final_norm_q_bg = (opts.head == HeadMode::Int8)
+            .then(|| nbg("final_norm_q", &norm_h, &bufs.x, &g_final, &bufs.xq));
+
+        let argmax_params = uniform(
+            device,
+            "argmax",
+            &[vocab as u32, kernels::argmax_parts(vocab) as u32],
+        );
+        let argmax_bg = bind_group(
+            device,
+            "argmax",
+            &pipes.argmax_layout,
+            &[
+                &argmax_params,
+                &bufs.logits,
+                &bufs.argmax_part,
+                &bufs.argmax_result,
+            ],
+        );
+        let topk_passes = (0..kernels::TOPK_PASSES)
+            .map(|i| {
+                let params = uniform(device, "topk", &[0u32; 4]);
+                let (src, dst) = (&bufs.topk[(i + 1) % 2], &bufs.topk[i % 2]);
+                let bg = bind_group(
+                    device,
+                    "topk",
+                    &pipes.topk_layout,
+                    &[&params, &bufs.logits, src, dst],
+                );
+                (params, bg)
+            })
+            .collect();
+        let embed_bg = |s: &Shard| {
+            bind_group(
+                device,
+                "embed",
+                &pipes.embed_layout,
+                &[&bufs.step, &s.uni, &bufs.tokens, &s.buf, &bufs.x],
+            )
+        };
+        let head_bg = |s: &Shard| {
+            bind_group(
+                device,
+                "head",
+                &pipes.head_layout,
+                &[&bufs.step, &s.uni, &s.buf, &bufs.hn, &bufs.logits],
+            )
+        };
+        let make = |s: Shard, bg: &dyn Fn(&Shard) -> wgpu::BindGroup| {
+            let g = bg(&s);
+            (s, g)
+        };
+        let embed_raw = buffers::upload_shards(device, &w.embed, shard_bytes)?;
+        let int8_head = opts.head == HeadMode::Int8;
+        let head_bytes = if int8_head {
+            (head_t.rows * (pad64(head_t.cols) + 4)) as u64
+        } else {
+            (head_t.rows * buffers::head_row_words(head_t) * 4) as u64
+        };
+        let head_shards: Vec<_> = if int8_head {
+            buffers::upload_i8_shards(device, head_t, shard_bytes)?
+                .into_iter()
+                .map(|(s, scales)| {
+                    let bg = bind_group(
+                        device,
+                        "head_i8",
+                        &pipes.head_i8_layout,
+                        &[
+                            &bufs.step,
+                            &s.uni,
+                            &s.buf,
+                            &scales,
+                            &bufs.xq,
+                            &bufs.xs,
+                            &bufs.logits,
+                        ],
+                    );
+                    (s, bg)
+                })
+                .collect()
+        } else {
+            match &w.lm_head {
+                // Tied: the head reads the embedding's shards.
+                None => embed_raw
+                    .iter()
+                    .map(|s| make(s.clone(), &head_bg))
+                    .collect(),
+                Some(lm) => buffers::upload_shards(device, lm, shard_bytes)?
+                    .into_iter()
+                    .map(|s| make(s, &head_bg))
+                    .collect(),
+            }
+        };
+        let embed_shards: Vec<_> = embed_raw.into_iter().map(|s| make(s, &embed_bg)).collect();
+        let most = ctx.limits.max_compute_workgroups_per_dimension as usize;
+        let rpw = pipes.rows_per_wg() as usize;
+        if let Some((s, _)) = head_shards
+            .iter()
+            .find(|(s, _)| s.rows.div_ceil(rpw) > most)
+        {
+            return Err(Error::Backend(format!(
+                "a head shard of {} vocabulary rows needs more than {most} workgroups",
+                s.rows
+            )));
+        }
+
+        let mut rec = Recorder::new(&ctx.device);
+        if std::env::var_os("BITNET_GPU_PROFILE").is_some() {
+            rec.set_profiling(true, &ctx.queue);
+        }
+        Ok(GpuBackend {
+            inv_freq: rope_inv_freq(cfg.rope_theta, cfg.head_dim),
+            cfg,
+            pipes,
+            bufs,
+            layers,
+            final_norm_bg,
+            argmax_bg,
+            topk_passes,
+            embed_shards,
+            head_shards,
+            head_bytes,
+            final_norm_q_bg,
+            kv: opts.kv,
+            max_step,
+            max_binding,
+            logit_rows,
+            rec,
+            tokens: Vec::new(),
+            queued: Default::default(),
+            queued_total: 0,
+            whole_step: false,
+            step: [0; 8],
+            timing: std::env::var_os("BITNET_GPU_TIMING").map(|_| HostTiming::default()),
+            #[cfg(not(target_arch = "wasm32"))]
+            batch_error: None,
+            ctx,
+        })
+    }
+}

@@ -1,0 +1,372 @@
+//! Recording and reading back a step: submission in parts, readbacks, the final norm and
+//! head, device selections, and access to step activations for tests.
+
+use super::*;
+
+/// A step activation buffer, for tests and debugging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Residual stream, `T × hidden` f32.
+    Residual,
+    /// Quantized activations, `T × pad64(width)/4` u32 (4 int8 each).
+    Quantized,
+    /// Per-token activation scale (absmax / 127), `T` f32.
+    Scales,
+    /// q|k|v, `T × (q + 2 kv)` f32.
+    Qkv,
+    /// Attention output, `T × q_dim` f32.
+    Attention,
+    /// gate|up, `T × 2 intermediate` f32.
+    GateUp,
+    /// Final-normed residual, `T × pad8(hidden)` f32.
+    FinalNormed,
+    /// Logits, rows × vocab f32 (row 0: the last position's after a decode step's head).
+    Logits,
+}
+
+impl GpuBackend {
+    /// Prints the per-kernel GPU time accumulated since profiling was turned on (stderr).
+    pub fn print_gpu_profile(&mut self) {
+        let Some(p) = self.rec.take_profile() else {
+            return;
+        };
+        let total: f64 = p.iter().map(|e| e.1).sum();
+        eprintln!(
+            "gpu kernel time (timestamp queries), total {:.3} ms",
+            total * 1e3
+        );
+        for (name, secs, calls) in p {
+            eprintln!(
+                "  {name:<20} {:>10.3} ms {:>5.1}%  {calls:>6} dispatches  {:>8.2} us/dispatch",
+                secs * 1e3,
+                100.0 * secs / total.max(1e-12),
+                secs * 1e6 / calls.max(1) as f64
+            );
+        }
+    }
+
+    /// The adapter in use.
+    pub fn adapter(&self) -> &AdapterDesc {
+        &self.ctx.desc
+    }
+
+    /// Most tokens in one step.
+    pub fn max_step(&self) -> usize {
+        self.max_step
+    }
+
+    /// Number of shards the head is split into (1 when it fits one binding).
+    pub fn head_shards(&self) -> usize {
+        self.head_shards.len()
+    }
+
+    /// Whether row reductions use subgroup operations.
+    pub fn uses_subgroups(&self) -> bool {
+        self.pipes.subgroups
+    }
+
+    pub(super) fn t(&self) -> usize {
+        self.step[0] as usize
+    }
+
+    /// Writes the step uniform and tokens, and submits the recorded work (if any).
+    pub(super) fn flush(&mut self) -> Option<wgpu::SubmissionIndex> {
+        let q = &self.ctx.queue;
+        q.write_buffer(&self.bufs.step, 0, bytemuck::cast_slice(&self.step));
+        if !self.tokens.is_empty() {
+            q.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(&self.tokens));
+        }
+        self.rec.submit(q)
+    }
+
+    /// RoPE cos/sin per (position, j) for `positions` positions, computed exactly like the CPU
+    /// backend's `ops::rope`.
+    pub(super) fn rope_table(&self, positions: usize) -> wgpu::Buffer {
+        let half = self.cfg.head_dim / 2;
+        let mut table = Vec::with_capacity(positions * 2 * half);
+        for p in 0..positions {
+            for &f in &self.inv_freq[..half] {
+                let (s, co) = (p as f32 * f).sin_cos();
+                table.push(co);
+                table.push(s);
+            }
+        }
+        storage_init(&self.ctx.device, "rope table", bytemuck::cast_slice(&table))
+    }
+
+    /// Records the final norm, head and argmax of the step's last position (into the argmax
+    /// result word).
+    pub(super) fn record_argmax(&mut self) {
+        self.record_head_last();
+        kernels::argmax(
+            &mut self.rec,
+            &self.pipes,
+            &self.argmax_bg,
+            self.cfg.vocab_size,
+        );
+    }
+
+    /// Records the final norm, head and argmax of the step's last position and the copy of
+    /// the result word into the returned readback buffer.
+    pub(super) fn record_argmax_last(&mut self) -> wgpu::Buffer {
+        self.record_argmax();
+        let (res, rb) = (
+            self.bufs.argmax_result.clone(),
+            self.bufs.argmax_readback.clone(),
+        );
+        self.rec.encoder().copy_buffer_to_buffer(&res, 0, &rb, 0, 4);
+        rb
+    }
+
+    /// Whether the head is stored as int8 (`--head int8`).
+    pub(super) fn int8_head(&self) -> bool {
+        self.final_norm_q_bg.is_some()
+    }
+
+    /// Records the final norm of every row of the step.
+    /// With the int8 head, the norm quantizes the rows to int8 instead (xq, xs).
+    pub(super) fn record_final_norm(&mut self) {
+        let t = self.t();
+        let (kind, bg) = match &self.final_norm_q_bg {
+            Some(bg) => (NormKind::Quant, bg),
+            None => (NormKind::F32, &self.final_norm_bg),
+        };
+        kernels::norm(&mut self.rec, &self.pipes, kind, bg, t);
+    }
+
+    /// Runs the head over the final-normed rows `range` (recorded with the step so far),
+    /// in batches of the logits buffer's rows, and appends their logits to `out`.
+    pub(super) fn read_head_rows(
+        &mut self,
+        range: std::ops::Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let vocab = self.cfg.vocab_size;
+        if range.is_empty() {
+            self.flush();
+            return Ok(());
+        }
+        out.reserve(range.len() * vocab);
+        let mut r0 = range.start;
+        while r0 < range.end {
+            let n = self.logit_rows.min(range.end - r0);
+            self.step[5] = r0 as u32;
+            self.step[6] = n as u32;
+            let bytes = (n * vocab * 4) as u64;
+            let int8 = self.int8_head();
+            for (s, bg) in &self.head_shards {
+                kernels::head(&mut self.rec, &self.pipes, bg, s.rows, n, int8);
+            }
+            let (logits, readback) = (self.bufs.logits.clone(), self.bufs.readback.clone());
+            self.rec
+                .encoder()
+                .copy_buffer_to_buffer(&logits, 0, &readback, 0, bytes);
+            self.flush();
+            self.read_mapped(&readback, bytes, |data| {
+                out.extend_from_slice(bytemuck::cast_slice(data));
+            })?;
+            r0 += n;
+        }
+        Ok(())
+    }
+
+    /// Records the final norm and the head of the step's last position (logits row 0).
+    pub(super) fn record_head_last(&mut self) {
+        let t = self.t();
+        self.record_final_norm();
+        self.step[5] = (t - 1) as u32;
+        self.step[6] = 1;
+        let int8 = self.int8_head();
+        for (s, bg) in &self.head_shards {
+            kernels::head(&mut self.rec, &self.pipes, bg, s.rows, 1, int8);
+        }
+    }
+
+    /// After a step's `layer`: submits what is recorded so far every few layers, so the GPU
+    /// starts on the first layers while the host encodes the rest (wgpu's per-dispatch encoding
+    /// at submit costs a large part of a decode step's GPU time), unless the GPU is still busy
+    /// with queued steps: then the step goes in one submit (H200: decode 446 vs 427 tok/s).
+    pub(super) fn end_layer(&mut self, layer: usize) {
+        if !self.whole_step && layer % SUBMIT_LAYERS == 1 && layer + 1 < self.cfg.num_layers {
+            self.flush();
+        }
+    }
+
+    /// Starts recording a step of `t` tokens (`host` of them written at submit; none when the
+    /// tokens buffer already holds the input) with its embedding gather.
+    pub(super) fn begin_step(&mut self, host: &[u32], t: usize) {
+        // Drop any unsubmitted work of an abandoned step.
+        self.rec.discard();
+        if let Some(timing) = &mut self.timing {
+            timing.started = Some(std::time::Instant::now());
+        }
+        self.tokens.clear();
+        self.tokens.extend_from_slice(host);
+        self.whole_step = !self.queued.is_empty();
+        self.step = [t as u32, 0, 64, 1, 0, 0, 0, 0];
+        let h = self.cfg.hidden_size;
+        for (_, bg) in &self.embed_shards {
+            kernels::embed(&mut self.rec, &self.pipes, bg, h, t);
+        }
+    }
+
+    pub(super) fn wait_map(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        self.read_mapped(buf, bytes, |data| data.to_vec())
+    }
+
+    /// Waits for the submitted work, maps the first `bytes` of `buf` and hands them to `f`.
+    pub(super) fn read_mapped<T>(
+        &self,
+        buf: &wgpu::Buffer,
+        bytes: u64,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
+        self.read_mapped_after(buf, bytes, None, f)
+    }
+
+    /// [`Self::read_mapped`] waiting only for submission `index` (all work when None), so
+    /// work queued after it keeps the GPU busy meanwhile.
+    pub(super) fn read_mapped_after<T>(
+        &self,
+        buf: &wgpu::Buffer,
+        bytes: u64,
+        index: Option<wgpu::SubmissionIndex>,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
+        let (tx, rx) = mpsc::channel();
+        buf.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+            let _ = tx.send(r);
+        });
+        self.ctx
+            .device
+            .poll(wgpu::PollType::Wait {
+                submission_index: index,
+                timeout: None,
+            })
+            .map_err(|e| Error::Backend(format!("poll: {e}")))?;
+        rx.recv()
+            .map_err(|e| Error::Backend(format!("map: {e}")))?
+            .map_err(|e| Error::Backend(format!("map: {e}")))?;
+        let data = buf
+            .get_mapped_range(0..bytes)
+            .map_err(|e| Error::Backend(format!("map: {e}")))?;
+        let r = f(&data);
+        drop(data);
+        buf.unmap();
+        Ok(r)
+    }
+
+    pub(super) fn activation(&self, a: Activation) -> &wgpu::Buffer {
+        let b = &self.bufs;
+        match a {
+            Activation::Residual => &b.x,
+            Activation::Quantized => &b.xq,
+            Activation::Scales => &b.xs,
+            Activation::Qkv => &b.qkv,
+            Activation::Attention => &b.attn,
+            Activation::GateUp => &b.gu,
+            Activation::FinalNormed => &b.hn,
+            Activation::Logits => &b.logits,
+        }
+    }
+
+    /// Records the top-k passes over logits row 0 (k <= [`kernels::TOPK_MAX`], at most the
+    /// vocab), submits, and reads the k best (logit × `inv_t`, id) back, best first, in the
+    /// order of [`crate::reference::top_candidates`].
+    pub fn top_k_of_logits(
+        &mut self,
+        k: usize,
+        inv_t: f32,
+        out: &mut Vec<(f32, u32)>,
+    ) -> Result<()> {
+        if k == 0 || k > kernels::TOPK_MAX.min(self.cfg.vocab_size) {
+            return Err(Error::Request(format!(
+                "GPU top-k takes k in 1..={}, got {k}",
+                kernels::TOPK_MAX.min(self.cfg.vocab_size)
+            )));
+        }
+        let mut n = self.cfg.vocab_size;
+        let mut pass = 0;
+        loop {
+            let (params, bg) = &self.topk_passes[pass];
+            let words = [n as u32, k as u32, inv_t.to_bits(), 0];
+            self.ctx
+                .queue
+                .write_buffer(params, 0, bytemuck::cast_slice(&words));
+            kernels::topk(&mut self.rec, &self.pipes, bg, pass == 0, n);
+            let groups = n.div_ceil(kernels::TOPK_CHUNK);
+            if groups == 1 {
+                break;
+            }
+            n = groups * k;
+            pass += 1;
+        }
+        let (res, rb) = (&self.bufs.topk[pass % 2], self.bufs.topk_readback.clone());
+        let bytes = (k * 8) as u64;
+        self.rec
+            .encoder()
+            .copy_buffer_to_buffer(res, 0, &rb, 0, bytes);
+        self.flush();
+        self.read_mapped(&rb, bytes, |data| {
+            out.clear();
+            out.extend(data.chunks_exact(8).map(|e| {
+                let key = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+                let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+                // Undo topk.wgsl's key_of.
+                let bits = if key & 0x8000_0000 != 0 {
+                    key & 0x7fff_ffff
+                } else {
+                    !key
+                };
+                (f32::from_bits(bits), id)
+            }));
+        })
+    }
+
+    /// Submits pending work and reads a whole activation buffer (as u32 words; tests and
+    /// debugging only: this allocates a staging buffer).
+    pub fn read_activation(&mut self, a: Activation) -> Result<Vec<u32>> {
+        self.flush();
+        let src = self.activation(a).clone();
+        let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("debug read"),
+            size: src.size(),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(&src, 0, &staging, 0, src.size());
+        self.ctx.queue.submit([enc.finish()]);
+        let bytes = self.wait_map(&staging, src.size())?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+
+    /// Submits pending work, then overwrites the start of an activation buffer with `words`
+    /// (tests and debugging).
+    pub fn write_activation(&mut self, a: Activation, words: &[u32]) {
+        self.flush();
+        let buf = self.activation(a).clone();
+        self.ctx
+            .queue
+            .write_buffer(&buf, 0, bytemuck::cast_slice(words));
+    }
+
+    pub(super) fn norm(
+        &mut self,
+        kind: NormKind,
+        which: impl Fn(&GpuLayer) -> &wgpu::BindGroup,
+        layer: usize,
+    ) {
+        let t = self.t();
+        kernels::norm(
+            &mut self.rec,
+            &self.pipes,
+            kind,
+            which(&self.layers[layer]),
+            t,
+        );
+    }
+}

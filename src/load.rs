@@ -1,0 +1,213 @@
+//! The one loader every front end uses: a model's files (from a directory, or from bytes in
+//! the browser) into weights, tokenizer and generation config, then onto the chosen backend.
+
+use std::path::Path;
+#[cfg(target_arch = "wasm32")]
+use std::sync::Arc;
+
+use crate::backend::{HeadMode, KvDtype};
+use crate::config::{GenerationConfig, ModelConfig};
+use crate::cpu::kernels::Kernels;
+use crate::cpu::{CpuBackend, CpuOptions};
+use crate::error::{Error, Result};
+use crate::format::{safetensors, Weights};
+use crate::tokenizer::Tokenizer;
+
+/// A model's files, parsed and checked.
+pub struct ModelFiles {
+    /// The weights (mmap-backed when read from a directory).
+    pub weights: Weights,
+    /// The tokenizer, when the model has one.
+    pub tokenizer: Option<Tokenizer>,
+    /// EOS and BOS ids for generation.
+    pub generation: GenerationConfig,
+}
+
+impl ModelFiles {
+    /// Reads a model directory (config.json, *.safetensors, tokenizer files).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        if !dir.join("config.json").exists() {
+            return Err(Error::Config(format!(
+                "{}: no config.json (is this a model directory?)",
+                dir.display()
+            )));
+        }
+        let weights = safetensors::load(dir)?;
+        let generation = GenerationConfig::from_dir(dir, &weights.config)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        Ok(ModelFiles {
+            weights,
+            tokenizer,
+            generation,
+        })
+    }
+
+    /// Builds a model from files held in memory (the browser build).
+    #[cfg(target_arch = "wasm32")]
+    pub fn from_buffers(files: InMemoryFiles) -> Result<Self> {
+        let config_text = files
+            .config
+            .ok_or_else(|| Error::Request("the model has no config.json".into()))?;
+        if files.safetensors.is_empty() {
+            return Err(Error::Request("the model has no *.safetensors file".into()));
+        }
+        let cv: serde_json::Value = serde_json::from_str(&config_text)
+            .map_err(|e| Error::json("config.json", e.to_string()))?;
+        let config = ModelConfig::from_json(&cv).map_err(|e| match e {
+            Error::Config(msg) => Error::json("config.json", msg),
+            other => other,
+        })?;
+        let generation =
+            GenerationConfig::from_json_text(files.generation_config.as_deref(), &config)?;
+        let tokenizer = match &files.tokenizer {
+            Some(t) => Some(Tokenizer::from_parts(
+                t,
+                files.tokenizer_config.as_deref(),
+                files.chat_template.clone(),
+            )?),
+            None => None,
+        };
+        let ck = safetensors::Checkpoint::from_buffers(files.safetensors)?;
+        let weights = safetensors::weights(config, &ck)?;
+        Ok(ModelFiles {
+            weights,
+            tokenizer,
+            generation,
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.weights.config
+    }
+}
+
+/// A model's files held in memory, by role.
+#[cfg(target_arch = "wasm32")]
+#[derive(Default)]
+pub struct InMemoryFiles {
+    /// The safetensors files (all shards), by name.
+    pub safetensors: Vec<(String, Arc<Vec<u8>>)>,
+    /// config.json.
+    pub config: Option<String>,
+    /// tokenizer.json.
+    pub tokenizer: Option<Vec<u8>>,
+    /// tokenizer_config.json.
+    pub tokenizer_config: Option<String>,
+    /// chat_template.jinja.
+    pub chat_template: Option<String>,
+    /// generation_config.json.
+    pub generation_config: Option<String>,
+}
+
+/// Which backend to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum BackendKind {
+    /// A real GPU when wgpu finds one, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// The GPU backend.
+    Gpu,
+}
+
+impl BackendKind {
+    /// The command-line spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Cpu => "cpu",
+            BackendKind::Gpu => "gpu",
+        }
+    }
+}
+
+/// How to load a model onto a backend.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Which backend.
+    pub backend: BackendKind,
+    /// CPU worker threads (0 = one per core).
+    pub threads: usize,
+    /// Head storage.
+    pub head: HeadMode,
+    /// KV cache element type (f16 on the GPU backend only).
+    pub kv: KvDtype,
+    /// CPU kernel set (None = the fastest detected).
+    pub kernels: Option<Kernels>,
+    /// Most tokens in one GPU step (None = the backend's default).
+    pub max_step: Option<usize>,
+}
+
+/// A model on the backend that was chosen.
+pub enum Engine {
+    /// On the CPU.
+    Cpu(Box<CpuBackend>),
+    /// On the GPU.
+    #[cfg(feature = "gpu")]
+    Gpu(Box<crate::gpu::GpuBackend>),
+}
+
+/// Whether `kind` means the GPU here, and why not when `Auto` falls back to the CPU.
+pub fn choose_gpu(kind: BackendKind) -> Result<(bool, Option<String>)> {
+    match kind {
+        BackendKind::Cpu => Ok((false, None)),
+        #[cfg(all(feature = "gpu", not(target_arch = "wasm32")))]
+        BackendKind::Gpu => Ok((true, None)),
+        #[cfg(all(feature = "gpu", not(target_arch = "wasm32")))]
+        BackendKind::Auto => Ok(match crate::gpu::probe() {
+            Some(a) if !a.is_cpu => (true, None),
+            Some(a) => (
+                false,
+                Some(format!("the only GPU adapter is a software one: {a}")),
+            ),
+            None => (false, Some("no GPU adapter found".into())),
+        }),
+        #[cfg(not(all(feature = "gpu", not(target_arch = "wasm32"))))]
+        BackendKind::Gpu => Err(Error::Backend(
+            "this build has no GPU backend (built without the `gpu` feature)".into(),
+        )),
+        #[cfg(not(all(feature = "gpu", not(target_arch = "wasm32"))))]
+        BackendKind::Auto => Ok((false, None)),
+    }
+}
+
+/// Loads `weights` onto the backend `opts` asks for (native builds; the browser creates its
+/// WebGPU device asynchronously, see `wasm/`). With `Auto`, the reason for falling back to
+/// the CPU comes back too.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_backend(weights: &Weights, opts: &LoadOptions) -> Result<(Engine, Option<String>)> {
+    let (gpu, why) = choose_gpu(opts.backend)?;
+    if gpu {
+        #[cfg(feature = "gpu")]
+        {
+            let mut g = crate::gpu::GpuOptions {
+                head: opts.head,
+                kv: opts.kv,
+                ..Default::default()
+            };
+            if let Some(s) = opts.max_step {
+                g.max_step = s;
+            }
+            let b = crate::gpu::GpuBackend::load(weights, &g)?;
+            return Ok((Engine::Gpu(Box::new(b)), why));
+        }
+    }
+    if opts.kv != KvDtype::F32 {
+        return Err(Error::Config(
+            "an f16 KV cache needs the GPU backend (the CPU's KV cache is f32)".into(),
+        ));
+    }
+    let b = CpuBackend::load(
+        weights,
+        &CpuOptions {
+            threads: opts.threads,
+            head: opts.head,
+            kernels: opts.kernels,
+            kv: opts.kv,
+        },
+    )?;
+    Ok((Engine::Cpu(Box::new(b)), why))
+}
