@@ -30,12 +30,10 @@ override ACCUM: bool = false;
 const FW: u32 = 256u;   // invocations per workgroup
 const FTPR: u32 = 16u;  // invocations per row pair
 const FG: u32 = 16u;    // row pairs per workgroup
-// Input words (4 columns) per invocation and vec4<u32> of quantized input (NW * FW / 4):
-// src/gpu/pipelines.rs sets them per input width (registers hold NW vec4s twice), up to 7 words
-// = 7168 columns. `wg_reduce` (workgroup sum or max) and `row_pair_sums` are prepended:
-// reduce_wg_*.wgsl and reduce_pairs_*.wgsl.
-const NW: u32 = 7u;
-const XMAX: u32 = 448u;
+// Input words (4 columns) per invocation `NW` and vec4<u32> of quantized input `XMAX`
+// (NW * FW / 4) are declared before this file by src/gpu/pipelines.rs per input width
+// (registers hold NW vec4s twice), up to 7 words = 7168 columns. `wg_reduce` (workgroup sum or
+// max) and `row_pair_sums` are prepended too: reduce_wg_*.wgsl and reduce_pairs_*.wgsl.
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> fp: FusedP;

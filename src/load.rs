@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::backend::{HeadMode, KvDtype};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::cpu::kernels::Kernels;
-use crate::cpu::{CpuBackend, CpuOptions};
+use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::format::{safetensors, Weights};
 use crate::tokenizer::Tokenizer;
@@ -202,7 +202,7 @@ pub fn load_backend(weights: &Weights, opts: &LoadOptions) -> Result<(Engine, Op
     }
     let b = CpuBackend::load(
         weights,
-        &CpuOptions {
+        &crate::cpu::CpuOptions {
             threads: opts.threads,
             head: opts.head,
             kernels: opts.kernels,

@@ -1,6 +1,6 @@
 //! The whole model against the transformers float32 reference of `tests/fixtures/tiny`
 //! (docs/NUMERICS.md §10): teacher-forced logits at every position, greedy tokens with the KV cache,
-//! on every CPU kernel set, plus the tokenizer and the int8 activation probe.
+//! on every backend present (each CPU kernel set, the wgpu adapter), plus the tokenizer and the int8 activation probe.
 
 use std::path::Path;
 
@@ -12,6 +12,7 @@ use bitnet_inference::format::safetensors::load;
 use bitnet_inference::quant::quantize_activations;
 use bitnet_inference::tokenizer::{ChatMessage, Tokenizer};
 
+#[macro_use]
 mod common;
 use common::{floats, ids, max_abs_diff, reference, DIR};
 
@@ -35,8 +36,9 @@ fn generator(kernels: Kernels, head: HeadMode) -> Generator<CpuBackend> {
 #[test]
 fn teacher_forced_logits_match_float32_reference_at_every_position() {
     let r = reference();
-    for k in Kernels::available() {
-        let mut g = generator(k, HeadMode::Native);
+    let w = load(Path::new(DIR)).unwrap();
+    on_every_backend!(&w, |name, tol, b| {
+        let mut g = Generator::new(b).unwrap();
         for p in r["references"]["float32"]["prompts"].as_array().unwrap() {
             let prompt = ids(&p["input_ids"]);
             let greedy = ids(&p["greedy_tokens"]);
@@ -54,19 +56,20 @@ fn teacher_forced_logits_match_float32_reference_at_every_position() {
                 want.extend(floats(step));
             }
             let d = max_abs_diff(&got, &want);
-            assert!(d <= 1e-4, "{} {}: max |Δ| {d}", k.name(), p["name"]);
+            assert!(d <= tol, "{name} {}: max |Δ| {d}", p["name"]);
             let last = g.logits(&prompt, false).unwrap();
             let d = max_abs_diff(&last, &floats(&p["prefill_last_logits"]));
-            assert!(d <= 1e-4, "{} {} last: max |Δ| {d}", k.name(), p["name"]);
+            assert!(d <= tol, "{name} {} last: max |Δ| {d}", p["name"]);
         }
-    }
+    });
 }
 
 #[test]
 fn greedy_tokens_with_kv_cache_match_reference() {
     let r = reference();
-    for k in Kernels::available() {
-        let mut g = generator(k, HeadMode::Native);
+    let w = load(Path::new(DIR)).unwrap();
+    on_every_backend!(&w, |name, _tol, b| {
+        let mut g = Generator::new(b).unwrap();
         for p in r["references"]["float32"]["prompts"].as_array().unwrap() {
             let opts = GenerateOptions {
                 max_tokens: 16,
@@ -76,15 +79,9 @@ fn greedy_tokens_with_kv_cache_match_reference() {
             let out = g
                 .generate(&ids(&p["input_ids"]), &opts, None, |_, _| true)
                 .unwrap();
-            assert_eq!(
-                out.tokens,
-                ids(&p["greedy_tokens"]),
-                "{} {}",
-                k.name(),
-                p["name"]
-            );
+            assert_eq!(out.tokens, ids(&p["greedy_tokens"]), "{name} {}", p["name"]);
         }
-    }
+    });
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! when the device has them, else the wall time of a submit.
 
 use super::buffers::{bind_group, storage, uniform};
+use super::params::MatP;
 use super::GpuBackend;
 
 /// Bytes each probe streams (capped by the device's largest binding): just under 1 GiB, the
@@ -136,7 +137,7 @@ impl GpuBackend {
         let bytes = PROBE_BYTES.min(self.max_binding) / 16384 * 16384;
         let src = storage(&device, "probe src", bytes as usize);
         let dst = storage(&device, "probe dst", bytes as usize);
-        let bg = bind_group(&device, "probe", &self.pipes.probe_layout, &[&src, &dst]);
+        let bg = bind_group(&device, "probe", &self.ops.probe.layout, &[&src, &dst]);
         let groups = (bytes / 16384) as u32;
         let probe = |pl: &wgpu::ComputePipeline| {
             best(&mut || {
@@ -147,14 +148,14 @@ impl GpuBackend {
                 })
             })
         };
-        let copy = 2.0 * bytes as f64 / probe(&self.pipes.probe_copy);
-        let read = bytes as f64 / probe(&self.pipes.probe_read);
+        let copy = 2.0 * bytes as f64 / probe(&self.ops.probe.copy);
+        let read = bytes as f64 / probe(&self.ops.probe.read);
         drop((src, dst));
 
         // The GEMV over every layer's matrices, for one token.
-        self.step[0] = 1;
-        queue.write_buffer(&self.bufs.step, 0, bytemuck::cast_slice(&self.step));
-        let rpw = self.pipes.gemv_rows_per_wg() as usize;
+        self.step.t = 1;
+        queue.write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&self.step));
+        let rpw = super::ops::matmul::GEMV_ROWS_PER_WG;
         let mats: Vec<_> = self
             .layers
             .iter()
@@ -167,13 +168,18 @@ impl GpuBackend {
                 let params = uniform(
                     &device,
                     "probe gemv",
-                    &[m.rows as u32, m.kvec as u32, m.rows as u32, 0],
+                    &MatP {
+                        rows: m.rows as u32,
+                        kvec: m.kvec as u32,
+                        ld: m.rows as u32,
+                        pad: 0,
+                    },
                 );
                 let out = storage(&device, "probe gemv out", m.rows * 4);
                 bind_group(
                     &device,
                     "probe gemv",
-                    &self.pipes.matmul_layout,
+                    &self.ops.matmul.layout,
                     &[
                         &self.bufs.step,
                         &params,
@@ -186,7 +192,7 @@ impl GpuBackend {
                 )
             })
             .collect();
-        let gemv = &self.pipes.gemv;
+        let gemv = &self.ops.matmul.gemv;
         let run = |independent: bool| {
             best(&mut || {
                 timer.time(&device, &queue, |pass| {

@@ -2,7 +2,8 @@
 //! sequences, each row carrying its own position and block table (uploaded once per step).
 
 use super::buffers::{bind_group, storage, uniform};
-use super::{kernels, GpuBackend};
+use super::params::PagedP;
+use super::GpuBackend;
 use crate::backend::{BatchBackend, RowSlot};
 use crate::error::{Error, Result};
 
@@ -116,20 +117,19 @@ impl BatchBackend for GpuBackend {
         let params = uniform(
             device,
             "paged",
-            &[
-                hd as u32,
-                nh as u32,
-                (nh / nkv) as u32,
-                (c.q_dim() + 2 * c.kv_dim()) as u32,
-                c.q_dim() as u32,
-                c.kv_dim() as u32,
-                nkv as u32,
-                block_size as u32,
-                tstride as u32,
-                (1.0 / (hd as f32).sqrt()).to_bits(),
-                0,
-                0,
-            ],
+            &PagedP {
+                hd: hd as u32,
+                nh: nh as u32,
+                group: (nh / nkv) as u32,
+                stride: (c.q_dim() + 2 * c.kv_dim()) as u32,
+                q_dim: c.q_dim() as u32,
+                kv_dim: c.kv_dim() as u32,
+                kvh: nkv as u32,
+                bs: block_size as u32,
+                tstride: tstride as u32,
+                scale: 1.0 / (hd as f32).sqrt(),
+                ..Default::default()
+            },
         );
         let b = &self.bufs;
         let (mut k, mut v, mut rope_bgs, mut attn_bgs) = (vec![], vec![], vec![], vec![]);
@@ -139,13 +139,13 @@ impl BatchBackend for GpuBackend {
             rope_bgs.push(bind_group(
                 device,
                 "paged rope",
-                &self.pipes.paged_rope_layout,
+                &self.ops.paged.rope_layout,
                 &[&b.step, &params, &b.qkv, &kb, &vb, &table, &rows, &tables],
             ));
             attn_bgs.push(bind_group(
                 device,
                 "paged attention",
-                &self.pipes.paged_attn_layout,
+                &self.ops.paged.attn_layout,
                 &[&b.step, &params, &b.qkv, &kb, &vb, &rows, &tables, &b.attn],
             ));
             k.push(kb);
@@ -180,13 +180,9 @@ impl BatchBackend for GpuBackend {
         }
         if self.batch_error.is_none() {
             let heads = self.cfg.num_heads + self.cfg.num_kv_heads;
-            kernels::paged_rope(
-                &mut self.rec,
-                &self.pipes,
-                &pool.rope_bgs[layer],
-                heads,
-                rows.len(),
-            );
+            self.ops
+                .paged
+                .record_rope(&mut self.rec, &pool.rope_bgs[layer], heads, rows.len());
         }
     }
 
@@ -199,9 +195,8 @@ impl BatchBackend for GpuBackend {
     ) {
         if self.batch_error.is_none() {
             let heads = self.cfg.num_heads;
-            kernels::paged_attention(
+            self.ops.paged.record_attention(
                 &mut self.rec,
-                &self.pipes,
                 &pool.attn_bgs[layer],
                 heads,
                 rows.len(),

@@ -1,6 +1,7 @@
 //! GPU memory: weight repacking, head/embedding sharding under the binding-size limit, and
 //! buffer helpers. Everything here runs once at load time.
 
+use super::params::ShardP;
 use rayon::prelude::*;
 use wgpu::util::DeviceExt;
 
@@ -50,13 +51,11 @@ pub fn storage_init(device: &wgpu::Device, label: &str, data: &[u8]) -> wgpu::Bu
     })
 }
 
-/// A uniform buffer holding `words`.
-pub fn uniform(device: &wgpu::Device, label: &str, words: &[u32]) -> wgpu::Buffer {
-    let mut v = words.to_vec();
-    v.resize(words.len().div_ceil(4).max(1) * 4, 0);
+/// A uniform buffer holding `params` (a struct of [`super::params`]).
+pub fn uniform<T: bytemuck::Pod>(device: &wgpu::Device, label: &str, params: &T) -> wgpu::Buffer {
     device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some(label),
-        contents: bytemuck::cast_slice(&v),
+        contents: bytemuck::bytes_of(params),
         usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
     })
 }
@@ -147,8 +146,16 @@ fn shard_uniform(
     row_words: usize,
     input_vec4: usize,
 ) -> wgpu::Buffer {
-    let words = [row0, rows, t.cols, row_words, t.rows, input_vec4].map(|v| v as u32);
-    uniform(device, "shard", &words)
+    let p = ShardP {
+        row0: row0 as u32,
+        rows: rows as u32,
+        cols: t.cols as u32,
+        row_words: row_words as u32,
+        vocab: t.rows as u32,
+        hn_vec4: input_vec4 as u32,
+        ..Default::default()
+    };
+    uniform(device, "shard", &p)
 }
 
 /// Uploads `t` (`[vocab, hidden]`) as shards of at most `max_bytes` each.

@@ -1,5 +1,6 @@
 //! The GPU's single-sequence KV cache.
 
+use super::params::{AttnP, FusedP};
 use super::*;
 
 /// The KV cache on the GPU: f32 keys and values per layer `[kv_head][position][head_dim]`,
@@ -57,16 +58,16 @@ impl GpuBackend {
         let attn_params = uniform(
             device,
             "attention",
-            &[
-                hd as u32,
-                nh as u32,
-                (nh / nkv) as u32,
-                (c.q_dim() + 2 * c.kv_dim()) as u32,
-                c.q_dim() as u32,
-                maxsplit as u32,
-                (1.0 / (hd as f32).sqrt()).to_bits(),
-                0,
-            ],
+            &AttnP {
+                hd: hd as u32,
+                nh: nh as u32,
+                group: (nh / nkv) as u32,
+                stride: (c.q_dim() + 2 * c.kv_dim()) as u32,
+                q_dim: c.q_dim() as u32,
+                maxsplit: maxsplit as u32,
+                scale: 1.0 / (hd as f32).sqrt(),
+                pad: 0,
+            },
         );
         let b = &self.bufs;
         let mut k = Vec::new();
@@ -80,13 +81,13 @@ impl GpuBackend {
             rope_bgs.push(bind_group(
                 device,
                 "rope",
-                &self.pipes.rope_layout,
+                &self.ops.rope.layout,
                 &[&b.step, &b.rope_params, &b.qkv, &kb, &vb, &table],
             ));
             attn_bgs.push(bind_group(
                 device,
                 "attention",
-                &self.pipes.attn_layout,
+                &self.ops.attention.layout,
                 &[
                     &b.step,
                     &attn_params,
@@ -106,25 +107,23 @@ impl GpuBackend {
                 let params = uniform(
                     device,
                     "fused qkv",
-                    &[
-                        m.rows as u32,
-                        m.kvec as u32,
-                        m.rows as u32,
-                        h as u32,
-                        h as u32,
-                        c.rms_norm_eps.to_bits(),
-                        c.q_dim() as u32,
-                        c.kv_dim() as u32,
-                        hd as u32,
-                        0,
-                        0,
-                        0,
-                    ],
+                    &FusedP {
+                        rows: m.rows as u32,
+                        kvec: m.kvec as u32,
+                        ld: m.rows as u32,
+                        width: h as u32,
+                        src_stride: h as u32,
+                        eps: c.rms_norm_eps,
+                        q_dim: c.q_dim() as u32,
+                        kv_dim: c.kv_dim() as u32,
+                        hd: hd as u32,
+                        ..Default::default()
+                    },
                 );
                 qkv_bgs.push(bind_group(
                     device,
                     "fused qkv",
-                    &self.pipes.fused_rope_layout,
+                    &self.ops.fused.rope_layout,
                     &[
                         &b.step,
                         &params,

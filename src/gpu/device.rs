@@ -37,9 +37,8 @@ impl Drop for GpuBackend {
     }
 }
 
-/// The device's own token selection, queued steps and kernel timing (native only: the
-/// browser reads results asynchronously, see `web.rs`).
-#[cfg(not(target_arch = "wasm32"))]
+/// The device's own token selection, queued steps and kernel timing (offered on native
+/// builds only: the browser reads results asynchronously, see `web.rs`).
 impl crate::backend::DeviceSteps for GpuBackend {
     fn argmax_last(&mut self) -> Result<u32> {
         let rb = self.record_argmax_last();
@@ -60,7 +59,7 @@ impl crate::backend::DeviceSteps for GpuBackend {
 
     fn top_k_last(&mut self, k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) -> Result<bool> {
         let k = k.min(self.cfg.vocab_size);
-        if k == 0 || k > kernels::TOPK_MAX {
+        if k == 0 || k > ops::topk::MAX_K {
             return Ok(false);
         }
         self.record_head_last();

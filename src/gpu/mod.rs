@@ -16,8 +16,9 @@ mod cache;
 mod common_tests;
 pub mod context;
 mod device;
-pub mod kernels;
-pub mod pipelines;
+pub mod ops;
+pub mod params;
+mod recorder;
 mod setup;
 mod step;
 #[cfg(all(target_arch = "wasm32", feature = "wasm"))]
@@ -29,8 +30,10 @@ use buffers::{bind_group, pad64, pad8, storage, storage_init, uniform, PackedMat
 pub use cache::GpuCache;
 pub use context::{AdapterDesc, GpuContext};
 use device::HostTiming;
-use kernels::{NormKind, Recorder};
-use pipelines::{Pipelines, FUSED_MAX_WIDTH};
+use ops::gemv_fused::{Fused, FUSED_MAX_WIDTH};
+use ops::norm::NormKind;
+use ops::Ops;
+use recorder::Recorder;
 pub use step::Activation;
 
 use crate::arch::{layer_ops, GatedAct, LayerOp, BITNET_B158};
@@ -155,7 +158,7 @@ const SUBMIT_LAYERS: usize = 8;
 pub struct GpuBackend {
     ctx: GpuContext,
     cfg: ModelConfig,
-    pipes: Pipelines,
+    ops: Ops,
     bufs: Bufs,
     layers: Vec<GpuLayer>,
     final_norm_bg: wgpu::BindGroup,
@@ -183,8 +186,8 @@ pub struct GpuBackend {
     /// Whether the step being recorded is submitted at once (the GPU has queued steps to run
     /// meanwhile) rather than in parts of a few layers.
     whole_step: bool,
-    /// [t, pos, chunk, nsplit, cap, row0, nrows, 0]
-    step: [u32; 8],
+    /// The step uniform's values.
+    step: params::Step,
     /// Host-side timing of decode steps (`BITNET_GPU_TIMING=1`).
     timing: Option<HostTiming>,
     /// A batched step's invalid row slots, reported by its `logits_rows`.
@@ -252,7 +255,9 @@ impl Backend for GpuBackend {
             Linear::GateUp => (&l.gate_up, false, "matmul_gate_up"),
             Linear::Down => (&l.down, true, "matmul_down"),
         };
-        kernels::matmul(&mut self.rec, &self.pipes, label, &m.bg, m.rows, t, acc);
+        self.ops
+            .matmul
+            .record(&mut self.rec, label, &m.bg, m.rows, t, acc);
     }
 
     fn layer_done(&mut self, layer: usize) {
@@ -261,10 +266,12 @@ impl Backend for GpuBackend {
 
     fn rope_kv_write(&mut self, cache: &mut GpuCache, layer: usize, pos: usize) {
         let t = self.t();
-        self.step[1] = pos as u32;
-        self.step[4] = cache.capacity as u32;
+        self.step.pos = pos as u32;
+        self.step.cap = cache.capacity as u32;
         let heads = self.cfg.num_heads + self.cfg.num_kv_heads;
-        kernels::rope(&mut self.rec, &self.pipes, &cache.rope_bgs[layer], heads, t);
+        self.ops
+            .rope
+            .record(&mut self.rec, &cache.rope_bgs[layer], heads, t);
     }
 
     fn attention(&mut self, cache: &GpuCache, layer: usize, pos: usize) {
@@ -272,17 +279,16 @@ impl Backend for GpuBackend {
         let maxlen = pos + t;
         let chunk = maxlen.div_ceil(cache.maxsplit).div_ceil(64) * 64;
         let nsplit = maxlen.div_ceil(chunk);
-        self.step[1] = pos as u32;
-        self.step[2] = chunk as u32;
-        self.step[3] = nsplit as u32;
-        self.step[4] = cache.capacity as u32;
+        self.step.pos = pos as u32;
+        self.step.chunk = chunk as u32;
+        self.step.nsplit = nsplit as u32;
+        self.step.cap = cache.capacity as u32;
         let heads = self.cfg.num_heads;
         let kv_heads = self.cfg.num_kv_heads;
         let group = heads / kv_heads;
-        if t > 1 && kernels::tiled_attention_fits(self.cfg.head_dim, group) {
-            kernels::attention_tiled(
+        if t > 1 && ops::attention::tiled_fits(self.cfg.head_dim, group) {
+            self.ops.attention.record_tiled(
                 &mut self.rec,
-                &self.pipes,
                 &cache.attn_bgs[layer],
                 kv_heads,
                 group,
@@ -291,9 +297,8 @@ impl Backend for GpuBackend {
             );
             return;
         }
-        kernels::attention(
+        self.ops.attention.record(
             &mut self.rec,
-            &self.pipes,
             &cache.attn_bgs[layer],
             nsplit,
             heads,
@@ -312,29 +317,18 @@ impl Backend for GpuBackend {
         {
             return 0;
         }
-        self.step[1] = pos as u32;
-        self.step[4] = cache.capacity as u32;
+        self.step.pos = pos as u32;
+        self.step.cap = cache.capacity as u32;
         let rows = self.layers[layer].qkv.rows;
         let qkv = &cache.qkv_bgs[layer];
-        kernels::gemv_fused(
-            &mut self.rec,
-            "fused_qkv",
-            &self.pipes.gemv_norm_rope,
-            qkv,
-            rows,
-        );
+        let fused = &self.ops.fused;
+        fused.record(&mut self.rec, Fused::QkvRope, qkv, rows);
         self.attention(cache, layer, pos);
-        let (l, p, rec) = (&self.layers[layer], &self.pipes, &mut self.rec);
+        let (l, fused, rec) = (&self.layers[layer], &self.ops.fused, &mut self.rec);
         if let Some(f) = &l.fused {
-            kernels::gemv_fused(rec, "fused_o", &p.gemv_norm_acc, &f.o, l.o.rows);
-            kernels::gemv_fused(
-                rec,
-                "fused_gate_up",
-                &p.gemv_norm,
-                &f.gate_up,
-                l.gate_up.rows,
-            );
-            kernels::gemv_fused(rec, "fused_down", &p.gemv_relu2_acc, &f.down, l.down.rows);
+            fused.record(rec, Fused::O, &f.o, l.o.rows);
+            fused.record(rec, Fused::GateUp, &f.gate_up, l.gate_up.rows);
+            fused.record(rec, Fused::Down, &f.down, l.down.rows);
         }
         ops.len()
     }

@@ -1,11 +1,12 @@
 //! Loading the GPU backend: weights repacked and uploaded, pipelines compiled, every bind
 //! group of the model built once.
 
+use super::params::{ArgP, FusedP, MatP, NormP, RopeP, Step, TopkP};
 use super::*;
 
 pub(super) fn mat(
     device: &wgpu::Device,
-    p: &Pipelines,
+    p: &Ops,
     b: &Bufs,
     m: PackedMatrix,
     out: &wgpu::Buffer,
@@ -16,12 +17,17 @@ pub(super) fn mat(
     let params = uniform(
         device,
         name,
-        &[m.rows as u32, m.kvec as u32, m.rows as u32, 0],
+        &MatP {
+            rows: m.rows as u32,
+            kvec: m.kvec as u32,
+            ld: m.rows as u32,
+            pad: 0,
+        },
     );
     let bg = bind_group(
         device,
         name,
-        &p.matmul_layout,
+        &p.matmul.layout,
         &[&b.step, &params, &w, &rs, &b.xq, &b.xs, out],
     );
     Mat {
@@ -72,13 +78,13 @@ impl GpuBackend {
             ));
         }
         let fused_widths = [cfg.hidden_size.max(cfg.q_dim()), cfg.intermediate_size];
-        let pipes = Pipelines::new(
+        let target = ops::Target {
             device,
-            ctx.desc.subgroup_size,
+            subgroup_size: ctx.desc.subgroup_size,
             f32_head,
-            fused_widths,
-            opts.kv,
-        );
+            kv: opts.kv,
+        };
+        let ops = Ops::new(&target, fused_widths);
 
         let (h, q, kv, i) = (
             cfg.hidden_size,
@@ -94,7 +100,7 @@ impl GpuBackend {
             .clamp(1, max_step);
         let f = 4usize;
         let bufs = Bufs {
-            step: uniform(device, "step", &[0; 8]),
+            step: uniform(device, "step", &Step::default()),
             tokens: storage(device, "tokens", max_step * 4),
             x: storage(device, "x", max_step * h * f),
             xq: storage(device, "xq", max_step * kpmax),
@@ -110,7 +116,7 @@ impl GpuBackend {
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
-            argmax_part: storage(device, "argmax partials", kernels::argmax_parts(vocab) * 8),
+            argmax_part: storage(device, "argmax partials", ops::argmax::parts(vocab) * 8),
             argmax_result: storage(device, "argmax", 16),
             argmax_ring: [0, 1, 2].map(|_| {
                 device.create_buffer(&wgpu::BufferDescriptor {
@@ -124,12 +130,12 @@ impl GpuBackend {
                 storage(
                     device,
                     "topk candidates",
-                    vocab.div_ceil(kernels::TOPK_CHUNK) * kernels::TOPK_MAX * 8,
+                    vocab.div_ceil(ops::topk::CHUNK) * ops::topk::MAX_K * 8,
                 )
             }),
             topk_readback: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("topk readback"),
-                size: (kernels::TOPK_MAX * 8) as u64,
+                size: (ops::topk::MAX_K * 8) as u64,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
@@ -142,12 +148,12 @@ impl GpuBackend {
             rope_params: uniform(
                 device,
                 "rope",
-                &[
-                    cfg.head_dim as u32,
-                    cfg.num_heads as u32,
-                    (q + 2 * kv) as u32,
-                    kv as u32,
-                ],
+                &RopeP {
+                    hd: cfg.head_dim as u32,
+                    nh: cfg.num_heads as u32,
+                    stride: (q + 2 * kv) as u32,
+                    kv_dim: kv as u32,
+                },
             ),
         };
         for (name, bytes) in [
@@ -163,23 +169,20 @@ impl GpuBackend {
             }
         }
 
-        let eps = cfg.rms_norm_eps.to_bits();
-        let norm_h = uniform(
-            device,
-            "norm_h",
-            &[h as u32, h as u32, (pad64(h) / 4) as u32, eps],
-        );
-        let norm_q = uniform(
-            device,
-            "norm_q",
-            &[q as u32, q as u32, (pad64(q) / 4) as u32, eps],
-        );
-        let norm_i = uniform(
-            device,
-            "norm_i",
-            &[i as u32, 2 * i as u32, (pad64(i) / 4) as u32, eps],
-        );
-        let norm_f = uniform(device, "norm_final", &[h as u32, h as u32, hp as u32, eps]);
+        let eps = cfg.rms_norm_eps;
+        let norm_p = |name: &str, width: usize, src_stride: usize, out_words: usize| {
+            let p = NormP {
+                width: width as u32,
+                src_stride: src_stride as u32,
+                out_words: out_words as u32,
+                eps,
+            };
+            uniform(device, name, &p)
+        };
+        let norm_h = norm_p("norm_h", h, h, pad64(h) / 4);
+        let norm_q = norm_p("norm_q", q, q, pad64(q) / 4);
+        let norm_i = norm_p("norm_i", i, 2 * i, pad64(i) / 4);
+        let norm_f = norm_p("norm_final", h, h, hp);
         let gamma = |name: &str, v: &[f32]| storage_init(device, name, bytemuck::cast_slice(v));
         let nbg = |name: &str,
                    params: &wgpu::Buffer,
@@ -189,7 +192,7 @@ impl GpuBackend {
             bind_group(
                 device,
                 name,
-                &pipes.norm_layout,
+                &ops.norm.layout,
                 &[&bufs.step, params, src, g, out, &bufs.xs],
             )
         };
@@ -205,20 +208,18 @@ impl GpuBackend {
             uniform(
                 device,
                 name,
-                &[
-                    m.rows as u32,
-                    m.kvec as u32,
-                    m.rows as u32,
-                    width as u32,
-                    src_stride as u32,
+                &FusedP {
+                    rows: m.rows as u32,
+                    kvec: m.kvec as u32,
+                    ld: m.rows as u32,
+                    width: width as u32,
+                    src_stride: src_stride as u32,
                     eps,
-                    q as u32,
-                    kv as u32,
-                    hd as u32,
-                    0,
-                    0,
-                    0,
-                ],
+                    q_dim: q as u32,
+                    kv_dim: kv as u32,
+                    hd: hd as u32,
+                    ..Default::default()
+                },
             )
         };
         let fbg = |name: &str,
@@ -230,7 +231,7 @@ impl GpuBackend {
             bind_group(
                 device,
                 name,
-                &pipes.fused_layout,
+                &ops.fused.layout,
                 &[&bufs.step, params, &m.w, &m.rs, src, g, out],
             )
         };
@@ -244,7 +245,7 @@ impl GpuBackend {
             let matrix = |parts: &[&crate::format::TernaryMatrix], out, name: &str| {
                 Ok::<_, Error>(mat(
                     device,
-                    &pipes,
+                    &ops,
                     &bufs,
                     PackedMatrix::new(parts)?,
                     out,
@@ -302,12 +303,16 @@ impl GpuBackend {
         let argmax_params = uniform(
             device,
             "argmax",
-            &[vocab as u32, kernels::argmax_parts(vocab) as u32],
+            &ArgP {
+                n: vocab as u32,
+                parts: ops::argmax::parts(vocab) as u32,
+                ..Default::default()
+            },
         );
         let argmax_bg = bind_group(
             device,
             "argmax",
-            &pipes.argmax_layout,
+            &ops.argmax.layout,
             &[
                 &argmax_params,
                 &bufs.logits,
@@ -315,14 +320,14 @@ impl GpuBackend {
                 &bufs.argmax_result,
             ],
         );
-        let topk_passes = (0..kernels::TOPK_PASSES)
+        let topk_passes = (0..ops::topk::PASSES)
             .map(|i| {
-                let params = uniform(device, "topk", &[0u32; 4]);
+                let params = uniform(device, "topk", &TopkP::default());
                 let (src, dst) = (&bufs.topk[(i + 1) % 2], &bufs.topk[i % 2]);
                 let bg = bind_group(
                     device,
                     "topk",
-                    &pipes.topk_layout,
+                    &ops.topk.layout,
                     &[&params, &bufs.logits, src, dst],
                 );
                 (params, bg)
@@ -332,7 +337,7 @@ impl GpuBackend {
             bind_group(
                 device,
                 "embed",
-                &pipes.embed_layout,
+                &ops.embed.layout,
                 &[&bufs.step, &s.uni, &bufs.tokens, &s.buf, &bufs.x],
             )
         };
@@ -340,7 +345,7 @@ impl GpuBackend {
             bind_group(
                 device,
                 "head",
-                &pipes.head_layout,
+                &ops.head.layout,
                 &[&bufs.step, &s.uni, &s.buf, &bufs.hn, &bufs.logits],
             )
         };
@@ -362,7 +367,7 @@ impl GpuBackend {
                     let bg = bind_group(
                         device,
                         "head_i8",
-                        &pipes.head_i8_layout,
+                        &ops.head.i8_layout,
                         &[
                             &bufs.step,
                             &s.uni,
@@ -391,7 +396,7 @@ impl GpuBackend {
         };
         let embed_shards: Vec<_> = embed_raw.into_iter().map(|s| make(s, &embed_bg)).collect();
         let most = ctx.limits.max_compute_workgroups_per_dimension as usize;
-        let rpw = pipes.rows_per_wg() as usize;
+        let rpw = ops.head.rows_per_wg();
         if let Some((s, _)) = head_shards
             .iter()
             .find(|(s, _)| s.rows.div_ceil(rpw) > most)
@@ -409,7 +414,7 @@ impl GpuBackend {
         Ok(GpuBackend {
             inv_freq: rope_inv_freq(cfg.rope_theta, cfg.head_dim),
             cfg,
-            pipes,
+            ops,
             bufs,
             layers,
             final_norm_bg,
@@ -428,7 +433,7 @@ impl GpuBackend {
             queued: Default::default(),
             queued_total: 0,
             whole_step: false,
-            step: [0; 8],
+            step: Step::default(),
             timing: std::env::var_os("BITNET_GPU_TIMING").map(|_| HostTiming::default()),
             #[cfg(not(target_arch = "wasm32"))]
             batch_error: None,

@@ -1,6 +1,7 @@
 //! Recording and reading back a step: submission in parts, readbacks, the final norm and
 //! head, device selections, and access to step activations for tests.
 
+use super::params::TopkP;
 use super::*;
 
 /// A step activation buffer, for tests and debugging.
@@ -62,17 +63,17 @@ impl GpuBackend {
 
     /// Whether row reductions use subgroup operations.
     pub fn uses_subgroups(&self) -> bool {
-        self.pipes.subgroups
+        self.ops.subgroups
     }
 
     pub(super) fn t(&self) -> usize {
-        self.step[0] as usize
+        self.step.t as usize
     }
 
     /// Writes the step uniform and tokens, and submits the recorded work (if any).
     pub(super) fn flush(&mut self) -> Option<wgpu::SubmissionIndex> {
         let q = &self.ctx.queue;
-        q.write_buffer(&self.bufs.step, 0, bytemuck::cast_slice(&self.step));
+        q.write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&self.step));
         if !self.tokens.is_empty() {
             q.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(&self.tokens));
         }
@@ -98,12 +99,9 @@ impl GpuBackend {
     /// result word).
     pub(super) fn record_argmax(&mut self) {
         self.record_head_last();
-        kernels::argmax(
-            &mut self.rec,
-            &self.pipes,
-            &self.argmax_bg,
-            self.cfg.vocab_size,
-        );
+        self.ops
+            .argmax
+            .record(&mut self.rec, &self.argmax_bg, self.cfg.vocab_size);
     }
 
     /// Records the final norm, head and argmax of the step's last position and the copy of
@@ -131,7 +129,7 @@ impl GpuBackend {
             Some(bg) => (NormKind::Quant, bg),
             None => (NormKind::F32, &self.final_norm_bg),
         };
-        kernels::norm(&mut self.rec, &self.pipes, kind, bg, t);
+        self.ops.norm.record(&mut self.rec, kind, bg, t);
     }
 
     /// Runs the head over the final-normed rows `range` (recorded with the step so far),
@@ -150,12 +148,12 @@ impl GpuBackend {
         let mut r0 = range.start;
         while r0 < range.end {
             let n = self.logit_rows.min(range.end - r0);
-            self.step[5] = r0 as u32;
-            self.step[6] = n as u32;
+            self.step.row0 = r0 as u32;
+            self.step.nrows = n as u32;
             let bytes = (n * vocab * 4) as u64;
             let int8 = self.int8_head();
             for (s, bg) in &self.head_shards {
-                kernels::head(&mut self.rec, &self.pipes, bg, s.rows, n, int8);
+                self.ops.head.record(&mut self.rec, bg, s.rows, n, int8);
             }
             let (logits, readback) = (self.bufs.logits.clone(), self.bufs.readback.clone());
             self.rec
@@ -174,11 +172,11 @@ impl GpuBackend {
     pub(super) fn record_head_last(&mut self) {
         let t = self.t();
         self.record_final_norm();
-        self.step[5] = (t - 1) as u32;
-        self.step[6] = 1;
+        self.step.row0 = (t - 1) as u32;
+        self.step.nrows = 1;
         let int8 = self.int8_head();
         for (s, bg) in &self.head_shards {
-            kernels::head(&mut self.rec, &self.pipes, bg, s.rows, 1, int8);
+            self.ops.head.record(&mut self.rec, bg, s.rows, 1, int8);
         }
     }
 
@@ -203,10 +201,15 @@ impl GpuBackend {
         self.tokens.clear();
         self.tokens.extend_from_slice(host);
         self.whole_step = !self.queued.is_empty();
-        self.step = [t as u32, 0, 64, 1, 0, 0, 0, 0];
+        self.step = params::Step {
+            t: t as u32,
+            chunk: 64,
+            nsplit: 1,
+            ..Default::default()
+        };
         let h = self.cfg.hidden_size;
         for (_, bg) in &self.embed_shards {
-            kernels::embed(&mut self.rec, &self.pipes, bg, h, t);
+            self.ops.embed.record(&mut self.rec, bg, h, t);
         }
     }
 
@@ -270,7 +273,7 @@ impl GpuBackend {
         }
     }
 
-    /// Records the top-k passes over logits row 0 (k <= [`kernels::TOPK_MAX`], at most the
+    /// Records the top-k passes over logits row 0 (k <= [`ops::topk::MAX_K`], at most the
     /// vocab), submits, and reads the k best (logit × `inv_t`, id) back, best first, in the
     /// order of [`crate::reference::top_candidates`].
     pub fn top_k_of_logits(
@@ -279,22 +282,27 @@ impl GpuBackend {
         inv_t: f32,
         out: &mut Vec<(f32, u32)>,
     ) -> Result<()> {
-        if k == 0 || k > kernels::TOPK_MAX.min(self.cfg.vocab_size) {
+        if k == 0 || k > ops::topk::MAX_K.min(self.cfg.vocab_size) {
             return Err(Error::Request(format!(
                 "GPU top-k takes k in 1..={}, got {k}",
-                kernels::TOPK_MAX.min(self.cfg.vocab_size)
+                ops::topk::MAX_K.min(self.cfg.vocab_size)
             )));
         }
         let mut n = self.cfg.vocab_size;
         let mut pass = 0;
         loop {
             let (params, bg) = &self.topk_passes[pass];
-            let words = [n as u32, k as u32, inv_t.to_bits(), 0];
+            let p = TopkP {
+                n: n as u32,
+                k: k as u32,
+                inv_t,
+                pad: 0,
+            };
             self.ctx
                 .queue
-                .write_buffer(params, 0, bytemuck::cast_slice(&words));
-            kernels::topk(&mut self.rec, &self.pipes, bg, pass == 0, n);
-            let groups = n.div_ceil(kernels::TOPK_CHUNK);
+                .write_buffer(params, 0, bytemuck::bytes_of(&p));
+            self.ops.topk.record(&mut self.rec, bg, pass == 0, n);
+            let groups = n.div_ceil(ops::topk::CHUNK);
             if groups == 1 {
                 break;
             }
@@ -361,12 +369,8 @@ impl GpuBackend {
         layer: usize,
     ) {
         let t = self.t();
-        kernels::norm(
-            &mut self.rec,
-            &self.pipes,
-            kind,
-            which(&self.layers[layer]),
-            t,
-        );
+        self.ops
+            .norm
+            .record(&mut self.rec, kind, which(&self.layers[layer]), t);
     }
 }

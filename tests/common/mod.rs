@@ -152,3 +152,41 @@ pub fn split_stop(
     }
     panic!("no token boundary to put a stop string across in {full:?}");
 }
+
+/// The CPU backend on `w` with 2 threads and the kernel set `k`.
+pub fn cpu_kernels(w: &Weights, k: bitnet_inference::cpu::kernels::Kernels) -> CpuBackend {
+    CpuBackend::load(
+        w,
+        &CpuOptions {
+            threads: 2,
+            kernels: Some(k),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The parity harness: runs `$body` once on every backend present, with `$b` bound to the
+/// backend, `$name` to its name and `$tol` to the largest |Δ| its logits may show against the
+/// transformers float32 reference (docs/NUMERICS.md §10). The backends: every CPU kernel set
+/// this machine has (1e-4), then the wgpu adapter wgpu picks (1e-3; lavapipe in CI, GL with
+/// `WGPU_BACKEND=gl`, the real GPU on the device).
+#[allow(unused_macros)] // used by the test crates that `#[macro_use]` this module
+macro_rules! on_every_backend {
+    ($w:expr, |$name:ident, $tol:ident, $b:ident| $body:block) => {{
+        for k in bitnet_inference::cpu::kernels::Kernels::available() {
+            let $b = common::cpu_kernels($w, k);
+            let $name = format!("cpu/{}", k.name());
+            let $tol: f32 = 1e-4;
+            $body
+        }
+        #[cfg(feature = "gpu")]
+        {
+            let $b = bitnet_inference::gpu::load($w, &Default::default())
+                .expect("a wgpu adapter is required for the GPU tests");
+            let $name = format!("gpu/{}", $b.adapter());
+            let $tol: f32 = 1e-3;
+            $body
+        }
+    }};
+}

@@ -1,0 +1,40 @@
+//! Argmax of logits row 0 on the device (the lowest id on ties, as
+//! [`crate::reference::argmax`]): partials per 4,096 logits, then the merge.
+
+use super::{Target, Use::*, COMMON};
+use crate::gpu::recorder::Recorder;
+
+const SRC: &str = include_str!("../../../shaders/argmax.wgsl");
+
+/// Partial results of the argmax over `vocab` logits.
+pub fn parts(vocab: usize) -> usize {
+    vocab.div_ceil(4096)
+}
+
+/// The argmax kernels.
+pub struct Argmax {
+    /// params, logits, partials, result.
+    pub layout: wgpu::BindGroupLayout,
+    partial: wgpu::ComputePipeline,
+    merge: wgpu::ComputePipeline,
+}
+
+impl Argmax {
+    /// Compiles both passes.
+    pub fn new(t: &Target) -> Self {
+        let layout = t.layout("argmax", &[Uniform, Read, Write, Write]);
+        let m = t.module("argmax", &[COMMON, SRC]);
+        Argmax {
+            partial: t.pipeline("argmax_partial", &layout, &m, "partial", &[]),
+            merge: t.pipeline("argmax_final", &layout, &m, "final_", &[]),
+            layout,
+        }
+    }
+
+    /// Argmax of logits row 0 into the result word.
+    pub fn record(&self, rec: &mut Recorder, bg: &wgpu::BindGroup, vocab: usize) {
+        let dims = [parts(vocab) as u32, 1, 1];
+        rec.dispatch("argmax", &self.partial, bg, dims);
+        rec.dispatch("argmax_final", &self.merge, bg, [1, 1, 1]);
+    }
+}

@@ -1,0 +1,92 @@
+//! Causal GQA attention over the contiguous KV cache: split partials (scalar, vec4 for decode,
+//! query-tiled for prefill) and their merge.
+
+use super::{Target, Use::*, ATTEND_VEC_COMMON, COMMON};
+use crate::gpu::recorder::Recorder;
+
+const SRC: &str = include_str!("../../../shaders/attention.wgsl");
+
+/// The attention kernels.
+pub struct Attention {
+    /// step, params, qkv, k cache, v cache, partials, out, k and v as vec4.
+    pub layout: wgpu::BindGroupLayout,
+    attend: wgpu::ComputePipeline,
+    attend_vec: wgpu::ComputePipeline,
+    combine: wgpu::ComputePipeline,
+    tiled: wgpu::ComputePipeline,
+}
+
+/// Whether the query-tiled prefill attention handles this head shape.
+pub fn tiled_fits(head_dim: usize, group: usize) -> bool {
+    head_dim.is_multiple_of(4) && head_dim <= 128 && (1..=16).contains(&group)
+}
+
+impl Attention {
+    /// Compiles the kernels for the KV cache's element type.
+    pub fn new(t: &Target) -> Self {
+        let layout = t.layout(
+            "attention",
+            &[Uniform, Uniform, Read, Read, Read, Write, Write, Read, Read],
+        );
+        let parts = [
+            COMMON,
+            t.kv_section("read1"),
+            t.kv_section("read4"),
+            ATTEND_VEC_COMMON,
+            SRC,
+        ];
+        let m = t.kv_module("attention", &parts);
+        let p = |label, entry| t.pipeline(label, &layout, &m, entry, &[]);
+        Attention {
+            attend: p("attend", "attend"),
+            attend_vec: p("attend_vec", "attend_vec"),
+            combine: p("combine", "combine"),
+            tiled: p("attend_tiled", "attend_tiled"),
+            layout,
+        }
+    }
+
+    /// Split attention of `t` rows over `nsplit` splits, then the merge. One decode row with
+    /// `head_dim % 4 == 0` (<= 128) takes the vec4 kernel, which writes the output itself when
+    /// there is one split.
+    pub fn record(
+        &self,
+        rec: &mut Recorder,
+        bg: &wgpu::BindGroup,
+        nsplit: usize,
+        heads: usize,
+        t: usize,
+        head_dim: usize,
+    ) {
+        let dims = [nsplit as u32, heads as u32, t as u32];
+        if t == 1 && head_dim.is_multiple_of(4) && head_dim <= 128 {
+            rec.dispatch("attend_vec", &self.attend_vec, bg, dims);
+            if nsplit == 1 {
+                return;
+            }
+        } else {
+            rec.dispatch("attend", &self.attend, bg, dims);
+        }
+        rec.dispatch("combine", &self.combine, bg, [heads as u32, t as u32, 1]);
+    }
+
+    /// Prefill attention of `t` rows tiled over queries ([`tiled_fits`]): one workgroup per
+    /// (token block, KV head, split), then the merge when there are several splits.
+    pub fn record_tiled(
+        &self,
+        rec: &mut Recorder,
+        bg: &wgpu::BindGroup,
+        kv_heads: usize,
+        group: usize,
+        nsplit: usize,
+        t: usize,
+    ) {
+        let tq = (16 / group).max(1);
+        let dims = [t.div_ceil(tq) as u32, kv_heads as u32, nsplit as u32];
+        rec.dispatch("attend_tiled", &self.tiled, bg, dims);
+        if nsplit > 1 {
+            let heads = kv_heads * group;
+            rec.dispatch("combine", &self.combine, bg, [heads as u32, t as u32, 1]);
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The output head over one shard of vocabulary rows: float (bf16 or f32) rows against the
+//! final-normed f32 row, or int8 rows with per-row scales against the quantized row.
+
+use super::{Target, Use::*, COMMON, ROW_WG};
+use crate::gpu::recorder::Recorder;
+
+const SHARD: &str = include_str!("../../../shaders/head_shard.wgsl");
+const FLOAT: &str = include_str!("../../../shaders/head.wgsl");
+const INT8: &str = include_str!("../../../shaders/head_i8.wgsl");
+
+/// The head kernels.
+pub struct Head {
+    /// step, shard, weights, normed x, logits.
+    pub layout: wgpu::BindGroupLayout,
+    /// step, shard, int8 rows, row scales, xq, xscale, logits.
+    pub i8_layout: wgpu::BindGroupLayout,
+    float: wgpu::ComputePipeline,
+    int8: wgpu::ComputePipeline,
+    rows_per_wg: usize,
+}
+
+impl Head {
+    /// Compiles both heads (overrides `F32_WEIGHTS`, `TPR`).
+    pub fn new(t: &Target) -> Self {
+        let layout = t.layout("head", &[Uniform, Uniform, Read, Read, Write]);
+        let i8_layout = t.layout(
+            "head_i8",
+            &[Uniform, Uniform, Read, Read, Read, Read, Write],
+        );
+        let tpr = t.tpr() as f64;
+        let f32w = if t.f32_head { 1.0 } else { 0.0 };
+        let m = t.module("head", &[COMMON, t.reduce(), SHARD, FLOAT]);
+        let m_i8 = t.module("head_i8", &[COMMON, t.reduce(), SHARD, INT8]);
+        Head {
+            float: t.pipeline(
+                "head",
+                &layout,
+                &m,
+                "main",
+                &[("F32_WEIGHTS", f32w), ("TPR", tpr)],
+            ),
+            int8: t.pipeline("head_i8", &i8_layout, &m_i8, "main", &[("TPR", tpr)]),
+            layout,
+            i8_layout,
+            rows_per_wg: (ROW_WG / t.tpr()) as usize,
+        }
+    }
+
+    /// Vocabulary rows one workgroup computes.
+    pub fn rows_per_wg(&self) -> usize {
+        self.rows_per_wg
+    }
+
+    /// The head over one shard of `rows` vocabulary rows for `nrows` step rows.
+    pub fn record(
+        &self,
+        rec: &mut Recorder,
+        bg: &wgpu::BindGroup,
+        rows: usize,
+        nrows: usize,
+        int8: bool,
+    ) {
+        let (label, pl) = if int8 {
+            ("head_i8", &self.int8)
+        } else {
+            ("head", &self.float)
+        };
+        let dims = [nrows as u32, rows.div_ceil(self.rows_per_wg) as u32, 1];
+        rec.dispatch(label, pl, bg, dims);
+    }
+}

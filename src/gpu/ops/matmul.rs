@@ -1,0 +1,106 @@
+//! Ternary × int8 matmuls: the GEMV for one token, the 4-token GEMV for small steps, the
+//! tiled GEMM for prefill; each storing or adding into its output.
+
+use super::{Target, Use::*, COMMON};
+use crate::gpu::recorder::Recorder;
+
+const SRC: &str = include_str!("../../../shaders/matmul.wgsl");
+
+/// Invocations per GEMV workgroup (`GV_WG` in matmul.wgsl).
+pub const GEMV_WG: u32 = 128;
+
+/// Invocations per GEMV row (each group of them computes two rows): 8 streams the weights at
+/// 63% of an H200's copy bandwidth (16: 60%, 32: 48%) and batches of 32 decode 7% faster.
+pub const GEMV_TPR: u32 = 8;
+
+/// Steps of up to this many tokens (batched decode rows) take the 4-token GEMV instead of
+/// the 64 x 64 tiled GEMM: every workgroup splits K over its lanes, so a small step is not
+/// bound by one tile's walk over all of K.
+pub const GEMV4_MAX_T: usize = 64;
+
+/// Rows of a GEMV workgroup.
+pub const GEMV_ROWS_PER_WG: usize = (2 * GEMV_WG / GEMV_TPR) as usize;
+
+/// The matmul kernels.
+pub struct Matmul {
+    /// step, params, weights, row scales, xq, xscale, out.
+    pub layout: wgpu::BindGroupLayout,
+    /// The one-token GEMV, storing (the bandwidth probe times it alone).
+    pub gemv: wgpu::ComputePipeline,
+    gemv_acc: wgpu::ComputePipeline,
+    gemv4: wgpu::ComputePipeline,
+    gemv4_acc: wgpu::ComputePipeline,
+    gemm: wgpu::ComputePipeline,
+    gemm_acc: wgpu::ComputePipeline,
+}
+
+impl Matmul {
+    /// Compiles every variant (overrides `ACCUM`, `TPR`).
+    pub fn new(t: &Target) -> Self {
+        let layout = t.layout("matmul", &[Uniform, Uniform, Read, Read, Read, Read, Write]);
+        let m = t.module("matmul", &[COMMON, SRC]);
+        let tpr = GEMV_TPR as f64;
+        let p = |label, entry, acc: f64, with_tpr: bool| {
+            let mut c = vec![("ACCUM", acc)];
+            if with_tpr {
+                c.push(("TPR", tpr));
+            }
+            t.pipeline(label, &layout, &m, entry, &c)
+        };
+        Matmul {
+            gemv: p("gemv", "gemv", 0.0, true),
+            gemv_acc: p("gemv_acc", "gemv", 1.0, true),
+            gemv4: p("gemv4", "gemv4", 0.0, true),
+            gemv4_acc: p("gemv4_acc", "gemv4", 1.0, true),
+            gemm: p("gemm", "gemm", 0.0, false),
+            gemm_acc: p("gemm_acc", "gemm", 1.0, false),
+            layout,
+        }
+    }
+
+    /// Ternary matmul of `t` rows by a `rows`-row matrix; `label` names the matrix in
+    /// profiles.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        rec: &mut Recorder,
+        label: &'static str,
+        bg: &wgpu::BindGroup,
+        rows: usize,
+        t: usize,
+        accumulate: bool,
+    ) {
+        let rpw = GEMV_ROWS_PER_WG;
+        if t == 1 {
+            let pl = if accumulate {
+                &self.gemv_acc
+            } else {
+                &self.gemv
+            };
+            rec.dispatch(label, pl, bg, [rows.div_ceil(rpw) as u32, 1, 1]);
+        } else if t <= GEMV4_MAX_T {
+            let pl = if accumulate {
+                &self.gemv4_acc
+            } else {
+                &self.gemv4
+            };
+            let dims = [rows.div_ceil(rpw) as u32, t.div_ceil(4) as u32, 1];
+            let label = match label {
+                "matmul_qkv" => "gemv4_qkv",
+                "matmul_o" => "gemv4_o",
+                "matmul_gate_up" => "gemv4_gate_up",
+                "matmul_down" => "gemv4_down",
+                other => other,
+            };
+            rec.dispatch(label, pl, bg, dims);
+        } else {
+            let pl = if accumulate {
+                &self.gemm_acc
+            } else {
+                &self.gemm
+            };
+            let dims = [rows.div_ceil(64) as u32, t.div_ceil(64) as u32, 1];
+            rec.dispatch(label, pl, bg, dims);
+        }
+    }
+}

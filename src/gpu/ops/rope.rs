@@ -1,0 +1,28 @@
+//! RoPE of the step's q and k heads, then k and v into the contiguous KV cache.
+
+use super::{Target, Use::*, COMMON, ROPE_HEAD};
+use crate::gpu::recorder::Recorder;
+
+const SRC: &str = include_str!("../../../shaders/rope.wgsl");
+
+/// The RoPE + KV write kernel.
+pub struct Rope {
+    /// step, params, qkv, k cache, v cache, cos/sin table.
+    pub layout: wgpu::BindGroupLayout,
+    pipe: wgpu::ComputePipeline,
+}
+
+impl Rope {
+    /// Compiles the kernel for the KV cache's element type.
+    pub fn new(t: &Target) -> Self {
+        let layout = t.layout("rope", &[Uniform, Uniform, Write, Write, Write, Read]);
+        let m = t.kv_module("rope", &[COMMON, t.kv_section("write"), ROPE_HEAD, SRC]);
+        let pipe = t.pipeline("rope", &layout, &m, "main", &[]);
+        Rope { layout, pipe }
+    }
+
+    /// RoPE of `heads` (q + kv) heads of `t` rows, and the KV write.
+    pub fn record(&self, rec: &mut Recorder, bg: &wgpu::BindGroup, heads: usize, t: usize) {
+        rec.dispatch("rope", &self.pipe, bg, [heads as u32, t as u32, 1]);
+    }
+}

@@ -1,0 +1,48 @@
+//! Top-k of logits row 0 on the device: bitonic sorts of 1,024-entry chunks in workgroup
+//! memory, passes until one workgroup is left; candidates in
+//! [`crate::reference::top_candidates`]' order.
+
+use super::{Target, Use::*, COMMON};
+use crate::gpu::recorder::Recorder;
+
+const SRC: &str = include_str!("../../../shaders/topk.wgsl");
+
+/// Entries one top-k workgroup sorts (`TK_CHUNK` in topk.wgsl).
+pub const CHUNK: usize = 1024;
+
+/// Largest k the GPU selects (each pass keeps k of every chunk: at least 8× fewer).
+pub const MAX_K: usize = CHUNK / 8;
+
+/// Passes the top-k of a vocabulary may take (one per 8× reduction).
+pub const PASSES: usize = 8;
+
+/// The top-k kernels.
+pub struct TopK {
+    /// params, logits, source pairs, destination pairs.
+    pub layout: wgpu::BindGroupLayout,
+    first: wgpu::ComputePipeline,
+    merge: wgpu::ComputePipeline,
+}
+
+impl TopK {
+    /// Compiles the first pass (over the logits) and the merge pass (override `FIRST`).
+    pub fn new(t: &Target) -> Self {
+        let layout = t.layout("topk", &[Uniform, Read, Read, Write]);
+        let m = t.module("topk", &[COMMON, SRC]);
+        TopK {
+            first: t.pipeline("topk_first", &layout, &m, "main", &[("FIRST", 1.0)]),
+            merge: t.pipeline("topk_merge", &layout, &m, "main", &[("FIRST", 0.0)]),
+            layout,
+        }
+    }
+
+    /// One pass over `n` entries (`first`: the logits), `ceil(n / CHUNK)` workgroups.
+    pub fn record(&self, rec: &mut Recorder, bg: &wgpu::BindGroup, first: bool, n: usize) {
+        let (label, pl) = if first {
+            ("topk", &self.first)
+        } else {
+            ("topk_merge", &self.merge)
+        };
+        rec.dispatch(label, pl, bg, [n.div_ceil(CHUNK) as u32, 1, 1]);
+    }
+}
