@@ -10,7 +10,7 @@ struct ArgP {
     pad1: u32,
 }
 
-const ARG_CHUNK: u32 = 4096u;
+// ARG_CHUNK (logits per partial) is declared by src/gpu/ops/argmax.rs.
 
 @group(0) @binding(0) var<uniform> ap: ArgP;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;

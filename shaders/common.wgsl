@@ -1,4 +1,4 @@
-// Shared declarations, prepended to every kernel by src/gpu/pipelines.rs.
+// Shared declarations, prepended to every kernel by src/gpu/ops/.
 
 // Per-step values, written once per submit with queue.write_buffer.
 struct Step {

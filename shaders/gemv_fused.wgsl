@@ -27,11 +27,10 @@ struct FusedP {
 override MODE: u32 = 0u;
 override ACCUM: bool = false;
 
-const FW: u32 = 256u;   // invocations per workgroup
 const FTPR: u32 = 16u;  // invocations per row pair
-const FG: u32 = 16u;    // row pairs per workgroup
-// Input words (4 columns) per invocation `NW` and vec4<u32> of quantized input `XMAX`
-// (NW * FW / 4) are declared before this file by src/gpu/pipelines.rs per input width
+// Declared before this file by src/gpu/ops/gemv_fused.rs: invocations per workgroup `FW`,
+// row pairs per workgroup `FG`, input words (4 columns) per invocation `NW` and vec4<u32> of
+// quantized input `XMAX` (NW * FW / 4), the last two per input width
 // (registers hold NW vec4s twice), up to 7 words = 7168 columns. `wg_reduce` (workgroup sum or
 // max) and `row_pair_sums` are prepended too: reduce_wg_*.wgsl and reduce_pairs_*.wgsl.
 
@@ -144,7 +143,7 @@ fn partial(ra: u32, rb: u32, lane: u32) -> vec2<i32> {
     return vec2<i32>(acc_a - sx, acc_b - sx);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(FW)
 fn gemv_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = wg.y;
     let xscale = prologue(t, li);
@@ -174,7 +173,7 @@ fn pair_row(pi: u32) -> u32 {
     return (pi / half) * fp.hd + pi % half;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(FW)
 fn gemv_norm_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = wg.y;
     let xscale = prologue(t, li);

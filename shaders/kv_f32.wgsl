@@ -1,4 +1,4 @@
-// KV cache accessors, f32 storage (the default). src/gpu/pipelines.rs puts each section into the
+// KV cache accessors, f32 storage (the default). src/gpu/ops/mod.rs puts each section into the
 // modules that bind its arrays: `kc`/`vc` of KV_S (read), `kc4`/`vc4` of KV_V4 (read, 4 values
 // per element), `kc`/`vc` of KV_W (written); indices count values (or vec4s of values).
 // --- read1

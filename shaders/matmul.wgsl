@@ -60,10 +60,10 @@ fn store(t: u32, row: u32, acc: i32) {
     }
 }
 
-const GV_WG: u32 = 128u;
+// GV_WG (invocations per GEMV workgroup) is declared by src/gpu/ops/matmul.rs.
 var<workgroup> gred: array<vec2<i32>, 128>;
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(GV_WG)
 fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let groups = GV_WG / TPR;
     let g = li / TPR;
@@ -141,7 +141,7 @@ fn dot_ab(a: Expanded, b: Expanded, xb: u32) -> vec2<i32> {
     );
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(GV_WG)
 fn gemv4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let groups = GV_WG / TPR;
     let g = li / TPR;

@@ -13,7 +13,7 @@ struct TopkP {
     pad: u32,
 }
 
-const TK_CHUNK: u32 = 1024u;
+// TK_CHUNK (entries a workgroup sorts) is declared by src/gpu/ops/topk.rs.
 
 @group(0) @binding(0) var<uniform> tp: TopkP;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;

@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use wgpu::util::DeviceExt;
 
-use super::pipelines::COMMON;
+use super::ops::COMMON;
 use super::GpuContext;
 
 const KERNEL: &str = "

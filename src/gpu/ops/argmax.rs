@@ -6,9 +6,12 @@ use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/argmax.wgsl");
 
+/// Logits one partial covers (`ARG_CHUNK` in argmax.wgsl).
+const CHUNK: usize = 4096;
+
 /// Partial results of the argmax over `vocab` logits.
 pub fn parts(vocab: usize) -> usize {
-    vocab.div_ceil(4096)
+    vocab.div_ceil(CHUNK)
 }
 
 /// The argmax kernels.
@@ -23,7 +26,8 @@ impl Argmax {
     /// Compiles both passes.
     pub fn new(t: &Target) -> Self {
         let layout = t.layout("argmax", &[Uniform, Read, Write, Write]);
-        let m = t.module("argmax", &[COMMON, SRC]);
+        let consts = Target::consts(&[("ARG_CHUNK", CHUNK)]);
+        let m = t.module("argmax", &[&consts, COMMON, SRC]);
         Argmax {
             partial: t.pipeline("argmax_partial", &layout, &m, "partial", &[]),
             merge: t.pipeline("argmax_final", &layout, &m, "final_", &[]),

@@ -11,8 +11,14 @@ const SRC: &str = include_str!("../../../shaders/gemv_fused.wgsl");
 /// Output rows of a fused GEMV workgroup (`2 * FG` in gemv_fused.wgsl).
 pub const FUSED_ROWS: u32 = 32;
 
+/// Invocations per fused GEMV workgroup (`FW` in gemv_fused.wgsl).
+const FUSED_WG: usize = 256;
+
+/// Most input words (4 columns) one invocation holds in registers (`NW`).
+const MAX_WORDS: usize = 7;
+
 /// Widest input the fused GEMV normalises in registers (`4 * NW * FW` in gemv_fused.wgsl).
-pub const FUSED_MAX_WIDTH: usize = 7168;
+pub const FUSED_MAX_WIDTH: usize = 4 * MAX_WORDS * FUSED_WG;
 
 /// Which fused GEMV of a layer.
 #[derive(Clone, Copy)]
@@ -39,13 +45,18 @@ pub struct FusedGemv {
     norm_rope: wgpu::ComputePipeline,
 }
 
-/// The declarations gemv_fused.wgsl expects for inputs up to `width` wide: `NW` words (4
-/// columns) per invocation, as few registers as the width allows, and `XMAX` vec4 of input.
+/// The declarations gemv_fused.wgsl expects for inputs up to `width` wide: the workgroup
+/// shape, `NW` words (4 columns) per invocation, as few registers as the width allows, and
+/// `XMAX` vec4 of input.
 fn width_prelude(width: usize) -> String {
-    let nw = (crate::gpu::buffers::pad64(width) / 4)
-        .div_ceil(256)
-        .clamp(1, 7);
-    format!("const NW: u32 = {nw}u;\nconst XMAX: u32 = {}u;\n", nw * 64)
+    let words = crate::gpu::buffers::pad64(width) / 4;
+    let nw = words.div_ceil(FUSED_WG).clamp(1, MAX_WORDS);
+    Target::consts(&[
+        ("FW", FUSED_WG),
+        ("FG", FUSED_ROWS as usize / 2),
+        ("NW", nw),
+        ("XMAX", nw * FUSED_WG / 4),
+    ])
 }
 
 impl FusedGemv {

@@ -38,7 +38,8 @@ impl Matmul {
     /// Compiles every variant (overrides `ACCUM`, `TPR`).
     pub fn new(t: &Target) -> Self {
         let layout = t.layout("matmul", &[Uniform, Uniform, Read, Read, Read, Read, Write]);
-        let m = t.module("matmul", &[COMMON, SRC]);
+        let consts = Target::consts(&[("GV_WG", GEMV_WG as usize)]);
+        let m = t.module("matmul", &[&consts, COMMON, SRC]);
         let tpr = GEMV_TPR as f64;
         let p = |label, entry, acc: f64, with_tpr: bool| {
             let mut c = vec![("ACCUM", acc)];

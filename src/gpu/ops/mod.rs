@@ -114,6 +114,15 @@ impl Target<'_> {
             })
     }
 
+    /// WGSL declarations of the constants a shader shares with its Rust op (one source of
+    /// truth: the shader uses them, the op declares them).
+    fn consts(pairs: &[(&str, usize)]) -> String {
+        pairs
+            .iter()
+            .map(|(name, v)| format!("const {name}: u32 = {v}u;\n"))
+            .collect()
+    }
+
     /// A module from WGSL `parts`, concatenated (declarations first).
     fn module(&self, label: &str, parts: &[&str]) -> wgpu::ShaderModule {
         self.device

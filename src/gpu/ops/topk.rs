@@ -28,7 +28,8 @@ impl TopK {
     /// Compiles the first pass (over the logits) and the merge pass (override `FIRST`).
     pub fn new(t: &Target) -> Self {
         let layout = t.layout("topk", &[Uniform, Read, Read, Write]);
-        let m = t.module("topk", &[COMMON, SRC]);
+        let consts = Target::consts(&[("TK_CHUNK", CHUNK)]);
+        let m = t.module("topk", &[&consts, COMMON, SRC]);
         TopK {
             first: t.pipeline("topk_first", &layout, &m, "main", &[("FIRST", 1.0)]),
             merge: t.pipeline("topk_merge", &layout, &m, "main", &[("FIRST", 0.0)]),
