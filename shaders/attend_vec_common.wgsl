@@ -43,3 +43,53 @@ fn qk4(kr: u32, hd4: u32) -> f32 {
     }
     return acc;
 }
+
+// The online softmax of one row, one block of up to 64 positions [b, end) at a time: each
+// invocation scores one position, the block's max and sum update (m, l), and the block's P·V is
+// added into o (two halves of 32 positions, one vec4 column per invocation, eight loads in
+// flight). The including module defines `kv_row4(ctx, p)`, the vec4 index of position p's key
+// and value rows. Called by every invocation of the workgroup (it synchronises).
+struct Online {
+    m: f32,
+    l: f32,
+    o: vec4<f32>,
+}
+
+fn online_block(st: Online, b: u32, end: u32, li: u32, hd4: u32, scale: f32, ctx: vec2<u32>) -> Online {
+    let c4 = li % 32u;
+    let half = li / 32u;
+    let p = b + li;
+    var score = NEG_BIG;
+    if p < end {
+        score = qk4(kv_row4(ctx, p), hd4) * scale;
+    }
+    let mn = max(st.m, dreduce(score, li, true));
+    let f = exp(st.m - mn);
+    let e = select(0.0, exp(score - mn), p < end);
+    dp[li] = e;
+    let l = st.l * f + dreduce(e, li, false);
+    // dreduce's barriers also publish dp.
+    var o = st.o * f;
+    if c4 < hd4 {
+        let i0 = 32u * half;
+        let n = min(i0 + 32u, end - b);
+        var i = i0;
+        for (; i + 8u <= n; i = i + 8u) {
+            let v0 = v4_at(kv_row4(ctx, b + i) + c4);
+            let v1 = v4_at(kv_row4(ctx, b + i + 1u) + c4);
+            let v2 = v4_at(kv_row4(ctx, b + i + 2u) + c4);
+            let v3 = v4_at(kv_row4(ctx, b + i + 3u) + c4);
+            let v4 = v4_at(kv_row4(ctx, b + i + 4u) + c4);
+            let v5 = v4_at(kv_row4(ctx, b + i + 5u) + c4);
+            let v6 = v4_at(kv_row4(ctx, b + i + 6u) + c4);
+            let v7 = v4_at(kv_row4(ctx, b + i + 7u) + c4);
+            o = o + dp[i] * v0 + dp[i + 1u] * v1 + dp[i + 2u] * v2 + dp[i + 3u] * v3
+                + dp[i + 4u] * v4 + dp[i + 5u] * v5 + dp[i + 6u] * v6 + dp[i + 7u] * v7;
+        }
+        for (; i < n; i = i + 1u) {
+            o = o + dp[i] * v4_at(kv_row4(ctx, b + i) + c4);
+        }
+    }
+    workgroupBarrier();
+    return Online(mn, l, o);
+}

@@ -325,6 +325,12 @@ fn store_p(ok: bool, a: u32, v: vec4<f32>) {
 // vec4 K loads (8 in flight), block max and sum by tree reductions, and P·V is split into two
 // halves of 32 positions with one vec4 column per invocation. Dispatch: (nsplit, num_heads, T).
 
+// The vec4 index of position p's key/value row in the contiguous cache: ctx = (first row of
+// the KV head, vec4 per row).
+fn kv_row4(ctx: vec2<u32>, p: u32) -> u32 {
+    return ctx.x + p * ctx.y;
+}
+
 @compute @workgroup_size(64)
 fn attend_vec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let s = wg.x;
@@ -340,50 +346,13 @@ fn attend_vec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         q4[li] = vec4<f32>(qkv[qb], qkv[qb + 1u], qkv[qb + 2u], qkv[qb + 3u]);
     }
     workgroupBarrier();
-    let c4 = li % 32u;
-    let half = li / 32u;
-    var m = NEG_BIG;
-    var l = 0.0;
-    var o = vec4<f32>(0.0);
+    var st = Online(NEG_BIG, 0.0, vec4<f32>(0.0));
     for (var b = start; b < end; b = b + 64u) {
-        let p = b + li;
-        var score = NEG_BIG;
-        if p < end {
-            let kr = kb4 + p * hd4;
-            score = qk4(kr, hd4) * ap.scale;
-        }
-        let mn = max(m, dreduce(score, li, true));
-        let f = exp(m - mn);
-        let e = select(0.0, exp(score - mn), p < end);
-        dp[li] = e;
-        l = l * f + dreduce(e, li, false);
-        // dreduce's barriers also publish dp.
-        o = o * f;
-        if c4 < hd4 {
-            let i0 = 32u * half;
-            let n = min(i0 + 32u, end - b);
-            let vr = kb4 + b * hd4 + c4;
-            var i = i0;
-            for (; i + 8u <= n; i = i + 8u) {
-                let v0 = v4_at(vr + i * hd4);
-                let v1 = v4_at(vr + (i + 1u) * hd4);
-                let v2 = v4_at(vr + (i + 2u) * hd4);
-                let v3 = v4_at(vr + (i + 3u) * hd4);
-                let v4 = v4_at(vr + (i + 4u) * hd4);
-                let v5 = v4_at(vr + (i + 5u) * hd4);
-                let v6 = v4_at(vr + (i + 6u) * hd4);
-                let v7 = v4_at(vr + (i + 7u) * hd4);
-                o = o + dp[i] * v0 + dp[i + 1u] * v1 + dp[i + 2u] * v2 + dp[i + 3u] * v3
-                    + dp[i + 4u] * v4 + dp[i + 5u] * v5 + dp[i + 6u] * v6 + dp[i + 7u] * v7;
-            }
-            for (; i < n; i = i + 1u) {
-                o = o + dp[i] * v4_at(vr + i * hd4);
-            }
-        }
-        m = mn;
-        workgroupBarrier();
+        st = online_block(st, b, end, li, hd4, ap.scale, vec2<u32>(kb4, hd4));
     }
-    dpv[li] = o;
+    let m = st.m;
+    let l = st.l;
+    dpv[li] = st.o;
     workgroupBarrier();
     if li >= hd4 {
         return;

@@ -29,10 +29,11 @@ struct PagedP {
 @group(0) @binding(6) var<storage, read> blocks: array<u32>;
 @group(0) @binding(7) var<storage, read_write> attn: array<f32>;
 
-// vec4 index of position p's row (KV head kh) of sequence s.
-fn row4(s: u32, kh: u32, p: u32) -> u32 {
-    let blk = blocks[s * pp.tstride + p / pp.bs];
-    return ((blk * pp.kvh + kh) * pp.bs + p % pp.bs) * (pp.hd / 4u);
+// The vec4 index of position p's key/value row through the block table: ctx = (sequence,
+// KV head).
+fn kv_row4(ctx: vec2<u32>, p: u32) -> u32 {
+    let blk = blocks[ctx.x * pp.tstride + p / pp.bs];
+    return ((blk * pp.kvh + ctx.y) * pp.bs + p % pp.bs) * (pp.hd / 4u);
 }
 
 @compute @workgroup_size(64)
@@ -49,49 +50,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         q4[li] = vec4<f32>(qkv[qb], qkv[qb + 1u], qkv[qb + 2u], qkv[qb + 3u]);
     }
     workgroupBarrier();
-    let c4 = li % 32u;
-    let half = li / 32u;
-    var m = NEG_BIG;
-    var l = 0.0;
-    var o = vec4<f32>(0.0);
+    var st = Online(NEG_BIG, 0.0, vec4<f32>(0.0));
     for (var b = 0u; b < len; b = b + 64u) {
-        let p = b + li;
-        var score = NEG_BIG;
-        if p < len {
-            let kr = row4(s, kh, p);
-            score = qk4(kr, hd4) * pp.scale;
-        }
-        let mn = max(m, dreduce(score, li, true));
-        let f = exp(m - mn);
-        let e = select(0.0, exp(score - mn), p < len);
-        dp[li] = e;
-        l = l * f + dreduce(e, li, false);
-        // dreduce's barriers also publish dp.
-        o = o * f;
-        if c4 < hd4 {
-            let i0 = 32u * half;
-            let n = min(i0 + 32u, len - b);
-            var i = i0;
-            for (; i + 4u <= n; i = i + 4u) {
-                let v0 = v4_at(row4(s, kh, b + i) + c4);
-                let v1 = v4_at(row4(s, kh, b + i + 1u) + c4);
-                let v2 = v4_at(row4(s, kh, b + i + 2u) + c4);
-                let v3 = v4_at(row4(s, kh, b + i + 3u) + c4);
-                o = o + dp[i] * v0 + dp[i + 1u] * v1 + dp[i + 2u] * v2 + dp[i + 3u] * v3;
-            }
-            for (; i < n; i = i + 1u) {
-                o = o + dp[i] * v4_at(row4(s, kh, b + i) + c4);
-            }
-        }
-        m = mn;
-        workgroupBarrier();
+        st = online_block(st, b, len, li, hd4, pp.scale, vec2<u32>(s, kh));
     }
-    dpv[li] = o;
+    dpv[li] = st.o;
     workgroupBarrier();
     if li >= hd4 {
         return;
     }
-    let r = (dpv[li] + dpv[li + 32u]) / l;
+    let r = (dpv[li] + dpv[li + 32u]) / st.l;
     let a = t * pp.q_dim + h * pp.hd + 4u * li;
     attn[a] = r.x;
     attn[a + 1u] = r.y;

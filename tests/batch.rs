@@ -5,7 +5,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bitnet_inference::backend::{BatchBackend, RowSlot};
+use bitnet_inference::backend::{Backend, RowSlot};
 use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerConfig};
 use bitnet_inference::engine::forward::forward_rows;
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};

@@ -7,9 +7,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bitnet_inference::backend::HeadMode;
-use bitnet_inference::backend::KvDtype;
-use bitnet_inference::backend::{BatchBackend, RowSlot};
+use bitnet_inference::backend::{Backend, BatchBackend, HeadMode, KvDtype, RowSlot};
 use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerConfig};
 use bitnet_inference::config::{ModelConfig, Preset};
 use bitnet_inference::engine::forward::forward_rows;

@@ -45,10 +45,24 @@ pub enum LogitRows {
     All,
 }
 
-/// A key/value cache of some capacity.
+/// Keys and values in blocks of positions, the one KV representation of every backend: a
+/// single sequence's cache is one block holding its whole context (the layout the backends'
+/// single-sequence kernels specialise on); a serving pool has many blocks that sequences
+/// share through block tables ([`BatchBackend`]).
 pub trait KvCache {
-    /// Positions the cache can hold.
-    fn capacity(&self) -> usize;
+    /// Blocks.
+    fn blocks(&self) -> usize;
+    /// Positions per block.
+    fn block_size(&self) -> usize;
+    /// Positions a single sequence can hold: the one block of a single-sequence cache (0 for
+    /// a pool of several blocks, whose sequences run as batched rows).
+    fn capacity(&self) -> usize {
+        if self.blocks() == 1 {
+            self.block_size()
+        } else {
+            0
+        }
+    }
 }
 
 /// One row of a batched step: the sequence (index into the step's block tables) and position.
@@ -65,14 +79,20 @@ pub struct RowSlot {
 /// backend. Ops that cannot fail on valid state return nothing; the step's checks happen in
 /// [`Backend::embed`].
 pub trait Backend {
-    /// The backend's KV cache.
+    /// The backend's KV cache (single sequence) and pool (batched rows): one type.
     type Cache: KvCache;
     /// The model configuration.
     fn config(&self) -> &ModelConfig;
     /// A human-readable description (backend, kernels, device).
     fn describe(&self) -> String;
-    /// A KV cache for `capacity` positions.
-    fn new_cache(&self, capacity: usize) -> Result<Self::Cache>;
+    /// Keys and values for `blocks` blocks of `block_size` positions.
+    fn new_pool(&self, blocks: usize, block_size: usize) -> Result<Self::Cache>;
+    /// Bytes one block holds (keys and values of every layer).
+    fn block_bytes(&self, block_size: usize) -> usize;
+    /// A single sequence's KV cache for `capacity` positions: one block of that size.
+    fn new_cache(&self, capacity: usize) -> Result<Self::Cache> {
+        self.new_pool(1, capacity)
+    }
     /// Most prompt tokens one step should take (the step size the backend is planned for).
     fn prefill_chunk(&self) -> usize {
         PREFILL_CHUNK
@@ -144,18 +164,12 @@ pub trait DeviceSteps {
 /// Backends that run steps whose rows belong to different sequences, over a paged KV pool.
 /// Rows are processed exactly as [`Backend`] processes them in a single-sequence step (the same
 /// arithmetic: a row's logits do not depend on the other rows of its step).
-pub trait BatchBackend: Backend {
-    /// The paged KV pool.
-    type Pool: Send;
-    /// A pool of `blocks` blocks of `block_size` positions.
-    fn new_pool(&self, blocks: usize, block_size: usize) -> Result<Self::Pool>;
-    /// Bytes one block holds (keys and values of every layer).
-    fn block_bytes(&self, block_size: usize) -> usize;
+pub trait BatchBackend: Backend<Cache: Send> {
     /// RoPE of each row's q and k at its position, then its k and v into the pool at the slot
     /// its sequence's block table gives.
     fn rope_kv_write_rows(
         &mut self,
-        pool: &mut Self::Pool,
+        pool: &mut Self::Cache,
         layer: usize,
         rows: &[RowSlot],
         tables: &[Vec<u32>],
@@ -163,7 +177,7 @@ pub trait BatchBackend: Backend {
     /// Causal attention of each row over its sequence's positions `0..=pos`.
     fn attention_rows(
         &mut self,
-        pool: &Self::Pool,
+        pool: &Self::Cache,
         layer: usize,
         rows: &[RowSlot],
         tables: &[Vec<u32>],

@@ -278,7 +278,7 @@ struct Seq {
 
 struct Engine<B: BatchBackend> {
     backend: B,
-    pool: B::Pool,
+    pool: B::Cache,
     alloc: BlockAllocator,
     cfg: SchedulerConfig,
     stats: Arc<SchedulerStats>,
@@ -466,6 +466,8 @@ impl<B: BatchBackend> Engine<B> {
             }
             return Ok(());
         }
+        // The blocks this step holds are visible in the stats before any of its tokens is sent.
+        self.publish();
         let mut tokens = Vec::new();
         let mut rows = Vec::new();
         let mut tables = Vec::new();

@@ -1,54 +1,14 @@
-//! The CPU backend's batched steps over a paged KV pool.
+//! The CPU backend's batched steps: rows of different sequences over a KV pool of blocks.
 
-use super::{CpuBackend, SharedMut, SCORES};
+use super::{CpuBackend, CpuCache, SharedMut, SCORES};
 use crate::backend::{BatchBackend, RowSlot};
 use crate::error::{Error, Result};
 use crate::reference as ops;
 
-/// Keys and values in blocks: `[block][layer][kv_head][position in block][head_dim]` f32.
-pub struct CpuKvPool {
-    k: Vec<f32>,
-    v: Vec<f32>,
-    block_size: usize,
-    layers: usize,
-    kv_heads: usize,
-    head_dim: usize,
-}
-
-impl CpuKvPool {
-    /// Offset of (block, layer, kv head, position in block).
-    fn at(&self, block: u32, layer: usize, kh: usize, off: usize) -> usize {
-        (((block as usize * self.layers + layer) * self.kv_heads + kh) * self.block_size + off)
-            * self.head_dim
-    }
-}
-
 impl BatchBackend for CpuBackend {
-    type Pool = CpuKvPool;
-
-    fn new_pool(&self, blocks: usize, block_size: usize) -> Result<CpuKvPool> {
-        let c = &self.cfg;
-        let n = blocks
-            .checked_mul(self.block_bytes(block_size) / 8)
-            .ok_or_else(|| Error::Request("KV pool size overflows".into()))?;
-        // Zeroed allocations are lazily backed: untouched blocks cost no resident memory.
-        Ok(CpuKvPool {
-            k: vec![0.0; n],
-            v: vec![0.0; n],
-            block_size,
-            layers: c.num_layers,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        })
-    }
-
-    fn block_bytes(&self, block_size: usize) -> usize {
-        2 * 4 * block_size * self.cfg.num_layers * self.cfg.kv_dim()
-    }
-
     fn rope_kv_write_rows(
         &mut self,
-        pool: &mut CpuKvPool,
+        pool: &mut CpuCache,
         layer: usize,
         rows: &[RowSlot],
         tables: &[Vec<u32>],
@@ -74,7 +34,7 @@ impl BatchBackend for CpuBackend {
 
     fn attention_rows(
         &mut self,
-        pool: &CpuKvPool,
+        pool: &CpuCache,
         layer: usize,
         rows: &[RowSlot],
         tables: &[Vec<u32>],

@@ -74,16 +74,32 @@ struct Step {
     head_x: Vec<f32>,
 }
 
-/// Key/value cache: `[layer][kv_head][position][head_dim]` f32 for keys and values.
+/// Keys and values in blocks: `[block][layer][kv_head][position in block][head_dim]` f32
+/// (one block: a single sequence's `[layer][kv_head][position][head_dim]`).
 pub struct CpuCache {
     k: Vec<f32>,
     v: Vec<f32>,
-    capacity: usize,
+    blocks: usize,
+    block_size: usize,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl CpuCache {
+    /// Offset of (block, layer, kv head, position in block).
+    fn at(&self, block: u32, layer: usize, kh: usize, off: usize) -> usize {
+        (((block as usize * self.layers + layer) * self.kv_heads + kh) * self.block_size + off)
+            * self.head_dim
+    }
 }
 
 impl KvCache for CpuCache {
-    fn capacity(&self) -> usize {
-        self.capacity
+    fn blocks(&self) -> usize {
+        self.blocks
+    }
+    fn block_size(&self) -> usize {
+        self.block_size
     }
 }
 
@@ -307,15 +323,25 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn new_cache(&self, capacity: usize) -> Result<CpuCache> {
+    fn new_pool(&self, blocks: usize, block_size: usize) -> Result<CpuCache> {
         let c = &self.cfg;
-        let n = c.num_layers * c.kv_dim() * capacity;
-        // Zeroed allocations are lazily backed, so unused capacity costs no resident memory.
+        let n = blocks
+            .checked_mul(self.block_bytes(block_size) / 8)
+            .ok_or_else(|| Error::Request("KV cache size overflows".into()))?;
+        // Zeroed allocations are lazily backed: untouched positions cost no resident memory.
         Ok(CpuCache {
             k: vec![0.0; n],
             v: vec![0.0; n],
-            capacity,
+            blocks,
+            block_size,
+            layers: c.num_layers,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
         })
+    }
+
+    fn block_bytes(&self, block_size: usize) -> usize {
+        2 * 4 * block_size * self.cfg.num_layers * self.cfg.kv_dim()
     }
 
     fn embed(&mut self, tokens: &[u32]) -> Result<()> {
@@ -408,7 +434,6 @@ impl Backend for CpuBackend {
     fn rope_kv_write(&mut self, cache: &mut CpuCache, layer: usize, pos: usize) {
         let c = &self.cfg;
         let (hd, q, kv) = (c.head_dim, c.q_dim(), c.kv_dim());
-        let cap = cache.capacity;
         let s = &mut self.step;
         for (ti, row) in s.qkv[..s.t * (q + 2 * kv)]
             .chunks_mut(q + 2 * kv)
@@ -419,7 +444,7 @@ impl Backend for CpuBackend {
                 ops::rope(head, p, &self.inv_freq);
             }
             for h in 0..c.num_kv_heads {
-                let dst = ((layer * c.num_kv_heads + h) * cap + p) * hd;
+                let dst = cache.at(0, layer, h, p);
                 let (ks, vs) = (q + h * hd, q + kv + h * hd);
                 write_kv(&mut cache.k[dst..dst + hd], &row[ks..ks + hd], self.kv);
                 write_kv(&mut cache.v[dst..dst + hd], &row[vs..vs + hd], self.kv);
@@ -431,7 +456,7 @@ impl Backend for CpuBackend {
         let c = &self.cfg;
         let (hd, q, kv) = (c.head_dim, c.q_dim(), c.kv_dim());
         let group = c.num_heads / c.num_kv_heads;
-        let (nh, nkv, cap) = (c.num_heads, c.num_kv_heads, cache.capacity);
+        let (nh, cap) = (c.num_heads, cache.block_size);
         let s = &mut self.step;
         let qkv = &s.qkv;
         let attn = SharedMut::new(&mut s.attn);
@@ -439,7 +464,7 @@ impl Backend for CpuBackend {
             let (ti, h) = (i / nh, i % nh);
             let len = pos + ti + 1;
             let qv = &qkv[ti * (q + 2 * kv) + h * hd..][..hd];
-            let base = (layer * nkv + h / group) * cap * hd;
+            let base = cache.at(0, layer, h / group, 0);
             // SAFETY: task i writes only head h of token ti.
             let out = unsafe { attn.slice(i * hd, hd) };
             SCORES.with_borrow_mut(|scores| {

@@ -81,7 +81,7 @@ pub struct RowsKv<'a, P> {
     pub tables: &'a [Vec<u32>],
 }
 
-impl<B: BatchBackend> StepKv<B> for RowsKv<'_, B::Pool> {
+impl<B: BatchBackend> StepKv<B> for RowsKv<'_, B::Cache> {
     fn rope_kv_write(&mut self, b: &mut B, layer: usize) {
         b.rope_kv_write_rows(self.pool, layer, self.rows, self.tables);
     }
@@ -266,7 +266,7 @@ pub fn queue_greedy_step<B: Backend>(
 /// `logit_rows` into `out`.
 pub fn forward_rows<B: BatchBackend>(
     b: &mut B,
-    pool: &mut B::Pool,
+    pool: &mut B::Cache,
     tokens: &[u32],
     rows: &[RowSlot],
     tables: &[Vec<u32>],

@@ -1,117 +1,42 @@
-//! The GPU backend's batched steps over a paged KV pool: rows of one step belong to different
-//! sequences, each row carrying its own position and block table (uploaded once per step).
+//! The GPU backend's batched steps over a KV pool of blocks: rows of one step belong to
+//! different sequences, each row carrying its own position and block table (uploaded once per
+//! step, see `cache.rs`).
 
 use super::buffers::{bind_group, storage, uniform};
 use super::params::PagedP;
-use super::GpuBackend;
+use super::{GpuBackend, GpuCache};
 use crate::backend::{BatchBackend, RowSlot};
 use crate::error::{Error, Result};
 
-/// Keys and values in blocks, one buffer per layer for each: `[block][kv_head][position in
-/// block][head_dim]` f32; the step's row slots and block tables; the kernels' bind groups.
-pub struct GpuKvPool {
-    blocks: usize,
-    block_size: usize,
+/// The paged kernels' bindings: the step's row slots and block tables, bind groups per layer.
+pub(super) struct Paged {
     /// Block-table entries per sequence (positions the RoPE table covers / block size).
-    tstride: usize,
-    k: Vec<wgpu::Buffer>,
-    v: Vec<wgpu::Buffer>,
-    rows: wgpu::Buffer,
-    tables: wgpu::Buffer,
-    rope_bgs: Vec<wgpu::BindGroup>,
-    attn_bgs: Vec<wgpu::BindGroup>,
+    pub(super) tstride: usize,
+    pub(super) rows: wgpu::Buffer,
+    pub(super) tables: wgpu::Buffer,
+    pub(super) rope_bgs: Vec<wgpu::BindGroup>,
+    pub(super) attn_bgs: Vec<wgpu::BindGroup>,
 }
 
-impl GpuKvPool {
-    /// GPU bytes held by the keys and values.
-    pub fn bytes(&self) -> u64 {
-        self.k.iter().chain(&self.v).map(|b| b.size()).sum()
-    }
+/// Whether the paged kernels handle this head dimension.
+pub(super) fn paged_fits(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(4) && head_dim <= 128
 }
 
 impl GpuBackend {
-    /// The most blocks of `block_size` positions a pool may have (a layer's keys must fit one
-    /// binding).
-    pub fn max_pool_blocks(&self, block_size: usize) -> usize {
-        let c = &self.cfg;
-        let per_block =
-            (c.num_kv_heads * block_size.max(1) * c.head_dim * self.kv.bytes()).max(1) as u64;
-        (self.max_binding / per_block) as usize
-    }
-
-    /// Checks the step's row slots against the pool and uploads them with the block tables
-    /// (`[pos, seq]` per row; tables padded to the pool's stride).
-    fn upload_slots(
-        &mut self,
-        pool: &GpuKvPool,
-        rows: &[RowSlot],
-        tables: &[Vec<u32>],
-    ) -> Result<()> {
-        let (bs, ts) = (pool.block_size, pool.tstride);
-        if rows.len() != self.t() || tables.len() > self.max_step {
-            return Err(Error::Request(format!(
-                "a batched step of {} rows has {} slots and {} block tables (at most {})",
-                self.t(),
-                rows.len(),
-                tables.len(),
-                self.max_step
-            )));
-        }
-        let mut words = vec![0u32; tables.len().max(1) * ts];
-        for (s, table) in tables.iter().enumerate() {
-            if table.len() > ts || table.iter().any(|&b| b as usize >= pool.blocks) {
-                return Err(Error::Request(format!(
-                    "block table {s} ({} blocks) does not fit the pool ({} blocks, at most {ts} \
-                     per sequence)",
-                    table.len(),
-                    pool.blocks
-                )));
-            }
-            words[s * ts..s * ts + table.len()].copy_from_slice(table);
-        }
-        let mut slots = Vec::with_capacity(2 * rows.len());
-        for r in rows {
-            if r.seq >= tables.len() || r.pos / bs >= tables[r.seq].len() {
-                return Err(Error::Request(format!(
-                    "row at position {} of sequence {} has no block in its table",
-                    r.pos, r.seq
-                )));
-            }
-            slots.extend([r.pos as u32, r.seq as u32]);
-        }
-        let q = &self.ctx.queue;
-        q.write_buffer(&pool.rows, 0, bytemuck::cast_slice(&slots));
-        q.write_buffer(&pool.tables, 0, bytemuck::cast_slice(&words));
-        Ok(())
-    }
-}
-
-impl BatchBackend for GpuBackend {
-    type Pool = GpuKvPool;
-
-    fn new_pool(&self, blocks: usize, block_size: usize) -> Result<GpuKvPool> {
+    /// The paged kernels' bindings over `k` and `v` (per layer).
+    pub(super) fn paged_bindings(
+        &self,
+        k: &[wgpu::Buffer],
+        v: &[wgpu::Buffer],
+        table: &wgpu::Buffer,
+        block_size: usize,
+        positions: usize,
+    ) -> Paged {
         let c = &self.cfg;
         let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
-        if !hd.is_multiple_of(4) || hd > 128 {
-            return Err(Error::Backend(format!(
-                "the GPU batch kernels need head_dim % 4 == 0 and <= 128 (head_dim {hd})"
-            )));
-        }
-        let (blocks, block_size) = (blocks.max(1), block_size.max(1));
-        let layer_bytes = blocks
-            .checked_mul(nkv * block_size * hd * self.kv.bytes())
-            .ok_or_else(|| Error::Request("KV pool size overflows".into()))?;
-        if layer_bytes as u64 > self.max_binding {
-            return Err(Error::Backend(format!(
-                "a layer's KV pool ({layer_bytes} bytes for {blocks} blocks) exceeds the binding \
-                 limit {}: use a smaller KV cache",
-                self.max_binding
-            )));
-        }
-        let positions = c.max_position_embeddings.min(blocks * block_size).max(1);
         let tstride = positions.div_ceil(block_size);
         let device = &self.ctx.device;
-        let table = self.rope_table(positions);
         let rows = storage(device, "row slots", self.max_step * 8);
         let tables = storage(device, "block tables", self.max_step * tstride * 4);
         let params = uniform(
@@ -132,45 +57,87 @@ impl BatchBackend for GpuBackend {
             },
         );
         let b = &self.bufs;
-        let (mut k, mut v, mut rope_bgs, mut attn_bgs) = (vec![], vec![], vec![], vec![]);
-        for l in 0..c.num_layers {
-            let kb = storage(device, &format!("k pool {l}"), layer_bytes);
-            let vb = storage(device, &format!("v pool {l}"), layer_bytes);
+        let (mut rope_bgs, mut attn_bgs) = (vec![], vec![]);
+        for (kb, vb) in k.iter().zip(v) {
             rope_bgs.push(bind_group(
                 device,
                 "paged rope",
                 &self.ops.paged.rope_layout,
-                &[&b.step, &params, &b.qkv, &kb, &vb, &table, &rows, &tables],
+                &[&b.step, &params, &b.qkv, kb, vb, table, &rows, &tables],
             ));
             attn_bgs.push(bind_group(
                 device,
                 "paged attention",
                 &self.ops.paged.attn_layout,
-                &[&b.step, &params, &b.qkv, &kb, &vb, &rows, &tables, &b.attn],
+                &[&b.step, &params, &b.qkv, kb, vb, &rows, &tables, &b.attn],
             ));
-            k.push(kb);
-            v.push(vb);
         }
-        Ok(GpuKvPool {
-            blocks,
-            block_size,
+        Paged {
             tstride,
-            k,
-            v,
             rows,
             tables,
             rope_bgs,
             attn_bgs,
-        })
+        }
     }
 
-    fn block_bytes(&self, block_size: usize) -> usize {
-        2 * self.kv.bytes() * block_size * self.cfg.num_layers * self.cfg.kv_dim()
+    /// Checks the step's row slots against the pool and uploads them with the block tables
+    /// (`[pos, seq]` per row; tables padded to the pool's stride).
+    pub(super) fn upload_slots(
+        &mut self,
+        cache: &GpuCache,
+        rows: &[RowSlot],
+        tables: &[Vec<u32>],
+    ) -> Result<()> {
+        let Some(paged) = &cache.paged else {
+            return Err(Error::Backend(format!(
+                "the GPU batch kernels need head_dim % 4 == 0 and <= 128 (head_dim {})",
+                self.cfg.head_dim
+            )));
+        };
+        let (bs, ts) = (cache.block_size, paged.tstride);
+        if rows.len() != self.t() || tables.len() > self.max_step {
+            return Err(Error::Request(format!(
+                "a batched step of {} rows has {} slots and {} block tables (at most {})",
+                self.t(),
+                rows.len(),
+                tables.len(),
+                self.max_step
+            )));
+        }
+        let mut words = vec![0u32; tables.len().max(1) * ts];
+        for (s, table) in tables.iter().enumerate() {
+            if table.len() > ts || table.iter().any(|&b| b as usize >= cache.blocks) {
+                return Err(Error::Request(format!(
+                    "block table {s} ({} blocks) does not fit the pool ({} blocks, at most {ts} \
+                     per sequence)",
+                    table.len(),
+                    cache.blocks
+                )));
+            }
+            words[s * ts..s * ts + table.len()].copy_from_slice(table);
+        }
+        let mut slots = Vec::with_capacity(2 * rows.len());
+        for r in rows {
+            if r.seq >= tables.len() || r.pos / bs >= tables[r.seq].len() {
+                return Err(Error::Request(format!(
+                    "row at position {} of sequence {} has no block in its table",
+                    r.pos, r.seq
+                )));
+            }
+            slots.extend([r.pos as u32, r.seq as u32]);
+        }
+        let q = &self.ctx.queue;
+        q.write_buffer(&paged.rows, 0, bytemuck::cast_slice(&slots));
+        q.write_buffer(&paged.tables, 0, bytemuck::cast_slice(&words));
+        Ok(())
     }
+}
 
+impl BatchBackend for GpuBackend {
     fn rope_kv_write_rows(
         &mut self,
-        pool: &mut GpuKvPool,
+        pool: &mut GpuCache,
         layer: usize,
         rows: &[RowSlot],
         tables: &[Vec<u32>],
@@ -178,29 +145,26 @@ impl BatchBackend for GpuBackend {
         if layer == 0 {
             self.batch_error = self.upload_slots(pool, rows, tables).err();
         }
-        if self.batch_error.is_none() {
+        if let (None, Some(p)) = (&self.batch_error, &pool.paged) {
             let heads = self.cfg.num_heads + self.cfg.num_kv_heads;
             self.ops
                 .paged
-                .record_rope(&mut self.rec, &pool.rope_bgs[layer], heads, rows.len());
+                .record_rope(&mut self.rec, &p.rope_bgs[layer], heads, rows.len());
         }
     }
 
     fn attention_rows(
         &mut self,
-        pool: &GpuKvPool,
+        pool: &GpuCache,
         layer: usize,
         rows: &[RowSlot],
         _tables: &[Vec<u32>],
     ) {
-        if self.batch_error.is_none() {
+        if let (None, Some(p)) = (&self.batch_error, &pool.paged) {
             let heads = self.cfg.num_heads;
-            self.ops.paged.record_attention(
-                &mut self.rec,
-                &pool.attn_bgs[layer],
-                heads,
-                rows.len(),
-            );
+            self.ops
+                .paged
+                .record_attention(&mut self.rec, &p.attn_bgs[layer], heads, rows.len());
         }
     }
 

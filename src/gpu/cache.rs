@@ -1,32 +1,54 @@
-//! The GPU's single-sequence KV cache.
+//! The GPU's KV cache, the one representation for single sequences and serving pools: keys
+//! and values in blocks, one buffer per layer for each, `[block][kv_head][position in
+//! block][head_dim]`. A single sequence is one block of its whole context, which the decode and
+//! prefill kernels specialise on (split and query-tiled attention, RoPE and the KV write fused
+//! into the q|k|v GEMV); pools of several blocks run the paged kernels through block tables.
+//! The specialisation stays because the paged attention, one workgroup walking a row's whole
+//! context, decodes a single sequence about 10× slower (H200: BENCHMARKS.md).
 
+use super::buffers::{bind_group, storage, uniform};
 use super::params::{AttnP, FusedP};
-use super::*;
+use super::GpuBackend;
+use crate::backend::KvCache;
+use crate::error::{Error, Result};
 
-/// The KV cache on the GPU: f32 keys and values per layer `[kv_head][position][head_dim]`,
-/// the RoPE cos/sin table for its positions, attention partials, and the bind groups of the
-/// kernels that use them.
-pub struct GpuCache {
-    pub(super) capacity: usize,
+/// The single-sequence kernels' bindings (a one-block cache): attention partials and the
+/// bind groups of RoPE, attention and the fused q|k|v GEMV per layer.
+pub(super) struct Single {
     pub(super) maxsplit: usize,
-    pub(super) k: Vec<wgpu::Buffer>,
-    pub(super) v: Vec<wgpu::Buffer>,
     pub(super) rope_bgs: Vec<wgpu::BindGroup>,
     pub(super) attn_bgs: Vec<wgpu::BindGroup>,
     /// Fused norm + q|k|v GEMV + RoPE + KV write, per layer (when fusion is on).
     pub(super) qkv_bgs: Vec<wgpu::BindGroup>,
 }
 
+/// Keys and values on the GPU and the bindings of the kernels that use them.
+pub struct GpuCache {
+    pub(super) blocks: usize,
+    pub(super) block_size: usize,
+    pub(super) k: Vec<wgpu::Buffer>,
+    pub(super) v: Vec<wgpu::Buffer>,
+    /// The paged kernels' bindings (None when they cannot run this head shape; native only:
+    /// the browser build runs single sequences).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(super) paged: Option<super::batch::Paged>,
+    /// The single-sequence kernels' bindings (one block only).
+    pub(super) single: Option<Single>,
+}
+
 impl KvCache for GpuCache {
-    fn capacity(&self) -> usize {
-        self.capacity
+    fn blocks(&self) -> usize {
+        self.blocks
+    }
+    fn block_size(&self) -> usize {
+        self.block_size
     }
 }
 
 impl GpuCache {
-    /// Attention partial slots per (token, head).
+    /// Attention partial slots per (token, head) of a single-sequence cache (0 for a pool).
     pub fn max_splits(&self) -> usize {
-        self.maxsplit
+        self.single.as_ref().map_or(0, |s| s.maxsplit)
     }
 
     /// GPU bytes held by the keys and values.
@@ -36,21 +58,85 @@ impl GpuCache {
 }
 
 impl GpuBackend {
-    /// A KV cache of `capacity` positions with its RoPE table, attention partials and the
-    /// bind groups of the kernels that read it.
-    pub(super) fn create_cache(&self, capacity: usize) -> Result<GpuCache> {
+    /// The most blocks of `block_size` positions a pool may have (a layer's keys must fit one
+    /// binding).
+    pub fn max_pool_blocks(&self, block_size: usize) -> usize {
         let c = &self.cfg;
-        let device = &self.ctx.device;
-        let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
-        let layer_bytes = (nkv * capacity * hd * self.kv.bytes()) as u64;
-        if layer_bytes > self.max_binding {
+        let per_block =
+            (c.num_kv_heads * block_size.max(1) * c.head_dim * self.kv.bytes()).max(1) as u64;
+        (self.max_binding / per_block) as usize
+    }
+
+    /// Bytes one block of `block_size` positions holds.
+    pub(super) fn kv_block_bytes(&self, block_size: usize) -> usize {
+        2 * self.kv.bytes() * block_size * self.cfg.num_layers * self.cfg.kv_dim()
+    }
+
+    /// `blocks` blocks of `block_size` positions with the bindings of the kernels that can use
+    /// them: the single-sequence ones for one block, the paged ones where the head fits.
+    pub(super) fn create_cache(&self, blocks: usize, block_size: usize) -> Result<GpuCache> {
+        let c = &self.cfg;
+        let (blocks, block_size) = (blocks.max(1), block_size.max(1));
+        // The paged kernels run pools of several blocks (native builds only).
+        #[cfg(not(target_arch = "wasm32"))]
+        let paged_ok = super::batch::paged_fits(c.head_dim);
+        #[cfg(target_arch = "wasm32")]
+        let paged_ok = false;
+        if blocks > 1 && !paged_ok {
             return Err(Error::Backend(format!(
-                "a layer's KV cache ({layer_bytes} bytes for {capacity} positions) exceeds the \
-                 binding limit {}",
+                "the GPU batch kernels need head_dim % 4 == 0 and <= 128 (head_dim {})",
+                c.head_dim
+            )));
+        }
+        let layer_bytes = blocks
+            .checked_mul(c.num_kv_heads * block_size * c.head_dim * self.kv.bytes())
+            .ok_or_else(|| Error::Request("KV cache size overflows".into()))?;
+        if layer_bytes as u64 > self.max_binding {
+            return Err(Error::Backend(format!(
+                "a layer's KV cache ({layer_bytes} bytes for {blocks} blocks of {block_size} \
+                 positions) exceeds the binding limit {}: use a smaller KV cache",
                 self.max_binding
             )));
         }
-        let table = self.rope_table(capacity);
+        let positions = if blocks == 1 {
+            block_size
+        } else {
+            c.max_position_embeddings.min(blocks * block_size).max(1)
+        };
+        let table = self.rope_table(positions);
+        let device = &self.ctx.device;
+        let (k, v): (Vec<_>, Vec<_>) = (0..c.num_layers)
+            .map(|l| {
+                (
+                    storage(device, &format!("k cache {l}"), layer_bytes),
+                    storage(device, &format!("v cache {l}"), layer_bytes),
+                )
+            })
+            .unzip();
+        #[cfg(not(target_arch = "wasm32"))]
+        let paged = paged_ok.then(|| self.paged_bindings(&k, &v, &table, block_size, positions));
+        let single = (blocks == 1).then(|| self.single_bindings(&k, &v, &table, block_size));
+        Ok(GpuCache {
+            blocks,
+            block_size,
+            k,
+            v,
+            #[cfg(not(target_arch = "wasm32"))]
+            paged,
+            single,
+        })
+    }
+
+    fn single_bindings(
+        &self,
+        k: &[wgpu::Buffer],
+        v: &[wgpu::Buffer],
+        table: &wgpu::Buffer,
+        capacity: usize,
+    ) -> Single {
+        let c = &self.cfg;
+        let device = &self.ctx.device;
+        let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
         let unit = (self.max_step * nh * (hd + 2) * 4) as u64;
         let budget = self.max_binding.min(64 << 20);
         let maxsplit = ((budget / unit) as usize).clamp(1, capacity.div_ceil(64));
@@ -70,19 +156,13 @@ impl GpuBackend {
             },
         );
         let b = &self.bufs;
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        let mut rope_bgs = Vec::new();
-        let mut attn_bgs = Vec::new();
-        let mut qkv_bgs = Vec::new();
-        for l in 0..c.num_layers {
-            let kb = storage(device, &format!("k cache {l}"), layer_bytes as usize);
-            let vb = storage(device, &format!("v cache {l}"), layer_bytes as usize);
+        let (mut rope_bgs, mut attn_bgs, mut qkv_bgs) = (vec![], vec![], vec![]);
+        for ((kb, vb), layer) in k.iter().zip(v).zip(&self.layers) {
             rope_bgs.push(bind_group(
                 device,
                 "rope",
                 &self.ops.rope.layout,
-                &[&b.step, &b.rope_params, &b.qkv, &kb, &vb, &table],
+                &[&b.step, &b.rope_params, &b.qkv, kb, vb, table],
             ));
             attn_bgs.push(bind_group(
                 device,
@@ -92,15 +172,14 @@ impl GpuBackend {
                     &b.step,
                     &attn_params,
                     &b.qkv,
-                    &kb,
-                    &vb,
+                    kb,
+                    vb,
                     &part,
                     &b.attn,
-                    &kb,
-                    &vb,
+                    kb,
+                    vb,
                 ],
             ));
-            let layer = &self.layers[l];
             if layer.fused.is_some() {
                 let m = &layer.qkv;
                 let h = c.hidden_size;
@@ -132,23 +211,18 @@ impl GpuBackend {
                         &b.x,
                         &layer.input_gamma,
                         &b.qkv,
-                        &table,
-                        &kb,
-                        &vb,
+                        table,
+                        kb,
+                        vb,
                     ],
                 ));
             }
-            k.push(kb);
-            v.push(vb);
         }
-        Ok(GpuCache {
-            capacity,
+        Single {
             maxsplit,
-            k,
-            v,
             rope_bgs,
             attn_bgs,
             qkv_bgs,
-        })
+        }
     }
 }

@@ -37,9 +37,7 @@ use recorder::Recorder;
 pub use step::Activation;
 
 use crate::arch::{layer_ops, GatedAct, LayerOp, BITNET_B158};
-use crate::backend::{
-    Backend, HeadMode, KvCache, KvDtype, Linear, LogitRows, NormSite, PREFILL_CHUNK,
-};
+use crate::backend::{Backend, HeadMode, KvDtype, Linear, LogitRows, NormSite, PREFILL_CHUNK};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::format::{FloatDtype, Weights};
@@ -215,8 +213,12 @@ impl Backend for GpuBackend {
         self.max_step
     }
 
-    fn new_cache(&self, capacity: usize) -> Result<GpuCache> {
-        self.create_cache(capacity)
+    fn new_pool(&self, blocks: usize, block_size: usize) -> Result<GpuCache> {
+        self.create_cache(blocks, block_size)
+    }
+
+    fn block_bytes(&self, block_size: usize) -> usize {
+        self.kv_block_bytes(block_size)
     }
 
     fn embed(&mut self, tokens: &[u32]) -> Result<()> {
@@ -264,32 +266,40 @@ impl Backend for GpuBackend {
         self.end_layer(layer);
     }
 
+    /// The single-sequence specialisation (a one-block cache; the engine checks the context
+    /// against [`crate::backend::KvCache::capacity`], 0 for a pool, before any op runs).
     fn rope_kv_write(&mut self, cache: &mut GpuCache, layer: usize, pos: usize) {
+        let Some(single) = &cache.single else {
+            return;
+        };
         let t = self.t();
         self.step.pos = pos as u32;
-        self.step.cap = cache.capacity as u32;
+        self.step.cap = cache.block_size as u32;
         let heads = self.cfg.num_heads + self.cfg.num_kv_heads;
         self.ops
             .rope
-            .record(&mut self.rec, &cache.rope_bgs[layer], heads, t);
+            .record(&mut self.rec, &single.rope_bgs[layer], heads, t);
     }
 
     fn attention(&mut self, cache: &GpuCache, layer: usize, pos: usize) {
+        let Some(single) = &cache.single else {
+            return;
+        };
         let t = self.t();
         let maxlen = pos + t;
-        let chunk = maxlen.div_ceil(cache.maxsplit).div_ceil(64) * 64;
+        let chunk = maxlen.div_ceil(single.maxsplit).div_ceil(64) * 64;
         let nsplit = maxlen.div_ceil(chunk);
         self.step.pos = pos as u32;
         self.step.chunk = chunk as u32;
         self.step.nsplit = nsplit as u32;
-        self.step.cap = cache.capacity as u32;
+        self.step.cap = cache.block_size as u32;
         let heads = self.cfg.num_heads;
         let kv_heads = self.cfg.num_kv_heads;
         let group = heads / kv_heads;
         if t > 1 && ops::attention::tiled_fits(self.cfg.head_dim, group) {
             self.ops.attention.record_tiled(
                 &mut self.rec,
-                &cache.attn_bgs[layer],
+                &single.attn_bgs[layer],
                 kv_heads,
                 group,
                 nsplit,
@@ -299,7 +309,7 @@ impl Backend for GpuBackend {
         }
         self.ops.attention.record(
             &mut self.rec,
-            &cache.attn_bgs[layer],
+            &single.attn_bgs[layer],
             nsplit,
             heads,
             t,
@@ -310,17 +320,15 @@ impl Backend for GpuBackend {
     /// A decode step's whole layer in five kernels: each norm folded into the matmul that
     /// consumes it, RoPE and the KV write into the q|k|v GEMV.
     fn fuse(&mut self, cache: &mut GpuCache, layer: usize, pos: usize, ops: &[LayerOp]) -> usize {
-        if ops != BITNET_B158
-            || self.t() != 1
-            || cache.qkv_bgs.len() <= layer
-            || self.layers[layer].fused.is_none()
-        {
+        let Some(qkv) = cache.single.as_ref().and_then(|s| s.qkv_bgs.get(layer)) else {
+            return 0;
+        };
+        if ops != BITNET_B158 || self.t() != 1 || self.layers[layer].fused.is_none() {
             return 0;
         }
         self.step.pos = pos as u32;
-        self.step.cap = cache.capacity as u32;
+        self.step.cap = cache.block_size as u32;
         let rows = self.layers[layer].qkv.rows;
-        let qkv = &cache.qkv_bgs[layer];
         let fused = &self.ops.fused;
         fused.record(&mut self.rec, Fused::QkvRope, qkv, rows);
         self.attention(cache, layer, pos);
