@@ -5,8 +5,29 @@
 //!
 //! Adding an architecture is a new description here (and any new op once per backend).
 
-use crate::backend::{Linear, NormSite};
 use crate::config::ModelConfig;
+
+/// Where an RMSNorm + int8 quantization reads the residual stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormSite {
+    /// input_layernorm, feeding q/k/v.
+    Input,
+    /// post_attention_layernorm, feeding gate/up.
+    PostAttention,
+}
+
+/// The fused ternary linears of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linear {
+    /// q, k and v stacked: quantized normed input → q|k|v.
+    Qkv,
+    /// o_proj, added into the residual stream.
+    O,
+    /// gate and up stacked.
+    GateUp,
+    /// down_proj, added into the residual stream.
+    Down,
+}
 
 /// The gating activation of the feed-forward block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

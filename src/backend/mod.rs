@@ -8,31 +8,11 @@ mod options;
 
 pub use options::{HeadMode, KvDtype, PREFILL_CHUNK};
 
-use crate::arch::{GatedAct, LayerOp};
+pub use crate::arch::{GatedAct, Linear, NormSite};
+
+use crate::arch::LayerOp;
 use crate::config::ModelConfig;
 use crate::error::Result;
-
-/// Where an RMSNorm + int8 quantization reads the residual stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NormSite {
-    /// input_layernorm, feeding q/k/v.
-    Input,
-    /// post_attention_layernorm, feeding gate/up.
-    PostAttention,
-}
-
-/// The fused ternary linears of a layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Linear {
-    /// q, k and v stacked: quantized normed input → q|k|v.
-    Qkv,
-    /// o_proj, added into the residual stream.
-    O,
-    /// gate and up stacked.
-    GateUp,
-    /// down_proj, added into the residual stream.
-    Down,
-}
 
 /// Which positions of a step need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,19 +1,18 @@
 //! `bitnet serve` and `bitnet bench-serve`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use super::ModelArgs;
 use bitnet_inference::backend::{HeadMode, KvDtype};
-use bitnet_inference::load::BackendKind;
+use bitnet_inference::cpu::kernels::Kernels;
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, default_value = "models/kjv-fortunes")]
-    pub(crate) model: PathBuf,
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     pub(crate) host: String,
@@ -26,18 +25,6 @@ pub(crate) struct ServeArgs {
     /// Allowed CORS origin (repeat; `*` for any).
     #[arg(long = "cors-origin")]
     pub(crate) cors_origins: Vec<String>,
-    /// Backend: auto takes a real GPU when wgpu finds one, else the CPU.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub(crate) backend: BackendKind,
-    /// Worker threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
-    pub(crate) threads: usize,
-    /// Head storage: native (exact) or int8 (per-row scales; faster for large batches).
-    #[arg(long, default_value = "native")]
-    pub(crate) head: String,
-    /// KV pool element type: f32, or f16 (GPU backend: twice the positions per MiB).
-    #[arg(long, default_value = "f32")]
-    pub(crate) kv: String,
     /// Most sequences decoding together.
     #[arg(long, default_value_t = 64)]
     pub(crate) max_batch: usize,
@@ -75,18 +62,9 @@ pub(crate) struct BenchServeArgs {
     /// A running server (`http://host:port`); without it a server is started on --model.
     #[arg(long)]
     pub(crate) url: Option<String>,
-    /// Model directory for the server started here.
-    #[arg(long, default_value = "models/kjv-fortunes")]
-    pub(crate) model: PathBuf,
-    /// Backend of the server started here.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub(crate) backend: BackendKind,
-    /// Worker threads of the server started here (0 = one per core).
-    #[arg(long, default_value_t = 0)]
-    pub(crate) threads: usize,
-    /// Head storage of the server started here: native or int8.
-    #[arg(long, default_value = "native")]
-    pub(crate) head: String,
+    /// The model and backend of the server started here.
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
     /// Concurrency levels.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     pub(crate) clients: Vec<usize>,
@@ -113,13 +91,15 @@ pub(crate) fn bench_serve(a: BenchServeArgs) -> Result<()> {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => {
             let most = a.clients.iter().copied().max().unwrap_or(1);
+            let m = &a.model;
             let mut c = std::process::Command::new(std::env::current_exe()?)
                 .args(["serve", "--port", "0", "--max-batch", &most.to_string()])
-                .args(["--max-queue", &(most * 2).to_string(), "--head", &a.head])
-                .args(["--threads", &a.threads.to_string()])
-                .args(["--backend", a.backend.name()])
+                .args(["--max-queue", &(most * 2).to_string()])
+                .args(["--head", &m.head, "--kv", &m.kv, "--kernels", &m.kernels])
+                .args(["--threads", &m.threads.to_string()])
+                .args(["--backend", m.backend.name()])
                 .arg("--model")
-                .arg(&a.model)
+                .arg(&m.model)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::null())
                 .spawn()?;
@@ -188,22 +168,24 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         "text" => fmt.init(),
         other => bail!("--log-format {other}: use text or json"),
     }
-    if !a.model.join("config.json").exists() {
+    let m = a.model;
+    if !m.model.join("config.json").exists() {
         bail!(
             "{}: no config.json (is --model a model directory?)",
-            a.model.display()
+            m.model.display()
         );
     }
     run(ServeOptions {
-        model: a.model,
+        kernels: Some(Kernels::by_name(&m.kernels)?),
+        head: HeadMode::parse(&m.head)?,
+        kv: KvDtype::parse(&m.kv)?,
+        backend: m.backend,
+        threads: m.threads,
+        model: m.model,
         host: a.host,
         port: a.port,
         api_key: a.api_key.filter(|k| !k.is_empty()),
         cors_origins: a.cors_origins,
-        backend: a.backend,
-        threads: a.threads,
-        head: HeadMode::parse(&a.head)?,
-        kv: KvDtype::parse(&a.kv)?,
         scheduler: SchedulerConfig {
             max_batch: a.max_batch,
             max_queue: a.max_queue,

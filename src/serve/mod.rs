@@ -44,6 +44,8 @@ pub struct ServeOptions {
     pub backend: BackendKind,
     /// CPU worker threads (0 = one per core).
     pub threads: usize,
+    /// CPU kernel set (None = the fastest detected).
+    pub kernels: Option<crate::cpu::kernels::Kernels>,
     /// Head storage (int8 halves the head's reads and speeds up large batches).
     pub head: HeadMode,
     /// KV pool element type (f16 on the GPU backend only).
@@ -72,6 +74,7 @@ impl Default for ServeOptions {
             cors_origins: Vec::new(),
             backend: BackendKind::Cpu,
             threads: 0,
+            kernels: None,
             head: HeadMode::default(),
             kv: KvDtype::F32,
             scheduler: SchedulerConfig::default(),
@@ -146,7 +149,7 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
         threads: opts.threads,
         head: opts.head,
         kv: opts.kv,
-        kernels: None,
+        kernels: opts.kernels,
         max_step: Some(sc.step_tokens),
     };
     let (engine, fallback) = load_backend(&files.weights, &load)?;
