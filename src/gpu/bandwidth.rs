@@ -9,7 +9,7 @@
 //! when the device has them, else the wall time of a submit.
 
 use super::buffers::{bind_group, storage, uniform};
-use super::params::MatP;
+use super::ops::matmul::MatP;
 use super::GpuBackend;
 
 /// Bytes each probe streams (capped by the device's largest binding): just under 1 GiB, the

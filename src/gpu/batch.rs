@@ -3,7 +3,7 @@
 //! step, see `cache.rs`).
 
 use super::buffers::{bind_group, storage, uniform};
-use super::params::PagedP;
+use super::ops::paged::PagedP;
 use super::{GpuBackend, GpuCache};
 use crate::backend::{BatchBackend, RowSlot};
 use crate::error::{Error, Result};

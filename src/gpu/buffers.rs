@@ -1,7 +1,7 @@
 //! GPU memory: weight repacking, head/embedding sharding under the binding-size limit, and
 //! buffer helpers. Everything here runs once at load time.
 
-use super::params::ShardP;
+use super::ops::head::ShardP;
 use rayon::prelude::*;
 use wgpu::util::DeviceExt;
 

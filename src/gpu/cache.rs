@@ -7,7 +7,7 @@
 //! context, decodes a single sequence about 10× slower (H200: BENCHMARKS.md).
 
 use super::buffers::{bind_group, storage, uniform};
-use super::params::{AttnP, FusedP};
+use super::ops::{attention::AttnP, gemv_fused::FusedP};
 use super::GpuBackend;
 use crate::backend::KvCache;
 use crate::error::{Error, Result};

@@ -1,7 +1,9 @@
 //! Loading the GPU backend: weights repacked and uploaded, pipelines compiled, every bind
 //! group of the model built once.
 
-use super::params::{ArgP, FusedP, MatP, NormP, RopeP, Step, TopkP};
+use super::ops::{argmax::ArgP, gemv_fused::FusedP, matmul::MatP, norm::NormP};
+use super::ops::{rope::RopeP, topk::TopkP};
+use super::params::Step;
 use super::*;
 
 pub(super) fn mat(

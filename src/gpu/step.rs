@@ -1,7 +1,7 @@
 //! Recording and reading back a step: submission in parts, readbacks, the final norm and
 //! head, device selections, and access to step activations for tests.
 
-use super::params::TopkP;
+use super::ops::topk::TopkP;
 use super::*;
 
 /// A step activation buffer, for tests and debugging.

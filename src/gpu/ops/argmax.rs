@@ -1,10 +1,26 @@
 //! Argmax of logits row 0 on the device (the lowest id on ties, as
 //! [`crate::reference::argmax`]): partials per 4,096 logits, then the merge.
 
+use bytemuck::{Pod, Zeroable};
+
 use super::{Target, Use::*, COMMON};
 use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/argmax.wgsl");
+
+/// Argmax over the logits (`ArgP` in argmax.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+pub struct ArgP {
+    /// Logits.
+    pub n: u32,
+    /// Partial results.
+    pub parts: u32,
+    /// Padding.
+    pub pad0: u32,
+    /// Padding.
+    pub pad1: u32,
+}
 
 /// Logits one partial covers (`ARG_CHUNK` in argmax.wgsl).
 const CHUNK: usize = 4096;

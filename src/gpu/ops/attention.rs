@@ -1,10 +1,34 @@
 //! Causal GQA attention over the contiguous KV cache: split partials (scalar, vec4 for decode,
 //! query-tiled for prefill) and their merge.
 
+use bytemuck::{Pod, Zeroable};
+
 use super::{Target, Use::*, ATTEND_VEC_COMMON, COMMON};
 use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/attention.wgsl");
+
+/// Attention over a contiguous cache (`AttnP` in attention.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+pub struct AttnP {
+    /// Head dimension.
+    pub hd: u32,
+    /// Query heads.
+    pub nh: u32,
+    /// Query heads per KV head.
+    pub group: u32,
+    /// f32 per q|k|v row.
+    pub stride: u32,
+    /// Query width.
+    pub q_dim: u32,
+    /// Partial slots per (token, head).
+    pub maxsplit: u32,
+    /// 1 / sqrt(head_dim).
+    pub scale: f32,
+    /// Padding.
+    pub pad: u32,
+}
 
 /// The attention kernels.
 pub struct Attention {

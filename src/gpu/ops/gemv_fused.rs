@@ -2,11 +2,43 @@
 //! whole input row in registers, then computes its rows. The q|k|v one also applies RoPE and
 //! writes k and v into the cache.
 
+use bytemuck::{Pod, Zeroable};
+
 use super::{Target, Use::*, COMMON, REDUCE_PAIRS_SHARED, REDUCE_PAIRS_SUBGROUP};
 use super::{REDUCE_WG_SHARED, REDUCE_WG_SUBGROUP};
 use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/gemv_fused.wgsl");
+
+/// A fused norm + GEMV (`FusedP` in gemv_fused.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+pub struct FusedP {
+    /// Output rows.
+    pub rows: u32,
+    /// vec4<u32> of weights per row.
+    pub kvec: u32,
+    /// f32 per output row.
+    pub ld: u32,
+    /// Input elements normalised.
+    pub width: u32,
+    /// f32 per source row.
+    pub src_stride: u32,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Query width (q heads × head_dim).
+    pub q_dim: u32,
+    /// Key/value width.
+    pub kv_dim: u32,
+    /// Head dimension.
+    pub hd: u32,
+    /// Padding.
+    pub p0: u32,
+    /// Padding.
+    pub p1: u32,
+    /// Padding.
+    pub p2: u32,
+}
 
 /// Output rows of a fused GEMV workgroup (`2 * FG` in gemv_fused.wgsl).
 pub const FUSED_ROWS: u32 = 32;

@@ -1,12 +1,36 @@
 //! The output head over one shard of vocabulary rows: float (bf16 or f32) rows against the
 //! final-normed f32 row, or int8 rows with per-row scales against the quantized row.
 
+use bytemuck::{Pod, Zeroable};
+
 use super::{Target, Use::*, COMMON, ROW_WG};
 use crate::gpu::recorder::Recorder;
 
 const SHARD: &str = include_str!("../../../shaders/head_shard.wgsl");
 const FLOAT: &str = include_str!("../../../shaders/head.wgsl");
 const INT8: &str = include_str!("../../../shaders/head_i8.wgsl");
+
+/// One shard of the embedding or head (`Shard` in embed.wgsl and head_shard.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+pub struct ShardP {
+    /// First vocabulary row held by this shard.
+    pub row0: u32,
+    /// Rows in this shard.
+    pub rows: u32,
+    /// Hidden size.
+    pub cols: u32,
+    /// u32 words per stored row (padded).
+    pub row_words: u32,
+    /// Vocabulary size.
+    pub vocab: u32,
+    /// vec4 per row of the final-normed activations.
+    pub hn_vec4: u32,
+    /// Padding.
+    pub pad0: u32,
+    /// Padding.
+    pub pad1: u32,
+}
 
 /// The head kernels.
 pub struct Head {

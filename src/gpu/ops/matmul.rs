@@ -1,10 +1,26 @@
 //! Ternary × int8 matmuls: the GEMV for one token, the 4-token GEMV for small steps, the
 //! tiled GEMM for prefill; each storing or adding into its output.
 
+use bytemuck::{Pod, Zeroable};
+
 use super::{Target, Use::*, COMMON};
 use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/matmul.wgsl");
+
+/// A ternary matmul's matrix (`MatP` in matmul.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+pub struct MatP {
+    /// Output rows.
+    pub rows: u32,
+    /// vec4<u32> of weights per row.
+    pub kvec: u32,
+    /// f32 per output row.
+    pub ld: u32,
+    /// Padding.
+    pub pad: u32,
+}
 
 /// Invocations per GEMV workgroup (`GV_WG` in matmul.wgsl).
 pub const GEMV_WG: u32 = 128;

@@ -1,10 +1,26 @@
 //! RMSNorm of step rows, then int8 quantization (optionally after relu²(gate)·up), or to f32
 //! (the final norm).
 
+use bytemuck::{Pod, Zeroable};
+
 use super::{Target, Use::*, COMMON};
 use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/norm.wgsl");
+
+/// An RMSNorm (+ quantization) (`NormP` in norm.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+pub struct NormP {
+    /// Elements normalised.
+    pub width: u32,
+    /// f32 per source row.
+    pub src_stride: u32,
+    /// u32 per output row (int8 ×4, or f32).
+    pub out_words: u32,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
 
 /// Which norm kernel variant.
 #[derive(Clone, Copy)]

@@ -1,10 +1,43 @@
 //! RoPE, KV write and attention for batched rows of different sequences over the paged pool.
 
+use bytemuck::{Pod, Zeroable};
+
 use super::{Target, Use::*, ATTEND_VEC_COMMON, COMMON, ROPE_HEAD};
 use crate::gpu::recorder::Recorder;
 
 const ROPE: &str = include_str!("../../../shaders/paged_rope.wgsl");
 const ATTENTION: &str = include_str!("../../../shaders/paged_attention.wgsl");
+
+/// RoPE, KV write and attention over the paged pool (`PagedP` in paged_rope.wgsl and
+/// paged_attention.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+pub struct PagedP {
+    /// Head dimension.
+    pub hd: u32,
+    /// Query heads.
+    pub nh: u32,
+    /// Query heads per KV head.
+    pub group: u32,
+    /// f32 per q|k|v row.
+    pub stride: u32,
+    /// Query width.
+    pub q_dim: u32,
+    /// Key/value width.
+    pub kv_dim: u32,
+    /// KV heads.
+    pub kvh: u32,
+    /// Positions per block.
+    pub bs: u32,
+    /// Block-table entries per sequence.
+    pub tstride: u32,
+    /// 1 / sqrt(head_dim).
+    pub scale: f32,
+    /// Padding.
+    pub pad0: u32,
+    /// Padding.
+    pub pad1: u32,
+}
 
 /// The paged kernels.
 pub struct Paged {

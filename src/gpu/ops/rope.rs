@@ -1,9 +1,25 @@
 //! RoPE of the step's q and k heads, then k and v into the contiguous KV cache.
 
+use bytemuck::{Pod, Zeroable};
+
 use super::{Target, Use::*, COMMON, ROPE_HEAD};
 use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/rope.wgsl");
+
+/// RoPE + KV write of a contiguous cache (`RopeP` in rope.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+pub struct RopeP {
+    /// Head dimension.
+    pub hd: u32,
+    /// Query heads.
+    pub nh: u32,
+    /// f32 per q|k|v row.
+    pub stride: u32,
+    /// Key/value width.
+    pub kv_dim: u32,
+}
 
 /// The RoPE + KV write kernel.
 pub struct Rope {

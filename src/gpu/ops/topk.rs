@@ -2,10 +2,26 @@
 //! memory, passes until one workgroup is left; candidates in
 //! [`crate::reference::top_candidates`]' order.
 
+use bytemuck::{Pod, Zeroable};
+
 use super::{Target, Use::*, COMMON};
 use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/topk.wgsl");
+
+/// One top-k pass (`TopkP` in topk.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+pub struct TopkP {
+    /// Entries this pass reads.
+    pub n: u32,
+    /// Entries each workgroup keeps.
+    pub k: u32,
+    /// 1 / temperature (first pass).
+    pub inv_t: f32,
+    /// Padding.
+    pub pad: u32,
+}
 
 /// Entries one top-k workgroup sorts (`TK_CHUNK` in topk.wgsl).
 pub const CHUNK: usize = 1024;
