@@ -245,14 +245,13 @@ pub fn queue_greedy_step<B: Backend>(
     pos: usize,
     mut profile: Option<&mut OpProfile>,
 ) -> Result<bool> {
-    if b.device().is_none() {
+    let Some(d) = b.device() else {
         return Ok(false);
-    }
+    };
     check_context(cache, pos, 1)?;
-    match (token, b.device()) {
-        (Some(t), _) => b.embed(&[t])?,
-        (None, Some(d)) => d.embed_queued_argmax()?,
-        (None, None) => return Ok(false),
+    match token {
+        Some(t) => b.embed(&[t])?,
+        None => d.embed_queued_argmax()?,
     }
     run_layers(b, &mut SeqKv { cache, pos }, profile.as_deref_mut());
     OpProfile::time(&mut profile, "final_norm_head", || match b.device() {

@@ -250,20 +250,20 @@ impl<B: Backend> Generator<B> {
     ) -> Result<Generation> {
         let vocab = self.backend.config().vocab_size;
         let mut s = Session::new(prompt, opts, self.context(), vocab)?;
-        let mut out = Generation {
-            tokens: Vec::new(),
-            text: String::new(),
-            prompt_tokens: prompt.len(),
-            finish: FinishReason::Length,
-            prefill_s: 0.0,
-            decode_s: 0.0,
+        let done = |s: Session, prefill_s: f64, decode_s: f64| Generation {
+            tokens: s.tokens().to_vec(),
+            text: s.text().to_string(),
+            prompt_tokens: s.prompt_len(),
+            finish: s.finish().unwrap_or(FinishReason::Length),
+            prefill_s,
+            decode_s,
         };
         if s.finish().is_some() {
-            return Ok(out);
+            return Ok(done(s, 0.0, 0.0));
         }
         let t0 = Instant::now();
         let mut logits = self.logits(prompt, false)?;
-        out.prefill_s = t0.elapsed().as_secs_f64();
+        let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut next: Option<u32> = None;
         let mut candidates = Vec::new();
@@ -351,10 +351,6 @@ impl<B: Backend> Generator<B> {
                 }
             }
         }
-        out.decode_s = t1.elapsed().as_secs_f64();
-        out.finish = s.finish().unwrap_or(FinishReason::Length);
-        out.tokens = s.tokens().to_vec();
-        out.text = s.text().to_string();
-        Ok(out)
+        Ok(done(s, prefill_s, t1.elapsed().as_secs_f64()))
     }
 }

@@ -183,22 +183,8 @@ impl GpuBackend {
             if layer.fused.is_some() {
                 let m = &layer.qkv;
                 let h = c.hidden_size;
-                let params = uniform(
-                    device,
-                    "fused qkv",
-                    &FusedP {
-                        rows: m.rows as u32,
-                        kvec: m.kvec as u32,
-                        ld: m.rows as u32,
-                        width: h as u32,
-                        src_stride: h as u32,
-                        eps: c.rms_norm_eps,
-                        q_dim: c.q_dim() as u32,
-                        kv_dim: c.kv_dim() as u32,
-                        hd: hd as u32,
-                        ..Default::default()
-                    },
-                );
+                let p = FusedP::new(c, (m.rows, m.kvec), h, h);
+                let params = uniform(device, "fused qkv", &p);
                 qkv_bgs.push(bind_group(
                     device,
                     "fused qkv",

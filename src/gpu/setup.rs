@@ -210,18 +210,7 @@ impl GpuBackend {
             uniform(
                 device,
                 name,
-                &FusedP {
-                    rows: m.rows as u32,
-                    kvec: m.kvec as u32,
-                    ld: m.rows as u32,
-                    width: width as u32,
-                    src_stride: src_stride as u32,
-                    eps,
-                    q_dim: q as u32,
-                    kv_dim: kv as u32,
-                    hd: hd as u32,
-                    ..Default::default()
-                },
+                &FusedP::new(&cfg, (m.rows, m.kvec), width, src_stride),
             )
         };
         let fbg = |name: &str,

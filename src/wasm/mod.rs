@@ -253,7 +253,6 @@ impl Engine {
 /// A generation in progress and its timing.
 struct Run {
     s: Session,
-    prefilled: bool,
     started: Instant,
     decode_started: Option<Instant>,
     prefill_s: f64,
@@ -503,7 +502,6 @@ impl Inner {
         let vocab = self.engine.config().vocab_size;
         self.session = Some(Run {
             s: Session::new(&prompt, &opts, self.context, vocab)?,
-            prefilled: false,
             started: Instant::now(),
             decode_started: None,
             prefill_s: 0.0,
@@ -530,9 +528,9 @@ impl Inner {
             Want::Argmax => Produce::Argmax,
             Want::TopK(..) | Want::Logits => Produce::Logits,
         };
-        let next = if !r.prefilled {
+        // The prompt runs first; decoding starts once it has.
+        let next = if r.decode_started.is_none() {
             let out = engine.prefill(r.s.context(), want, logits).await?;
-            r.prefilled = true;
             r.prefill_s = r.started.elapsed().as_secs_f64();
             r.decode_started = Some(Instant::now());
             out

@@ -40,6 +40,31 @@ pub struct FusedP {
     pub p2: u32,
 }
 
+impl FusedP {
+    /// The parameters of a fused GEMV of a `rows`-row matrix (`kvec` vec4 of weights per row)
+    /// normalising `width` inputs of rows `src_stride` apart, for `cfg`'s head shape (used by
+    /// the q|k|v GEMV's RoPE and KV write).
+    pub fn new(
+        cfg: &crate::config::ModelConfig,
+        (rows, kvec): (usize, usize),
+        width: usize,
+        src_stride: usize,
+    ) -> Self {
+        FusedP {
+            rows: rows as u32,
+            kvec: kvec as u32,
+            ld: rows as u32,
+            width: width as u32,
+            src_stride: src_stride as u32,
+            eps: cfg.rms_norm_eps,
+            q_dim: cfg.q_dim() as u32,
+            kv_dim: cfg.kv_dim() as u32,
+            hd: cfg.head_dim as u32,
+            ..Default::default()
+        }
+    }
+}
+
 /// Output rows of a fused GEMV workgroup (`2 * FG` in gemv_fused.wgsl).
 pub const FUSED_ROWS: u32 = 32;
 
