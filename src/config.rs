@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::{files, json};
 
 /// How a packed linear's `weight_scale` applies (docs/NUMERICS.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,51 +113,61 @@ impl Preset {
 
 const MAX_DIM: usize = 1 << 20;
 
-fn get_usize(v: &Value, key: &str) -> Result<Option<usize>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-            Error::Config(format!("`{key}` must be a non-negative integer, got {x}"))
-        }),
-    }
-}
-
-fn get_f32(v: &Value, key: &str) -> Result<Option<f32>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_f64()
-            .map(|n| Some(n as f32))
-            .ok_or_else(|| Error::Config(format!("`{key}` must be a number, got {x}"))),
-    }
-}
-
-/// Reads a token id or a list of them.
-pub(crate) fn token_ids(v: Option<&Value>, key: &str) -> Result<Vec<u32>> {
-    let to_id = |x: &Value| {
-        x.as_u64()
-            .filter(|&n| n <= u32::MAX as u64)
-            .map(|n| n as u32)
-            .ok_or_else(|| Error::Config(format!("`{key}` must hold token ids, got {x}")))
-    };
-    match v {
-        None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Array(a)) => a.iter().map(to_id).collect(),
-        Some(x) => Ok(vec![to_id(x)?]),
-    }
-}
-
 fn required(v: &Value, key: &str) -> Result<usize> {
-    get_usize(v, key)?.ok_or_else(|| Error::Config(format!("missing `{key}`")))
+    json::opt_usize(v, key, key)?.ok_or_else(|| Error::Config(format!("missing `{key}`")))
+}
+
+/// The only values a string field may take; an error names the field and lists them.
+fn one_of(value: &str, name: &str, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&value) {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "`{name}` is `{value}`; supported: {}",
+        allowed.join(", ")
+    )))
+}
+
+/// `quantization_config` (absent: transformers' defaults, `bitlinear` and `offline`): the
+/// weight-scale convention and whether linears are ternarized at load.
+fn quantization(v: &Value) -> Result<(ScaleConvention, bool)> {
+    let Some(q) = json::opt_object(v, "quantization_config", "quantization_config")? else {
+        return Ok((ScaleConvention::Divide, false));
+    };
+    let name = "quantization_config.quant_method";
+    if let Some(m) = json::opt_str(q, "quant_method", name)? {
+        one_of(m, name, &["bitnet"])?;
+    }
+    let name = "quantization_config.linear_class";
+    let scale = match json::opt_str(q, "linear_class", name)? {
+        Some("autobitlinear") => ScaleConvention::Multiply,
+        Some(other) => {
+            one_of(other, name, &["bitlinear", "autobitlinear"])?;
+            ScaleConvention::Divide
+        }
+        None => ScaleConvention::Divide,
+    };
+    let name = "quantization_config.quantization_mode";
+    let online = match json::opt_str(q, "quantization_mode", name)? {
+        Some(other) => {
+            one_of(other, name, &["offline", "online"])?;
+            other == "online"
+        }
+        None => false,
+    };
+    let name = "quantization_config.use_rms_norm";
+    if json::opt_bool(q, "use_rms_norm", name)? == Some(true) {
+        return Err(Error::Config(format!("`{name}: true` is not supported")));
+    }
+    Ok((scale, online))
 }
 
 impl ModelConfig {
     /// Reads and validates `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| Error::json(&path, e.to_string()))?;
+        let bytes = files::read_limited(&path, files::JSON_LIMIT)?;
+        let v = json::parse(&bytes).map_err(|e| Error::json(&path, e))?;
         Self::from_json(&v).map_err(|e| match e {
             Error::Config(msg) => Error::json(&path, msg),
             other => other,
@@ -164,73 +175,47 @@ impl ModelConfig {
     }
 
     /// Parses a config.json value (4.x `rope_theta`/`torch_dtype` or 5.x `rope_parameters`/`dtype`).
+    /// Every field the engine reads must have its type; values the engine does not implement
+    /// (another architecture, activation, RoPE scaling, biases, quantization method) are errors.
     pub fn from_json(v: &Value) -> Result<Self> {
         if !v.is_object() {
             return Err(Error::Config("config.json must be a JSON object".into()));
         }
-        if let Some(mt) = v.get("model_type").and_then(Value::as_str) {
-            if mt != "bitnet" {
-                return Err(Error::Config(format!(
-                    "model_type is `{mt}`, expected `bitnet`"
-                )));
+        if let Some(mt) = json::opt_str(v, "model_type", "model_type")? {
+            one_of(mt, "model_type", &["bitnet"])?;
+        }
+        if let Some(act) = json::opt_str(v, "hidden_act", "hidden_act")? {
+            one_of(act, "hidden_act", &["relu2"])?;
+        }
+        for key in ["attention_bias", "mlp_bias"] {
+            if json::opt_bool(v, key, key)? == Some(true) {
+                return Err(Error::Config(format!("`{key}: true` is not supported")));
             }
         }
-        if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
-            if act != "relu2" {
-                return Err(Error::Config(format!(
-                    "hidden_act `{act}` is not supported (expected relu2)"
-                )));
-            }
+        if v.get("rope_scaling").is_some_and(|r| !r.is_null()) {
+            return Err(Error::Config("`rope_scaling` is not supported".into()));
         }
         let hidden_size = required(v, "hidden_size")?;
         let num_heads = required(v, "num_attention_heads")?;
-        let num_kv_heads = get_usize(v, "num_key_value_heads")?.unwrap_or(num_heads);
-        let head_dim = match get_usize(v, "head_dim")? {
+        let num_kv_heads =
+            json::opt_usize(v, "num_key_value_heads", "num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = match json::opt_usize(v, "head_dim", "head_dim")? {
             Some(d) => d,
             None if num_heads > 0 => hidden_size / num_heads,
             None => 0,
         };
-        let rope_theta = match get_f32(v, "rope_theta")? {
-            Some(t) => t,
-            None => match v.get("rope_parameters") {
-                Some(p) => {
-                    if let Some(kind) = p.get("rope_type").and_then(Value::as_str) {
-                        if kind != "default" {
-                            return Err(Error::Config(format!(
-                                "rope_type `{kind}` is not supported"
-                            )));
-                        }
-                    }
-                    get_f32(p, "rope_theta")?.unwrap_or(500000.0)
-                }
-                None => 500000.0,
-            },
-        };
-        let q = v.get("quantization_config");
-        let linear_class = q
-            .and_then(|q| q.get("linear_class"))
-            .and_then(Value::as_str);
-        let scale_convention = match linear_class {
-            Some("autobitlinear") => ScaleConvention::Multiply,
-            Some("bitlinear") | None => ScaleConvention::Divide,
-            Some(other) => {
-                return Err(Error::Config(format!(
-                    "unknown quantization_config.linear_class `{other}`"
-                )))
+        let rope_parameters = json::opt_object(v, "rope_parameters", "rope_parameters")?;
+        let mut rope_theta = json::opt_f32(v, "rope_theta", "rope_theta")?;
+        if let Some(p) = rope_parameters {
+            let name = "rope_parameters.rope_type";
+            if let Some(kind) = json::opt_str(p, "rope_type", name)? {
+                one_of(kind, name, &["default"])?;
             }
-        };
-        let online_quant = match q
-            .and_then(|q| q.get("quantization_mode"))
-            .and_then(Value::as_str)
-        {
-            Some("online") => true,
-            Some("offline") | None => false,
-            Some(other) => {
-                return Err(Error::Config(format!(
-                    "unknown quantization_config.quantization_mode `{other}`"
-                )))
-            }
-        };
+            let theta = json::opt_f32(p, "rope_theta", "rope_parameters.rope_theta")?;
+            rope_theta = rope_theta.or(theta);
+        }
+        let rope_theta = rope_theta.unwrap_or(500000.0);
+        let (scale_convention, online_quant) = quantization(v)?;
         let cfg = ModelConfig {
             vocab_size: required(v, "vocab_size")?,
             hidden_size,
@@ -239,17 +224,18 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            max_position_embeddings: get_usize(v, "max_position_embeddings")?.unwrap_or(2048),
-            rms_norm_eps: get_f32(v, "rms_norm_eps")?.unwrap_or(1e-5),
+            max_position_embeddings: json::opt_usize(
+                v,
+                "max_position_embeddings",
+                "max_position_embeddings",
+            )?
+            .unwrap_or(2048),
+            rms_norm_eps: json::opt_f32(v, "rms_norm_eps", "rms_norm_eps")?.unwrap_or(1e-5),
             rope_theta,
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
+            tie_word_embeddings: json::opt_bool(v, "tie_word_embeddings", "tie_word_embeddings")?
                 .unwrap_or(false),
-            bos_token_id: token_ids(v.get("bos_token_id"), "bos_token_id")?
-                .first()
-                .copied(),
-            eos_token_ids: token_ids(v.get("eos_token_id"), "eos_token_id")?,
+            bos_token_id: json::token_ids(v, "bos_token_id")?.first().copied(),
+            eos_token_ids: json::token_ids(v, "eos_token_id")?,
             scale_convention,
             online_quant,
         };
@@ -370,7 +356,7 @@ impl GenerationConfig {
         if !path.exists() {
             return Self::from_json_text(None, model);
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = files::read_text_limited(&path, files::JSON_LIMIT)?;
         Self::from_json_text(Some(&text), model).map_err(|e| match e {
             Error::Json { msg, .. } => Error::json(&path, msg),
             other => other,
@@ -387,14 +373,20 @@ impl GenerationConfig {
             return Ok(g);
         };
         let path = "generation_config.json";
-        let v: Value = serde_json::from_str(text).map_err(|e| Error::json(path, e.to_string()))?;
-        let eos = token_ids(v.get("eos_token_id"), "eos_token_id")
-            .map_err(|e| Error::json(path, e.to_string()))?;
+        let in_file = |e: Error| match e {
+            Error::Config(msg) => Error::json(path, msg),
+            other => other,
+        };
+        let v = json::parse(text.as_bytes()).map_err(|e| Error::json(path, e))?;
+        if !v.is_object() {
+            return Err(Error::json(path, "must be a JSON object"));
+        }
+        let eos = json::token_ids(&v, "eos_token_id").map_err(in_file)?;
         if !eos.is_empty() {
             g.eos_token_ids = eos;
         }
-        if let Some(b) = token_ids(v.get("bos_token_id"), "bos_token_id")
-            .map_err(|e| Error::json(path, e.to_string()))?
+        if let Some(b) = json::token_ids(&v, "bos_token_id")
+            .map_err(in_file)?
             .first()
         {
             g.bos_token_id = Some(*b);
@@ -469,5 +461,96 @@ mod tests {
             let c = p.config();
             assert_eq!(ModelConfig::from_json(&c.to_json()).unwrap(), c);
         }
+    }
+
+    #[test]
+    fn wrongly_typed_or_unknown_values_are_errors_naming_the_field() {
+        let base = Preset::Tiny.config().to_json();
+        let cases: [(&str, Value, &str); 14] = [
+            ("model_type", 3.into(), "`model_type` must be a string"),
+            ("model_type", "llama".into(), "`model_type` is `llama`"),
+            ("hidden_act", 1.into(), "`hidden_act` must be a string"),
+            (
+                "quantization_config",
+                serde_json::json!([1, 2]),
+                "must be an object",
+            ),
+            (
+                "quantization_config",
+                Value::Null,
+                "must be an object, got null",
+            ),
+            ("quantization_config", 7.into(), "must be an object"),
+            (
+                "tie_word_embeddings",
+                "yes".into(),
+                "`tie_word_embeddings` must be true or false",
+            ),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "linear"}),
+                "rope_scaling",
+            ),
+            ("attention_bias", true.into(), "attention_bias"),
+            (
+                "eos_token_id",
+                "x".into(),
+                "`eos_token_id` must be a token id",
+            ),
+            ("bos_token_id", (-1).into(), "`bos_token_id`"),
+            (
+                "rope_parameters",
+                "x".into(),
+                "`rope_parameters` must be an object",
+            ),
+            (
+                "hidden_size",
+                64.5.into(),
+                "`hidden_size` must be a non-negative integer",
+            ),
+            (
+                "num_hidden_layers",
+                Value::Null,
+                "missing `num_hidden_layers`",
+            ),
+        ];
+        for (key, value, want) in cases {
+            let mut v = base.clone();
+            v[key] = value;
+            let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(want), "{key}: {e}");
+        }
+        for (key, value, want) in [
+            (
+                "linear_class",
+                Value::from(-1),
+                "`quantization_config.linear_class` must be a string",
+            ),
+            (
+                "linear_class",
+                "fastlinear".into(),
+                "supported: bitlinear, autobitlinear",
+            ),
+            (
+                "quantization_mode",
+                2.into(),
+                "`quantization_config.quantization_mode` must be",
+            ),
+            (
+                "quant_method",
+                "gptq".into(),
+                "`quantization_config.quant_method` is `gptq`",
+            ),
+            ("use_rms_norm", true.into(), "use_rms_norm"),
+        ] {
+            let mut v = base.clone();
+            v["quantization_config"][key] = value;
+            let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(want), "{key}: {e}");
+        }
+        let mut v = base.clone();
+        v["head_dim"] = Value::Null;
+        v["rope_scaling"] = Value::Null;
+        assert_eq!(ModelConfig::from_json(&v).unwrap(), Preset::Tiny.config());
     }
 }

@@ -7,9 +7,11 @@ pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod json;
 pub mod load;
 pub mod quant;
 pub mod reference;

@@ -51,8 +51,8 @@ impl ModelFiles {
         if files.safetensors.is_empty() {
             return Err(Error::Request("the model has no *.safetensors file".into()));
         }
-        let cv: serde_json::Value = serde_json::from_str(&config_text)
-            .map_err(|e| Error::json("config.json", e.to_string()))?;
+        let cv = crate::json::parse(config_text.as_bytes())
+            .map_err(|e| Error::json("config.json", e))?;
         let config = ModelConfig::from_json(&cv).map_err(|e| match e {
             Error::Config(msg) => Error::json("config.json", msg),
             other => other,

@@ -15,6 +15,7 @@ use super::{Bytes, FloatDtype, FloatTensor, LayerWeights, TernaryMatrix, Weights
 use crate::config::{ModelConfig, ScaleConvention};
 use crate::error::{Error, Result};
 use crate::quant::{pack_checkpoint, ternarize_absmean};
+use crate::{files, json};
 
 /// A checkpoint file's bytes: mapped from disk, or held in memory.
 #[derive(Debug, Clone)]
@@ -51,6 +52,7 @@ pub struct Checkpoint {
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {
+    files::regular_file_len(path)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the file is opened read-only; the engine assumes checkpoints are not modified
     // while loaded (the usual contract of memory-mapped model loaders).
@@ -304,6 +306,9 @@ fn tensor_infos(bytes: &[u8]) -> std::result::Result<(usize, Vec<(String, Tensor
             .unwrap_or_default();
         format!("invalid safetensors file: {e}{which}")
     })?;
+    // The crate keeps the last of two entries with the same name; refuse them.
+    json::parse(&bytes[8..8 + header_len])
+        .map_err(|e| format!("invalid safetensors header: {e}"))?;
     let infos = meta
         .tensors()
         .into_iter()
@@ -344,8 +349,11 @@ fn parse_header_u64(
         .get(8..end)
         .ok_or_else(|| format!("header length {n} runs past the end of the file"))?;
     let text = std::str::from_utf8(header).map_err(|e| format!("header is not UTF-8: {e}"))?;
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(text).map_err(|e| format!("header is not a JSON object: {e}"))?;
+    let serde_json::Value::Object(map) =
+        json::parse(text.as_bytes()).map_err(|e| format!("invalid safetensors header: {e}"))?
+    else {
+        return Err("the header is not a JSON object".into());
+    };
     let mut infos = Vec::with_capacity(map.len());
     for (name, v) in map {
         if name == "__metadata__" {
@@ -418,9 +426,8 @@ fn inconsistent_tensor(buf: &[u8]) -> Option<String> {
 }
 
 fn shard_files(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::json(index, e.to_string()))?;
+    let bytes = files::read_limited(index, files::JSON_LIMIT)?;
+    let v = json::parse(&bytes).map_err(|e| Error::json(index, e))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
