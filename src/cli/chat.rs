@@ -69,6 +69,7 @@ pub(crate) fn chat_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &ChatArgs
         a.model.model.display()
     );
     let stdin = std::io::stdin();
+    let mut failed = 0;
     loop {
         eprint!("> ");
         let mut line = String::new();
@@ -76,15 +77,30 @@ pub(crate) fn chat_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &ChatArgs
             break;
         }
         messages.push(ChatMessage::new("user", line.trim()));
-        let prompt = tok.encode_chat(&messages)?;
         let mut stdout = std::io::stdout().lock();
-        let out = gen.generate(&prompt, &opts, Some(&tok), |_, piece| {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-            true
-        })?;
-        writeln!(stdout)?;
-        messages.push(ChatMessage::new("assistant", &out.text));
+        // A turn that cannot run (the template refuses, the prompt outgrows the context) is
+        // reported and dropped; the conversation so far stays.
+        let reply = tok.encode_chat(&messages).and_then(|prompt| {
+            gen.generate(&prompt, &opts, Some(&tok), |_, piece| {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+                true
+            })
+        });
+        match reply {
+            Ok(out) => {
+                writeln!(stdout)?;
+                messages.push(ChatMessage::new("assistant", &out.text));
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                messages.pop();
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 && !std::io::IsTerminal::is_terminal(&stdin) {
+        bail!("{failed} chat turn(s) failed");
     }
     Ok(())
 }

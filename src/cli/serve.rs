@@ -19,9 +19,16 @@ pub(crate) struct ServeArgs {
     /// Port (0 picks a free one; the address is printed as `listening on http://...`).
     #[arg(long, default_value_t = 8080)]
     pub(crate) port: u16,
-    /// Require `Authorization: Bearer KEY` on /v1/* and /admin/*.
+    /// Require `Authorization: Bearer KEY` on /v1/*.
     #[arg(long, env = "BITNET_API_KEY", hide_env_values = true)]
     pub(crate) api_key: Option<String>,
+    /// Turn on /admin/* (hot model swap), with `Authorization: Bearer KEY`; without it they
+    /// answer 403.
+    #[arg(long, env = "BITNET_ADMIN_KEY", hide_env_values = true)]
+    pub(crate) admin_key: Option<String>,
+    /// The only directory /admin/load loads models from (required with --admin-key).
+    #[arg(long)]
+    pub(crate) models_dir: Option<std::path::PathBuf>,
     /// Allowed CORS origin (repeat; `*` for any).
     #[arg(long = "cors-origin")]
     pub(crate) cors_origins: Vec<String>,
@@ -52,6 +59,19 @@ pub(crate) struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub(crate) shutdown_timeout: u64,
+    /// Most open connections (lowered to fit the open-file limit); more clients wait.
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) max_connections: usize,
+    /// Seconds a connection gets to send a request header; idle keep-alive connections are
+    /// closed after as long.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) idle_timeout: u64,
+    /// Seconds a request body gets to arrive whole (408 after).
+    #[arg(long, default_value_t = 30)]
+    pub(crate) body_timeout: u64,
+    /// Seconds a WebSocket may sit between requests before it is closed.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) ws_idle_timeout: u64,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub(crate) log_format: String,
@@ -185,6 +205,8 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         host: a.host,
         port: a.port,
         api_key: a.api_key.filter(|k| !k.is_empty()),
+        admin_key: a.admin_key.filter(|k| !k.is_empty()),
+        models_dir: a.models_dir,
         cors_origins: a.cors_origins,
         scheduler: SchedulerConfig {
             max_batch: a.max_batch,
@@ -198,6 +220,10 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         max_prompt_tokens: a.max_prompt_tokens,
         max_body_bytes: a.max_body_bytes,
         shutdown_timeout: a.shutdown_timeout,
+        max_connections: a.max_connections.max(1),
+        idle_timeout: a.idle_timeout,
+        body_timeout: a.body_timeout,
+        ws_idle_timeout: a.ws_idle_timeout,
     })?;
     Ok(())
 }

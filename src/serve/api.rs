@@ -120,6 +120,84 @@ pub struct Common {
     pub n: Option<u32>,
     /// Scheduling priority (extension; higher first).
     pub priority: Option<i32>,
+    /// OpenAI fields this server does not implement: refused with a 400 naming the field
+    /// when set to anything but their default, never silently ignored.
+    #[serde(flatten)]
+    pub unsupported: Unsupported,
+}
+
+/// Request fields that change what an OpenAI server returns and that this server does not
+/// implement (yet).
+#[derive(Debug, Deserialize, Default)]
+pub struct Unsupported {
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    logit_bias: Option<Value>,
+    presence_penalty: Option<Value>,
+    frequency_penalty: Option<Value>,
+    echo: Option<Value>,
+    suffix: Option<Value>,
+    best_of: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    response_format: Option<Value>,
+}
+
+/// Whether `v` is a field's "unset" value: null, false, zero, or empty.
+fn is_unset(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::Bool(true) => false,
+    }
+}
+
+impl Common {
+    /// A 400 naming the first unsupported field that is set to something other than its
+    /// default.
+    pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        let u = &self.unsupported;
+        let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !is_unset(v));
+        let named = [
+            ("logprobs", set(&u.logprobs)),
+            ("top_logprobs", set(&u.top_logprobs)),
+            ("logit_bias", set(&u.logit_bias)),
+            ("presence_penalty", set(&u.presence_penalty)),
+            ("frequency_penalty", set(&u.frequency_penalty)),
+            ("echo", set(&u.echo)),
+            ("suffix", set(&u.suffix)),
+            ("best_of", set(&u.best_of) && u.best_of != Some(Value::from(1))),
+            ("tools", set(&u.tools)),
+            ("functions", set(&u.functions)),
+            (
+                "tool_choice",
+                set(&u.tool_choice)
+                    && !matches!(u.tool_choice.as_ref().and_then(Value::as_str), Some("none" | "auto")),
+            ),
+            (
+                "function_call",
+                set(&u.function_call)
+                    && !matches!(u.function_call.as_ref().and_then(Value::as_str), Some("none" | "auto")),
+            ),
+            (
+                "response_format",
+                set(&u.response_format)
+                    && u.response_format.as_ref().and_then(|f| f.get("type")) != Some(&Value::from("text")),
+            ),
+        ];
+        match named.iter().find(|(_, on)| *on) {
+            Some((field, _)) => Err(ApiError::invalid(
+                Some(field),
+                format!("`{field}` is not supported by this server; leave it unset"),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// `stream_options`.
@@ -202,7 +280,7 @@ pub struct ChatRequest {
 /// `POST /admin/load`.
 #[derive(Debug, Deserialize)]
 pub struct LoadRequest {
-    /// Model directory on the server.
+    /// A model directory inside the server's `--models-dir` (a relative path).
     pub model: String,
 }
 

@@ -1,13 +1,15 @@
 //! Route handlers and the middleware that authenticates, counts and logs every request.
 
 use std::convert::Infallible;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{MatchedPath, Request as HttpRequest, State};
+use axum::extract::{FromRequest, MatchedPath, Request as HttpRequest, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -23,16 +25,33 @@ use crate::tokenizer::ChatMessage;
 
 type AppResult<T> = Result<T, ApiError>;
 
-fn body(b: Result<Bytes, BytesRejection>) -> AppResult<Bytes> {
-    b.map_err(|e| {
-        let status = e.status();
-        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "the request body is larger than the server accepts".to_string()
-        } else {
-            e.body_text()
-        };
-        ApiError::new(status, "invalid_request_error", msg)
-    })
+/// A request body read whole within `--max-body-bytes` and `--body-timeout`.
+pub struct Body(Bytes);
+
+impl FromRequest<Arc<AppState>> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: HttpRequest, state: &Arc<AppState>) -> AppResult<Self> {
+        let secs = state.opts.body_timeout;
+        match tokio::time::timeout(Duration::from_secs(secs), Bytes::from_request(req, state)).await
+        {
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!("the request body did not arrive within {secs} s"),
+            )),
+            Ok(Err(e)) => {
+                let status = e.status();
+                let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "the request body is larger than the server accepts".to_string()
+                } else {
+                    e.body_text()
+                };
+                Err(ApiError::new(status, "invalid_request_error", msg))
+            }
+            Ok(Ok(b)) => Ok(Body(b)),
+        }
+    }
 }
 
 fn ready(state: &AppState) -> AppResult<Arc<LoadedModel>> {
@@ -148,35 +167,30 @@ fn plan(state: &AppState, model: Arc<LoadedModel>, prompt: Vec<u32>, c: Common) 
     })
 }
 
-fn tokenizer(model: &LoadedModel) -> AppResult<&crate::tokenizer::Tokenizer> {
-    model.tokenizer.as_deref().ok_or_else(|| {
-        ApiError::invalid(
-            Some("prompt"),
-            "this model has no tokenizer.json: send the prompt as token ids",
-        )
-    })
+/// What a request's prompt is made from.
+enum PromptInput {
+    Tokens(Vec<u32>),
+    Text(String),
+    Chat(Vec<ChatMessage>),
 }
 
-fn completion_prompt(model: &LoadedModel, p: Prompt) -> AppResult<Vec<u32>> {
+fn completion_input(p: Prompt) -> AppResult<PromptInput> {
     match p {
-        Prompt::Tokens(ids) => Ok(ids),
+        Prompt::Tokens(ids) => Ok(PromptInput::Tokens(ids)),
         Prompt::Text(t) => {
             let mut v = t.into_vec();
-            if v.len() != 1 {
-                return Err(ApiError::invalid(
+            match (v.pop(), v.is_empty()) {
+                (Some(text), true) => Ok(PromptInput::Text(text)),
+                _ => Err(ApiError::invalid(
                     Some("prompt"),
                     "send exactly one prompt per request",
-                ));
+                )),
             }
-            let text = v.pop().unwrap_or_default();
-            tokenizer(model)?
-                .encode(&text, true)
-                .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))
         }
     }
 }
 
-fn chat_prompt(model: &LoadedModel, req: &ChatRequest) -> AppResult<Vec<u32>> {
+fn chat_input(req: &ChatRequest) -> AppResult<PromptInput> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
             Some("messages"),
@@ -201,9 +215,39 @@ fn chat_prompt(model: &LoadedModel, req: &ChatRequest) -> AppResult<Vec<u32>> {
         };
         msgs.push(ChatMessage::new(role, &m.content.text()?));
     }
-    tokenizer(model)?
-        .encode_chat(&msgs)
-        .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))
+    Ok(PromptInput::Chat(msgs))
+}
+
+/// The prompt's token ids. Rendering the chat template and tokenizing run on the blocking
+/// pool, at most one per core at a time, so long prompts never hold up the async workers.
+async fn prompt_tokens(
+    state: &AppState,
+    model: &Arc<LoadedModel>,
+    input: PromptInput,
+) -> AppResult<Vec<u32>> {
+    let (text, param) = match input {
+        PromptInput::Tokens(ids) => return Ok(ids),
+        PromptInput::Text(t) => (Ok(t), "prompt"),
+        PromptInput::Chat(m) => (Err(m), "messages"),
+    };
+    let tok = model.tokenizer.clone().ok_or_else(|| {
+        ApiError::invalid(
+            Some("prompt"),
+            "this model has no tokenizer.json: send the prompt as token ids",
+        )
+    })?;
+    let _turn = state
+        .cpu_work
+        .acquire()
+        .await
+        .map_err(|e| engine_error(e.to_string()))?;
+    tokio::task::spawn_blocking(move || match text {
+        Ok(t) => tok.encode(&t, true),
+        Err(messages) => tok.encode_chat(&messages),
+    })
+    .await
+    .map_err(|e| engine_error(e.to_string()))?
+    .map_err(|e| ApiError::invalid(Some(param), e.to_string()))
 }
 
 /// Chat or text completion chunk/response bodies.
@@ -369,11 +413,12 @@ async fn respond(state: Arc<AppState>, kind: Kind, plan: Plan) -> AppResult<Resp
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<Arc<AppState>>,
-    b: Result<Bytes, BytesRejection>,
+    Body(b): Body,
 ) -> AppResult<Response> {
-    let req: CompletionRequest = api::parse(&body(b)?)?;
+    let req: CompletionRequest = api::parse(&b)?;
+    req.common.refuse_unsupported()?;
     let model = ready(&state)?;
-    let prompt = completion_prompt(&model, req.prompt)?;
+    let prompt = prompt_tokens(&state, &model, completion_input(req.prompt)?).await?;
     let p = plan(&state, model, prompt, req.common)?;
     respond(state, Kind::Text, p).await
 }
@@ -381,11 +426,12 @@ pub async fn completions(
 /// `POST /v1/chat/completions`.
 pub async fn chat(
     State(state): State<Arc<AppState>>,
-    b: Result<Bytes, BytesRejection>,
+    Body(b): Body,
 ) -> AppResult<Response> {
-    let mut req: ChatRequest = api::parse(&body(b)?)?;
+    let mut req: ChatRequest = api::parse(&b)?;
+    req.common.refuse_unsupported()?;
     let model = ready(&state)?;
-    let prompt = chat_prompt(&model, &req)?;
+    let prompt = prompt_tokens(&state, &model, chat_input(&req)?).await?;
     let common = std::mem::take(&mut req.common);
     let p = plan(&state, model, prompt, common)?;
     respond(state, Kind::Chat, p).await
@@ -435,15 +481,58 @@ pub async fn openapi() -> Response {
         .into_response()
 }
 
-/// `POST /admin/load` `{"model": DIR}`: loads DIR and switches new requests to it once ready;
-/// in-flight requests finish on the old model; a failed load leaves the old one serving.
+/// The model directory `name` inside the models root, or a 404 that reads the same whether
+/// the name is outside the root, absent, or not a directory (nothing is revealed about paths
+/// outside it).
+fn model_in_root(root: &Path, name: &str) -> AppResult<PathBuf> {
+    let not_found = || ApiError {
+        param: Some("model"),
+        ..ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("no model `{name}` in the server's models directory"),
+        )
+    };
+    let rel = Path::new(name);
+    let plain = !name.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+    if !plain {
+        return Err(not_found());
+    }
+    let dir = root.join(rel).canonicalize().map_err(|_| not_found())?;
+    if !dir.starts_with(root) || !dir.is_dir() {
+        return Err(not_found());
+    }
+    Ok(dir)
+}
+
+/// Clears the one-load-at-a-time flag when a load ends, however it ends.
+struct LoadTurn<'a>(&'a AtomicBool);
+
+impl Drop for LoadTurn<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// `POST /admin/load` `{"model": NAME}` (admin key only): loads the directory NAME of the
+/// models directory and switches new requests to it once ready; in-flight requests finish on
+/// the old model; a failed load leaves the old one serving. One load runs at a time.
 pub async fn admin_load(
     State(state): State<Arc<AppState>>,
-    b: Result<Bytes, BytesRejection>,
+    Body(b): Body,
 ) -> AppResult<Json<Value>> {
-    let req: LoadRequest = api::parse(&body(b)?)?;
+    let req: LoadRequest = api::parse(&b)?;
+    let root = state.models_root.clone().ok_or_else(admin_disabled)?;
+    let dir = model_in_root(&root, &req.model)?;
+    if state.loading.swap(true, Ordering::Acquire) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "another model load is in progress",
+        ));
+    }
+    let _turn = LoadTurn(&state.loading);
     let st = state.clone();
-    let dir = std::path::PathBuf::from(&req.model);
     let loaded = tokio::task::spawn_blocking(move || load_model(&dir, &st.opts))
         .await
         .map_err(|e| engine_error(e.to_string()))?
@@ -452,6 +541,14 @@ pub async fn admin_load(
     tracing::info!(model = %id, "model swapped in");
     state.set_model(Arc::new(loaded));
     Ok(Json(json!({ "status": "ok", "model": id })))
+}
+
+fn admin_disabled() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "permission_error",
+        "the admin endpoints are disabled (the operator starts the server with --admin-key and --models-dir)",
+    )
 }
 
 /// Unknown routes: a JSON 404.
@@ -466,29 +563,50 @@ pub async fn not_found() -> ApiError {
 /// `GET /v1/ws`: send a chat (`messages`) or completion (`prompt`) request as a text frame;
 /// the reply is the same chunks as SSE streaming, one per frame, then
 /// `{"done": true, "finish_reason", "usage"}`. Requests on one socket run one after another.
-pub async fn websocket(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| ws_session(state, socket))
+pub async fn websocket(
+    State(state): State<Arc<AppState>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> AppResult<Response> {
+    let ws = ws.map_err(|e| ApiError::new(e.status(), "invalid_request_error", e.body_text()))?;
+    // The socket outlives its HTTP connection: it holds a connection permit of its own.
+    let permit = state.connections.clone().try_acquire_owned().map_err(|_| {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the server has reached its connection limit",
+            )
+        }
+    })?;
+    Ok(ws.on_upgrade(move |socket| async move {
+        ws_session(state, socket).await;
+        drop(permit);
+    }))
 }
 
 async fn ws_request(state: &Arc<AppState>, text: &str) -> AppResult<(Kind, Plan)> {
     let v: Value = api::parse(text.as_bytes())?;
-    let model = ready(state)?;
-    if v.get("messages").is_some() {
-        let mut req: ChatRequest = serde_json::from_value(v)
-            .map_err(|e| ApiError::invalid(None, format!("invalid request: {e}")))?;
-        let prompt = chat_prompt(&model, &req)?;
-        let common = std::mem::take(&mut req.common);
-        Ok((Kind::Chat, plan(state, model, prompt, common)?))
+    let invalid = |e: serde_json::Error| ApiError::invalid(None, format!("invalid request: {e}"));
+    let (kind, input, common) = if v.get("messages").is_some() {
+        let mut req: ChatRequest = serde_json::from_value(v).map_err(invalid)?;
+        let input = chat_input(&req)?;
+        (Kind::Chat, input, std::mem::take(&mut req.common))
     } else {
-        let req: CompletionRequest = serde_json::from_value(v)
-            .map_err(|e| ApiError::invalid(None, format!("invalid request: {e}")))?;
-        let prompt = completion_prompt(&model, req.prompt)?;
-        Ok((Kind::Text, plan(state, model, prompt, req.common)?))
-    }
+        let req: CompletionRequest = serde_json::from_value(v).map_err(invalid)?;
+        (Kind::Text, completion_input(req.prompt)?, req.common)
+    };
+    common.refuse_unsupported()?;
+    let model = ready(state)?;
+    let prompt = prompt_tokens(state, &model, input).await?;
+    Ok((kind, plan(state, model, prompt, common)?))
 }
 
+/// Serves requests on one socket until it closes, errs, or stays silent for
+/// `--ws-idle-timeout` seconds between requests.
 async fn ws_session(state: Arc<AppState>, mut socket: WebSocket) {
-    while let Some(Ok(msg)) = socket.recv().await {
+    let idle = Duration::from_secs(state.opts.ws_idle_timeout.max(1));
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(idle, socket.recv()).await {
         let text = match msg {
             WsMessage::Text(t) => t.to_string(),
             WsMessage::Close(_) => break,
@@ -550,8 +668,45 @@ fn key_matches(given: &[u8], key: &[u8]) -> bool {
     given.len() == key.len() && given.iter().zip(key).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
 }
 
-/// Authenticates `/v1/*` and `/admin/*` (when an API key is set), then counts and logs the
-/// request by endpoint and status.
+fn bearer(req: &HttpRequest) -> &str {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+/// Gives an error response that has no JSON body (axum's 405, a WebSocket handshake
+/// rejection, ...) the OpenAI-style JSON error body every other error has.
+fn json_error_body(resp: Response, method: &axum::http::Method, path: &str) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let message = if status == StatusCode::METHOD_NOT_ALLOWED {
+        format!("method {method} is not allowed on {path}")
+    } else {
+        status.canonical_reason().unwrap_or("error").to_string()
+    };
+    let kind = if status.is_client_error() {
+        "invalid_request_error"
+    } else {
+        "server_error"
+    };
+    let mut out = ApiError::new(status, kind, message).into_response();
+    if let Some(allow) = resp.headers().get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
+}
+
+/// Authenticates `/v1/*` (with the API key, when set) and `/admin/*` (always, with the admin
+/// key; without one the admin endpoints are off), then counts and logs the request by
+/// endpoint and status.
 pub async fn observe(
     State(state): State<Arc<AppState>>,
     matched: Option<MatchedPath>,
@@ -562,28 +717,27 @@ pub async fn observe(
     let endpoint = matched.map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let protected = path.starts_with("/v1/") || path.starts_with("/admin/");
-    let resp = match &state.opts.api_key {
-        Some(key) if protected => {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if key_matches(given.as_bytes(), key.as_bytes()) {
-                next.run(req).await
-            } else {
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "authentication_error",
-                    "missing or wrong API key (Authorization: Bearer KEY)",
-                )
-                .into_response()
-            }
-        }
-        _ => next.run(req).await,
+    let key = if path.starts_with("/admin/") {
+        Some(state.opts.admin_key.as_deref().ok_or_else(admin_disabled))
+    } else if path.starts_with("/v1/") {
+        state.opts.api_key.as_deref().map(Ok)
+    } else {
+        None
     };
+    let resp = match key {
+        None => next.run(req).await,
+        Some(Err(disabled)) => disabled.into_response(),
+        Some(Ok(key)) if key_matches(bearer(&req).as_bytes(), key.as_bytes()) => {
+            next.run(req).await
+        }
+        Some(Ok(_)) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing or wrong API key (Authorization: Bearer KEY)",
+        )
+        .into_response(),
+    };
+    let resp = json_error_body(resp, &method, &path);
     let status = resp.status();
     state
         .metrics

@@ -1,13 +1,16 @@
 //! `bitnet serve`: an OpenAI-compatible HTTP server over the continuous-batching scheduler.
 //! Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (JSON or SSE streaming),
 //! `GET /v1/models`, `GET /v1/ws` (WebSocket streaming), `GET /health`, `GET /metrics`
-//! (Prometheus), `GET /openapi.json`, `POST /admin/load` (hot model swap). Graceful shutdown on
+//! (Prometheus), `GET /openapi.json`, `POST /admin/load` (hot model swap from the operator's
+//! models directory, only with the admin key). Connections are capped and timed out
+//! (`listen`); tokenizing and template rendering run on the blocking pool. Graceful shutdown on
 //! SIGTERM/SIGINT: stop accepting, finish in-flight requests up to a timeout, exit 0.
 
 pub mod api;
 pub mod bench;
 mod generate;
 mod handlers;
+pub mod listen;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -15,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -36,8 +41,12 @@ pub struct ServeOptions {
     pub host: String,
     /// Port (0 picks a free one; the chosen address is printed).
     pub port: u16,
-    /// Bearer token required on `/v1/*` and `/admin/*` when set.
+    /// Bearer token required on `/v1/*` when set.
     pub api_key: Option<String>,
+    /// Bearer token of `/admin/*`; without it the admin endpoints answer 403.
+    pub admin_key: Option<String>,
+    /// The only directory `/admin/load` loads models from (required with `admin_key`).
+    pub models_dir: Option<PathBuf>,
     /// Allowed CORS origins (`*` for any); none disables CORS headers.
     pub cors_origins: Vec<String>,
     /// The backend (auto: a real GPU when there is one).
@@ -60,6 +69,15 @@ pub struct ServeOptions {
     pub max_prompt_tokens: usize,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// Most open connections (lowered to fit the open-file limit).
+    pub max_connections: usize,
+    /// Seconds a connection gets to send a request header; idle keep-alive connections close
+    /// after as long.
+    pub idle_timeout: u64,
+    /// Seconds a request body gets to arrive whole.
+    pub body_timeout: u64,
+    /// Seconds a WebSocket may wait for its next request before it is closed.
+    pub ws_idle_timeout: u64,
     /// Seconds in-flight requests get after SIGTERM.
     pub shutdown_timeout: u64,
 }
@@ -71,6 +89,8 @@ impl Default for ServeOptions {
             host: "127.0.0.1".into(),
             port: 8080,
             api_key: None,
+            admin_key: None,
+            models_dir: None,
             cors_origins: Vec::new(),
             backend: BackendKind::Cpu,
             threads: 0,
@@ -82,6 +102,10 @@ impl Default for ServeOptions {
             max_tokens_limit: 4096,
             max_prompt_tokens: 0,
             max_body_bytes: 1 << 20,
+            max_connections: 1024,
+            idle_timeout: 10,
+            body_timeout: 30,
+            ws_idle_timeout: 300,
             shutdown_timeout: 30,
         }
     }
@@ -112,6 +136,14 @@ pub struct AppState {
     pub opts: ServeOptions,
     draining: AtomicBool,
     next_id: AtomicU64,
+    /// Open connections (HTTP and WebSocket) against `max_connections`.
+    connections: Arc<Semaphore>,
+    /// Tokenizing and template rendering running at once on the blocking pool (one per core).
+    cpu_work: Semaphore,
+    /// The canonical models directory of `/admin/load`.
+    models_root: Option<PathBuf>,
+    /// Set while `/admin/load` is loading (one load at a time).
+    loading: AtomicBool,
 }
 
 impl AppState {
@@ -272,7 +304,29 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     rt.block_on(serve(opts))
 }
 
+/// Checks the admin options: a key needs a models directory that exists (returned canonical).
+fn models_root(opts: &ServeOptions) -> Result<Option<PathBuf>> {
+    match (&opts.admin_key, &opts.models_dir) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(Error::Request(
+            "--models-dir is only used by /admin/load, which needs --admin-key".into(),
+        )),
+        (Some(_), None) => Err(Error::Request(
+            "--admin-key needs --models-dir: the only directory /admin/load may load from".into(),
+        )),
+        (Some(_), Some(dir)) => dir
+            .canonicalize()
+            .ok()
+            .filter(|d| d.is_dir())
+            .map(Some)
+            .ok_or_else(|| {
+                Error::Request(format!("--models-dir {}: not a directory", dir.display()))
+            }),
+    }
+}
+
 async fn serve(opts: ServeOptions) -> Result<()> {
+    let models_root = models_root(&opts)?;
     let addr: SocketAddr = format!("{}:{}", opts.host, opts.port)
         .parse()
         .or_else(|_| {
@@ -296,6 +350,10 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         opts: opts.clone(),
         draining: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
+        connections: Arc::new(Semaphore::new(listen::connection_cap(opts.max_connections))),
+        cpu_work: Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        models_root,
+        loading: AtomicBool::new(false),
     });
     println!("listening on http://{local}");
     tracing::info!(%local, model = %opts.model.display(), "listening; loading the model");
@@ -317,19 +375,21 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     let app = router(state.clone());
     let drain = state.clone();
     let timeout = opts.shutdown_timeout;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            drain.draining.store(true, Relaxed);
-            tracing::info!(timeout, "shutting down: draining in-flight requests");
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(timeout)).await;
-                tracing::warn!("drain timeout reached; exiting");
-                std::process::exit(0);
-            });
-        })
-        .await
-        .map_err(|e| Error::Backend(format!("server: {e}")))?;
+    let limits = listen::ConnLimits {
+        permits: state.connections.clone(),
+        header_timeout: Duration::from_secs(opts.idle_timeout.max(1)),
+    };
+    listen::serve(listener, app, limits, async move {
+        shutdown_signal().await;
+        drain.draining.store(true, Relaxed);
+        tracing::info!(timeout, "shutting down: draining in-flight requests");
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(timeout)).await;
+            tracing::warn!("drain timeout reached; exiting");
+            std::process::exit(0);
+        });
+    })
+    .await;
     tracing::info!("drained; bye");
     Ok(())
 }
