@@ -213,12 +213,13 @@ impl Tokenizer {
         if !cfg.is_object() {
             return Err(Error::json(CONFIG, "must be a JSON object"));
         }
+        let in_config = config_template(&cfg)?;
         let chat_template = match chat_template {
             Some(source) => Some(ChatTemplate {
                 source,
                 origin: "chat_template.jinja",
             }),
-            None => config_template(&cfg)?.map(|source| ChatTemplate {
+            None => in_config.map(|source| ChatTemplate {
                 source,
                 origin: "tokenizer_config.json",
             }),

@@ -909,3 +909,450 @@ fn cli_rejects_bad_token_lists() {
         "{stderr}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Seeded mutation fuzzing: the whole model directory through `bitnet chat`
+// ---------------------------------------------------------------------------------------------
+
+/// What a mutation must lead to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Expect {
+    /// A clean error (exit 1, a message, no panic).
+    Reject,
+    /// A normal chat turn (exit 0).
+    Accept,
+    /// Either of the two (a flipped byte may or may not break the file).
+    Either,
+}
+
+/// One mutated model directory and what loading and chatting with it must do.
+struct Mutant {
+    what: String,
+    expect: Expect,
+}
+
+const ALL_FILES: [&str; 6] = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+];
+
+/// The header of `st` as a JSON map with offsets recomputed, and the data after it.
+fn header_and_data(st: &SafeTensorsFile) -> (serde_json::Map<String, Value>, Vec<u8>) {
+    let bytes = st.to_bytes();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap(),
+        bytes[8 + n..].to_vec(),
+    )
+}
+
+/// A safetensors file from header text and data (no padding, no checks).
+fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+fn dtype_size(d: &str) -> usize {
+    match d {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        _ => 1,
+    }
+}
+
+/// A JSON value of a type other than `like`'s (numbers: never another number).
+fn wrong_type(rng: &mut impl rand::Rng, like: &Value) -> Value {
+    loop {
+        let v = match rng.random_range(0..7) {
+            0 => json!("sixty-four"),
+            1 => json!(["x", 1]),
+            2 => json!({"a": 1}),
+            3 => json!(true),
+            4 => json!(-3),
+            5 => json!(64.5),
+            _ => json!("bitnet"),
+        };
+        let same = match (like, &v) {
+            (Value::Number(a), Value::Number(b)) => {
+                // A float where a float is expected is not a type change.
+                !(a.is_u64() && (b.is_f64() || b.is_i64()))
+            }
+            (Value::String(_), Value::String(_)) => true,
+            (Value::Bool(_), Value::Bool(_)) => true,
+            (Value::Object(_), Value::Object(_)) => true,
+            (Value::Array(_), Value::Array(_)) => true,
+            _ => false,
+        };
+        if !same {
+            return v;
+        }
+    }
+}
+
+/// Applies mutation number `case` (its kind is `case` modulo the number of kinds; its details
+/// come from `rng`) to the fixture copy in `dir`.
+fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
+    use rand::seq::IndexedRandom;
+    use Expect::*;
+    let st_path = dir.join("model.safetensors");
+    let cfg_path = dir.join("config.json");
+    let read_cfg = || -> serde_json::Map<String, Value> {
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap()
+    };
+    let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).unwrap();
+    let m = |what: String, expect| Mutant { what, expect };
+    const KINDS: usize = 24;
+    match case % KINDS {
+        0 => {
+            let mut b = std::fs::read(&st_path).unwrap();
+            let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+            let at = rng.random_range(8..8 + n);
+            b[at] ^= 1 << rng.random_range(0..8);
+            write("model.safetensors", &b);
+            m(format!("safetensors header byte {at} flipped"), Either)
+        }
+        1 => {
+            let mut b = std::fs::read(&st_path).unwrap();
+            let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+            let at = rng.random_range(8 + n..b.len());
+            b[at] ^= 1 << rng.random_range(0..8);
+            write("model.safetensors", &b);
+            m(format!("safetensors data byte {at} flipped"), Either)
+        }
+        2 => {
+            let b = std::fs::read(&st_path).unwrap();
+            let len = rng.random_range(0..b.len());
+            write("model.safetensors", &b[..len]);
+            m(format!("safetensors truncated to {len} bytes"), Reject)
+        }
+        3 => {
+            let mut b = std::fs::read(&st_path).unwrap();
+            let extra = rng.random_range(1..64);
+            b.extend((0..extra).map(|_| rng.random::<u8>()));
+            write("model.safetensors", &b);
+            m(format!("{extra} bytes appended to the safetensors"), Reject)
+        }
+        4 => {
+            let mut b = std::fs::read(&st_path).unwrap();
+            let n = u64::from_le_bytes(b[..8].try_into().unwrap());
+            let new = match rng.random_range(0..3) {
+                0 => n + rng.random_range(1..16),
+                1 => n - rng.random_range(1..16),
+                _ => rng.random::<u64>() | 1 << 40,
+            };
+            b[..8].copy_from_slice(&new.to_le_bytes());
+            write("model.safetensors", &b);
+            m(format!("header length {n} -> {new}"), Reject)
+        }
+        k @ 5..=9 => {
+            let st = SafeTensorsFile::read(&st_path);
+            let (mut header, data) = header_and_data(&st);
+            let names: Vec<String> = st.tensors.iter().map(|t| t.name.clone()).collect();
+            let name = names.choose(rng).unwrap().clone();
+            let what;
+            match k {
+                5 => {
+                    let e = header.get_mut(&name).unwrap();
+                    let i = rng.random_range(0..2);
+                    let old = e["data_offsets"][i].as_u64().unwrap();
+                    let new = if old == 0 { 1 } else { old - 1 };
+                    e["data_offsets"][i] = json!(new);
+                    what = format!("`{name}` data_offsets[{i}] {old} -> {new}");
+                }
+                6 => {
+                    let e = header.get_mut(&name).unwrap();
+                    let old = e["dtype"].as_str().unwrap().to_string();
+                    let other: Vec<&str> = ["F32", "F16", "BF16", "U8", "I8", "I32", "F64", "BOOL"]
+                        .into_iter()
+                        .filter(|d| dtype_size(d) != dtype_size(&old))
+                        .collect();
+                    let new = *other.choose(rng).unwrap();
+                    e["dtype"] = json!(new);
+                    what = format!("`{name}` dtype {old} -> {new}");
+                }
+                7 => {
+                    let e = header.get_mut(&name).unwrap();
+                    let mut shape: Vec<usize> = serde_json::from_value(e["shape"].clone()).unwrap();
+                    let old = shape.clone();
+                    if shape.len() == 2 && shape[0] != shape[1] && rng.random_bool(0.5) {
+                        shape.swap(0, 1);
+                    } else {
+                        let i = rng.random_range(0..shape.len());
+                        shape[i] += 1;
+                    }
+                    e["shape"] = json!(shape);
+                    what = format!("`{name}` shape {old:?} -> {shape:?}");
+                }
+                8 => {
+                    let e = header.remove(&name).unwrap();
+                    header.insert(format!("{name}.renamed"), e);
+                    what = format!("`{name}` renamed");
+                }
+                _ => {
+                    let e = header.remove(&name).unwrap();
+                    let mut text = serde_json::to_string(&header).unwrap();
+                    let entry = format!("{}:{}", json!(name), e);
+                    text.insert_str(1, &format!("{entry},{entry},"));
+                    write("model.safetensors", &raw_safetensors(&text, &data));
+                    return m(format!("`{name}` listed twice"), Reject);
+                }
+            }
+            let text = serde_json::to_string(&header).unwrap();
+            write("model.safetensors", &raw_safetensors(&text, &data));
+            m(what, Reject)
+        }
+        10 => {
+            // Deleting a field: an error exactly when the engine has no default for it (or its
+            // default disagrees with the tensors).
+            let mut c = read_cfg();
+            let keys: Vec<String> = c.keys().cloned().collect();
+            let key = keys.choose(rng).unwrap().clone();
+            c.remove(&key);
+            write("config.json", &serde_json::to_vec(&c).unwrap());
+            let must = [
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "tie_word_embeddings",
+            ];
+            let e = if must.contains(&key.as_str()) { Reject } else { Accept };
+            m(format!("config `{key}` deleted"), e)
+        }
+        11 | 12 => {
+            let mut c = read_cfg();
+            let ignored = ["architectures", "initializer_range", "torch_dtype", "use_cache"];
+            let keys: Vec<String> = c.keys().cloned().collect();
+            let key = keys.choose(rng).unwrap().clone();
+            let new = wrong_type(rng, &c[&key]);
+            c.insert(key.clone(), new.clone());
+            write("config.json", &serde_json::to_vec(&c).unwrap());
+            let e = if ignored.contains(&key.as_str()) { Accept } else { Reject };
+            m(format!("config `{key}` = {new}"), e)
+        }
+        13 => {
+            let mut c = read_cfg();
+            let (key, value) = *[
+                ("model_type", json!("llama")),
+                ("hidden_act", json!("silu")),
+                ("vocab_size", json!(0)),
+                ("hidden_size", json!(1 << 21)),
+                ("num_attention_heads", json!(3)),
+                ("intermediate_size", json!(170)),
+                ("rms_norm_eps", json!(-1.0)),
+                ("rope_theta", json!(0)),
+                ("rope_scaling", json!({"type": "linear", "factor": 2.0})),
+                ("quantization_config", Value::Null),
+            ]
+            .choose(rng)
+            .unwrap();
+            c.insert(key.into(), value.clone());
+            write("config.json", &serde_json::to_vec(&c).unwrap());
+            m(format!("config `{key}` = {value}"), Reject)
+        }
+        14 => {
+            let mut c = read_cfg();
+            let key = *["quant_method", "linear_class", "quantization_mode"].choose(rng).unwrap();
+            let q = c["quantization_config"].as_object_mut().unwrap();
+            let new = if rng.random_bool(0.5) {
+                wrong_type(rng, &json!("x"))
+            } else {
+                json!("fastlinear")
+            };
+            q.insert(key.into(), new.clone());
+            write("config.json", &serde_json::to_vec(&c).unwrap());
+            m(format!("quantization_config `{key}` = {new}"), Reject)
+        }
+        15 => {
+            let text = std::fs::read_to_string(&cfg_path).unwrap();
+            let c = read_cfg();
+            let keys: Vec<&String> = c.keys().collect();
+            let key = keys.choose(rng).unwrap();
+            let dup = format!("{{{}: {},", json!(key), c[*key]);
+            write("config.json", text.replacen('{', &dup, 1).as_bytes());
+            m(format!("config `{key}` given twice"), Reject)
+        }
+        16 => {
+            let name = *["config.json", "generation_config.json", "tokenizer_config.json"]
+                .choose(rng)
+                .unwrap();
+            let b = std::fs::read(dir.join(name)).unwrap();
+            let len = rng.random_range(0..b.len() - 1);
+            write(name, &b[..len]);
+            m(format!("{name} truncated to {len} bytes"), Reject)
+        }
+        17 => {
+            let b = std::fs::read(dir.join("tokenizer.json")).unwrap();
+            let len = rng.random_range(0..b.len() - 1);
+            write("tokenizer.json", &b[..len]);
+            m(format!("tokenizer.json truncated to {len} bytes"), Reject)
+        }
+        18 => {
+            let name = *["tokenizer.json", "chat_template.jinja", "generation_config.json"]
+                .choose(rng)
+                .unwrap();
+            let mut b = std::fs::read(dir.join(name)).unwrap();
+            let at = rng.random_range(0..b.len());
+            b[at] ^= 1 << rng.random_range(0..8);
+            write(name, &b);
+            m(format!("{name} byte {at} flipped"), Either)
+        }
+        19 => {
+            let path = dir.join("tokenizer_config.json");
+            let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let key = *["bos_token", "eos_token", "chat_template"].choose(rng).unwrap();
+            let new = wrong_type(rng, &json!("x"));
+            c[key] = new.clone();
+            write("tokenizer_config.json", &serde_json::to_vec(&c).unwrap());
+            m(format!("tokenizer_config `{key}` = {new}"), Reject)
+        }
+        20 => {
+            let path = dir.join("generation_config.json");
+            let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let new = [json!("x"), json!({"a": 1}), json!(true), json!(-3), json!(2.5), json!([1, "x"])]
+                .choose(rng)
+                .unwrap()
+                .clone();
+            c["eos_token_id"] = new.clone();
+            write("generation_config.json", &serde_json::to_vec(&c).unwrap());
+            m(format!("generation_config `eos_token_id` = {new}"), Reject)
+        }
+        21 => {
+            let tpl = *[
+                "{% for m in messages %}{{ m.content }}",
+                "{{ 'x' * 10**8 }}",
+                "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+                "{{ raise_exception('no') }}",
+                "{% set l = [] %}{% for i in range(10**9) %}{% set l = l + [i] %}{% endfor %}",
+            ]
+            .choose(rng)
+            .unwrap();
+            write("chat_template.jinja", tpl.as_bytes());
+            m(format!("chat template `{tpl}`"), Reject)
+        }
+        22 => {
+            #[cfg(unix)]
+            {
+                let name = *["config.json", "tokenizer.json", "chat_template.jinja"]
+                    .choose(rng)
+                    .unwrap();
+                std::fs::remove_file(dir.join(name)).unwrap();
+                let target = *["/dev/zero", "/dev/urandom", "/"].choose(rng).unwrap();
+                std::os::unix::fs::symlink(target, dir.join(name)).unwrap();
+                m(format!("{name} -> {target}"), Reject)
+            }
+            #[cfg(not(unix))]
+            m("nothing".into(), Accept)
+        }
+        _ => {
+            let name = *["config.json", "tokenizer_config.json", "model.safetensors"]
+                .choose(rng)
+                .unwrap();
+            std::fs::remove_file(dir.join(name)).unwrap();
+            let made = Command::new("mkfifo").arg(dir.join(name)).status();
+            assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+            m(format!("{name} is a FIFO"), Reject)
+        }
+    }
+}
+
+/// What one run of `bitnet chat` did.
+enum Outcome {
+    Ok,
+    CleanError(String),
+    Broken(String),
+}
+
+/// One chat turn with the model in `dir`, with at most `max_mib` MiB of address space and
+/// `secs` seconds.
+fn chat_once(dir: &Path, max_mib: u64, secs: u64) -> Outcome {
+    use std::io::Write;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -v {}; exec \"$0\" \"$@\"", max_mib * 1024))
+        .arg(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["chat", "--backend", "cpu", "--threads", "1", "--max-tokens", "2"])
+        .args(["--temperature", "0", "--model"])
+        .arg(dir)
+        .env_remove("RUST_BACKTRACE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take().unwrap().write_all(b"hello\n");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            return match status.code() {
+                Some(0) => Outcome::Ok,
+                Some(1) if !err.contains("panicked") && err.contains("rror") => {
+                    Outcome::CleanError(err)
+                }
+                _ => Outcome::Broken(format!("{status}: {err}")),
+            };
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Outcome::Broken(format!("no answer within {secs} s"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn seeded_mutations_of_the_model_directory_never_crash_hang_or_pass_silently() {
+    use rand::SeedableRng;
+    let cases: usize = std::env::var("BITNET_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(360);
+    let seed: u64 = std::env::var("BITNET_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(14);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let base = TempDir::new("fuzz-base");
+    for f in ALL_FILES {
+        std::fs::copy(fixture().join(f), base.join(f)).unwrap();
+    }
+    assert!(matches!(chat_once(base.path(), 2048, 60), Outcome::Ok));
+    let mut failures = Vec::new();
+    let (mut accepted, mut rejected) = (0, 0);
+    for case in 0..cases {
+        let dir = TempDir::new("fuzz");
+        for f in ALL_FILES {
+            std::fs::copy(base.join(f), dir.join(f)).unwrap();
+        }
+        let m = mutate(dir.path(), case, &mut rng);
+        let outcome = chat_once(dir.path(), 2048, 60);
+        let bad = match (&outcome, m.expect) {
+            (Outcome::Broken(why), _) => Some(format!("crashed or hung: {why}")),
+            (Outcome::Ok, Expect::Reject) => Some("accepted, but it must be refused".into()),
+            (Outcome::CleanError(e), Expect::Accept) => Some(format!("refused: {e}")),
+            _ => None,
+        };
+        match outcome {
+            Outcome::Ok => accepted += 1,
+            Outcome::CleanError(_) => rejected += 1,
+            Outcome::Broken(_) => {}
+        }
+        if let Some(why) = bad {
+            failures.push(format!("case {case} ({}): {why}", m.what));
+        }
+    }
+    eprintln!("{cases} mutations (seed {seed}): {accepted} accepted, {rejected} refused cleanly");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

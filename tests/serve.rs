@@ -101,11 +101,18 @@ impl Server {
     }
 
     fn post(&self, path: &str, body: &str) -> (u16, Value, Option<String>) {
-        let mut r = agent()
+        self.post_as(path, body, None)
+    }
+
+    /// [`Server::post`] with `Authorization: Bearer KEY`.
+    fn post_as(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Value, Option<String>) {
+        let mut req = agent()
             .post(&self.url(path))
-            .header("content-type", "application/json")
-            .send(body)
-            .unwrap();
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let mut r = req.send(body).unwrap();
         let retry = r
             .headers()
             .get("retry-after")
@@ -433,10 +440,46 @@ fn bad_requests_get_4xx_json_errors() {
             400,
         ),
         ("/v1/nothing", "{}".into(), 404),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "logprobs": 2}"#.into(),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": true}"#.into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "logit_bias": {"5": 100}}"#.into(),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"}}"#
+                .into(),
+            400,
+        ),
     ];
     for (path, body, want) in cases {
         let (code, v, _) = s.post(path, body);
         assert_eq!(code, *want, "{path} {body:.60}: {v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    // Set to their defaults, the fields the server does not implement are accepted.
+    let (code, v, _) = s.post(
+        "/v1/completions",
+        r#"{"prompt": "x", "max_tokens": 1, "logprobs": null, "echo": false,
+            "presence_penalty": 0, "logit_bias": {}}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    // Errors the router makes itself carry the same JSON body.
+    for (path, want) in [("/v1/completions", 405), ("/v1/ws", 400)] {
+        let (code, text) = s.get(path);
+        assert_eq!(code, want, "{path}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
         assert!(v["error"]["message"].is_string(), "{v}");
     }
     assert_eq!(s.get("/health").0, 200);
@@ -489,25 +532,198 @@ fn websocket_streams_chat_chunks() {
     );
 }
 
+/// A copy of the fixture (tokenizer and template included) in `dir`.
+fn copy_fixture_to(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in std::fs::read_dir(common::fixture()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+}
+
 #[test]
-fn hot_swap_loads_a_new_model_and_a_failed_load_keeps_the_old() {
-    let s = Server::start(&common::fixture(), &[]);
-    let (code, v, _) = s.post(
-        "/admin/load",
-        &json!({ "model": "/nonexistent/model" }).to_string(),
+fn admin_load_needs_the_admin_key_and_stays_inside_the_models_dir() {
+    let load = |name: &str| json!({ "model": name }).to_string();
+    // Without --admin-key the admin endpoints are off, whatever key is sent.
+    let s = Server::start(&common::fixture(), &["--api-key", "user"]);
+    let dir = slow_model().to_str().unwrap();
+    for key in [None, Some("user")] {
+        let (code, v, _) = s.post_as("/admin/load", &load(dir), key);
+        assert_eq!(code, 403, "{v}");
+    }
+    drop(s);
+
+    let root = common::TempDir::new("models");
+    copy_fixture_to(&root.join("served"));
+    copy_fixture_to(&root.join("org/other"));
+    std::fs::create_dir_all(root.join("broken")).unwrap();
+    std::fs::write(root.join("broken/config.json"), "{").unwrap();
+    let outside = common::TempDir::new("outside");
+    copy_fixture_to(&outside.join("model"));
+    std::os::unix::fs::symlink(outside.join("model"), root.join("escape")).unwrap();
+    let s = Server::start(
+        &root.join("served"),
+        &["--api-key", "user", "--admin-key", "adm", "--models-dir", root.str()],
     );
+    for key in [None, Some("user"), Some("adm2")] {
+        let (code, v, _) = s.post_as("/admin/load", &load("org/other"), key);
+        assert_eq!(code, 401, "{v}");
+    }
+    // Outside the root, absent, or not a directory: one answer, revealing nothing.
+    let outside_model = outside.join("model");
+    for name in [
+        outside_model.to_str().unwrap(),
+        "../outside",
+        "org/../../x",
+        "escape",
+        "nonexistent",
+        "served/config.json",
+        "",
+    ] {
+        let (code, v, _) = s.post_as("/admin/load", &load(name), Some("adm"));
+        assert_eq!(code, 404, "{name}: {v}");
+        assert_eq!(
+            v["error"]["message"],
+            format!("no model `{name}` in the server's models directory"),
+            "{name}"
+        );
+    }
+    assert_eq!(s.get("/v1/models").0, 401, "the API key still guards /v1");
+    let models = |s: &Server| {
+        let r = agent()
+            .get(&s.url("/v1/models"))
+            .header("authorization", "Bearer user")
+            .call();
+        r.unwrap().body_mut().read_to_string().unwrap()
+    };
+    assert!(models(&s).contains("\"served\""));
+    // A failed load keeps the old model; a good one swaps in.
+    let (code, v, _) = s.post_as("/admin/load", &load("broken"), Some("adm"));
     assert_eq!(code, 400, "{v}");
-    assert!(s.get("/v1/models").1.contains("\"tiny\""));
-    let dir = slow_model();
-    let (code, v, _) = s.post("/admin/load", &json!({ "model": dir }).to_string());
+    assert!(models(&s).contains("\"served\""));
+    let (code, v, _) = s.post_as("/admin/load", &load("org/other"), Some("adm"));
     assert_eq!(code, 200, "{v}");
-    let id = dir.file_name().unwrap().to_str().unwrap();
-    assert!(s.get("/v1/models").1.contains(id));
-    let (code, v, _) = s.post(
+    assert!(models(&s).contains("\"other\""));
+    let (code, v, _) = s.post_as(
         "/v1/completions",
-        &json!({ "prompt": "x", "max_tokens": 2, "model": id }).to_string(),
+        &json!({ "prompt": "x", "max_tokens": 2, "model": "other" }).to_string(),
+        Some("user"),
     );
     assert_eq!(code, 200, "{v}");
+}
+
+#[test]
+fn chat_template_bombs_are_400s_and_the_server_stays_healthy() {
+    let dir = common::TempDir::new("bomb");
+    copy_fixture_to(dir.path());
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% if messages[0].content == 'big' %}{{ 'x' * 10**8 }}{% else %}\
+         {% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}\
+         {% endif %}",
+    )
+    .unwrap();
+    let s = Server::start(dir.path(), &[]);
+    for (content, want) in [("big", "byte limit"), ("loop", "budget")] {
+        let body = json!({ "messages": [{ "role": "user", "content": content }], "max_tokens": 2 });
+        let (code, v, _) = s.post("/v1/chat/completions", &body.to_string());
+        assert_eq!(code, 400, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("chat_template.jinja") && msg.contains(want), "{msg}");
+        assert_eq!(s.get("/health").0, 200);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["chat", "--backend", "cpu", "--model", dir.str()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"big\nloop\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("byte limit") && err.contains("budget"), "{err}");
+}
+
+#[test]
+fn idle_stalled_and_slow_body_connections_are_closed() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let s = Server::start(
+        &common::fixture(),
+        &["--idle-timeout", "1", "--body-timeout", "1", "--max-connections", "16"],
+    );
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // Twice the connection cap: silent ones, and ones stalled halfway through a header.
+    let conns: Vec<TcpStream> = (0..32)
+        .map(|i| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            if i % 2 == 1 {
+                c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+            }
+            c
+        })
+        .collect();
+    for mut c in conns {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 64];
+        // Closed by the server: end of stream (or a reset), never the read timeout.
+        match c.read(&mut buf) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+    assert_eq!(s.get("/health").0, 200);
+    // A body that never arrives whole: 408 with a JSON error.
+    let mut c = TcpStream::connect(&addr).unwrap();
+    c.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"error\""), "{answer}");
+}
+
+#[test]
+fn huge_prompts_are_tokenized_off_the_async_workers() {
+    let s = Server::start(&common::fixture(), &["--max-body-bytes", "1100000"]);
+    let prompt = "and the lord said unto moses ".repeat(35_000);
+    let body = json!({ "prompt": prompt, "max_tokens": 1 }).to_string();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut health_ms = std::thread::scope(|sc| {
+        let probe = sc.spawn(|| {
+            let mut ms = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let t0 = Instant::now();
+                assert_eq!(s.get("/health").0, 200);
+                ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            ms
+        });
+        let clients: Vec<_> = (0..20)
+            .map(|_| sc.spawn(|| s.post("/v1/completions", &body)))
+            .collect();
+        for c in clients {
+            let (code, v, _) = c.join().unwrap();
+            assert_eq!(code, 400, "{v}");
+            assert!(v["error"]["message"].as_str().unwrap().contains("tokens"), "{v}");
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        probe.join().unwrap()
+    });
+    health_ms.sort_by(f64::total_cmp);
+    assert!(!health_ms.is_empty());
+    eprintln!(
+        "/health during 20 x 1 MB prompts: {} probes, max {:.1} ms",
+        health_ms.len(),
+        health_ms[health_ms.len() - 1]
+    );
 }
 
 #[test]
