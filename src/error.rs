@@ -13,6 +13,14 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A file that is not read at all: not a regular file, over its size limit, or not text.
+    #[error("{path}: {msg}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why it is refused.
+        msg: String,
+    },
     /// A JSON file (config, index, tokenizer config) is malformed or missing a field.
     #[error("{path}: {msg}")]
     Json {

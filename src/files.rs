@@ -16,10 +16,10 @@ pub const TOKENIZER_LIMIT: u64 = 64 << 20;
 pub const TEMPLATE_LIMIT: u64 = 1 << 20;
 
 fn refuse(path: &Path, msg: String) -> Error {
-    Error::io(
-        path,
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, msg),
-    )
+    Error::File {
+        path: path.to_path_buf(),
+        msg,
+    }
 }
 
 /// The size of `path` after following links, or an error when it is not a regular file.

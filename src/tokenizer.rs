@@ -204,6 +204,9 @@ impl Tokenizer {
         tokenizer_config: Option<&str>,
         chat_template: Option<String>,
     ) -> Result<Self> {
+        // Checked first: the tokenizers crate panics on some malformed JSON (a truncated
+        // decoder section) instead of returning its error.
+        json::parse(tokenizer_json).map_err(|e| Error::json("tokenizer.json", e))?;
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
             .map_err(|e| Error::json("tokenizer.json", e.to_string()))?;
         let cfg = match tokenizer_config {

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::Arc;
 
 use bitnet_inference::cpu::CpuBackend;
 use bitnet_inference::engine::generate::Generator;
@@ -1125,23 +1126,36 @@ fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
                 "num_key_value_heads",
                 "tie_word_embeddings",
             ];
-            let e = if must.contains(&key.as_str()) { Reject } else { Accept };
+            let e = if must.contains(&key.as_str()) {
+                Reject
+            } else {
+                Accept
+            };
             m(format!("config `{key}` deleted"), e)
         }
         11 | 12 => {
             let mut c = read_cfg();
-            let ignored = ["architectures", "initializer_range", "torch_dtype", "use_cache"];
+            let ignored = [
+                "architectures",
+                "initializer_range",
+                "torch_dtype",
+                "use_cache",
+            ];
             let keys: Vec<String> = c.keys().cloned().collect();
             let key = keys.choose(rng).unwrap().clone();
             let new = wrong_type(rng, &c[&key]);
             c.insert(key.clone(), new.clone());
             write("config.json", &serde_json::to_vec(&c).unwrap());
-            let e = if ignored.contains(&key.as_str()) { Accept } else { Reject };
+            let e = if ignored.contains(&key.as_str()) {
+                Accept
+            } else {
+                Reject
+            };
             m(format!("config `{key}` = {new}"), e)
         }
         13 => {
             let mut c = read_cfg();
-            let (key, value) = *[
+            let (key, value) = [
                 ("model_type", json!("llama")),
                 ("hidden_act", json!("silu")),
                 ("vocab_size", json!(0)),
@@ -1154,14 +1168,17 @@ fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
                 ("quantization_config", Value::Null),
             ]
             .choose(rng)
-            .unwrap();
+            .unwrap()
+            .clone();
             c.insert(key.into(), value.clone());
             write("config.json", &serde_json::to_vec(&c).unwrap());
             m(format!("config `{key}` = {value}"), Reject)
         }
         14 => {
             let mut c = read_cfg();
-            let key = *["quant_method", "linear_class", "quantization_mode"].choose(rng).unwrap();
+            let key = *["quant_method", "linear_class", "quantization_mode"]
+                .choose(rng)
+                .unwrap();
             let q = c["quantization_config"].as_object_mut().unwrap();
             let new = if rng.random_bool(0.5) {
                 wrong_type(rng, &json!("x"))
@@ -1182,9 +1199,13 @@ fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
             m(format!("config `{key}` given twice"), Reject)
         }
         16 => {
-            let name = *["config.json", "generation_config.json", "tokenizer_config.json"]
-                .choose(rng)
-                .unwrap();
+            let name = *[
+                "config.json",
+                "generation_config.json",
+                "tokenizer_config.json",
+            ]
+            .choose(rng)
+            .unwrap();
             let b = std::fs::read(dir.join(name)).unwrap();
             let len = rng.random_range(0..b.len() - 1);
             write(name, &b[..len]);
@@ -1197,9 +1218,13 @@ fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
             m(format!("tokenizer.json truncated to {len} bytes"), Reject)
         }
         18 => {
-            let name = *["tokenizer.json", "chat_template.jinja", "generation_config.json"]
-                .choose(rng)
-                .unwrap();
+            let name = *[
+                "tokenizer.json",
+                "chat_template.jinja",
+                "generation_config.json",
+            ]
+            .choose(rng)
+            .unwrap();
             let mut b = std::fs::read(dir.join(name)).unwrap();
             let at = rng.random_range(0..b.len());
             b[at] ^= 1 << rng.random_range(0..8);
@@ -1208,8 +1233,11 @@ fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
         }
         19 => {
             let path = dir.join("tokenizer_config.json");
-            let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            let key = *["bos_token", "eos_token", "chat_template"].choose(rng).unwrap();
+            let mut c: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let key = *["bos_token", "eos_token", "chat_template"]
+                .choose(rng)
+                .unwrap();
             let new = wrong_type(rng, &json!("x"));
             c[key] = new.clone();
             write("tokenizer_config.json", &serde_json::to_vec(&c).unwrap());
@@ -1217,11 +1245,19 @@ fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
         }
         20 => {
             let path = dir.join("generation_config.json");
-            let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            let new = [json!("x"), json!({"a": 1}), json!(true), json!(-3), json!(2.5), json!([1, "x"])]
-                .choose(rng)
-                .unwrap()
-                .clone();
+            let mut c: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let new = [
+                json!("x"),
+                json!({"a": 1}),
+                json!(true),
+                json!(-3),
+                json!(2.5),
+                json!([1, "x"]),
+            ]
+            .choose(rng)
+            .unwrap()
+            .clone();
             c["eos_token_id"] = new.clone();
             write("generation_config.json", &serde_json::to_vec(&c).unwrap());
             m(format!("generation_config `eos_token_id` = {new}"), Reject)
@@ -1280,7 +1316,15 @@ fn chat_once(dir: &Path, max_mib: u64, secs: u64) -> Outcome {
         .arg("-c")
         .arg(format!("ulimit -v {}; exec \"$0\" \"$@\"", max_mib * 1024))
         .arg(env!("CARGO_BIN_EXE_bitnet"))
-        .args(["chat", "--backend", "cpu", "--threads", "1", "--max-tokens", "2"])
+        .args([
+            "chat",
+            "--backend",
+            "cpu",
+            "--threads",
+            "1",
+            "--max-tokens",
+            "2",
+        ])
         .args(["--temperature", "0", "--model"])
         .arg(dir)
         .env_remove("RUST_BACKTRACE")
@@ -1318,7 +1362,7 @@ fn seeded_mutations_of_the_model_directory_never_crash_hang_or_pass_silently() {
     let cases: usize = std::env::var("BITNET_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(360);
+        .unwrap_or(600);
     let seed: u64 = std::env::var("BITNET_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1355,4 +1399,49 @@ fn seeded_mutations_of_the_model_directory_never_crash_hang_or_pass_silently() {
     }
     eprintln!("{cases} mutations (seed {seed}): {accepted} accepted, {rejected} refused cleanly");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The in-process parsers (safetensors header and tensors, config.json, the strict JSON
+/// reader) on thousands of byte-level mutations: every one returns, none panics.
+#[test]
+fn parsers_survive_random_byte_mutations() {
+    use bitnet_inference::config::ModelConfig;
+    use bitnet_inference::format::safetensors::{weights, Checkpoint};
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1414);
+    let model = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let config = std::fs::read(fixture().join("config.json")).unwrap();
+    let header_end = 8 + u64::from_le_bytes(model[..8].try_into().unwrap()) as usize;
+    let good = ModelConfig::from_dir(&fixture()).unwrap();
+    let (mut loaded, mut parsed) = (0, 0);
+    for case in 0..4000 {
+        let mut m = model.clone();
+        let mut c = config.clone();
+        for _ in 0..rng.random_range(1..4) {
+            if case % 2 == 0 {
+                let at = rng.random_range(0..header_end);
+                m[at] = rng.random();
+            } else {
+                let at = rng.random_range(0..c.len());
+                c[at] = rng.random();
+            }
+        }
+        if rng.random_bool(0.1) {
+            let len = rng.random_range(0..m.len());
+            m.truncate(len);
+        }
+        if let Ok(v) = bitnet_inference::json::parse(&c) {
+            if let Ok(cfg) = ModelConfig::from_json(&v) {
+                parsed += 1;
+                let _ = cfg.validate();
+            }
+        }
+        let ck = Checkpoint::from_buffers(vec![("model.safetensors".into(), Arc::new(m))]);
+        if let Ok(ck) = ck {
+            if weights(good.clone(), &ck).is_ok() {
+                loaded += 1;
+            }
+        }
+    }
+    eprintln!("4000 byte mutations: {loaded} checkpoints and {parsed} configs still loaded");
 }

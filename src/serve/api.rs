@@ -171,23 +171,33 @@ impl Common {
             ("frequency_penalty", set(&u.frequency_penalty)),
             ("echo", set(&u.echo)),
             ("suffix", set(&u.suffix)),
-            ("best_of", set(&u.best_of) && u.best_of != Some(Value::from(1))),
+            (
+                "best_of",
+                set(&u.best_of) && u.best_of != Some(Value::from(1)),
+            ),
             ("tools", set(&u.tools)),
             ("functions", set(&u.functions)),
             (
                 "tool_choice",
                 set(&u.tool_choice)
-                    && !matches!(u.tool_choice.as_ref().and_then(Value::as_str), Some("none" | "auto")),
+                    && !matches!(
+                        u.tool_choice.as_ref().and_then(Value::as_str),
+                        Some("none" | "auto")
+                    ),
             ),
             (
                 "function_call",
                 set(&u.function_call)
-                    && !matches!(u.function_call.as_ref().and_then(Value::as_str), Some("none" | "auto")),
+                    && !matches!(
+                        u.function_call.as_ref().and_then(Value::as_str),
+                        Some("none" | "auto")
+                    ),
             ),
             (
                 "response_format",
                 set(&u.response_format)
-                    && u.response_format.as_ref().and_then(|f| f.get("type")) != Some(&Value::from("text")),
+                    && u.response_format.as_ref().and_then(|f| f.get("type"))
+                        != Some(&Value::from("text")),
             ),
         ];
         match named.iter().find(|(_, on)| *on) {

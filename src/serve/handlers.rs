@@ -411,10 +411,7 @@ async fn respond(state: Arc<AppState>, kind: Kind, plan: Plan) -> AppResult<Resp
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(
-    State(state): State<Arc<AppState>>,
-    Body(b): Body,
-) -> AppResult<Response> {
+pub async fn completions(State(state): State<Arc<AppState>>, Body(b): Body) -> AppResult<Response> {
     let req: CompletionRequest = api::parse(&b)?;
     req.common.refuse_unsupported()?;
     let model = ready(&state)?;
@@ -424,10 +421,7 @@ pub async fn completions(
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat(
-    State(state): State<Arc<AppState>>,
-    Body(b): Body,
-) -> AppResult<Response> {
+pub async fn chat(State(state): State<Arc<AppState>>, Body(b): Body) -> AppResult<Response> {
     let mut req: ChatRequest = api::parse(&b)?;
     req.common.refuse_unsupported()?;
     let model = ready(&state)?;
@@ -569,16 +563,18 @@ pub async fn websocket(
 ) -> AppResult<Response> {
     let ws = ws.map_err(|e| ApiError::new(e.status(), "invalid_request_error", e.body_text()))?;
     // The socket outlives its HTTP connection: it holds a connection permit of its own.
-    let permit = state.connections.clone().try_acquire_owned().map_err(|_| {
-        ApiError {
+    let permit = state
+        .connections
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError {
             retry_after: Some(1),
             ..ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "the server has reached its connection limit",
             )
-        }
-    })?;
+        })?;
     Ok(ws.on_upgrade(move |socket| async move {
         ws_session(state, socket).await;
         drop(permit);

@@ -62,6 +62,7 @@ fn raise_open_file_limit() -> Option<u64> {
             }
         }
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
     Some(lim.rlim_cur as u64)
 }
 
