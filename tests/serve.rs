@@ -697,6 +697,8 @@ fn idle_stalled_and_slow_body_connections_are_closed() {
         }
     }
     assert_eq!(s.get("/health").0, 200);
+    assert_eq!(s.metric("bitnet_connections_limit"), 16.0);
+    assert!(s.metric("bitnet_connections_open") <= 2.0);
     // A body that never arrives whole: 408 with a JSON error.
     let mut c = TcpStream::connect(&addr).unwrap();
     c.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")

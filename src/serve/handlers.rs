@@ -462,6 +462,12 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 /// `GET /metrics` (Prometheus text format).
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = state.model();
+    let open = state.connection_cap - state.connections.available_permits();
+    state.metrics.connections_open.set(open as i64);
+    state
+        .metrics
+        .connections_limit
+        .set(state.connection_cap as i64);
     let text = state.metrics.render(m.as_ref().map(|m| &**m.sched.stats()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -32,6 +32,10 @@ pub struct Metrics {
     kv_cached: IntGauge,
     prefix_hits: IntGauge,
     preemptions: IntGauge,
+    /// Open connections (HTTP and WebSocket).
+    pub connections_open: IntGauge,
+    /// The connection cap in force.
+    pub connections_limit: IntGauge,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
@@ -116,6 +120,16 @@ impl Metrics {
                 &r,
                 "bitnet_preemptions",
                 "Sequences preempted for KV blocks (current model)",
+            ),
+            connections_open: gauge(
+                &r,
+                "bitnet_connections_open",
+                "Open client connections (HTTP and WebSocket)",
+            ),
+            connections_limit: gauge(
+                &r,
+                "bitnet_connections_limit",
+                "Most open connections (--max-connections, within the open-file limit)",
             ),
             registry: r,
         }

@@ -136,8 +136,10 @@ pub struct AppState {
     pub opts: ServeOptions,
     draining: AtomicBool,
     next_id: AtomicU64,
-    /// Open connections (HTTP and WebSocket) against `max_connections`.
+    /// Open connections (HTTP and WebSocket) against `connection_cap`.
     connections: Arc<Semaphore>,
+    /// `max_connections`, lowered to fit the open-file limit.
+    connection_cap: usize,
     /// Tokenizing and template rendering running at once on the blocking pool (one per core).
     cpu_work: Semaphore,
     /// The canonical models directory of `/admin/load`.
@@ -344,13 +346,15 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     let local = listener
         .local_addr()
         .map_err(|e| Error::Backend(e.to_string()))?;
+    let connection_cap = listen::connection_cap(opts.max_connections);
     let state = Arc::new(AppState {
         model: RwLock::new(None),
         metrics: metrics::Metrics::new(),
         opts: opts.clone(),
         draining: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
-        connections: Arc::new(Semaphore::new(listen::connection_cap(opts.max_connections))),
+        connections: Arc::new(Semaphore::new(connection_cap)),
+        connection_cap,
         cpu_work: Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
         models_root,
         loading: AtomicBool::new(false),
