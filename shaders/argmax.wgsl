@@ -1,7 +1,8 @@
-// Greedy decoding on the GPU: the index of the largest logit of logits row 0 (the lowest index
-// on ties, like the CPU sampler), so a decode step reads back 4 bytes instead of the logits.
-// partial: dispatch (ceil(vocab / ARG_CHUNK)), 256 invocations; each workgroup writes its
-// (value, index) to part. final: dispatch (1), reads the partials and writes result[0].
+// Greedy decoding on the GPU: the index of the largest logit of each logits row (the lowest
+// index on ties, like the CPU sampler), so a step reads back 4 bytes per row instead of the
+// logits. partial: dispatch (ceil(vocab / ARG_CHUNK), rows), 256 invocations; each workgroup
+// writes its (value, index) to part[row * parts + chunk]. final: dispatch (rows), reads a row's
+// partials and writes result[row].
 
 struct ArgP {
     n: u32,     // logits
@@ -43,10 +44,11 @@ fn tree(li: u32) {
 fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let start = wg.x * ARG_CHUNK;
     let end = min(start + ARG_CHUNK, ap.n);
+    let base = wg.y * ap.n;
     var best = NEG_BIG;
     var bidx = 0xffffffffu;
     for (var i = start + li; i < end; i = i + 256u) {
-        let v = logits[i];
+        let v = logits[base + i];
         if better(v, i, best, bidx) {
             best = v;
             bidx = i;
@@ -57,16 +59,16 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     workgroupBarrier();
     tree(li);
     if li == 0u {
-        part[wg.x] = vec2<u32>(bitcast<u32>(bv[0]), bi[0]);
+        part[wg.y * ap.parts + wg.x] = vec2<u32>(bitcast<u32>(bv[0]), bi[0]);
     }
 }
 
 @compute @workgroup_size(256)
-fn final_(@builtin(local_invocation_index) li: u32) {
+fn final_(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     var best = NEG_BIG;
     var bidx = 0xffffffffu;
     for (var i = li; i < ap.parts; i = i + 256u) {
-        let p = part[i];
+        let p = part[wg.x * ap.parts + i];
         let v = bitcast<f32>(p.x);
         if better(v, p.y, best, bidx) {
             best = v;
@@ -79,6 +81,6 @@ fn final_(@builtin(local_invocation_index) li: u32) {
     tree(li);
     if li == 0u {
         // All logits below NEG_BIG (or NaN): fall back to 0, like the CPU's argmax start.
-        result[0] = select(bi[0], 0u, bi[0] == 0xffffffffu);
+        result[wg.x] = select(bi[0], 0u, bi[0] == 0xffffffffu);
     }
 }

@@ -10,11 +10,12 @@ use std::time::Duration;
 use bitnet_inference::backend::{Backend, BatchBackend, HeadMode, KvDtype, RowSlot};
 use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerConfig};
 use bitnet_inference::config::{ModelConfig, Preset};
-use bitnet_inference::engine::forward::forward_rows;
+use bitnet_inference::engine::forward::{forward_rows, forward_rows_argmax};
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};
 use bitnet_inference::engine::sampler::SamplingParams;
 use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, GpuBackend, GpuOptions};
+use bitnet_inference::reference::argmax;
 
 mod common;
 use common::{cpu, cpu_with, max_abs_diff, prompts, DIR};
@@ -59,14 +60,27 @@ fn batched_logits<B: BatchBackend>(b: &mut B, ps: &[Vec<u32>], bs: usize) -> Vec
                 rows.push(RowSlot { seq: s, pos });
             }
         }
-        // Logits of every other row, so the head's rows are gathered.
+        // Every other row, so the head's rows are gathered; in the second step only every
+        // other one of those reads its logits back (the rest only their argmax).
         let want: Vec<usize> = (0..rows.len()).filter(|r| r % 2 == half).collect();
-        let mut out = Vec::new();
-        forward_rows(b, &mut pool, &tokens, &rows, &tables, &want, &mut out).unwrap();
-        assert_eq!(out.len(), want.len() * vocab);
-        for (i, &r) in want.iter().enumerate() {
-            let slot = rows[r];
-            got[slot.seq].push((slot.pos, out[i * vocab..(i + 1) * vocab].to_vec()));
+        let full: Vec<bool> = (0..want.len()).map(|i| half == 0 || i % 2 == 0).collect();
+        let (mut out, mut ids) = (Vec::new(), Vec::new());
+        forward_rows_argmax(
+            b, &mut pool, &tokens, &rows, &tables, &want, &full, &mut ids, &mut out,
+        )
+        .unwrap();
+        assert_eq!(ids.len(), want.len());
+        let kept: Vec<usize> = (0..want.len()).filter(|&i| full[i]).collect();
+        assert_eq!(out.len(), kept.len() * vocab);
+        for (j, &i) in kept.iter().enumerate() {
+            let logits = &out[j * vocab..(j + 1) * vocab];
+            assert_eq!(
+                ids[i],
+                argmax(logits),
+                "row {i}: device argmax vs its logits"
+            );
+            let slot = rows[want[i]];
+            got[slot.seq].push((slot.pos, logits.to_vec()));
         }
     }
     got.into_iter()
@@ -259,4 +273,49 @@ fn scheduler_on_gpu_matches_cpu_greedy() {
     let st = sched.stats().clone();
     sched.shutdown();
     assert_eq!(st.kv_used.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+/// The head in several passes of the logits buffer (a binding limit of three logits rows):
+/// the device argmax of every row equals the host argmax of its logits, and the rows whose
+/// logits are asked for come back in order, equal to a read of all of them.
+#[test]
+fn head_rows_over_several_logits_passes_match_the_host_argmax() {
+    let w = load(Path::new(DIR)).unwrap();
+    let vocab = w.config.vocab_size;
+    let tokens: Vec<u32> = (0..11).map(|i| (i * 37 + 5) % vocab as u32).collect();
+    let rows: Vec<RowSlot> = (0..tokens.len())
+        .map(|pos| RowSlot { seq: 0, pos })
+        .collect();
+    let tables = vec![vec![0, 1, 2]];
+    let want: Vec<usize> = (0..tokens.len()).rev().collect();
+    for binding in [None, Some((vocab * 4 * 3) as u64)] {
+        let opts = GpuOptions {
+            max_binding_bytes: binding,
+            ..Default::default()
+        };
+        let mut b = gpu::load(&w, &opts).unwrap();
+        let run = |b: &mut GpuBackend, full: &[bool]| {
+            let mut pool = b.new_pool(4, 4).unwrap();
+            let (mut ids, mut out) = (Vec::new(), Vec::new());
+            forward_rows_argmax(
+                b, &mut pool, &tokens, &rows, &tables, &want, full, &mut ids, &mut out,
+            )
+            .unwrap();
+            (ids, out)
+        };
+        let (ids_all, all) = run(&mut b, &vec![true; want.len()]);
+        let full: Vec<bool> = (0..want.len()).map(|i| i % 3 == 1).collect();
+        let (ids, some) = run(&mut b, &full);
+        assert_eq!(all.len(), want.len() * vocab);
+        let host: Vec<u32> = all.chunks(vocab).map(argmax).collect();
+        assert_eq!(ids_all, host, "binding {binding:?}");
+        assert_eq!(ids, host, "binding {binding:?}");
+        let kept: Vec<f32> = all
+            .chunks(vocab)
+            .zip(&full)
+            .filter(|(_, &f)| f)
+            .flat_map(|(r, _)| r.iter().copied())
+            .collect();
+        assert_eq!(some, kept, "binding {binding:?}");
+    }
 }

@@ -164,6 +164,37 @@ pub trait BatchBackend: Backend<Cache: Send> {
     );
     /// Final norm and head of the step rows `rows`; logits (`vocab` per row) into `out`.
     fn logits_rows(&mut self, rows: &[usize], out: &mut Vec<f32>) -> Result<()>;
+    /// Final norm and head of the step rows `rows` for sampling: the argmax of every row into
+    /// `ids` (the lowest id on ties, as [`crate::reference::argmax`]), and the logits of the rows
+    /// `full` marks (`full[i]` for `rows[i]`; `vocab` each, in order) into `logits`. This
+    /// default reads every row's logits; a device backend finds the argmax on the device and
+    /// reads back only the rows asked for.
+    fn head_rows(
+        &mut self,
+        rows: &[usize],
+        full: &[bool],
+        ids: &mut Vec<u32>,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        if full.len() != rows.len() {
+            return Err(crate::Error::Request(format!(
+                "{} rows but {} logits flags",
+                rows.len(),
+                full.len()
+            )));
+        }
+        let vocab = self.config().vocab_size;
+        self.logits_rows(rows, logits)?;
+        ids.clear();
+        ids.extend(logits.chunks(vocab).map(crate::reference::argmax));
+        let mut kept = 0;
+        for (i, _) in full.iter().enumerate().filter(|(_, &f)| f) {
+            logits.copy_within(i * vocab..(i + 1) * vocab, kept * vocab);
+            kept += 1;
+        }
+        logits.truncate(kept * vocab);
+        Ok(())
+    }
     /// Whether the scheduler should sample a step's rows on several host threads (false when
     /// the backend's own workers keep the cores busy).
     fn sample_in_parallel(&self) -> bool {

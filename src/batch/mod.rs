@@ -6,17 +6,15 @@
 pub mod blocks;
 pub mod scheduler;
 
-use rayon::prelude::*;
-
 use crate::backend::{BatchBackend, RowSlot};
-use crate::engine::forward::forward_rows;
+use crate::engine::forward::{forward_rows, forward_rows_argmax};
 use crate::error::Result;
 use crate::reference::argmax;
 
 /// Batched decode throughput: `seqs` sequences of `prompt_len` prompt tokens each are
-/// prefilled, then decode `steps` tokens together (one row each per step, greedy, logits of
-/// every row read back and argmax'ed in parallel as the scheduler does). Returns (generated tokens/s,
-/// seconds of the steps spent in `forward_rows`).
+/// prefilled, then decode `steps` tokens together (one row each per step, greedy: the argmax
+/// of each row from [`BatchBackend::head_rows`], as the scheduler takes it). Returns (generated
+/// tokens/s, seconds of the steps spent in the forward pass and the head).
 pub fn decode_throughput<B: BatchBackend>(
     b: &mut B,
     seqs: usize,
@@ -45,8 +43,10 @@ pub fn decode_throughput<B: BatchBackend>(
         *n = argmax(&out[..vocab]);
     }
     let all: Vec<usize> = (0..seqs).collect();
+    let greedy = vec![false; seqs];
     let t0 = crate::time::Instant::now();
     let mut forward = 0.0;
+    let mut ids = Vec::new();
     for k in 0..steps {
         let rows: Vec<RowSlot> = (0..seqs)
             .map(|seq| RowSlot {
@@ -55,11 +55,11 @@ pub fn decode_throughput<B: BatchBackend>(
             })
             .collect();
         let f0 = crate::time::Instant::now();
-        forward_rows(b, &mut pool, &next, &rows, &tables, &all, &mut out)?;
+        forward_rows_argmax(
+            b, &mut pool, &next, &rows, &tables, &all, &greedy, &mut ids, &mut out,
+        )?;
         forward += f0.elapsed().as_secs_f64();
-        next.par_iter_mut()
-            .zip(out.par_chunks(vocab))
-            .for_each(|(n, l)| *n = argmax(l));
+        next.copy_from_slice(&ids);
     }
     let secs = t0.elapsed().as_secs_f64();
     Ok(((seqs * steps) as f64 / secs, forward))

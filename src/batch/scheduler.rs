@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use super::blocks::{prefix_hashes, BlockAllocator};
 use crate::backend::{BatchBackend, RowSlot};
-use crate::engine::forward::forward_rows;
+use crate::engine::forward::forward_rows_argmax;
 use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::engine::session::FinishReason;
 use crate::error::{Error, Result};
@@ -176,6 +176,7 @@ impl Scheduler {
             running: Vec::new(),
             next_id: 0,
             logits: Vec::new(),
+            ids: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("bitnet-engine".into())
@@ -285,7 +286,10 @@ struct Engine<B: BatchBackend> {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     next_id: u64,
+    /// Logits of the last step's sampled rows that need them (not greedy).
     logits: Vec<f32>,
+    /// Argmax of each of the last step's sampled rows.
+    ids: Vec<u32>,
 }
 
 impl<B: BatchBackend> Engine<B> {
@@ -473,6 +477,8 @@ impl<B: BatchBackend> Engine<B> {
         let mut tables = Vec::new();
         let mut logit_rows = Vec::new();
         let mut sampled = Vec::new();
+        // Greedy rows take the argmax the backend finds; only the others need their logits.
+        let mut full = Vec::new();
         for (k, &(id, n)) in plan.iter().enumerate() {
             let Some(s) = self.running.iter().find(|s| s.id == id) else {
                 continue;
@@ -485,15 +491,18 @@ impl<B: BatchBackend> Engine<B> {
             if s.computed + n == s.tokens.len() {
                 logit_rows.push(rows.len() - 1);
                 sampled.push(id);
+                full.push(!s.sampler.is_greedy());
             }
         }
-        forward_rows(
+        forward_rows_argmax(
             &mut self.backend,
             &mut self.pool,
             &tokens,
             &rows,
             &tables,
             &logit_rows,
+            &full,
+            &mut self.ids,
             &mut self.logits,
         )?;
         self.stats.steps.fetch_add(1, Relaxed);
@@ -528,19 +537,33 @@ impl<B: BatchBackend> Engine<B> {
                 by_row[k] = Some(s);
             }
         }
-        let sample = |(s, logits): (&mut Option<&mut Seq>, &mut [f32])| {
-            s.as_mut().map(|s| s.sampler.sample(logits, &s.tokens))
+        let mut chunks = self.logits.chunks_mut(vocab);
+        let mut row_logits: Vec<Option<&mut [f32]>> = full
+            .iter()
+            .map(|&f| if f { chunks.next() } else { None })
+            .collect();
+        type Row<'a, 'b> = (
+            (&'a mut Option<&'b mut Seq>, &'a mut Option<&'b mut [f32]>),
+            &'a u32,
+        );
+        let sample = |((s, logits), &argmax): Row| {
+            s.as_mut().map(|s| match logits {
+                Some(l) => s.sampler.sample(l, &s.tokens),
+                None => argmax,
+            })
         };
         let picked: Vec<Option<u32>> = if self.backend.sample_in_parallel() {
             by_row
                 .par_iter_mut()
-                .zip(self.logits.par_chunks_mut(vocab))
+                .zip(row_logits.par_iter_mut())
+                .zip(self.ids.par_iter())
                 .map(sample)
                 .collect()
         } else {
             by_row
                 .iter_mut()
-                .zip(self.logits.chunks_mut(vocab))
+                .zip(row_logits.iter_mut())
+                .zip(self.ids.iter())
                 .map(sample)
                 .collect()
         };

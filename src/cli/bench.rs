@@ -176,7 +176,7 @@ pub(crate) fn bench_on<B: BatchBackend>(
         if let Some((tok_s, share)) = batch {
             println!(
                 "batch decode   {tok_s:.1} tok/s ({} sequences; {:.0}% of the time in the \
-                 steps incl. reading the logits back, the rest in argmax)",
+                 steps incl. the head and argmax, the rest on the host)",
                 a.batch,
                 100.0 * share
             );

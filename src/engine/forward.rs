@@ -272,6 +272,35 @@ pub fn forward_rows<B: BatchBackend>(
     logit_rows: &[usize],
     out: &mut Vec<f32>,
 ) -> Result<()> {
+    run_rows(b, pool, tokens, rows, tables)?;
+    b.logits_rows(logit_rows, out)
+}
+
+/// [`forward_rows`] for sampling: the argmax of each of the step rows `logit_rows` into `ids`,
+/// and the logits of only the rows `full` marks into `out` ([`BatchBackend::head_rows`]).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_rows_argmax<B: BatchBackend>(
+    b: &mut B,
+    pool: &mut B::Cache,
+    tokens: &[u32],
+    rows: &[RowSlot],
+    tables: &[Vec<u32>],
+    logit_rows: &[usize],
+    full: &[bool],
+    ids: &mut Vec<u32>,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    run_rows(b, pool, tokens, rows, tables)?;
+    b.head_rows(logit_rows, full, ids, out)
+}
+
+fn run_rows<B: BatchBackend>(
+    b: &mut B,
+    pool: &mut B::Cache,
+    tokens: &[u32],
+    rows: &[RowSlot],
+    tables: &[Vec<u32>],
+) -> Result<()> {
     if tokens.is_empty() || tokens.len() != rows.len() {
         return Err(Error::Request(format!(
             "a batched step needs one slot per token ({} tokens, {} slots)",
@@ -281,5 +310,5 @@ pub fn forward_rows<B: BatchBackend>(
     }
     b.embed(tokens)?;
     run_layers(b, &mut RowsKv { pool, rows, tables }, None);
-    b.logits_rows(logit_rows, out)
+    Ok(())
 }

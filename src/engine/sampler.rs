@@ -103,6 +103,12 @@ impl Sampler {
         self.draw()
     }
 
+    /// Whether this sampler always picks the argmax of the logits (temperature 0, no
+    /// repetition penalty): it then needs the argmax only, not the logits.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 && self.params.repetition_penalty == 1.0
+    }
+
     /// When this sampler needs only the `k` most likely tokens of a step (temperature > 0,
     /// top-k on, no repetition penalty): `Some((k, 1 / temperature))` for
     /// [`top_candidates`], which a backend may find on its device; the token is then drawn by

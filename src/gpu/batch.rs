@@ -169,6 +169,37 @@ impl BatchBackend for GpuBackend {
     }
 
     fn logits_rows(&mut self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        self.gather_head_rows(rows)?;
+        out.clear();
+        self.read_head_rows(0..rows.len(), None, None, out)
+    }
+
+    fn head_rows(
+        &mut self,
+        rows: &[usize],
+        full: &[bool],
+        ids: &mut Vec<u32>,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        if full.len() != rows.len() {
+            self.rec.discard();
+            return Err(Error::Request(format!(
+                "{} rows but {} logits flags",
+                rows.len(),
+                full.len()
+            )));
+        }
+        self.gather_head_rows(rows)?;
+        ids.clear();
+        logits.clear();
+        self.read_head_rows(0..rows.len(), Some(full), Some(ids), logits)
+    }
+}
+
+impl GpuBackend {
+    /// Checks `rows`, records the final norm and gathers the head's input rows `rows` to
+    /// the front.
+    fn gather_head_rows(&mut self, rows: &[usize]) -> Result<()> {
         if let Some(e) = self.batch_error.take() {
             self.rec.discard();
             return Err(e);
@@ -208,7 +239,6 @@ impl BatchBackend for GpuBackend {
                 enc.copy_buffer_to_buffer(&scratch, 0, &src, 0, rows.len() as u64 * row);
             }
         }
-        out.clear();
-        self.read_head_rows(0..rows.len(), out)
+        Ok(())
     }
 }

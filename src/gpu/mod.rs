@@ -137,7 +137,8 @@ struct Bufs {
     logits: wgpu::Buffer,
     readback: wgpu::Buffer,
     rope_params: wgpu::Buffer,
-    /// Argmax of logits row 0: (value, index) partials, the result word and its readback.
+    /// Argmax of the logits rows: (value, index) partials, one result word per row, and the
+    /// readback of a step's ids (one word per step row).
     argmax_part: wgpu::Buffer,
     argmax_result: wgpu::Buffer,
     argmax_readback: wgpu::Buffer,
@@ -363,7 +364,7 @@ impl Backend for GpuBackend {
         };
         self.record_final_norm();
         out.clear();
-        self.read_head_rows(range, out)
+        self.read_head_rows(range, None, None, out)
     }
 
     #[cfg(not(target_arch = "wasm32"))]

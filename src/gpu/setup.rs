@@ -118,8 +118,12 @@ impl GpuBackend {
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
-            argmax_part: storage(device, "argmax partials", ops::argmax::parts(vocab) * 8),
-            argmax_result: storage(device, "argmax", 16),
+            argmax_part: storage(
+                device,
+                "argmax partials",
+                ops::argmax::parts(vocab) * logit_rows * 8,
+            ),
+            argmax_result: storage(device, "argmax", logit_rows * 4),
             argmax_ring: [0, 1, 2].map(|_| {
                 device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("queued argmax readback"),
@@ -143,7 +147,7 @@ impl GpuBackend {
             }),
             argmax_readback: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("argmax readback"),
-                size: 16,
+                size: (max_step * 4).div_ceil(16) as u64 * 16,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),

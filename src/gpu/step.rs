@@ -101,7 +101,7 @@ impl GpuBackend {
         self.record_head_last();
         self.ops
             .argmax
-            .record(&mut self.rec, &self.argmax_bg, self.cfg.vocab_size);
+            .record(&mut self.rec, &self.argmax_bg, self.cfg.vocab_size, 1);
     }
 
     /// Records the final norm, head and argmax of the step's last position and the copy of
@@ -132,11 +132,15 @@ impl GpuBackend {
         self.ops.norm.record(&mut self.rec, kind, bg, t);
     }
 
-    /// Runs the head over the final-normed rows `range` (recorded with the step so far),
-    /// in batches of the logits buffer's rows, and appends their logits to `out`.
+    /// Runs the head over the final-normed rows `range` (recorded with the step so far), in
+    /// batches of the logits buffer's rows. Appends to `out` the logits of the rows `full`
+    /// marks (all rows when None; `full[i]` is row `range.start + i`) and, with `ids`, the
+    /// argmax of every row, found on the device: 4 bytes a row come back instead of its logits.
     pub(super) fn read_head_rows(
         &mut self,
         range: std::ops::Range<usize>,
+        full: Option<&[bool]>,
+        ids: Option<&mut Vec<u32>>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let vocab = self.cfg.vocab_size;
@@ -144,26 +148,76 @@ impl GpuBackend {
             self.flush();
             return Ok(());
         }
-        out.reserve(range.len() * vocab);
+        let total = range.len();
+        if ids.is_some() && (total * 4) as u64 > self.bufs.argmax_readback.size() {
+            self.rec.discard();
+            return Err(Error::Request(format!(
+                "the argmax of {total} rows asked of a step of at most {}",
+                self.bufs.argmax_readback.size() / 4
+            )));
+        }
+        let wants = |i: usize| full.is_none_or(|f| f.get(i).copied().unwrap_or(false));
+        let row_bytes = (vocab * 4) as u64;
         let mut r0 = range.start;
         while r0 < range.end {
             let n = self.logit_rows.min(range.end - r0);
             self.step.row0 = r0 as u32;
             self.step.nrows = n as u32;
-            let bytes = (n * vocab * 4) as u64;
             let int8 = self.int8_head();
             for (s, bg) in &self.head_shards {
                 self.ops.head.record(&mut self.rec, bg, s.rows, n, int8);
             }
+            let first = r0 - range.start;
+            if ids.is_some() {
+                self.ops
+                    .argmax
+                    .record(&mut self.rec, &self.argmax_bg, vocab, n);
+                let (res, rb) = (
+                    self.bufs.argmax_result.clone(),
+                    self.bufs.argmax_readback.clone(),
+                );
+                self.rec.encoder().copy_buffer_to_buffer(
+                    &res,
+                    0,
+                    &rb,
+                    first as u64 * 4,
+                    n as u64 * 4,
+                );
+            }
+            // The wanted rows, packed to the front of the readback in runs.
             let (logits, readback) = (self.bufs.logits.clone(), self.bufs.readback.clone());
-            self.rec
-                .encoder()
-                .copy_buffer_to_buffer(&logits, 0, &readback, 0, bytes);
+            let mut kept = 0u64;
+            let mut i = 0;
+            while i < n {
+                if !wants(first + i) {
+                    i += 1;
+                    continue;
+                }
+                let run = (i..n).take_while(|&j| wants(first + j)).count() as u64;
+                self.rec.encoder().copy_buffer_to_buffer(
+                    &logits,
+                    i as u64 * row_bytes,
+                    &readback,
+                    kept * row_bytes,
+                    run * row_bytes,
+                );
+                kept += run;
+                i += run as usize;
+            }
             self.flush();
-            self.read_mapped(&readback, bytes, |data| {
-                out.extend_from_slice(bytemuck::cast_slice(data));
-            })?;
+            if kept > 0 {
+                out.reserve((kept * row_bytes / 4) as usize);
+                self.read_mapped(&readback, kept * row_bytes, |data| {
+                    out.extend_from_slice(bytemuck::cast_slice(data));
+                })?;
+            }
             r0 += n;
+        }
+        if let Some(ids) = ids {
+            let rb = self.bufs.argmax_readback.clone();
+            self.read_mapped(&rb, total as u64 * 4, |data| {
+                ids.extend_from_slice(bytemuck::cast_slice(data));
+            })?;
         }
         Ok(())
     }

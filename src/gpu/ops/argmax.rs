@@ -1,5 +1,5 @@
-//! Argmax of logits row 0 on the device (the lowest id on ties, as
-//! [`crate::reference::argmax`]): partials per 4,096 logits, then the merge.
+//! Argmax of each logits row on the device (the lowest id on ties, as
+//! [`crate::reference::argmax`]): partials per 4,096 logits of each row, then one merge per row.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -51,10 +51,11 @@ impl Argmax {
         }
     }
 
-    /// Argmax of logits row 0 into the result word.
-    pub fn record(&self, rec: &mut Recorder, bg: &wgpu::BindGroup, vocab: usize) {
-        let dims = [parts(vocab) as u32, 1, 1];
+    /// Argmax of logits rows `0..rows` into result words `0..rows` (the partials buffer holds
+    /// `parts(vocab)` entries per row).
+    pub fn record(&self, rec: &mut Recorder, bg: &wgpu::BindGroup, vocab: usize, rows: usize) {
+        let dims = [parts(vocab) as u32, rows as u32, 1];
         rec.dispatch("argmax", &self.partial, bg, dims);
-        rec.dispatch("argmax_final", &self.merge, bg, [1, 1, 1]);
+        rec.dispatch("argmax_final", &self.merge, bg, [rows as u32, 1, 1]);
     }
 }
