@@ -174,14 +174,7 @@ fn gemv4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     gred4[li] = acc_a;
     gred4[li + 128u] = acc_b;
     workgroupBarrier();
-    sum_store4(li, ra - g, rb - g, t0);
-}
-
-// After gred4 holds each invocation's 4-token partials (row a at li, row b at li + 128):
-// invocation i < 2 * groups sums the TPR partials of row (i % groups) + groups * (i / groups)
-// and stores tokens t0..t0+3 of it (rows from ra0 / rb0, the workgroup's first rows).
-fn sum_store4(li: u32, ra0: u32, rb0: u32, t0: u32) {
-    let groups = GV_WG / TPR;
+    // Invocation i < 2 * groups sums the TPR partials of row (i % groups) + groups * (i / groups).
     if li < 2u * groups {
         let gg = li % groups;
         let second = li >= groups;
@@ -190,7 +183,7 @@ fn sum_store4(li: u32, ra0: u32, rb0: u32, t0: u32) {
         for (var k = 0u; k < TPR; k = k + 1u) {
             s = s + gred4[base + k];
         }
-        let row = select(ra0 + gg, rb0 + gg, second);
+        let row = select(ra - g + gg, rb - g + gg, second);
         if row < mp.rows {
             store(t0, row, s.x);
             if t0 + 1u < step.t {
@@ -203,63 +196,6 @@ fn sum_store4(li: u32, ra0: u32, rb0: u32, t0: u32) {
                 store(t0 + 3u, row, s.w);
             }
         }
-    }
-}
-
-// gemv4 for 8 tokens per workgroup: each weight vec4 is expanded once for 8 tokens, so a
-// batched step streams the weights half as often. Dispatch (row groups, ceil(t / 8)).
-@compute @workgroup_size(GV_WG)
-fn gemv8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let groups = GV_WG / TPR;
-    let g = li / TPR;
-    let lane = li % TPR;
-    let t0 = wg.y * 8u;
-    let ra = wg.x * 2u * groups + g;
-    let rb = ra + groups;
-    let kvec = mp.kvec;
-    let wa = select(0u, ra, ra < mp.rows) * kvec;
-    let wb = select(0u, rb, rb < mp.rows) * kvec;
-    let xrow = kvec * 4u;
-    let x0b = t0 * xrow;
-    let x1b = select(0u, t0 + 1u, t0 + 1u < step.t) * xrow;
-    let x2b = select(0u, t0 + 2u, t0 + 2u < step.t) * xrow;
-    let x3b = select(0u, t0 + 3u, t0 + 3u < step.t) * xrow;
-    let x4b = select(0u, t0 + 4u, t0 + 4u < step.t) * xrow;
-    let x5b = select(0u, t0 + 5u, t0 + 5u < step.t) * xrow;
-    let x6b = select(0u, t0 + 6u, t0 + 6u < step.t) * xrow;
-    let x7b = select(0u, t0 + 7u, t0 + 7u < step.t) * xrow;
-    // Component j of *_lo: token t0 + j; of *_hi: token t0 + 4 + j.
-    var a_lo = vec4<i32>(0);
-    var a_hi = vec4<i32>(0);
-    var b_lo = vec4<i32>(0);
-    var b_hi = vec4<i32>(0);
-    for (var m = lane; m < kvec; m = m + TPR) {
-        let ea = expand(w[wa + m]);
-        let eb = expand(w[wb + m]);
-        let o = 4u * m;
-        let p0 = dot_ab(ea, eb, x0b + o);
-        let p1 = dot_ab(ea, eb, x1b + o);
-        let p2 = dot_ab(ea, eb, x2b + o);
-        let p3 = dot_ab(ea, eb, x3b + o);
-        let p4 = dot_ab(ea, eb, x4b + o);
-        let p5 = dot_ab(ea, eb, x5b + o);
-        let p6 = dot_ab(ea, eb, x6b + o);
-        let p7 = dot_ab(ea, eb, x7b + o);
-        a_lo = a_lo + vec4<i32>(p0.x, p1.x, p2.x, p3.x);
-        a_hi = a_hi + vec4<i32>(p4.x, p5.x, p6.x, p7.x);
-        b_lo = b_lo + vec4<i32>(p0.y, p1.y, p2.y, p3.y);
-        b_hi = b_hi + vec4<i32>(p4.y, p5.y, p6.y, p7.y);
-    }
-    gred4[li] = a_lo;
-    gred4[li + 128u] = b_lo;
-    workgroupBarrier();
-    sum_store4(li, ra - g, rb - g, t0);
-    workgroupBarrier();
-    gred4[li] = a_hi;
-    gred4[li + 128u] = b_hi;
-    workgroupBarrier();
-    if t0 + 4u < step.t {
-        sum_store4(li, ra - g, rb - g, t0 + 4u);
     }
 }
 

@@ -1,5 +1,5 @@
-//! Ternary × int8 matmuls: the GEMV for one token, the 4- and 8-token GEMVs for batched
-//! steps, the tiled GEMM for prefill; each storing or adding into its output.
+//! Ternary × int8 matmuls: the GEMV for one token, the 4-token GEMV for small steps, the
+//! tiled GEMM for prefill; each storing or adding into its output.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -29,10 +29,9 @@ pub const GEMV_WG: u32 = 128;
 /// 63% of an H200's copy bandwidth (16: 60%, 32: 48%) and batches of 32 decode 7% faster.
 pub const GEMV_TPR: u32 = 8;
 
-/// Steps of up to this many tokens (batched decode rows) take the 4- or 8-token GEMV instead
-/// of the 64 x 64 tiled GEMM: every workgroup splits K over its lanes, so a small step is not
-/// bound by one tile's walk over all of K. Above 4 tokens the 8-token GEMV streams the weights
-/// once per 8 rows.
+/// Steps of up to this many tokens (batched decode rows) take the 4-token GEMV instead of
+/// the 64 x 64 tiled GEMM: every workgroup splits K over its lanes, so a small step is not
+/// bound by one tile's walk over all of K.
 pub const GEMV4_MAX_T: usize = 64;
 
 /// Rows of a GEMV workgroup.
@@ -47,8 +46,6 @@ pub struct Matmul {
     gemv_acc: wgpu::ComputePipeline,
     gemv4: wgpu::ComputePipeline,
     gemv4_acc: wgpu::ComputePipeline,
-    gemv8: wgpu::ComputePipeline,
-    gemv8_acc: wgpu::ComputePipeline,
     gemm: wgpu::ComputePipeline,
     gemm_acc: wgpu::ComputePipeline,
 }
@@ -72,8 +69,6 @@ impl Matmul {
             gemv_acc: p("gemv_acc", "gemv", 1.0, true),
             gemv4: p("gemv4", "gemv4", 0.0, true),
             gemv4_acc: p("gemv4_acc", "gemv4", 1.0, true),
-            gemv8: p("gemv8", "gemv8", 0.0, true),
-            gemv8_acc: p("gemv8_acc", "gemv8", 1.0, true),
             gemm: p("gemm", "gemm", 0.0, false),
             gemm_acc: p("gemm_acc", "gemm", 1.0, false),
             layout,
@@ -101,13 +96,19 @@ impl Matmul {
             };
             rec.dispatch(label, pl, bg, [rows.div_ceil(rpw) as u32, 1, 1]);
         } else if t <= GEMV4_MAX_T {
-            let (pl, per, label) = match (t <= 4, accumulate) {
-                (true, false) => (&self.gemv4, 4, gemv_label(label, 4)),
-                (true, true) => (&self.gemv4_acc, 4, gemv_label(label, 4)),
-                (false, false) => (&self.gemv8, 8, gemv_label(label, 8)),
-                (false, true) => (&self.gemv8_acc, 8, gemv_label(label, 8)),
+            let pl = if accumulate {
+                &self.gemv4_acc
+            } else {
+                &self.gemv4
             };
-            let dims = [rows.div_ceil(rpw) as u32, t.div_ceil(per) as u32, 1];
+            let dims = [rows.div_ceil(rpw) as u32, t.div_ceil(4) as u32, 1];
+            let label = match label {
+                "matmul_qkv" => "gemv4_qkv",
+                "matmul_o" => "gemv4_o",
+                "matmul_gate_up" => "gemv4_gate_up",
+                "matmul_down" => "gemv4_down",
+                other => other,
+            };
             rec.dispatch(label, pl, bg, dims);
         } else {
             let pl = if accumulate {
@@ -118,20 +119,5 @@ impl Matmul {
             let dims = [rows.div_ceil(64) as u32, t.div_ceil(64) as u32, 1];
             rec.dispatch(label, pl, bg, dims);
         }
-    }
-}
-
-/// The profile name of a batched GEMV over the matrix `label` with `per` tokens a workgroup.
-fn gemv_label(label: &'static str, per: usize) -> &'static str {
-    match (label, per) {
-        ("matmul_qkv", 4) => "gemv4_qkv",
-        ("matmul_o", 4) => "gemv4_o",
-        ("matmul_gate_up", 4) => "gemv4_gate_up",
-        ("matmul_down", 4) => "gemv4_down",
-        ("matmul_qkv", _) => "gemv8_qkv",
-        ("matmul_o", _) => "gemv8_o",
-        ("matmul_gate_up", _) => "gemv8_gate_up",
-        ("matmul_down", _) => "gemv8_down",
-        (other, _) => other,
     }
 }
