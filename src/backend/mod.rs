@@ -185,8 +185,11 @@ pub trait BatchBackend: Backend<Cache: Send> {
         }
         let vocab = self.config().vocab_size;
         self.logits_rows(rows, logits)?;
-        ids.clear();
-        ids.extend(logits.chunks(vocab).map(crate::reference::argmax));
+        use rayon::prelude::*;
+        logits
+            .par_chunks(vocab)
+            .map(crate::reference::argmax)
+            .collect_into_vec(ids);
         let mut kept = 0;
         for (i, _) in full.iter().enumerate().filter(|(_, &f)| f) {
             logits.copy_within(i * vocab..(i + 1) * vocab, kept * vocab);
