@@ -222,7 +222,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         shutdown_timeout: a.shutdown_timeout,
         max_connections: a.max_connections.max(1),
         idle_timeout: a.idle_timeout,
-        body_timeout: a.body_timeout,
+        body_timeout: a.body_timeout.max(1),
         ws_idle_timeout: a.ws_idle_timeout,
     })?;
     Ok(())

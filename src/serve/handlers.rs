@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -236,14 +236,20 @@ async fn prompt_tokens(
             "this model has no tokenizer.json: send the prompt as token ids",
         )
     })?;
-    let _turn = state
+    // The turn moves into the task: a client that hangs up does not free it while the
+    // tokenizer still runs.
+    let turn = state
         .cpu_work
-        .acquire()
+        .clone()
+        .acquire_owned()
         .await
         .map_err(|e| engine_error(e.to_string()))?;
-    tokio::task::spawn_blocking(move || match text {
-        Ok(t) => tok.encode(&t, true),
-        Err(messages) => tok.encode_chat(&messages),
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        match text {
+            Ok(t) => tok.encode(&t, true),
+            Err(messages) => tok.encode_chat(&messages),
+        }
     })
     .await
     .map_err(|e| engine_error(e.to_string()))?
@@ -462,7 +468,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 /// `GET /metrics` (Prometheus text format).
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = state.model();
-    let open = state.connection_cap - state.connections.available_permits();
+    // The accept loop holds one permit while it waits for the next client.
+    let open = (state.connection_cap - state.connections.available_permits()).saturating_sub(1);
     state.metrics.connections_open.set(open as i64);
     state
         .metrics
@@ -506,17 +513,18 @@ fn model_in_root(root: &Path, name: &str) -> AppResult<PathBuf> {
 }
 
 /// Clears the one-load-at-a-time flag when a load ends, however it ends.
-struct LoadTurn<'a>(&'a AtomicBool);
+struct LoadTurn(Arc<AppState>);
 
-impl Drop for LoadTurn<'_> {
+impl Drop for LoadTurn {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.loading.store(false, Ordering::Release);
     }
 }
 
 /// `POST /admin/load` `{"model": NAME}` (admin key only): loads the directory NAME of the
 /// models directory and switches new requests to it once ready; in-flight requests finish on
-/// the old model; a failed load leaves the old one serving. One load runs at a time.
+/// the old model; a failed load leaves the old one serving. One load runs at a time, to its
+/// end even when the client hangs up.
 pub async fn admin_load(
     State(state): State<Arc<AppState>>,
     Body(b): Body,
@@ -531,15 +539,18 @@ pub async fn admin_load(
             "another model load is in progress",
         ));
     }
-    let _turn = LoadTurn(&state.loading);
-    let st = state.clone();
-    let loaded = tokio::task::spawn_blocking(move || load_model(&dir, &st.opts))
-        .await
-        .map_err(|e| engine_error(e.to_string()))?
-        .map_err(|e| ApiError::invalid(Some("model"), e.to_string()))?;
-    let id = loaded.id.clone();
-    tracing::info!(model = %id, "model swapped in");
-    state.set_model(Arc::new(loaded));
+    let turn = LoadTurn(state.clone());
+    let id = tokio::task::spawn_blocking(move || {
+        let st = &turn.0;
+        let loaded = load_model(&dir, &st.opts)?;
+        let id = loaded.id.clone();
+        tracing::info!(model = %id, "model swapped in");
+        st.set_model(Arc::new(loaded));
+        Ok::<_, crate::error::Error>(id)
+    })
+    .await
+    .map_err(|e| engine_error(e.to_string()))?
+    .map_err(|e| ApiError::invalid(Some("model"), e.to_string()))?;
     Ok(Json(json!({ "status": "ok", "model": id })))
 }
 
@@ -581,6 +592,8 @@ pub async fn websocket(
                 "the server has reached its connection limit",
             )
         })?;
+    let most = state.opts.max_body_bytes;
+    let ws = ws.max_message_size(most).max_frame_size(most);
     Ok(ws.on_upgrade(move |socket| async move {
         ws_session(state, socket).await;
         drop(permit);

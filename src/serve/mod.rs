@@ -141,7 +141,7 @@ pub struct AppState {
     /// `max_connections`, lowered to fit the open-file limit.
     connection_cap: usize,
     /// Tokenizing and template rendering running at once on the blocking pool (one per core).
-    cpu_work: Semaphore,
+    cpu_work: Arc<Semaphore>,
     /// The canonical models directory of `/admin/load`.
     models_root: Option<PathBuf>,
     /// Set while `/admin/load` is loading (one load at a time).
@@ -355,7 +355,9 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         next_id: AtomicU64::new(1),
         connections: Arc::new(Semaphore::new(connection_cap)),
         connection_cap,
-        cpu_work: Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        cpu_work: Arc::new(Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        )),
         models_root,
         loading: AtomicBool::new(false),
     });
