@@ -123,10 +123,16 @@ fn edit_model(dir: &TempDir, edit: impl FnOnce(&mut SafeTensorsFile)) {
 
 /// Rewrites `dir/config.json` after `edit`.
 fn edit_config(dir: &TempDir, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let path = dir.join("config.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(v.as_object_mut().unwrap());
-    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    edit_json(&dir.join("config.json"), |v| {
+        edit(v.as_object_mut().unwrap())
+    });
+}
+
+/// Rewrites the JSON file `path` after `edit`.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
 
 /// Loads `dir` up to a ready CPU backend and returns the error text; fails if it loads.
@@ -1206,17 +1212,9 @@ fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
             ]
             .choose(rng)
             .unwrap();
-            let b = std::fs::read(dir.join(name)).unwrap();
-            let len = rng.random_range(0..b.len() - 1);
-            write(name, &b[..len]);
-            m(format!("{name} truncated to {len} bytes"), Reject)
+            truncate(dir, name, rng)
         }
-        17 => {
-            let b = std::fs::read(dir.join("tokenizer.json")).unwrap();
-            let len = rng.random_range(0..b.len() - 1);
-            write("tokenizer.json", &b[..len]);
-            m(format!("tokenizer.json truncated to {len} bytes"), Reject)
-        }
+        17 => truncate(dir, "tokenizer.json", rng),
         18 => {
             let name = *[
                 "tokenizer.json",
@@ -1232,21 +1230,14 @@ fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
             m(format!("{name} byte {at} flipped"), Either)
         }
         19 => {
-            let path = dir.join("tokenizer_config.json");
-            let mut c: Value =
-                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
             let key = *["bos_token", "eos_token", "chat_template"]
                 .choose(rng)
                 .unwrap();
             let new = wrong_type(rng, &json!("x"));
-            c[key] = new.clone();
-            write("tokenizer_config.json", &serde_json::to_vec(&c).unwrap());
+            edit_json(&dir.join("tokenizer_config.json"), |c| c[key] = new.clone());
             m(format!("tokenizer_config `{key}` = {new}"), Reject)
         }
         20 => {
-            let path = dir.join("generation_config.json");
-            let mut c: Value =
-                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
             let new = [
                 json!("x"),
                 json!({"a": 1}),
@@ -1258,8 +1249,9 @@ fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
             .choose(rng)
             .unwrap()
             .clone();
-            c["eos_token_id"] = new.clone();
-            write("generation_config.json", &serde_json::to_vec(&c).unwrap());
+            edit_json(&dir.join("generation_config.json"), |c| {
+                c["eos_token_id"] = new.clone()
+            });
             m(format!("generation_config `eos_token_id` = {new}"), Reject)
         }
         21 => {
@@ -1298,6 +1290,17 @@ fn mutate(dir: &Path, case: usize, rng: &mut impl rand::Rng) -> Mutant {
             assert!(made.is_ok_and(|s| s.success()), "mkfifo");
             m(format!("{name} is a FIFO"), Reject)
         }
+    }
+}
+
+/// `dir/name` cut short at a random length: a must-reject mutation.
+fn truncate(dir: &Path, name: &str, rng: &mut impl rand::Rng) -> Mutant {
+    let b = std::fs::read(dir.join(name)).unwrap();
+    let len = rng.random_range(0..b.len() - 1);
+    std::fs::write(dir.join(name), &b[..len]).unwrap();
+    Mutant {
+        what: format!("{name} truncated to {len} bytes"),
+        expect: Expect::Reject,
     }
 }
 

@@ -176,13 +176,7 @@ pub trait BatchBackend: Backend<Cache: Send> {
         ids: &mut Vec<u32>,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
-        if full.len() != rows.len() {
-            return Err(crate::Error::Request(format!(
-                "{} rows but {} logits flags",
-                rows.len(),
-                full.len()
-            )));
-        }
+        check_row_flags(rows, full)?;
         let vocab = self.config().vocab_size;
         self.logits_rows(rows, logits)?;
         use rayon::prelude::*;
@@ -203,4 +197,16 @@ pub trait BatchBackend: Backend<Cache: Send> {
     fn sample_in_parallel(&self) -> bool {
         true
     }
+}
+
+/// The check every [`BatchBackend::head_rows`] makes: one logits flag per requested row.
+pub fn check_row_flags(rows: &[usize], full: &[bool]) -> Result<()> {
+    if full.len() == rows.len() {
+        return Ok(());
+    }
+    Err(crate::Error::Request(format!(
+        "{} rows but {} logits flags",
+        rows.len(),
+        full.len()
+    )))
 }

@@ -181,13 +181,9 @@ impl BatchBackend for GpuBackend {
         ids: &mut Vec<u32>,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
-        if full.len() != rows.len() {
+        if let Err(e) = crate::backend::check_row_flags(rows, full) {
             self.rec.discard();
-            return Err(Error::Request(format!(
-                "{} rows but {} logits flags",
-                rows.len(),
-                full.len()
-            )));
+            return Err(e);
         }
         self.gather_head_rows(rows)?;
         ids.clear();
