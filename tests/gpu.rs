@@ -279,14 +279,28 @@ fn matmul_ref(
 
 #[test]
 fn ternary_matmul_is_exact_gemv_and_gemm() {
+    // With tensor cores where the adapter has them (steps of more than 8 tokens), and without.
+    for tensor_cores in [true, false] {
+        ternary_matmul_is_exact_with(tensor_cores);
+    }
+}
+
+fn ternary_matmul_is_exact_with(tensor_cores: bool) {
     let cfg = odd_config();
     let (_dir, w) = synth_model(&cfg, 12);
-    let mut g = gpu(&w);
+    let mut g = gpu_with(
+        &w,
+        &GpuOptions {
+            tensor_cores,
+            ..Default::default()
+        },
+    );
     let mut rng = StdRng::seed_from_u64(2);
     let (h, i, q) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim());
     let l = &w.layers[1];
-    // GEMV (1), the 4-token GEMV (2..=64, partial groups of 4) and the tiled GEMM (> 64).
-    for t in [1usize, 2, 9, 17, 64, 65, 130] {
+    // GEMV (1), the 4-token GEMV (2..=64, partial groups of 4), the tiled GEMM (> 64) or the
+    // tensor-core GEMM (> 8), partial tiles of rows and tokens.
+    for t in [1usize, 2, 8, 9, 17, 64, 65, 130, 200] {
         g.embed(&vec![5; t]).unwrap();
         let rq = |rng: &mut StdRng, n: usize| -> Vec<i8> {
             (0..n)
@@ -302,11 +316,15 @@ fn ternary_matmul_is_exact_gemv_and_gemm() {
         g.ternary_matmul(1, Linear::Qkv);
         let got = to_f32(&g.read_activation(Activation::Qkv).unwrap());
         let want = matmul_ref(&[&l.q, &l.k, &l.v], &xq, &xs, t);
-        assert_eq!(&got[..want.len()], &want[..], "qkv t={t}");
+        assert_eq!(&got[..want.len()], &want[..], "qkv t={t} {tensor_cores}");
         g.ternary_matmul(1, Linear::GateUp);
         let got = to_f32(&g.read_activation(Activation::GateUp).unwrap());
         let want = matmul_ref(&[&l.gate, &l.up], &xq, &xs, t);
-        assert_eq!(&got[..want.len()], &want[..], "gate_up t={t}");
+        assert_eq!(
+            &got[..want.len()],
+            &want[..],
+            "gate_up t={t} {tensor_cores}"
+        );
 
         // o (K = q_dim) and down (K = intermediate) add into the residual.
         let x0 = random(&mut rng, t * h, 1.0);
@@ -317,14 +335,14 @@ fn ternary_matmul_is_exact_gemv_and_gemm() {
         let got = to_f32(&g.read_activation(Activation::Residual).unwrap());
         let o = matmul_ref(&[&l.o], &xq, &xs, t);
         let want: Vec<f32> = x0.iter().zip(&o).map(|(a, b)| a + b).collect();
-        assert_eq!(&got[..want.len()], &want[..], "o t={t}");
+        assert_eq!(&got[..want.len()], &want[..], "o t={t} {tensor_cores}");
         let xq = rq(&mut rng, t * i);
         g.write_activation(Activation::Quantized, &pack_i8(&xq, t, i));
         g.ternary_matmul(1, Linear::Down);
         let got2 = to_f32(&g.read_activation(Activation::Residual).unwrap());
         let d = matmul_ref(&[&l.down], &xq, &xs, t);
         let want: Vec<f32> = got[..t * h].iter().zip(&d).map(|(a, b)| a + b).collect();
-        assert_eq!(&got2[..want.len()], &want[..], "down t={t}");
+        assert_eq!(&got2[..want.len()], &want[..], "down t={t} {tensor_cores}");
     }
 }
 

@@ -24,7 +24,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 
 /// `div_exact(a, b)` for each pair, on the GPU.
 fn gpu_div(pairs: &[[f32; 2]]) -> Vec<f32> {
-    let ctx = GpuContext::new(false).expect("a wgpu adapter");
+    let ctx = GpuContext::new(false, false).expect("a wgpu adapter");
     let d = &ctx.device;
     let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some("div_exact test"),

@@ -1,6 +1,7 @@
 //! Adapter selection and device creation.
 
 use crate::error::{Error, Result};
+use crate::gpu::ops::matmul::COOP_WORKGROUP_BYTES;
 
 /// A description of a wgpu adapter.
 #[derive(Debug, Clone)]
@@ -17,19 +18,26 @@ pub struct AdapterDesc {
     pub subgroup_size: Option<u32>,
     /// The adapter's `max_storage_buffer_binding_size`.
     pub max_binding_bytes: u64,
+    /// Cooperative 16×16×16 f16 matrices with f32 sums (tensor cores) run the batched matmuls.
+    pub tensor_cores: bool,
 }
 
 impl std::fmt::Display for AdapterDesc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} ({}, {}{})",
+            "{} ({}, {}{}{})",
             self.name,
             self.backend,
             self.device_type,
             match self.subgroup_size {
                 Some(s) => format!(", subgroups of {s}"),
                 None => ", no subgroups".into(),
+            },
+            if self.tensor_cores {
+                ", tensor cores"
+            } else {
+                ""
             }
         )
     }
@@ -106,7 +114,23 @@ fn subgroup_size(adapter: &wgpu::Adapter) -> Option<u32> {
     .then_some(lo)
 }
 
-fn describe(adapter: &wgpu::Adapter, subgroups: bool) -> AdapterDesc {
+/// What the tensor-core matmul needs: wgpu's experimental cooperative matrices with the
+/// 16×16×16 f16 × f16 + f32 shape, `SHADER_F16`, subgroups of 32 (its tile assigns work per
+/// 32 invocations) and its workgroup memory.
+fn has_tensor_cores(adapter: &wgpu::Adapter) -> bool {
+    use wgpu::CooperativeScalarType as S;
+    let need = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
+    adapter.features().contains(need)
+        && subgroup_size(adapter) == Some(32)
+        && adapter.limits().max_compute_workgroup_storage_size >= COOP_WORKGROUP_BYTES
+        && adapter.cooperative_matrix_properties().iter().any(|p| {
+            (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+                && p.ab_type == S::F16
+                && p.cr_type == S::F32
+        })
+}
+
+fn describe(adapter: &wgpu::Adapter, subgroups: bool, tensor_cores: bool) -> AdapterDesc {
     let info = adapter.get_info();
     AdapterDesc {
         is_cpu: is_cpu(&info),
@@ -119,23 +143,25 @@ fn describe(adapter: &wgpu::Adapter, subgroups: bool) -> AdapterDesc {
             None
         },
         max_binding_bytes: adapter.limits().max_storage_buffer_binding_size,
+        tensor_cores: subgroups && tensor_cores && has_tensor_cores(adapter),
     }
 }
 
 /// The adapter [`GpuContext::new`] would choose, without creating a device.
 pub fn probe() -> Option<AdapterDesc> {
-    pick(&instance()).map(|a| describe(&a, true))
+    pick(&instance()).map(|a| describe(&a, true, true))
 }
 
 impl GpuContext {
     /// Picks the best adapter (a real GPU before a software one, honouring `WGPU_BACKEND`) and
-    /// requests a device with the adapter's own limits and `SUBGROUP` when it is present and
-    /// `subgroups` is true.
-    pub fn new(subgroups: bool) -> Result<Self> {
+    /// requests a device with the adapter's own limits, `SUBGROUP` when it is present and
+    /// `subgroups` is true, and cooperative matrices when `tensor_cores` is also true and the
+    /// adapter has them.
+    pub fn new(subgroups: bool, tensor_cores: bool) -> Result<Self> {
         let instance = instance();
         let adapter = pick(&instance)
             .ok_or_else(|| Error::Backend("no wgpu adapter with compute shaders found".into()))?;
-        let desc = describe(&adapter, subgroups);
+        let desc = describe(&adapter, subgroups, tensor_cores);
         let mut features = if desc.subgroup_size.is_some() {
             wgpu::Features::SUBGROUP
         } else {
@@ -143,12 +169,22 @@ impl GpuContext {
         };
         // Timestamps for `bench --profile` (per-kernel GPU time), where the adapter has them.
         features |= adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
+        let experimental_features = if desc.tensor_cores {
+            features |=
+                wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
+            // SAFETY: wgpu marks cooperative matrices experimental; the only use is the
+            // tensor-core matmul, whose results the device test suite checks exactly against
+            // the scalar reference on every adapter that has them.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("bitnet"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))

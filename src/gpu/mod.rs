@@ -56,6 +56,9 @@ pub struct GpuOptions {
     pub max_step: usize,
     /// Use subgroup reductions when the adapter has them.
     pub subgroups: bool,
+    /// Run the batched matmuls on cooperative matrices (tensor cores) when the adapter has
+    /// them (see [`AdapterDesc::tensor_cores`]); off keeps the dp4a kernels.
+    pub tensor_cores: bool,
     /// Caps the bytes of one embedding/head shard below the device's binding limit (tests use
     /// it to force sharding).
     pub max_binding_bytes: Option<u64>,
@@ -74,6 +77,7 @@ impl Default for GpuOptions {
         GpuOptions {
             max_step: PREFILL_CHUNK_GPU,
             subgroups: true,
+            tensor_cores: false,
             max_binding_bytes: None,
             fused: true,
             head: HeadMode::Native,

@@ -45,7 +45,7 @@ pub(super) fn mat(
 impl GpuBackend {
     /// Repacks and uploads `w`, compiles the kernels and builds every bind group.
     pub fn load(w: &Weights, opts: &GpuOptions) -> Result<Self> {
-        Self::with_context(GpuContext::new(opts.subgroups)?, w, opts)
+        Self::with_context(GpuContext::new(opts.subgroups, opts.tensor_cores)?, w, opts)
     }
 
     /// [`Self::load`] on a device already created (e.g. asynchronously, in a browser).
@@ -83,6 +83,7 @@ impl GpuBackend {
         let target = ops::Target {
             device,
             subgroup_size: ctx.desc.subgroup_size,
+            tensor_cores: ctx.desc.tensor_cores,
             f32_head,
             kv: opts.kv,
         };

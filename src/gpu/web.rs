@@ -59,6 +59,7 @@ impl GpuContext {
             device_type: format!("{:?}", info.device_type),
             subgroup_size,
             max_binding_bytes: adapter.limits().max_storage_buffer_binding_size,
+            tensor_cores: false,
         };
         let features = if subgroup_size.is_some() {
             wgpu::Features::SUBGROUP

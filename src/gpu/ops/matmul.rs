@@ -1,12 +1,24 @@
 //! Ternary × int8 matmuls: the GEMV for one token, the 4-token GEMV for small steps, the
-//! tiled GEMM for prefill; each storing or adding into its output.
+//! tiled GEMM for prefill (dp4a), and the tensor-core GEMM that replaces the last two for
+//! steps of more than [`COOP_MIN_T`] tokens where the adapter has cooperative matrices; each
+//! storing or adding into its output.
 
 use bytemuck::{Pod, Zeroable};
 
 use super::{Target, Use::*, COMMON};
 use crate::gpu::recorder::Recorder;
 
+const IO: &str = include_str!("../../../shaders/matmul_io.wgsl");
 const SRC: &str = include_str!("../../../shaders/matmul.wgsl");
+const COOP: &str = include_str!("../../../shaders/matmul_coop.wgsl");
+const COOP_ENABLE: &str = "enable f16;\nenable wgpu_cooperative_matrix;\n";
+
+/// Workgroup memory of the tensor-core GEMM: two 64 × 72 f16 tiles and four 16 × 16 f32
+/// staging fragments (`ta`, `tb`, `tc` in matmul_coop.wgsl).
+pub const COOP_WORKGROUP_BYTES: u32 = 2 * 64 * 72 * 2 + 4 * 256 * 4;
+
+/// Steps of more tokens than this take the tensor-core GEMM where there is one.
+pub const COOP_MIN_T: usize = 8;
 
 /// A ternary matmul's matrix (`MatP` in matmul.wgsl).
 #[repr(C)]
@@ -48,6 +60,8 @@ pub struct Matmul {
     gemv4_acc: wgpu::ComputePipeline,
     gemm: wgpu::ComputePipeline,
     gemm_acc: wgpu::ComputePipeline,
+    /// The tensor-core GEMM, storing and adding, where the target has cooperative matrices.
+    coop: Option<[wgpu::ComputePipeline; 2]>,
 }
 
 impl Matmul {
@@ -55,7 +69,13 @@ impl Matmul {
     pub fn new(t: &Target) -> Self {
         let layout = t.layout("matmul", &[Uniform, Uniform, Read, Read, Read, Read, Write]);
         let consts = Target::consts(&[("GV_WG", GEMV_WG as usize)]);
-        let m = t.module("matmul", &[&consts, COMMON, SRC]);
+        let m = t.module("matmul", &[&consts, COMMON, IO, SRC]);
+        let coop = t.tensor_cores.then(|| {
+            let m = t.module("matmul_coop", &[COOP_ENABLE, COMMON, IO, COOP]);
+            let p =
+                |label, acc: f64| t.pipeline(label, &layout, &m, "gemm_coop", &[("ACCUM", acc)]);
+            [p("gemm_coop", 0.0), p("gemm_coop_acc", 1.0)]
+        });
         let tpr = GEMV_TPR as f64;
         let p = |label, entry, acc: f64, with_tpr: bool| {
             let mut c = vec![("ACCUM", acc)];
@@ -71,6 +91,7 @@ impl Matmul {
             gemv4_acc: p("gemv4_acc", "gemv4", 1.0, true),
             gemm: p("gemm", "gemm", 0.0, false),
             gemm_acc: p("gemm_acc", "gemm", 1.0, false),
+            coop,
             layout,
         }
     }
@@ -88,7 +109,10 @@ impl Matmul {
         accumulate: bool,
     ) {
         let rpw = GEMV_ROWS_PER_WG;
-        if t == 1 {
+        if let Some(coop) = self.coop.as_ref().filter(|_| t > COOP_MIN_T) {
+            let dims = [rows.div_ceil(64) as u32, t.div_ceil(64) as u32, 1];
+            rec.dispatch(label, &coop[accumulate as usize], bg, dims);
+        } else if t == 1 {
             let pl = if accumulate {
                 &self.gemv_acc
             } else {

@@ -61,6 +61,8 @@ pub struct Target<'a> {
     pub device: &'a wgpu::Device,
     /// The adapter's subgroup size, when subgroup reductions are used.
     pub subgroup_size: Option<u32>,
+    /// Cooperative matrices for the batched matmuls (see `ops::matmul`).
+    pub tensor_cores: bool,
     /// f32 (not bf16) embedding and head storage.
     pub f32_head: bool,
     /// The KV cache's element type.
