@@ -3,8 +3,9 @@
 # repository root with `.gl/` carried: `.gl/*.deb` hold the Vulkan loader, `.gl/bitnet` the
 # release CLI built on the workstation (`cargo build --release && strip -o .gl/bitnet
 # target/release/bitnet`). Prints: adapter, the fixture's greedy tokens (must equal the CPU's),
-# then for 128- and 512-token prompts decode/prefill tok/s (and at 512 with the int8 head and the
-# f16 KV cache), and a decode profile with per-kernel
+# then RUNS (3) times the GPU issue's table (decode/prefill at 128-, 512- and 3,900-token
+# prompts, batched decode at 64 and 256 rows) with medians and spread, decode/prefill at 512 with
+# the int8 head and the f16 KV cache, and a decode profile with per-kernel
 # GPU time (timestamp queries, `gpu:<kernel>` entries, ms per decode step), the device's copy
 # bandwidth against the ternary GEMV's (`--membw`), and the prefill-512 kernel profile.
 # `.gl/gpu_test` (optional: `cargo test --release --test gpu --no-run`, copied there; the tests
@@ -26,11 +27,26 @@ fi
 echo "== fixture greedy (want [80,109,170,175,74,53,218,111,202,76,77,152,162,62,111,234])"
 $B generate --backend gpu --model tests/fixtures/tiny --tokens 297,251,21,88,201,206,250 \
     --max-tokens 16 --ignore-eos --json | grep -o '"tokens":\[[0-9,]*\]'
-for p in ${PROMPTS:-128 512}; do
-    echo "== bench prompt $p"
-    BITNET_GPU_TIMING=1 $B bench --backend gpu --model /tmp/m --prompt-len "$p" --gen ${GEN:-64} --json | tee "$OUT/bench_$p.json" |
-        python3 -c 'import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ("backend","prefill_tok_s","decode_tok_s","decode_gb_s")})'
+# The issue's table, RUNS times: batch-1 decode and prefill at 128 / 512 / 3,900-token prompts,
+# batched decode at 64 and 256 rows (prompt 128); medians and spread at the end.
+TABLE="$OUT/gpu_table.jsonl"
+: > "$TABLE"
+fig() { python3 -c 'import json,sys; d=json.load(sys.stdin); p=d["prompt_len"]
+for k,n in (("prefill_tok_s","prefill %d tok/s"),("decode_tok_s","batch-1 decode after %d tok/s")):
+    print(json.dumps({"figure": n % p, "value": d[k]}))
+if d.get("batch_decode_tok_s") is not None:
+    print(json.dumps({"figure": "batch %d decode tok/s" % d["batch"], "value": d["batch_decode_tok_s"]}))'; }
+for r in $(seq "${RUNS:-3}"); do
+    for p in ${PROMPTS:-128 512 3900}; do
+        $B bench --backend gpu --model /tmp/m --prompt-len "$p" --gen ${GEN:-64} --json | fig | tee -a "$TABLE"
+    done
+    for n in ${BATCHES:-64 256}; do
+        $B bench --backend gpu --model /tmp/m --prompt-len 128 --gen ${GEN:-64} --batch "$n" --json |
+            fig | grep '"batch ' | tee -a "$TABLE"
+    done
 done
+echo "== medians over ${RUNS:-3} runs"
+python3 tools/bench_summary.py "$TABLE"
 for opt in "--head int8" "--kv f16"; do
     echo "== bench prompt 512, $opt"
     $B bench --backend gpu --model /tmp/m --prompt-len 512 --gen ${GEN:-64} --json $opt |
