@@ -1,15 +1,17 @@
-// Top-k sampling on the GPU: the k best of logits row 0 scaled by 1 / temperature, as the CPU
-// sampler orders them (larger value first, `total_cmp`, then lower id), so a sampled decode step
-// reads back k (value, id) pairs instead of the logits. Each workgroup sorts a chunk of TK_CHUNK
-// entries in workgroup memory (bitonic) and writes its first k to dst; passes repeat over those
-// until one workgroup is left. Entries are (key, id): key orders like `total_cmp` as a u32.
-// Dispatch: (ceil(n / TK_CHUNK)); FIRST (the first pass) reads `logits`, later passes the previous
-// pass's pairs from `src`.
+// Top-k sampling on the GPU: for each selected logits row, its k best logits scaled by the row's
+// 1 / temperature, as the CPU sampler orders them (larger value first, `total_cmp`, then lower
+// id), so a sampled step reads back k (value, id) pairs per row instead of the logits. Each
+// workgroup sorts a chunk of TK_CHUNK entries of one row in workgroup memory (bitonic) and writes
+// its first k to dst; passes repeat over those until one workgroup per row is left. Entries are
+// (key, id): key orders like `total_cmp` as a u32.
+// Dispatch: (ceil(n / TK_CHUNK), selected rows); FIRST (the first pass) reads `logits` row
+// sel[j].x scaled by bitcast<f32>(sel[j].y), later passes the previous pass's pairs from `src`
+// (n per row).
 
 struct TopkP {
-    n: u32,      // entries this pass reads
-    k: u32,      // entries each workgroup keeps (k <= TK_CHUNK / 8)
-    inv_t: f32,  // 1 / temperature (first pass)
+    n: u32,  // entries of each row this pass reads
+    k: u32,  // entries each workgroup keeps (k <= TK_CHUNK / 8)
+    ld: u32, // f32 per logits row (first pass)
     pad: u32,
 }
 
@@ -19,6 +21,7 @@ struct TopkP {
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> src: array<vec2<u32>>;
 @group(0) @binding(3) var<storage, read_write> dst: array<vec2<u32>>;
+@group(0) @binding(4) var<storage, read> sel: array<vec2<u32>>;
 
 var<workgroup> sk: array<vec2<u32>, TK_CHUNK>;
 
@@ -35,8 +38,8 @@ fn before(a: vec2<u32>, b: vec2<u32>) -> bool {
 }
 
 // Sorts sk best first (bitonic network, 4 entries and 2 compare-exchanges per invocation and
-// stage), then writes the first k to this workgroup's slots of dst.
-fn sort_and_keep(wg: u32, li: u32) {
+// stage), then writes the first k to slot `slot` (k entries each) of dst.
+fn sort_and_keep(slot: u32, li: u32) {
     workgroupBarrier();
     for (var size = 2u; size <= TK_CHUNK; size = size << 1u) {
         for (var stride = size >> 1u; stride > 0u; stride = stride >> 1u) {
@@ -57,30 +60,36 @@ fn sort_and_keep(wg: u32, li: u32) {
         }
     }
     if li < tp.k {
-        dst[wg * tp.k + li] = sk[li];
+        dst[slot * tp.k + li] = sk[li];
     }
 }
 
 override FIRST: bool = true;
 
-// Entry g of this pass's input: a logit as (key, id) in the first pass, else a previous pair.
-fn entry(g: u32) -> vec2<u32> {
+// Entry g of selected row j of this pass's input: a logit as (key, id) in the first pass, else
+// a previous pair.
+fn entry(j: u32, g: u32) -> vec2<u32> {
     if FIRST {
-        return vec2<u32>(key_of(logits[g] * tp.inv_t), g);
+        let s = sel[j];
+        return vec2<u32>(key_of(logits[s.x * tp.ld + g] * bitcast<f32>(s.y)), g);
     }
-    return src[g];
+    return src[j * tp.n + g];
 }
 
 @compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
     for (var h = 0u; h < 4u; h = h + 1u) {
         let e = li + 256u * h;
         let g = wg.x * TK_CHUNK + e;
         var v = vec2<u32>(0u, 0xffffffffu);
         if g < tp.n {
-            v = entry(g);
+            v = entry(wg.y, g);
         }
         sk[e] = v;
     }
-    sort_and_keep(wg.x, li);
+    sort_and_keep(wg.y * nwg.x + wg.x, li);
 }

@@ -7,15 +7,17 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bitnet_inference::backend::{Backend, BatchBackend, HeadMode, KvDtype, RowSlot};
+use bitnet_inference::backend::{
+    Backend, BatchBackend, HeadMode, HeadRows, KvDtype, RowNeed, RowSlot,
+};
 use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerConfig};
 use bitnet_inference::config::{ModelConfig, Preset};
-use bitnet_inference::engine::forward::{forward_rows, forward_rows_argmax};
+use bitnet_inference::engine::forward::{forward_rows, forward_rows_sampled};
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};
 use bitnet_inference::engine::sampler::SamplingParams;
 use bitnet_inference::format::{safetensors::load, synth, Weights};
 use bitnet_inference::gpu::{self, GpuBackend, GpuOptions};
-use bitnet_inference::reference::argmax;
+use bitnet_inference::reference::{argmax, top_candidates};
 
 mod common;
 use common::{cpu, cpu_with, max_abs_diff, prompts, DIR};
@@ -64,11 +66,16 @@ fn batched_logits<B: BatchBackend>(b: &mut B, ps: &[Vec<u32>], bs: usize) -> Vec
         // other one of those reads its logits back (the rest only their argmax).
         let want: Vec<usize> = (0..rows.len()).filter(|r| r % 2 == half).collect();
         let full: Vec<bool> = (0..want.len()).map(|i| half == 0 || i % 2 == 0).collect();
-        let (mut out, mut ids) = (Vec::new(), Vec::new());
-        forward_rows_argmax(
-            b, &mut pool, &tokens, &rows, &tables, &want, &full, &mut ids, &mut out,
+        let need: Vec<RowNeed> = full
+            .iter()
+            .map(|&f| if f { RowNeed::Logits } else { RowNeed::Argmax })
+            .collect();
+        let mut head = HeadRows::default();
+        forward_rows_sampled(
+            b, &mut pool, &tokens, &rows, &tables, &want, &need, &mut head,
         )
         .unwrap();
+        let (ids, out) = (&head.ids, &head.logits);
         assert_eq!(ids.len(), want.len());
         let kept: Vec<usize> = (0..want.len()).filter(|&i| full[i]).collect();
         assert_eq!(out.len(), kept.len() * vocab);
@@ -275,12 +282,26 @@ fn scheduler_on_gpu_matches_cpu_greedy() {
     assert_eq!(st.kv_used.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
-/// The head in several passes of the logits buffer (a binding limit of three logits rows):
-/// the device argmax of every row equals the host argmax of its logits, and the rows whose
-/// logits are asked for come back in order, equal to a read of all of them.
+/// The head in several passes of the logits buffer (a binding limit of three logits rows), each
+/// row asking for its argmax, its logits or its top-k candidates (k on the device, one pass or
+/// several over a 9,001-token vocabulary, and past the device's limit): the device argmax of
+/// every row equals the host argmax of its logits, the logits come back in order, equal to a
+/// read of all of them, and the candidates equal the CPU sampler's selection from those logits.
 #[test]
-fn head_rows_over_several_logits_passes_match_the_host_argmax() {
-    let w = load(Path::new(DIR)).unwrap();
+fn head_rows_over_several_logits_passes_match_the_host() {
+    let cfg = ModelConfig {
+        vocab_size: 9001,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_layers: 1,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 32,
+        ..Preset::Tiny.config()
+    };
+    let dir = common::TempDir::new("gpu-batch-head-rows");
+    synth::write_model(dir.path(), &cfg, 12, |_, _| {}).unwrap();
+    let w = load(dir.path()).unwrap();
     let vocab = w.config.vocab_size;
     let tokens: Vec<u32> = (0..11).map(|i| (i * 37 + 5) % vocab as u32).collect();
     let rows: Vec<RowSlot> = (0..tokens.len())
@@ -288,34 +309,73 @@ fn head_rows_over_several_logits_passes_match_the_host_argmax() {
         .collect();
     let tables = vec![vec![0, 1, 2]];
     let want: Vec<usize> = (0..tokens.len()).rev().collect();
+    let ks = [1, 128, 40, 129, 2, 9001 + 5];
+    let need: Vec<RowNeed> = (0..want.len())
+        .map(|i| match i % 3 {
+            0 => RowNeed::Argmax,
+            1 => RowNeed::Logits,
+            _ => RowNeed::Candidates {
+                k: ks[(i / 3) % ks.len()],
+                inv_t: [1.0, 1.0 / 0.7, 1.0 / 1.3][i % 3],
+            },
+        })
+        .collect();
     for binding in [None, Some((vocab * 4 * 3) as u64)] {
         let opts = GpuOptions {
             max_binding_bytes: binding,
             ..Default::default()
         };
         let mut b = gpu::load(&w, &opts).unwrap();
-        let run = |b: &mut GpuBackend, full: &[bool]| {
+        let mut run = |need: &[RowNeed]| {
             let mut pool = b.new_pool(4, 4).unwrap();
-            let (mut ids, mut out) = (Vec::new(), Vec::new());
-            forward_rows_argmax(
-                b, &mut pool, &tokens, &rows, &tables, &want, full, &mut ids, &mut out,
+            let mut head = HeadRows::default();
+            forward_rows_sampled(
+                &mut b, &mut pool, &tokens, &rows, &tables, &want, need, &mut head,
             )
             .unwrap();
-            (ids, out)
+            head
         };
-        let (ids_all, all) = run(&mut b, &vec![true; want.len()]);
-        let full: Vec<bool> = (0..want.len()).map(|i| i % 3 == 1).collect();
-        let (ids, some) = run(&mut b, &full);
-        assert_eq!(all.len(), want.len() * vocab);
-        let host: Vec<u32> = all.chunks(vocab).map(argmax).collect();
-        assert_eq!(ids_all, host, "binding {binding:?}");
-        assert_eq!(ids, host, "binding {binding:?}");
-        let kept: Vec<f32> = all
-            .chunks(vocab)
-            .zip(&full)
-            .filter(|(_, &f)| f)
-            .flat_map(|(r, _)| r.iter().copied())
-            .collect();
-        assert_eq!(some, kept, "binding {binding:?}");
+        let all = run(&vec![RowNeed::Logits; want.len()]);
+        let some = run(&need);
+        assert_eq!(all.logits.len(), want.len() * vocab);
+        let host: Vec<u32> = all.logits.chunks(vocab).map(argmax).collect();
+        assert_eq!(all.ids, host, "binding {binding:?}");
+        assert_eq!(some.ids, host, "binding {binding:?}");
+        let (mut logits, mut cands, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, n) in all.logits.chunks(vocab).zip(&need) {
+            match *n {
+                RowNeed::Argmax => {}
+                RowNeed::Logits => logits.extend_from_slice(row),
+                RowNeed::Candidates { k, inv_t } => {
+                    top_candidates(row, k, inv_t, &mut scratch);
+                    cands.extend(scratch.iter().map(|c| (c.0.to_bits(), c.1)));
+                }
+            }
+        }
+        assert_eq!(some.logits, logits, "binding {binding:?}");
+        let got: Vec<(u32, u32)> = some.cands.iter().map(|c| (c.0.to_bits(), c.1)).collect();
+        assert_eq!(got, cands, "binding {binding:?}");
     }
+}
+
+/// A row need per requested row, or an error that names both counts.
+#[test]
+fn head_rows_checks_one_need_per_row() {
+    let w = load(Path::new(DIR)).unwrap();
+    let mut b = gpu(&w);
+    let mut pool = b.new_pool(4, 4).unwrap();
+    let rows = [RowSlot { seq: 0, pos: 0 }];
+    let mut head = HeadRows::default();
+    let e = forward_rows_sampled(
+        &mut b,
+        &mut pool,
+        &[3],
+        &rows,
+        &[vec![0]],
+        &[0],
+        &[],
+        &mut head,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("1 rows but 0 row needs"), "{e}");
 }

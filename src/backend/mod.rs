@@ -164,32 +164,40 @@ pub trait BatchBackend: Backend<Cache: Send> {
     );
     /// Final norm and head of the step rows `rows`; logits (`vocab` per row) into `out`.
     fn logits_rows(&mut self, rows: &[usize], out: &mut Vec<f32>) -> Result<()>;
-    /// Final norm and head of the step rows `rows` for sampling: the argmax of every row into
-    /// `ids` (the lowest id on ties, as [`crate::reference::argmax`]), and the logits of the rows
-    /// `full` marks (`full[i]` for `rows[i]`; `vocab` each, in order) into `logits`. This
-    /// default reads every row's logits; a device backend finds the argmax on the device and
-    /// reads back only the rows asked for.
-    fn head_rows(
-        &mut self,
-        rows: &[usize],
-        full: &[bool],
-        ids: &mut Vec<u32>,
-        logits: &mut Vec<f32>,
-    ) -> Result<()> {
-        check_row_flags(rows, full)?;
+    /// Final norm and head of the step rows `rows` for sampling, each as its sampler needs
+    /// (`need[i]` for `rows[i]`): the argmax of every row into `out.ids` (the lowest id on
+    /// ties, as [`crate::reference::argmax`]), the candidates of the [`RowNeed::Candidates`]
+    /// rows into `out.cands` (k each, in order) and the logits of the [`RowNeed::Logits`] rows
+    /// into `out.logits` (`vocab` each, in order). This default reads every row's logits; a
+    /// device backend finds the argmax and the candidates on the device and reads back only
+    /// what was asked for.
+    fn head_rows(&mut self, rows: &[usize], need: &[RowNeed], out: &mut HeadRows) -> Result<()> {
+        check_row_needs(rows, need)?;
         let vocab = self.config().vocab_size;
-        self.logits_rows(rows, logits)?;
+        out.clear();
+        self.logits_rows(rows, &mut out.logits)?;
         use rayon::prelude::*;
-        logits
+        out.logits
             .par_chunks(vocab)
             .map(crate::reference::argmax)
-            .collect_into_vec(ids);
+            .collect_into_vec(&mut out.ids);
         let mut kept = 0;
-        for (i, _) in full.iter().enumerate().filter(|(_, &f)| f) {
-            logits.copy_within(i * vocab..(i + 1) * vocab, kept * vocab);
-            kept += 1;
+        let mut scratch = Vec::new();
+        for (i, n) in need.iter().enumerate() {
+            let row = i * vocab..(i + 1) * vocab;
+            match *n {
+                RowNeed::Argmax => {}
+                RowNeed::Candidates { k, inv_t } => {
+                    crate::reference::top_candidates(&out.logits[row], k, inv_t, &mut scratch);
+                    out.cands.extend_from_slice(&scratch);
+                }
+                RowNeed::Logits => {
+                    out.logits.copy_within(row, kept * vocab);
+                    kept += 1;
+                }
+            }
         }
-        logits.truncate(kept * vocab);
+        out.logits.truncate(kept * vocab);
         Ok(())
     }
     /// Whether the scheduler should sample a step's rows on several host threads (false when
@@ -199,14 +207,51 @@ pub trait BatchBackend: Backend<Cache: Send> {
     }
 }
 
-/// The check every [`BatchBackend::head_rows`] makes: one logits flag per requested row.
-pub fn check_row_flags(rows: &[usize], full: &[bool]) -> Result<()> {
-    if full.len() == rows.len() {
+/// What the sampler of one step row needs from [`BatchBackend::head_rows`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RowNeed {
+    /// The argmax only (greedy).
+    Argmax,
+    /// The `k` best (logit × `inv_t`, id) pairs, in [`crate::reference::top_candidates`]'
+    /// order (see [`crate::engine::sampler::Sampler::candidates_only`]).
+    Candidates {
+        /// Candidates kept.
+        k: usize,
+        /// 1 / temperature.
+        inv_t: f32,
+    },
+    /// The whole logits row.
+    Logits,
+}
+
+/// What [`BatchBackend::head_rows`] gives back for a step.
+#[derive(Debug, Default)]
+pub struct HeadRows {
+    /// The argmax of every row.
+    pub ids: Vec<u32>,
+    /// The candidates of the [`RowNeed::Candidates`] rows, k each, in row order.
+    pub cands: Vec<(f32, u32)>,
+    /// The logits of the [`RowNeed::Logits`] rows, `vocab` each, in row order.
+    pub logits: Vec<f32>,
+}
+
+impl HeadRows {
+    /// Empties every part (keeping the allocations).
+    pub fn clear(&mut self) {
+        self.ids.clear();
+        self.cands.clear();
+        self.logits.clear();
+    }
+}
+
+/// The check every [`BatchBackend::head_rows`] makes: one need per requested row.
+pub fn check_row_needs(rows: &[usize], need: &[RowNeed]) -> Result<()> {
+    if need.len() == rows.len() {
         return Ok(());
     }
     Err(crate::Error::Request(format!(
-        "{} rows but {} logits flags",
+        "{} rows but {} row needs",
         rows.len(),
-        full.len()
+        need.len()
     )))
 }

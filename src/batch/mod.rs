@@ -6,8 +6,8 @@
 pub mod blocks;
 pub mod scheduler;
 
-use crate::backend::{BatchBackend, RowSlot};
-use crate::engine::forward::{forward_rows, forward_rows_argmax};
+use crate::backend::{BatchBackend, HeadRows, RowNeed, RowSlot};
+use crate::engine::forward::{forward_rows, forward_rows_sampled};
 use crate::error::Result;
 use crate::reference::argmax;
 
@@ -43,10 +43,10 @@ pub fn decode_throughput<B: BatchBackend>(
         *n = argmax(&out[..vocab]);
     }
     let all: Vec<usize> = (0..seqs).collect();
-    let greedy = vec![false; seqs];
+    let greedy = vec![RowNeed::Argmax; seqs];
     let t0 = crate::time::Instant::now();
     let mut forward = 0.0;
-    let mut ids = Vec::new();
+    let mut head = HeadRows::default();
     for k in 0..steps {
         let rows: Vec<RowSlot> = (0..seqs)
             .map(|seq| RowSlot {
@@ -55,11 +55,11 @@ pub fn decode_throughput<B: BatchBackend>(
             })
             .collect();
         let f0 = crate::time::Instant::now();
-        forward_rows_argmax(
-            b, &mut pool, &next, &rows, &tables, &all, &greedy, &mut ids, &mut out,
+        forward_rows_sampled(
+            b, &mut pool, &next, &rows, &tables, &all, &greedy, &mut head,
         )?;
         forward += f0.elapsed().as_secs_f64();
-        next.copy_from_slice(&ids);
+        next.copy_from_slice(&head.ids);
     }
     let secs = t0.elapsed().as_secs_f64();
     Ok(((seqs * steps) as f64 / secs, forward))

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::blocks::{prefix_hashes, BlockAllocator};
-use crate::backend::{BatchBackend, RowSlot};
-use crate::engine::forward::forward_rows_argmax;
+use crate::backend::{BatchBackend, HeadRows, RowNeed, RowSlot};
+use crate::engine::forward::forward_rows_sampled;
 use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::engine::session::FinishReason;
 use crate::error::{Error, Result};
@@ -175,8 +175,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
-            logits: Vec::new(),
-            ids: Vec::new(),
+            head: HeadRows::default(),
         };
         let thread = std::thread::Builder::new()
             .name("bitnet-engine".into())
@@ -286,10 +285,18 @@ struct Engine<B: BatchBackend> {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     next_id: u64,
-    /// Logits of the last step's sampled rows that need them (not greedy).
-    logits: Vec<f32>,
-    /// Argmax of each of the last step's sampled rows.
-    ids: Vec<u32>,
+    /// What the last step's sampled rows' samplers needed: argmax, candidates or logits.
+    head: HeadRows,
+}
+
+/// What one sampled row of a step hands its sampler.
+enum RowInput<'a> {
+    /// The argmax (greedy rows).
+    Argmax(u32),
+    /// The candidates found for [`RowNeed::Candidates`].
+    Candidates(&'a [(f32, u32)]),
+    /// The logits row.
+    Logits(&'a mut [f32]),
 }
 
 impl<B: BatchBackend> Engine<B> {
@@ -477,8 +484,9 @@ impl<B: BatchBackend> Engine<B> {
         let mut tables = Vec::new();
         let mut logit_rows = Vec::new();
         let mut sampled = Vec::new();
-        // Greedy rows take the argmax the backend finds; only the others need their logits.
-        let mut full = Vec::new();
+        // Greedy rows take the argmax the backend finds, top-k rows their candidates; only the
+        // others need their logits.
+        let mut need = Vec::new();
         for (k, &(id, n)) in plan.iter().enumerate() {
             let Some(s) = self.running.iter().find(|s| s.id == id) else {
                 continue;
@@ -491,19 +499,18 @@ impl<B: BatchBackend> Engine<B> {
             if s.computed + n == s.tokens.len() {
                 logit_rows.push(rows.len() - 1);
                 sampled.push(id);
-                full.push(!s.sampler.is_greedy());
+                need.push(s.sampler.row_need());
             }
         }
-        forward_rows_argmax(
+        forward_rows_sampled(
             &mut self.backend,
             &mut self.pool,
             &tokens,
             &rows,
             &tables,
             &logit_rows,
-            &full,
-            &mut self.ids,
-            &mut self.logits,
+            &need,
+            &mut self.head,
         )?;
         self.stats.steps.fetch_add(1, Relaxed);
         let vocab = self.backend.config().vocab_size;
@@ -537,33 +544,38 @@ impl<B: BatchBackend> Engine<B> {
                 by_row[k] = Some(s);
             }
         }
-        let mut chunks = self.logits.chunks_mut(vocab);
-        let mut row_logits: Vec<Option<&mut [f32]>> = full
-            .iter()
-            .map(|&f| if f { chunks.next() } else { None })
-            .collect();
-        type Row<'a, 'b> = (
-            (&'a mut Option<&'b mut Seq>, &'a mut Option<&'b mut [f32]>),
-            &'a u32,
-        );
-        let sample = |((s, logits), &argmax): Row| {
-            s.as_mut().map(|s| match logits {
-                Some(l) => s.sampler.sample(l, &s.tokens),
-                None => argmax,
+        let HeadRows { ids, cands, logits } = &mut self.head;
+        let mut chunks = logits.chunks_mut(vocab);
+        let mut cands = &cands[..];
+        let mut inputs: Vec<RowInput> = Vec::with_capacity(need.len());
+        for (n, &id) in need.iter().zip(ids.iter()) {
+            inputs.push(match *n {
+                RowNeed::Argmax => RowInput::Argmax(id),
+                RowNeed::Candidates { k, .. } => {
+                    let (c, rest) = cands.split_at(k.min(vocab).min(cands.len()));
+                    cands = rest;
+                    RowInput::Candidates(c)
+                }
+                RowNeed::Logits => chunks.next().map_or(RowInput::Argmax(id), RowInput::Logits),
+            });
+        }
+        let sample = |(s, input): (&mut Option<&mut Seq>, &mut RowInput)| {
+            s.as_mut().map(|s| match input {
+                RowInput::Argmax(id) => *id,
+                RowInput::Candidates(c) => s.sampler.sample_candidates(c),
+                RowInput::Logits(l) => s.sampler.sample(l, &s.tokens),
             })
         };
         let picked: Vec<Option<u32>> = if self.backend.sample_in_parallel() {
             by_row
                 .par_iter_mut()
-                .zip(row_logits.par_iter_mut())
-                .zip(self.ids.par_iter())
+                .zip(inputs.par_iter_mut())
                 .map(sample)
                 .collect()
         } else {
             by_row
                 .iter_mut()
-                .zip(row_logits.iter_mut())
-                .zip(self.ids.iter())
+                .zip(inputs.iter_mut())
                 .map(sample)
                 .collect()
         };

@@ -3,7 +3,7 @@
 //! sequences (a paged pool). Everything in the engine and the front ends goes through here.
 
 use crate::arch::{layer_ops, LayerOp};
-use crate::backend::{Backend, BatchBackend, KvCache, LogitRows, RowSlot};
+use crate::backend::{Backend, BatchBackend, HeadRows, KvCache, LogitRows, RowNeed, RowSlot};
 use crate::error::{Error, Result};
 use crate::reference::{argmax, top_candidates};
 use crate::time::Instant;
@@ -276,22 +276,21 @@ pub fn forward_rows<B: BatchBackend>(
     b.logits_rows(logit_rows, out)
 }
 
-/// [`forward_rows`] for sampling: the argmax of each of the step rows `logit_rows` into `ids`,
-/// and the logits of only the rows `full` marks into `out` ([`BatchBackend::head_rows`]).
+/// [`forward_rows`] for sampling: of each of the step rows `logit_rows`, what its sampler
+/// needs (`need`), into `out` ([`BatchBackend::head_rows`]).
 #[allow(clippy::too_many_arguments)]
-pub fn forward_rows_argmax<B: BatchBackend>(
+pub fn forward_rows_sampled<B: BatchBackend>(
     b: &mut B,
     pool: &mut B::Cache,
     tokens: &[u32],
     rows: &[RowSlot],
     tables: &[Vec<u32>],
     logit_rows: &[usize],
-    full: &[bool],
-    ids: &mut Vec<u32>,
-    out: &mut Vec<f32>,
+    need: &[RowNeed],
+    out: &mut HeadRows,
 ) -> Result<()> {
     run_rows(b, pool, tokens, rows, tables)?;
-    b.head_rows(logit_rows, full, ids, out)
+    b.head_rows(logit_rows, need, out)
 }
 
 fn run_rows<B: BatchBackend>(

@@ -119,6 +119,19 @@ impl Sampler {
             .then(|| (p.top_k, 1.0 / p.temperature))
     }
 
+    /// What a batched step must give this sampler for its next token (see
+    /// [`crate::backend::BatchBackend::head_rows`]).
+    pub fn row_need(&self) -> crate::backend::RowNeed {
+        use crate::backend::RowNeed;
+        if self.is_greedy() {
+            RowNeed::Argmax
+        } else if let Some((k, inv_t)) = self.candidates_only() {
+            RowNeed::Candidates { k, inv_t }
+        } else {
+            RowNeed::Logits
+        }
+    }
+
     /// Draws a token from the candidates [`top_candidates`] gives for
     /// [`Sampler::candidates_only`]'s request: the same token [`Sampler::sample`] picks from
     /// the full logits.

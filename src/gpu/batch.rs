@@ -5,7 +5,7 @@
 use super::buffers::{bind_group, storage, uniform};
 use super::ops::paged::PagedP;
 use super::{GpuBackend, GpuCache};
-use crate::backend::{BatchBackend, RowSlot};
+use crate::backend::{BatchBackend, HeadRows, RowNeed, RowSlot};
 use crate::error::{Error, Result};
 
 /// The paged kernels' bindings: the step's row slots and block tables, bind groups per layer.
@@ -170,25 +170,17 @@ impl BatchBackend for GpuBackend {
 
     fn logits_rows(&mut self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
         self.gather_head_rows(rows)?;
-        out.clear();
-        self.read_head_rows(0..rows.len(), None, None, out)
+        self.read_head_logits(0..rows.len(), out)
     }
 
-    fn head_rows(
-        &mut self,
-        rows: &[usize],
-        full: &[bool],
-        ids: &mut Vec<u32>,
-        logits: &mut Vec<f32>,
-    ) -> Result<()> {
-        if let Err(e) = crate::backend::check_row_flags(rows, full) {
+    fn head_rows(&mut self, rows: &[usize], need: &[RowNeed], out: &mut HeadRows) -> Result<()> {
+        if let Err(e) = crate::backend::check_row_needs(rows, need) {
             self.rec.discard();
             return Err(e);
         }
         self.gather_head_rows(rows)?;
-        ids.clear();
-        logits.clear();
-        self.read_head_rows(0..rows.len(), Some(full), Some(ids), logits)
+        out.clear();
+        self.read_head_rows(0..rows.len(), Some(need), out)
     }
 }
 

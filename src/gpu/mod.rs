@@ -150,6 +150,8 @@ struct Bufs {
     argmax_ring: [wgpu::Buffer; 3],
     /// Top-k candidates: two buffers the passes alternate between, and the readback.
     topk: [wgpu::Buffer; 2],
+    /// The rows a top-k selects: (logits row, bits of 1 / temperature) each.
+    topk_sel: wgpu::Buffer,
     topk_readback: wgpu::Buffer,
 }
 
@@ -367,8 +369,7 @@ impl Backend for GpuBackend {
             LogitRows::All => 0..t,
         };
         self.record_final_norm();
-        out.clear();
-        self.read_head_rows(range, None, None, out)
+        self.read_head_logits(range, out)
     }
 
     #[cfg(not(target_arch = "wasm32"))]

@@ -137,12 +137,13 @@ impl GpuBackend {
                 storage(
                     device,
                     "topk candidates",
-                    vocab.div_ceil(ops::topk::CHUNK) * ops::topk::MAX_K * 8,
+                    logit_rows * vocab.div_ceil(ops::topk::CHUNK) * ops::topk::MAX_K * 8,
                 )
             }),
+            topk_sel: storage(device, "topk rows", logit_rows * 8),
             topk_readback: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("topk readback"),
-                size: (ops::topk::MAX_K * 8) as u64,
+                size: (logit_rows * ops::topk::MAX_K * 8) as u64,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
@@ -324,7 +325,7 @@ impl GpuBackend {
                     device,
                     "topk",
                     &ops.topk.layout,
-                    &[&params, &bufs.logits, src, dst],
+                    &[&params, &bufs.logits, src, dst, &bufs.topk_sel],
                 );
                 (params, bg)
             })

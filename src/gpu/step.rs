@@ -3,6 +3,7 @@
 
 use super::ops::topk::TopkP;
 use super::*;
+use crate::backend::{HeadRows, RowNeed};
 
 /// A step activation buffer, for tests and debugging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,15 +134,16 @@ impl GpuBackend {
     }
 
     /// Runs the head over the final-normed rows `range` (recorded with the step so far), in
-    /// batches of the logits buffer's rows. Appends to `out` the logits of the rows `full`
-    /// marks (all rows when None; `full[i]` is row `range.start + i`) and, with `ids`, the
-    /// argmax of every row, found on the device: 4 bytes a row come back instead of its logits.
+    /// batches of the logits buffer's rows, and appends to `out` what `need` asks of each row
+    /// (all logits when None; `need[i]` is row `range.start + i`): with `out.ids` filled, the
+    /// argmax of every row, found on the device (4 bytes a row come back instead of its
+    /// logits); candidates found on the device (k up to [`ops::topk::MAX_K`]; past it from the
+    /// logits on the host); logits.
     pub(super) fn read_head_rows(
         &mut self,
         range: std::ops::Range<usize>,
-        full: Option<&[bool]>,
-        ids: Option<&mut Vec<u32>>,
-        out: &mut Vec<f32>,
+        need: Option<&[RowNeed]>,
+        out: &mut HeadRows,
     ) -> Result<()> {
         let vocab = self.cfg.vocab_size;
         if range.is_empty() {
@@ -149,16 +151,26 @@ impl GpuBackend {
             return Ok(());
         }
         let total = range.len();
-        if ids.is_some() && (total * 4) as u64 > self.bufs.argmax_readback.size() {
+        let with_ids = need.is_some();
+        if with_ids && (total * 4) as u64 > self.bufs.argmax_readback.size() {
             self.rec.discard();
             return Err(Error::Request(format!(
                 "the argmax of {total} rows asked of a step of at most {}",
                 self.bufs.argmax_readback.size() / 4
             )));
         }
-        let wants = |i: usize| full.is_none_or(|f| f.get(i).copied().unwrap_or(false));
+        let kmax = ops::topk::MAX_K.min(vocab);
+        let need_of = |i: usize| need.map_or(RowNeed::Logits, |n| n[i]);
+        // Rows whose logits come back: Logits rows and candidates past the device's k.
+        let wants = |i: usize| match need_of(i) {
+            RowNeed::Logits => true,
+            RowNeed::Candidates { k, .. } => k > kmax,
+            RowNeed::Argmax => false,
+        };
         let row_bytes = (vocab * 4) as u64;
         let mut r0 = range.start;
+        let mut host_logits = Vec::new();
+        let mut scratch = Vec::new();
         while r0 < range.end {
             let n = self.logit_rows.min(range.end - r0);
             self.step.row0 = r0 as u32;
@@ -168,7 +180,7 @@ impl GpuBackend {
                 self.ops.head.record(&mut self.rec, bg, s.rows, n, int8);
             }
             let first = r0 - range.start;
-            if ids.is_some() {
+            if with_ids {
                 self.ops
                     .argmax
                     .record(&mut self.rec, &self.argmax_bg, vocab, n);
@@ -183,6 +195,24 @@ impl GpuBackend {
                     first as u64 * 4,
                     n as u64 * 4,
                 );
+            }
+            // Candidates on the device: every selected row's max(k) best (the order is the
+            // same whatever k, so each row keeps its own first k).
+            let sel: Vec<(u32, f32, usize)> = (0..n)
+                .filter_map(|i| match need_of(first + i) {
+                    RowNeed::Candidates { k, inv_t } if k <= kmax => Some((i as u32, inv_t, k)),
+                    _ => None,
+                })
+                .collect();
+            let kdev = sel.iter().map(|s| s.2).max().unwrap_or(0);
+            let cand_bytes = (sel.len() * kdev * 8) as u64;
+            if !sel.is_empty() {
+                let rows: Vec<(u32, f32)> = sel.iter().map(|s| (s.0, s.1)).collect();
+                let res = self.record_top_k(&rows, kdev)?;
+                let rb = self.bufs.topk_readback.clone();
+                self.rec
+                    .encoder()
+                    .copy_buffer_to_buffer(&res, 0, &rb, 0, cand_bytes);
             }
             // The wanted rows, packed to the front of the readback in runs.
             let (logits, readback) = (self.bufs.logits.clone(), self.bufs.readback.clone());
@@ -205,21 +235,66 @@ impl GpuBackend {
                 i += run as usize;
             }
             self.flush();
+            host_logits.clear();
             if kept > 0 {
-                out.reserve((kept * row_bytes / 4) as usize);
                 self.read_mapped(&readback, kept * row_bytes, |data| {
-                    out.extend_from_slice(bytemuck::cast_slice(data));
+                    host_logits.extend_from_slice(bytemuck::cast_slice::<u8, f32>(data));
                 })?;
+            }
+            let mut dev = Vec::new();
+            if !sel.is_empty() {
+                let rb = self.bufs.topk_readback.clone();
+                self.read_mapped(&rb, cand_bytes, |data| dev.extend(candidate_pairs(data)))?;
+            }
+            // Every row's part, in row order.
+            let (mut next_dev, mut next_host) = (0, 0);
+            for i in 0..n {
+                let wanted = wants(first + i);
+                let logits_row = if wanted {
+                    next_host += 1;
+                    Some(&host_logits[(next_host - 1) * vocab..next_host * vocab])
+                } else {
+                    None
+                };
+                match (need_of(first + i), logits_row) {
+                    (RowNeed::Logits, Some(l)) => out.logits.extend_from_slice(l),
+                    (RowNeed::Candidates { k, inv_t }, Some(l)) => {
+                        crate::reference::top_candidates(l, k, inv_t, &mut scratch);
+                        out.cands.extend_from_slice(&scratch);
+                    }
+                    (RowNeed::Candidates { k, .. }, None) => {
+                        let row = &dev[next_dev * kdev..(next_dev + 1) * kdev];
+                        out.cands.extend_from_slice(&row[..k]);
+                        next_dev += 1;
+                    }
+                    _ => {}
+                }
             }
             r0 += n;
         }
-        if let Some(ids) = ids {
+        if with_ids {
             let rb = self.bufs.argmax_readback.clone();
             self.read_mapped(&rb, total as u64 * 4, |data| {
-                ids.extend_from_slice(bytemuck::cast_slice(data));
+                out.ids.extend_from_slice(bytemuck::cast_slice(data));
             })?;
         }
         Ok(())
+    }
+
+    /// [`Self::read_head_rows`] of every row's logits into `out` (replacing its contents).
+    pub(super) fn read_head_logits(
+        &mut self,
+        range: std::ops::Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let mut got = HeadRows {
+            logits: std::mem::take(out),
+            ..Default::default()
+        };
+        got.logits.clear();
+        let r = self.read_head_rows(range, None, &mut got);
+        *out = got.logits;
+        r
     }
 
     /// Records the final norm and the head of the step's last position (logits row 0).
@@ -327,35 +402,46 @@ impl GpuBackend {
         }
     }
 
-    /// Records the top-k passes over logits row 0 (k <= [`ops::topk::MAX_K`], at most the
-    /// vocab), submits, and reads the k best (logit × `inv_t`, id) back, best first, in the
-    /// order of [`crate::reference::top_candidates`].
-    pub fn top_k_of_logits(
-        &mut self,
-        k: usize,
-        inv_t: f32,
-        out: &mut Vec<(f32, u32)>,
-    ) -> Result<()> {
-        if k == 0 || k > ops::topk::MAX_K.min(self.cfg.vocab_size) {
+    /// Records the top-k passes over the logits rows `sel` selects ((logits row, 1 /
+    /// temperature) each; k <= [`ops::topk::MAX_K`], at most the vocab). Returns the buffer
+    /// that then holds each selected row's k best (key, id) pairs, best first.
+    fn record_top_k(&mut self, sel: &[(u32, f32)], k: usize) -> Result<wgpu::Buffer> {
+        let vocab = self.cfg.vocab_size;
+        if k == 0 || k > ops::topk::MAX_K.min(vocab) {
+            self.rec.discard();
             return Err(Error::Request(format!(
                 "GPU top-k takes k in 1..={}, got {k}",
-                ops::topk::MAX_K.min(self.cfg.vocab_size)
+                ops::topk::MAX_K.min(vocab)
             )));
         }
-        let mut n = self.cfg.vocab_size;
+        if sel.is_empty() || sel.len() > self.logit_rows {
+            self.rec.discard();
+            return Err(Error::Request(format!(
+                "GPU top-k of {} rows at once (1..={})",
+                sel.len(),
+                self.logit_rows
+            )));
+        }
+        let words: Vec<[u32; 2]> = sel.iter().map(|&(r, t)| [r, t.to_bits()]).collect();
+        self.ctx
+            .queue
+            .write_buffer(&self.bufs.topk_sel, 0, bytemuck::cast_slice(&words));
+        let mut n = vocab;
         let mut pass = 0;
         loop {
             let (params, bg) = &self.topk_passes[pass];
             let p = TopkP {
                 n: n as u32,
                 k: k as u32,
-                inv_t,
+                ld: vocab as u32,
                 pad: 0,
             };
             self.ctx
                 .queue
                 .write_buffer(params, 0, bytemuck::bytes_of(&p));
-            self.ops.topk.record(&mut self.rec, bg, pass == 0, n);
+            self.ops
+                .topk
+                .record(&mut self.rec, bg, pass == 0, n, sel.len());
             let groups = n.div_ceil(ops::topk::CHUNK);
             if groups == 1 {
                 break;
@@ -363,26 +449,27 @@ impl GpuBackend {
             n = groups * k;
             pass += 1;
         }
-        let (res, rb) = (&self.bufs.topk[pass % 2], self.bufs.topk_readback.clone());
+        Ok(self.bufs.topk[pass % 2].clone())
+    }
+
+    /// Records the top-k passes over logits row 0 (see [`Self::record_top_k`]), submits, and
+    /// reads the k best (logit × `inv_t`, id) back, best first, in the order of
+    /// [`crate::reference::top_candidates`].
+    pub fn top_k_of_logits(
+        &mut self,
+        k: usize,
+        inv_t: f32,
+        out: &mut Vec<(f32, u32)>,
+    ) -> Result<()> {
+        let res = self.record_top_k(&[(0, inv_t)], k)?;
+        let rb = self.bufs.topk_readback.clone();
         let bytes = (k * 8) as u64;
         self.rec
             .encoder()
-            .copy_buffer_to_buffer(res, 0, &rb, 0, bytes);
+            .copy_buffer_to_buffer(&res, 0, &rb, 0, bytes);
         self.flush();
-        self.read_mapped(&rb, bytes, |data| {
-            out.clear();
-            out.extend(data.chunks_exact(8).map(|e| {
-                let key = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-                let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
-                // Undo topk.wgsl's key_of.
-                let bits = if key & 0x8000_0000 != 0 {
-                    key & 0x7fff_ffff
-                } else {
-                    !key
-                };
-                (f32::from_bits(bits), id)
-            }));
-        })
+        out.clear();
+        self.read_mapped(&rb, bytes, |data| out.extend(candidate_pairs(data)))
     }
 
     /// Submits pending work and reads a whole activation buffer (as u32 words; tests and
@@ -427,4 +514,18 @@ impl GpuBackend {
             .norm
             .record(&mut self.rec, kind, which(&self.layers[layer]), t);
     }
+}
+
+/// (key, id) pairs of topk.wgsl as (scaled logit, id): the key's `total_cmp` order undone.
+fn candidate_pairs(data: &[u8]) -> impl Iterator<Item = (f32, u32)> + '_ {
+    data.chunks_exact(8).map(|e| {
+        let key = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+        let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+        let bits = if key & 0x8000_0000 != 0 {
+            key & 0x7fff_ffff
+        } else {
+            !key
+        };
+        (f32::from_bits(bits), id)
+    })
 }

@@ -1,5 +1,5 @@
-//! Top-k of logits row 0 on the device: bitonic sorts of 1,024-entry chunks in workgroup
-//! memory, passes until one workgroup is left; candidates in
+//! Top-k of selected logits rows on the device: bitonic sorts of 1,024-entry chunks in
+//! workgroup memory, passes until one workgroup per row is left; candidates in
 //! [`crate::reference::top_candidates`]' order.
 
 use bytemuck::{Pod, Zeroable};
@@ -13,12 +13,12 @@ const SRC: &str = include_str!("../../../shaders/topk.wgsl");
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
 pub struct TopkP {
-    /// Entries this pass reads.
+    /// Entries of each row this pass reads.
     pub n: u32,
     /// Entries each workgroup keeps.
     pub k: u32,
-    /// 1 / temperature (first pass).
-    pub inv_t: f32,
+    /// f32 per logits row (first pass).
+    pub ld: u32,
     /// Padding.
     pub pad: u32,
 }
@@ -34,7 +34,7 @@ pub const PASSES: usize = 8;
 
 /// The top-k kernels.
 pub struct TopK {
-    /// params, logits, source pairs, destination pairs.
+    /// params, logits, source pairs, destination pairs, selected rows (logits row, 1 / temperature).
     pub layout: wgpu::BindGroupLayout,
     first: wgpu::ComputePipeline,
     merge: wgpu::ComputePipeline,
@@ -43,7 +43,7 @@ pub struct TopK {
 impl TopK {
     /// Compiles the first pass (over the logits) and the merge pass (override `FIRST`).
     pub fn new(t: &Target) -> Self {
-        let layout = t.layout("topk", &[Uniform, Read, Read, Write]);
+        let layout = t.layout("topk", &[Uniform, Read, Read, Write, Read]);
         let consts = Target::consts(&[("TK_CHUNK", CHUNK)]);
         let m = t.module("topk", &[&consts, COMMON, SRC]);
         TopK {
@@ -53,13 +53,21 @@ impl TopK {
         }
     }
 
-    /// One pass over `n` entries (`first`: the logits), `ceil(n / CHUNK)` workgroups.
-    pub fn record(&self, rec: &mut Recorder, bg: &wgpu::BindGroup, first: bool, n: usize) {
+    /// One pass over `n` entries of each of `rows` selected rows (`first`: the logits),
+    /// `ceil(n / CHUNK)` workgroups per row.
+    pub fn record(
+        &self,
+        rec: &mut Recorder,
+        bg: &wgpu::BindGroup,
+        first: bool,
+        n: usize,
+        rows: usize,
+    ) {
         let (label, pl) = if first {
             ("topk", &self.first)
         } else {
             ("topk_merge", &self.merge)
         };
-        rec.dispatch(label, pl, bg, [n.div_ceil(CHUNK) as u32, 1, 1]);
+        rec.dispatch(label, pl, bg, [n.div_ceil(CHUNK) as u32, rows as u32, 1]);
     }
 }
