@@ -2,7 +2,8 @@
 // MODE 0: src row -> int8 (4 per u32) + absmax/127.
 // MODE 1: relu(gate)² · up from a gate|up row -> int8 + absmax/127.
 // MODE 2: src row -> normed f32 (as u32 bits), zero padding (final norm).
-// Dispatch: (T, 1, 1), one 256-invocation workgroup per token.
+// Dispatch: (T, 1, 1), one FW-invocation workgroup per token; `wg_reduce` (the workgroup
+// reduction prelude, subgroups or workgroup memory) before this file.
 
 struct NormP {
     width: u32,      // elements normalised
@@ -19,8 +20,6 @@ override MODE: u32 = 0u;
 @group(0) @binding(3) var<storage, read> gamma: array<f32>;
 @group(0) @binding(4) var<storage, read_write> outq: array<u32>;
 @group(0) @binding(5) var<storage, read_write> outs: array<f32>;
-
-var<workgroup> red: array<f32, 256>;
 
 fn value(t: u32, c: u32) -> f32 {
     let base = t * p.src_stride;
@@ -46,7 +45,7 @@ fn gam(c: u32) -> f32 {
     return 0.0;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(FW)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = wg.x;
     // Four loads in flight per iteration; the sum keeps the one-column-at-a-time order.
@@ -61,17 +60,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         ss = ss + v2 * v2;
         ss = ss + v3 * v3;
     }
-    red[li] = ss;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s = s >> 1u) {
-        if li < s {
-            red[li] = red[li] + red[li + s];
-        }
-        workgroupBarrier();
-    }
-    let ms = red[0] / f32(p.width);
+    let ms = wg_reduce(ss, li, false) / f32(p.width);
     let inv = 1.0 / sqrt(ms + p.eps);
-    workgroupBarrier();
     let obase = t * p.out_words;
     if MODE == 2u {
         for (var c = li; c < p.out_words; c = c + 256u) {
@@ -94,15 +84,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         am = max(am, abs(gam(c + 512u) * (v2 * inv)));
         am = max(am, abs(gam(c + 768u) * (v3 * inv)));
     }
-    red[li] = am;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s = s >> 1u) {
-        if li < s {
-            red[li] = max(red[li], red[li + s]);
-        }
-        workgroupBarrier();
-    }
-    let absmax = max(red[0], 1e-5);
+    let absmax = max(wg_reduce(am, li, true), 1e-5);
     let scale = div_exact(127.0, absmax);
     for (var wi = li; wi < p.out_words; wi = wi + 256u) {
         var packed = 0u;

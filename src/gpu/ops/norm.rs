@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{Target, Use::*, COMMON};
+use super::{Target, Use::*, COMMON, REDUCE_WG_SHARED, REDUCE_WG_SUBGROUP};
 use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/norm.wgsl");
@@ -21,6 +21,9 @@ pub struct NormP {
     /// RMSNorm epsilon.
     pub eps: f32,
 }
+
+/// Invocations per norm workgroup (one workgroup per row; `FW` in norm.wgsl).
+const NORM_WG: u32 = 256;
 
 /// Which norm kernel variant.
 #[derive(Clone, Copy)]
@@ -46,8 +49,20 @@ impl Norm {
     /// Compiles the three variants (override `MODE`).
     pub fn new(t: &Target) -> Self {
         let layout = t.layout("norm", &[Uniform, Uniform, Read, Read, Write, Write]);
-        let m = t.module("norm", &[COMMON, SRC]);
-        let p = |label, mode: f64| t.pipeline(label, &layout, &m, "main", &[("MODE", mode)]);
+        let consts = Target::consts(&[("FW", NORM_WG as usize)]);
+        let reduce = if t.subgroups() {
+            REDUCE_WG_SUBGROUP
+        } else {
+            REDUCE_WG_SHARED
+        };
+        let m = t.module("norm", &[&consts, COMMON, reduce, SRC]);
+        let p = |label, mode: f64| {
+            let mut c = vec![("MODE", mode)];
+            if t.subgroups() {
+                c.push(("SG", t.tpr() as f64));
+            }
+            t.pipeline(label, &layout, &m, "main", &c)
+        };
         Norm {
             quant: p("norm_quant", 0.0),
             relu2: p("norm_relu2", 1.0),
