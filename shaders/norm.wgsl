@@ -1,6 +1,6 @@
-// Fused RMSNorm (+ relu²·up for MODE 1) and per-token absmax int8 quantization.
-// MODE 0: src row -> int8 (4 per u32) + absmax/127.
-// MODE 1: relu(gate)² · up from a gate|up row -> int8 + absmax/127.
+// Fused gating (ACT), RMSNorm (NORMED) and per-token absmax int8 quantization.
+// MODE 0: src row -> int8 (4 per u32) + absmax/127; with ACT 1 the row is relu(gate)² · up of a
+// gate|up row, with ACT 2 silu(gate) · up; with NORMED false the RMSNorm is skipped.
 // MODE 2: src row -> normed f32 (as u32 bits), zero padding (final norm).
 // Dispatch: (T, 1, 1), one FW-invocation workgroup per token; `wg_reduce` (the workgroup
 // reduction prelude, subgroups or workgroup memory) before this file.
@@ -13,6 +13,8 @@ struct NormP {
 }
 
 override MODE: u32 = 0u;
+override ACT: u32 = 0u;
+override NORMED: bool = true;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: NormP;
@@ -23,11 +25,23 @@ override MODE: u32 = 0u;
 
 fn value(t: u32, c: u32) -> f32 {
     let base = t * p.src_stride;
-    if MODE == 1u {
+    if ACT == 1u {
         let g = max(src[base + c], 0.0);
         return g * g * src[base + p.width + c];
     }
+    if ACT == 2u {
+        let g = src[base + c];
+        return g / (1.0 + exp(-g)) * src[base + p.width + c];
+    }
     return src[base + c];
+}
+
+// The row's value at c as quantized: normed (gamma · value · inv) or as it is.
+fn normed(t: u32, c: u32, inv: f32) -> f32 {
+    if NORMED {
+        return gamma[c] * (value(t, c) * inv);
+    }
+    return value(t, c);
 }
 
 // value(t, c), or 0 past the row.
@@ -61,7 +75,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         ss = ss + v3 * v3;
     }
     let ms = wg_reduce(ss, li, false) / f32(p.width);
-    let inv = 1.0 / sqrt(ms + p.eps);
+    let inv = select(1.0, 1.0 / sqrt(ms + p.eps), NORMED);
     let obase = t * p.out_words;
     if MODE == 2u {
         for (var c = li; c < p.out_words; c = c + 256u) {
@@ -79,10 +93,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let v1 = vat(t, c + 256u);
         let v2 = vat(t, c + 512u);
         let v3 = vat(t, c + 768u);
-        am = max(am, abs(gamma[c] * (v0 * inv)));
-        am = max(am, abs(gam(c + 256u) * (v1 * inv)));
-        am = max(am, abs(gam(c + 512u) * (v2 * inv)));
-        am = max(am, abs(gam(c + 768u) * (v3 * inv)));
+        if NORMED {
+            am = max(am, abs(gamma[c] * (v0 * inv)));
+            am = max(am, abs(gam(c + 256u) * (v1 * inv)));
+            am = max(am, abs(gam(c + 512u) * (v2 * inv)));
+            am = max(am, abs(gam(c + 768u) * (v3 * inv)));
+        } else {
+            am = max(max(am, abs(v0)), max(abs(v1), max(abs(v2), abs(v3))));
+        }
     }
     let absmax = max(wg_reduce(am, li, true), 1e-5);
     let scale = div_exact(127.0, absmax);
@@ -91,7 +109,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         for (var b = 0u; b < 4u; b = b + 1u) {
             let c = wi * 4u + b;
             if c < p.width {
-                let y = gamma[c] * (value(t, c) * inv);
+                let y = normed(t, c, inv);
                 // WGSL round() is round-half-to-even.
                 let q = i32(clamp(round(y * scale), -128.0, 127.0));
                 packed = packed | ((bitcast<u32>(q) & 0xffu) << (8u * b));

@@ -5,7 +5,7 @@
 //!
 //! Adding an architecture is a new description here (and any new op once per backend).
 
-use crate::config::ModelConfig;
+use crate::config::{Family, ModelConfig};
 
 /// Where an RMSNorm + int8 quantization reads the residual stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +99,28 @@ pub const BITNET_B158: &[LayerOp] = &[
     LayerOp::Matmul(Linear::Down),
 ];
 
+/// A Llama-architecture BitNet layer (Falcon3-1.58bit, Llama3-8B-1.58): no sub-norms, SiLU
+/// gating (../shared/LLAMA_BITNET.md §4).
+pub const LLAMA_BITNET: &[LayerOp] = &[
+    LayerOp::NormQuant(NormSite::Input),
+    LayerOp::Matmul(Linear::Qkv),
+    LayerOp::RopeKvWrite,
+    LayerOp::Attention,
+    LayerOp::AttnOutQuant { sub_norm: false },
+    LayerOp::Matmul(Linear::O),
+    LayerOp::NormQuant(NormSite::PostAttention),
+    LayerOp::Matmul(Linear::GateUp),
+    LayerOp::GatedActQuant {
+        act: GatedAct::Silu,
+        sub_norm: false,
+    },
+    LayerOp::Matmul(Linear::Down),
+];
+
 /// The layer description of a model.
-pub fn layer_ops(_cfg: &ModelConfig) -> &'static [LayerOp] {
-    BITNET_B158
+pub fn layer_ops(cfg: &ModelConfig) -> &'static [LayerOp] {
+    match cfg.family {
+        Family::BitNet => BITNET_B158,
+        Family::LlamaBitNet => LLAMA_BITNET,
+    }
 }

@@ -17,9 +17,40 @@ pub enum ScaleConvention {
     Divide,
 }
 
+/// The model family `config.json` names: its layer description ([`crate::arch::layer_ops`]) and
+/// the tensors its checkpoints hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `model_type: bitnet` (BitNet b1.58 2B-4T): sub-norms before o_proj and down_proj, relu².
+    BitNet,
+    /// `model_type: llama` with `quantization_config.quant_method: bitnet` (Falcon3-1.58bit,
+    /// Llama3-8B-1.58): no sub-norms, SiLU.
+    LlamaBitNet,
+}
+
+impl Family {
+    /// The `model_type` of config.json.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::BitNet => "bitnet",
+            Family::LlamaBitNet => "llama",
+        }
+    }
+
+    /// The `hidden_act` of config.json.
+    pub fn hidden_act(self) -> &'static str {
+        match self {
+            Family::BitNet => "relu2",
+            Family::LlamaBitNet => "silu",
+        }
+    }
+}
+
 /// Model hyper-parameters, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    /// The model family.
+    pub family: Family,
     /// Vocabulary size (rows of the embedding).
     pub vocab_size: usize,
     /// Residual stream width.
@@ -76,6 +107,7 @@ impl Preset {
     /// The configuration of this preset.
     pub fn config(self) -> ModelConfig {
         let base = ModelConfig {
+            family: Family::BitNet,
             vocab_size: 128256,
             hidden_size: 2560,
             intermediate_size: 6912,
@@ -162,6 +194,15 @@ fn quantization(v: &Value) -> Result<(ScaleConvention, bool)> {
     Ok((scale, online))
 }
 
+/// Whether `quantization_config.quant_method` is `bitnet`.
+fn is_bitnet_quantized(v: &Value) -> Result<bool> {
+    let Some(q) = json::opt_object(v, "quantization_config", "quantization_config")? else {
+        return Ok(false);
+    };
+    let name = "quantization_config.quant_method";
+    Ok(json::opt_str(q, "quant_method", name)? == Some("bitnet"))
+}
+
 impl ModelConfig {
     /// Reads and validates `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -181,11 +222,23 @@ impl ModelConfig {
         if !v.is_object() {
             return Err(Error::Config("config.json must be a JSON object".into()));
         }
-        if let Some(mt) = json::opt_str(v, "model_type", "model_type")? {
-            one_of(mt, "model_type", &["bitnet"])?;
-        }
+        let family = match json::opt_str(v, "model_type", "model_type")? {
+            Some("llama") => Family::LlamaBitNet,
+            Some(mt) => {
+                one_of(mt, "model_type", &["bitnet", "llama"])?;
+                Family::BitNet
+            }
+            None => Family::BitNet,
+        };
         if let Some(act) = json::opt_str(v, "hidden_act", "hidden_act")? {
-            one_of(act, "hidden_act", &["relu2"])?;
+            one_of(act, "hidden_act", &[family.hidden_act()])?;
+        }
+        if family == Family::LlamaBitNet && !is_bitnet_quantized(v)? {
+            return Err(Error::Config(
+                "`model_type: llama` without `quantization_config.quant_method: bitnet` is not a \
+                 1.58-bit model"
+                    .into(),
+            ));
         }
         for key in ["attention_bias", "mlp_bias"] {
             if json::opt_bool(v, key, key)? == Some(true) {
@@ -217,6 +270,7 @@ impl ModelConfig {
         let rope_theta = rope_theta.unwrap_or(500000.0);
         let (scale_convention, online_quant) = quantization(v)?;
         let cfg = ModelConfig {
+            family,
             vocab_size: required(v, "vocab_size")?,
             hidden_size,
             intermediate_size: required(v, "intermediate_size")?,
@@ -311,18 +365,32 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
-    /// The config.json this configuration is written as (release spelling, autobitlinear/offline).
+    /// The config.json this configuration is written as (the release spelling of its family).
     pub fn to_json(&self) -> Value {
+        let architecture = match self.family {
+            Family::BitNet => "BitNetForCausalLM",
+            Family::LlamaBitNet => "LlamaForCausalLM",
+        };
+        let linear_class = match self.scale_convention {
+            ScaleConvention::Multiply => "autobitlinear",
+            ScaleConvention::Divide => "bitlinear",
+        };
+        let mode = if self.online_quant {
+            "online"
+        } else {
+            "offline"
+        };
         serde_json::json!({
-            "architectures": ["BitNetForCausalLM"],
-            "model_type": "bitnet",
+            "architectures": [architecture],
+            "model_type": self.family.model_type(),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
-            "hidden_act": "relu2",
+            "head_dim": self.head_dim,
+            "hidden_act": self.family.hidden_act(),
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
@@ -333,8 +401,8 @@ impl ModelConfig {
             "use_cache": true,
             "quantization_config": {
                 "quant_method": "bitnet",
-                "linear_class": "autobitlinear",
-                "quantization_mode": "offline"
+                "linear_class": linear_class,
+                "quantization_mode": mode
             }
         })
     }
@@ -468,7 +536,11 @@ mod tests {
         let base = Preset::Tiny.config().to_json();
         let cases: [(&str, Value, &str); 14] = [
             ("model_type", 3.into(), "`model_type` must be a string"),
-            ("model_type", "llama".into(), "`model_type` is `llama`"),
+            (
+                "model_type",
+                "gpt2".into(),
+                "`model_type` is `gpt2`; supported: bitnet, llama",
+            ),
             ("hidden_act", 1.into(), "`hidden_act` must be a string"),
             (
                 "quantization_config",

@@ -193,9 +193,9 @@ pub struct LayerWeights {
     pub input_norm: Vec<f32>,
     /// post_attention_layernorm.
     pub post_attention_norm: Vec<f32>,
-    /// self_attn.attn_sub_norm (width hidden).
+    /// self_attn.attn_sub_norm (width hidden; empty in families without sub-norms).
     pub attn_sub_norm: Vec<f32>,
-    /// mlp.ffn_sub_norm (width intermediate).
+    /// mlp.ffn_sub_norm (width intermediate; empty in families without sub-norms).
     pub ffn_sub_norm: Vec<f32>,
     /// q_proj.
     pub q: TernaryMatrix,

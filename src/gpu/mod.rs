@@ -250,8 +250,8 @@ impl Backend for GpuBackend {
 
     fn rmsnorm_quant(&mut self, layer: usize, site: NormSite) {
         match site {
-            NormSite::Input => self.norm(NormKind::Quant, |l| &l.norm_input, layer),
-            NormSite::PostAttention => self.norm(NormKind::Quant, |l| &l.norm_post, layer),
+            NormSite::Input => self.norm(NormKind::QUANT, |l| &l.norm_input, layer),
+            NormSite::PostAttention => self.norm(NormKind::QUANT, |l| &l.norm_post, layer),
         }
     }
 
@@ -349,13 +349,19 @@ impl Backend for GpuBackend {
     }
 
     fn attn_out_quant(&mut self, layer: usize, sub_norm: bool) {
-        debug_assert!(sub_norm, "checked at load: the GPU runs BITNET_B158 only");
-        self.norm(NormKind::Quant, |l| &l.norm_attn, layer);
+        let kind = NormKind::Quant {
+            act: None,
+            normed: sub_norm,
+        };
+        self.norm(kind, |l| &l.norm_attn, layer);
     }
 
     fn gated_act_quant(&mut self, layer: usize, act: GatedAct, sub_norm: bool) {
-        debug_assert!(sub_norm && act == GatedAct::Relu2, "checked at load");
-        self.norm(NormKind::Relu2Quant, |l| &l.norm_ffn, layer);
+        let kind = NormKind::Quant {
+            act: Some(act),
+            normed: sub_norm,
+        };
+        self.norm(kind, |l| &l.norm_ffn, layer);
     }
 
     fn logits(&mut self, rows: LogitRows, out: &mut Vec<f32>) -> Result<()> {

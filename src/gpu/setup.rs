@@ -5,6 +5,7 @@ use super::ops::{argmax::ArgP, gemv_fused::FusedP, matmul::MatP, norm::NormP};
 use super::ops::{rope::RopeP, topk::TopkP};
 use super::params::Step;
 use super::*;
+use crate::arch::LLAMA_BITNET;
 
 pub(super) fn mat(
     device: &wgpu::Device,
@@ -52,9 +53,10 @@ impl GpuBackend {
     pub fn with_context(ctx: GpuContext, w: &Weights, opts: &GpuOptions) -> Result<Self> {
         let cfg = w.config.clone();
         cfg.validate()?;
-        if layer_ops(&cfg) != BITNET_B158 {
+        let ops_of = layer_ops(&cfg);
+        if ops_of != BITNET_B158 && ops_of != LLAMA_BITNET {
             return Err(Error::Backend(
-                "the GPU backend runs the BitNet b1.58 layer (sub-norms, relu²) only".into(),
+                "the GPU backend runs the BitNet b1.58 and Llama-BitNet layers only".into(),
             ));
         }
         if cfg.head_dim > 256 {
@@ -191,7 +193,11 @@ impl GpuBackend {
         let norm_q = norm_p("norm_q", q, q, pad64(q) / 4);
         let norm_i = norm_p("norm_i", i, 2 * i, pad64(i) / 4);
         let norm_f = norm_p("norm_final", h, h, hp);
-        let gamma = |name: &str, v: &[f32]| storage_init(device, name, bytemuck::cast_slice(v));
+        // A layer without a sub-norm binds a one-element placeholder its kernel never reads.
+        let gamma = |name: &str, v: &[f32]| {
+            let v = if v.is_empty() { &[0.0][..] } else { v };
+            storage_init(device, name, bytemuck::cast_slice(v))
+        };
         let nbg = |name: &str,
                    params: &wgpu::Buffer,
                    src: &wgpu::Buffer,
@@ -206,7 +212,9 @@ impl GpuBackend {
         };
 
         let hd = cfg.head_dim;
+        // The fused decode GEMVs implement the BitNet b1.58 layer (sub-norms, relu²).
         let fused = opts.fused
+            && ops_of == BITNET_B158
             && [h, q, i]
                 .iter()
                 .all(|&n| pad64(n) <= FUSED_MAX_WIDTH && n.is_multiple_of(4))

@@ -127,7 +127,7 @@ impl GpuBackend {
     pub(super) fn record_final_norm(&mut self) {
         let t = self.t();
         let (kind, bg) = match &self.final_norm_q_bg {
-            Some(bg) => (NormKind::Quant, bg),
+            Some(bg) => (NormKind::QUANT, bg),
             None => (NormKind::F32, &self.final_norm_bg),
         };
         self.ops.norm.record(&mut self.rec, kind, bg, t);

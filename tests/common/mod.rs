@@ -20,10 +20,20 @@ pub fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(DIR)
 }
 
+/// The Llama-architecture BitNet reference checkpoint (bitlinear, offline, untied head).
+pub const DIR_LLAMA: &str = "tests/fixtures/tiny-llama-bitnet";
+
 /// The transformers reference outputs of the fixture.
 pub fn reference() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap())
-        .unwrap()
+    reference_of(DIR)
+}
+
+/// The transformers reference outputs of the fixture in `dir` (relative to the crate root).
+pub fn reference_of(dir: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(dir)
+        .join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// A JSON array of numbers as f32.

@@ -1,9 +1,10 @@
-//! RMSNorm of step rows, then int8 quantization (optionally after relu²(gate)·up), or to f32
-//! (the final norm).
+//! RMSNorm of step rows (optionally after the gating activation of gate|up, optionally without
+//! the norm), then int8 quantization, or to f32 (the final norm).
 
 use bytemuck::{Pod, Zeroable};
 
 use super::{Target, Use::*, COMMON, REDUCE_WG_SHARED, REDUCE_WG_SUBGROUP};
+use crate::arch::GatedAct;
 use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/norm.wgsl");
@@ -28,25 +29,36 @@ const NORM_WG: u32 = 256;
 /// Which norm kernel variant.
 #[derive(Clone, Copy)]
 pub enum NormKind {
-    /// RMSNorm → int8.
-    Quant,
-    /// relu²(gate)·up → RMSNorm → int8.
-    Relu2Quant,
+    /// [act(gate)·up →] [RMSNorm →] int8.
+    Quant {
+        /// The gating activation of a gate|up row, if the row is one.
+        act: Option<GatedAct>,
+        /// With the RMSNorm (else the values are quantized as they are).
+        normed: bool,
+    },
     /// RMSNorm → f32.
     F32,
+}
+
+impl NormKind {
+    /// RMSNorm → int8.
+    pub const QUANT: NormKind = NormKind::Quant {
+        act: None,
+        normed: true,
+    };
 }
 
 /// The norm kernels.
 pub struct Norm {
     /// step, params, src, gamma, out words, out scales.
     pub layout: wgpu::BindGroupLayout,
-    quant: wgpu::ComputePipeline,
-    relu2: wgpu::ComputePipeline,
+    /// [act][normed]: act none, relu², SiLU.
+    quant: [[wgpu::ComputePipeline; 2]; 3],
     f32: wgpu::ComputePipeline,
 }
 
 impl Norm {
-    /// Compiles the three variants (override `MODE`).
+    /// Compiles the variants (overrides `MODE`, `ACT`, `NORMED`).
     pub fn new(t: &Target) -> Self {
         let layout = t.layout("norm", &[Uniform, Uniform, Read, Read, Write, Write]);
         let consts = Target::consts(&[("FW", NORM_WG as usize)]);
@@ -56,17 +68,21 @@ impl Norm {
             REDUCE_WG_SHARED
         };
         let m = t.module("norm", &[&consts, COMMON, reduce, SRC]);
-        let p = |label, mode: f64| {
-            let mut c = vec![("MODE", mode)];
+        let p = |label, mode: f64, act: usize, normed: bool| {
+            let mut c = vec![
+                ("MODE", mode),
+                ("ACT", act as f64),
+                ("NORMED", normed as u8 as f64),
+            ];
             if t.subgroups() {
                 c.push(("SG", t.tpr() as f64));
             }
             t.pipeline(label, &layout, &m, "main", &c)
         };
+        let q = |act| [p("quant", 0.0, act, false), p("norm_quant", 0.0, act, true)];
         Norm {
-            quant: p("norm_quant", 0.0),
-            relu2: p("norm_relu2", 1.0),
-            f32: p("norm_f32", 2.0),
+            quant: [q(0), q(1), q(2)],
+            f32: p("norm_f32", 2.0, 0, true),
             layout,
         }
     }
@@ -74,8 +90,14 @@ impl Norm {
     /// The norm of `t` rows.
     pub fn record(&self, rec: &mut Recorder, kind: NormKind, bg: &wgpu::BindGroup, t: usize) {
         let (label, pl) = match kind {
-            NormKind::Quant => ("norm_quant", &self.quant),
-            NormKind::Relu2Quant => ("relu2_norm_quant", &self.relu2),
+            NormKind::Quant { act, normed } => {
+                let (label, a) = match act {
+                    None => ("norm_quant", 0),
+                    Some(GatedAct::Relu2) => ("relu2_norm_quant", 1),
+                    Some(GatedAct::Silu) => ("silu_norm_quant", 2),
+                };
+                (label, &self.quant[a][normed as usize])
+            }
             NormKind::F32 => ("final_norm", &self.f32),
         };
         rec.dispatch(label, pl, bg, [t as u32, 1, 1]);
