@@ -20,7 +20,7 @@ use bitnet_inference::gpu::{self, GpuBackend, GpuOptions};
 use bitnet_inference::reference::{argmax, top_candidates};
 
 mod common;
-use common::{cpu, cpu_with, max_abs_diff, prompts, DIR};
+use common::{cpu, cpu_with, max_abs_diff, prompts, DIR, DIR_LLAMA};
 
 fn gpu(w: &Weights) -> GpuBackend {
     gpu_head(w, HeadMode::Native, KvDtype::F32)
@@ -143,6 +143,11 @@ fn check_batched_with(w: &Weights, bs: usize, tol: f32, head: HeadMode, kv: KvDt
         10 * close >= 9 * total,
         "only {close} of {total} positions within {tol}"
     );
+}
+
+#[test]
+fn llama_bitnet_batched_rows_match_cpu() {
+    check_batched_against_cpu(&load(Path::new(DIR_LLAMA)).unwrap(), 4, 1e-4);
 }
 
 #[test]
