@@ -49,7 +49,7 @@ mod tests {
         assert_eq!(s(), wgsl_bytes(&sh("common.wgsl"), "Step"));
         assert_eq!(
             std::mem::size_of::<MatP>(),
-            wgsl_bytes(&sh("matmul.wgsl"), "MatP")
+            wgsl_bytes(&sh("matmul_io.wgsl"), "MatP")
         );
         assert_eq!(
             std::mem::size_of::<NormP>(),
