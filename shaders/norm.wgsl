@@ -3,7 +3,7 @@
 // gate|up row, with ACT 2 silu(gate) · up; with NORMED false the RMSNorm is skipped.
 // MODE 2: src row -> normed f32 (as u32 bits), zero padding (final norm).
 // Dispatch: (T, 1, 1), one FW-invocation workgroup per token; `wg_reduce` (the workgroup
-// reduction prelude, subgroups or workgroup memory) before this file.
+// reduction prelude) before this file.
 
 struct NormP {
     width: u32,      // elements normalised

@@ -118,6 +118,11 @@ fn check_batched_with(w: &Weights, bs: usize, tol: f32, head: HeadMode, kv: KvDt
         KvDtype::F32 => 0.05,
         KvDtype::F16 => 0.6,
     };
+    check_batched_within(w, bs, tol, flip, head, kv);
+}
+
+/// [`check_batched_with`] with `flip`, the size of one int8 code flip on `w`'s logits.
+fn check_batched_within(w: &Weights, bs: usize, tol: f32, flip: f32, head: HeadMode, kv: KvDtype) {
     let vocab = w.config.vocab_size;
     let ps = prompts(6, vocab as u32, 3);
     let want = batched_logits(&mut cpu_with(w, head, kv), &ps, bs);
@@ -145,9 +150,13 @@ fn check_batched_with(w: &Weights, bs: usize, tol: f32, head: HeadMode, kv: KvDt
     );
 }
 
+/// On the Llama-BitNet fixture one int8 code flip moves a position's logits by up to ~0.06
+/// (../shared/LLAMA_BITNET.md §7.1: float32 numpy against transformers differs by 0.061 at
+/// such a position; measured here 0.058 on 16-wide lavapipe), so the flip bound is 0.1.
 #[test]
 fn llama_bitnet_batched_rows_match_cpu() {
-    check_batched_against_cpu(&load(Path::new(DIR_LLAMA)).unwrap(), 4, 1e-4);
+    let w = load(Path::new(DIR_LLAMA)).unwrap();
+    check_batched_within(&w, 4, 1e-4, 0.1, HeadMode::Native, KvDtype::F32);
 }
 
 #[test]
