@@ -63,8 +63,9 @@ fn gam(c: u32) -> f32 {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = wg.x;
     // Four loads in flight per iteration; the sum keeps the one-column-at-a-time order.
+    // Unnormed rows skip it (the reduction itself stays in uniform control flow).
     var ss = 0.0;
-    for (var c = li; c < p.width; c = c + 1024u) {
+    for (var c = li; NORMED && c < p.width; c = c + 1024u) {
         let v0 = value(t, c);
         let v1 = vat(t, c + 256u);
         let v2 = vat(t, c + 512u);

@@ -169,8 +169,7 @@ impl GpuBackend {
         };
         let row_bytes = (vocab * 4) as u64;
         let mut r0 = range.start;
-        let mut host_logits = Vec::new();
-        let mut scratch = Vec::new();
+        let (mut host_logits, mut dev, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
         while r0 < range.end {
             let n = self.logit_rows.min(range.end - r0);
             self.step.row0 = r0 as u32;
@@ -198,17 +197,18 @@ impl GpuBackend {
             }
             // Candidates on the device: every selected row's max(k) best (the order is the
             // same whatever k, so each row keeps its own first k).
-            let sel: Vec<(u32, f32, usize)> = (0..n)
-                .filter_map(|i| match need_of(first + i) {
-                    RowNeed::Candidates { k, inv_t } if k <= kmax => Some((i as u32, inv_t, k)),
-                    _ => None,
-                })
-                .collect();
-            let kdev = sel.iter().map(|s| s.2).max().unwrap_or(0);
+            let (mut sel, mut kdev) = (Vec::new(), 0);
+            for i in 0..n {
+                if let RowNeed::Candidates { k, inv_t } = need_of(first + i) {
+                    if k <= kmax {
+                        sel.push((i as u32, inv_t));
+                        kdev = kdev.max(k);
+                    }
+                }
+            }
             let cand_bytes = (sel.len() * kdev * 8) as u64;
             if !sel.is_empty() {
-                let rows: Vec<(u32, f32)> = sel.iter().map(|s| (s.0, s.1)).collect();
-                let res = self.record_top_k(&rows, kdev)?;
+                let res = self.record_top_k(&sel, kdev)?;
                 let rb = self.bufs.topk_readback.clone();
                 self.rec
                     .encoder()
@@ -241,7 +241,7 @@ impl GpuBackend {
                     host_logits.extend_from_slice(bytemuck::cast_slice::<u8, f32>(data));
                 })?;
             }
-            let mut dev = Vec::new();
+            dev.clear();
             if !sel.is_empty() {
                 let rb = self.bufs.topk_readback.clone();
                 self.read_mapped(&rb, cand_bytes, |data| dev.extend(candidate_pairs(data)))?;
