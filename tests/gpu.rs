@@ -33,10 +33,13 @@ fn gpu_with(w: &Weights, o: &GpuOptions) -> GpuBackend {
     b
 }
 
-/// A random model of `cfg` in a fresh temp dir.
+/// A random model of `cfg` in a fresh temp dir (one per call: tests run in parallel, and
+/// rewriting a checkpoint another test has memory-mapped ends that test with SIGBUS).
 fn synth_model(cfg: &ModelConfig, seed: u64) -> (PathBuf, Weights) {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "bitnet-gpu-test-{}-{seed}-{}x{}x{}",
+        "bitnet-gpu-test-{}-{call}-{seed}-{}x{}x{}",
         std::process::id(),
         cfg.hidden_size,
         cfg.intermediate_size,
