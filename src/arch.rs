@@ -117,10 +117,29 @@ pub const LLAMA_BITNET: &[LayerOp] = &[
     LayerOp::Matmul(Linear::Down),
 ];
 
+/// A 1bitLLM layer (bitnet_b1_58-large / -3B): the BitNet b1.58 sub-norms (`inner_attn_ln`,
+/// `ffn_layernorm`) with SiLU gating.
+pub const ONEBIT_LLM: &[LayerOp] = &[
+    LayerOp::NormQuant(NormSite::Input),
+    LayerOp::Matmul(Linear::Qkv),
+    LayerOp::RopeKvWrite,
+    LayerOp::Attention,
+    LayerOp::AttnOutQuant { sub_norm: true },
+    LayerOp::Matmul(Linear::O),
+    LayerOp::NormQuant(NormSite::PostAttention),
+    LayerOp::Matmul(Linear::GateUp),
+    LayerOp::GatedActQuant {
+        act: GatedAct::Silu,
+        sub_norm: true,
+    },
+    LayerOp::Matmul(Linear::Down),
+];
+
 /// The layer description of a model.
 pub fn layer_ops(cfg: &ModelConfig) -> &'static [LayerOp] {
     match cfg.family {
         Family::BitNet => BITNET_B158,
         Family::LlamaBitNet => LLAMA_BITNET,
+        Family::OneBitLlm => ONEBIT_LLM,
     }
 }

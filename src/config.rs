@@ -26,6 +26,10 @@ pub enum Family {
     /// `model_type: llama` with `quantization_config.quant_method: bitnet` (Falcon3-1.58bit,
     /// Llama3-8B-1.58): no sub-norms, SiLU.
     LlamaBitNet,
+    /// `architectures: [BitnetForCausalLM]` (1bitLLM's bitnet_b1_58-large / -3B): Llama with
+    /// sub-norms before o_proj and down_proj (`inner_attn_ln`, `ffn_layernorm`), SiLU, float
+    /// master weights ternarized at load.
+    OneBitLlm,
 }
 
 impl Family {
@@ -33,7 +37,16 @@ impl Family {
     pub fn model_type(self) -> &'static str {
         match self {
             Family::BitNet => "bitnet",
-            Family::LlamaBitNet => "llama",
+            Family::LlamaBitNet | Family::OneBitLlm => "llama",
+        }
+    }
+
+    /// The `architectures` entry of config.json.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::BitNet => "BitNetForCausalLM",
+            Family::LlamaBitNet => "LlamaForCausalLM",
+            Family::OneBitLlm => ONEBIT_ARCHITECTURE,
         }
     }
 
@@ -41,10 +54,24 @@ impl Family {
     pub fn hidden_act(self) -> &'static str {
         match self {
             Family::BitNet => "relu2",
-            Family::LlamaBitNet => "silu",
+            Family::LlamaBitNet | Family::OneBitLlm => "silu",
+        }
+    }
+
+    /// The checkpoint names (under `model.layers.N.`) of the sub-norms before o_proj and
+    /// down_proj; None for families without them.
+    pub fn sub_norm_names(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Family::BitNet => Some(("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")),
+            Family::LlamaBitNet => None,
+            Family::OneBitLlm => Some(("self_attn.inner_attn_ln", "mlp.ffn_layernorm")),
         }
     }
 }
+
+/// The `architectures` entry of 1bitLLM's checkpoints (note the lower-case n; BitNet b1.58
+/// 2B-4T spells it `BitNetForCausalLM`).
+const ONEBIT_ARCHITECTURE: &str = "BitnetForCausalLM";
 
 /// Model hyper-parameters, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -194,6 +221,13 @@ fn quantization(v: &Value) -> Result<(ScaleConvention, bool)> {
     Ok((scale, online))
 }
 
+/// Whether config.json's `architectures` lists `name` (a malformed list names nothing).
+fn names_architecture(v: &Value, name: &str) -> bool {
+    v.get("architectures")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(name)))
+}
+
 /// Whether `quantization_config.quant_method` is `bitnet`.
 fn is_bitnet_quantized(v: &Value) -> Result<bool> {
     let Some(q) = json::opt_object(v, "quantization_config", "quantization_config")? else {
@@ -223,6 +257,7 @@ impl ModelConfig {
             return Err(Error::Config("config.json must be a JSON object".into()));
         }
         let family = match json::opt_str(v, "model_type", "model_type")? {
+            _ if names_architecture(v, ONEBIT_ARCHITECTURE) => Family::OneBitLlm,
             Some("llama") => Family::LlamaBitNet,
             Some(mt) => {
                 one_of(mt, "model_type", &["bitnet", "llama"])?;
@@ -230,6 +265,15 @@ impl ModelConfig {
             }
             None => Family::BitNet,
         };
+        if family == Family::OneBitLlm {
+            for (key, bits) in [("weight_bits", 1), ("input_bits", 8)] {
+                if let Some(b) = json::opt_usize(v, key, key)?.filter(|&b| b != bits) {
+                    return Err(Error::Config(format!(
+                        "`{key}` is {b}; {ONEBIT_ARCHITECTURE} checkpoints run with {bits}"
+                    )));
+                }
+            }
+        }
         if let Some(act) = json::opt_str(v, "hidden_act", "hidden_act")? {
             one_of(act, "hidden_act", &[family.hidden_act()])?;
         }
@@ -268,7 +312,11 @@ impl ModelConfig {
             rope_theta = rope_theta.or(theta);
         }
         let rope_theta = rope_theta.unwrap_or(500000.0);
-        let (scale_convention, online_quant) = quantization(v)?;
+        let (scale_convention, online_quant) = match family {
+            // Float master weights ternarized at load, as the modeling code does every forward.
+            Family::OneBitLlm => (ScaleConvention::Multiply, true),
+            _ => quantization(v)?,
+        };
         let cfg = ModelConfig {
             family,
             vocab_size: required(v, "vocab_size")?,
@@ -367,10 +415,7 @@ impl ModelConfig {
 
     /// The config.json this configuration is written as (the release spelling of its family).
     pub fn to_json(&self) -> Value {
-        let architecture = match self.family {
-            Family::BitNet => "BitNetForCausalLM",
-            Family::LlamaBitNet => "LlamaForCausalLM",
-        };
+        let architecture = self.family.architecture();
         let linear_class = match self.scale_convention {
             ScaleConvention::Multiply => "autobitlinear",
             ScaleConvention::Divide => "bitlinear",
@@ -380,7 +425,7 @@ impl ModelConfig {
         } else {
             "offline"
         };
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "architectures": [architecture],
             "model_type": self.family.model_type(),
             "vocab_size": self.vocab_size,
@@ -404,7 +449,16 @@ impl ModelConfig {
                 "linear_class": linear_class,
                 "quantization_mode": mode
             }
-        })
+        });
+        if self.family == Family::OneBitLlm {
+            // Float master weights, ternarized by the modeling code: no quantizer config.
+            let o = v.as_object_mut().expect("a JSON object");
+            o.remove("quantization_config");
+            o.insert("weight_bits".into(), 1.into());
+            o.insert("input_bits".into(), 8.into());
+            o.insert("torch_dtype".into(), "float16".into());
+        }
+        v
     }
 }
 
@@ -501,6 +555,38 @@ mod tests {
             ModelConfig::from_json(&v).unwrap().scale_convention,
             ScaleConvention::Divide
         );
+    }
+
+    #[test]
+    fn families_come_from_model_type_and_architectures() {
+        let mut v = Preset::Tiny.config().to_json();
+        assert_eq!(ModelConfig::from_json(&v).unwrap().family, Family::BitNet);
+        v["model_type"] = "llama".into();
+        v["hidden_act"] = "silu".into();
+        assert_eq!(
+            ModelConfig::from_json(&v).unwrap().family,
+            Family::LlamaBitNet
+        );
+        v["architectures"] = serde_json::json!(["BitnetForCausalLM"]);
+        let c = ModelConfig::from_json(&v).unwrap();
+        assert_eq!(c.family, Family::OneBitLlm);
+        assert_eq!(ModelConfig::from_json(&c.to_json()).unwrap(), c);
+        v["weight_bits"] = 2.into();
+        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("`weight_bits` is 2"), "{e}");
+        let mut v = c.to_json();
+        v["hidden_act"] = "relu2".into();
+        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("`hidden_act` is `relu2`; supported: silu"),
+            "{e}"
+        );
+        let mut v = Preset::Tiny.config().to_json();
+        v["model_type"] = "llama".into();
+        v["hidden_act"] = "silu".into();
+        v.as_object_mut().unwrap().remove("quantization_config");
+        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("not a 1.58-bit model"), "{e}");
     }
 
     #[test]

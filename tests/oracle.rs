@@ -15,7 +15,7 @@ use bitnet_inference::tokenizer::{ChatMessage, Tokenizer};
 
 #[macro_use]
 mod common;
-use common::{floats, ids, max_abs_diff, reference, reference_of, DIR, DIR_LLAMA};
+use common::{floats, ids, max_abs_diff, reference, reference_of, DIR, FAMILY_DIRS};
 
 fn generator(kernels: Kernels, head: HeadMode) -> Generator<CpuBackend> {
     let w = load(Path::new(DIR)).unwrap();
@@ -85,33 +85,43 @@ fn greedy_tokens_with_kv_cache_match_reference() {
     });
 }
 
-/// The Llama-BitNet family (bitlinear: weight_scale divides; no sub-norms; SiLU; untied head) on
-/// every backend: the last-position logits of the short prompts (up to 40 tokens) within `tol`
-/// of transformers float32, and every prompt's 16 greedy tokens equal. Longer prompts are left
-/// to the greedy check: there the reference's own float32 rounding flips isolated int8 codes
-/// (../shared/LLAMA_BITNET.md §7.1: numpy float32 differs from it by up to 0.06 at some positions).
+/// The other families on every backend, one fixture per format: Llama-BitNet with bitlinear
+/// (weight_scale divides, untied head), autobitlinear (multiplies, tied head, explicit
+/// head_dim) and online master weights, and 1bitLLM's BitnetForCausalLM (sub-norms, SiLU,
+/// float16 master weights; tools/make_fixture_1bitllm.py). The last-position logits of the
+/// short prompts (up to 40 tokens) within `tol` of the float32 reference, and every prompt's
+/// 16 greedy tokens equal. Longer prompts are left to the greedy check: there the reference's
+/// own float32 rounding flips isolated int8 codes (../shared/LLAMA_BITNET.md §7.1: numpy
+/// float32 differs from it by up to 0.06 at some positions).
 #[test]
-fn llama_bitnet_fixture_matches_reference() {
-    let r = reference_of(DIR_LLAMA);
-    let w = load(Path::new(DIR_LLAMA)).unwrap();
-    on_every_backend!(&w, |name, tol, b| {
-        let mut g = Generator::new(b).unwrap();
-        for p in r["references"]["float32"]["prompts"].as_array().unwrap() {
-            let prompt = ids(&p["input_ids"]);
-            if prompt.len() <= 40 {
-                let last = g.logits(&prompt, false).unwrap();
-                let d = max_abs_diff(&last, &floats(&p["prefill_last_logits"]));
-                assert!(d <= tol.max(1e-3), "{name} {} last: max |Δ| {d}", p["name"]);
+fn family_fixtures_match_reference() {
+    for dir in FAMILY_DIRS {
+        let r = reference_of(dir);
+        let w = load(Path::new(dir)).unwrap();
+        on_every_backend!(&w, |name, tol, b| {
+            let mut g = Generator::new(b).unwrap();
+            for p in r["references"]["float32"]["prompts"].as_array().unwrap() {
+                let prompt = ids(&p["input_ids"]);
+                if prompt.len() <= 40 {
+                    let last = g.logits(&prompt, false).unwrap();
+                    let d = max_abs_diff(&last, &floats(&p["prefill_last_logits"]));
+                    assert!(
+                        d <= tol.max(1e-3),
+                        "{dir} {name} {} last: max |Δ| {d}",
+                        p["name"]
+                    );
+                }
+                let opts = GenerateOptions {
+                    max_tokens: 16,
+                    ignore_eos: true,
+                    ..Default::default()
+                };
+                let out = g.generate(&prompt, &opts, None, |_, _| true).unwrap();
+                let want = ids(&p["greedy_tokens"]);
+                assert_eq!(out.tokens, want, "{dir} {name} {}", p["name"]);
             }
-            let opts = GenerateOptions {
-                max_tokens: 16,
-                ignore_eos: true,
-                ..Default::default()
-            };
-            let out = g.generate(&prompt, &opts, None, |_, _| true).unwrap();
-            assert_eq!(out.tokens, ids(&p["greedy_tokens"]), "{name} {}", p["name"]);
-        }
-    });
+        });
+    }
 }
 
 #[test]

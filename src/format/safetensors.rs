@@ -12,7 +12,7 @@ use safetensors::tensor::SafeTensors;
 use safetensors::tensor::{Dtype, TensorInfo};
 
 use super::{Bytes, FloatDtype, FloatTensor, LayerWeights, TernaryMatrix, Weights};
-use crate::config::{Family, ModelConfig, ScaleConvention};
+use crate::config::{ModelConfig, ScaleConvention};
 use crate::error::{Error, Result};
 use crate::quant::{pack_checkpoint, ternarize_absmean};
 use crate::{files, json};
@@ -478,20 +478,19 @@ pub fn weights(config: ModelConfig, ck: &Checkpoint) -> Result<Weights> {
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
         let (q, kv) = (c.q_dim(), c.kv_dim());
-        // Sub-norms exist in the BitNet family only (an empty vector: the layer has none).
-        let sub_norms = c.family == Family::BitNet;
-        let sub_norm = |name: &str, n: usize| -> Result<Vec<f32>> {
-            if sub_norms {
-                ck.vector(&format!("{p}.{name}.weight"), n)
-            } else {
-                Ok(Vec::new())
-            }
+        // An empty vector: the family's layers have no sub-norms.
+        let (attn_sub, ffn_sub) = match c.family.sub_norm_names() {
+            Some((a, f)) => (
+                ck.vector(&format!("{p}.{a}.weight"), q)?,
+                ck.vector(&format!("{p}.{f}.weight"), i)?,
+            ),
+            None => (Vec::new(), Vec::new()),
         };
         layers.push(LayerWeights {
             input_norm: ck.vector(&format!("{p}.input_layernorm.weight"), h)?,
             post_attention_norm: ck.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-            attn_sub_norm: sub_norm("self_attn.attn_sub_norm", q)?,
-            ffn_sub_norm: sub_norm("mlp.ffn_sub_norm", i)?,
+            attn_sub_norm: attn_sub,
+            ffn_sub_norm: ffn_sub,
             q: ck.ternary(&format!("{p}.self_attn.q_proj"), q, h, c)?,
             k: ck.ternary(&format!("{p}.self_attn.k_proj"), kv, h, c)?,
             v: ck.ternary(&format!("{p}.self_attn.v_proj"), kv, h, c)?,

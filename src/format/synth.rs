@@ -60,18 +60,10 @@ fn specs(c: &ModelConfig) -> Vec<Spec> {
             1.0,
             0.1,
         ));
-        v.push(bf(
-            format!("{p}.self_attn.attn_sub_norm.weight"),
-            vec![q],
-            1.0,
-            0.1,
-        ));
-        v.push(bf(
-            format!("{p}.mlp.ffn_sub_norm.weight"),
-            vec![i],
-            1.0,
-            0.1,
-        ));
+        if let Some((attn, ffn)) = c.family.sub_norm_names() {
+            v.push(bf(format!("{p}.{attn}.weight"), vec![q], 1.0, 0.1));
+            v.push(bf(format!("{p}.{ffn}.weight"), vec![i], 1.0, 0.1));
+        }
         let lin = [
             ("self_attn.q_proj", q, h),
             ("self_attn.k_proj", kv, h),

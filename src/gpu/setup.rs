@@ -5,7 +5,7 @@ use super::ops::{argmax::ArgP, gemv_fused::FusedP, matmul::MatP, norm::NormP};
 use super::ops::{rope::RopeP, topk::TopkP};
 use super::params::Step;
 use super::*;
-use crate::arch::LLAMA_BITNET;
+use crate::arch::{LLAMA_BITNET, ONEBIT_LLM};
 
 pub(super) fn mat(
     device: &wgpu::Device,
@@ -54,9 +54,10 @@ impl GpuBackend {
         let cfg = w.config.clone();
         cfg.validate()?;
         let ops_of = layer_ops(&cfg);
-        if ops_of != BITNET_B158 && ops_of != LLAMA_BITNET {
+        if ![BITNET_B158, LLAMA_BITNET, ONEBIT_LLM].contains(&ops_of) {
             return Err(Error::Backend(
-                "the GPU backend runs the BitNet b1.58 and Llama-BitNet layers only".into(),
+                "the GPU backend runs the BitNet b1.58, Llama-BitNet and 1bitLLM layers only"
+                    .into(),
             ));
         }
         if cfg.head_dim > 256 {

@@ -23,6 +23,14 @@ pub fn fixture() -> PathBuf {
 /// The Llama-architecture BitNet reference checkpoint (bitlinear, offline, untied head).
 pub const DIR_LLAMA: &str = "tests/fixtures/tiny-llama-bitnet";
 
+/// The reference checkpoints of the families other than BitNet b1.58 2B-4T.
+pub const FAMILY_DIRS: [&str; 4] = [
+    DIR_LLAMA,
+    "tests/fixtures/tiny-llama-autobitlinear",
+    "tests/fixtures/tiny-llama-online",
+    "tests/fixtures/tiny-1bitllm",
+];
+
 /// The transformers reference outputs of the fixture.
 pub fn reference() -> Value {
     reference_of(DIR)
