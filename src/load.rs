@@ -24,6 +24,35 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
+    /// Reads a model from `path`: a GGUF file, or a directory of config.json, *.safetensors and
+    /// tokenizer files.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if crate::format::gguf::is_gguf(path) {
+            Self::from_gguf(path)
+        } else {
+            Self::from_dir(path)
+        }
+    }
+
+    /// Reads a GGUF file; the tokenizer is `tokenizer.json` beside it when there is one, else
+    /// the file's own tokenizer metadata.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        use crate::format::gguf;
+        let parts = gguf::load(path)?;
+        let beside = path.parent().filter(|d| d.join("tokenizer.json").exists());
+        let tokenizer = match beside {
+            Some(dir) => Tokenizer::from_dir(dir)?,
+            None => gguf::vocab::tokenizer(&parts.file)?,
+        };
+        Ok(ModelFiles {
+            weights: parts.weights,
+            tokenizer,
+            generation: parts.generation,
+        })
+    }
+
     /// Reads a model directory (config.json, *.safetensors, tokenizer files).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.join("config.json").exists() {

@@ -53,7 +53,7 @@ enum Cmd {
 /// Where the model comes from and how it runs (shared by the commands that load one).
 #[derive(Args)]
 pub(crate) struct ModelArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    /// Model: a directory (config.json, model.safetensors, tokenizer.json) or a GGUF file.
     #[arg(long, default_value = "models/kjv-fortunes")]
     pub(crate) model: PathBuf,
     /// Backend.

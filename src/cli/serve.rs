@@ -189,9 +189,9 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         other => bail!("--log-format {other}: use text or json"),
     }
     let m = a.model;
-    if !m.model.join("config.json").exists() {
+    if !m.model.join("config.json").exists() && !bitnet_inference::format::gguf::is_gguf(&m.model) {
         bail!(
-            "{}: no config.json (is --model a model directory?)",
+            "{}: neither a GGUF file nor a directory with config.json",
             m.model.display()
         );
     }

@@ -3,6 +3,8 @@
 //! Parsers never trust the file: offsets, shapes and dtypes are checked and every error names
 //! the file and tensor. Tensor data stays memory-mapped until a backend repacks it.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod gguf;
 pub mod safetensors;
 pub mod synth;
 

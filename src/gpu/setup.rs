@@ -6,6 +6,9 @@ use super::ops::{rope::RopeP, topk::TopkP};
 use super::params::Step;
 use super::*;
 use crate::arch::{LLAMA_BITNET, ONEBIT_LLM};
+use crate::format::{Bytes, FloatTensor};
+use std::borrow::Cow;
+use std::sync::Arc;
 
 pub(super) fn mat(
     device: &wgpu::Device,
@@ -75,13 +78,18 @@ impl GpuBackend {
         let shard_bytes = opts
             .max_binding_bytes
             .map_or(max_binding, |m| m.min(max_binding));
-        let head_t = w.head();
+        // The embedding and head share one float class on the device (bf16 pairs or f32):
+        // a file that stores them differently (GGUF) gets its bf16 one widened.
+        let (embed_t, head_t) = match (w.embed.dtype, w.head().dtype) {
+            (FloatDtype::BF16, FloatDtype::BF16) => {
+                (Cow::Borrowed(&w.embed), Cow::Borrowed(w.head()))
+            }
+            (FloatDtype::BF16, _) => (Cow::Owned(widened(&w.embed)), Cow::Borrowed(w.head())),
+            (_, FloatDtype::BF16) => (Cow::Borrowed(&w.embed), Cow::Owned(widened(w.head()))),
+            _ => (Cow::Borrowed(&w.embed), Cow::Borrowed(w.head())),
+        };
+        let (embed_t, head_t) = (embed_t.as_ref(), head_t.as_ref());
         let f32_head = head_t.dtype != FloatDtype::BF16;
-        if (w.embed.dtype != FloatDtype::BF16) != f32_head {
-            return Err(Error::Backend(
-                "embedding and lm_head must have the same dtype class for the GPU backend".into(),
-            ));
-        }
         let fused_widths = [cfg.hidden_size.max(cfg.q_dim()), cfg.intermediate_size];
         let target = ops::Target {
             device,
@@ -359,7 +367,7 @@ impl GpuBackend {
             let g = bg(&s);
             (s, g)
         };
-        let embed_raw = buffers::upload_shards(device, &w.embed, shard_bytes)?;
+        let embed_raw = buffers::upload_shards(device, embed_t, shard_bytes)?;
         let int8_head = opts.head == HeadMode::Int8;
         let head_bytes = if int8_head {
             (head_t.rows * (pad64(head_t.cols) + 4)) as u64
@@ -445,5 +453,15 @@ impl GpuBackend {
             batch_error: None,
             ctx,
         })
+    }
+}
+
+/// A bf16 tensor as f32.
+fn widened(t: &FloatTensor) -> FloatTensor {
+    let v = t.to_f32();
+    FloatTensor {
+        dtype: FloatDtype::F32,
+        bytes: Bytes::Owned(Arc::new(bytemuck::cast_slice(&v).to_vec())),
+        ..t.clone()
     }
 }

@@ -174,7 +174,7 @@ fn now_s() -> u64 {
 
 /// Loads `dir` on the configured backend and starts its scheduler.
 pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
-    let files = ModelFiles::from_dir(dir)?;
+    let files = ModelFiles::from_path(dir)?;
     let mut sc = opts.scheduler.clone();
     sc.max_context = files.config().max_position_embeddings;
     let context = sc.max_context;

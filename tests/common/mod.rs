@@ -23,7 +23,7 @@ pub fn fixture() -> PathBuf {
 /// The Llama-architecture BitNet reference checkpoint (bitlinear, offline, untied head).
 pub const DIR_LLAMA: &str = "tests/fixtures/tiny-llama-bitnet";
 
-/// The reference checkpoints of the families other than BitNet b1.58 2B-4T.
+/// The reference checkpoints of every family and format beyond the tiny BitNet b1.58 one.
 pub const FAMILY_DIRS: [&str; 4] = [
     DIR_LLAMA,
     "tests/fixtures/tiny-llama-autobitlinear",
