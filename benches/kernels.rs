@@ -20,12 +20,12 @@ fn ternary(c: &mut Criterion) {
     for ntok in [1usize, 8, 64] {
         let x: Vec<i8> = (0..ntok * w.kpad).map(|i| ((i * 31) % 255) as i8).collect();
         let mut out = vec![0i32; w.rows * ntok];
-        g.throughput(Throughput::Bytes(w.data.len() as u64));
+        g.throughput(Throughput::Bytes(w.data.as_slice().len() as u64));
         for k in Kernels::available() {
             g.bench_with_input(
                 BenchmarkId::new(k.name(), format!("t{ntok}")),
                 &ntok,
-                |b, &n| b.iter(|| k.code_dots(&w.data, w.row_bytes(), &x, n, &mut out)),
+                |b, &n| b.iter(|| k.code_dots(w.data.as_slice(), w.row_bytes(), &x, n, &mut out)),
             );
         }
     }

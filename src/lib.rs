@@ -4,6 +4,8 @@ pub mod arch;
 pub mod backend;
 pub mod batch;
 pub mod config;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod convert;
 pub mod cpu;
 pub mod engine;
 pub mod error;

@@ -4,6 +4,7 @@
 mod engine;
 mod bench;
 mod chat;
+mod convert;
 mod generate;
 mod logits;
 mod perplexity;
@@ -42,6 +43,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Write a random model of a preset shape in the HF packed format.
     Synth(synth::SynthArgs),
+    /// Rewrite a model (directory or GGUF) with the CPU kernels' layout, to load as a mmap.
+    Convert(convert::ConvertArgs),
     /// Serve the model over an OpenAI-compatible HTTP API with continuous batching (CPU).
     #[cfg(feature = "server")]
     Serve(serve::ServeArgs),
@@ -89,6 +92,7 @@ pub fn run() -> Result<()> {
         Cmd::Perplexity(a) => perplexity::perplexity(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Synth(a) => synth::synth(a),
+        Cmd::Convert(a) => convert::convert(a),
         #[cfg(feature = "server")]
         Cmd::Serve(a) => serve::serve(a),
         #[cfg(feature = "server")]

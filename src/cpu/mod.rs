@@ -168,6 +168,26 @@ impl CpuBackend {
         let team = Team::new(opts.threads);
         let cfg = w.config.clone();
         let layers = pool.install(|| {
+            if let Some(kl) = &w.kernel_layout {
+                // A converted checkpoint: the layout is in the file, mapped, nothing repacked.
+                return w
+                    .layers
+                    .iter()
+                    .zip(kl)
+                    .map(|(l, k)| {
+                        Ok(CpuLayer {
+                            input_norm: l.input_norm.clone(),
+                            post_attention_norm: l.post_attention_norm.clone(),
+                            attn_sub_norm: l.attn_sub_norm.clone(),
+                            ffn_sub_norm: l.ffn_sub_norm.clone(),
+                            qkv: PackedTernary::from_kernel(&k.qkv)?,
+                            o: PackedTernary::from_kernel(&k.o)?,
+                            gate_up: PackedTernary::from_kernel(&k.gate_up)?,
+                            down: PackedTernary::from_kernel(&k.down)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>();
+            }
             w.layers
                 .iter()
                 .map(|l| {
@@ -245,7 +265,7 @@ impl CpuBackend {
         self.team.run(w.rows.div_ceil(per), &|c| {
             let r0 = c * per;
             let n = per.min(w.rows - r0);
-            let chunk = &w.data[r0 * rb..(r0 + n) * rb];
+            let chunk = &w.data.as_slice()[r0 * rb..(r0 + n) * rb];
             DOTS.with_borrow_mut(|dots| {
                 if dots.len() < n * t {
                     dots.resize(n * t, 0);
@@ -508,7 +528,12 @@ impl Backend for CpuBackend {
         let ternary: usize = self
             .layers
             .iter()
-            .map(|l| l.qkv.data.len() + l.o.data.len() + l.gate_up.data.len() + l.down.data.len())
+            .map(|l| {
+                [&l.qkv, &l.o, &l.gate_up, &l.down]
+                    .iter()
+                    .map(|m| m.data.as_slice().len())
+                    .sum::<usize>()
+            })
             .sum();
         let norms = self.layers.len() * 4 * (2 * self.cfg.hidden_size + self.cfg.intermediate_size);
         ternary as u64 + self.head.bytes() + norms as u64

@@ -11,8 +11,10 @@
 
 use rayon::prelude::*;
 
-use crate::error::Result;
-use crate::format::TernaryMatrix;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::{Bytes, KernelMatrix, TernaryMatrix};
 
 /// Columns per packed block.
 pub const BLOCK: usize = 128;
@@ -41,8 +43,9 @@ pub struct PackedTernary {
     pub cols: usize,
     /// Columns padded to whole blocks.
     pub kpad: usize,
-    /// `rows * kpad / 4` bytes, rows interleaved in groups of [`GROUP`].
-    pub data: Vec<u8>,
+    /// `rows * kpad / 4` bytes, rows interleaved in groups of [`GROUP`] (owned when repacked
+    /// here, mapped when a converted checkpoint holds them).
+    pub data: Bytes,
     /// Scale of each row (its matrix's weight scale).
     pub row_scale: Vec<f32>,
 }
@@ -100,9 +103,38 @@ impl PackedTernary {
             rows,
             cols,
             kpad,
-            data,
+            data: Bytes::Owned(Arc::new(data)),
             row_scale,
         }
+    }
+
+    /// A matrix a converted checkpoint holds in this layout, mapped as it is (its size and
+    /// row count are checked; its codes are the converter's).
+    pub fn from_kernel(m: &KernelMatrix) -> Result<Self> {
+        let kpad = padded_cols(m.cols);
+        let want = m.rows * kpad / 4;
+        if !m.rows.is_multiple_of(GROUP)
+            || m.data.as_slice().len() != want
+            || m.row_scale.len() != m.rows
+        {
+            return Err(Error::Format {
+                path: m.name.clone().into(),
+                msg: format!(
+                    "{} bytes and {} row scales for {} rows of {} columns (expected {want} bytes)",
+                    m.data.as_slice().len(),
+                    m.row_scale.len(),
+                    m.rows,
+                    m.cols
+                ),
+            });
+        }
+        Ok(PackedTernary {
+            rows: m.rows,
+            cols: m.cols,
+            kpad,
+            data: m.data.clone(),
+            row_scale: m.row_scale.clone(),
+        })
     }
 
     /// Stacks `mats` (all with the same column count) row-wise and repacks them.
@@ -139,7 +171,7 @@ impl PackedTernary {
             rows,
             cols,
             kpad,
-            data,
+            data: Bytes::Owned(Arc::new(data)),
             row_scale,
         })
     }
@@ -147,6 +179,8 @@ impl PackedTernary {
     /// The code (`w + 1`) at row `r`, column `c` (for tests and the scalar reference).
     pub fn code(&self, r: usize, c: usize) -> u8 {
         let (b, within) = (c / BLOCK, c % BLOCK);
-        (self.data[block_offset(self.row_bytes(), r, b) + within % 32] >> (2 * (within / 32))) & 3
+        (self.data.as_slice()[block_offset(self.row_bytes(), r, b) + within % 32]
+            >> (2 * (within / 32)))
+            & 3
     }
 }

@@ -224,6 +224,47 @@ impl LayerWeights {
     }
 }
 
+/// A ternary matrix already in the CPU kernels' layout (`crate::cpu::packed`), as a converted
+/// checkpoint stores it (`bitnet convert`): `rows × padded_cols/4` bytes and a scale per row.
+#[derive(Debug, Clone)]
+pub struct KernelMatrix {
+    /// Tensor name in the checkpoint.
+    pub name: String,
+    /// Output rows.
+    pub rows: usize,
+    /// Input columns.
+    pub cols: usize,
+    /// The packed rows (usually memory-mapped: faulted in on first use).
+    pub data: Bytes,
+    /// Scale of each row.
+    pub row_scale: Vec<f32>,
+}
+
+/// The fused linears of a layer in the CPU kernels' layout.
+#[derive(Debug, Clone)]
+pub struct KernelLayer {
+    /// q, k and v stacked.
+    pub qkv: KernelMatrix,
+    /// o_proj.
+    pub o: KernelMatrix,
+    /// gate and up stacked.
+    pub gate_up: KernelMatrix,
+    /// down_proj.
+    pub down: KernelMatrix,
+}
+
+impl KernelLayer {
+    /// The four matrices with their checkpoint names (`model.layers.N.cpu_v1.{name}`).
+    pub fn named(&self) -> [(&'static str, &KernelMatrix); 4] {
+        [
+            ("qkv", &self.qkv),
+            ("o", &self.o),
+            ("gate_up", &self.gate_up),
+            ("down", &self.down),
+        ]
+    }
+}
+
 /// A whole model on the host, in the checkpoint's layout (data mostly memory-mapped).
 #[derive(Debug, Clone)]
 pub struct Weights {
@@ -237,6 +278,9 @@ pub struct Weights {
     pub final_norm: Vec<f32>,
     /// Decoder layers.
     pub layers: Vec<LayerWeights>,
+    /// The layers' linears in the CPU kernels' layout, when the checkpoint was converted with
+    /// `bitnet convert` (the CPU backend then maps them instead of repacking).
+    pub kernel_layout: Option<Vec<KernelLayer>>,
     /// Bytes of the checkpoint files.
     pub file_bytes: u64,
 }

@@ -11,7 +11,9 @@ use memmap2::Mmap;
 use safetensors::tensor::SafeTensors;
 use safetensors::tensor::{Dtype, TensorInfo};
 
-use super::{Bytes, FloatDtype, FloatTensor, LayerWeights, TernaryMatrix, Weights};
+use super::{
+    Bytes, FloatDtype, FloatTensor, KernelLayer, KernelMatrix, LayerWeights, TernaryMatrix, Weights,
+};
 use crate::config::{ModelConfig, ScaleConvention};
 use crate::error::{Error, Result};
 use crate::quant::{pack_checkpoint, ternarize_absmean};
@@ -500,14 +502,61 @@ pub fn weights(config: ModelConfig, ck: &Checkpoint) -> Result<Weights> {
             down: ck.ternary(&format!("{p}.mlp.down_proj"), h, i, c)?,
         });
     }
+    let kernel_layout = kernel_layout(ck, c)?;
     Ok(Weights {
         config,
         embed,
         lm_head,
         final_norm,
         layers,
+        kernel_layout,
         file_bytes: ck.file_bytes,
     })
+}
+
+/// The CPU kernels' layout of a converted checkpoint (`model.layers.N.cpu_v1.{qkv,o,gate_up,
+/// down}.{codes,row_scale}`), when the checkpoint has it: all layers or none.
+fn kernel_layout(ck: &Checkpoint, c: &ModelConfig) -> Result<Option<Vec<KernelLayer>>> {
+    if !ck.tensors.contains_key(&kernel_name(0, "qkv", "codes")) {
+        return Ok(None);
+    }
+    let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+    let matrix = |l: usize, part: &str, rows: usize, cols: usize| -> Result<KernelMatrix> {
+        let name = kernel_name(l, part, "codes");
+        let e = ck.get(&name)?;
+        if e.dtype != Dtype::U8 || e.shape.len() != 2 || e.shape[0] != rows {
+            return Err(Error::format(
+                &e.path,
+                format!(
+                    "tensor `{name}` has {:?} {:?}, expected U8 [{rows}, _]",
+                    e.dtype, e.shape
+                ),
+            ));
+        }
+        Ok(KernelMatrix {
+            rows,
+            cols,
+            data: Checkpoint::bytes(e),
+            row_scale: ck.vector(&kernel_name(l, part, "row_scale"), rows)?,
+            name,
+        })
+    };
+    (0..c.num_layers)
+        .map(|l| {
+            Ok(KernelLayer {
+                qkv: matrix(l, "qkv", q + 2 * kv, h)?,
+                o: matrix(l, "o", h, q)?,
+                gate_up: matrix(l, "gate_up", 2 * i, h)?,
+                down: matrix(l, "down", h, i)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// The name of a converted checkpoint's kernel-layout tensor.
+pub fn kernel_name(layer: usize, part: &str, what: &str) -> String {
+    format!("model.layers.{layer}.cpu_v1.{part}.{what}")
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub fn kernel_self_test() -> String {
             }
         }
         let mut want = vec![0i32; rows * ntok];
-        scalar.code_dots(&w.data, w.row_bytes(), &x, ntok, &mut want);
+        scalar.code_dots(w.data.as_slice(), w.row_bytes(), &x, ntok, &mut want);
         // Independent of the packed layout: straight from the codes.
         let direct: i32 = (0..cols).map(|c| codes[0][c] as i32 * x[c] as i32).sum();
         if want[0] != direct {
@@ -64,7 +64,7 @@ pub fn kernel_self_test() -> String {
         for k in &sets {
             cases += 1;
             let mut got = vec![0i32; rows * ntok];
-            k.code_dots(&w.data, w.row_bytes(), &x, ntok, &mut got);
+            k.code_dots(w.data.as_slice(), w.row_bytes(), &x, ntok, &mut got);
             if got != want {
                 failures.push(format!(
                     "{} code_dots rows={rows} cols={cols} ntok={ntok}",
@@ -81,7 +81,7 @@ pub fn kernel_self_test() -> String {
         for k in &sets {
             cases += 1;
             let mut got = [0i32; 4];
-            k.code_dots(&w.data, cols / 4, &x, 1, &mut got);
+            k.code_dots(w.data.as_slice(), cols / 4, &x, 1, &mut got);
             if got != [2 * sign as i32 * cols as i32; 4] {
                 failures.push(format!(
                     "{} code_dots overflow case sign {sign}: {got:?}",

@@ -297,7 +297,7 @@ mod tests {
             }
             for k in Kernels::available() {
                 let mut got = vec![0i32; rows * ntok];
-                k.code_dots(&w.data, w.row_bytes(), &x, ntok, &mut got);
+                k.code_dots(w.data.as_slice(), w.row_bytes(), &x, ntok, &mut got);
                 assert_eq!(
                     got,
                     want,
@@ -317,7 +317,7 @@ mod tests {
             let x = vec![sign; cols];
             for k in Kernels::available() {
                 let mut got = [0i32; 4];
-                k.code_dots(&w.data, cols / 4, &x, 1, &mut got);
+                k.code_dots(w.data.as_slice(), cols / 4, &x, 1, &mut got);
                 assert_eq!(got, [2 * sign as i32 * cols as i32; 4], "{}", k.name());
             }
         }

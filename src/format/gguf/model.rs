@@ -409,6 +409,7 @@ pub fn weights(config: ModelConfig, f: &GgufFile) -> Result<Weights> {
         lm_head,
         final_norm: vector(f, "output_norm.weight", h)?,
         layers,
+        kernel_layout: None,
         file_bytes: f.file_bytes(),
         config,
     })

@@ -42,6 +42,17 @@ fn strings<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
 
 /// The tokenizer in `f`'s metadata (None when the file has none).
 pub fn tokenizer(f: &GgufFile) -> Result<Option<Tokenizer>> {
+    let Some((tokenizer_json, config)) = tokenizer_files(f)? else {
+        return Ok(None);
+    };
+    Tokenizer::from_parts(&tokenizer_json, Some(&config), None)
+        .map(Some)
+        .map_err(|e| Error::format(&f.path, format!("tokenizer metadata: {e}")))
+}
+
+/// The contents of the `tokenizer.json` and `tokenizer_config.json` that `f`'s metadata
+/// describes (None when the file has no tokenizer).
+pub fn tokenizer_files(f: &GgufFile) -> Result<Option<(Vec<u8>, String)>> {
     let model = match f.meta.get("tokenizer.ggml.model") {
         None => return Ok(None),
         Some(_) => f.str("tokenizer.ggml.model")?,
@@ -149,8 +160,5 @@ pub fn tokenizer(f: &GgufFile) -> Result<Option<Tokenizer>> {
         );
     }
     let bytes = serde_json::to_vec(&tokenizer_json).expect("JSON values serialize");
-    let cfg_text = Json::Object(cfg).to_string();
-    Tokenizer::from_parts(&bytes, Some(&cfg_text), None)
-        .map(Some)
-        .map_err(|e| Error::format(&f.path, format!("tokenizer metadata: {e}")))
+    Ok(Some((bytes, Json::Object(cfg).to_string())))
 }
