@@ -13,6 +13,8 @@ pub mod files;
 pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+#[cfg(feature = "cli")]
+pub mod hub;
 pub mod json;
 pub mod load;
 pub mod quant;

@@ -21,7 +21,8 @@ pub(crate) struct ConvertArgs {
 pub(crate) fn convert(a: ConvertArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let pb = spinner(&format!("converting {}", a.model.display()));
-    bitnet_inference::convert::convert(&a.model, &a.out)
+    let model = bitnet_inference::hub::resolve(&a.model)?;
+    bitnet_inference::convert::convert(&model, &a.out)
         .with_context(|| format!("converting {} to {}", a.model.display(), a.out.display()))?;
     pb.finish_and_clear();
     eprintln!(

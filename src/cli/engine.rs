@@ -50,7 +50,8 @@ pub(crate) struct Loaded {
 pub(crate) fn load(args: &ModelArgs) -> Result<Loaded> {
     let t0 = Instant::now();
     let pb = spinner(&format!("loading {}", args.model.display()));
-    let files = ModelFiles::from_path(&args.model)
+    let model = bitnet_inference::hub::resolve(&args.model)?;
+    let files = ModelFiles::from_path(&model)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
     let threads = if args.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -188,7 +188,8 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         "text" => fmt.init(),
         other => bail!("--log-format {other}: use text or json"),
     }
-    let m = a.model;
+    let mut m = a.model;
+    m.model = bitnet_inference::hub::resolve(&m.model)?;
     if !m.model.join("config.json").exists() && !bitnet_inference::format::gguf::is_gguf(&m.model) {
         bail!(
             "{}: neither a GGUF file nor a directory with config.json",
