@@ -27,6 +27,31 @@ pub enum Linear {
     GateUp,
     /// down_proj, added into the residual stream.
     Down,
+    /// The q rows of `Qkv` alone (models whose linears each normalize their own input).
+    Q,
+    /// The k rows of `Qkv` alone.
+    K,
+    /// The v rows of `Qkv` alone.
+    V,
+    /// The gate rows of `GateUp` alone.
+    Gate,
+    /// The up rows of `GateUp` alone.
+    Up,
+}
+
+impl Linear {
+    /// For a part of a fused linear: the fused linear and the part's rows in it.
+    pub fn part_of(self, cfg: &ModelConfig) -> Option<(Linear, std::ops::Range<usize>)> {
+        let (q, kv, i) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        Some(match self {
+            Linear::Q => (Linear::Qkv, 0..q),
+            Linear::K => (Linear::Qkv, q..q + kv),
+            Linear::V => (Linear::Qkv, q + kv..q + 2 * kv),
+            Linear::Gate => (Linear::GateUp, 0..i),
+            Linear::Up => (Linear::GateUp, i..2 * i),
+            _ => return None,
+        })
+    }
 }
 
 /// The gating activation of the feed-forward block.
@@ -43,6 +68,14 @@ pub enum GatedAct {
 pub enum LayerOp {
     /// RMSNorm of the residual stream, then per-token int8 quantization.
     NormQuant(NormSite),
+    /// RMSNorm of the residual stream at `site`, then the RMSNorm of `linear`'s own input
+    /// (`use_rms_norm`), then int8 quantization for that linear.
+    LinearNormQuant {
+        /// Where the residual stream is normalized first.
+        site: NormSite,
+        /// The linear (a part of a fused one) whose norm follows.
+        linear: Linear,
+    },
     /// A ternary × int8 matmul of the quantized activations (`O`, `Down` add into the
     /// residual stream).
     Matmul(Linear),
@@ -73,6 +106,8 @@ impl LayerOp {
             LayerOp::Matmul(Linear::O) => "matmul_o",
             LayerOp::Matmul(Linear::GateUp) => "matmul_gate_up",
             LayerOp::Matmul(Linear::Down) => "matmul_down",
+            LayerOp::Matmul(_) => "matmul_part",
+            LayerOp::LinearNormQuant { .. } => "linear_norm_quant",
             LayerOp::RopeKvWrite => "rope_kv_write",
             LayerOp::Attention => "attention",
             LayerOp::AttnOutQuant { .. } => "attn_out_quant",
@@ -117,6 +152,46 @@ pub const LLAMA_BITNET: &[LayerOp] = &[
     LayerOp::Matmul(Linear::Down),
 ];
 
+/// A Llama-architecture BitNet layer with `use_rms_norm`: every linear normalizes its own
+/// input with its own weights (q, k, v, gate and up one by one; o and down through the
+/// sub-norm ops, which then hold their weights), SiLU gating (../shared/LLAMA_BITNET.md §3.1).
+pub const LLAMA_BITNET_LINEAR_NORMS: &[LayerOp] = &[
+    LayerOp::LinearNormQuant {
+        site: NormSite::Input,
+        linear: Linear::Q,
+    },
+    LayerOp::Matmul(Linear::Q),
+    LayerOp::LinearNormQuant {
+        site: NormSite::Input,
+        linear: Linear::K,
+    },
+    LayerOp::Matmul(Linear::K),
+    LayerOp::LinearNormQuant {
+        site: NormSite::Input,
+        linear: Linear::V,
+    },
+    LayerOp::Matmul(Linear::V),
+    LayerOp::RopeKvWrite,
+    LayerOp::Attention,
+    LayerOp::AttnOutQuant { sub_norm: true },
+    LayerOp::Matmul(Linear::O),
+    LayerOp::LinearNormQuant {
+        site: NormSite::PostAttention,
+        linear: Linear::Gate,
+    },
+    LayerOp::Matmul(Linear::Gate),
+    LayerOp::LinearNormQuant {
+        site: NormSite::PostAttention,
+        linear: Linear::Up,
+    },
+    LayerOp::Matmul(Linear::Up),
+    LayerOp::GatedActQuant {
+        act: GatedAct::Silu,
+        sub_norm: true,
+    },
+    LayerOp::Matmul(Linear::Down),
+];
+
 /// A 1bitLLM layer (bitnet_b1_58-large / -3B): the BitNet b1.58 sub-norms (`inner_attn_ln`,
 /// `ffn_layernorm`) with SiLU gating.
 pub const ONEBIT_LLM: &[LayerOp] = &[
@@ -139,6 +214,7 @@ pub const ONEBIT_LLM: &[LayerOp] = &[
 pub fn layer_ops(cfg: &ModelConfig) -> &'static [LayerOp] {
     match cfg.family {
         Family::BitNet => BITNET_B158,
+        Family::LlamaBitNet if cfg.linear_norm_eps.is_some() => LLAMA_BITNET_LINEAR_NORMS,
         Family::LlamaBitNet => LLAMA_BITNET,
         Family::OneBitLlm => ONEBIT_LLM,
     }

@@ -108,6 +108,9 @@ pub struct ModelConfig {
     pub scale_convention: ScaleConvention,
     /// True when linears are stored unpacked and ternarized at load (`quantization_mode: online`).
     pub online_quant: bool,
+    /// `quantization_config.use_rms_norm`: every linear normalizes its own input first, with
+    /// its own weights and this epsilon (`quantization_config.rms_norm_eps`).
+    pub linear_norm_eps: Option<f32>,
 }
 
 /// Named shapes for `bitnet synth` and tests.
@@ -150,6 +153,7 @@ impl Preset {
             eos_token_ids: vec![128001],
             scale_convention: ScaleConvention::Multiply,
             online_quant: false,
+            linear_norm_eps: None,
         };
         match self {
             Preset::B2b4t => base,
@@ -187,11 +191,14 @@ fn one_of(value: &str, name: &str, allowed: &[&str]) -> Result<()> {
     )))
 }
 
-/// `quantization_config` (absent: transformers' defaults, `bitlinear` and `offline`): the
-/// weight-scale convention and whether linears are ternarized at load.
-fn quantization(v: &Value) -> Result<(ScaleConvention, bool)> {
+/// What `quantization_config` says: the weight-scale convention, whether linears are
+/// ternarized at load, and the epsilon of the per-linear norms when there are some.
+type Quantization = (ScaleConvention, bool, Option<f32>);
+
+/// `quantization_config` (absent: transformers' defaults, `bitlinear` and `offline`).
+fn quantization(v: &Value) -> Result<Quantization> {
     let Some(q) = json::opt_object(v, "quantization_config", "quantization_config")? else {
-        return Ok((ScaleConvention::Divide, false));
+        return Ok((ScaleConvention::Divide, false, None));
     };
     let name = "quantization_config.quant_method";
     if let Some(m) = json::opt_str(q, "quant_method", name)? {
@@ -215,10 +222,13 @@ fn quantization(v: &Value) -> Result<(ScaleConvention, bool)> {
         None => false,
     };
     let name = "quantization_config.use_rms_norm";
-    if json::opt_bool(q, "use_rms_norm", name)? == Some(true) {
-        return Err(Error::Config(format!("`{name}: true` is not supported")));
-    }
-    Ok((scale, online))
+    let linear_norm_eps = match json::opt_bool(q, "use_rms_norm", name)? {
+        Some(true) => Some(
+            json::opt_f32(q, "rms_norm_eps", "quantization_config.rms_norm_eps")?.unwrap_or(1e-6),
+        ),
+        _ => None,
+    };
+    Ok((scale, online, linear_norm_eps))
 }
 
 /// Whether config.json's `architectures` lists `name` (a malformed list names nothing).
@@ -312,11 +322,16 @@ impl ModelConfig {
             rope_theta = rope_theta.or(theta);
         }
         let rope_theta = rope_theta.unwrap_or(500000.0);
-        let (scale_convention, online_quant) = match family {
+        let (scale_convention, online_quant, linear_norm_eps) = match family {
             // Float master weights ternarized at load, as the modeling code does every forward.
-            Family::OneBitLlm => (ScaleConvention::Multiply, true),
+            Family::OneBitLlm => (ScaleConvention::Multiply, true, None),
             _ => quantization(v)?,
         };
+        if linear_norm_eps.is_some() && family != Family::LlamaBitNet {
+            return Err(Error::Config(
+                "`quantization_config.use_rms_norm` applies to `model_type: llama` only".into(),
+            ));
+        }
         let cfg = ModelConfig {
             family,
             vocab_size: required(v, "vocab_size")?,
@@ -340,6 +355,7 @@ impl ModelConfig {
             eos_token_ids: json::token_ids(v, "eos_token_id")?,
             scale_convention,
             online_quant,
+            linear_norm_eps,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -394,6 +410,14 @@ impl ModelConfig {
                 self.rms_norm_eps
             )));
         }
+        if let Some(e) = self
+            .linear_norm_eps
+            .filter(|e| !(e.is_finite() && *e > 0.0))
+        {
+            return Err(Error::Config(format!(
+                "quantization_config.rms_norm_eps {e} must be positive"
+            )));
+        }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(Error::Config(format!(
                 "rope_theta {} must be positive",
@@ -406,6 +430,12 @@ impl ModelConfig {
     /// Rows of q_proj (= heads × head_dim).
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
+    }
+
+    /// Epsilon of the sub-norms before o_proj and down_proj (the per-linear norms' when the
+    /// model has those, which take the sub-norms' place).
+    pub fn sub_norm_eps(&self) -> f32 {
+        self.linear_norm_eps.unwrap_or(self.rms_norm_eps)
     }
 
     /// Rows of k_proj and v_proj.
@@ -450,6 +480,10 @@ impl ModelConfig {
                 "quantization_mode": mode
             }
         });
+        if let Some(eps) = self.linear_norm_eps {
+            v["quantization_config"]["use_rms_norm"] = true.into();
+            v["quantization_config"]["rms_norm_eps"] = eps.into();
+        }
         if self.family == Family::OneBitLlm {
             // Float master weights, ternarized by the modeling code: no quantizer config.
             let o = v.as_object_mut().expect("a JSON object");
@@ -699,7 +733,7 @@ mod tests {
                 "gptq".into(),
                 "`quantization_config.quant_method` is `gptq`",
             ),
-            ("use_rms_norm", true.into(), "use_rms_norm"),
+            ("use_rms_norm", 1.into(), "use_rms_norm"),
         ] {
             let mut v = base.clone();
             v["quantization_config"][key] = value;

@@ -11,7 +11,7 @@ use crate::config::ScaleConvention;
 use crate::cpu::packed::PackedTernary;
 use crate::error::{Error, Result};
 use crate::format::safetensors::kernel_name;
-use crate::format::{FloatDtype, FloatTensor, Weights};
+use crate::format::{FloatDtype, FloatTensor, Weights, NORMED_PARTS};
 use crate::load::ModelFiles;
 
 /// Tokenizer files copied from a source directory.
@@ -73,6 +73,14 @@ fn tensors(w: &Weights) -> Result<Vec<Out>> {
         if let Some((attn, ffn)) = c.family.sub_norm_names() {
             out.push(f32s(format!("{p}.{attn}.weight"), &lw.attn_sub_norm));
             out.push(f32s(format!("{p}.{ffn}.weight"), &lw.ffn_sub_norm));
+        }
+        if c.linear_norm_eps.is_some() {
+            let own = |name: &str, w: &[f32]| f32s(format!("{p}.{name}.rms_norm.weight"), w);
+            out.push(own("self_attn.o_proj", &lw.attn_sub_norm));
+            out.push(own("mlp.down_proj", &lw.ffn_sub_norm));
+            for ((_, name), w) in NORMED_PARTS.iter().zip(&lw.linear_norms) {
+                out.push(own(name, w));
+            }
         }
         let names = [
             "self_attn.q_proj",

@@ -81,7 +81,11 @@ pub trait Backend {
     fn embed(&mut self, tokens: &[u32]) -> Result<()>;
     /// RMSNorm of the residual stream at `site`, then per-token int8 quantization.
     fn rmsnorm_quant(&mut self, layer: usize, site: NormSite);
-    /// A ternary × int8 matmul; `O` and `Down` add their output into the residual stream.
+    /// RMSNorm of the residual stream at `site`, then `linear`'s own RMSNorm, then int8
+    /// quantization (models with `use_rms_norm`; `linear` is a part of a fused linear).
+    fn linear_norm_quant(&mut self, layer: usize, site: NormSite, linear: Linear);
+    /// A ternary × int8 matmul; `O` and `Down` add their output into the residual stream; a
+    /// part (`Q`, ..., `Up`) computes its rows of the fused linear's output.
     fn ternary_matmul(&mut self, layer: usize, linear: Linear);
     /// RoPE on q and k for positions `pos..pos+T`, then k and v written into the cache.
     fn rope_kv_write(&mut self, cache: &mut Self::Cache, layer: usize, pos: usize);

@@ -51,6 +51,7 @@ struct CpuLayer {
     post_attention_norm: Vec<f32>,
     attn_sub_norm: Vec<f32>,
     ffn_sub_norm: Vec<f32>,
+    linear_norms: Vec<Vec<f32>>,
     qkv: PackedTernary,
     o: PackedTernary,
     gate_up: PackedTernary,
@@ -72,6 +73,8 @@ struct Step {
     mlp: Vec<f32>,
     head_q: Vec<i8>,
     head_x: Vec<f32>,
+    /// The normed residual stream of a step (`use_rms_norm`: each linear's norm reads it).
+    normed: Vec<f32>,
 }
 
 /// Keys and values in blocks: `[block][layer][kv_head][position in block][head_dim]` f32
@@ -180,6 +183,7 @@ impl CpuBackend {
                             post_attention_norm: l.post_attention_norm.clone(),
                             attn_sub_norm: l.attn_sub_norm.clone(),
                             ffn_sub_norm: l.ffn_sub_norm.clone(),
+                            linear_norms: l.linear_norms.clone(),
                             qkv: PackedTernary::from_kernel(&k.qkv)?,
                             o: PackedTernary::from_kernel(&k.o)?,
                             gate_up: PackedTernary::from_kernel(&k.gate_up)?,
@@ -196,6 +200,7 @@ impl CpuBackend {
                         post_attention_norm: l.post_attention_norm.clone(),
                         attn_sub_norm: l.attn_sub_norm.clone(),
                         ffn_sub_norm: l.ffn_sub_norm.clone(),
+                        linear_norms: l.linear_norms.clone(),
                         qkv: PackedTernary::from_matrices(&[&l.q, &l.k, &l.v])?,
                         o: PackedTernary::from_matrices(&[&l.o])?,
                         gate_up: PackedTernary::from_matrices(&[&l.gate, &l.up])?,
@@ -248,11 +253,19 @@ impl CpuBackend {
         s.mlp = vec![0.0; t * c.intermediate_size];
         s.head_q = vec![0; c.hidden_size];
         s.head_x = vec![0.0; c.hidden_size];
+        s.normed = vec![0.0; t * c.hidden_size];
     }
 
-    /// Ternary matmul of the step's quantized rows (stride `w.kpad`) by `w`; writes (or adds
-    /// into) `out[t * ld + r]`.
-    fn matmul(&self, w: &PackedTernary, out: *mut f32, ld: usize, accumulate: bool) {
+    /// Ternary matmul of the step's quantized rows (stride `w.kpad`) by rows `rows` of `w`
+    /// (a multiple of 4 apart); writes (or adds into) `out[t * ld + r]`.
+    fn matmul(
+        &self,
+        w: &PackedTernary,
+        rows: std::ops::Range<usize>,
+        out: *mut f32,
+        ld: usize,
+        accumulate: bool,
+    ) {
         let s = &self.step;
         let t = s.t;
         let rb = w.row_bytes();
@@ -260,11 +273,12 @@ impl CpuBackend {
         let (xscale, xsum) = (&s.xscale[..t], &s.xsum[..t]);
         let k = self.kernels;
         // Rows per task: multiples of 4, several tasks per thread for balance.
-        let per = (w.rows / (self.team.threads() * 8)).clamp(4, 256) / 4 * 4;
+        let nrows = rows.len();
+        let per = (nrows / (self.team.threads() * 8)).clamp(4, 256) / 4 * 4;
         let out = SharedMut(out);
-        self.team.run(w.rows.div_ceil(per), &|c| {
-            let r0 = c * per;
-            let n = per.min(w.rows - r0);
+        self.team.run(nrows.div_ceil(per), &|c| {
+            let r0 = rows.start + c * per;
+            let n = per.min(rows.end - r0);
             let chunk = &w.data.as_slice()[r0 * rb..(r0 + n) * rb];
             DOTS.with_borrow_mut(|dots| {
                 if dots.len() < n * t {
@@ -409,7 +423,7 @@ impl Backend for CpuBackend {
             &s.attn,
             self.cfg.q_dim(),
             sub_norm.then_some(&w[..]),
-            self.cfg.rms_norm_eps,
+            self.cfg.sub_norm_eps(),
             &mut s.tmp,
             &mut s.xq,
             &mut s.xscale,
@@ -430,7 +444,7 @@ impl Backend for CpuBackend {
             &s.mlp,
             i,
             sub_norm.then_some(&w[..]),
-            self.cfg.rms_norm_eps,
+            self.cfg.sub_norm_eps(),
             &mut s.tmp,
             &mut s.xq,
             &mut s.xscale,
@@ -441,14 +455,46 @@ impl Backend for CpuBackend {
     fn ternary_matmul(&mut self, layer: usize, linear: Linear) {
         let l = &self.layers[layer];
         let s = &mut self.step;
-        let (w, out, accumulate) = match linear {
+        let (fused, rows) = linear.part_of(&self.cfg).unwrap_or((linear, 0..usize::MAX));
+        let (w, out, accumulate) = match fused {
             Linear::Qkv => (&l.qkv, s.qkv.as_mut_ptr(), false),
             Linear::O => (&l.o, s.x.as_mut_ptr(), true),
             Linear::GateUp => (&l.gate_up, s.gu.as_mut_ptr(), false),
-            Linear::Down => (&l.down, s.x.as_mut_ptr(), true),
+            _ => (&l.down, s.x.as_mut_ptr(), true),
         };
+        let rows = rows.start..rows.end.min(w.rows);
         // The output buffers are not read by `matmul` (it reads xq/xscale/xsum only).
-        self.matmul(w, out, w.rows, accumulate);
+        self.matmul(w, rows, out, w.rows, accumulate);
+    }
+
+    fn linear_norm_quant(&mut self, layer: usize, site: NormSite, linear: Linear) {
+        let l = &self.layers[layer];
+        let (h, eps) = (self.cfg.hidden_size, self.cfg.sub_norm_eps());
+        let first = match site {
+            NormSite::Input => &l.input_norm,
+            NormSite::PostAttention => &l.post_attention_norm,
+        };
+        let own = crate::format::NORMED_PARTS
+            .iter()
+            .position(|(p, _)| *p == linear)
+            .and_then(|i| l.linear_norms.get(i))
+            .map_or(&[][..], |w| &w[..]);
+        let s = &mut self.step;
+        for (x, n) in s.x[..s.t * h].chunks(h).zip(s.normed.chunks_mut(h)) {
+            crate::reference::rmsnorm(x, first, self.cfg.rms_norm_eps, n);
+        }
+        norm_quant_rows(
+            &self.team,
+            s.t,
+            &s.normed,
+            h,
+            Some(own),
+            eps,
+            &mut s.tmp,
+            &mut s.xq,
+            &mut s.xscale,
+            &mut s.xsum,
+        );
     }
 
     fn rope_kv_write(&mut self, cache: &mut CpuCache, layer: usize, pos: usize) {

@@ -113,6 +113,7 @@ pub fn run_layers<B: Backend, K: StepKv<B>>(
             let op = ops[i];
             OpProfile::time(&mut profile, op.name(), || match op {
                 LayerOp::NormQuant(site) => b.rmsnorm_quant(l, site),
+                LayerOp::LinearNormQuant { site, linear } => b.linear_norm_quant(l, site, linear),
                 LayerOp::Matmul(linear) => b.ternary_matmul(l, linear),
                 LayerOp::RopeKvWrite => kv.rope_kv_write(b, l),
                 LayerOp::Attention => kv.attention(b, l),

@@ -197,8 +197,11 @@ pub struct LayerWeights {
     pub post_attention_norm: Vec<f32>,
     /// self_attn.attn_sub_norm (width hidden; empty in families without sub-norms).
     pub attn_sub_norm: Vec<f32>,
-    /// mlp.ffn_sub_norm (width intermediate; empty in families without sub-norms).
+    /// mlp.ffn_sub_norm (width intermediate; empty in families without sub-norms). With
+    /// `use_rms_norm` these two hold o_proj's and down_proj's own norms.
     pub ffn_sub_norm: Vec<f32>,
+    /// The own input norms of q, k, v, gate and up (`use_rms_norm`; empty otherwise).
+    pub linear_norms: Vec<Vec<f32>>,
     /// q_proj.
     pub q: TernaryMatrix,
     /// k_proj.
@@ -214,6 +217,16 @@ pub struct LayerWeights {
     /// down_proj.
     pub down: TernaryMatrix,
 }
+
+/// The linears with their own input norms under `use_rms_norm`, in [`LayerWeights::linear_norms`]
+/// order, with their checkpoint names.
+pub const NORMED_PARTS: [(crate::arch::Linear, &str); 5] = [
+    (crate::arch::Linear::Q, "self_attn.q_proj"),
+    (crate::arch::Linear::K, "self_attn.k_proj"),
+    (crate::arch::Linear::V, "self_attn.v_proj"),
+    (crate::arch::Linear::Gate, "mlp.gate_proj"),
+    (crate::arch::Linear::Up, "mlp.up_proj"),
+];
 
 impl LayerWeights {
     /// The seven ternary matrices, in checkpoint order.

@@ -12,7 +12,8 @@ use safetensors::tensor::SafeTensors;
 use safetensors::tensor::{Dtype, TensorInfo};
 
 use super::{
-    Bytes, FloatDtype, FloatTensor, KernelLayer, KernelMatrix, LayerWeights, TernaryMatrix, Weights,
+    Bytes, FloatDtype, FloatTensor, KernelLayer, KernelMatrix, LayerWeights, TernaryMatrix,
+    Weights, NORMED_PARTS,
 };
 use crate::config::{ModelConfig, ScaleConvention};
 use crate::error::{Error, Result};
@@ -480,19 +481,32 @@ pub fn weights(config: ModelConfig, ck: &Checkpoint) -> Result<Weights> {
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
         let (q, kv) = (c.q_dim(), c.kv_dim());
-        // An empty vector: the family's layers have no sub-norms.
+        // An empty vector: the family's layers have no sub-norms. With `use_rms_norm` the
+        // sub-norm slots hold o_proj's and down_proj's own norms.
         let (attn_sub, ffn_sub) = match c.family.sub_norm_names() {
             Some((a, f)) => (
                 ck.vector(&format!("{p}.{a}.weight"), q)?,
                 ck.vector(&format!("{p}.{f}.weight"), i)?,
             ),
+            None if c.linear_norm_eps.is_some() => (
+                ck.vector(&format!("{p}.self_attn.o_proj.rms_norm.weight"), q)?,
+                ck.vector(&format!("{p}.mlp.down_proj.rms_norm.weight"), i)?,
+            ),
             None => (Vec::new(), Vec::new()),
+        };
+        let linear_norms = match c.linear_norm_eps {
+            Some(_) => NORMED_PARTS
+                .iter()
+                .map(|(_, name)| ck.vector(&format!("{p}.{name}.rms_norm.weight"), h))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
         };
         layers.push(LayerWeights {
             input_norm: ck.vector(&format!("{p}.input_layernorm.weight"), h)?,
             post_attention_norm: ck.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
             attn_sub_norm: attn_sub,
             ffn_sub_norm: ffn_sub,
+            linear_norms,
             q: ck.ternary(&format!("{p}.self_attn.q_proj"), q, h, c)?,
             k: ck.ternary(&format!("{p}.self_attn.k_proj"), kv, h, c)?,
             v: ck.ternary(&format!("{p}.self_attn.v_proj"), kv, h, c)?,

@@ -263,6 +263,9 @@ impl Backend for GpuBackend {
             Linear::O => (&l.o, true, "matmul_o"),
             Linear::GateUp => (&l.gate_up, false, "matmul_gate_up"),
             Linear::Down => (&l.down, true, "matmul_down"),
+            // Parts of fused linears belong to `use_rms_norm` models, which the GPU backend
+            // refuses at load.
+            Linear::Q | Linear::K | Linear::V | Linear::Gate | Linear::Up => return,
         };
         self.ops
             .matmul
@@ -272,6 +275,9 @@ impl Backend for GpuBackend {
     fn layer_done(&mut self, layer: usize) {
         self.end_layer(layer);
     }
+
+    /// Never called: `use_rms_norm` models are refused at load (see `setup.rs`).
+    fn linear_norm_quant(&mut self, _layer: usize, _site: NormSite, _linear: Linear) {}
 
     /// The single-sequence specialisation (a one-block cache; the engine checks the context
     /// against [`crate::backend::KvCache::capacity`], 0 for a pool, before any op runs).

@@ -56,6 +56,13 @@ impl GpuBackend {
     pub fn with_context(ctx: GpuContext, w: &Weights, opts: &GpuOptions) -> Result<Self> {
         let cfg = w.config.clone();
         cfg.validate()?;
+        if cfg.linear_norm_eps.is_some() {
+            return Err(Error::Backend(
+                "models with `quantization_config.use_rms_norm` (a norm inside every linear) run \
+                 on the CPU backend only for now (--backend cpu)"
+                    .into(),
+            ));
+        }
         let ops_of = layer_ops(&cfg);
         if ![BITNET_B158, LLAMA_BITNET, ONEBIT_LLM].contains(&ops_of) {
             return Err(Error::Backend(

@@ -108,6 +108,7 @@ pub fn config(f: &GgufFile) -> Result<ModelConfig> {
         eos_token_ids: ids("tokenizer.ggml.eos_token_id")?,
         scale_convention: ScaleConvention::Multiply,
         online_quant: false,
+        linear_norm_eps: None,
     };
     config.validate().map_err(|e| match e {
         Error::Config(msg) => Error::format(&f.path, msg),
@@ -395,6 +396,7 @@ pub fn weights(config: ModelConfig, f: &GgufFile) -> Result<Weights> {
             post_attention_norm: vector(f, &format!("{p}.ffn_norm.weight"), h)?,
             attn_sub_norm,
             ffn_sub_norm,
+            linear_norms: Vec::new(),
             q: lin("attn_q", q, h, qk_order)?,
             k: lin("attn_k", kv, h, qk_order)?,
             v: lin("attn_v", kv, h, RowOrder::AsStored)?,
