@@ -226,7 +226,8 @@ def main():
     w.add_rope_freq_base(float(rope))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
     w.add_vocab_size(cfg["vocab_size"])
-    add_tokenizer(w, src, cfg)
+    if (src / "tokenizer.json").exists():
+        add_tokenizer(w, src, cfg)
     i2s = []
     add_float(w, "token_embd.weight", t["model.embed_tokens.weight"], args.embed)
     if "lm_head.weight" in t and not cfg.get("tie_word_embeddings", False):
