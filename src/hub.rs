@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::{ApiBuilder, ApiRepo};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{Error, Result};
@@ -137,7 +137,7 @@ fn pick(hub: &HubRef, names: &[String]) -> Result<(Vec<String>, Option<String>)>
     }
 }
 
-fn api_repo(hub: &HubRef) -> Result<ApiRepo> {
+fn api_repo(hub: &HubRef) -> Result<(Api, ApiRepo)> {
     let cache = Cache::from_env();
     let token = std::env::var("HF_TOKEN").ok().or_else(|| cache.token());
     let api = ApiBuilder::from_env()
@@ -145,18 +145,19 @@ fn api_repo(hub: &HubRef) -> Result<ApiRepo> {
         .with_progress(true)
         .build()
         .map_err(|e| hub_error(hub, None, e))?;
-    Ok(api.repo(hub.hf_repo()))
+    let repo = api.repo(hub.hf_repo());
+    Ok((api, repo))
 }
 
 fn download(hub: &HubRef) -> Result<PathBuf> {
-    let repo = api_repo(hub)?;
+    let (api, repo) = api_repo(hub)?;
     let info = repo.info().map_err(|e| hub_error(hub, None, e))?;
     let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
     let (files, gguf) = pick(hub, &names)?;
     let mut dir = None;
     for f in &files {
         let path = repo.get(f).map_err(|e| hub_error(hub, Some(f), e))?;
-        check_size(hub, &repo, f, &path)?;
+        check_size(hub, &api, &repo, f, &path)?;
         dir = path.parent().map(Path::to_path_buf);
     }
     let dir = dir.ok_or_else(|| hub_error(hub, None, "no files"))?;
@@ -167,20 +168,19 @@ fn download(hub: &HubRef) -> Result<PathBuf> {
 }
 
 /// The downloaded file's size against the server's; a mismatch removes the cached copy.
-fn check_size(hub: &HubRef, repo: &ApiRepo, file: &str, path: &Path) -> Result<()> {
-    let meta = hf_hub::api::sync::Api::metadata;
-    let api = ApiBuilder::from_env()
-        .with_progress(false)
-        .build()
-        .map_err(|e| hub_error(hub, Some(file), e))?;
-    let want = meta(&api, &repo.url(file))
+fn check_size(hub: &HubRef, api: &Api, repo: &ApiRepo, file: &str, path: &Path) -> Result<()> {
+    let want = api
+        .metadata(&repo.url(file))
         .map_err(|e| hub_error(hub, Some(file), e))?
         .size() as u64;
     let got = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();
     if got != want {
-        let _ = std::fs::remove_file(std::fs::canonicalize(path).unwrap_or(path.into()));
+        // The snapshot entry links to a blob: both go, so the next run downloads again.
+        if let Ok(blob) = std::fs::canonicalize(path) {
+            let _ = std::fs::remove_file(blob);
+        }
         let _ = std::fs::remove_file(path);
         return Err(hub_error(
             hub,

@@ -193,21 +193,8 @@ fn text_of(out: &std::process::Output) -> String {
 fn downloads_then_runs_offline_resumes_and_names_missing_repos() {
     let hub = Hub::start(fixture_files());
     let home = TempDir::new("hf-home");
-    let local = Command::new(env!("CARGO_BIN_EXE_bitnet"))
-        .args([
-            "generate",
-            "--model",
-            "tests/fixtures/tiny",
-            "--backend",
-            "cpu",
-            "--prompt",
-            "The harbour",
-            "--max-tokens",
-            "6",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    // A path on disk is used as it is; no request reaches the server.
+    let local = generate(&hub, home.path(), "tests/fixtures/tiny", false);
     let want = text_of(&local);
 
     // An interrupted download of the weights: the first run fails, the second resumes.

@@ -171,40 +171,32 @@ impl CpuBackend {
         let team = Team::new(opts.threads);
         let cfg = w.config.clone();
         let layers = pool.install(|| {
-            if let Some(kl) = &w.kernel_layout {
-                // A converted checkpoint: the layout is in the file, mapped, nothing repacked.
-                return w
-                    .layers
-                    .iter()
-                    .zip(kl)
-                    .map(|(l, k)| {
-                        Ok(CpuLayer {
-                            input_norm: l.input_norm.clone(),
-                            post_attention_norm: l.post_attention_norm.clone(),
-                            attn_sub_norm: l.attn_sub_norm.clone(),
-                            ffn_sub_norm: l.ffn_sub_norm.clone(),
-                            linear_norms: l.linear_norms.clone(),
-                            qkv: PackedTernary::from_kernel(&k.qkv)?,
-                            o: PackedTernary::from_kernel(&k.o)?,
-                            gate_up: PackedTernary::from_kernel(&k.gate_up)?,
-                            down: PackedTernary::from_kernel(&k.down)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>();
-            }
             w.layers
                 .iter()
-                .map(|l| {
+                .enumerate()
+                .map(|(i, l)| {
+                    // A converted checkpoint holds the layout, mapped: nothing is repacked.
+                    let [qkv, o, gate_up, down] = match &w.kernel_layout {
+                        Some(kl) => [&kl[i].qkv, &kl[i].o, &kl[i].gate_up, &kl[i].down]
+                            .map(PackedTernary::from_kernel),
+                        None => [
+                            &[&l.q, &l.k, &l.v][..],
+                            &[&l.o],
+                            &[&l.gate, &l.up],
+                            &[&l.down],
+                        ]
+                        .map(PackedTernary::from_matrices),
+                    };
                     Ok(CpuLayer {
                         input_norm: l.input_norm.clone(),
                         post_attention_norm: l.post_attention_norm.clone(),
                         attn_sub_norm: l.attn_sub_norm.clone(),
                         ffn_sub_norm: l.ffn_sub_norm.clone(),
                         linear_norms: l.linear_norms.clone(),
-                        qkv: PackedTernary::from_matrices(&[&l.q, &l.k, &l.v])?,
-                        o: PackedTernary::from_matrices(&[&l.o])?,
-                        gate_up: PackedTernary::from_matrices(&[&l.gate, &l.up])?,
-                        down: PackedTernary::from_matrices(&[&l.down])?,
+                        qkv: qkv?,
+                        o: o?,
+                        gate_up: gate_up?,
+                        down: down?,
                     })
                 })
                 .collect::<Result<Vec<_>>>()
@@ -455,14 +447,17 @@ impl Backend for CpuBackend {
     fn ternary_matmul(&mut self, layer: usize, linear: Linear) {
         let l = &self.layers[layer];
         let s = &mut self.step;
-        let (fused, rows) = linear.part_of(&self.cfg).unwrap_or((linear, 0..usize::MAX));
+        let (fused, part) = match linear.part_of(&self.cfg) {
+            Some((fused, rows)) => (fused, Some(rows)),
+            None => (linear, None),
+        };
         let (w, out, accumulate) = match fused {
             Linear::Qkv => (&l.qkv, s.qkv.as_mut_ptr(), false),
             Linear::O => (&l.o, s.x.as_mut_ptr(), true),
             Linear::GateUp => (&l.gate_up, s.gu.as_mut_ptr(), false),
             _ => (&l.down, s.x.as_mut_ptr(), true),
         };
-        let rows = rows.start..rows.end.min(w.rows);
+        let rows = part.unwrap_or(0..w.rows);
         // The output buffers are not read by `matmul` (it reads xq/xscale/xsum only).
         self.matmul(w, rows, out, w.rows, accumulate);
     }

@@ -96,6 +96,27 @@ pub enum FloatDtype {
 }
 
 impl FloatDtype {
+    /// Decodes little-endian elements of this dtype from `raw` into `out`.
+    pub fn decode(self, raw: &[u8], out: &mut [f32]) {
+        match self {
+            FloatDtype::F32 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            FloatDtype::F16 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            FloatDtype::BF16 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+        }
+    }
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -125,23 +146,7 @@ impl FloatTensor {
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let es = self.dtype.size();
         let raw = &self.bytes.as_slice()[r * self.cols * es..(r + 1) * self.cols * es];
-        match self.dtype {
-            FloatDtype::F32 => {
-                for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
-            FloatDtype::F16 => {
-                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
-                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
-            }
-            FloatDtype::BF16 => {
-                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
-                    *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
-            }
-        }
+        self.dtype.decode(raw, out);
     }
 
     /// The whole tensor as f32.

@@ -87,14 +87,8 @@ impl GpuBackend {
             .map_or(max_binding, |m| m.min(max_binding));
         // The embedding and head share one float class on the device (bf16 pairs or f32):
         // a file that stores them differently (GGUF) gets its bf16 one widened.
-        let (embed_t, head_t) = match (w.embed.dtype, w.head().dtype) {
-            (FloatDtype::BF16, FloatDtype::BF16) => {
-                (Cow::Borrowed(&w.embed), Cow::Borrowed(w.head()))
-            }
-            (FloatDtype::BF16, _) => (Cow::Owned(widened(&w.embed)), Cow::Borrowed(w.head())),
-            (_, FloatDtype::BF16) => (Cow::Borrowed(&w.embed), Cow::Owned(widened(w.head()))),
-            _ => (Cow::Borrowed(&w.embed), Cow::Borrowed(w.head())),
-        };
+        let mixed = (w.embed.dtype == FloatDtype::BF16) != (w.head().dtype == FloatDtype::BF16);
+        let (embed_t, head_t) = (stored(&w.embed, mixed), stored(w.head(), mixed));
         let (embed_t, head_t) = (embed_t.as_ref(), head_t.as_ref());
         let f32_head = head_t.dtype != FloatDtype::BF16;
         let fused_widths = [cfg.hidden_size.max(cfg.q_dim()), cfg.intermediate_size];
@@ -463,12 +457,15 @@ impl GpuBackend {
     }
 }
 
-/// A bf16 tensor as f32.
-fn widened(t: &FloatTensor) -> FloatTensor {
+/// `t` as the device stores it: a bf16 tensor widened to f32 when `widen`, else as it is.
+fn stored(t: &FloatTensor, widen: bool) -> Cow<'_, FloatTensor> {
+    if !(widen && t.dtype == FloatDtype::BF16) {
+        return Cow::Borrowed(t);
+    }
     let v = t.to_f32();
-    FloatTensor {
+    Cow::Owned(FloatTensor {
         dtype: FloatDtype::F32,
         bytes: Bytes::Owned(Arc::new(bytemuck::cast_slice(&v).to_vec())),
         ..t.clone()
-    }
+    })
 }

@@ -2,7 +2,9 @@
 //! F16, BF16) and the quantized head formats (Q8_0, Q6_K) to f32; the ternary formats
 //! (llama.cpp's TQ1_0 and TQ2_0, bitnet.cpp's I2_S) to codes `w + 1` with their scales.
 
-use half::{bf16, f16};
+use half::f16;
+
+use crate::format::FloatDtype;
 
 /// Elements per block of the k-quant and ternary formats.
 const QK_K: usize = 256;
@@ -117,21 +119,9 @@ fn half(b: &[u8]) -> f32 {
 /// Decodes one row of a float or quantized head type into `out` (`raw` holds the row).
 pub fn dequantize_row(ty: GgmlType, raw: &[u8], out: &mut [f32]) {
     match ty {
-        GgmlType::F32 => {
-            for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        GgmlType::F16 => {
-            for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
-                *o = half(b);
-            }
-        }
-        GgmlType::BF16 => {
-            for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
-                *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
-            }
-        }
+        GgmlType::F32 => FloatDtype::F32.decode(raw, out),
+        GgmlType::F16 => FloatDtype::F16.decode(raw, out),
+        GgmlType::BF16 => FloatDtype::BF16.decode(raw, out),
         GgmlType::Q8_0 => {
             for (o, b) in out.chunks_exact_mut(QK8_0).zip(raw.chunks_exact(34)) {
                 let d = half(&b[..2]);

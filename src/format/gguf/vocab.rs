@@ -112,18 +112,18 @@ pub fn tokenizer_files(f: &GgufFile) -> Result<Option<(Vec<u8>, String)>> {
             )),
         })
         .collect::<Result<_>>()?;
-    let text_of = |key: &str| -> Result<Option<&str>> {
+    // A special token's id and text (None when the id is absent or out of the vocabulary).
+    let special = |key: &str| -> Result<Option<(u64, &str)>> {
         Ok(f.opt_u64(key)?
-            .and_then(|id| tokens.get(id as usize).copied()))
+            .and_then(|id| Some((id, *tokens.get(id as usize)?))))
     };
-    let bos = text_of("tokenizer.ggml.bos_token_id")?;
+    let bos = special("tokenizer.ggml.bos_token_id")?;
     let add_bos = !matches!(
         f.meta.get("tokenizer.ggml.add_bos_token"),
         Some(Value::Bool(false))
     );
     let post_processor = match (bos, add_bos) {
-        (Some(b), true) => {
-            let id = f.opt_u64("tokenizer.ggml.bos_token_id")?.unwrap_or(0);
+        (Some((id, b)), true) => {
             json!({"type": "TemplateProcessing",
                 "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                 "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
@@ -147,10 +147,10 @@ pub fn tokenizer_files(f: &GgufFile) -> Result<Option<(Vec<u8>, String)>> {
             "vocab": vocab, "merges": merges},
     });
     let mut cfg = Map::new();
-    if let Some(b) = bos {
+    if let Some((_, b)) = bos {
         cfg.insert("bos_token".into(), b.into());
     }
-    if let Some(e) = text_of("tokenizer.ggml.eos_token_id")? {
+    if let Some((_, e)) = special("tokenizer.ggml.eos_token_id")? {
         cfg.insert("eos_token".into(), e.into());
     }
     if f.meta.contains_key("tokenizer.chat_template") {
