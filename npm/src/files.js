@@ -7,6 +7,25 @@ const MANIFEST = '__bitnet_cache_manifest__.json';
 const OPTIONAL = ['tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'chat_template.jinja'];
 const KNOWN = new Set(['config.json', ...OPTIONAL, 'model.safetensors.index.json']);
 
+/** Where `hf://` references resolve unless `hfEndpoint` says otherwise. */
+export const HF_ENDPOINT = 'https://huggingface.co';
+
+const HUB_REF = /^hf:\/\/([A-Za-z0-9][\w.-]*)\/([A-Za-z0-9][\w.-]*)(?:@([^/]+))?(\/.*)?$/;
+
+/**
+ * The directory URL of a Hub reference `hf://owner/name[@revision][/sub/dir]` (revision
+ * default `main`): `{endpoint}/owner/name/resolve/{revision}/{sub/dir}/`.
+ */
+export function hubUrl(ref, endpoint = HF_ENDPOINT) {
+  const m = HUB_REF.exec(ref);
+  if (!m || m[2].includes('..') || (m[4] ?? '').split('/').includes('..')) {
+    throw new Error(`${ref}: not a Hub reference (hf://owner/name[@revision][/path])`);
+  }
+  const [, owner, name, revision = 'main', sub = '/'] = m;
+  const dir = sub.endsWith('/') ? sub : `${sub}/`;
+  return new URL(`${String(endpoint).replace(/\/+$/, '')}/${owner}/${name}/resolve/${encodeURIComponent(revision)}${dir}`);
+}
+
 const hasCacheApi = () => typeof caches !== 'undefined' && typeof caches.open === 'function';
 
 function toBytes(v) {
@@ -72,6 +91,13 @@ class Progress {
   }
 }
 
+/** `Authorization` for downloads from the Hub endpoint when `hfToken` is set (never elsewhere). */
+function authHeaders(url, opts) {
+  if (!opts.hfToken) return undefined;
+  const hub = new URL(opts.hfEndpoint ?? HF_ENDPOINT);
+  return url.origin === hub.origin ? { authorization: `Bearer ${opts.hfToken}` } : undefined;
+}
+
 function fetcher(opts) {
   return opts.fetch ?? globalThis.fetch?.bind(globalThis);
 }
@@ -85,7 +111,7 @@ async function fetchFile(url, { optional, cache, progress, name, opts }) {
     const f = fetcher(opts);
     if (!f) throw new Error('no fetch() in this environment');
     try {
-      res = await f(href, { signal: opts.signal });
+      res = await f(href, { signal: opts.signal, headers: authHeaders(url, opts) });
     } catch (e) {
       if (opts.signal?.aborted) throw opts.signal.reason ?? e;
       throw new Error(`${href}: download failed (${e?.message ?? e})`);
@@ -226,7 +252,7 @@ async function filesFromEntries(entries, opts, progress) {
 
 /**
  * The files of a checkpoint as [name, Uint8Array] pairs. `source`: a directory URL (or the URL
- * of its model.safetensors), a local path or file: URL (Node), a FileList / File[] (the files
+ * of its model.safetensors), a Hub reference `hf://owner/name[@revision]`, a local path or file: URL (Node), a FileList / File[] (the files
  * of a model directory), or an object mapping file names to bytes, Blobs or URLs.
  */
 export async function gatherFiles(source, opts = {}) {
@@ -241,6 +267,7 @@ export async function gatherFiles(source, opts = {}) {
     return filesFromEntries(Object.entries(obj), opts, progress);
   }
   const s = source instanceof URL ? source.href : String(source);
+  if (s.startsWith('hf://')) return filesFromUrl(hubUrl(s, opts.hfEndpoint), opts, progress);
   if (isNode && !/^(https?|blob|data):/.test(s)) return filesFromPath(source, opts, progress);
   return filesFromUrl(source, opts, progress);
 }

@@ -4,7 +4,8 @@
 export type ModelSource =
   /** A model directory URL (config.json, model.safetensors or model.safetensors.index.json +
    * shards, tokenizer.json, tokenizer_config.json, generation_config.json, chat_template.jinja),
-   * or the URL of its model.safetensors. In Node: also a local directory path or file: URL. */
+   * or the URL of its model.safetensors, or a Hugging Face Hub reference
+   * `hf://owner/name[@revision][/sub/dir]` (see `hfEndpoint`, `hfToken`). In Node: also a local directory path or file: URL. */
   | string
   | URL
   /** The files of a model directory (e.g. an `<input type=file multiple>`). */
@@ -45,6 +46,10 @@ export interface LoadOptions {
   maxBindingBytes?: number;
   /** Cancels the download. */
   signal?: AbortSignal;
+  /** The Hub that `hf://` references resolve against (default https://huggingface.co). */
+  hfEndpoint?: string;
+  /** A Hub access token for gated or private repositories, sent only to `hfEndpoint`. */
+  hfToken?: string;
   /** A fetch implementation (default: globalThis.fetch; not used by loadInWorker). */
   fetch?: typeof fetch;
   /** The model name reported by chat completions (default: the source URL). */
@@ -270,6 +275,10 @@ export interface CachedModel {
 
 /** Models kept in the browser cache by earlier loads (empty where there is no Cache API). */
 export declare function listCachedModels(): Promise<CachedModel[]>;
+/** The Hub's default endpoint, `https://huggingface.co`. */
+export declare const HF_ENDPOINT: string;
+/** The directory URL that `hf://owner/name[@revision][/sub/dir]` resolves to on `endpoint`. */
+export declare function hubUrl(ref: string, endpoint?: string): URL;
 /** Deletes the cached files of the model at `url`; resolves to whether anything was deleted. */
 export declare function deleteCachedModel(url: string | URL): Promise<boolean>;
 /** Deletes every cached model. */

@@ -5,6 +5,7 @@ import { gatherFiles, listCachedModels, deleteCachedModel, clearModelCache } fro
 import { makeChat } from './chat.js';
 
 export { listCachedModels, deleteCachedModel, clearModelCache, initWasm };
+export { hubUrl, HF_ENDPOINT } from './files.js';
 
 /** Whether this environment exposes WebGPU (`navigator.gpu`). */
 export function hasWebGPU() {

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
-import { BitNet } from '../src/index.js';
+import { BitNet, hubUrl, HF_ENDPOINT } from '../src/index.js';
 import { initWasm, guard } from '../src/runtime.js';
 
 const FIXTURE = fileURLToPath(new URL('../../tests/fixtures/tiny/', import.meta.url));
@@ -214,6 +214,40 @@ test('loading from bytes (as from File objects) and dispose', async () => {
   assert.deepEqual((await m.generateText(p.input_ids, { maxTokens: 16, ignoreEos: true })).tokens, p.greedy_tokens);
   m.dispose();
   await assert.rejects(m.generateText(p.input_ids), /disposed/);
+});
+
+test('hf:// loads from a Hub endpoint (its URL layout, the token sent there only); a 404 names the repo and file', async () => {
+  const { createServer } = await import('node:http');
+  const seen = [];
+  const server = createServer((req, res) => {
+    seen.push([req.url, req.headers.authorization]);
+    const m = /^\/owner\/tiny\/resolve\/(main|v1)\/([\w.]+)$/.exec(req.url);
+    let body;
+    try {
+      body = m && readFileSync(FIXTURE + m[2]);
+    } catch {
+      body = null;
+    }
+    res.writeHead(body ? 200 : 404, { 'content-length': body ? body.length : 0 });
+    res.end(body ?? undefined);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  const hfEndpoint = `http://127.0.0.1:${server.address().port}`;
+  try {
+    assert.equal(hubUrl('hf://a/b@v2/sub', 'http://h/').href, 'http://h/a/b/resolve/v2/sub/');
+    assert.equal(hubUrl('hf://a/b').href, `${HF_ENDPOINT}/a/b/resolve/main/`);
+    assert.throws(() => hubUrl('hf://a'), /not a Hub reference/);
+    const m = await BitNet.load('hf://owner/tiny@v1', { backend: 'cpu', hfEndpoint, hfToken: 'secret' });
+    const p = prompts[0];
+    assert.deepEqual((await m.generateText(p.input_ids, { maxTokens: 16, ignoreEos: true })).tokens, p.greedy_tokens);
+    assert.ok(seen.some(([u]) => u === '/owner/tiny/resolve/v1/model.safetensors'));
+    assert.ok(seen.every(([, a]) => a === 'Bearer secret'));
+    m.dispose();
+    await assert.rejects(BitNet.load('hf://owner/missing', { backend: 'cpu', hfEndpoint }),
+      /owner\/missing\/resolve\/main\/config\.json: HTTP 404/);
+  } finally {
+    server.close();
+  }
 });
 
 test('a Rust panic surfaces as an Error carrying its message', async () => {
