@@ -19,8 +19,9 @@ use half::f16;
 mod common;
 use common::{cpu, max_abs_diff, prompts, TempDir};
 
-/// (safetensors fixture, GGUF file, ternary format, head format).
-const CASES: [(&str, &str, GgmlType, GgmlType); 6] = [
+/// (safetensors fixture, GGUF file, ternary format, head format). The `llamacpp/` files were
+/// written by llama.cpp's own `convert_hf_to_gguf.py` (README there).
+const CASES: [(&str, &str, GgmlType, GgmlType); 8] = [
     (
         "bitnet256",
         "bitnet256-i2s-bf16.gguf",
@@ -56,6 +57,18 @@ const CASES: [(&str, &str, GgmlType, GgmlType); 6] = [
         "onebit256-f16-bf16.gguf",
         GgmlType::F16,
         GgmlType::BF16,
+    ),
+    (
+        "llama256",
+        "llamacpp/llama256-tq2_0.gguf",
+        GgmlType::TQ2_0,
+        GgmlType::F16,
+    ),
+    (
+        "onebit512-spm",
+        "llamacpp/onebit512-spm-tq2_0.gguf",
+        GgmlType::TQ2_0,
+        GgmlType::F16,
     ),
 ];
 
@@ -243,6 +256,33 @@ fn the_tokenizer_comes_from_the_metadata_when_none_is_beside_the_file() {
         files.generation.eos_token_ids,
         files.weights.config.eos_token_ids
     );
+}
+
+/// A SentencePiece vocabulary (`tokenizer.ggml.model` `llama`, as llama.cpp writes a
+/// tokenizer.model) encodes as SentencePiece itself does: merges by score, `▁` for spaces,
+/// byte fallback for characters outside the vocabulary.
+#[test]
+fn a_sentencepiece_vocabulary_encodes_as_sentencepiece_does() {
+    let files = ModelFiles::from_path(Path::new(&gguf_path(CASES[7].1))).unwrap();
+    let tok = files.tokenizer.expect("a tokenizer from the metadata");
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("tests/fixtures/onebit512-spm/sentencepiece_reference.json")
+            .unwrap(),
+    )
+    .unwrap();
+    let cases = reference.as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
+        assert_eq!(tok.decode(&want, true).unwrap(), text, "{text:?}");
+    }
 }
 
 #[test]
