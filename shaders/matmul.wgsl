@@ -36,8 +36,8 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let rb = ra + groups;
     let kvec = mp.kvec;
     // Rows past the end read row 0 (always present) and are not stored.
-    let wa = select(0u, ra, ra < mp.rows) * kvec;
-    let wb = select(0u, rb, rb < mp.rows) * kvec;
+    let wa = (mp.row0 + select(0u, ra, ra < mp.rows)) * kvec;
+    let wb = (mp.row0 + select(0u, rb, rb < mp.rows)) * kvec;
     let xbase = t * kvec * 4u;
     var acc_a = 0;
     var acc_b = 0;
@@ -113,8 +113,8 @@ fn gemv4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     let ra = wg.x * 2u * groups + g;
     let rb = ra + groups;
     let kvec = mp.kvec;
-    let wa = select(0u, ra, ra < mp.rows) * kvec;
-    let wb = select(0u, rb, rb < mp.rows) * kvec;
+    let wa = (mp.row0 + select(0u, ra, ra < mp.rows)) * kvec;
+    let wb = (mp.row0 + select(0u, rb, rb < mp.rows)) * kvec;
     let xrow = kvec * 4u;
     let x0b = t0 * xrow;
     let x1b = select(0u, t0 + 1u, t0 + 1u < step.t) * xrow;
@@ -199,7 +199,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let lq = li % 4u;
     let wrow = r0 + lr;
     let wok = wrow < mp.rows;
-    let wsrc = select(0u, wrow, wok) * mp.kvec;
+    let wsrc = (mp.row0 + select(0u, wrow, wok)) * mp.kvec;
     let xtok = t0 + lr;
     let xok = xtok < step.t;
     let xsrc = select(0u, xtok, xok) * xrow;

@@ -70,7 +70,7 @@ fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     let lh = li % 2u;
     let wrow = r0 + lr;
     let wok = wrow < mp.rows;
-    let wsrc = select(0u, wrow, wok) * mp.kvec;
+    let wsrc = (mp.row0 + select(0u, wrow, wok)) * mp.kvec;
     let xtok = t0 + lr;
     let xok = xtok < step.t;
     let xsrc = select(0u, xtok, xok) * mp.kvec * 4u + 2u * lh;

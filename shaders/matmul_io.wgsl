@@ -13,7 +13,11 @@ struct MatP {
     rows: u32,
     kvec: u32, // vec4<u32> of weights per row
     ld: u32,   // f32 per output row
-    pad: u32,
+    pad: u32,  // always 0 (see `rounded`)
+    row0: u32, // first row of the matrix (weights, row scales, output) this matmul computes
+    pad1: u32,
+    pad2: u32,
+    pad3: u32,
 }
 
 override ACCUM: bool = false;
@@ -30,8 +34,8 @@ const M2: u32 = 0x03030303u;
 const ONES: u32 = 0x01010101u;
 
 fn store(t: u32, row: u32, acc: i32) {
-    let v = f32(acc) * xs[t] * rs[row];
-    let o = t * mp.ld + row;
+    let v = f32(acc) * xs[t] * rs[mp.row0 + row];
+    let o = t * mp.ld + mp.row0 + row;
     if ACCUM {
         out[o] = out[o] + rounded(v, mp.pad);
     } else {

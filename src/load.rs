@@ -208,11 +208,7 @@ pub fn choose_gpu(kind: BackendKind) -> Result<(bool, Option<String>)> {
 /// the CPU comes back too.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn load_backend(weights: &Weights, opts: &LoadOptions) -> Result<(Engine, Option<String>)> {
-    let (mut gpu, mut why) = choose_gpu(opts.backend)?;
-    if gpu && opts.backend == BackendKind::Auto && weights.config.linear_norm_eps.is_some() {
-        gpu = false;
-        why = Some("models with use_rms_norm run on the CPU backend only".into());
-    }
+    let (gpu, why) = choose_gpu(opts.backend)?;
     if gpu {
         #[cfg(feature = "gpu")]
         {

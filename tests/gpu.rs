@@ -349,6 +349,65 @@ fn ternary_matmul_is_exact_with(tensor_cores: bool) {
     }
 }
 
+/// The parts of fused linears (`use_rms_norm` models: q, k, v, gate and up each after their
+/// own norm) compute exactly their rows of the fused output, on every matmul kernel.
+#[test]
+fn part_matmuls_write_exactly_their_rows() {
+    let cfg = odd_config();
+    let (_dir, mut w) = synth_model(&cfg, 13);
+    w.config.family = bitnet_inference::config::Family::LlamaBitNet;
+    w.config.linear_norm_eps = Some(1e-5);
+    for l in &mut w.layers {
+        l.linear_norms = vec![vec![1.0; cfg.hidden_size]; 5];
+    }
+    let mut g = gpu_with(&w, &GpuOptions::default());
+    let mut rng = StdRng::seed_from_u64(3);
+    let (h, i, q, kv) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+    );
+    let l = &w.layers[1];
+    for t in [1usize, 2, 8, 9, 17, 64, 65, 130] {
+        g.embed(&vec![5; t]).unwrap();
+        let xq: Vec<i8> = (0..t * h)
+            .map(|_| rng.random_range(-128i32..=127) as i8)
+            .collect();
+        let xs: Vec<f32> = (0..t).map(|_| rng.random::<f32>() * 0.1 + 1e-3).collect();
+        g.write_activation(Activation::Scales, &from_f32(&xs));
+        g.write_activation(Activation::Quantized, &pack_i8(&xq, t, h));
+        let cases = [
+            (Linear::Q, &l.q, Activation::Qkv, q + 2 * kv, 0),
+            (Linear::K, &l.k, Activation::Qkv, q + 2 * kv, q),
+            (Linear::V, &l.v, Activation::Qkv, q + 2 * kv, q + kv),
+            (Linear::Gate, &l.gate, Activation::GateUp, 2 * i, 0),
+            (Linear::Up, &l.up, Activation::GateUp, 2 * i, i),
+        ];
+        for (linear, m, act, ld, row0) in cases {
+            let sentinel = vec![-7.5f32; t * ld];
+            g.write_activation(act, &from_f32(&sentinel));
+            g.ternary_matmul(1, linear);
+            let got = to_f32(&g.read_activation(act).unwrap());
+            let want = matmul_ref(&[m], &xq, &xs, t);
+            for ti in 0..t {
+                let row = &got[ti * ld..(ti + 1) * ld];
+                let part = row0..row0 + m.rows;
+                assert_eq!(
+                    &row[part.clone()],
+                    &want[ti * m.rows..(ti + 1) * m.rows],
+                    "{linear:?} t={t} token {ti}"
+                );
+                let mut others = row.iter().enumerate().filter(|(j, _)| !part.contains(j));
+                assert!(
+                    others.all(|(_, v)| *v == -7.5),
+                    "{linear:?} t={t}: rows outside the part written"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn rope_kv_write_and_attention_match_cpu_ops() {
     let fixture_like = ModelConfig {

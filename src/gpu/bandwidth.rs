@@ -172,7 +172,7 @@ impl GpuBackend {
                         rows: m.rows as u32,
                         kvec: m.kvec as u32,
                         ld: m.rows as u32,
-                        pad: 0,
+                        ..Default::default()
                     },
                 );
                 let out = storage(&device, "probe gemv out", m.rows * 4);

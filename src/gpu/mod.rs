@@ -126,6 +126,25 @@ struct GpuLayer {
     gate_up: Mat,
     down: Mat,
     fused: Option<FusedLayer>,
+    /// `use_rms_norm` models: the norm inside each linear and the parts' matmuls.
+    linear_norms: Option<LinearNorms>,
+}
+
+/// A `use_rms_norm` layer's norms and part matmuls.
+struct LinearNorms {
+    /// The layer norm of each site ([`NormSite::Input`], [`NormSite::PostAttention`]) into f32
+    /// rows of `hn`, which each part's own norm then reads.
+    first: [wgpu::BindGroup; 2],
+    /// Q, K, V, Gate, Up ([`crate::format::NORMED_PARTS`] order).
+    parts: Vec<LinearPart>,
+}
+
+/// One part of a fused linear: its own norm into int8 rows, its rows of the fused matmul.
+struct LinearPart {
+    linear: Linear,
+    rows: usize,
+    norm: wgpu::BindGroup,
+    matmul: wgpu::BindGroup,
 }
 
 struct Bufs {
@@ -263,9 +282,23 @@ impl Backend for GpuBackend {
             Linear::O => (&l.o, true, "matmul_o"),
             Linear::GateUp => (&l.gate_up, false, "matmul_gate_up"),
             Linear::Down => (&l.down, true, "matmul_down"),
-            // Parts of fused linears belong to `use_rms_norm` models, which the GPU backend
-            // refuses at load.
-            Linear::Q | Linear::K | Linear::V | Linear::Gate | Linear::Up => return,
+            Linear::Q | Linear::K | Linear::V | Linear::Gate | Linear::Up => {
+                let part = l
+                    .linear_norms
+                    .as_ref()
+                    .and_then(|ln| ln.parts.iter().find(|p| p.linear == linear));
+                if let Some(p) = part {
+                    self.ops.matmul.record(
+                        &mut self.rec,
+                        "matmul_part",
+                        &p.matmul,
+                        p.rows,
+                        t,
+                        false,
+                    );
+                }
+                return;
+            }
         };
         self.ops
             .matmul
@@ -276,8 +309,22 @@ impl Backend for GpuBackend {
         self.end_layer(layer);
     }
 
-    /// Never called: `use_rms_norm` models are refused at load (see `setup.rs`).
-    fn linear_norm_quant(&mut self, _layer: usize, _site: NormSite, _linear: Linear) {}
+    fn linear_norm_quant(&mut self, layer: usize, site: NormSite, linear: Linear) {
+        let t = self.t();
+        let Some(ln) = &self.layers[layer].linear_norms else {
+            return;
+        };
+        let first = match site {
+            NormSite::Input => &ln.first[0],
+            NormSite::PostAttention => &ln.first[1],
+        };
+        self.ops.norm.record(&mut self.rec, NormKind::F32, first, t);
+        if let Some(p) = ln.parts.iter().find(|p| p.linear == linear) {
+            self.ops
+                .norm
+                .record(&mut self.rec, NormKind::QUANT, &p.norm, t);
+        }
+    }
 
     /// The single-sequence specialisation (a one-block cache; the engine checks the context
     /// against [`crate::backend::KvCache::capacity`], 0 for a pool, before any op runs).

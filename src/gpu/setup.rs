@@ -5,7 +5,8 @@ use super::ops::{argmax::ArgP, gemv_fused::FusedP, matmul::MatP, norm::NormP};
 use super::ops::{rope::RopeP, topk::TopkP};
 use super::params::Step;
 use super::*;
-use crate::arch::{LLAMA_BITNET, ONEBIT_LLM};
+use crate::arch::{LLAMA_BITNET, LLAMA_BITNET_LINEAR_NORMS, ONEBIT_LLM};
+use crate::format::NORMED_PARTS;
 use crate::format::{Bytes, FloatTensor};
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ pub(super) fn mat(
             rows: m.rows as u32,
             kvec: m.kvec as u32,
             ld: m.rows as u32,
-            pad: 0,
+            ..Default::default()
         },
     );
     let bg = bind_group(
@@ -56,15 +57,15 @@ impl GpuBackend {
     pub fn with_context(ctx: GpuContext, w: &Weights, opts: &GpuOptions) -> Result<Self> {
         let cfg = w.config.clone();
         cfg.validate()?;
-        if cfg.linear_norm_eps.is_some() {
-            return Err(Error::Backend(
-                "models with `quantization_config.use_rms_norm` (a norm inside every linear) run \
-                 on the CPU backend only for now (--backend cpu)"
-                    .into(),
-            ));
-        }
         let ops_of = layer_ops(&cfg);
-        if ![BITNET_B158, LLAMA_BITNET, ONEBIT_LLM].contains(&ops_of) {
+        if ![
+            BITNET_B158,
+            LLAMA_BITNET,
+            LLAMA_BITNET_LINEAR_NORMS,
+            ONEBIT_LLM,
+        ]
+        .contains(&ops_of)
+        {
             return Err(Error::Backend(
                 "the GPU backend runs the BitNet b1.58, Llama-BitNet and 1bitLLM layers only"
                     .into(),
@@ -189,8 +190,8 @@ impl GpuBackend {
             }
         }
 
-        let eps = cfg.rms_norm_eps;
-        let norm_p = |name: &str, width: usize, src_stride: usize, out_words: usize| {
+        let (eps, sub_eps) = (cfg.rms_norm_eps, cfg.sub_norm_eps());
+        let norm_p = |name: &str, width: usize, src_stride: usize, out_words: usize, eps| {
             let p = NormP {
                 width: width as u32,
                 src_stride: src_stride as u32,
@@ -199,10 +200,12 @@ impl GpuBackend {
             };
             uniform(device, name, &p)
         };
-        let norm_h = norm_p("norm_h", h, h, pad64(h) / 4);
-        let norm_q = norm_p("norm_q", q, q, pad64(q) / 4);
-        let norm_i = norm_p("norm_i", i, 2 * i, pad64(i) / 4);
-        let norm_f = norm_p("norm_final", h, h, hp);
+        let norm_h = norm_p("norm_h", h, h, pad64(h) / 4, eps);
+        let norm_q = norm_p("norm_q", q, q, pad64(q) / 4, sub_eps);
+        let norm_i = norm_p("norm_i", i, 2 * i, pad64(i) / 4, sub_eps);
+        let norm_f = norm_p("norm_final", h, h, hp, eps);
+        // use_rms_norm: a linear's own norm over the layer norm's f32 rows (in `hn`).
+        let norm_part = norm_p("norm_part", h, hp, pad64(h) / 4, sub_eps);
         // A layer without a sub-norm binds a one-element placeholder its kernel never reads.
         let gamma = |name: &str, v: &[f32]| {
             let v = if v.is_empty() { &[0.0][..] } else { v };
@@ -297,6 +300,51 @@ impl GpuBackend {
                     &bufs.x,
                 ),
             });
+            let linear_norms = (ops_of == LLAMA_BITNET_LINEAR_NORMS).then(|| {
+                let part = |(linear, name): &(Linear, &str), own: &Vec<f32>| {
+                    let (m, out, row0, rows) = match linear {
+                        Linear::Q => (&qkv, &bufs.qkv, 0, q),
+                        Linear::K => (&qkv, &bufs.qkv, q, kv),
+                        Linear::V => (&qkv, &bufs.qkv, q + kv, kv),
+                        Linear::Gate => (&gate_up, &bufs.gu, 0, i),
+                        _ => (&gate_up, &bufs.gu, i, i),
+                    };
+                    let params = uniform(
+                        device,
+                        &n(name),
+                        &MatP {
+                            rows: rows as u32,
+                            kvec: m.kvec as u32,
+                            ld: m.rows as u32,
+                            row0: row0 as u32,
+                            ..Default::default()
+                        },
+                    );
+                    let g = gamma(&n(&format!("{name} norm")), own);
+                    LinearPart {
+                        linear: *linear,
+                        rows,
+                        norm: nbg(&n(name), &norm_part, &bufs.hn, &g, &bufs.xq),
+                        matmul: bind_group(
+                            device,
+                            &n(name),
+                            &ops.matmul.layout,
+                            &[&bufs.step, &params, &m.w, &m.rs, &bufs.xq, &bufs.xs, out],
+                        ),
+                    }
+                };
+                LinearNorms {
+                    first: [
+                        nbg(&n("input_norm f32"), &norm_f, &bufs.x, &g_in, &bufs.hn),
+                        nbg(&n("post_norm f32"), &norm_f, &bufs.x, &g_post, &bufs.hn),
+                    ],
+                    parts: NORMED_PARTS
+                        .iter()
+                        .zip(&l.linear_norms)
+                        .map(|(p, own)| part(p, own))
+                        .collect(),
+                }
+            });
             layers.push(GpuLayer {
                 norm_input: nbg(&n("input_norm"), &norm_h, &bufs.x, &g_in, &bufs.xq),
                 norm_post: nbg(&n("post_norm"), &norm_h, &bufs.x, &g_post, &bufs.xq),
@@ -308,6 +356,7 @@ impl GpuBackend {
                 gate_up,
                 down,
                 fused,
+                linear_norms,
             });
         }
         let g_final = gamma("final_norm", &w.final_norm);

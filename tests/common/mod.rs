@@ -24,11 +24,12 @@ pub fn fixture() -> PathBuf {
 pub const DIR_LLAMA: &str = "tests/fixtures/tiny-llama-bitnet";
 
 /// The reference checkpoints of every family and format beyond the tiny BitNet b1.58 one.
-pub const FAMILY_DIRS: [&str; 4] = [
+pub const FAMILY_DIRS: [&str; 5] = [
     DIR_LLAMA,
     "tests/fixtures/tiny-llama-autobitlinear",
     "tests/fixtures/tiny-llama-online",
     "tests/fixtures/tiny-1bitllm",
+    "tests/fixtures/tiny-llama-rmsnorm",
 ];
 
 /// The transformers reference outputs of the fixture.

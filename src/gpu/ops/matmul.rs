@@ -30,8 +30,13 @@ pub struct MatP {
     pub kvec: u32,
     /// f32 per output row.
     pub ld: u32,
-    /// Padding.
+    /// Always 0 (the zero `rounded()` in common.wgsl ORs into products).
     pub pad: u32,
+    /// The first row (of the weights, row scales and output) this matmul computes: a part of
+    /// a fused matrix computes rows `row0..row0 + rows`.
+    pub row0: u32,
+    /// Padding to 32 bytes.
+    pub pad1: [u32; 3],
 }
 
 /// Invocations per GEMV workgroup (`GV_WG` in matmul.wgsl).
