@@ -5,6 +5,13 @@ import { BitNet, listCachedModels, deleteCachedModel } from '../npm/src/index.js
 /** The repository's default model, relative to this page. One place to change it. */
 export const DEFAULT_MODEL_URL = new URL('../models/kjv-fortunes/', import.meta.url).href;
 
+/** Models the picker offers: [label with the download size, source]. */
+export const PRESETS = [
+  ['KJV fortunes, 38M parameters (19 MB, the default)', DEFAULT_MODEL_URL],
+  ['Tiny random test model (0.3 MB)', new URL('../models/tiny/', import.meta.url).href],
+  ['BitNet b1.58 2B-4T from the Hub (1.2 GB; WebGPU recommended)', 'hf://microsoft/bitnet-b1.58-2B-4T'],
+];
+
 const $ = (id) => document.getElementById(id);
 const ui = {
   status: $('status'), backend: $('backend'), device: $('device'), speed: $('speed'),
@@ -13,12 +20,13 @@ const ui = {
   messages: $('messages'), chatForm: $('chat-form'), prompt: $('prompt'), send: $('send-btn'),
   stop: $('stop-btn'), clear: $('clear-btn'), cacheList: $('cache-list'), cacheBox: $('cache-box'),
   maxTokens: $('max-tokens'), temperature: $('temperature'), topP: $('top-p'), version: $('version'),
-  defaultUrl: $('default-url'),
+  defaultUrl: $('default-url'), preset: $('model-preset'), cancelLoad: $('cancel-load-btn'),
 };
 
 let model = null;
 let history = [];
 let abort = null;
+let loadAbort = null;
 
 const setState = (s) => { document.documentElement.dataset.state = s; };
 function setStatus(text, error = false) {
@@ -28,19 +36,30 @@ function setStatus(text, error = false) {
 const fmtBytes = (n) => (n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${(n / 1e3).toFixed(0)} kB`);
 
 function setBusy(generating) {
-  ui.send.disabled = !model || generating;
+  const loading = !!loadAbort;
+  ui.send.disabled = !model || generating || loading;
   ui.prompt.disabled = !model;
   ui.stop.disabled = !generating;
-  ui.loadBtn.disabled = generating;
+  ui.loadBtn.disabled = generating || loading;
+  ui.cancelLoad.disabled = !loading;
 }
+
+const fmtTime = (s) => (s >= 90 ? `${Math.round(s / 60)} min` : `${Math.max(1, Math.round(s))} s`);
+let downloadStart = 0;
 
 function onProgress(p) {
   if (p.phase === 'download') {
+    const now = performance.now();
+    if (!downloadStart) downloadStart = now;
+    const secs = (now - downloadStart) / 1000;
+    const rate = secs > 0.5 ? p.loaded / secs : 0;
     ui.progress.max = Math.max(p.total, 1);
     ui.progress.value = p.loaded;
-    ui.progressText.textContent = p.total
-      ? `Downloading ${p.file}: ${fmtBytes(p.loaded)} of ${fmtBytes(p.total)}`
-      : `Downloading ${p.file}: ${fmtBytes(p.loaded)}`;
+    let text = `Downloading ${p.file}: ${fmtBytes(p.loaded)}`;
+    if (p.total) text += ` of ${fmtBytes(p.total)} (${Math.floor((100 * p.loaded) / p.total)}%)`;
+    if (rate) text += `, ${fmtBytes(rate)}/s`;
+    if (rate && p.total > p.loaded) text += `, about ${fmtTime((p.total - p.loaded) / rate)} left`;
+    ui.progressText.textContent = text;
   } else if (p.phase === 'load') {
     ui.progress.removeAttribute('value');
     ui.progressText.textContent = 'Preparing the weights for the backend…';
@@ -50,34 +69,46 @@ function onProgress(p) {
   }
 }
 
-/** Loads a model from a URL, a FileList or the default; `backend`: auto | webgpu | cpu. */
+/**
+ * Loads a model from a URL, `hf://owner/name`, a FileList or the default; `backend`: auto |
+ * webgpu | cpu. The model in use stays until the new one is ready (a failed or cancelled load
+ * keeps it).
+ */
 export async function load(source = DEFAULT_MODEL_URL, backend = 'auto') {
+  loadAbort?.abort();
+  const ac = new AbortController();
+  loadAbort = ac;
+  downloadStart = 0;
   setState('loading');
-  setBusy(true);
-  model?.dispose();
-  model = null;
+  setBusy(false);
   setStatus('Loading the model…');
-  ui.backend.textContent = ui.device.textContent = ui.speed.textContent = '–';
   const t0 = performance.now();
   try {
-    model = await BitNet.loadInWorker(source, { backend, onProgress });
+    const next = await BitNet.loadInWorker(source, { backend, onProgress, signal: ac.signal });
+    model?.dispose();
+    model = next;
     const i = model.info;
     ui.backend.textContent = i.backend === 'webgpu' ? 'WebGPU' : `CPU (${i.kernels})`;
     ui.device.textContent = i.device;
+    ui.speed.textContent = '–';
     const secs = ((performance.now() - t0) / 1000).toFixed(1);
     let msg = `Model ready (${fmtBytes(i.fileBytes)}, ${i.config.num_hidden_layers} layers, loaded in ${secs} s).`;
-    if (i.fallbackReason) msg += ` WebGPU unavailable, using the CPU: ${i.fallbackReason}`;
+    if (i.fallbackReason) msg += ` Using the CPU: ${i.fallbackReason}`;
+    if (i.cacheWarning) msg += ` Note: ${i.cacheWarning}.`;
     setStatus(msg);
     ui.progressText.textContent = '';
     history = [];
-    setState('ready');
+    ui.messages.replaceChildren();
     refreshCache();
     ui.prompt.focus();
   } catch (e) {
-    setStatus(`Could not load the model: ${e.message}`, true);
+    const kept = model ? ' The previous model stays loaded.' : '';
+    if (e.name === 'AbortError') setStatus(`Loading cancelled.${kept}`);
+    else setStatus(`Could not load the model: ${e.message}.${kept}`, true);
     ui.progressText.textContent = '';
-    setState('error');
   } finally {
+    if (loadAbort === ac) loadAbort = null;
+    setState(model ? 'ready' : 'error');
     setBusy(false);
   }
   return model;
@@ -107,7 +138,12 @@ function genOptions() {
 }
 
 async function send(text) {
-  if (!model || !text.trim()) return;
+  if (!model) return;
+  if (!text.trim()) {
+    setStatus('Type a message first.', true);
+    ui.prompt.focus();
+    return;
+  }
   history.push({ role: 'user', content: text });
   addMessage('user', text);
   const li = addMessage('assistant');
@@ -198,11 +234,15 @@ async function refreshCache() {
 }
 
 ui.defaultUrl.textContent = new URL(DEFAULT_MODEL_URL).pathname;
+for (const [label, src] of PRESETS) ui.preset.append(new Option(label, src));
+ui.preset.addEventListener('change', () => { ui.loadForm.source.value = 'preset'; });
+ui.cancelLoad.addEventListener('click', () => loadAbort?.abort());
 ui.loadForm.addEventListener('submit', (ev) => {
   ev.preventDefault();
   const kind = new FormData(ui.loadForm).get('source');
   let source = DEFAULT_MODEL_URL;
-  if (kind === 'url') {
+  if (kind === 'preset') source = ui.preset.value;
+  else if (kind === 'url') {
     if (!ui.url.value) { setStatus('Enter a model URL first.', true); ui.url.focus(); return; }
     source = ui.url.value;
   } else if (kind === 'files') {
@@ -234,11 +274,16 @@ BitNet.version().then((v) => { ui.version.textContent = `Engine ${v}.`; }).catch
 const params = new URLSearchParams(location.search);
 if (params.has('backend')) ui.backendSelect.value = params.get('backend');
 if (params.has('model')) {
-  ui.url.value = new URL(params.get('model'), location.href).href;
+  const m = params.get('model');
+  ui.url.value = m.startsWith('hf://') ? m : new URL(m, location.href).href;
   ui.loadForm.source.value = 'url';
 }
 setState('idle');
 setBusy(false);
+if (!window.isSecureContext) {
+  setStatus('This page is not in a secure context: WebGPU and the model cache need https:// or '
+    + 'http://localhost (127.0.0.1). Models will run on the CPU and be downloaded on every load.', true);
+}
 if (params.get('autoload') === '1') {
   load(params.has('model') ? ui.url.value : DEFAULT_MODEL_URL, ui.backendSelect.value);
 }

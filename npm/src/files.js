@@ -102,37 +102,105 @@ function fetcher(opts) {
   return opts.fetch ?? globalThis.fetch?.bind(globalThis);
 }
 
-/** One file of a model directory URL: from the cache, else downloaded (and cached). */
-async function fetchFile(url, { optional, cache, progress, name, opts }) {
+/** The SHA-256 of `bytes` as hex (Web Crypto, in browsers and Node alike). */
+async function sha256(bytes) {
+  const d = new Uint8Array(await globalThis.crypto.subtle.digest('SHA-256', bytes));
+  return Array.from(d, (x) => x.toString(16).padStart(2, '0')).join('');
+}
+
+/** Downloads one file (never from the cache); a body shorter than its Content-Length fails. */
+async function download(url, { optional, progress, name, opts }) {
   const href = url.href;
-  let res = cache ? await cache.match(href) : undefined;
-  const fromCache = !!res;
-  if (!res) {
-    const f = fetcher(opts);
-    if (!f) throw new Error('no fetch() in this environment');
-    try {
-      res = await f(href, { signal: opts.signal, headers: authHeaders(url, opts) });
-    } catch (e) {
-      if (opts.signal?.aborted) throw opts.signal.reason ?? e;
-      throw new Error(`${href}: download failed (${e?.message ?? e})`);
-    }
-    if (res.status === 404 && optional) return null;
-    if (!res.ok) throw new Error(`${href}: HTTP ${res.status} ${res.statusText}`.trim());
+  const f = fetcher(opts);
+  if (!f) throw new Error('no fetch() in this environment');
+  let res;
+  try {
+    res = await f(href, { signal: opts.signal, headers: authHeaders(url, opts) });
+  } catch (e) {
+    if (opts.signal?.aborted) throw opts.signal.reason ?? e;
+    throw new Error(`${href}: download failed (${e?.message ?? e})`);
   }
+  if (res.status === 404 && optional) return null;
+  if (!res.ok) throw new Error(`${href}: HTTP ${res.status} ${res.statusText}`.trim());
   const total = Number(res.headers.get('content-length')) || 0;
   const onBytes = (l, t) => progress.update(name, l, t);
-  const bytes = res.body
-    ? await readStream(res.body, total, onBytes, opts.signal)
-    : new Uint8Array(await res.arrayBuffer());
+  let bytes;
+  try {
+    bytes = res.body ? await readStream(res.body, total, onBytes, opts.signal) : new Uint8Array(await res.arrayBuffer());
+  } catch (e) {
+    if (opts.signal?.aborted) throw opts.signal.reason ?? e;
+    throw new Error(`${href}: download failed after ${progress.files.get(name)?.loaded ?? 0} bytes (${e?.message ?? e})`);
+  }
+  // Content-Length counts the encoded body; only an unencoded one can be compared.
+  const encoded = (res.headers.get('content-encoding') ?? 'identity') !== 'identity';
+  if (total && !encoded && bytes.byteLength !== total) {
+    throw new Error(`${href}: download truncated (${bytes.byteLength} of ${total} bytes)`);
+  }
   progress.update(name, bytes.byteLength, bytes.byteLength);
-  if (cache && !fromCache) {
-    try {
-      await cache.put(href, new Response(bytes, { headers: { 'content-type': 'application/octet-stream' } }));
-    } catch (e) {
-      console.warn(`bitnet-inference: could not cache ${href}: ${e?.message ?? e}`);
+  return bytes;
+}
+
+/**
+ * The cached files of the model at `base` that still match their manifest (size and SHA-256
+ * recorded at download): name → bytes. Entries that do not match are deleted (and will be
+ * downloaded again); without a manifest nothing cached is trusted.
+ */
+async function verifiedCache(cache, base, progress) {
+  const res = await cache.match(new URL(MANIFEST, base).href);
+  let manifest = null;
+  try {
+    manifest = res ? await res.json() : null;
+  } catch {
+    manifest = null;
+  }
+  const good = new Map();
+  const listed = new Map((manifest?.files ?? []).map((f) => [f.name, f]));
+  for (const req of await cache.keys()) {
+    if (!req.url.startsWith(base.href)) continue;
+    const name = req.url.slice(base.href.length);
+    if (!name || name.includes('/') || name === MANIFEST) continue;
+    const want = listed.get(name);
+    const r = await cache.match(req);
+    const bytes = r ? new Uint8Array(await r.arrayBuffer()) : null;
+    if (want && bytes && bytes.byteLength === want.bytes && (await sha256(bytes)) === want.sha256) {
+      progress.update(name, bytes.byteLength, bytes.byteLength);
+      good.set(name, bytes);
+    } else {
+      console.warn(`bitnet-inference: the cached ${req.url} is damaged or unverified; downloading it again`);
+      await cache.delete(req);
     }
   }
-  return bytes;
+  return good;
+}
+
+/**
+ * Stores a model's files and their manifest (sizes, SHA-256) in the cache. Resolves to null
+ * or a message saying why caching failed (e.g. the storage quota).
+ */
+async function storeInCache(cache, base, files) {
+  const entries = [];
+  try {
+    for (const [name, bytes] of files) {
+      entries.push({ name, bytes: bytes.byteLength, sha256: await sha256(bytes) });
+      await cache.put(new URL(name, base).href, new Response(bytes, { headers: { 'content-type': 'application/octet-stream' } }));
+    }
+    const manifest = {
+      url: base.href,
+      files: entries,
+      bytes: entries.reduce((a, f) => a + f.bytes, 0),
+      cachedAt: new Date().toISOString(),
+    };
+    await cache.put(new URL(MANIFEST, base).href, new Response(JSON.stringify(manifest), {
+      headers: { 'content-type': 'application/json' },
+    }));
+    return null;
+  } catch (e) {
+    // Half a model in the cache is worse than none.
+    for (const f of entries) await cache.delete(new URL(f.name, base).href).catch(() => {});
+    const quota = e?.name === 'QuotaExceededError';
+    const why = quota ? 'the browser storage quota is exhausted' : (e?.message ?? String(e));
+    return `the model was not cached: ${why}`;
+  }
 }
 
 function baseUrl(source) {
@@ -144,36 +212,69 @@ function baseUrl(source) {
   return u;
 }
 
+/** Downloads run at most this many at a time (shards in parallel). */
+const PARALLEL_DOWNLOADS = 4;
+
+async function inParallel(items, n, f) {
+  const out = new Array(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await f(items[i]);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(n, items.length) }, worker));
+  return out;
+}
+
 async function filesFromUrl(source, opts, progress) {
   const base = baseUrl(source);
   const useCache = opts.cache !== false && hasCacheApi() && /^https?:$/.test(base.protocol);
   const cache = useCache ? await caches.open(CACHE_NAME) : null;
-  const get = (name, optional) =>
-    fetchFile(new URL(name, base), { optional, cache, progress, name, opts }).then((b) => b && [name, b]);
+  const cached = cache ? await verifiedCache(cache, base, progress) : new Map();
+  const fetched = [];
+  const get = async (name, optional) => {
+    if (cached.has(name)) return [name, cached.get(name)];
+    const b = await download(new URL(name, base), { optional, progress, name, opts });
+    if (!b) return null;
+    fetched.push([name, b]);
+    return [name, b];
+  };
   const files = [await get('config.json', false)];
   const small = await Promise.all(OPTIONAL.map((n) => get(n, true)));
   files.push(...small.filter(Boolean));
-  let weights = await get('model.safetensors', true);
+  const weights = await get('model.safetensors', true);
   if (weights) {
     files.push(weights);
   } else {
     const index = await get('model.safetensors.index.json', true);
     if (!index) throw new Error(`${base.href}: no model.safetensors or model.safetensors.index.json`);
-    const shards = shardNames(index[1]);
-    for (const s of shards) files.push(await get(s, false));
+    files.push(...(await inParallel(shardNames(index[1]), PARALLEL_DOWNLOADS, (s) => get(s, false))));
   }
-  if (cache) {
-    const manifest = {
-      url: base.href,
-      files: files.map(([n, b]) => ({ name: n, bytes: b.byteLength })),
-      bytes: files.reduce((a, [, b]) => a + b.byteLength, 0),
-      cachedAt: new Date().toISOString(),
-    };
-    await cache.put(new URL(MANIFEST, base).href, new Response(JSON.stringify(manifest), {
-      headers: { 'content-type': 'application/json' },
-    })).catch(() => {});
-  }
+  // The caller stores the downloads (checked against their Content-Length) before building
+  // the model, and evicts them if the engine rejects the files.
+  files.commit = async () => (cache && fetched.length ? storeInCache(cache, base, files) : null);
+  files.evict = async () => {
+    if (cache) await deleteCachedModel(base.href);
+  };
   return files;
+}
+
+/** Whether the model at `url` is in the cache with every file its manifest lists. */
+export async function hasModelInCache(url) {
+  if (!hasCacheApi()) return false;
+  const base = baseUrl(url);
+  const cache = await caches.open(CACHE_NAME);
+  const res = await cache.match(new URL(MANIFEST, base).href);
+  if (!res) return false;
+  try {
+    const m = await res.json();
+    for (const f of m.files ?? []) if (!(await cache.match(new URL(f.name, base).href))) return false;
+    return (m.files ?? []).length > 0;
+  } catch {
+    return false;
+  }
 }
 
 function shardNames(indexBytes) {
@@ -236,8 +337,8 @@ async function filesFromEntries(entries, opts, progress) {
     names.add(name);
     if (isBlob(v)) out.push([name, await blobBytes(v, (l, t) => progress.update(name, l, t), opts.signal)]);
     else if (typeof v === 'string' || v instanceof URL) {
-      out.push([name, await fetchFile(new URL(v, typeof location !== 'undefined' ? location.href : undefined), {
-        optional: false, cache: null, progress, name, opts,
+      out.push([name, await download(new URL(v, typeof location !== 'undefined' ? location.href : undefined), {
+        optional: false, progress, name, opts,
       })]);
     } else {
       const b = toBytes(v);

@@ -33,7 +33,8 @@ export interface LoadOptions {
   /** `auto` (default): WebGPU where `navigator.gpu` works, else the CPU (see `info.fallbackReason`). */
   backend?: BackendChoice;
   onProgress?: (p: LoadProgress) => void;
-  /** Keep downloaded files in the browser cache (Cache API) and reuse them; default true. */
+  /** Keep downloaded files in the browser cache (Cache API) and reuse them; default true.
+   * Each file's size and SHA-256 are recorded and checked before use. */
   cache?: boolean;
   /** Positions of the KV cache (default: min(max_position_embeddings, 2048)). */
   contextLength?: number;
@@ -78,8 +79,11 @@ export interface ModelInfo {
   device: string;
   /** The CPU kernel set ('simd128' or 'scalar'); null on WebGPU. */
   kernels: string | null;
-  /** Why `auto` did not use WebGPU (null when it did, or when the CPU was asked for). */
+  /** Why `auto` did not use WebGPU (null when it did, or when the CPU was asked for): no
+   * WebGPU, or a software fallback adapter (e.g. SwiftShader), slower than the CPU path. */
   fallbackReason: string | null;
+  /** Why the downloaded files could not be cached (e.g. the storage quota), else null. */
+  cacheWarning: string | null;
   /** WebGPU adapter details from the browser. */
   adapter?: { vendor: string; architecture: string; description: string };
   contextLength: number;
@@ -230,7 +234,6 @@ export declare class BitNetModel {
   /** Logits of the last prompt position (vocab_size values). */
   logits(input: Prompt): Promise<Float32Array>;
   dispose(): void;
-  [Symbol.dispose](): void;
 }
 
 /** A model hosted in a Web Worker ({@link BitNet.loadInWorker}): the same API, async throughout. */
@@ -247,7 +250,6 @@ export interface WorkerModel {
   logits(input: Prompt): Promise<Float32Array>;
   /** Frees the model and terminates the worker. */
   dispose(): void;
-  [Symbol.dispose](): void;
 }
 
 export interface KernelSelfTest {
@@ -268,13 +270,16 @@ export default BitNet;
 
 export interface CachedModel {
   url: string;
-  files: Array<{ name: string; bytes: number }>;
+  files: Array<{ name: string; bytes: number; sha256: string }>;
   bytes: number;
   cachedAt: string;
 }
 
 /** Models kept in the browser cache by earlier loads (empty where there is no Cache API). */
 export declare function listCachedModels(): Promise<CachedModel[]>;
+/** Whether the model at `url` is cached with every file its manifest lists (each file's size
+ * and SHA-256 are checked again when it is loaded; damaged entries are downloaded again). */
+export declare function hasModelInCache(url: string | URL): Promise<boolean>;
 /** The Hub's default endpoint, `https://huggingface.co`. */
 export declare const HF_ENDPOINT: string;
 /** The directory URL that `hf://owner/name[@revision][/sub/dir]` resolves to on `endpoint`. */

@@ -1,15 +1,41 @@
 // bitnet-inference: BitNet b1.58 models in the browser (WebGPU, or WebAssembly SIMD128 on the
 // CPU) and in Node (CPU). See index.d.ts for the API.
 import { initWasm, guard, toError, yieldToEventLoop, abortError, isNode } from './runtime.js';
-import { gatherFiles, listCachedModels, deleteCachedModel, clearModelCache } from './files.js';
+import { gatherFiles, listCachedModels, deleteCachedModel, clearModelCache, hasModelInCache } from './files.js';
 import { makeChat } from './chat.js';
+import { checkGenerateOptions, checkLoadOptions, checkPrompt } from './options.js';
 
-export { listCachedModels, deleteCachedModel, clearModelCache, initWasm };
+export { listCachedModels, deleteCachedModel, clearModelCache, hasModelInCache, initWasm };
 export { hubUrl, HF_ENDPOINT } from './files.js';
 
 /** Whether this environment exposes WebGPU (`navigator.gpu`). */
 export function hasWebGPU() {
   return typeof navigator !== 'undefined' && !!navigator.gpu;
+}
+
+/** Matches the names of software (CPU-emulated) WebGPU adapters. */
+const SOFTWARE_ADAPTER = /swiftshader|llvmpipe|lavapipe|software|warp/i;
+
+/**
+ * Why the browser's WebGPU adapter should not be used by `auto`: it is a software fallback
+ * (SwiftShader and the like run the model hundreds of times slower than the CPU path); null
+ * when it is a real GPU or there is none to ask (the engine then says why itself).
+ */
+async function softwareAdapterReason() {
+  if (!hasWebGPU()) return null;
+  let a;
+  try {
+    a = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
+  } catch {
+    return null;
+  }
+  if (!a) return null;
+  const i = a.info ?? {};
+  const label = [i.vendor, i.architecture, i.device, i.description].filter(Boolean).join(' ');
+  if (i.isFallbackAdapter || a.isFallbackAdapter || SOFTWARE_ADAPTER.test(label)) {
+    return `the WebGPU adapter is a software fallback (${label || 'isFallbackAdapter'}), slower than the CPU path; ask for backend: 'webgpu' to use it anyway`;
+  }
+  return null;
 }
 
 function genOptions(o = {}) {
@@ -97,6 +123,8 @@ export class BitNetModel {
    * `done: true` with `finishReason`, `usage` and `timings`.
    */
   async *generate(input, opts = {}) {
+    checkPrompt(input);
+    checkGenerateOptions(opts);
     const signal = opts.signal;
     if (signal?.aborted) throw abortError(signal);
     // Take the model for the whole generation (later calls wait).
@@ -160,6 +188,7 @@ export class BitNetModel {
 
   /** Logits (Float32Array, vocab_size) of the last position of a prompt run from position 0. */
   logits(input) {
+    checkPrompt(input);
     return this.#exclusive(async () => {
       const ids = this.tokenize(input);
       return guard(() => this.#live().promptLogits(Uint32Array.from(ids)));
@@ -185,29 +214,46 @@ export const BitNet = {
    * tokenizer.json, ...), a local path (Node), a FileList/File[], or `{ 'config.json': bytes, ... }`.
    */
   async load(source, opts = {}) {
+    checkLoadOptions(opts);
     const wasm = await initWasm(opts.wasm);
     const files = await gatherFiles(source, opts);
     if (opts.signal?.aborted) throw abortError(opts.signal);
+    const cacheWarning = await files.commit?.();
+    if (cacheWarning) console.warn(`bitnet-inference: ${cacheWarning}`);
+    const evict = files.evict;
     opts.onProgress?.({ phase: 'load', file: null, loaded: 0, total: 0 });
     const b = new wasm.ModelBuilder();
     try {
       for (const [name, bytes] of files) b.addFile(name, bytes);
     } catch (e) {
       b.free();
+      await evict?.();
       throw toError(e);
     }
     files.length = 0; // let the JS copies go
-    const backend = opts.backend ?? 'auto';
-    const raw = await guard(() => b.build(JSON.stringify({
-      backend,
-      contextLength: opts.contextLength,
-      subgroups: opts.subgroups,
-      kernels: opts.kernels,
-      maxBindingBytes: opts.maxBindingBytes,
-    })));
-    b.free();
+    let backend = opts.backend ?? 'auto';
+    const software = backend === 'auto' ? await softwareAdapterReason() : null;
+    if (software) backend = 'cpu';
+    let raw;
+    try {
+      raw = await guard(() => b.build(JSON.stringify({
+        backend,
+        contextLength: opts.contextLength,
+        subgroups: opts.subgroups,
+        kernels: opts.kernels,
+        maxBindingBytes: opts.maxBindingBytes,
+      })));
+    } catch (e) {
+      // Files the engine rejects do not stay in the cache (the next load downloads them).
+      if (!/WebGPU|memory/i.test(e?.message ?? '')) await evict?.();
+      throw e;
+    } finally {
+      b.free();
+    }
     const name = opts.name ?? (typeof source === 'string' || source instanceof URL ? String(source) : 'local');
     const model = new BitNetModel(raw, name);
+    if (software) model.info.fallbackReason = software;
+    model.info.cacheWarning = cacheWarning ?? null;
     if (model.info.backend === 'webgpu') {
       // What the browser tells about the adapter (wgpu sees little of it).
       try {

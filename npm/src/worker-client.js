@@ -1,6 +1,7 @@
 // The page side of the worker: a model proxy with the same API as BitNetModel.
 import { makeChat } from './chat.js';
 import { abortError } from './runtime.js';
+import { checkGenerateOptions, checkLoadOptions, checkPrompt } from './options.js';
 
 function remoteError(e) {
   const err = new Error(e.message);
@@ -85,6 +86,8 @@ class WorkerModel {
   logits(input) { return this.#call({ type: 'call', method: 'logits', args: [input] }); }
 
   async *generate(input, opts = {}) {
+    checkPrompt(input);
+    checkGenerateOptions(opts);
     const { signal, ...rest } = opts;
     if (signal?.aborted) throw abortError(signal);
     const queue = [];
@@ -142,6 +145,7 @@ class WorkerModel {
 }
 
 export async function loadInWorker(source, opts = {}) {
+  checkLoadOptions(opts);
   if (typeof Worker === 'undefined') throw new Error('loadInWorker needs Web Workers (a browser)');
   const url = opts.workerUrl ?? new URL('./worker.js', import.meta.url);
   const worker = new Worker(url, { type: 'module', name: 'bitnet-inference' });

@@ -59,7 +59,14 @@ const flags = [
   '--disable-component-update', '--disable-sync', '--disable-quic', `--user-data-dir=${userDir}`,
   '--enable-unsafe-webgpu', `--remote-debugging-port=${port}`, 'about:blank',
 ];
-const proc = spawn(process.env.CHROMIUM ?? 'chromium', flags, { stdio: ['ignore', 'ignore', 'pipe'] });
+const chromiumBin = process.env.CHROMIUM ?? 'chromium';
+const proc = spawn(chromiumBin, flags, { stdio: ['ignore', 'ignore', 'pipe'] });
+proc.on('error', (e) => {
+  console.error(e.code === 'ENOENT'
+    ? `the browser test needs Chromium: \`${chromiumBin}\` was not found (install it, e.g. apt-get install chromium, or set CHROMIUM=/path/to/chrome)`
+    : `could not start ${chromiumBin}: ${e.message}`);
+  process.exit(1);
+});
 let stderr = '';
 proc.stderr.on('data', (d) => { stderr = (stderr + d).slice(-20000); });
 const results = { machine: process.env.BITNET_MACHINE ?? null, backends: {} };
@@ -76,7 +83,7 @@ try {
   await page.goto(`${url}/web/`);
   const adapter = await page.evaluate(async () => {
     const a = await navigator.gpu?.requestAdapter();
-    return a ? { architecture: a.info?.architecture, vendor: a.info?.vendor } : null;
+    return a ? { architecture: a.info?.architecture, vendor: a.info?.vendor, fallback: !!(a.info?.isFallbackAdapter ?? a.isFallbackAdapter) } : null;
   });
   console.log(`WebGPU adapter: ${JSON.stringify(adapter)}`);
   check(adapter !== null, 'navigator.gpu.requestAdapter() returns an adapter');
@@ -145,7 +152,90 @@ try {
     // WebGPU on SwiftShader is slow enough that the stop always lands mid-reply.
     const want = backend === 'webgpu' ? /stopped/ : /stopped|length/;
     check(want.test(stopped), `${backend}: stop button ends generation (${stopped})`);
+
+    // Stop, then send at once, twenty times: the next message never finds the model busy
+    // with the stopped generation's last step.
+    const loop = await page.evaluate(async () => {
+      const log = document.getElementById('messages');
+      const idle = () => new Promise((resolve) => {
+        const t = setInterval(() => {
+          if (document.documentElement.dataset.state === 'ready') { clearInterval(t); resolve(); }
+        }, 5);
+      });
+      const errors = [];
+      for (let i = 0; i < 20; i++) {
+        document.getElementById('clear-btn').click();
+        document.getElementById('prompt').value = `Story number ${i}, please.`;
+        await new Promise((resolve) => {
+          const obs = new MutationObserver(() => {
+            const body = log.querySelector('.msg.assistant:last-child .body');
+            if (body?.textContent.length) {
+              obs.disconnect();
+              document.getElementById('stop-btn').click();
+              resolve();
+            }
+          });
+          obs.observe(log, { childList: true, subtree: true, characterData: true });
+          document.getElementById('send-btn').click();
+        });
+        await idle();
+        const err = log.querySelector('.msg.assistant.error');
+        if (err) errors.push(err.textContent);
+      }
+      return { errors, status: document.getElementById('status').textContent };
+    });
+    check(loop.errors.length === 0, `${backend}: stop then send, 20 times, no error (${loop.errors[0] ?? loop.status})`);
   }
+  // `auto` on a software adapter (SwiftShader) picks the CPU path and says why.
+  {
+    await page.goto(`${url}/web/?model=../tests/fixtures/tiny/&backend=auto&autoload=1`);
+    await page.waitForFunction(() => ['ready', 'error'].includes(document.documentElement.dataset.state), null, { timeout: 120_000 });
+    const info = await page.evaluate(() => window.bitnetDemo.model?.info ?? null);
+    const software = !!adapter && (adapter.fallback || /swiftshader/i.test(`${adapter.architecture} ${adapter.vendor}`));
+    if (software) {
+      check(info?.backend === 'cpu' && /software fallback/.test(info?.fallbackReason ?? ''),
+        `auto on a software adapter: the CPU, with the reason (${info?.backend}: ${info?.fallbackReason})`);
+    } else {
+      console.log(`auto: ${info?.backend} (${info?.fallbackReason}); the adapter is not a software one`);
+    }
+  }
+
+  // Downloads and the cache (in the page's thread): a download cut off mid-file is an error that
+  // caches nothing; a cached file that was truncated afterwards is detected, evicted and
+  // downloaded again, and the model then generates the reference tokens.
+  {
+    const r = await page.evaluate(async ([ids]) => {
+      const { BitNet, hasModelInCache, deleteCachedModel } = await import('/npm/src/index.js');
+      const out = {};
+      const broken = new URL('/__broken__/tests/fixtures/tiny/', location.href).href;
+      try {
+        await BitNet.load(broken, { backend: 'cpu' });
+        out.brokenError = null;
+      } catch (e) {
+        out.brokenError = e.message;
+      }
+      out.brokenCached = await hasModelInCache(broken);
+      const base = new URL('/tests/fixtures/tiny/', location.href).href;
+      await deleteCachedModel(base);
+      (await BitNet.load(base, { backend: 'cpu' })).dispose();
+      out.cached = await hasModelInCache(base);
+      const cache = await caches.open('bitnet-inference-models-v1');
+      const full = await (await cache.match(`${base}model.safetensors`)).arrayBuffer();
+      await cache.put(`${base}model.safetensors`, new Response(full.slice(0, 5000)));
+      const m = await BitNet.load(base, { backend: 'cpu' });
+      out.tokens = (await m.generateText(ids, { maxTokens: 16, ignoreEos: true })).tokens;
+      m.dispose();
+      const again = await (await cache.match(`${base}model.safetensors`)).arrayBuffer();
+      out.restored = again.byteLength === full.byteLength;
+      return out;
+    }, [prompts[0].input_ids]);
+    check(/download (failed|truncated)/.test(r.brokenError ?? '') && !r.brokenCached,
+      `an interrupted download is an error and nothing is cached (${r.brokenError})`);
+    check(r.cached, 'hasModelInCache after a load');
+    check(JSON.stringify(r.tokens) === JSON.stringify(prompts[0].greedy_tokens) && r.restored,
+      'a truncated cached file is detected and downloaded again; the reference tokens follow');
+  }
+
   // In the page's own thread (no worker): WebGPU with the embedding/head split into many
   // small shards (as a large model is split under the binding limit), and the weights cache.
   if (adapter) {

@@ -181,8 +181,8 @@ test('AbortSignal stops a generation; the model stays usable', async () => {
 test('errors are rejected promises with clear messages', async () => {
   const m = await model();
   await assert.rejects(BitNet.load(FIXTURE, { backend: 'webgpu' }), /WebGPU is not available/);
-  await assert.rejects(BitNet.load(FIXTURE, { backend: 'tpu' }), /unknown backend `tpu`/);
-  await assert.rejects(BitNet.load(FIXTURE, { backend: 'cpu', kernels: 'avx9' }), /kernel set `avx9`/);
+  await assert.rejects(BitNet.load(FIXTURE, { backend: 'tpu' }), /backend` must be .auto., .webgpu. or .cpu. \(got "tpu"\)/);
+  await assert.rejects(BitNet.load(FIXTURE, { backend: 'cpu', kernels: 'avx9' }), /kernels` must be .auto., .simd128. or .scalar. \(got "avx9"\)/);
   await assert.rejects(BitNet.load('/nonexistent/model/dir'), /config\.json/);
   const bytes = (n) => readFileSync(FIXTURE + n);
   await assert.rejects(BitNet.load({ 'config.json': bytes('config.json') }), /no \*\.safetensors/);
@@ -199,6 +199,24 @@ test('errors are rejected promises with clear messages', async () => {
   // Still fine afterwards.
   const p = prompts[1];
   assert.deepEqual((await m.generateText(p.input_ids, { maxTokens: 16, ignoreEos: true })).tokens, p.greedy_tokens);
+});
+
+test('options are checked strictly: unknown names and invalid values name the option', async () => {
+  const m = await model();
+  await assert.rejects(m.generateText('hi', { maxTokens: -5 }), /maxTokens.*positive integer/);
+  await assert.rejects(m.generateText('hi', { maxToken: 5 }), /unknown generate option `maxToken`/);
+  await assert.rejects(m.generateText('hi', { topP: 0 }), /topP/);
+  await assert.rejects(m.generateText('hi', { stop: [''] }), /stop/);
+  await assert.rejects(m.generateText([], {}), /prompt is empty/);
+  await assert.rejects(m.generateText({ messages: [] }), /messages.*empty/);
+  await assert.rejects(m.chat.completions.create({ messages: [] }), /messages.*empty/);
+  await assert.rejects(BitNet.load(FIXTURE, { backend: 'gpu' }), /backend.*'auto', 'webgpu' or 'cpu'/);
+  await assert.rejects(BitNet.load(FIXTURE, { contextLenght: 64 }), /unknown load option `contextLenght`/);
+  await assert.rejects(BitNet.load(FIXTURE, { contextLength: 0 }), /contextLength/);
+  // Valid options still work, undefined ones are skipped.
+  const p = prompts[0];
+  const out = await m.generateText(p.input_ids, { maxTokens: 16, ignoreEos: true, seed: undefined });
+  assert.deepEqual(out.tokens, p.greedy_tokens);
 });
 
 test('loading from bytes (as from File objects) and dispose', async () => {

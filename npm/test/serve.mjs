@@ -1,5 +1,7 @@
 // A static file server for the tests: serves a directory on 127.0.0.1 (a secure context for
 // WebGPU and the Cache API), GET/HEAD only, no directory listings, nothing outside the root.
+// Paths under `/__broken__/` serve the same files but cut every body larger than 64 KiB off
+// after half its announced length (a download interrupted mid-file).
 import { createServer } from 'node:http';
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
@@ -19,8 +21,13 @@ export function serve(root) {
       return;
     }
     let path;
+    let broken = false;
     try {
       path = decodeURIComponent(new URL(req.url, 'http://x').pathname);
+      if (path.startsWith('/__broken__/')) {
+        broken = true;
+        path = path.slice('/__broken__'.length);
+      }
     } catch {
       res.writeHead(400).end();
       return;
@@ -42,7 +49,9 @@ export function serve(root) {
         'cache-control': 'no-store',
       });
       if (req.method === 'HEAD') res.end();
-      else createReadStream(file).pipe(res);
+      else if (broken && s.size > 65536) {
+        createReadStream(file, { end: Math.floor(s.size / 2) }).on('end', () => res.destroy()).pipe(res, { end: false });
+      } else createReadStream(file).pipe(res);
     } catch {
       res.writeHead(404, { 'content-type': 'text/plain' }).end('not found');
     }

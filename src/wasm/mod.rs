@@ -260,18 +260,21 @@ struct Run {
 
 struct Inner {
     engine: Engine,
-    tokenizer: Option<Tokenizer>,
+    tokenizer: Option<Rc<Tokenizer>>,
     gen: GenerationConfig,
     context: usize,
-    info: Value,
     session: Option<Run>,
     logits: Vec<f32>,
 }
 
 /// A loaded model on one backend, with its KV cache and at most one generation in progress.
+/// The tokenizer and the info live outside the engine's cell: text calls never wait for (or
+/// fail on) a step in flight.
 #[wasm_bindgen]
 pub struct Model {
     inner: Rc<RefCell<Inner>>,
+    tokenizer: Option<Rc<Tokenizer>>,
+    info: String,
 }
 
 async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
@@ -396,16 +399,18 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
         "config": c.to_json(),
         "version": env!("CARGO_PKG_VERSION"),
     });
+    let tokenizer = tokenizer.map(Rc::new);
     Ok(Model {
         inner: Rc::new(RefCell::new(Inner {
             engine,
-            tokenizer,
+            tokenizer: tokenizer.clone(),
             gen,
             context,
-            info,
             session: None,
             logits: Vec::new(),
         })),
+        tokenizer,
+        info: info.to_string(),
     })
 }
 
@@ -445,12 +450,6 @@ fn busy() -> Error {
 }
 
 impl Inner {
-    fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer
-            .as_ref()
-            .ok_or_else(|| req("the model was loaded without tokenizer.json"))
-    }
-
     fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
         check_prompt(prompt, self.context, self.engine.config().vocab_size)
     }
@@ -543,7 +542,7 @@ impl Inner {
             Some(t) => t,
             None => r.s.pick(logits),
         };
-        let e = r.s.accept(tok, tokenizer.as_ref())?;
+        let e = r.s.accept(tok, tokenizer.as_deref())?;
         Ok(step_result(r, e.token, &e.text))
     }
 }
@@ -570,15 +569,19 @@ fn step_result(r: &Run, token: Option<u32>, text: &str) -> Value {
 #[wasm_bindgen]
 impl Model {
     /// The backend, device, configuration and tokens of the model, as JSON.
-    pub fn info(&self) -> std::result::Result<String, JsError> {
-        let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
-        Ok(i.info.to_string())
+    pub fn info(&self) -> String {
+        self.info.clone()
+    }
+
+    fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_deref()
+            .ok_or_else(|| req("the model was loaded without tokenizer.json"))
     }
 
     /// Encodes text (with BOS etc. when `add_special`, never doubling a BOS in the text).
     pub fn encode(&self, text: &str, add_special: bool) -> std::result::Result<Vec<u32>, JsError> {
-        let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
-        i.tokenizer()
+        self.tokenizer()
             .and_then(|t| t.encode(text, add_special))
             .map_err(js_err)
     }
@@ -589,8 +592,7 @@ impl Model {
         ids: Vec<u32>,
         skip_special: bool,
     ) -> std::result::Result<String, JsError> {
-        let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
-        i.tokenizer()
+        self.tokenizer()
             .and_then(|t| t.decode(&ids, skip_special))
             .map_err(js_err)
     }
@@ -602,9 +604,8 @@ impl Model {
         messages: &str,
         add_generation_prompt: bool,
     ) -> std::result::Result<String, JsError> {
-        let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
         let m = parse_messages(messages).map_err(js_err)?;
-        i.tokenizer()
+        self.tokenizer()
             .and_then(|t| t.apply_chat_template(&m, add_generation_prompt))
             .map_err(js_err)
     }
@@ -612,9 +613,8 @@ impl Model {
     /// Renders and encodes a chat prompt (`messages` as JSON `[{role, content}]`).
     #[wasm_bindgen(js_name = encodeChat)]
     pub fn encode_chat(&self, messages: &str) -> std::result::Result<Vec<u32>, JsError> {
-        let i = self.inner.try_borrow().map_err(|_| js_err(busy()))?;
         let m = parse_messages(messages).map_err(js_err)?;
-        i.tokenizer()
+        self.tokenizer()
             .and_then(|t| t.encode_chat(&m))
             .map_err(js_err)
     }
