@@ -73,9 +73,68 @@ pub fn checkpoint_code(packed: &[u8], rows: usize, cols: usize, r: usize, c: usi
     (packed[(r % r4) * cols + c] >> (2 * (r / r4))) & 3
 }
 
+/// Checks that `m`'s packed codes hold no 2-bit code 3 (the error names the row and column of
+/// the first one), eight bytes at a time.
+pub fn check_codes(m: &crate::format::TernaryMatrix) -> crate::Result<()> {
+    let packed = m.packed.as_slice();
+    let bad = |x: u64| (x & (x >> 1)) & 0x5555_5555_5555_5555;
+    let mut chunks = packed.chunks_exact(8);
+    let mut at = None;
+    for (i, c) in chunks.by_ref().enumerate() {
+        if bad(u64::from_le_bytes(c.try_into().expect("8 bytes"))) != 0 {
+            at = Some(i * 8);
+            break;
+        }
+    }
+    if at.is_none() && chunks.remainder().iter().any(|&b| bad(b as u64) != 0) {
+        at = Some(packed.len() - chunks.remainder().len());
+    }
+    let Some(start) = at else {
+        return Ok(());
+    };
+    let r4 = (m.rows / 4).max(1);
+    for (i, &byte) in packed.iter().enumerate().skip(start) {
+        for k in 0..4 {
+            if (byte >> (2 * k)) & 3 == 3 {
+                let (r, c) = (k * r4 + i / m.cols.max(1), i % m.cols.max(1));
+                return Err(crate::Error::Format {
+                    path: m.name.clone().into(),
+                    msg: format!("invalid 2-bit code 3 at row {r}, column {c} of packed weight"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_codes_finds_the_first_code_3_where_row_codes_does() {
+        let (rows, cols) = (8, 13);
+        let mut packed = vec![0b0110_0100u8; rows / 4 * cols];
+        let ok = crate::format::TernaryMatrix {
+            name: "m".into(),
+            rows,
+            cols,
+            packed: crate::format::Bytes::Owned(std::sync::Arc::new(packed.clone())),
+            scale: 1.0,
+        };
+        assert!(check_codes(&ok).is_ok());
+        // Byte 17 is packed row 1, column 4; its bits 2..3 belong to row 1 * (8 / 4) + 1 = 3.
+        packed[17] |= 0b0000_1100;
+        let bad = crate::format::TernaryMatrix {
+            packed: crate::format::Bytes::Owned(std::sync::Arc::new(packed)),
+            ..ok
+        };
+        let e = check_codes(&bad).unwrap_err().to_string();
+        assert!(e.contains("row 3, column 4"), "{e}");
+        let mut codes = vec![0u8; cols];
+        let row = bad.row_codes(3, &mut codes).unwrap_err().to_string();
+        assert!(row.contains("row 3, column 4"), "{row}");
+    }
 
     #[test]
     fn rounds_half_to_even() {

@@ -7,27 +7,59 @@ use super::params::Step;
 use super::*;
 use crate::arch::{LLAMA_BITNET, LLAMA_BITNET_LINEAR_NORMS, ONEBIT_LLM};
 use crate::format::NORMED_PARTS;
-use crate::format::{Bytes, FloatTensor};
+use crate::format::{Bytes, FloatTensor, TernaryMatrix};
 use std::borrow::Cow;
 use std::sync::Arc;
 
-pub(super) fn mat(
+/// The fused matrix of `parts` (stacked by rows) in the matmul layout, with its bind group
+/// writing into `out`. The checkpoint-packed codes are checked on the host (no code 3) and
+/// repacked by the device ([`ops::repack`]), recorded on `enc`; the host repacks only parts
+/// whose packing the kernel does not read (rows not a multiple of 4).
+fn mat(
     device: &wgpu::Device,
+    enc: &mut wgpu::CommandEncoder,
     p: &Ops,
     b: &Bufs,
-    m: PackedMatrix,
+    parts: &[&TernaryMatrix],
     out: &wgpu::Buffer,
     name: &str,
-) -> Mat {
-    let w = storage_init(device, name, bytemuck::cast_slice(&m.words));
-    let rs = storage_init(device, name, bytemuck::cast_slice(&m.row_scale));
+) -> Result<Mat> {
+    let cols = parts[0].cols;
+    if parts.iter().any(|m| m.cols != cols) {
+        return Err(Error::Backend("fused matrices differ in columns".into()));
+    }
+    let kvec = pad64(cols) / 64;
+    let rows: usize = parts.iter().map(|m| m.rows).sum();
+    let on_device = parts
+        .iter()
+        .all(|m| m.rows.is_multiple_of(4) && m.packed.as_slice().len() == m.rows / 4 * cols);
+    let w = if on_device {
+        for m in parts {
+            crate::quant::check_codes(m)?;
+        }
+        let w = storage(device, name, rows * kvec * 16);
+        let mut row0 = 0;
+        for m in parts {
+            p.repack.record(device, enc, m, kvec, row0, &w);
+            row0 += m.rows;
+        }
+        w
+    } else {
+        let host = PackedMatrix::new(parts)?;
+        storage_init(device, name, bytemuck::cast_slice(&host.words))
+    };
+    let row_scale: Vec<f32> = parts
+        .iter()
+        .flat_map(|m| std::iter::repeat_n(m.scale, m.rows))
+        .collect();
+    let rs = storage_init(device, name, bytemuck::cast_slice(&row_scale));
     let params = uniform(
         device,
         name,
         &MatP {
-            rows: m.rows as u32,
-            kvec: m.kvec as u32,
-            ld: m.rows as u32,
+            rows: rows as u32,
+            kvec: kvec as u32,
+            ld: rows as u32,
             ..Default::default()
         },
     );
@@ -37,14 +69,14 @@ pub(super) fn mat(
         &p.matmul.layout,
         &[&b.step, &params, &w, &rs, &b.xq, &b.xs, out],
     );
-    Mat {
-        rows: m.rows,
-        kvec: m.kvec,
-        bytes: (m.words.len() * 4) as u64,
+    Ok(Mat {
+        rows,
+        kvec,
+        bytes: (rows * kvec * 16) as u64,
         w,
         rs,
         bg,
-    }
+    })
 }
 
 impl GpuBackend {
@@ -260,20 +292,16 @@ impl GpuBackend {
             let g_post = gamma(&n("post_norm"), &l.post_attention_norm);
             let g_attn = gamma(&n("attn_sub_norm"), &l.attn_sub_norm);
             let g_ffn = gamma(&n("ffn_sub_norm"), &l.ffn_sub_norm);
-            let matrix = |parts: &[&crate::format::TernaryMatrix], out, name: &str| {
-                Ok::<_, Error>(mat(
-                    device,
-                    &ops,
-                    &bufs,
-                    PackedMatrix::new(parts)?,
-                    out,
-                    name,
-                ))
+            // One submit per layer: its packed uploads are freed as the repacks finish.
+            let mut enc = device.create_command_encoder(&Default::default());
+            let mut matrix = |parts: &[&TernaryMatrix], out, name: &str| {
+                mat(device, &mut enc, &ops, &bufs, parts, out, name)
             };
             let qkv = matrix(&[&l.q, &l.k, &l.v], &bufs.qkv, &n("qkv"))?;
             let o = matrix(&[&l.o], &bufs.x, &n("o"))?;
             let gate_up = matrix(&[&l.gate, &l.up], &bufs.gu, &n("gate_up"))?;
             let down = matrix(&[&l.down], &bufs.x, &n("down"))?;
+            ctx.queue.submit([enc.finish()]);
             let fused = fused.then(|| FusedLayer {
                 o: fbg(
                     &n("fused o"),

@@ -13,6 +13,7 @@ pub mod matmul;
 pub mod norm;
 pub mod paged;
 pub mod probe;
+pub mod repack;
 pub mod rope;
 pub mod topk;
 
@@ -223,6 +224,8 @@ pub struct Ops {
     pub topk: topk::TopK,
     /// Memory bandwidth probes.
     pub probe: probe::Probe,
+    /// Checkpoint-packed ternary codes into the matmul layout, on the device.
+    pub repack: repack::Repack,
 }
 
 impl Ops {
@@ -244,6 +247,7 @@ impl Ops {
             argmax: argmax::Argmax::new(target),
             topk: topk::TopK::new(target),
             probe: probe::Probe::new(target),
+            repack: repack::Repack::new(target),
         }
     }
 }
