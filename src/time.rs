@@ -49,3 +49,77 @@ mod web {
         }
     }
 }
+
+/// Load-phase timing, printed when `BITNET_LOAD_TIMING=1` is set (natively: to stderr) or
+/// `globalThis.BITNET_LOAD_TIMING` is true (wasm: to the console): each [`Phases::mark`]
+/// prints the seconds since the previous one.
+pub struct Phases {
+    last: Instant,
+    on: bool,
+}
+
+impl Phases {
+    /// Starts timing (a no-op unless enabled).
+    pub fn new() -> Self {
+        Phases {
+            last: Instant::now(),
+            on: timing_enabled(),
+        }
+    }
+
+    /// Prints the time since the previous mark under `label`.
+    pub fn mark(&mut self, label: &str) {
+        if !self.on {
+            return;
+        }
+        let line = format!("load: {label} {:.3} s", self.last.elapsed().as_secs_f64());
+        print_line(&line);
+        self.last = Instant::now();
+    }
+}
+
+impl Default for Phases {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+fn timing_enabled() -> bool {
+    std::env::var_os("BITNET_LOAD_TIMING").is_some_and(|v| v == "1")
+}
+
+#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+fn print_line(line: &str) {
+    eprintln!("{line}");
+}
+
+#[cfg(all(target_arch = "wasm32", target_os = "unknown", feature = "wasm"))]
+fn timing_enabled() -> bool {
+    js_sys::Reflect::get(&js_sys::global(), &"BITNET_LOAD_TIMING".into())
+        .ok()
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false)
+}
+
+#[cfg(all(target_arch = "wasm32", target_os = "unknown", feature = "wasm"))]
+fn print_line(line: &str) {
+    use wasm_bindgen::JsCast;
+    let console = js_sys::Reflect::get(&js_sys::global(), &"console".into()).ok();
+    if let Some(c) = console {
+        if let Some(log) = js_sys::Reflect::get(&c, &"log".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<js_sys::Function>().ok())
+        {
+            let _ = log.call1(&c, &line.into());
+        }
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", target_os = "unknown", not(feature = "wasm")))]
+fn timing_enabled() -> bool {
+    false
+}
+
+#[cfg(all(target_arch = "wasm32", target_os = "unknown", not(feature = "wasm")))]
+fn print_line(_line: &str) {}

@@ -223,8 +223,10 @@ export const BitNet = {
     const evict = files.evict;
     opts.onProgress?.({ phase: 'load', file: null, loaded: 0, total: 0 });
     const b = new wasm.ModelBuilder();
+    const t0 = performance.now();
     try {
       for (const [name, bytes] of files) b.addFile(name, bytes);
+      if (globalThis.BITNET_LOAD_TIMING) console.log(`load: files into wasm ${((performance.now() - t0) / 1000).toFixed(3)} s`);
     } catch (e) {
       b.free();
       await evict?.();

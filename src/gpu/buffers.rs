@@ -33,6 +33,29 @@ pub fn storage(device: &wgpu::Device, label: &str, bytes: usize) -> wgpu::Buffer
     })
 }
 
+/// A storage buffer holding `data` (padded to 16 bytes), written through the queue in chunks:
+/// in a browser this hands WebGPU a view of wasm memory (one copy), where a buffer mapped at
+/// creation costs a copy into wasm memory and one back, at a few tens of MB/s on Dawn.
+pub fn storage_upload(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    label: &str,
+    data: &[u8],
+) -> wgpu::Buffer {
+    const CHUNK: usize = 64 << 20;
+    let buf = storage(device, label, data.len());
+    let aligned = data.len() / 4 * 4;
+    for (i, c) in data[..aligned].chunks(CHUNK).enumerate() {
+        queue.write_buffer(&buf, (i * CHUNK) as u64, c);
+    }
+    if aligned < data.len() {
+        let mut tail = data[aligned..].to_vec();
+        tail.resize(4, 0);
+        queue.write_buffer(&buf, aligned as u64, &tail);
+    }
+    buf
+}
+
 /// A storage buffer holding `data` (padded to 16 bytes).
 pub fn storage_init(device: &wgpu::Device, label: &str, data: &[u8]) -> wgpu::Buffer {
     if data.len().is_multiple_of(16) && !data.is_empty() {
@@ -159,7 +182,12 @@ fn shard_uniform(
 }
 
 /// Uploads `t` (`[vocab, hidden]`) as shards of at most `max_bytes` each.
-pub fn upload_shards(device: &wgpu::Device, t: &FloatTensor, max_bytes: u64) -> Result<Vec<Shard>> {
+pub fn upload_shards(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    t: &FloatTensor,
+    max_bytes: u64,
+) -> Result<Vec<Shard>> {
     let rw = head_row_words(t);
     let row_bytes = rw * 4;
     let per = (max_bytes as usize / row_bytes).min(t.rows);
@@ -173,8 +201,25 @@ pub fn upload_shards(device: &wgpu::Device, t: &FloatTensor, max_bytes: u64) -> 
     let src = t.bytes.as_slice();
     let mut shards = Vec::new();
     let mut row0 = 0;
+    // bf16 rows without padding are already the words the kernels read (pairs, low half first).
+    let as_stored = t.dtype == FloatDtype::BF16 && rw * 2 == t.cols;
     while row0 < t.rows {
         let rows = per.min(t.rows - row0);
+        if as_stored {
+            let raw = &src[row0 * t.cols * es..(row0 + rows) * t.cols * es];
+            let buf = storage_upload(device, queue, &format!("{} rows {row0}..", t.name), raw);
+            let uni = shard_uniform(device, t, row0, rows, rw, pad8(t.cols) / 4);
+            t.bytes
+                .release_range(row0 * t.cols * es, rows * t.cols * es);
+            shards.push(Shard {
+                row0,
+                rows,
+                buf,
+                uni,
+            });
+            row0 += rows;
+            continue;
+        }
         let mut words = vec![0u32; rows * rw];
         words.par_chunks_mut(rw).enumerate().for_each_init(
             || vec![0f32; t.cols],
@@ -197,8 +242,9 @@ pub fn upload_shards(device: &wgpu::Device, t: &FloatTensor, max_bytes: u64) -> 
                 }
             },
         );
-        let buf = storage_init(
+        let buf = storage_upload(
             device,
+            queue,
             &format!("{} rows {row0}..", t.name),
             bytemuck::cast_slice(&words),
         );
@@ -221,6 +267,7 @@ pub fn upload_shards(device: &wgpu::Device, t: &FloatTensor, max_bytes: u64) -> 
 /// 64 int8) and, beside it, its row scales.
 pub fn upload_i8_shards(
     device: &wgpu::Device,
+    queue: &wgpu::Queue,
     t: &FloatTensor,
     max_bytes: u64,
 ) -> Result<Vec<(Shard, wgpu::Buffer)>> {
@@ -250,7 +297,7 @@ pub fn upload_i8_shards(
                 },
             );
         let name = format!("{} int8 rows {row0}..", t.name);
-        let buf = storage_init(device, &name, bytemuck::cast_slice(&q));
+        let buf = storage_upload(device, queue, &name, bytemuck::cast_slice(&q));
         let scales = storage_init(device, &name, bytemuck::cast_slice(&scale));
         let uni = shard_uniform(device, t, row0, rows, rw, pad64(t.cols) / 16);
         shards.push((

@@ -15,8 +15,10 @@ use std::sync::Arc;
 /// writing into `out`. The checkpoint-packed codes are checked on the host (no code 3) and
 /// repacked by the device ([`ops::repack`]), recorded on `enc`; the host repacks only parts
 /// whose packing the kernel does not read (rows not a multiple of 4).
+#[allow(clippy::too_many_arguments)]
 fn mat(
     device: &wgpu::Device,
+    queue: &wgpu::Queue,
     enc: &mut wgpu::CommandEncoder,
     p: &Ops,
     b: &Bufs,
@@ -40,7 +42,7 @@ fn mat(
         let w = storage(device, name, rows * kvec * 16);
         let mut row0 = 0;
         for m in parts {
-            p.repack.record(device, enc, m, kvec, row0, &w);
+            p.repack.record(device, queue, enc, m, kvec, row0, &w);
             row0 += m.rows;
         }
         w
@@ -89,6 +91,7 @@ impl GpuBackend {
     pub fn with_context(ctx: GpuContext, w: &Weights, opts: &GpuOptions) -> Result<Self> {
         let cfg = w.config.clone();
         cfg.validate()?;
+        let mut phases = crate::time::Phases::new();
         let ops_of = layer_ops(&cfg);
         if ![
             BITNET_B158,
@@ -133,6 +136,7 @@ impl GpuBackend {
             kv: opts.kv,
         };
         let ops = Ops::new(&target, fused_widths);
+        phases.mark("gpu pipelines");
 
         let (h, q, kv, i) = (
             cfg.hidden_size,
@@ -295,7 +299,7 @@ impl GpuBackend {
             // One submit per layer: its packed uploads are freed as the repacks finish.
             let mut enc = device.create_command_encoder(&Default::default());
             let mut matrix = |parts: &[&TernaryMatrix], out, name: &str| {
-                mat(device, &mut enc, &ops, &bufs, parts, out, name)
+                mat(device, &ctx.queue, &mut enc, &ops, &bufs, parts, out, name)
             };
             let qkv = matrix(&[&l.q, &l.k, &l.v], &bufs.qkv, &n("qkv"))?;
             let o = matrix(&[&l.o], &bufs.x, &n("o"))?;
@@ -387,6 +391,7 @@ impl GpuBackend {
                 linear_norms,
             });
         }
+        phases.mark("gpu layers (upload + repack recorded)");
         let g_final = gamma("final_norm", &w.final_norm);
         let final_norm_bg = nbg("final_norm", &norm_f, &bufs.x, &g_final, &bufs.hn);
         let final_norm_q_bg = (opts.head == HeadMode::Int8)
@@ -445,7 +450,7 @@ impl GpuBackend {
             let g = bg(&s);
             (s, g)
         };
-        let embed_raw = buffers::upload_shards(device, embed_t, shard_bytes)?;
+        let embed_raw = buffers::upload_shards(device, &ctx.queue, embed_t, shard_bytes)?;
         let int8_head = opts.head == HeadMode::Int8;
         let head_bytes = if int8_head {
             (head_t.rows * (pad64(head_t.cols) + 4)) as u64
@@ -453,7 +458,7 @@ impl GpuBackend {
             (head_t.rows * buffers::head_row_words(head_t) * 4) as u64
         };
         let head_shards: Vec<_> = if int8_head {
-            buffers::upload_i8_shards(device, head_t, shard_bytes)?
+            buffers::upload_i8_shards(device, &ctx.queue, head_t, shard_bytes)?
                 .into_iter()
                 .map(|(s, scales)| {
                     let bg = bind_group(
@@ -480,13 +485,14 @@ impl GpuBackend {
                     .iter()
                     .map(|s| make(s.clone(), &head_bg))
                     .collect(),
-                Some(lm) => buffers::upload_shards(device, lm, shard_bytes)?
+                Some(lm) => buffers::upload_shards(device, &ctx.queue, lm, shard_bytes)?
                     .into_iter()
                     .map(|s| make(s, &head_bg))
                     .collect(),
             }
         };
         let embed_shards: Vec<_> = embed_raw.into_iter().map(|s| make(s, &embed_bg)).collect();
+        phases.mark("gpu embedding and head");
         let most = ctx.limits.max_compute_workgroups_per_dimension as usize;
         let rpw = ops.head.rows_per_wg();
         if let Some((s, _)) = head_shards

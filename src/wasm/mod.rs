@@ -290,11 +290,13 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
         )));
     }
     let file_bytes: usize = p.files.safetensors.iter().map(|f| f.1.len()).sum();
+    let mut phases = crate::time::Phases::new();
     let ModelFiles {
         weights: w,
         tokenizer,
         generation: gen,
     } = ModelFiles::from_buffers(p.files)?;
+    phases.mark("parse files");
     let config = w.config.clone();
     let context = match opts["contextLength"].as_u64() {
         Some(0) => return Err(req("contextLength must be at least 1")),
@@ -321,8 +323,11 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
                     max_binding_bytes: opts["maxBindingBytes"].as_u64(),
                     ..GpuOptions::default()
                 };
+                phases.mark("webgpu device");
                 let b = GpuBackend::load_web(ctx, &w, &gopts).await?;
+                phases.mark("webgpu backend (errors checked)");
                 let cache = b.new_cache(context)?;
+                phases.mark("kv cache");
                 Ok(Engine::Gpu {
                     b: Box::new(b),
                     cache,

@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::{Target, Use::*};
 use crate::format::TernaryMatrix;
-use crate::gpu::buffers::{bind_group, storage_init, uniform};
+use crate::gpu::buffers::{bind_group, storage_upload, uniform};
 
 const SRC: &str = include_str!("../../../shaders/repack.wgsl");
 
@@ -49,16 +49,18 @@ impl Repack {
 
     /// Records the repack of `m` into rows `row0..row0 + m.rows` of `dst` (`kvec` vec4 per
     /// row) on `enc`. The codes must have been checked (no code 3) on the host.
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
         device: &wgpu::Device,
+        queue: &wgpu::Queue,
         enc: &mut wgpu::CommandEncoder,
         m: &TernaryMatrix,
         kvec: usize,
         row0: usize,
         dst: &wgpu::Buffer,
     ) {
-        let src = storage_init(device, &m.name, m.packed.as_slice());
+        let src = storage_upload(device, queue, &m.name, m.packed.as_slice());
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("repack"),
             timestamp_writes: None,
