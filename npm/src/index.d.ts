@@ -38,8 +38,8 @@ export interface LoadOptions {
   cache?: boolean;
   /** Positions of the KV cache (default: min(max_position_embeddings, 2048)). */
   contextLength?: number;
-  /** Use WebGPU subgroup operations where wgpu reports a fixed subgroup size (default false;
-   * browsers do not report one today, so the shared-memory reductions run). */
+  /** Use WebGPU subgroup operations where the browser exposes the `subgroups` feature with
+   * one fixed subgroup size (default true; false forces the workgroup-memory reductions). */
   subgroups?: boolean;
   /** The CPU path's kernels (default: the fastest, simd128). */
   kernels?: 'auto' | 'simd128' | 'scalar';

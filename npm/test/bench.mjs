@@ -3,7 +3,8 @@
 // the tiny fixture), and the size of the package's .wasm.
 // Usage: npm run bench [-- <model dir> [decode tokens] [prompt tokens]]
 // BITNET_BACKEND=webgpu runs the WebGPU path on Dawn (the `webgpu` package; needs a GPU),
-// BITNET_KERNELS=scalar the CPU path's scalar kernels, BITNET_REPS the repeats (median, best).
+// BITNET_SUBGROUPS=0 without WebGPU subgroups, BITNET_KERNELS=scalar the CPU path's scalar
+// kernels, BITNET_REPS the repeats (median, best).
 import { statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { BitNet } from '../src/index.js';
@@ -28,6 +29,7 @@ const t0 = performance.now();
 const m = await BitNet.load(dir, {
   backend,
   kernels: backend === 'cpu' ? process.env.BITNET_KERNELS : undefined,
+  subgroups: process.env.BITNET_SUBGROUPS === '0' ? false : undefined,
   contextLength: Math.max(n, promptLen) + 2,
   onProgress: (p) => { phases[p.phase] ??= (performance.now() - t0) / 1000; },
 });

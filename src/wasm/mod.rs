@@ -316,7 +316,7 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
                         "WebGPU is not available here (no navigator.gpu)".into(),
                     ));
                 }
-                let ctx = GpuContext::new_web(opts["subgroups"].as_bool().unwrap_or(false)).await?;
+                let ctx = GpuContext::new_web(opts["subgroups"].as_bool().unwrap_or(true)).await?;
                 let gopts = GpuOptions {
                     max_step: PREFILL_CHUNK,
                     subgroups: ctx.desc.subgroup_size.is_some(),
