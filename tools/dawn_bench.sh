@@ -28,4 +28,6 @@ for r in $(seq "${RUNS:-2}"); do
     BITNET_BACKEND=webgpu BITNET_REPS=3 $NODE npm/test/bench.mjs models/kjv-fortunes 128 ${KJV_PROMPT:-200}
     echo "== Dawn, 2B-4T shape (run $r)"
     BITNET_LOAD_TIMING=1 BITNET_BACKEND=webgpu BITNET_REPS=3 $NODE npm/test/bench.mjs /tmp/m 128 512
+    echo "== Dawn, 2B-4T shape without subgroups (run $r)"
+    BITNET_SUBGROUPS=0 BITNET_BACKEND=webgpu BITNET_REPS=3 $NODE npm/test/bench.mjs /tmp/m 128 512
 done
