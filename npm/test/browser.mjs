@@ -74,6 +74,24 @@ let browser;
 try {
   browser = await connect(port, proc);
   const context = browser.contexts()[0] ?? (await browser.newContext());
+  // In every page: send the composed message and click Stop as soon as the first streamed
+  // text shows (from inside the page: the CPU path of the tiny model can finish the whole
+  // reply within a few milliseconds).
+  await context.addInitScript(() => {
+    window.sendThenStop = () => new Promise((resolve) => {
+      const log = document.getElementById('messages');
+      const obs = new MutationObserver(() => {
+        const body = log.querySelector('.msg.assistant:last-child .body');
+        if (body?.textContent.length) {
+          obs.disconnect();
+          document.getElementById('stop-btn').click();
+          resolve();
+        }
+      });
+      obs.observe(log, { childList: true, subtree: true, characterData: true });
+      document.getElementById('send-btn').click();
+    });
+  });
   const page = await context.newPage();
   await page.setViewportSize({ width: 1100, height: 800 });
   const logs = [];
@@ -132,21 +150,7 @@ try {
       window.bitnetDemo.extraOptions = { ignoreEos: true };
     });
     await page.fill('#prompt', 'Tell me a long story.');
-    // Click Stop as soon as the first streamed text shows (from inside the page: the CPU path
-    // of the tiny model can finish the whole reply within a few milliseconds).
-    await page.evaluate(() => new Promise((resolve) => {
-      const log = document.getElementById('messages');
-      const obs = new MutationObserver(() => {
-        const body = log.querySelector('.msg.assistant:last-child .body');
-        if (body?.textContent.length) {
-          obs.disconnect();
-          document.getElementById('stop-btn').click();
-          resolve();
-        }
-      });
-      obs.observe(log, { childList: true, subtree: true, characterData: true });
-      document.getElementById('send-btn').click();
-    }));
+    await page.evaluate(() => window.sendThenStop());
     await page.waitForFunction(() => document.documentElement.dataset.state === 'ready', null, { timeout: 60_000 });
     const stopped = await page.textContent('.msg.assistant:last-child .meta').catch(() => '');
     // WebGPU on SwiftShader is slow enough that the stop always lands mid-reply.
@@ -166,18 +170,7 @@ try {
       for (let i = 0; i < 20; i++) {
         document.getElementById('clear-btn').click();
         document.getElementById('prompt').value = `Story number ${i}, please.`;
-        await new Promise((resolve) => {
-          const obs = new MutationObserver(() => {
-            const body = log.querySelector('.msg.assistant:last-child .body');
-            if (body?.textContent.length) {
-              obs.disconnect();
-              document.getElementById('stop-btn').click();
-              resolve();
-            }
-          });
-          obs.observe(log, { childList: true, subtree: true, characterData: true });
-          document.getElementById('send-btn').click();
-        });
+        await window.sendThenStop();
         await idle();
         const err = log.querySelector('.msg.assistant.error');
         if (err) errors.push(err.textContent);

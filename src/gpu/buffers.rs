@@ -205,49 +205,37 @@ pub fn upload_shards(
     let as_stored = t.dtype == FloatDtype::BF16 && rw * 2 == t.cols;
     while row0 < t.rows {
         let rows = per.min(t.rows - row0);
-        if as_stored {
-            let raw = &src[row0 * t.cols * es..(row0 + rows) * t.cols * es];
-            let buf = storage_upload(device, queue, &format!("{} rows {row0}..", t.name), raw);
-            let uni = shard_uniform(device, t, row0, rows, rw, pad8(t.cols) / 4);
-            t.bytes
-                .release_range(row0 * t.cols * es, rows * t.cols * es);
-            shards.push(Shard {
-                row0,
-                rows,
-                buf,
-                uni,
-            });
-            row0 += rows;
-            continue;
-        }
-        let mut words = vec![0u32; rows * rw];
-        words.par_chunks_mut(rw).enumerate().for_each_init(
-            || vec![0f32; t.cols],
-            |tmp, (i, out)| {
-                let r = row0 + i;
-                match t.dtype {
-                    FloatDtype::BF16 => {
-                        let raw = &src[r * t.cols * es..(r + 1) * t.cols * es];
-                        for (c, b) in raw.chunks_exact(2).enumerate() {
-                            out[c / 2] |=
-                                (u16::from_le_bytes([b[0], b[1]]) as u32) << (16 * (c % 2));
+        let stored = &src[row0 * t.cols * es..(row0 + rows) * t.cols * es];
+        let packed: Vec<u32>;
+        let words: &[u8] = if as_stored {
+            stored
+        } else {
+            let mut words = vec![0u32; rows * rw];
+            words.par_chunks_mut(rw).enumerate().for_each_init(
+                || vec![0f32; t.cols],
+                |tmp, (i, out)| {
+                    let r = row0 + i;
+                    match t.dtype {
+                        FloatDtype::BF16 => {
+                            let raw = &src[r * t.cols * es..(r + 1) * t.cols * es];
+                            for (c, b) in raw.chunks_exact(2).enumerate() {
+                                out[c / 2] |=
+                                    (u16::from_le_bytes([b[0], b[1]]) as u32) << (16 * (c % 2));
+                            }
+                        }
+                        _ => {
+                            t.row_into(r, tmp);
+                            for (o, v) in out.iter_mut().zip(tmp.iter()) {
+                                *o = v.to_bits();
+                            }
                         }
                     }
-                    _ => {
-                        t.row_into(r, tmp);
-                        for (o, v) in out.iter_mut().zip(tmp.iter()) {
-                            *o = v.to_bits();
-                        }
-                    }
-                }
-            },
-        );
-        let buf = storage_upload(
-            device,
-            queue,
-            &format!("{} rows {row0}..", t.name),
-            bytemuck::cast_slice(&words),
-        );
+                },
+            );
+            packed = words;
+            bytemuck::cast_slice(&packed)
+        };
+        let buf = storage_upload(device, queue, &format!("{} rows {row0}..", t.name), words);
         let uni = shard_uniform(device, t, row0, rows, rw, pad8(t.cols) / 4);
         t.bytes
             .release_range(row0 * t.cols * es, rows * t.cols * es);
