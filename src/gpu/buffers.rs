@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
-use crate::format::{FloatDtype, FloatTensor, TernaryMatrix};
+use crate::format::{FloatDtype, FloatTensor};
 
 /// Usage of activation and weight buffers (copies allow tests to read and write them).
 pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -81,61 +81,6 @@ pub fn uniform<T: bytemuck::Pod>(device: &wgpu::Device, label: &str, params: &T)
         contents: bytemuck::bytes_of(params),
         usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
     })
-}
-
-/// Ternary matrices stacked by rows in the GPU layout: per row `kvec` vec4<u32> holding 16
-/// codes (`w + 1`, 2 bits) per word; column `c = 16 k + 4 s + b` sits at bits `8 b + 2 s` of
-/// word `k`, so `(word >> 2 s) & 0x03030303` holds 4 consecutive columns, one per byte, ready
-/// for `dot4I8Packed` against a word of 4 int8 activations; zero-padded
-/// columns (code 0 multiplies a zero activation), and one f32 scale per row.
-pub struct PackedMatrix {
-    /// Code words, `rows * kvec * 4`.
-    pub words: Vec<u32>,
-    /// Per-row scale (each source matrix's `weight_scale`).
-    pub row_scale: Vec<f32>,
-    /// Rows in total.
-    pub rows: usize,
-    /// vec4<u32> per row.
-    pub kvec: usize,
-}
-
-impl PackedMatrix {
-    /// Repacks `mats` (same column count) stacked in order.
-    pub fn new(mats: &[&TernaryMatrix]) -> Result<Self> {
-        let cols = mats[0].cols;
-        if mats.iter().any(|m| m.cols != cols) {
-            return Err(Error::Backend("fused matrices differ in columns".into()));
-        }
-        let kvec = pad64(cols) / 64;
-        let rw = kvec * 4;
-        let rows: usize = mats.iter().map(|m| m.rows).sum();
-        let mut words = vec![0u32; rows * rw];
-        let mut row_scale = Vec::with_capacity(rows);
-        let mut r0 = 0;
-        for m in mats {
-            let block = &mut words[r0 * rw..(r0 + m.rows) * rw];
-            block.par_chunks_mut(rw).enumerate().try_for_each_init(
-                || vec![0u8; cols],
-                |codes, (r, out)| -> Result<()> {
-                    m.row_codes(r, codes)?;
-                    for (c, &code) in codes.iter().enumerate() {
-                        let (s, b) = ((c % 16) / 4, c % 4);
-                        out[c / 16] |= (code as u32) << (8 * b + 2 * s);
-                    }
-                    Ok(())
-                },
-            )?;
-            row_scale.extend(std::iter::repeat_n(m.scale, m.rows));
-            r0 += m.rows;
-        }
-        // Padding columns keep code 0 (w = -1): their activations are zero, so they add 0.
-        Ok(PackedMatrix {
-            words,
-            row_scale,
-            rows,
-            kvec,
-        })
-    }
 }
 
 /// One slice of the vocabulary rows of the embedding/head, small enough for one binding.

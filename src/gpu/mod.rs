@@ -26,7 +26,7 @@ pub mod web;
 
 use std::sync::mpsc;
 
-use buffers::{bind_group, pad64, pad8, storage, storage_init, uniform, PackedMatrix, Shard};
+use buffers::{bind_group, pad64, pad8, storage, storage_init, uniform, Shard};
 pub use cache::GpuCache;
 pub use context::{AdapterDesc, GpuContext};
 use device::HostTiming;

@@ -13,8 +13,7 @@ use std::sync::Arc;
 
 /// The fused matrix of `parts` (stacked by rows) in the matmul layout, with its bind group
 /// writing into `out`. The checkpoint-packed codes are checked on the host (no code 3) and
-/// repacked by the device ([`ops::repack`]), recorded on `enc`; the host repacks only parts
-/// whose packing the kernel does not read (rows not a multiple of 4).
+/// repacked by the device ([`ops::repack`]), recorded on `enc`.
 #[allow(clippy::too_many_arguments)]
 fn mat(
     device: &wgpu::Device,
@@ -32,24 +31,21 @@ fn mat(
     }
     let kvec = pad64(cols) / 64;
     let rows: usize = parts.iter().map(|m| m.rows).sum();
-    let on_device = parts
-        .iter()
-        .all(|m| m.rows.is_multiple_of(4) && m.packed.as_slice().len() == m.rows / 4 * cols);
-    let w = if on_device {
-        for m in parts {
-            crate::quant::check_codes(m)?;
+    let w = storage(device, name, rows * kvec * 16);
+    let mut row0 = 0;
+    for m in parts {
+        if m.packed.as_slice().len() != m.rows / 4 * cols {
+            return Err(Error::Backend(format!(
+                "{}: {} packed bytes for {} x {cols} codes",
+                m.name,
+                m.packed.as_slice().len(),
+                m.rows
+            )));
         }
-        let w = storage(device, name, rows * kvec * 16);
-        let mut row0 = 0;
-        for m in parts {
-            p.repack.record(device, queue, enc, m, kvec, row0, &w);
-            row0 += m.rows;
-        }
-        w
-    } else {
-        let host = PackedMatrix::new(parts)?;
-        storage_init(device, name, bytemuck::cast_slice(&host.words))
-    };
+        crate::quant::check_codes(m)?;
+        p.repack.record(device, queue, enc, m, kvec, row0, &w);
+        row0 += m.rows;
+    }
     let row_scale: Vec<f32> = parts
         .iter()
         .flat_map(|m| std::iter::repeat_n(m.scale, m.rows))

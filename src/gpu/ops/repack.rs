@@ -1,6 +1,7 @@
 //! Ternary weights repacked on the device: the checkpoint-packed bytes are uploaded as they
-//! are and a kernel writes the matmul layout ([`crate::gpu::buffers::PackedMatrix`] is the
-//! host-side reference of the same layout), so loading does no per-code work on the CPU.
+//! are and a kernel writes the matmul layout (per row `kvec` vec4<u32>, 16 codes `w + 1` per
+//! word, column `16 k + 4 s + b` at bits `8 b + 2 s` of word `k`, padding columns code 0;
+//! see matmul_io.wgsl), so loading does no per-code work on the CPU.
 
 use bytemuck::{Pod, Zeroable};
 
