@@ -48,6 +48,15 @@ mod web {
             Duration::from_secs_f64(((now_ms() - self.0) / 1e3).max(0.0))
         }
     }
+
+    impl std::ops::Sub for Instant {
+        type Output = Duration;
+
+        /// The time from `rhs` to `self` (zero when `rhs` is later).
+        fn sub(self, rhs: Instant) -> Duration {
+            Duration::from_secs_f64(((self.0 - rhs.0) / 1e3).max(0.0))
+        }
+    }
 }
 
 /// Load-phase timing, printed when `BITNET_LOAD_TIMING=1` is set (natively: to stderr) or

@@ -27,6 +27,8 @@ let model = null;
 let history = [];
 let abort = null;
 let loadAbort = null;
+/** Load options from the page's address (`threads`, `storage`). */
+const loadExtra = {};
 
 const setState = (s) => { document.documentElement.dataset.state = s; };
 function setStatus(text, error = false) {
@@ -84,16 +86,20 @@ export async function load(source = DEFAULT_MODEL_URL, backend = 'auto') {
   setStatus('Loading the model…');
   const t0 = performance.now();
   try {
-    const next = await BitNet.loadInWorker(source, { backend, onProgress, signal: ac.signal });
+    const next = await BitNet.loadInWorker(source, { backend, onProgress, signal: ac.signal, ...loadExtra });
     model?.dispose();
     model = next;
     const i = model.info;
-    ui.backend.textContent = i.backend === 'webgpu' ? 'WebGPU' : `CPU (${i.kernels})`;
+    ui.backend.textContent = i.backend === 'webgpu' ? 'WebGPU'
+      : `CPU (${i.kernels}, ${i.threads} thread${i.threads === 1 ? '' : 's'})`;
     ui.device.textContent = i.device;
     ui.speed.textContent = '–';
     const secs = ((performance.now() - t0) / 1000).toFixed(1);
     let msg = `Model ready (${fmtBytes(i.fileBytes)}, ${i.config.num_hidden_layers} layers, loaded in ${secs} s).`;
     if (i.fallbackReason) msg += ` Using the CPU: ${i.fallbackReason}`;
+    if (i.backend === 'cpu' && i.threads === 1 && i.threadsReason && !loadExtra.threads) {
+      msg += ` One CPU thread: ${i.threadsReason}.`;
+    }
     if (i.cacheWarning) msg += ` Note: ${i.cacheWarning}.`;
     setStatus(msg);
     ui.progressText.textContent = '';
@@ -221,7 +227,7 @@ async function refreshCache() {
   for (const m of items) {
     const li = document.createElement('li');
     const name = document.createElement('span');
-    name.textContent = `${m.url} (${fmtBytes(m.bytes)})`;
+    name.textContent = `${m.url} (${fmtBytes(m.bytes)}, ${m.storage === 'opfs' ? 'OPFS' : 'Cache API'})`;
     const del = document.createElement('button');
     del.type = 'button';
     del.className = 'secondary';
@@ -270,8 +276,10 @@ ui.clear.addEventListener('click', () => { history = []; ui.messages.replaceChil
 ui.cacheBox.addEventListener('toggle', refreshCache);
 BitNet.version().then((v) => { ui.version.textContent = `Engine ${v}.`; }).catch(() => {});
 
-// Deep links and tests: ?model=<url>&backend=<auto|webgpu|cpu>&autoload=1
+// Deep links and tests: ?model=<url>&backend=<auto|webgpu|cpu>&threads=<n>&storage=<cache-api|opfs>&autoload=1
 const params = new URLSearchParams(location.search);
+if (params.has('threads')) loadExtra.threads = Number(params.get('threads'));
+if (params.has('storage')) loadExtra.storage = params.get('storage');
 if (params.has('backend')) ui.backendSelect.value = params.get('backend');
 if (params.has('model')) {
   const m = params.get('model');

@@ -1,9 +1,10 @@
 // Gathering a checkpoint's files from a URL, a local path (Node), File objects or bytes, with
-// download progress and a browser cache (Cache API) that can be listed and cleared.
+// download progress and a browser cache (store.js: Cache API or OPFS) that can be listed and
+// cleared.
 import { isNode } from './runtime.js';
+import { storeFor, verifiedFiles, storeFiles, hasStored, listStored, removeStored, clearStored } from './store.js';
 
-export const CACHE_NAME = 'bitnet-inference-models-v1';
-const MANIFEST = '__bitnet_cache_manifest__.json';
+export { CACHE_NAME } from './store.js';
 const OPTIONAL = ['tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'chat_template.jinja'];
 const KNOWN = new Set(['config.json', ...OPTIONAL, 'model.safetensors.index.json']);
 
@@ -25,8 +26,6 @@ export function hubUrl(ref, endpoint = HF_ENDPOINT) {
   const dir = sub.endsWith('/') ? sub : `${sub}/`;
   return new URL(`${String(endpoint).replace(/\/+$/, '')}/${owner}/${name}/resolve/${encodeURIComponent(revision)}${dir}`);
 }
-
-const hasCacheApi = () => typeof caches !== 'undefined' && typeof caches.open === 'function';
 
 function toBytes(v) {
   if (v instanceof Uint8Array) return v;
@@ -102,12 +101,6 @@ function fetcher(opts) {
   return opts.fetch ?? globalThis.fetch?.bind(globalThis);
 }
 
-/** The SHA-256 of `bytes` as hex (Web Crypto, in browsers and Node alike). */
-async function sha256(bytes) {
-  const d = new Uint8Array(await globalThis.crypto.subtle.digest('SHA-256', bytes));
-  return Array.from(d, (x) => x.toString(16).padStart(2, '0')).join('');
-}
-
 /** Downloads one file (never from the cache); a body shorter than its Content-Length fails. */
 async function download(url, { optional, progress, name, opts }) {
   const href = url.href;
@@ -140,69 +133,6 @@ async function download(url, { optional, progress, name, opts }) {
   return bytes;
 }
 
-/**
- * The cached files of the model at `base` that still match their manifest (size and SHA-256
- * recorded at download): name → bytes. Entries that do not match are deleted (and will be
- * downloaded again); without a manifest nothing cached is trusted.
- */
-async function verifiedCache(cache, base, progress) {
-  const res = await cache.match(new URL(MANIFEST, base).href);
-  let manifest = null;
-  try {
-    manifest = res ? await res.json() : null;
-  } catch {
-    manifest = null;
-  }
-  const good = new Map();
-  const listed = new Map((manifest?.files ?? []).map((f) => [f.name, f]));
-  for (const req of await cache.keys()) {
-    if (!req.url.startsWith(base.href)) continue;
-    const name = req.url.slice(base.href.length);
-    if (!name || name.includes('/') || name === MANIFEST) continue;
-    const want = listed.get(name);
-    const r = await cache.match(req);
-    const bytes = r ? new Uint8Array(await r.arrayBuffer()) : null;
-    if (want && bytes && bytes.byteLength === want.bytes && (await sha256(bytes)) === want.sha256) {
-      progress.update(name, bytes.byteLength, bytes.byteLength);
-      good.set(name, bytes);
-    } else {
-      console.warn(`bitnet-inference: the cached ${req.url} is damaged or unverified; downloading it again`);
-      await cache.delete(req);
-    }
-  }
-  return good;
-}
-
-/**
- * Stores a model's files and their manifest (sizes, SHA-256) in the cache. Resolves to null
- * or a message saying why caching failed (e.g. the storage quota).
- */
-async function storeInCache(cache, base, files) {
-  const entries = [];
-  try {
-    for (const [name, bytes] of files) {
-      entries.push({ name, bytes: bytes.byteLength, sha256: await sha256(bytes) });
-      await cache.put(new URL(name, base).href, new Response(bytes, { headers: { 'content-type': 'application/octet-stream' } }));
-    }
-    const manifest = {
-      url: base.href,
-      files: entries,
-      bytes: entries.reduce((a, f) => a + f.bytes, 0),
-      cachedAt: new Date().toISOString(),
-    };
-    await cache.put(new URL(MANIFEST, base).href, new Response(JSON.stringify(manifest), {
-      headers: { 'content-type': 'application/json' },
-    }));
-    return null;
-  } catch (e) {
-    // Half a model in the cache is worse than none.
-    for (const f of entries) await cache.delete(new URL(f.name, base).href).catch(() => {});
-    const quota = e?.name === 'QuotaExceededError';
-    const why = quota ? 'the browser storage quota is exhausted' : (e?.message ?? String(e));
-    return `the model was not cached: ${why}`;
-  }
-}
-
 function baseUrl(source) {
   let href = source instanceof URL ? source.href : String(source);
   const base = typeof location !== 'undefined' ? location.href : undefined;
@@ -230,9 +160,12 @@ async function inParallel(items, n, f) {
 
 async function filesFromUrl(source, opts, progress) {
   const base = baseUrl(source);
-  const useCache = opts.cache !== false && hasCacheApi() && /^https?:$/.test(base.protocol);
-  const cache = useCache ? await caches.open(CACHE_NAME) : null;
-  const cached = cache ? await verifiedCache(cache, base, progress) : new Map();
+  const storage = opts.storage ?? 'cache-api';
+  const store = opts.cache !== false && /^https?:$/.test(base.protocol) ? storeFor(storage) : null;
+  // Asked for by name and missing: say so (a default cache that is missing stays quiet).
+  let warning = store || !opts.storage || opts.cache === false ? null
+    : `the model is not cached: no ${storage === 'opfs' ? 'OPFS' : 'Cache API'} here (browsers offer it in secure contexts)`;
+  const cached = store ? await verifiedFiles(store, base, (n, b) => progress.update(n, b, b)) : new Map();
   const fetched = [];
   const get = async (name, optional) => {
     if (cached.has(name)) return [name, cached.get(name)];
@@ -254,27 +187,19 @@ async function filesFromUrl(source, opts, progress) {
   }
   // The caller stores the downloads (checked against their Content-Length) before building
   // the model, and evicts them if the engine rejects the files.
-  files.commit = async () => (cache && fetched.length ? storeInCache(cache, base, files) : null);
+  files.commit = async () => {
+    if (store && fetched.length) warning = await storeFiles(store, base, files);
+    return warning;
+  };
   files.evict = async () => {
-    if (cache) await deleteCachedModel(base.href);
+    if (store) await removeStored(base);
   };
   return files;
 }
 
-/** Whether the model at `url` is in the cache with every file its manifest lists. */
+/** Whether the model at `url` is stored (Cache API or OPFS) with every file its manifest lists. */
 export async function hasModelInCache(url) {
-  if (!hasCacheApi()) return false;
-  const base = baseUrl(url);
-  const cache = await caches.open(CACHE_NAME);
-  const res = await cache.match(new URL(MANIFEST, base).href);
-  if (!res) return false;
-  try {
-    const m = await res.json();
-    for (const f of m.files ?? []) if (!(await cache.match(new URL(f.name, base).href))) return false;
-    return (m.files ?? []).length > 0;
-  } catch {
-    return false;
-  }
+  return hasStored(baseUrl(url));
 }
 
 function shardNames(indexBytes) {
@@ -373,39 +298,17 @@ export async function gatherFiles(source, opts = {}) {
   return filesFromUrl(source, opts, progress);
 }
 
-/** Models saved in the browser cache by earlier loads: `[{url, files, bytes, cachedAt}]`. */
+/** Models saved by earlier loads (Cache API and OPFS): `[{url, storage, files, bytes, cachedAt}]`. */
 export async function listCachedModels() {
-  if (!hasCacheApi()) return [];
-  const cache = await caches.open(CACHE_NAME);
-  const out = [];
-  for (const req of await cache.keys()) {
-    if (!req.url.endsWith('/' + MANIFEST)) continue;
-    const r = await cache.match(req);
-    try {
-      out.push(await r.json());
-    } catch {
-      /* a damaged manifest: skip */
-    }
-  }
-  return out.sort((a, b) => a.url.localeCompare(b.url));
+  return listStored();
 }
 
-/** Deletes every cached file of the model at `url`; resolves to whether anything was deleted. */
+/** Deletes every stored file of the model at `url`; resolves to whether anything was deleted. */
 export async function deleteCachedModel(url) {
-  if (!hasCacheApi()) return false;
-  const base = baseUrl(url).href;
-  const cache = await caches.open(CACHE_NAME);
-  let any = false;
-  for (const req of await cache.keys()) {
-    if (req.url.startsWith(base) && !req.url.slice(base.length).includes('/')) {
-      any = (await cache.delete(req)) || any;
-    }
-  }
-  return any;
+  return removeStored(baseUrl(url));
 }
 
-/** Deletes the whole model cache. */
+/** Deletes every stored model (Cache API and OPFS). */
 export async function clearModelCache() {
-  if (!hasCacheApi()) return false;
-  return caches.delete(CACHE_NAME);
+  return clearStored();
 }

@@ -36,11 +36,19 @@ export interface LoadOptions {
   /** Keep downloaded files in the browser cache (Cache API) and reuse them; default true.
    * Each file's size and SHA-256 are recorded and checked before use. */
   cache?: boolean;
+  /** Where `cache` keeps the files: 'cache-api' (default) or 'opfs' (the origin private file
+   * system). Either way each file's size and SHA-256 are recorded and checked before use. */
+  storage?: 'cache-api' | 'opfs';
   /** Positions of the KV cache (default: min(max_position_embeddings, 2048)). */
   contextLength?: number;
   /** Use WebGPU subgroup operations where the browser exposes the `subgroups` feature with
    * one fixed subgroup size (default true; false forces the workgroup-memory reductions). */
   subgroups?: boolean;
+  /** The CPU path's threads (default 'auto': one per core, up to 8, where the threaded module
+   * can run — a Web Worker of a cross-origin-isolated page, the CPU path certain — else 1;
+   * `info.threadsReason` says why it is 1). A number asks for exactly that many and is an
+   * error where threads cannot run. */
+  threads?: 'auto' | number;
   /** The CPU path's kernels (default: the fastest, simd128). */
   kernels?: 'auto' | 'simd128' | 'scalar';
   /** Caps the WebGPU shards of the embedding/head below the device's binding limit (testing). */
@@ -82,6 +90,10 @@ export interface ModelInfo {
   /** Why `auto` did not use WebGPU (null when it did, or when the CPU was asked for): no
    * WebGPU, or a software fallback adapter (e.g. SwiftShader), slower than the CPU path. */
   fallbackReason: string | null;
+  /** CPU path: the threads it runs on (null on WebGPU). */
+  threads: number | null;
+  /** CPU path on one thread: why (e.g. the page is not cross-origin isolated); else null. */
+  threadsReason?: string | null;
   /** Why the downloaded files could not be cached (e.g. the storage quota), else null. */
   cacheWarning: string | null;
   /** WebGPU adapter details from the browser. */
@@ -270,12 +282,14 @@ export default BitNet;
 
 export interface CachedModel {
   url: string;
+  /** The store that holds it. */
+  storage: 'cache-api' | 'opfs';
   files: Array<{ name: string; bytes: number; sha256: string }>;
   bytes: number;
   cachedAt: string;
 }
 
-/** Models kept in the browser cache by earlier loads (empty where there is no Cache API). */
+/** Models kept by earlier loads, in the Cache API and in OPFS (empty where neither exists). */
 export declare function listCachedModels(): Promise<CachedModel[]>;
 /** Whether the model at `url` is cached with every file its manifest lists (each file's size
  * and SHA-256 are checked again when it is loaded; damaged entries are downloaded again). */

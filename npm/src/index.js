@@ -1,6 +1,8 @@
 // bitnet-inference: BitNet b1.58 models in the browser (WebGPU, or WebAssembly SIMD128 on the
 // CPU) and in Node (CPU). See index.d.ts for the API.
-import { initWasm, guard, toError, yieldToEventLoop, abortError, isNode } from './runtime.js';
+import {
+  initWasm, initWasmThreads, threadsUnavailableReason, guard, toError, yieldToEventLoop, abortError, isNode,
+} from './runtime.js';
 import { gatherFiles, listCachedModels, deleteCachedModel, clearModelCache, hasModelInCache } from './files.js';
 import { makeChat } from './chat.js';
 import { checkGenerateOptions, checkLoadOptions, checkPrompt } from './options.js';
@@ -36,6 +38,25 @@ async function softwareAdapterReason() {
     return `the WebGPU adapter is a software fallback (${label || 'isFallbackAdapter'}), slower than the CPU path; ask for backend: 'webgpu' to use it anyway`;
   }
   return null;
+}
+
+/**
+ * The CPU path's threads: `threads` as asked (a number, or 'auto': one per core up to 8 where
+ * the threaded module can run and the CPU path is certain), with why it is 1 when it is.
+ */
+function cpuThreads(asked = 'auto', backend) {
+  if (asked === 1) return { threads: 1, threadsReason: 'threads: 1 was asked' };
+  const cpuCertain = backend === 'cpu' || (backend === 'auto' && !hasWebGPU());
+  const unavailable = threadsUnavailableReason();
+  if (asked !== 'auto') {
+    if (!cpuCertain) throw new RangeError(`load option \`threads\` (${asked}) needs backend: 'cpu' (the threaded module has no WebGPU)`);
+    if (unavailable) throw new RangeError(`load option \`threads\` (${asked}): ${unavailable}`);
+    return { threads: asked, threadsReason: null };
+  }
+  if (!cpuCertain) return { threads: 1, threadsReason: 'the WebGPU path was tried first (ask for backend: \'cpu\' to get threads)' };
+  if (unavailable) return { threads: 1, threadsReason: unavailable };
+  const cores = Math.min(8, globalThis.navigator?.hardwareConcurrency ?? 1);
+  return cores > 1 ? { threads: cores, threadsReason: null } : { threads: 1, threadsReason: 'one core' };
 }
 
 function genOptions(o = {}) {
@@ -215,7 +236,11 @@ export const BitNet = {
    */
   async load(source, opts = {}) {
     checkLoadOptions(opts);
-    const wasm = await initWasm(opts.wasm);
+    let backend = opts.backend ?? 'auto';
+    const software = backend === 'auto' ? await softwareAdapterReason() : null;
+    if (software) backend = 'cpu';
+    const { threads, threadsReason } = cpuThreads(opts.threads, backend);
+    const wasm = threads > 1 ? await initWasmThreads(threads) : await initWasm(opts.wasm);
     const files = await gatherFiles(source, opts);
     if (opts.signal?.aborted) throw abortError(opts.signal);
     const cacheWarning = await files.commit?.();
@@ -233,9 +258,6 @@ export const BitNet = {
       throw toError(e);
     }
     files.length = 0; // let the JS copies go
-    let backend = opts.backend ?? 'auto';
-    const software = backend === 'auto' ? await softwareAdapterReason() : null;
-    if (software) backend = 'cpu';
     let raw;
     try {
       raw = await guard(() => b.build(JSON.stringify({
@@ -244,6 +266,7 @@ export const BitNet = {
         subgroups: opts.subgroups,
         kernels: opts.kernels,
         maxBindingBytes: opts.maxBindingBytes,
+        threads: threads > 1 ? threads : undefined,
       })));
     } catch (e) {
       // Files the engine rejects do not stay in the cache (the next load downloads them).
@@ -255,6 +278,7 @@ export const BitNet = {
     const name = opts.name ?? (typeof source === 'string' || source instanceof URL ? String(source) : 'local');
     const model = new BitNetModel(raw, name);
     if (software) model.info.fallbackReason = software;
+    if (model.info.backend === 'cpu') model.info.threadsReason = threadsReason;
     model.info.cacheWarning = cacheWarning ?? null;
     if (model.info.backend === 'webgpu') {
       // What the browser tells about the adapter (wgpu sees little of it).

@@ -1,5 +1,7 @@
-// Loading the WebAssembly module once per realm (page, worker or Node process), and turning
-// the module's failures into ordinary Errors.
+// Loading the WebAssembly modules once per realm (page, worker or Node process), and turning
+// the modules' failures into ordinary Errors. Two modules: the main one (WebGPU and the
+// single-threaded CPU path) and, where it was built (`npm run build -- --threads`), the threaded
+// CPU module (wasm atomics, a pool of Web Workers), used in cross-origin-isolated Web Workers.
 import init, * as wasm from '../pkg/bitnet_inference.js';
 
 export const isNode =
@@ -7,8 +9,11 @@ export const isNode =
   typeof WorkerGlobalScope === 'undefined';
 
 let ready = null;
+let threaded = null;
+/** The initialised modules (their panic hooks are asked for a message by toError). */
+const modules = [wasm];
 
-/** Instantiates the module (idempotent). `source` overrides where the .wasm comes from. */
+/** Instantiates the main module (idempotent). `source` overrides where the .wasm comes from. */
 export function initWasm(source) {
   if (!ready) {
     ready = (async () => {
@@ -25,10 +30,49 @@ export function initWasm(source) {
   return ready;
 }
 
+/**
+ * Why the threaded CPU module cannot run here, or null when it can: it needs a Web Worker
+ * (the pool's workers block, which a page's main thread may not) of a cross-origin-isolated
+ * page (SharedArrayBuffer).
+ */
+export function threadsUnavailableReason() {
+  if (isNode) return 'Node runs the single-threaded module';
+  if (typeof WorkerGlobalScope === 'undefined') return 'threads need the model in a Web Worker (BitNet.loadInWorker)';
+  if (globalThis.crossOriginIsolated !== true || typeof SharedArrayBuffer === 'undefined') {
+    return 'the page is not cross-origin isolated (serve it with Cross-Origin-Opener-Policy: same-origin and Cross-Origin-Embedder-Policy: require-corp)';
+  }
+  return null;
+}
+
+/**
+ * Instantiates the threaded module with a pool of `n` Web Workers. The pool is made once per
+ * realm: later calls get the first pool (the engine refuses more threads than it has).
+ */
+export function initWasmThreads(n) {
+  if (!threaded) {
+    threaded = (async () => {
+      let m;
+      try {
+        m = await import('../pkg/threads/bitnet_inference.js');
+      } catch (e) {
+        throw new Error(`bitnet-inference: the threaded module is missing (build it with \`npm run build -- --threads\`): ${e?.message ?? e}`);
+      }
+      await m.default();
+      await m.initThreadPool(n);
+      modules.push(m);
+      return m;
+    })();
+    threaded.catch(() => { threaded = null; });
+  }
+  return threaded;
+}
+
 /** An Error from anything the module threw; a trap after a Rust panic carries its message. */
 export function toError(e) {
   let panic = null;
-  try { panic = wasm.takePanicMessage?.() ?? null; } catch { /* module not initialised */ }
+  for (const m of modules) {
+    try { panic ??= m.takePanicMessage?.() ?? null; } catch { /* module not initialised */ }
+  }
   if (panic) {
     const err = new Error(panic);
     err.cause = e;

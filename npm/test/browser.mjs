@@ -229,6 +229,40 @@ try {
       'a truncated cached file is detected and downloaded again; the reference tokens follow');
   }
 
+  // The same with `storage: 'opfs'`: the files go to the origin private file system (not the
+  // Cache API), a truncated OPFS file is detected and downloaded again, and deleting works.
+  {
+    const r = await page.evaluate(async ([ids]) => {
+      const { BitNet, hasModelInCache, deleteCachedModel, listCachedModels } = await import('/npm/src/index.js');
+      const out = {};
+      const base = new URL('/tests/fixtures/tiny/', location.href).href;
+      await deleteCachedModel(base);
+      (await BitNet.load(base, { backend: 'cpu', storage: 'opfs' })).dispose();
+      out.cached = await hasModelInCache(base);
+      out.listed = (await listCachedModels()).filter((c) => c.url === base).map((c) => c.storage);
+      const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', new TextEncoder().encode(base)));
+      const dirName = Array.from(digest, (x) => x.toString(16).padStart(2, '0')).join('').slice(0, 40);
+      const top = await navigator.storage.getDirectory();
+      const dir = await (await top.getDirectoryHandle('bitnet-inference-models-v1')).getDirectoryHandle(dirName);
+      const fh = await dir.getFileHandle('model.safetensors');
+      const full = (await fh.getFile()).size;
+      const w = await fh.createWritable();
+      await w.truncate(5000);
+      await w.close();
+      const m = await BitNet.load(base, { backend: 'cpu', storage: 'opfs' });
+      out.tokens = (await m.generateText(ids, { maxTokens: 16, ignoreEos: true })).tokens;
+      m.dispose();
+      out.restored = (await (await dir.getFileHandle('model.safetensors')).getFile()).size === full;
+      out.deleted = await deleteCachedModel(base);
+      out.after = await hasModelInCache(base);
+      return out;
+    }, [prompts[0].input_ids]);
+    check(r.cached && JSON.stringify(r.listed) === '["opfs"]', `opfs: the model is stored in OPFS only (${r.listed})`);
+    check(JSON.stringify(r.tokens) === JSON.stringify(prompts[0].greedy_tokens) && r.restored,
+      'opfs: a truncated stored file is detected and downloaded again; the reference tokens follow');
+    check(r.deleted && !r.after, 'opfs: deleteCachedModel removes it');
+  }
+
   // In the page's own thread (no worker): WebGPU with the embedding/head split into many
   // small shards (as a large model is split under the binding limit), and the weights cache.
   if (adapter) {
@@ -275,6 +309,49 @@ try {
     const shot = join(outDir, `demo-default-${backend}.png`);
     await page.screenshot({ path: shot, fullPage: true });
     console.log(`screenshot: ${shot}`);
+  }
+
+  // The threaded CPU module on a cross-origin-isolated page: the fixture's greedy tokens on the
+  // team of all cores (threads: 'auto'), and the default model's speed on 1 thread and on all.
+  {
+    const cores = await page.evaluate(() => navigator.hardwareConcurrency);
+    const loadIsolated = async (model, threads) => {
+      const q = `${model ? `model=${model}&` : ''}backend=cpu${threads ? `&threads=${threads}` : ''}&autoload=1`;
+      await page.goto(`${url}/__isolated__/web/?${q}`);
+      await page.waitForFunction(() => ['ready', 'error'].includes(document.documentElement.dataset.state), null, { timeout: 180_000 });
+      const state = await page.evaluate(() => document.documentElement.dataset.state);
+      const what = `isolated page, ${model ? 'fixture' : 'default model'}, threads ${threads ?? 'auto'}`;
+      check(state === 'ready', `${what}: loads (${(await page.textContent('#status')).trim()})`);
+      return state === 'ready' ? page.evaluate(() => window.bitnetDemo.model.info) : null;
+    };
+    const info = await loadIsolated('../tests/fixtures/tiny/', null);
+    check(await page.evaluate(() => crossOriginIsolated), 'isolated page: crossOriginIsolated');
+    if (info) {
+      const want = Math.min(8, cores);
+      check(info.threads === want, `isolated page: threads 'auto' runs ${want} threads (${info.threads}: ${info.threadsReason})`);
+      for (const p of prompts) {
+        const tokens = await page.evaluate(([ids]) => window.bitnetDemo.generateTokens(ids, { maxTokens: 16, ignoreEos: true }), [p.input_ids]);
+        check(JSON.stringify(tokens) === JSON.stringify(p.greedy_tokens), `threaded CPU: greedy tokens of ${p.name}${JSON.stringify(tokens) === JSON.stringify(p.greedy_tokens) ? '' : `: got ${tokens} want ${p.greedy_tokens}`}`);
+      }
+    }
+    // Measured, not asserted: prefill of a 128-token prompt and 128 decoded tokens, best of 3.
+    const speeds = {};
+    for (const threads of [1, cores > 1 ? Math.min(8, cores) : null].filter(Boolean)) {
+      const i = await loadIsolated(null, threads);
+      if (!i) continue;
+      speeds[threads] = await page.evaluate(async () => {
+        const m = window.bitnetDemo.model;
+        const prompt = Array.from({ length: 128 }, (_, k) => 300 + ((k * 37) % 2000));
+        let best = { prefill: 0, decode: 0 };
+        for (let r = 0; r < 3; r++) {
+          const t = (await m.generateText(prompt, { maxTokens: 128, ignoreEos: true })).timings;
+          best = { prefill: Math.max(best.prefill, t.prefillTokensPerSecond), decode: Math.max(best.decode, t.tokensPerSecond) };
+        }
+        return best;
+      });
+      console.log(`default model, CPU, ${threads} thread(s), isolated page: prefill-128 ${speeds[threads].prefill.toFixed(1)} tok/s, decode ${speeds[threads].decode.toFixed(1)} tok/s`);
+    }
+    results.backends['cpu-threads'] = { cores, speeds };
   }
 
   // Local files: the demo's file picker with the fixture's files, on the CPU backend.

@@ -1,7 +1,9 @@
 // A static file server for the tests: serves a directory on 127.0.0.1 (a secure context for
 // WebGPU and the Cache API), GET/HEAD only, no directory listings, nothing outside the root.
 // Paths under `/__broken__/` serve the same files but cut every body larger than 64 KiB off
-// after half its announced length (a download interrupted mid-file).
+// after half its announced length (a download interrupted mid-file). Paths under
+// `/__isolated__/` serve the same files with the headers that make a page cross-origin isolated
+// (COOP same-origin, COEP require-corp): SharedArrayBuffer, so the threaded CPU module.
 import { createServer } from 'node:http';
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
@@ -22,11 +24,15 @@ export function serve(root) {
     }
     let path;
     let broken = false;
+    let isolated = false;
     try {
       path = decodeURIComponent(new URL(req.url, 'http://x').pathname);
       if (path.startsWith('/__broken__/')) {
         broken = true;
         path = path.slice('/__broken__'.length);
+      } else if (path.startsWith('/__isolated__/')) {
+        isolated = true;
+        path = path.slice('/__isolated__'.length);
       }
     } catch {
       res.writeHead(400).end();
@@ -47,6 +53,7 @@ export function serve(root) {
         'content-type': TYPES[extname(file)] ?? 'application/octet-stream',
         'content-length': s.size,
         'cache-control': 'no-store',
+        ...(isolated ? { 'cross-origin-opener-policy': 'same-origin', 'cross-origin-embedder-policy': 'require-corp' } : {}),
       });
       if (req.method === 'HEAD') res.end();
       else if (broken && s.size > 65536) {

@@ -168,7 +168,6 @@ impl CpuBackend {
         #[cfg(target_arch = "wasm32")]
         let pool = CurrentThread;
         let kernels = opts.kernels.unwrap_or_else(Kernels::detect);
-        let team = Team::new(opts.threads);
         let cfg = w.config.clone();
         let layers = pool.install(|| {
             w.layers
@@ -202,6 +201,9 @@ impl CpuBackend {
                 .collect::<Result<Vec<_>>>()
         })?;
         let head = pool.install(|| Head::new(w.head(), opts.head));
+        // After the loading: in the threaded WebAssembly module the team's workers keep threads
+        // of the pool that the loading above runs on.
+        let team = Team::new(opts.threads);
         Ok(CpuBackend {
             inv_freq: ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim),
             cfg,

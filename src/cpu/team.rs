@@ -33,6 +33,20 @@ struct Shared {
     running: Mutex<()>,
 }
 
+/// Starts a worker thread: an OS thread natively; in the threaded WebAssembly module, a task
+/// that keeps one thread of rayon's Web Worker pool (wasm-bindgen-rayon) until the team is
+/// dropped (no handle: the worker returns on shutdown).
+#[cfg(not(all(target_arch = "wasm32", feature = "wasm-threads")))]
+fn spawn(f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
+    Some(std::thread::spawn(f))
+}
+
+#[cfg(all(target_arch = "wasm32", feature = "wasm-threads"))]
+fn spawn(f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
+    rayon::spawn(f);
+    None
+}
+
 /// A fixed team of threads running index-parallel jobs.
 pub struct Team {
     shared: Arc<Shared>,
@@ -129,9 +143,9 @@ impl Team {
             running: Mutex::new(()),
         });
         let workers = (1..threads)
-            .map(|_| {
+            .filter_map(|_| {
                 let s = shared.clone();
-                std::thread::spawn(move || s.worker())
+                spawn(move || s.worker())
             })
             .collect();
         Team {

@@ -3,7 +3,9 @@
 //! sequences (a paged pool). Everything in the engine and the front ends goes through here.
 
 use crate::arch::{layer_ops, LayerOp};
-use crate::backend::{Backend, BatchBackend, HeadRows, KvCache, LogitRows, RowNeed, RowSlot};
+use crate::backend::{
+    Backend, BatchBackend, DeviceSteps, HeadRows, KvCache, LogitRows, RowNeed, RowSlot,
+};
 use crate::error::{Error, Result};
 use crate::reference::{argmax, top_candidates};
 use crate::time::Instant;
@@ -244,9 +246,22 @@ pub fn queue_greedy_step<B: Backend>(
     cache: &mut B::Cache,
     token: Option<u32>,
     pos: usize,
-    mut profile: Option<&mut OpProfile>,
+    profile: Option<&mut OpProfile>,
 ) -> Result<bool> {
-    let Some(d) = b.device() else {
+    queue_greedy_step_with(b, cache, token, pos, profile, |b| b.device())
+}
+
+/// [`queue_greedy_step`] with the device steps from `dev` rather than [`Backend::device`]: the
+/// browser's backend queues steps although it offers no blocking reads.
+pub fn queue_greedy_step_with<B: Backend>(
+    b: &mut B,
+    cache: &mut B::Cache,
+    token: Option<u32>,
+    pos: usize,
+    mut profile: Option<&mut OpProfile>,
+    dev: impl Fn(&mut B) -> Option<&mut dyn DeviceSteps>,
+) -> Result<bool> {
+    let Some(d) = dev(b) else {
         return Ok(false);
     };
     check_context(cache, pos, 1)?;
@@ -255,7 +270,7 @@ pub fn queue_greedy_step<B: Backend>(
         None => d.embed_queued_argmax()?,
     }
     run_layers(b, &mut SeqKv { cache, pos }, profile.as_deref_mut());
-    OpProfile::time(&mut profile, "final_norm_head", || match b.device() {
+    OpProfile::time(&mut profile, "final_norm_head", || match dev(b) {
         Some(d) => d.queue_argmax_last(),
         None => Ok(()),
     })?;

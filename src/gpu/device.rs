@@ -6,7 +6,7 @@ use super::*;
 /// Where a step's wall time goes on the host: recording, submitting, waiting for the GPU.
 #[derive(Default)]
 pub(super) struct HostTiming {
-    pub(super) started: Option<std::time::Instant>,
+    pub(super) started: Option<crate::time::Instant>,
     pub(super) steps: u64,
     pub(super) record: f64,
     pub(super) submit: f64,
@@ -42,9 +42,9 @@ impl Drop for GpuBackend {
 impl crate::backend::DeviceSteps for GpuBackend {
     fn argmax_last(&mut self) -> Result<u32> {
         let rb = self.record_argmax_last();
-        let t0 = std::time::Instant::now();
+        let t0 = crate::time::Instant::now();
         self.flush();
-        let t1 = std::time::Instant::now();
+        let t1 = crate::time::Instant::now();
         let token = self.read_mapped(&rb, 4, first_word)?;
         if let Some(t) = &mut self.timing {
             if let Some(s) = t.started.take() {
@@ -99,7 +99,7 @@ impl crate::backend::DeviceSteps for GpuBackend {
         let enc = self.rec.encoder();
         enc.copy_buffer_to_buffer(&self.bufs.argmax_result, 0, &rb, 0, 4);
         enc.copy_buffer_to_buffer(&self.bufs.argmax_result, 0, &self.bufs.tokens, 0, 4);
-        let t0 = std::time::Instant::now();
+        let t0 = crate::time::Instant::now();
         let index = self.flush();
         if let Some(t) = &mut self.timing {
             if let Some(s) = t.started.take() {
@@ -116,7 +116,7 @@ impl crate::backend::DeviceSteps for GpuBackend {
             .queued
             .pop_front()
             .ok_or_else(|| Error::Request("no queued decode step to read".into()))?;
-        let t0 = std::time::Instant::now();
+        let t0 = crate::time::Instant::now();
         let token = self.read_mapped_after(&rb, 4, index, first_word)?;
         if let Some(t) = &mut self.timing {
             t.steps += 1;

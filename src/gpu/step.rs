@@ -325,7 +325,7 @@ impl GpuBackend {
         // Drop any unsubmitted work of an abandoned step.
         self.rec.discard();
         if let Some(timing) = &mut self.timing {
-            timing.started = Some(std::time::Instant::now());
+            timing.started = Some(crate::time::Instant::now());
         }
         self.tokens.clear();
         self.tokens.extend_from_slice(host);

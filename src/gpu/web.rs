@@ -154,6 +154,17 @@ impl GpuBackend {
         Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
     }
 
+    /// [`crate::backend::DeviceSteps::read_queued_argmax`] for the web: awaits the oldest
+    /// queued step's argmax while the steps queued after it run.
+    pub async fn read_queued_argmax_async(&mut self) -> Result<u32> {
+        let (rb, _) = self
+            .queued
+            .pop_front()
+            .ok_or_else(|| Error::Request("no queued decode step to read".into()))?;
+        let data = read_buffer(&rb, 4).await?;
+        Ok(super::device::first_word(&data))
+    }
+
     /// [`Backend::logits`] of the step's last position for the web (into `out`, cleared).
     pub async fn logits_last_async(&mut self, out: &mut Vec<f32>) -> Result<()> {
         self.record_head_last();

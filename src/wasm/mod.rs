@@ -20,9 +20,13 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
 
+#[cfg(feature = "gpu")]
+use crate::backend::DeviceSteps;
 use crate::backend::{Backend, LogitRows, PREFILL_CHUNK};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::cpu::{CpuBackend, CpuCache, CpuOptions};
+#[cfg(feature = "gpu")]
+use crate::engine::forward::queue_greedy_step_with;
 use crate::engine::forward::{forward, forward_argmax};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::session::{check_prompt, GenerateOptions, Session, Want};
@@ -34,6 +38,9 @@ use crate::time::Instant;
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
 pub use selftest::kernel_self_test;
+/// `initThreadPool(n)` (threaded module): starts the Web Worker pool the CPU team runs on.
+#[cfg(feature = "wasm-threads")]
+pub use wasm_bindgen_rayon::init_thread_pool;
 
 static PANIC: Mutex<Option<String>> = Mutex::new(None);
 
@@ -232,6 +239,35 @@ impl Engine {
         }
     }
 
+    /// A greedy decode step for `token` at `pos`: its argmax and whether the step after it is
+    /// queued. On WebGPU the step (unless `queued` already) and, with `room`, the next one,
+    /// fed on the device by this one's argmax, are submitted before this one's token is read,
+    /// so the device never waits for the readback; the CPU just runs it.
+    async fn greedy(
+        &mut self,
+        token: u32,
+        pos: usize,
+        queued: bool,
+        room: bool,
+        scratch: &mut Vec<f32>,
+    ) -> Result<(u32, bool)> {
+        match self {
+            Engine::Cpu { b, cache } => {
+                let t = forward_argmax(&mut **b, cache, &[token], pos, scratch, None)?;
+                Ok((t, false))
+            }
+            #[cfg(feature = "gpu")]
+            Engine::Gpu { b, cache } => {
+                if !queued {
+                    queue_greedy_step_with(&mut **b, cache, Some(token), pos, None, web_steps)?;
+                }
+                let next = room
+                    && queue_greedy_step_with(&mut **b, cache, None, pos + 1, None, web_steps)?;
+                Ok((b.read_queued_argmax_async().await?, next))
+            }
+        }
+    }
+
     /// Runs a whole prompt from position 0 in chunks; the last chunk produces `want`.
     async fn prefill(
         &mut self,
@@ -253,6 +289,9 @@ impl Engine {
 /// A generation in progress and its timing.
 struct Run {
     s: Session,
+    /// Whether the device step for the token about to be emitted is already queued (greedy
+    /// decoding on WebGPU queues the next step before reading this one's token).
+    queued: bool,
     started: Instant,
     decode_started: Option<Instant>,
     prefill_s: f64,
@@ -275,6 +314,31 @@ pub struct Model {
     inner: Rc<RefCell<Inner>>,
     tokenizer: Option<Rc<Tokenizer>>,
     info: String,
+}
+
+/// The CPU team's size from the `threads` load option: 1 in the single-threaded module; in the
+/// threaded one at most the Web Worker pool that `initThreadPool` started (the team keeps
+/// `threads - 1` of its workers, and the loading needs one more).
+fn cpu_threads(opts: &Value) -> Result<usize> {
+    let want = match &opts["threads"] {
+        Value::Null => 1,
+        v => v
+            .as_u64()
+            .filter(|&n| (1..=256).contains(&n))
+            .ok_or_else(|| req(format!("load option `threads`: expected 1 to 256, got {v}")))?
+            as usize,
+    };
+    #[cfg(feature = "wasm-threads")]
+    let pool = rayon::current_num_threads();
+    #[cfg(not(feature = "wasm-threads"))]
+    let pool = 1;
+    if want > pool {
+        return Err(req(format!(
+            "load option `threads`: {want} asked, but this module has {pool} (the threaded \
+             module needs a cross-origin-isolated page and a Web Worker)"
+        )));
+    }
+    Ok(want)
 }
 
 async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
@@ -360,7 +424,7 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
             let b = CpuBackend::load(
                 &w,
                 &CpuOptions {
-                    threads: 1,
+                    threads: cpu_threads(&opts)?,
                     kernels,
                     ..Default::default()
                 },
@@ -374,17 +438,19 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
     };
     drop(w);
     let c = engine.config();
-    let (name, device, kernels, decode_bytes) = match &engine {
+    let (name, device, kernels, threads, decode_bytes) = match &engine {
         Engine::Cpu { b, .. } => (
             "cpu",
             b.describe(),
             Some(b.kernels().name()),
+            Some(b.threads()),
             b.decode_bytes_per_token(),
         ),
         #[cfg(feature = "gpu")]
         Engine::Gpu { b, .. } => (
             "webgpu",
             b.adapter().to_string(),
+            None,
             None,
             b.decode_bytes_per_token(),
         ),
@@ -393,6 +459,7 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
         "backend": name,
         "device": device,
         "kernels": kernels,
+        "threads": threads,
         "fallbackReason": fallback,
         "contextLength": context,
         "fileBytes": file_bytes,
@@ -506,6 +573,7 @@ impl Inner {
         let vocab = self.engine.config().vocab_size;
         self.session = Some(Run {
             s: Session::new(&prompt, &opts, self.context, vocab)?,
+            queued: false,
             started: Instant::now(),
             decode_started: None,
             prefill_s: 0.0,
@@ -541,7 +609,15 @@ impl Inner {
         } else {
             let ctx = r.s.context();
             let (last, pos) = (ctx[ctx.len() - 1], ctx.len() - 1);
-            engine.step(&[last], pos, want, logits).await?
+            match want {
+                Produce::Argmax => {
+                    let (queued, room) = (r.queued, r.s.room_for(1));
+                    let (tok, next_queued) = engine.greedy(last, pos, queued, room, logits).await?;
+                    r.queued = next_queued;
+                    Some(tok)
+                }
+                _ => engine.step(&[last], pos, want, logits).await?,
+            }
         };
         let tok = match next {
             Some(t) => t,
@@ -550,6 +626,13 @@ impl Inner {
         let e = r.s.accept(tok, tokenizer.as_deref())?;
         Ok(step_result(r, e.token, &e.text))
     }
+}
+
+/// The WebGPU backend's device steps (it offers none through [`Backend::device`], which
+/// promises blocking reads; queuing steps needs none).
+#[cfg(feature = "gpu")]
+fn web_steps(b: &mut GpuBackend) -> Option<&mut dyn DeviceSteps> {
+    Some(b)
 }
 
 fn step_result(r: &Run, token: Option<u32>, text: &str) -> Value {
