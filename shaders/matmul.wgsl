@@ -6,9 +6,13 @@
 // loaded and expanded to signed int8 once for the 4 (so no sum(x) correction); tokens past T
 // read token 0 and are not stored.
 // Dispatch: (ceil(rows / (2 * GROUPS)), ceil(T / 4)).
-// gemm (prefill): a 64-row x 64-token tile per 256-invocation workgroup, the weights expanded to
-// signed int8 words in workgroup memory, 4 rows x 4 tokens per invocation.
-// Dispatch: (ceil(rows / 64), ceil(T / 64)).
+// gemm (prefill, batches): a 64-row x 64-token tile per 256-invocation workgroup, the weights
+// expanded to signed int8 words in workgroup memory, 4 rows x 4 tokens per invocation; with
+// several workgroups along z (split-K, for steps with too few tiles to fill the device), each
+// sums its share of K into the i32 scratch `part` and gemm_finish applies the epilogue.
+// Dispatch: (ceil(rows / 64), ceil(T / 64), splits).
+// gemm_finish: the epilogue of a split-K gemm, one invocation per (row, token), leaving the
+// scratch zero. Dispatch: (ceil(rows / 256), T).
 
 override TPR: u32 = 8u;
 
@@ -183,9 +187,14 @@ fn d44(a: vec4<u32>, b0: vec4<u32>, b1: vec4<u32>, b2: vec4<u32>, b3: vec4<u32>)
 }
 
 @compute @workgroup_size(256)
-fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+    @builtin(num_workgroups) nwg: vec3<u32>) {
     let r0 = wg.x * 64u;
     let t0 = wg.y * 64u;
+    // This workgroup's share of K: steps m0..m1 (of 64 columns each).
+    let per = (mp.kvec + nwg.z - 1u) / nwg.z;
+    let m0 = min(wg.z * per, mp.kvec);
+    let m1 = min(m0 + per, mp.kvec);
     let tx = li % 16u; // rows tx + 16 i
     let ty = li / 16u; // tokens ty + 16 j
     // acc_i: row tx + 16 i, component j: token ty + 16 j (no arrays: they can spill).
@@ -205,12 +214,12 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let xsrc = select(0u, xtok, xok) * xrow;
     // The global loads of step m + 1 are issued before step m's arithmetic, so their latency
     // hides behind it.
-    var cw = w[wsrc][lq];
+    var cw = w[wsrc + min(m0, mp.kvec - 1u)][lq];
     var xv = vec4<u32>(0u);
     if xok {
-        xv = xq[xsrc + lq];
+        xv = xq[xsrc + 4u * min(m0, mp.kvec - 1u) + lq];
     }
-    for (var m = 0u; m < mp.kvec; m = m + 1u) {
+    for (var m = m0; m < m1; m = m + 1u) {
         // One code word (16 columns) -> 4 words of signed int8.
         var e = vec4<u32>(0u);
         if wok {
@@ -219,7 +228,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         wt[lr * 5u + lq] = e;
         xt[lr * 5u + lq] = xv;
         workgroupBarrier();
-        if m + 1u < mp.kvec {
+        if m + 1u < m1 {
             cw = w[wsrc + m + 1u][lq];
             if xok {
                 xv = xq[xsrc + 4u * (m + 1u) + lq];
@@ -241,26 +250,40 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         workgroupBarrier();
     }
-    store4(r0 + tx, t0 + ty, acc0);
-    store4(r0 + tx + 16u, t0 + ty, acc1);
-    store4(r0 + tx + 32u, t0 + ty, acc2);
-    store4(r0 + tx + 48u, t0 + ty, acc3);
+    let split = nwg.z > 1u;
+    store4(r0 + tx, t0 + ty, acc0, split);
+    store4(r0 + tx + 16u, t0 + ty, acc1, split);
+    store4(r0 + tx + 32u, t0 + ty, acc2, split);
+    store4(r0 + tx + 48u, t0 + ty, acc3, split);
 }
 
-fn store4(row: u32, t: u32, a: vec4<i32>) {
+// Tokens t, t + 16, t + 32, t + 48 of `row`: stored, or (split) added into the scratch.
+fn store4(row: u32, t: u32, a: vec4<i32>, split: bool) {
     if row >= mp.rows {
         return;
     }
-    if t < step.t {
-        store(t, row, a.x);
+    put(t, row, a.x, split);
+    put(t + 16u, row, a.y, split);
+    put(t + 32u, row, a.z, split);
+    put(t + 48u, row, a.w, split);
+}
+
+fn put(t: u32, row: u32, acc: i32, split: bool) {
+    if t >= step.t {
+        return;
     }
-    if t + 16u < step.t {
-        store(t + 16u, row, a.y);
+    if split {
+        atomicAdd(&part[t * mp.rows + row], acc);
+    } else {
+        store(t, row, acc);
     }
-    if t + 32u < step.t {
-        store(t + 32u, row, a.z);
-    }
-    if t + 48u < step.t {
-        store(t + 48u, row, a.w);
+}
+
+@compute @workgroup_size(256)
+fn gemm_finish(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row = gid.x;
+    let t = gid.y;
+    if row < mp.rows && t < step.t {
+        store(t, row, atomicExchange(&part[t * mp.rows + row], 0));
     }
 }

@@ -29,6 +29,8 @@ override ACCUM: bool = false;
 @group(0) @binding(4) var<storage, read> xq: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read> xs: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
+// The split-K gemm's i32 sums (zero between matmuls: gemm_finish leaves it so).
+@group(0) @binding(7) var<storage, read_write> part: array<atomic<i32>>;
 
 const M2: u32 = 0x03030303u;
 const ONES: u32 = 0x01010101u;

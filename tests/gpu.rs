@@ -282,14 +282,25 @@ fn matmul_ref(
 
 #[test]
 fn ternary_matmul_is_exact_gemv_and_gemm() {
-    // With tensor cores where the adapter has them (steps of more than 8 tokens), and without.
-    for tensor_cores in [true, false] {
-        ternary_matmul_is_exact_with(tensor_cores);
+    // With tensor cores where the adapter has them (steps of more than 8 tokens), and without;
+    // the wide shape's K (17 and 13 steps of 64) is split over workgroups on small steps.
+    let wide = ModelConfig {
+        hidden_size: 1088,
+        intermediate_size: 776,
+        num_heads: 34,
+        ..odd_config()
+    };
+    assert!(bitnet_inference::gpu::ops::matmul::k_splits(1152, 17, 17) > 1);
+    assert!(bitnet_inference::gpu::ops::matmul::k_splits(1088, 13, 64) > 1);
+    for cfg in [odd_config(), wide] {
+        for tensor_cores in [true, false] {
+            ternary_matmul_is_exact_with(&cfg, tensor_cores);
+        }
     }
 }
 
-fn ternary_matmul_is_exact_with(tensor_cores: bool) {
-    let cfg = odd_config();
+fn ternary_matmul_is_exact_with(cfg: &ModelConfig, tensor_cores: bool) {
+    let cfg = cfg.clone();
     let (_dir, w) = synth_model(&cfg, 12);
     let mut g = gpu_with(
         &w,
@@ -301,8 +312,8 @@ fn ternary_matmul_is_exact_with(tensor_cores: bool) {
     let mut rng = StdRng::seed_from_u64(2);
     let (h, i, q) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim());
     let l = &w.layers[1];
-    // GEMV (1), the 4-token GEMV (2..=64, partial groups of 4), the tiled GEMM (> 64) or the
-    // tensor-core GEMM (> 8), partial tiles of rows and tokens.
+    // GEMV (1), the 4-token GEMV (2..=16, partial groups of 4), the tiled GEMM (> 16, split over
+    // K where it has few tiles) or the tensor-core GEMM (> 8), partial tiles of rows and tokens.
     for t in [1usize, 2, 8, 9, 17, 64, 65, 130, 200] {
         g.embed(&vec![5; t]).unwrap();
         let rq = |rng: &mut StdRng, n: usize| -> Vec<i8> {

@@ -188,6 +188,7 @@ impl GpuBackend {
                         &self.bufs.xq,
                         &self.bufs.xs,
                         &out,
+                        &self.bufs.part,
                     ],
                 )
             })

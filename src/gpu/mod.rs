@@ -143,6 +143,7 @@ struct LinearNorms {
 struct LinearPart {
     linear: Linear,
     rows: usize,
+    kvec: usize,
     norm: wgpu::BindGroup,
     matmul: wgpu::BindGroup,
 }
@@ -153,6 +154,8 @@ struct Bufs {
     x: wgpu::Buffer,
     xq: wgpu::Buffer,
     xs: wgpu::Buffer,
+    /// The split-K GEMM's i32 sums ([`ops::matmul::PART_BYTES`]), zero between matmuls.
+    part: wgpu::Buffer,
     qkv: wgpu::Buffer,
     attn: wgpu::Buffer,
     gu: wgpu::Buffer,
@@ -293,6 +296,7 @@ impl Backend for GpuBackend {
                         "matmul_part",
                         &p.matmul,
                         p.rows,
+                        p.kvec,
                         t,
                         false,
                     );
@@ -302,7 +306,7 @@ impl Backend for GpuBackend {
         };
         self.ops
             .matmul
-            .record(&mut self.rec, label, &m.bg, m.rows, t, acc);
+            .record(&mut self.rec, label, &m.bg, m.rows, m.kvec, t, acc);
     }
 
     fn layer_done(&mut self, layer: usize) {

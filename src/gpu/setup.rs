@@ -65,7 +65,7 @@ fn mat(
         device,
         name,
         &p.matmul.layout,
-        &[&b.step, &params, &w, &rs, &b.xq, &b.xs, out],
+        &[&b.step, &params, &w, &rs, &b.xq, &b.xs, out, &b.part],
     );
     Ok(Mat {
         rows,
@@ -153,6 +153,7 @@ impl GpuBackend {
             x: storage(device, "x", max_step * h * f),
             xq: storage(device, "xq", max_step * kpmax),
             xs: storage(device, "xscale", max_step * f),
+            part: storage(device, "split-K sums", ops::matmul::PART_BYTES),
             qkv: storage(device, "qkv", max_step * (q + 2 * kv) * f),
             attn: storage(device, "attn", max_step * q * f),
             gu: storage(device, "gate_up", max_step * 2 * i * f),
@@ -352,12 +353,16 @@ impl GpuBackend {
                     LinearPart {
                         linear: *linear,
                         rows,
+                        kvec: m.kvec,
                         norm: nbg(&n(name), &norm_part, &bufs.hn, &g, &bufs.xq),
                         matmul: bind_group(
                             device,
                             &n(name),
                             &ops.matmul.layout,
-                            &[&bufs.step, &params, &m.w, &m.rs, &bufs.xq, &bufs.xs, out],
+                            &[
+                                &bufs.step, &params, &m.w, &m.rs, &bufs.xq, &bufs.xs, out,
+                                &bufs.part,
+                            ],
                         ),
                     }
                 };

@@ -1,5 +1,5 @@
 //! Ternary × int8 matmuls: the GEMV for one token, the 4-token GEMV for small steps, the
-//! tiled GEMM for prefill (dp4a), and the tensor-core GEMM that replaces the last two for
+//! tiled GEMM (dp4a) for larger ones, split over K where a step has few tiles, and the tensor-core GEMM that replaces the last two for
 //! steps of more than [`COOP_MIN_T`] tokens where the adapter has cooperative matrices; each
 //! storing or adding into its output.
 
@@ -47,9 +47,32 @@ pub const GEMV_WG: u32 = 128;
 pub const GEMV_TPR: u32 = 8;
 
 /// Steps of up to this many tokens (batched decode rows) take the 4-token GEMV instead of
-/// the 64 x 64 tiled GEMM: every workgroup splits K over its lanes, so a small step is not
-/// bound by one tile's walk over all of K.
-pub const GEMV4_MAX_T: usize = 64;
+/// the 64 x 64 tiled GEMM.
+pub const GEMV4_MAX_T: usize = 16;
+
+/// The GEMM splits K over workgroups (split-K) until a matmul has about this many: a step of
+/// few tokens has too few 64 × 64 tiles to fill the device, and one tile's walk over all of K
+/// is then the whole matmul's time.
+pub const SPLIT_K_WORKGROUPS: usize = 528;
+
+/// Each split-K share covers at least this many steps of 64 columns.
+pub const SPLIT_K_MIN_STEPS: usize = 4;
+
+/// Bytes of the split-K scratch: a split GEMM has fewer than [`SPLIT_K_WORKGROUPS`] tiles of
+/// 64 × 64 sums.
+pub const PART_BYTES: usize = SPLIT_K_WORKGROUPS * 64 * 64 * 4;
+
+/// K splits of a `rows` × `kvec` matmul of `t` tokens on the 64 × 64 GEMM (1: no split).
+pub fn k_splits(rows: usize, kvec: usize, t: usize) -> usize {
+    let tiles = rows.div_ceil(64) * t.div_ceil(64);
+    if tiles >= SPLIT_K_WORKGROUPS {
+        return 1;
+    }
+    SPLIT_K_WORKGROUPS
+        .div_ceil(tiles)
+        .min(kvec / SPLIT_K_MIN_STEPS)
+        .max(1)
+}
 
 /// Rows of a GEMV workgroup.
 pub const GEMV_ROWS_PER_WG: usize = (2 * GEMV_WG / GEMV_TPR) as usize;
@@ -65,6 +88,8 @@ pub struct Matmul {
     gemv4_acc: wgpu::ComputePipeline,
     gemm: wgpu::ComputePipeline,
     gemm_acc: wgpu::ComputePipeline,
+    finish: wgpu::ComputePipeline,
+    finish_acc: wgpu::ComputePipeline,
     /// The tensor-core GEMM, storing and adding, where the target has cooperative matrices.
     coop: Option<[wgpu::ComputePipeline; 2]>,
 }
@@ -72,7 +97,10 @@ pub struct Matmul {
 impl Matmul {
     /// Compiles every variant (overrides `ACCUM`, `TPR`).
     pub fn new(t: &Target) -> Self {
-        let layout = t.layout("matmul", &[Uniform, Uniform, Read, Read, Read, Read, Write]);
+        let layout = t.layout(
+            "matmul",
+            &[Uniform, Uniform, Read, Read, Read, Read, Write, Write],
+        );
         let consts = Target::consts(&[("GV_WG", GEMV_WG as usize)]);
         let m = t.module("matmul", &[&consts, COMMON, IO, SRC]);
         let coop = t.tensor_cores.then(|| {
@@ -96,12 +124,14 @@ impl Matmul {
             gemv4_acc: p("gemv4_acc", "gemv4", 1.0, true),
             gemm: p("gemm", "gemm", 0.0, false),
             gemm_acc: p("gemm_acc", "gemm", 1.0, false),
+            finish: p("gemm_finish", "gemm_finish", 0.0, false),
+            finish_acc: p("gemm_finish_acc", "gemm_finish", 1.0, false),
             coop,
             layout,
         }
     }
 
-    /// Ternary matmul of `t` rows by a `rows`-row matrix; `label` names the matrix in
+    /// Ternary matmul of `t` rows by a `rows` × `kvec` matrix; `label` names the matrix in
     /// profiles.
     #[allow(clippy::too_many_arguments)]
     pub fn record(
@@ -110,6 +140,7 @@ impl Matmul {
         label: &'static str,
         bg: &wgpu::BindGroup,
         rows: usize,
+        kvec: usize,
         t: usize,
         accumulate: bool,
     ) {
@@ -140,13 +171,29 @@ impl Matmul {
             };
             rec.dispatch(label, pl, bg, dims);
         } else {
-            let pl = if accumulate {
-                &self.gemm_acc
+            let splits = k_splits(rows, kvec, t);
+            let dims = [
+                rows.div_ceil(64) as u32,
+                t.div_ceil(64) as u32,
+                splits as u32,
+            ];
+            if splits == 1 {
+                let pl = if accumulate {
+                    &self.gemm_acc
+                } else {
+                    &self.gemm
+                };
+                rec.dispatch(label, pl, bg, dims);
             } else {
-                &self.gemm
-            };
-            let dims = [rows.div_ceil(64) as u32, t.div_ceil(64) as u32, 1];
-            rec.dispatch(label, pl, bg, dims);
+                rec.dispatch(label, &self.gemm, bg, dims);
+                let finish = if accumulate {
+                    &self.finish_acc
+                } else {
+                    &self.finish
+                };
+                let dims = [rows.div_ceil(256) as u32, t as u32, 1];
+                rec.dispatch("gemm_finish", finish, bg, dims);
+            }
         }
     }
 }
