@@ -300,8 +300,7 @@ fn ternary_matmul_is_exact_gemv_and_gemm() {
 }
 
 fn ternary_matmul_is_exact_with(cfg: &ModelConfig, tensor_cores: bool) {
-    let cfg = cfg.clone();
-    let (_dir, w) = synth_model(&cfg, 12);
+    let (_dir, w) = synth_model(cfg, 12);
     let mut g = gpu_with(
         &w,
         &GpuOptions {

@@ -150,8 +150,7 @@ impl GpuBackend {
     pub async fn argmax_last_async(&mut self) -> Result<u32> {
         let rb = self.record_argmax_last();
         self.flush();
-        let data = read_buffer(&rb, 4).await?;
-        Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+        Ok(super::device::first_word(&read_buffer(&rb, 4).await?))
     }
 
     /// [`crate::backend::DeviceSteps::read_queued_argmax`] for the web: awaits the oldest
@@ -161,8 +160,7 @@ impl GpuBackend {
             .queued
             .pop_front()
             .ok_or_else(|| Error::Request("no queued decode step to read".into()))?;
-        let data = read_buffer(&rb, 4).await?;
-        Ok(super::device::first_word(&data))
+        Ok(super::device::first_word(&read_buffer(&rb, 4).await?))
     }
 
     /// [`Backend::logits`] of the step's last position for the web (into `out`, cleared).

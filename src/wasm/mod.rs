@@ -243,6 +243,7 @@ impl Engine {
     /// queued. On WebGPU the step (unless `queued` already) and, with `room`, the next one,
     /// fed on the device by this one's argmax, are submitted before this one's token is read,
     /// so the device never waits for the readback; the CPU just runs it.
+    #[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
     async fn greedy(
         &mut self,
         token: u32,
@@ -251,21 +252,20 @@ impl Engine {
         room: bool,
         scratch: &mut Vec<f32>,
     ) -> Result<(u32, bool)> {
-        match self {
-            Engine::Cpu { b, cache } => {
-                let t = forward_argmax(&mut **b, cache, &[token], pos, scratch, None)?;
-                Ok((t, false))
+        #[cfg(feature = "gpu")]
+        if let Engine::Gpu { b, cache } = self {
+            if !queued {
+                queue_greedy_step_with(&mut **b, cache, Some(token), pos, None, web_steps)?;
             }
-            #[cfg(feature = "gpu")]
-            Engine::Gpu { b, cache } => {
-                if !queued {
-                    queue_greedy_step_with(&mut **b, cache, Some(token), pos, None, web_steps)?;
-                }
-                let next = room
-                    && queue_greedy_step_with(&mut **b, cache, None, pos + 1, None, web_steps)?;
-                Ok((b.read_queued_argmax_async().await?, next))
-            }
+            let next =
+                room && queue_greedy_step_with(&mut **b, cache, None, pos + 1, None, web_steps)?;
+            return Ok((b.read_queued_argmax_async().await?, next));
         }
+        let t = self.step(&[token], pos, Produce::Argmax, scratch).await?;
+        Ok((
+            t.ok_or_else(|| Error::Backend("the step gave no argmax".into()))?,
+            false,
+        ))
     }
 
     /// Runs a whole prompt from position 0 in chunks; the last chunk produces `want`.

@@ -1,7 +1,7 @@
 //! Ternary × int8 matmuls: the GEMV for one token, the 4-token GEMV for small steps, the
-//! tiled GEMM (dp4a) for larger ones, split over K where a step has few tiles, and the tensor-core GEMM that replaces the last two for
-//! steps of more than [`COOP_MIN_T`] tokens where the adapter has cooperative matrices; each
-//! storing or adding into its output.
+//! tiled GEMM (dp4a) for larger ones, split over K where a step has few tiles, and the
+//! tensor-core GEMM that replaces the last two for steps of more than [`COOP_MIN_T`] tokens
+//! where the adapter has cooperative matrices; each storing or adding into its output.
 
 use bytemuck::{Pod, Zeroable};
 
