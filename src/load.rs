@@ -242,3 +242,57 @@ pub fn load_backend(weights: &Weights, opts: &LoadOptions) -> Result<(Engine, Op
     )?;
     Ok((Engine::Cpu(Box::new(b)), why))
 }
+
+/// How a front end asked for speculative decoding: `ngram` (prompt lookup) or `draft:DIR`
+/// (a smaller model with the same tokenizer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecMethod {
+    /// Prompt lookup.
+    Ngram,
+    /// A draft model at this path.
+    Draft(std::path::PathBuf),
+}
+
+impl SpecMethod {
+    /// Parses `ngram` or `draft:DIR`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.split_once(':') {
+            None if s == "ngram" => Ok(SpecMethod::Ngram),
+            Some(("draft", dir)) if !dir.is_empty() => Ok(SpecMethod::Draft(dir.into())),
+            _ => Err(Error::Request(format!(
+                "speculative method `{s}`: use `ngram` or `draft:DIR`"
+            ))),
+        }
+    }
+}
+
+/// The speculation `method` drafting `draft_tokens` at a time for a target of `target_vocab`
+/// ids: a draft model is loaded as `opts` says (the backend the target runs on); on the CPU
+/// it shares `target_cpu`'s threads when given.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_speculation(
+    method: &SpecMethod,
+    draft_tokens: usize,
+    opts: &LoadOptions,
+    target_vocab: usize,
+    target_cpu: Option<&CpuBackend>,
+) -> Result<crate::engine::speculative::Speculation> {
+    use crate::engine::speculative::{Drafter, ModelDrafter, Speculation};
+    let dir = match method {
+        SpecMethod::Ngram => return Speculation::ngram(draft_tokens),
+        SpecMethod::Draft(dir) => dir,
+    };
+    let files = ModelFiles::from_path(dir)
+        .map_err(|e| Error::Config(format!("draft model {}: {e}", dir.display())))?;
+    let drafter: Box<dyn Drafter> = match load_backend(&files.weights, opts)?.0 {
+        Engine::Cpu(mut b) => {
+            if let Some(t) = target_cpu {
+                b.share_threads(t);
+            }
+            Box::new(ModelDrafter::new(*b, target_vocab)?)
+        }
+        #[cfg(feature = "gpu")]
+        Engine::Gpu(b) => Box::new(ModelDrafter::new(*b, target_vocab)?),
+    };
+    Speculation::new(drafter, draft_tokens)
+}

@@ -1120,3 +1120,62 @@ fn queued_greedy_steps_match_step_by_step_argmax() {
     assert_eq!(run(&mut gen, 5, 3), want[..3]);
     assert_eq!(run(&mut gen, 1000, usize::MAX), want);
 }
+
+/// Speculative decoding on the GPU: greedy tokens equal plain decoding's (prompt lookup and a
+/// draft model, drafts verified every step; the verification rows' argmaxes are found on the
+/// device); top-k sampling with drafts runs to its length.
+#[test]
+fn greedy_speculation_on_the_gpu_gives_plain_decodings_tokens() {
+    use bitnet_inference::engine::speculative::{ModelDrafter, NgramDrafter, Speculation};
+    let w = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-fortunes")).unwrap();
+    let always = |d: Box<dyn bitnet_inference::engine::speculative::Drafter>, k| {
+        let mut s = Speculation::new(d, k).unwrap();
+        s.adaptive = false;
+        s
+    };
+    // A prompt that repeats: prompt lookup drafts from it.
+    let mut c = Generator::new(cpu(&w)).unwrap();
+    let base = vec![4093, 1698, 548, 416, 284, 322, 301];
+    let greedy = |n| GenerateOptions {
+        max_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let cont = c
+        .generate(&base, &greedy(20), None, |_, _| true)
+        .unwrap()
+        .tokens;
+    let mut prompt = base.clone();
+    prompt.extend_from_slice(&cont);
+    prompt.extend_from_slice(&base);
+    let mut g = Generator::new(gpu(&w)).unwrap();
+    let want = g
+        .generate(&prompt, &greedy(40), None, |_, _| true)
+        .unwrap()
+        .tokens;
+    for k in [1, 4, 7] {
+        g.set_speculation(Some(always(Box::new(NgramDrafter::default()), k)));
+        let out = g.generate(&prompt, &greedy(40), None, |_, _| true).unwrap();
+        let st = out.speculative.unwrap();
+        assert_eq!(out.tokens, want, "ngram k {k}: {st:?}");
+        assert!(st.drafted > 0, "{st:?}");
+    }
+    let draft = ModelDrafter::new(gpu(&w), w.config.vocab_size).unwrap();
+    g.set_speculation(Some(always(Box::new(draft), 5)));
+    let out = g.generate(&prompt, &greedy(40), None, |_, _| true).unwrap();
+    let st = out.speculative.unwrap();
+    assert_eq!(out.tokens, want, "self-draft: {st:?}");
+    assert!(st.acceptance_rate() > 0.9, "{st:?}");
+    g.set_speculation(Some(always(Box::new(NgramDrafter::default()), 4)));
+    let o = GenerateOptions {
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_k: 20,
+            seed: Some(1),
+            ..Default::default()
+        },
+        ..greedy(33)
+    };
+    let out = g.generate(&prompt, &o, None, |_, _| true).unwrap();
+    assert_eq!(out.tokens.len(), 33);
+}

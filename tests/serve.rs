@@ -250,6 +250,75 @@ fn greedy_completion_equals_cli_generate_plain_and_streamed() {
 }
 
 #[test]
+fn speculative_serving_gives_cli_generates_tokens_and_counts_drafts() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-fortunes");
+    let s = Server::start(&model, &["--speculative", "ngram", "--draft-tokens", "4"]);
+    // A prompt that repeats itself, so prompt lookup has something to draft from.
+    let prompt = "And God said, Let there be light: and there was light. And God said, Let";
+    let want = cli_generate(&model, prompt, 40);
+    let body = json!({ "prompt": prompt, "max_tokens": 40, "temperature": 0 });
+    let (code, v, _) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want["text"]);
+    let (_, metrics) = s.get("/metrics");
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let drafted = value("bitnet_speculative_drafted_tokens ");
+    let accepted = value("bitnet_speculative_accepted_tokens ");
+    assert!(drafted > 0 && accepted <= drafted, "{drafted} / {accepted}");
+    // The CLI's speculative run gives the same tokens and reports its drafts.
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args([
+            "generate",
+            "--json",
+            "--backend",
+            "cpu",
+            "--max-tokens",
+            "40",
+        ])
+        .args(["--speculative", "ngram", "--prompt", prompt, "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tokens"], want["tokens"]);
+    assert_eq!(v["speculative"]["method"], "ngram");
+    assert_eq!(v["speculative"]["draft_tokens"], 4);
+    assert!(want["speculative"].is_null());
+    for (args, needle) in [
+        (
+            &["--speculative", "ngrams"][..],
+            "use `ngram` or `draft:DIR`",
+        ),
+        (
+            &["--speculative", "ngram", "--draft-tokens", "0"],
+            "draft tokens must be 1..=32",
+        ),
+        (
+            &["--speculative", "draft:/nonexistent"],
+            "draft model /nonexistent",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+            .args(["generate", "--backend", "cpu", "--prompt", "x", "--model"])
+            .arg(&model)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn a_stop_string_split_across_tokens_is_never_streamed() {
     let model = common::fixture();
     let s = Server::start(&model, &[]);

@@ -138,6 +138,9 @@ pub trait DeviceSteps {
     /// The argmax of the oldest queued step, waiting for it. Starting a step from host tokens
     /// ([`Backend::embed`]) drops the queue.
     fn read_queued_argmax(&mut self) -> Result<u32>;
+    /// Final norm and head of every position of the step, each as `need[i]` asks (one need
+    /// per position), selected on the device as [`BatchBackend::head_rows`] does.
+    fn head_step_rows(&mut self, need: &[RowNeed], out: &mut HeadRows) -> Result<()>;
     /// Turns per-kernel device timing on or off.
     fn set_profiling(&mut self, on: bool);
     /// Device time per kernel, (name, seconds, dispatches), accumulated since profiling was
@@ -177,31 +180,9 @@ pub trait BatchBackend: Backend<Cache: Send> {
     /// what was asked for.
     fn head_rows(&mut self, rows: &[usize], need: &[RowNeed], out: &mut HeadRows) -> Result<()> {
         check_row_needs(rows, need)?;
-        let vocab = self.config().vocab_size;
         out.clear();
         self.logits_rows(rows, &mut out.logits)?;
-        use rayon::prelude::*;
-        out.logits
-            .par_chunks(vocab)
-            .map(crate::reference::argmax)
-            .collect_into_vec(&mut out.ids);
-        let mut kept = 0;
-        let mut scratch = Vec::new();
-        for (i, n) in need.iter().enumerate() {
-            let row = i * vocab..(i + 1) * vocab;
-            match *n {
-                RowNeed::Argmax => {}
-                RowNeed::Candidates { k, inv_t } => {
-                    crate::reference::top_candidates(&out.logits[row], k, inv_t, &mut scratch);
-                    out.cands.extend_from_slice(&scratch);
-                }
-                RowNeed::Logits => {
-                    out.logits.copy_within(row, kept * vocab);
-                    kept += 1;
-                }
-            }
-        }
-        out.logits.truncate(kept * vocab);
+        select_from_logits(self.config().vocab_size, need, out);
         Ok(())
     }
     /// Whether the scheduler should sample a step's rows on several host threads (false when
@@ -246,6 +227,35 @@ impl HeadRows {
         self.cands.clear();
         self.logits.clear();
     }
+}
+
+/// Fills `out` from the logits of every row in `out.logits` (`vocab` each) as `need` asks:
+/// the argmax of every row (the lowest id on ties), the candidates of the
+/// [`RowNeed::Candidates`] rows, and keeps only the [`RowNeed::Logits`] rows' logits.
+pub fn select_from_logits(vocab: usize, need: &[RowNeed], out: &mut HeadRows) {
+    use rayon::prelude::*;
+    out.logits
+        .par_chunks(vocab)
+        .map(crate::reference::argmax)
+        .collect_into_vec(&mut out.ids);
+    out.cands.clear();
+    let mut kept = 0;
+    let mut scratch = Vec::new();
+    for (i, n) in need.iter().enumerate() {
+        let row = i * vocab..(i + 1) * vocab;
+        match *n {
+            RowNeed::Argmax => {}
+            RowNeed::Candidates { k, inv_t } => {
+                crate::reference::top_candidates(&out.logits[row], k, inv_t, &mut scratch);
+                out.cands.extend_from_slice(&scratch);
+            }
+            RowNeed::Logits => {
+                out.logits.copy_within(row, kept * vocab);
+                kept += 1;
+            }
+        }
+    }
+    out.logits.truncate(kept * vocab);
 }
 
 /// The check every [`BatchBackend::head_rows`] makes: one need per requested row.

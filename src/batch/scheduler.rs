@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::blocks::{prefix_hashes, BlockAllocator};
-use crate::backend::{BatchBackend, HeadRows, RowNeed, RowSlot};
+use crate::backend::{BatchBackend, HeadRows, RowSlot};
 use crate::engine::forward::forward_rows_sampled;
-use crate::engine::sampler::{Sampler, SamplingParams};
+use crate::engine::sampler::{SampleInput, Sampler, SamplingParams};
 use crate::engine::session::FinishReason;
+use crate::engine::speculative::{accept_drafts, Drafter, NgramDrafter};
 use crate::error::{Error, Result};
 
 /// Scheduler limits.
@@ -34,6 +35,9 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     /// Most positions of one sequence (prompt + generated).
     pub max_context: usize,
+    /// Prompt-lookup tokens drafted per decoding sequence and step (speculative decoding;
+    /// 0 = off).
+    pub draft_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -45,6 +49,7 @@ impl Default for SchedulerConfig {
             kv_blocks: 1024,
             block_size: 16,
             max_context: 4096,
+            draft_tokens: 0,
         }
     }
 }
@@ -137,6 +142,10 @@ pub struct SchedulerStats {
     pub steps: AtomicU64,
     /// Sequences preempted for lack of KV blocks.
     pub preemptions: AtomicU64,
+    /// Tokens drafted by speculative decoding.
+    pub drafted_tokens: AtomicU64,
+    /// Drafted tokens accepted.
+    pub accepted_tokens: AtomicU64,
 }
 
 /// A handle to a running scheduler; clones share it. The engine thread stops when every
@@ -289,16 +298,6 @@ struct Engine<B: BatchBackend> {
     head: HeadRows,
 }
 
-/// What one sampled row of a step hands its sampler.
-enum RowInput<'a> {
-    /// The argmax (greedy rows).
-    Argmax(u32),
-    /// The candidates found for [`RowNeed::Candidates`].
-    Candidates(&'a [(f32, u32)]),
-    /// The logits row.
-    Logits(&'a mut [f32]),
-}
-
 impl<B: BatchBackend> Engine<B> {
     fn run(&mut self, rx: Receiver<Request>) {
         loop {
@@ -436,12 +435,34 @@ impl<B: BatchBackend> Engine<B> {
         true
     }
 
+    /// Prompt-lookup drafts for sequence `i` (decoding, speculation on), bounded by the step's
+    /// remaining `budget`, its token limit and the context.
+    fn drafts_for(&self, i: usize, budget: usize) -> Vec<u32> {
+        let s = &self.running[i];
+        let mut out = Vec::new();
+        if self.cfg.draft_tokens == 0 || s.tokens.len() - s.computed != 1 {
+            return out;
+        }
+        let room = self
+            .cfg
+            .draft_tokens
+            .min(budget.saturating_sub(1))
+            .min(s.max_tokens.saturating_sub(s.generated + 1))
+            .min(self.cfg.max_context.saturating_sub(s.tokens.len()));
+        if room > 0 {
+            let mut d = NgramDrafter::default();
+            // The ngram drafter cannot fail.
+            let _ = d.draft(&s.tokens, room, &mut out);
+        }
+        out
+    }
+
     fn step(&mut self) -> Result<()> {
         if self.running.is_empty() {
             return Ok(());
         }
         let mut budget = self.cfg.step_tokens;
-        // Decode rows first (one each), then prompt chunks in admission order.
+        // Decode rows first (one each, plus any drafts), then prompt chunks in admission order.
         let mut order: Vec<u64> = self.running.iter().map(|s| s.id).collect();
         order.sort_by_key(|id| {
             let s = self.running.iter().find(|s| s.id == *id);
@@ -449,7 +470,8 @@ impl<B: BatchBackend> Engine<B> {
                 ((s.tokens.len() - s.computed > 1) as u64, s.id)
             })
         });
-        let mut plan: Vec<(u64, usize)> = Vec::new();
+        // (sequence, rows from its tokens, drafted rows after them)
+        let mut plan: Vec<(u64, usize, Vec<u32>)> = Vec::new();
         for id in order {
             if budget == 0 {
                 break;
@@ -457,17 +479,18 @@ impl<B: BatchBackend> Engine<B> {
             let Some(i) = self.running.iter().position(|s| s.id == id) else {
                 continue;
             };
+            let drafts = self.drafts_for(i, budget);
             let s = &self.running[i];
             let n = (s.tokens.len() - s.computed).min(budget);
-            let end = s.computed + n;
+            let end = s.computed + n + drafts.len();
             if !self.reserve(i, end) {
                 continue;
             }
-            budget -= n;
-            plan.push((id, n));
+            budget -= n + drafts.len();
+            plan.push((id, n, drafts));
         }
         // Preemption may have removed planned sequences.
-        plan.retain(|(id, _)| self.running.iter().any(|s| s.id == *id));
+        plan.retain(|(id, ..)| self.running.iter().any(|s| s.id == *id));
         if plan.is_empty() {
             if let Some(mut s) = self.running.pop() {
                 s.sink.send(Event::Error(
@@ -483,23 +506,33 @@ impl<B: BatchBackend> Engine<B> {
         let mut rows = Vec::new();
         let mut tables = Vec::new();
         let mut logit_rows = Vec::new();
-        let mut sampled = Vec::new();
+        // The sequences that pick tokens this step, with their drafts.
+        let mut sampled: Vec<(u64, &[u32])> = Vec::new();
         // Greedy rows take the argmax the backend finds, top-k rows their candidates; only the
         // others need their logits.
         let mut need = Vec::new();
-        for (k, &(id, n)) in plan.iter().enumerate() {
-            let Some(s) = self.running.iter().find(|s| s.id == id) else {
+        for (k, (id, n, drafts)) in plan.iter().enumerate() {
+            let Some(s) = self.running.iter().find(|s| s.id == *id) else {
                 continue;
             };
             for p in s.computed..s.computed + n {
                 tokens.push(s.tokens[p]);
                 rows.push(RowSlot { seq: k, pos: p });
             }
+            for (j, &d) in drafts.iter().enumerate() {
+                tokens.push(d);
+                rows.push(RowSlot {
+                    seq: k,
+                    pos: s.computed + n + j,
+                });
+            }
             tables.push(s.table.clone());
             if s.computed + n == s.tokens.len() {
-                logit_rows.push(rows.len() - 1);
-                sampled.push(id);
-                need.push(s.sampler.row_need());
+                for r in rows.len() - 1 - drafts.len()..rows.len() {
+                    logit_rows.push(r);
+                    need.push(s.sampler.row_need());
+                }
+                sampled.push((*id, drafts));
             }
         }
         forward_rows_sampled(
@@ -515,8 +548,8 @@ impl<B: BatchBackend> Engine<B> {
         self.stats.steps.fetch_add(1, Relaxed);
         let vocab = self.backend.config().vocab_size;
         let bs = self.cfg.block_size;
-        for &(id, n) in &plan {
-            let Some(s) = self.running.iter_mut().find(|s| s.id == id) else {
+        for (id, n, _) in &plan {
+            let Some(s) = self.running.iter_mut().find(|s| s.id == *id) else {
                 continue;
             };
             if s.computed < s.prompt_len {
@@ -525,6 +558,7 @@ impl<B: BatchBackend> Engine<B> {
                     .prompt_tokens
                     .fetch_add(prompt_part as u64, Relaxed);
             }
+            // Accepted drafts are counted after verification.
             s.computed += n;
             // Full blocks of the prompt become reusable prefixes.
             let full = (s.computed.min(s.prompt_len)) / bs;
@@ -536,70 +570,70 @@ impl<B: BatchBackend> Engine<B> {
                 s.registered = full * bs;
             }
         }
-        // Every row's sampling (a pass over the vocabulary at least), in parallel when the
-        // backend leaves the host's cores idle between steps.
-        let mut by_row: Vec<Option<&mut Seq>> = sampled.iter().map(|_| None).collect();
+        // Every sampled sequence's rows as its sampler needs them.
+        let mut inputs = SampleInput::from_head(&need, &mut self.head, vocab).into_iter();
+        let mut work: Vec<(Option<&mut Seq>, Vec<SampleInput>, &[u32])> = sampled
+            .iter()
+            .map(|&(_, d)| (None, inputs.by_ref().take(d.len() + 1).collect(), d))
+            .collect();
         for s in self.running.iter_mut() {
-            if let Some(k) = sampled.iter().position(|&id| id == s.id) {
-                by_row[k] = Some(s);
+            if let Some(k) = sampled.iter().position(|&(id, _)| id == s.id) {
+                work[k].0 = Some(s);
             }
         }
-        let HeadRows { ids, cands, logits } = &mut self.head;
-        let mut chunks = logits.chunks_mut(vocab);
-        let mut cands = &cands[..];
-        let mut inputs: Vec<RowInput> = Vec::with_capacity(need.len());
-        for (n, &id) in need.iter().zip(ids.iter()) {
-            inputs.push(match *n {
-                RowNeed::Argmax => RowInput::Argmax(id),
-                RowNeed::Candidates { k, .. } => {
-                    let (c, rest) = cands.split_at(k.min(vocab).min(cands.len()));
-                    cands = rest;
-                    RowInput::Candidates(c)
-                }
-                RowNeed::Logits => chunks.next().map_or(RowInput::Argmax(id), RowInput::Logits),
-            });
-        }
-        let sample = |(s, input): (&mut Option<&mut Seq>, &mut RowInput)| {
-            s.as_mut().map(|s| match input {
-                RowInput::Argmax(id) => *id,
-                RowInput::Candidates(c) => s.sampler.sample_candidates(c),
-                RowInput::Logits(l) => s.sampler.sample(l, &s.tokens),
+        // Sampling (a pass over the vocabulary at least per row) in parallel when the backend
+        // leaves the host's cores idle between steps.
+        let pick = |(s, inputs, drafts): (Option<&mut Seq>, Vec<SampleInput>, &[u32])| {
+            s.map(|s| {
+                let mut out = Vec::with_capacity(drafts.len() + 1);
+                let accepted =
+                    accept_drafts(&mut s.sampler, inputs, &mut s.tokens, drafts, &mut out);
+                (out, accepted)
             })
         };
-        let picked: Vec<Option<u32>> = if self.backend.sample_in_parallel() {
-            by_row
-                .par_iter_mut()
-                .zip(inputs.par_iter_mut())
-                .map(sample)
-                .collect()
+        let picked: Vec<Option<(Vec<u32>, usize)>> = if self.backend.sample_in_parallel() {
+            work.into_par_iter().map(pick).collect()
         } else {
-            by_row
-                .iter_mut()
-                .zip(inputs.iter_mut())
-                .map(sample)
-                .collect()
+            work.into_iter().map(pick).collect()
         };
         let mut finished = Vec::new();
-        for (id, tok) in sampled.into_iter().zip(picked) {
-            let (Some(i), Some(tok)) = (self.running.iter().position(|s| s.id == id), tok) else {
+        for ((id, drafts), picked) in sampled.iter().zip(picked) {
+            let (Some(i), Some((toks, accepted))) =
+                (self.running.iter().position(|s| s.id == *id), picked)
+            else {
                 continue;
             };
-            let s = &mut self.running[i];
-            let mut end = None;
-            if s.stop_ids.contains(&tok) {
-                end = Some(FinishReason::Stop);
-            } else {
-                s.tokens.push(tok);
-                s.generated += 1;
-                self.stats.generated_tokens.fetch_add(1, Relaxed);
-                if !s.sink.send(Event::Token(tok)) {
-                    end = Some(FinishReason::Cancelled);
-                } else if s.generated >= s.max_tokens || s.tokens.len() >= self.cfg.max_context {
-                    end = Some(FinishReason::Length);
-                }
+            if !drafts.is_empty() {
+                self.stats
+                    .drafted_tokens
+                    .fetch_add(drafts.len() as u64, Relaxed);
+                self.stats
+                    .accepted_tokens
+                    .fetch_add(accepted as u64, Relaxed);
             }
-            if let Some(f) = end {
-                finished.push((id, f));
+            let s = &mut self.running[i];
+            // The accepted drafts' keys and values are in the pool; the rejected ones' slots
+            // are overwritten by later steps.
+            s.computed += accepted;
+            for tok in toks {
+                let mut end = None;
+                if s.stop_ids.contains(&tok) {
+                    end = Some(FinishReason::Stop);
+                } else {
+                    s.tokens.push(tok);
+                    s.generated += 1;
+                    self.stats.generated_tokens.fetch_add(1, Relaxed);
+                    if !s.sink.send(Event::Token(tok)) {
+                        end = Some(FinishReason::Cancelled);
+                    } else if s.generated >= s.max_tokens || s.tokens.len() >= self.cfg.max_context
+                    {
+                        end = Some(FinishReason::Length);
+                    }
+                }
+                if let Some(f) = end {
+                    finished.push((*id, f));
+                    break;
+                }
             }
         }
         for (id, finish) in finished {

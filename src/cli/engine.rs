@@ -9,8 +9,69 @@ use bitnet_inference::backend::{Backend, HeadMode, KvDtype};
 use bitnet_inference::config::GenerationConfig;
 use bitnet_inference::cpu::kernels::Kernels;
 use bitnet_inference::engine::generate::Generator;
-use bitnet_inference::load::{load_backend, BackendKind, LoadOptions, ModelFiles};
+use bitnet_inference::load::{
+    load_backend, load_speculation, BackendKind, LoadOptions, ModelFiles, SpecMethod,
+};
 use bitnet_inference::tokenizer::Tokenizer;
+
+/// Speculative decoding options (generate, bench).
+#[derive(clap::Args)]
+pub(crate) struct SpecArgs {
+    /// Speculative decoding: `ngram` (prompt lookup: drafts from earlier text) or `draft:DIR`
+    /// (a smaller model with the same tokenizer drafting greedily).
+    #[arg(long)]
+    pub(crate) speculative: Option<String>,
+    /// Most tokens drafted per step (1..=32).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) draft_tokens: usize,
+}
+
+/// Turns on the speculation of `spec` (if any) for `gen`, a draft model loaded as `args`
+/// says on the backend the target runs on.
+pub(crate) fn attach_speculation(
+    gen: &mut Engine,
+    args: &ModelArgs,
+    spec: &SpecArgs,
+) -> Result<()> {
+    let Some(method) = &spec.speculative else {
+        return Ok(());
+    };
+    let method = SpecMethod::parse(method)?;
+    let mut opts = load_options(args)?;
+    let (cpu, vocab) = match &*gen {
+        Engine::Cpu(g) => (Some(g.backend()), g.backend().config().vocab_size),
+        #[cfg(feature = "gpu")]
+        Engine::Gpu(g) => (None, g.backend().config().vocab_size),
+    };
+    opts.backend = if cpu.is_some() {
+        BackendKind::Cpu
+    } else {
+        BackendKind::Gpu
+    };
+    let s = load_speculation(&method, spec.draft_tokens, &opts, vocab, cpu)?;
+    match gen {
+        Engine::Cpu(g) => g.set_speculation(Some(s)),
+        #[cfg(feature = "gpu")]
+        Engine::Gpu(g) => g.set_speculation(Some(s)),
+    }
+    Ok(())
+}
+
+fn load_options(args: &ModelArgs) -> Result<LoadOptions> {
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        args.threads
+    };
+    Ok(LoadOptions {
+        backend: args.backend,
+        threads,
+        head: HeadMode::parse(&args.head)?,
+        kv: KvDtype::parse(&args.kv)?,
+        kernels: Some(Kernels::by_name(&args.kernels)?),
+        max_step: None,
+    })
+}
 
 /// A generator on whichever backend was chosen.
 pub(crate) enum Engine {
@@ -53,19 +114,8 @@ pub(crate) fn load(args: &ModelArgs) -> Result<Loaded> {
     let model = bitnet_inference::hub::resolve(&args.model)?;
     let files = ModelFiles::from_path(&model)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
-    let threads = if args.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        args.threads
-    };
-    let opts = LoadOptions {
-        backend: args.backend,
-        threads,
-        head: HeadMode::parse(&args.head)?,
-        kv: KvDtype::parse(&args.kv)?,
-        kernels: Some(Kernels::by_name(&args.kernels)?),
-        max_step: None,
-    };
+    let opts = load_options(args)?;
+    let threads = opts.threads;
     let (engine, fallback) = load_backend(&files.weights, &opts)?;
     if let Some(why) = fallback {
         eprintln!("backend: cpu ({why})");

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::engine::{load, Ctx, Engine, Loaded};
+use super::engine::{attach_speculation, load, Ctx, Engine, Loaded, SpecArgs};
 use super::ModelArgs;
 use bitnet_inference::backend::Backend;
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
@@ -51,6 +51,8 @@ pub(crate) struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) spec: SpecArgs,
 }
 
 pub(crate) fn parse_tokens(s: &str) -> Result<Vec<u32>> {
@@ -65,6 +67,7 @@ pub(crate) fn parse_tokens(s: &str) -> Result<Vec<u32>> {
 
 pub(crate) fn generate(a: GenerateArgs) -> Result<()> {
     let Loaded { mut gen, ctx } = load(&a.model)?;
+    attach_speculation(&mut gen, &a.model, &a.spec)?;
     with_gen!(&mut gen, g => generate_on(g, ctx, &a))
 }
 
@@ -115,6 +118,7 @@ pub(crate) fn generate_on<B: Backend>(
             "decode_tok_s": out.decode_tok_s(),
             "prefill_tok_s": out.prompt_tokens as f64 / out.prefill_s.max(1e-9),
             "finish_reason": out.finish.as_str(),
+            "speculative": spec_json(gen, &out),
         });
         writeln!(stdout, "{v}")?;
     } else {
@@ -130,12 +134,37 @@ pub(crate) fn generate_on<B: Backend>(
             )?;
         }
         writeln!(stdout)?;
+        let accepted = out.speculative.map_or(String::new(), |s| {
+            format!(
+                ", {:.0}% of {} drafted tokens accepted",
+                s.acceptance_rate() * 100.0,
+                s.drafted
+            )
+        });
         eprintln!(
-            "[{} prompt tokens, {} generated, {:.1} tok/s]",
+            "[{} prompt tokens, {} generated, {:.1} tok/s{accepted}]",
             out.prompt_tokens,
             out.tokens.len(),
             out.decode_tok_s()
         );
     }
     Ok(())
+}
+
+/// The speculative decoding report of a generation (null when it was off).
+pub(crate) fn spec_json<B: Backend>(
+    gen: &Generator<B>,
+    out: &bitnet_inference::engine::generate::Generation,
+) -> serde_json::Value {
+    match (gen.speculation(), out.speculative) {
+        (Some(sp), Some(s)) => serde_json::json!({
+            "method": sp.drafter.name(),
+            "draft_tokens": sp.draft_tokens,
+            "steps": s.steps,
+            "drafted": s.drafted,
+            "accepted": s.accepted,
+            "acceptance_rate": s.acceptance_rate(),
+        }),
+        _ => serde_json::Value::Null,
+    }
 }

@@ -75,6 +75,12 @@ pub(crate) struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub(crate) log_format: String,
+    /// Speculative decoding in the batch: `ngram` (prompt lookup per sequence).
+    #[arg(long)]
+    pub(crate) speculative: Option<String>,
+    /// Most tokens drafted per sequence and step.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) draft_tokens: usize,
 }
 
 #[derive(Args)]
@@ -214,6 +220,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             max_queue: a.max_queue,
             step_tokens: a.step_tokens,
             block_size: a.block_size,
+            draft_tokens: serve_draft_tokens(a.speculative.as_deref(), a.draft_tokens)?,
             ..Default::default()
         },
         kv_cache_mb: a.kv_cache_mb,
@@ -227,4 +234,19 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         ws_idle_timeout: a.ws_idle_timeout,
     })?;
     Ok(())
+}
+
+/// The scheduler's prompt-lookup draft length for `--speculative` (0 when off).
+fn serve_draft_tokens(method: Option<&str>, k: usize) -> Result<usize> {
+    use bitnet_inference::engine::speculative::MAX_DRAFT_TOKENS;
+    use bitnet_inference::load::SpecMethod;
+    let Some(m) = method else { return Ok(0) };
+    match SpecMethod::parse(m)? {
+        SpecMethod::Ngram if (1..=MAX_DRAFT_TOKENS).contains(&k) => Ok(k),
+        SpecMethod::Ngram => bail!("--draft-tokens must be 1..={MAX_DRAFT_TOKENS}, not {k}"),
+        SpecMethod::Draft(_) => bail!(
+            "--speculative draft:DIR is not offered by the server yet (its batch drafts by \
+             prompt lookup: --speculative ngram)"
+        ),
+    }
 }

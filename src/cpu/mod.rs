@@ -110,7 +110,7 @@ impl KvCache for CpuCache {
 pub struct CpuBackend {
     cfg: ModelConfig,
     kernels: Kernels,
-    team: Team,
+    team: std::sync::Arc<Team>,
     embed: FloatTensor,
     head: Head,
     final_norm: Vec<f32>,
@@ -203,7 +203,7 @@ impl CpuBackend {
         let head = pool.install(|| Head::new(w.head(), opts.head));
         // After the loading: in the threaded WebAssembly module the team's workers keep threads
         // of the pool that the loading above runs on.
-        let team = Team::new(opts.threads);
+        let team = std::sync::Arc::new(Team::new(opts.threads));
         Ok(CpuBackend {
             inv_freq: ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim),
             cfg,
@@ -216,6 +216,12 @@ impl CpuBackend {
             step: Step::default(),
             kv: opts.kv,
         })
+    }
+
+    /// Runs this backend's parallel work on `other`'s threads from now on (two models used
+    /// in turn, as a draft model and its target, then never spin against each other).
+    pub fn share_threads(&mut self, other: &CpuBackend) {
+        self.team = other.team.clone();
     }
 
     /// Worker threads.

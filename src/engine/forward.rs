@@ -4,7 +4,8 @@
 
 use crate::arch::{layer_ops, LayerOp};
 use crate::backend::{
-    Backend, BatchBackend, DeviceSteps, HeadRows, KvCache, LogitRows, RowNeed, RowSlot,
+    select_from_logits, Backend, BatchBackend, DeviceSteps, HeadRows, KvCache, LogitRows, RowNeed,
+    RowSlot,
 };
 use crate::error::{Error, Result};
 use crate::reference::{argmax, top_candidates};
@@ -181,6 +182,27 @@ pub fn argmax_last<B: Backend>(b: &mut B, scratch: &mut Vec<f32>) -> Result<u32>
     }
     b.logits(LogitRows::Last, scratch)?;
     Ok(argmax(scratch))
+}
+
+/// Final norm and head of every position of the step, each as `need[i]` asks (see
+/// [`BatchBackend::head_rows`]): selected on the device when the backend can, else from the
+/// logits on the host.
+pub fn head_step_rows<B: Backend>(b: &mut B, need: &[RowNeed], out: &mut HeadRows) -> Result<()> {
+    if let Some(d) = b.device() {
+        return d.head_step_rows(need, out);
+    }
+    out.clear();
+    b.logits(LogitRows::All, &mut out.logits)?;
+    let vocab = b.config().vocab_size;
+    if out.logits.len() != need.len() * vocab {
+        return Err(Error::Request(format!(
+            "{} row needs for a step of {} rows",
+            need.len(),
+            out.logits.len() / vocab.max(1)
+        )));
+    }
+    select_from_logits(vocab, need, out);
+    Ok(())
 }
 
 /// Final norm and head of the step's last position, then its `k` best candidates at

@@ -3,10 +3,16 @@
 
 use crate::time::Instant;
 
-use super::forward::{forward, forward_argmax, forward_top_k, queue_greedy_step, OpProfile};
+use std::collections::VecDeque;
+
+use super::forward::{
+    forward, forward_argmax, forward_top_k, head_step_rows, layers, queue_greedy_step, OpProfile,
+};
+use super::sampler::SampleInput;
 use super::session::{check_prompt, Session, Want};
 pub use super::session::{FinishReason, GenerateOptions};
-use crate::backend::{Backend, KvCache, LogitRows};
+use super::speculative::{SpecControl, SpecStats, Speculation};
+use crate::backend::{Backend, HeadRows, KvCache, LogitRows};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -25,6 +31,8 @@ pub struct Generation {
     pub prefill_s: f64,
     /// Seconds spent decoding the generated tokens after the first.
     pub decode_s: f64,
+    /// Speculative decoding's counts (None when it was off).
+    pub speculative: Option<SpecStats>,
 }
 
 impl Generation {
@@ -84,6 +92,9 @@ pub struct Generator<B: Backend> {
     logits: Vec<f32>,
     prefill_chunk: usize,
     profile: Option<OpProfile>,
+    spec: Option<Speculation>,
+    head: HeadRows,
+    drafts: Vec<u32>,
 }
 
 impl<B: Backend> Generator<B> {
@@ -103,7 +114,20 @@ impl<B: Backend> Generator<B> {
             logits: Vec::new(),
             prefill_chunk,
             profile: None,
+            spec: None,
+            head: HeadRows::default(),
+            drafts: Vec::new(),
         })
+    }
+
+    /// Turns speculative decoding on (with its drafter) or off for the next generations.
+    pub fn set_speculation(&mut self, spec: Option<Speculation>) {
+        self.spec = spec;
+    }
+
+    /// The speculative decoding method in use.
+    pub fn speculation(&self) -> Option<&Speculation> {
+        self.spec.as_ref()
     }
 
     /// Sets the most prompt tokens run in one step (at least 1).
@@ -250,27 +274,31 @@ impl<B: Backend> Generator<B> {
     ) -> Result<Generation> {
         let vocab = self.backend.config().vocab_size;
         let mut s = Session::new(prompt, opts, self.context(), vocab)?;
-        let done = |s: Session, prefill_s: f64, decode_s: f64| Generation {
+        let mut stats = self.spec.as_ref().map(|_| SpecStats::default());
+        let done = |s: Session, prefill_s: f64, decode_s: f64, speculative| Generation {
             tokens: s.tokens().to_vec(),
             text: s.text().to_string(),
             prompt_tokens: s.prompt_len(),
             finish: s.finish().unwrap_or(FinishReason::Length),
             prefill_s,
             decode_s,
+            speculative,
         };
         if s.finish().is_some() {
-            return Ok(done(s, 0.0, 0.0));
+            return Ok(done(s, 0.0, 0.0, stats));
         }
         let t0 = Instant::now();
         let mut logits = self.logits(prompt, false)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let mut next: Option<u32> = None;
+        // Tokens chosen but not yet emitted (a verified speculative run, or one step's pick).
+        let mut next: VecDeque<u32> = VecDeque::new();
         let mut candidates = Vec::new();
         // Whether the step for the token about to be emitted is already queued on the device.
         let mut queued = false;
+        let mut control = SpecControl::default();
         loop {
-            let tok = match next.take() {
+            let tok = match next.pop_front() {
                 Some(t) => t,
                 None => s.pick(&mut logits),
             };
@@ -285,7 +313,66 @@ impl<B: Backend> Generator<B> {
             if s.finish().is_some() {
                 break;
             }
+            if !next.is_empty() {
+                // The rest of a verified run: its keys and values are in the cache already.
+                continue;
+            }
             let pos = s.context().len() - 1;
+            let step_t0 = Instant::now();
+            if let Some(spec) = &mut self.spec {
+                let room = s.draft_room().min(spec.draft_tokens);
+                self.drafts.clear();
+                if room > 0 {
+                    spec.drafter.draft(s.context(), room, &mut self.drafts)?;
+                    self.drafts.truncate(room);
+                }
+                // Verify only as many as pay for themselves.
+                if spec.adaptive {
+                    self.drafts.truncate(control.choose(self.drafts.len()));
+                }
+                if !self.drafts.is_empty() && queued {
+                    // The step for `tok` is on the device already: take its token and verify
+                    // drafts from there on.
+                    let d = self.backend.device().ok_or_else(|| {
+                        Error::Backend("the backend stopped offering device steps".into())
+                    })?;
+                    next.push_back(d.read_queued_argmax()?);
+                    queued = false;
+                    control.plain_step(step_t0.elapsed().as_secs_f64());
+                    continue;
+                }
+                if !self.drafts.is_empty() {
+                    // One step over `tok` and the drafts; every position's pick decides.
+                    let mut step = Vec::with_capacity(self.drafts.len() + 1);
+                    step.push(tok);
+                    step.extend_from_slice(&self.drafts);
+                    let mut profile = self.profile.as_mut();
+                    layers(
+                        &mut self.backend,
+                        &mut self.cache,
+                        &step,
+                        pos,
+                        profile.as_deref_mut(),
+                    )?;
+                    let need = vec![s.row_need(); step.len()];
+                    let t = Instant::now();
+                    head_step_rows(&mut self.backend, &need, &mut self.head)?;
+                    if let Some(p) = profile {
+                        p.add("final_norm_head", t.elapsed().as_secs_f64());
+                    }
+                    let vocab = self.backend.config().vocab_size;
+                    let inputs = SampleInput::from_head(&need, &mut self.head, vocab);
+                    let mut out = Vec::with_capacity(step.len());
+                    let accepted = s.verify_drafts(inputs, &self.drafts, &mut out);
+                    if let Some(st) = &mut stats {
+                        st.add(self.drafts.len(), accepted);
+                    }
+                    let secs = step_t0.elapsed().as_secs_f64();
+                    control.verify_step(self.drafts.len(), accepted, secs);
+                    next.extend(out);
+                    continue;
+                }
+            }
             match s.want() {
                 Want::TopK(k, inv_t) => {
                     forward_top_k(
@@ -298,7 +385,7 @@ impl<B: Backend> Generator<B> {
                         &mut candidates,
                         self.profile.as_mut(),
                     )?;
-                    next = Some(s.pick_candidates(&candidates));
+                    next.push_back(s.pick_candidates(&candidates));
                 }
                 Want::Argmax if self.backend.device().is_some() => {
                     // The step for `tok` (queued ahead by the previous iteration, or now),
@@ -325,10 +412,10 @@ impl<B: Backend> Generator<B> {
                     let d = self.backend.device().ok_or_else(|| {
                         Error::Backend("the backend stopped offering device steps".into())
                     })?;
-                    next = Some(d.read_queued_argmax()?);
+                    next.push_back(d.read_queued_argmax()?);
                 }
                 Want::Argmax => {
-                    next = Some(forward_argmax(
+                    next.push_back(forward_argmax(
                         &mut self.backend,
                         &mut self.cache,
                         &[tok],
@@ -350,7 +437,8 @@ impl<B: Backend> Generator<B> {
                     std::mem::swap(&mut logits, &mut self.logits);
                 }
             }
+            control.plain_step(step_t0.elapsed().as_secs_f64());
         }
-        Ok(done(s, prefill_s, t1.elapsed().as_secs_f64()))
+        Ok(done(s, prefill_s, t1.elapsed().as_secs_f64(), stats))
     }
 }

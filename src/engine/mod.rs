@@ -5,4 +5,5 @@ pub mod forward;
 pub mod generate;
 pub mod sampler;
 pub mod session;
+pub mod speculative;
 pub mod text;

@@ -84,23 +84,7 @@ impl Sampler {
 
     /// Picks the next token from `logits` (modified in place); `context` holds the ids seen so far.
     pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
-        let p = &self.params;
-        if p.repetition_penalty != 1.0 {
-            for &t in context {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
-                }
-            }
-        }
-        if p.temperature == 0.0 {
-            return argmax(logits);
-        }
-        top_candidates(logits, p.top_k, 1.0 / p.temperature, &mut self.cand);
-        self.draw()
+        self.sample_input(SampleInput::Logits(logits), context)
     }
 
     /// Whether this sampler always picks the argmax of the logits (temperature 0, no
@@ -136,13 +120,12 @@ impl Sampler {
     /// [`Sampler::candidates_only`]'s request: the same token [`Sampler::sample`] picks from
     /// the full logits.
     pub fn sample_candidates(&mut self, cand: &[(f32, u32)]) -> u32 {
-        self.cand.clear();
-        self.cand.extend_from_slice(cand);
-        self.draw()
+        self.sample_input(SampleInput::Candidates(cand), &[])
     }
 
-    /// Softmax over the sorted scaled candidates, min-p and top-p cuts, then a seeded draw.
-    fn draw(&mut self) -> u32 {
+    /// Softmax over the sorted scaled candidates, then the min-p and top-p cuts: the
+    /// candidates kept (`self.cand[..keep]`, probabilities before renormalisation).
+    fn cut(&mut self) -> usize {
         let p = &self.params;
         let max = self.cand[0].0;
         let mut sum = 0.0;
@@ -173,16 +156,161 @@ impl Sampler {
                 }
             }
         }
-        let total: f32 = self.cand[..keep].iter().map(|c| c.0).sum();
+        keep
+    }
+
+    /// A seeded draw from the kept candidates, skipping `except` (the rejected draft of
+    /// speculative decoding: the residual distribution of a one-hot draft).
+    fn draw_from(&mut self, keep: usize, except: Option<u32>) -> u32 {
+        let kept = &self.cand[..keep];
+        let total: f32 = kept
+            .iter()
+            .filter(|c| Some(c.1) != except)
+            .map(|c| c.0)
+            .sum();
         let mut r = self.rng.random::<f32>() * total;
-        for c in &self.cand[..keep] {
+        let mut last = None;
+        for c in kept.iter().filter(|c| Some(c.1) != except) {
             r -= c.0;
+            last = Some(c.1);
             if r <= 0.0 {
                 return c.1;
             }
         }
-        self.cand[keep - 1].1
+        // Rounding left a sliver: the last candidate (or, when the draft was the only one
+        // kept, the draft itself, which cannot have been rejected then).
+        last.or(except).unwrap_or(kept[keep - 1].1)
     }
+
+    /// Softmax over the sorted scaled candidates, min-p and top-p cuts, then a seeded draw.
+    fn draw(&mut self) -> u32 {
+        let keep = self.cut();
+        self.draw_from(keep, None)
+    }
+
+    /// The candidates of `input` (scaled, sorted) into `self.cand`, the penalty applied to
+    /// logits first; false for a greedy sampler.
+    fn load_candidates(&mut self, input: SampleInput<'_>, context: &[u32]) -> Option<u32> {
+        match input {
+            SampleInput::Argmax(id) => Some(id),
+            SampleInput::Candidates(c) => {
+                self.cand.clear();
+                self.cand.extend_from_slice(c);
+                None
+            }
+            SampleInput::Logits(l) => {
+                self.penalize(l, context);
+                if self.params.temperature == 0.0 {
+                    return Some(argmax(l));
+                }
+                top_candidates(
+                    l,
+                    self.params.top_k,
+                    1.0 / self.params.temperature,
+                    &mut self.cand,
+                );
+                None
+            }
+        }
+    }
+
+    /// Picks the token of one step row from what the backend gave for [`Sampler::row_need`].
+    pub fn sample_input(&mut self, input: SampleInput<'_>, context: &[u32]) -> u32 {
+        match self.load_candidates(input, context) {
+            Some(id) => id,
+            None => self.draw(),
+        }
+    }
+
+    /// Speculative decoding's acceptance rule for one drafted token (a one-hot draft
+    /// distribution, as prompt lookup and greedy draft models give): greedy samplers accept
+    /// the draft when it is the token they would pick; others accept it with probability
+    /// p(draft) under this sampler's distribution (temperature, top-k, min-p, top-p, penalty)
+    /// and otherwise draw from p with the draft removed, renormalised. The tokens this
+    /// produces follow exactly the distribution of [`Sampler::sample`].
+    pub fn verify(&mut self, input: SampleInput<'_>, context: &[u32], draft: u32) -> Verdict {
+        if let Some(id) = self.load_candidates(input, context) {
+            return if id == draft {
+                Verdict::Accept
+            } else {
+                Verdict::Reject(id)
+            };
+        }
+        let keep = self.cut();
+        let p: f32 = self.cand[..keep]
+            .iter()
+            .filter(|c| c.1 == draft)
+            .map(|c| c.0)
+            .sum();
+        let total: f32 = self.cand[..keep].iter().map(|c| c.0).sum();
+        if self.rng.random::<f32>() * total < p {
+            Verdict::Accept
+        } else {
+            Verdict::Reject(self.draw_from(keep, Some(draft)))
+        }
+    }
+
+    /// The repetition penalty on `logits` for the ids of `context`.
+    fn penalize(&self, logits: &mut [f32], context: &[u32]) {
+        let rp = self.params.repetition_penalty;
+        if rp == 1.0 {
+            return;
+        }
+        for &t in context {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l > 0.0 { *l / rp } else { *l * rp };
+            }
+        }
+    }
+}
+
+/// What the backend gave for one step row, as [`Sampler::row_need`] asked.
+#[derive(Debug)]
+pub enum SampleInput<'a> {
+    /// The argmax (greedy rows).
+    Argmax(u32),
+    /// The candidates of [`crate::backend::RowNeed::Candidates`].
+    Candidates(&'a [(f32, u32)]),
+    /// The logits row (modified in place by the penalty).
+    Logits(&'a mut [f32]),
+}
+
+impl<'a> SampleInput<'a> {
+    /// The inputs of a step's rows from what [`crate::backend::BatchBackend::head_rows`] gave
+    /// for `need` (one per row, in order).
+    pub fn from_head(
+        need: &[crate::backend::RowNeed],
+        head: &'a mut crate::backend::HeadRows,
+        vocab: usize,
+    ) -> Vec<SampleInput<'a>> {
+        use crate::backend::RowNeed;
+        let crate::backend::HeadRows { ids, cands, logits } = head;
+        let mut chunks = logits.chunks_mut(vocab.max(1));
+        let mut cands = &cands[..];
+        need.iter()
+            .zip(ids.iter())
+            .map(|(n, &id)| match *n {
+                RowNeed::Argmax => SampleInput::Argmax(id),
+                RowNeed::Candidates { k, .. } => {
+                    let (c, rest) = cands.split_at(k.min(vocab).min(cands.len()));
+                    cands = rest;
+                    SampleInput::Candidates(c)
+                }
+                RowNeed::Logits => chunks
+                    .next()
+                    .map_or(SampleInput::Argmax(id), SampleInput::Logits),
+            })
+            .collect()
+    }
+}
+
+/// The outcome of [`Sampler::verify`] for one drafted token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The draft is the next token.
+    Accept,
+    /// The draft is rejected; this token comes instead and ends the drafted run.
+    Reject(u32),
 }
 
 #[cfg(test)]

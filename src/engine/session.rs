@@ -3,7 +3,8 @@
 //! stream. The native [`super::generate::Generator`] drives it synchronously, the browser
 //! build asynchronously; both emit exactly what this decides.
 
-use super::sampler::{Sampler, SamplingParams};
+use super::sampler::{SampleInput, Sampler, SamplingParams};
+use super::speculative::accept_drafts;
 use super::text::TextStream;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -174,6 +175,30 @@ impl Session {
     /// Whether the next step after the pending token still fits (tokens and context).
     pub fn room_for(&self, more: usize) -> bool {
         self.tokens.len() + more < self.opts.max_tokens && self.context.len() + more < self.capacity
+    }
+
+    /// Most tokens a speculative step may draft after the pending token: what the token limit
+    /// and the context leave (0 when none).
+    pub fn draft_room(&self) -> usize {
+        let tokens = self.opts.max_tokens.saturating_sub(self.tokens.len() + 1);
+        tokens.min(self.capacity.saturating_sub(self.context.len()))
+    }
+
+    /// What each row of a step needs for this session's sampler.
+    pub fn row_need(&self) -> crate::backend::RowNeed {
+        self.sampler.row_need()
+    }
+
+    /// Speculative decoding's acceptance ([`crate::engine::speculative::accept_drafts`]) of
+    /// `drafts` following the context, from the verification step's rows: the tokens to
+    /// accept into `out`; returns how many drafts were accepted.
+    pub fn verify_drafts<'a>(
+        &mut self,
+        inputs: impl IntoIterator<Item = SampleInput<'a>>,
+        drafts: &[u32],
+        out: &mut Vec<u32>,
+    ) -> usize {
+        accept_drafts(&mut self.sampler, inputs, &mut self.context, drafts, out)
     }
 
     /// Samples the next token from the last position's `logits` (modified in place).

@@ -67,6 +67,27 @@ impl crate::backend::DeviceSteps for GpuBackend {
         Ok(true)
     }
 
+    fn head_step_rows(
+        &mut self,
+        need: &[crate::backend::RowNeed],
+        out: &mut crate::backend::HeadRows,
+    ) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let rows: Vec<usize> = (0..need.len()).collect();
+            crate::backend::BatchBackend::head_rows(self, &rows, need, out)
+        }
+        // The browser reads results asynchronously (`web.rs`); its speculative steps read
+        // the logits instead.
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = (need, out);
+            Err(Error::Backend(
+                "selecting step rows on the device needs blocking reads (native only)".into(),
+            ))
+        }
+    }
+
     fn set_profiling(&mut self, on: bool) {
         self.rec.set_profiling(on, &self.ctx.queue);
     }

@@ -32,6 +32,8 @@ pub struct Metrics {
     kv_cached: IntGauge,
     prefix_hits: IntGauge,
     preemptions: IntGauge,
+    drafted: IntGauge,
+    accepted: IntGauge,
     /// Open connections (HTTP and WebSocket).
     pub connections_open: IntGauge,
     /// The connection cap in force.
@@ -121,6 +123,16 @@ impl Metrics {
                 "bitnet_preemptions",
                 "Sequences preempted for KV blocks (current model)",
             ),
+            drafted: gauge(
+                &r,
+                "bitnet_speculative_drafted_tokens",
+                "Tokens drafted by speculative decoding (current model)",
+            ),
+            accepted: gauge(
+                &r,
+                "bitnet_speculative_accepted_tokens",
+                "Drafted tokens accepted (current model)",
+            ),
             connections_open: gauge(
                 &r,
                 "bitnet_connections_open",
@@ -146,6 +158,8 @@ impl Metrics {
             self.prefix_hits
                 .set(s.prefix_hit_tokens.load(Relaxed) as i64);
             self.preemptions.set(s.preemptions.load(Relaxed) as i64);
+            self.drafted.set(s.drafted_tokens.load(Relaxed) as i64);
+            self.accepted.set(s.accepted_tokens.load(Relaxed) as i64);
         }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -1,0 +1,608 @@
+//! Speculative decoding: a drafter proposes the next few tokens, the target model runs them in
+//! one step (every position's logits), and the sampler's acceptance rule
+//! ([`Sampler::verify`]) keeps the longest correct run plus one token of its own. Greedy
+//! output is token for token what plain decoding gives; sampled output follows the same
+//! distribution. The single-stream generator and the batch scheduler both use this module.
+
+use super::forward::forward_argmax;
+use super::sampler::{SampleInput, Sampler, Verdict};
+use crate::backend::{Backend, KvCache};
+use crate::error::{Error, Result};
+
+/// Proposes the tokens that follow a context.
+pub trait Drafter: Send {
+    /// Up to `k` tokens expected after `context` into `out` (cleared first); none when it has
+    /// no guess.
+    fn draft(&mut self, context: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()>;
+    /// The method's name (`ngram`, `draft`), for reports.
+    fn name(&self) -> &'static str;
+}
+
+/// Prompt lookup: the tokens that followed the most recent earlier occurrence of the
+/// context's last `n` tokens (the longest `n` from `max_ngram` down to `min_ngram` that
+/// occurs). No second model; strong where the output repeats its input (summaries, edits,
+/// code, quotations).
+#[derive(Debug, Clone)]
+pub struct NgramDrafter {
+    /// Longest suffix matched.
+    pub max_ngram: usize,
+    /// Shortest suffix matched.
+    pub min_ngram: usize,
+    /// Most context tokens searched (the newest), bounding the work per step.
+    pub window: usize,
+}
+
+impl Default for NgramDrafter {
+    fn default() -> Self {
+        NgramDrafter {
+            max_ngram: 3,
+            min_ngram: 1,
+            window: 4096,
+        }
+    }
+}
+
+impl Drafter for NgramDrafter {
+    fn draft(&mut self, context: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
+        out.clear();
+        ngram_lookup(
+            &context[context.len().saturating_sub(self.window)..],
+            self.min_ngram.max(1)..=self.max_ngram,
+            k,
+            out,
+        );
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "ngram"
+    }
+}
+
+/// [`NgramDrafter`]'s search: for `n` in `ns` from the longest, the newest `i` with
+/// `context[i..i + n]` equal to the last `n` tokens (`i + n < len`), then up to `k` tokens
+/// from `i + n` into `out`.
+pub fn ngram_lookup(
+    context: &[u32],
+    ns: std::ops::RangeInclusive<usize>,
+    k: usize,
+    out: &mut Vec<u32>,
+) {
+    let len = context.len();
+    if k == 0 {
+        return;
+    }
+    for n in ns.rev() {
+        if n == 0 || n >= len {
+            continue;
+        }
+        let tail = &context[len - n..];
+        if let Some(i) = (0..len - n).rev().find(|&i| &context[i..i + n] == tail) {
+            let from = i + n;
+            out.extend_from_slice(&context[from..(from + k).min(len)]);
+            return;
+        }
+    }
+}
+
+/// A smaller model with the same tokenizer drafting greedily: it keeps its own KV cache of
+/// the context it last saw and recomputes only what changed (the accepted tokens and the
+/// correction of the last verification).
+pub struct ModelDrafter<B: Backend> {
+    backend: B,
+    cache: B::Cache,
+    /// The tokens whose keys and values are in `cache`, in order.
+    cached: Vec<u32>,
+    scratch: Vec<f32>,
+}
+
+impl<B: Backend> ModelDrafter<B> {
+    /// A drafter over `backend` with a cache of its whole context; `target_vocab` is the
+    /// target model's vocabulary size, which the draft's must equal.
+    pub fn new(backend: B, target_vocab: usize) -> Result<Self> {
+        let vocab = backend.config().vocab_size;
+        if vocab != target_vocab {
+            return Err(Error::Request(format!(
+                "the draft model's vocabulary ({vocab}) differs from the target's \
+                 ({target_vocab}): speculative decoding needs the same tokenizer"
+            )));
+        }
+        let cache = backend.new_cache(backend.config().max_position_embeddings)?;
+        Ok(ModelDrafter {
+            backend,
+            cache,
+            cached: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The draft model's backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+}
+
+impl<B: Backend + Send> Drafter for ModelDrafter<B>
+where
+    B::Cache: Send,
+{
+    fn draft(&mut self, context: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
+        out.clear();
+        let cap = self.cache.capacity();
+        let k = k.min(cap.saturating_sub(context.len()));
+        if context.is_empty() || k == 0 {
+            return Ok(());
+        }
+        // Reuse the cached prefix; the last context token always runs (its logits decide).
+        let keep = self
+            .cached
+            .iter()
+            .zip(context)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(context.len() - 1);
+        self.cached.truncate(keep);
+        let chunk = self.backend.prefill_chunk().max(1);
+        let mut pos = keep;
+        let mut tok = 0;
+        for part in context[keep..].chunks(chunk) {
+            tok = forward_argmax(
+                &mut self.backend,
+                &mut self.cache,
+                part,
+                pos,
+                &mut self.scratch,
+                None,
+            )?;
+            self.cached.extend_from_slice(part);
+            pos += part.len();
+        }
+        out.push(tok);
+        while out.len() < k {
+            tok = forward_argmax(
+                &mut self.backend,
+                &mut self.cache,
+                &[tok],
+                pos,
+                &mut self.scratch,
+                None,
+            )?;
+            self.cached.push(out[out.len() - 1]);
+            pos += 1;
+            out.push(tok);
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "draft"
+    }
+}
+
+/// The speculative decoding method of a generator or scheduler.
+pub struct Speculation {
+    /// Where drafts come from.
+    pub drafter: Box<dyn Drafter>,
+    /// Most tokens drafted per step.
+    pub draft_tokens: usize,
+    /// Verify only as many drafts as pay for themselves ([`SpecControl`]); off, every step
+    /// verifies every draft (for tests that must exercise verification every step).
+    pub adaptive: bool,
+}
+
+impl Speculation {
+    /// Prompt lookup drafting `draft_tokens` at a time.
+    pub fn ngram(draft_tokens: usize) -> Result<Self> {
+        Self::new(Box::new(NgramDrafter::default()), draft_tokens)
+    }
+
+    /// `drafter` drafting `draft_tokens` (1..=32) at a time.
+    pub fn new(drafter: Box<dyn Drafter>, draft_tokens: usize) -> Result<Self> {
+        if !(1..=MAX_DRAFT_TOKENS).contains(&draft_tokens) {
+            return Err(Error::Request(format!(
+                "draft tokens must be 1..={MAX_DRAFT_TOKENS}, not {draft_tokens}"
+            )));
+        }
+        Ok(Speculation {
+            drafter,
+            draft_tokens,
+            adaptive: true,
+        })
+    }
+}
+
+/// The most tokens one speculative step drafts.
+pub const MAX_DRAFT_TOKENS: usize = 32;
+
+/// Counts of a speculative run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpecStats {
+    /// Verification steps (steps that carried drafts).
+    pub steps: u64,
+    /// Tokens drafted.
+    pub drafted: u64,
+    /// Drafted tokens accepted.
+    pub accepted: u64,
+}
+
+impl SpecStats {
+    /// Accepted / drafted (0 when nothing was drafted).
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
+
+    /// Adds one verification step's counts.
+    pub fn add(&mut self, drafted: usize, accepted: usize) {
+        self.steps += 1;
+        self.drafted += drafted as u64;
+        self.accepted += accepted as u64;
+    }
+}
+
+/// Chooses how many drafted tokens a step verifies from what speculation has paid so far:
+/// the acceptance rate per drafted token (decayed counts, so it follows the text) and the
+/// measured wall time of plain and verification steps (drafting included), modelled as
+/// `t(n) = t1 + m·(n − 1)` for a step of `n` tokens. A step of `k` drafts yields
+/// `(1 − a^(k+1)) / (1 − a)` tokens on average; the `k` with the most tokens per second wins,
+/// 0 (a plain step) when drafting does not pay. Every [`SpecControl::PROBE`]-th refused
+/// chance drafts anyway, so the estimates keep following the text.
+#[derive(Debug, Clone)]
+pub struct SpecControl {
+    accepted: f64,
+    trials: f64,
+    t1: Option<f64>,
+    marginal: Option<f64>,
+    refused: u32,
+}
+
+impl Default for SpecControl {
+    fn default() -> Self {
+        // A prior of 70% acceptance worth two trials: speculation is tried from the start.
+        SpecControl {
+            accepted: 1.4,
+            trials: 2.0,
+            t1: None,
+            marginal: None,
+            refused: 0,
+        }
+    }
+}
+
+impl SpecControl {
+    /// Refused chances after which a step drafts anyway.
+    pub const PROBE: u32 = 16;
+    const DECAY: f64 = 0.9;
+    const SMOOTH: f64 = 0.2;
+
+    /// The estimated acceptance rate per drafted token.
+    pub fn acceptance(&self) -> f64 {
+        self.accepted / self.trials
+    }
+
+    /// Drafts to verify of the `available` drafted: 0 for a plain step.
+    pub fn choose(&mut self, available: usize) -> usize {
+        if available == 0 {
+            return 0;
+        }
+        let (Some(t1), Some(m)) = (self.t1, self.marginal) else {
+            // Not measured yet: plain first (t1), then the full draft (the marginal cost).
+            return if self.t1.is_none() { 0 } else { available };
+        };
+        let a = self.acceptance().min(0.999);
+        let rate = |k: usize| (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / (t1 + m * k as f64);
+        let best = (0..=available)
+            .max_by(|&x, &y| rate(x).total_cmp(&rate(y)))
+            .unwrap_or(0);
+        if best > 0 {
+            self.refused = 0;
+            return best;
+        }
+        self.refused += 1;
+        if self.refused >= Self::PROBE {
+            self.refused = 0;
+            return available;
+        }
+        0
+    }
+
+    /// A plain one-token step took `secs` (wall time per token).
+    pub fn plain_step(&mut self, secs: f64) {
+        self.t1 = Some(match self.t1 {
+            Some(t) => t + Self::SMOOTH * (secs - t),
+            None => secs,
+        });
+    }
+
+    /// A verification step of `drafted` drafts (drafting included) took `secs` and accepted
+    /// `accepted`.
+    pub fn verify_step(&mut self, drafted: usize, accepted: usize, secs: f64) {
+        let trials = accepted + usize::from(accepted < drafted);
+        self.accepted = self.accepted * Self::DECAY + accepted as f64;
+        self.trials = self.trials * Self::DECAY + trials as f64;
+        if let (Some(t1), true) = (self.t1, drafted > 0) {
+            let m = ((secs - t1) / drafted as f64).max(0.0);
+            self.marginal = Some(match self.marginal {
+                Some(x) => x + Self::SMOOTH * (m - x),
+                None => m,
+            });
+        }
+    }
+}
+
+/// Verifies `drafts` against the target's rows: `inputs[i]` is what the sampler needs of the
+/// position that predicts `drafts[i]` (`drafts.len() + 1` rows; the last predicts the token
+/// after the final draft). Appends the accepted drafts and then the sampler's own token (at
+/// the first rejection, or after the last draft) to `out`; returns how many drafts were
+/// accepted. `context` (the tokens before the first row's prediction) is used for the
+/// repetition penalty and left as it was.
+pub fn accept_drafts<'a>(
+    sampler: &mut Sampler,
+    inputs: impl IntoIterator<Item = SampleInput<'a>>,
+    context: &mut Vec<u32>,
+    drafts: &[u32],
+    out: &mut Vec<u32>,
+) -> usize {
+    let base = context.len();
+    let mut accepted = 0;
+    for (i, input) in inputs.into_iter().enumerate() {
+        let tok = match drafts.get(i) {
+            Some(&d) => match sampler.verify(input, context, d) {
+                Verdict::Accept => {
+                    out.push(d);
+                    context.push(d);
+                    accepted += 1;
+                    continue;
+                }
+                Verdict::Reject(t) => t,
+            },
+            None => sampler.sample_input(input, context),
+        };
+        out.push(tok);
+        break;
+    }
+    context.truncate(base);
+    accepted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sampler::SamplingParams;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn the_controller_drafts_when_it_pays_and_probes_when_it_does_not() {
+        let mut c = SpecControl::default();
+        assert_eq!(c.choose(4), 0, "the plain step is measured first");
+        c.plain_step(1.0);
+        assert_eq!(c.choose(4), 4, "then the full draft");
+        // Cheap extra tokens and every draft accepted: draft all.
+        c.verify_step(4, 4, 1.2);
+        assert_eq!(c.choose(4), 4);
+        assert_eq!(c.choose(0), 0);
+        // Expensive extra tokens and nothing accepted for a while: plain steps, with a probe.
+        for _ in 0..30 {
+            c.verify_step(4, 0, 4.0);
+        }
+        assert!(c.acceptance() < 0.1, "{}", c.acceptance());
+        let picks: Vec<usize> = (0..SpecControl::PROBE).map(|_| c.choose(4)).collect();
+        assert_eq!(picks.iter().filter(|&&k| k > 0).count(), 1, "{picks:?}");
+        assert_eq!(picks[SpecControl::PROBE as usize - 1], 4);
+        // Moderate cost, high acceptance: a middle length can win.
+        let mut c = SpecControl::default();
+        c.plain_step(1.0);
+        c.verify_step(4, 4, 1.0 + 4.0 * 0.5);
+        for _ in 0..20 {
+            c.verify_step(4, 2, 3.0);
+        }
+        let k = c.choose(8);
+        assert!((1..8).contains(&k), "{k}");
+    }
+
+    #[test]
+    fn ngram_lookup_takes_the_longest_newest_match() {
+        let mut out = Vec::new();
+        // "1 2 3" occurs at 0 and at 5; the newest earlier one (5) is followed by 9 9.
+        let ctx = [1, 2, 3, 4, 5, 1, 2, 3, 9, 9, 7, 1, 2, 3];
+        ngram_lookup(&ctx, 1..=3, 4, &mut out);
+        assert_eq!(out, [9, 9, 7, 1]);
+        // k beyond the context: as many as there are.
+        out.clear();
+        ngram_lookup(&[5, 6, 5], 1..=3, 8, &mut out);
+        assert_eq!(out, [6, 5]);
+        // No match of any length.
+        out.clear();
+        ngram_lookup(&[1, 2, 3, 4], 1..=3, 4, &mut out);
+        assert!(out.is_empty());
+        // The longest n wins over a newer shorter match.
+        out.clear();
+        let ctx = [7, 8, 1, 7, 9, 2, 8, 3, 7, 8];
+        ngram_lookup(&ctx, 1..=2, 1, &mut out);
+        assert_eq!(out, [1]);
+        out.clear();
+        ngram_lookup(&ctx, 1..=1, 1, &mut out);
+        assert_eq!(out, [3]);
+        // Tiny contexts and k = 0 never panic.
+        for len in 0..4 {
+            out.clear();
+            ngram_lookup(&ctx[..len], 1..=3, 0, &mut out);
+            ngram_lookup(&ctx[..len], 0..=3, 3, &mut out);
+        }
+    }
+
+    #[test]
+    fn the_ngram_drafter_searches_only_its_window() {
+        let mut d = NgramDrafter {
+            window: 4,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        d.draft(&[1, 2, 9, 9, 9, 9, 3, 1], 2, &mut out).unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        d.window = 8;
+        d.draft(&[1, 2, 9, 9, 9, 9, 3, 1], 2, &mut out).unwrap();
+        assert_eq!(out, [2, 9]);
+    }
+
+    #[test]
+    fn greedy_verification_keeps_the_matching_run_and_corrects_the_first_miss() {
+        let mut s = Sampler::new(SamplingParams::default());
+        let mut ctx = vec![1, 2];
+        let mut out = Vec::new();
+        let inputs = [5, 6, 8, 9].map(SampleInput::Argmax);
+        assert_eq!(
+            accept_drafts(&mut s, inputs, &mut ctx, &[5, 6, 7], &mut out),
+            2
+        );
+        assert_eq!(out, [5, 6, 8]);
+        assert_eq!(ctx, [1, 2]);
+        out.clear();
+        let inputs = [5, 6, 7, 9].map(SampleInput::Argmax);
+        assert_eq!(
+            accept_drafts(&mut s, inputs, &mut ctx, &[5, 6, 7], &mut out),
+            3
+        );
+        assert_eq!(out, [5, 6, 7, 9]);
+    }
+
+    /// The rule written out independently in f64: softmax of the scaled logits, top-k,
+    /// min-p, top-p, then accept when `u1 < p(draft)` and otherwise walk the renormalised
+    /// residual with `u2`.
+    fn reference_rule(logits: &[f32], p: &SamplingParams, draft: u32, u1: f64, u2: f64) -> u32 {
+        let mut c: Vec<(f64, u32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| ((l / p.temperature) as f64, i as u32))
+            .collect();
+        c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        if p.top_k > 0 {
+            c.truncate(p.top_k);
+        }
+        let max = c[0].0;
+        let z: f64 = c.iter().map(|x| (x.0 - max).exp()).sum();
+        for x in &mut c {
+            x.0 = (x.0 - max).exp() / z;
+        }
+        let top = c[0].0;
+        let mut keep = c
+            .iter()
+            .take_while(|x| x.0 >= p.min_p as f64 * top)
+            .count()
+            .max(1);
+        let mut acc = 0.0;
+        for (i, x) in c[..keep].iter().enumerate() {
+            acc += x.0;
+            if acc >= p.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        c.truncate(keep);
+        let total: f64 = c.iter().map(|x| x.0).sum();
+        let pd = c.iter().find(|x| x.1 == draft).map_or(0.0, |x| x.0) / total;
+        if u1 < pd {
+            return draft;
+        }
+        let rest: Vec<_> = c.iter().filter(|x| x.1 != draft).collect();
+        let rt: f64 = rest.iter().map(|x| x.0).sum();
+        let mut r = u2 * rt;
+        for x in &rest {
+            r -= x.0;
+            if r <= 0.0 {
+                return x.1;
+            }
+        }
+        rest.last().map_or(draft, |x| x.1)
+    }
+
+    #[test]
+    fn sampled_verification_follows_the_reference_rule_seed_for_seed() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut checked = 0;
+        for case in 0..400u64 {
+            let vocab = rng.random_range(2..60);
+            let logits: Vec<f32> = (0..vocab).map(|_| rng.random_range(-4.0..4.0)).collect();
+            let p = SamplingParams {
+                temperature: [0.5, 1.0, 1.7][case as usize % 3],
+                top_k: [0, 5, 40][case as usize / 3 % 3],
+                top_p: [1.0, 0.9, 0.5][case as usize / 9 % 3],
+                min_p: [0.0, 0.05][case as usize / 27 % 2],
+                seed: Some(case),
+                ..Default::default()
+            };
+            let draft = rng.random_range(0..vocab) as u32;
+            let mut s = Sampler::new(p.clone());
+            let mut l = logits.clone();
+            let got = match s.verify(SampleInput::Logits(&mut l), &[], draft) {
+                Verdict::Accept => draft,
+                Verdict::Reject(t) => {
+                    assert_ne!(t, draft);
+                    t
+                }
+            };
+            let mut draws = StdRng::seed_from_u64(case);
+            let u1 = draws.random::<f32>() as f64;
+            let u2 = draws.random::<f32>() as f64;
+            // Skip the rare draws within float rounding of a boundary of either computation.
+            let want = reference_rule(&logits, &p, draft, u1, u2);
+            let near = [u1 - 1e-5, u1 + 1e-5]
+                .iter()
+                .any(|&u| reference_rule(&logits, &p, draft, u.clamp(0.0, 1.0), u2) != want)
+                || [u2 - 1e-5, u2 + 1e-5]
+                    .iter()
+                    .any(|&u| reference_rule(&logits, &p, draft, u1, u.clamp(0.0, 1.0)) != want);
+            if !near {
+                assert_eq!(got, want, "case {case}: {p:?} draft {draft}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 380, "{checked}");
+    }
+
+    #[test]
+    fn speculation_leaves_the_sampled_distribution_unchanged() {
+        // Two positions: a draft run [d0, d1] against rows whose distributions are known; the
+        // first emitted token must follow row 0's distribution whatever the draft.
+        let logits = [1.0f32, 0.3, -0.5, 2.0, 0.0];
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: Some(5),
+            ..Default::default()
+        };
+        let n = 40_000;
+        let mut plain = [0usize; 5];
+        let mut s = Sampler::new(params.clone());
+        for _ in 0..n {
+            plain[s.sample(&mut logits.clone(), &[]) as usize] += 1;
+        }
+        for draft in [3u32, 1, 4] {
+            let mut spec = [0usize; 5];
+            let mut s = Sampler::new(SamplingParams {
+                seed: Some(99 + draft as u64),
+                ..params.clone()
+            });
+            let mut out = Vec::new();
+            for _ in 0..n {
+                out.clear();
+                let (mut a, mut b) = (logits, logits);
+                let rows = [SampleInput::Logits(&mut a), SampleInput::Logits(&mut b)];
+                accept_drafts(&mut s, rows, &mut vec![], &[draft, 0], &mut out);
+                spec[out[0] as usize] += 1;
+            }
+            for t in 0..5 {
+                let (x, y) = (plain[t] as f64 / n as f64, spec[t] as f64 / n as f64);
+                let sigma = (x * (1.0 - x) / n as f64).sqrt().max(1e-4);
+                assert!(
+                    (x - y).abs() < 5.0 * sigma * 2f64.sqrt(),
+                    "draft {draft}, token {t}: plain {x:.4} vs speculative {y:.4}"
+                );
+            }
+        }
+    }
+}
