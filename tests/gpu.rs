@@ -1154,7 +1154,7 @@ fn greedy_speculation_on_the_gpu_gives_plain_decodings_tokens() {
         .unwrap()
         .tokens;
     for k in [1, 4, 7] {
-        g.set_speculation(Some(always(Box::new(NgramDrafter::default()), k)));
+        g.set_speculation(Some(always(Box::<NgramDrafter>::default(), k)));
         let out = g.generate(&prompt, &greedy(40), None, |_, _| true).unwrap();
         let st = out.speculative.unwrap();
         assert_eq!(out.tokens, want, "ngram k {k}: {st:?}");
@@ -1166,7 +1166,7 @@ fn greedy_speculation_on_the_gpu_gives_plain_decodings_tokens() {
     let st = out.speculative.unwrap();
     assert_eq!(out.tokens, want, "self-draft: {st:?}");
     assert!(st.acceptance_rate() > 0.9, "{st:?}");
-    g.set_speculation(Some(always(Box::new(NgramDrafter::default()), 4)));
+    g.set_speculation(Some(always(Box::<NgramDrafter>::default(), 4)));
     let o = GenerateOptions {
         sampling: SamplingParams {
             temperature: 0.8,

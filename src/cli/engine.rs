@@ -24,6 +24,10 @@ pub(crate) struct SpecArgs {
     /// Most tokens drafted per step (1..=32).
     #[arg(long, default_value_t = 4)]
     pub(crate) draft_tokens: usize,
+    /// Where a draft model runs (default: the target's backend; `cpu` can pay off beside a
+    /// GPU target, whose steps cost the same for a small model).
+    #[arg(long, value_enum)]
+    pub(crate) draft_backend: Option<BackendKind>,
 }
 
 /// Turns on the speculation of `spec` (if any) for `gen`, a draft model loaded as `args`
@@ -43,10 +47,10 @@ pub(crate) fn attach_speculation(
         #[cfg(feature = "gpu")]
         Engine::Gpu(g) => (None, g.backend().config().vocab_size),
     };
-    opts.backend = if cpu.is_some() {
-        BackendKind::Cpu
-    } else {
-        BackendKind::Gpu
+    opts.backend = match (spec.draft_backend, cpu.is_some()) {
+        (Some(b), _) => b,
+        (None, true) => BackendKind::Cpu,
+        (None, false) => BackendKind::Gpu,
     };
     let s = load_speculation(&method, spec.draft_tokens, &opts, vocab, cpu)?;
     match gen {

@@ -289,6 +289,9 @@ impl<B: Backend> Generator<B> {
         }
         let t0 = Instant::now();
         let mut logits = self.logits(prompt, false)?;
+        if let Some(spec) = &mut self.spec {
+            spec.drafter.prefill(prompt)?;
+        }
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         // Tokens chosen but not yet emitted (a verified speculative run, or one step's pick).
@@ -320,16 +323,17 @@ impl<B: Backend> Generator<B> {
             let pos = s.context().len() - 1;
             let step_t0 = Instant::now();
             if let Some(spec) = &mut self.spec {
-                let room = s.draft_room().min(spec.draft_tokens);
+                // Draft only as many as pay for themselves (drafting has its own cost).
+                let mut room = s.draft_room().min(spec.draft_tokens);
+                if spec.adaptive {
+                    room = control.choose(room);
+                }
                 self.drafts.clear();
                 if room > 0 {
                     spec.drafter.draft(s.context(), room, &mut self.drafts)?;
                     self.drafts.truncate(room);
                 }
-                // Verify only as many as pay for themselves.
-                if spec.adaptive {
-                    self.drafts.truncate(control.choose(self.drafts.len()));
-                }
+                let drafted_at = Instant::now();
                 if !self.drafts.is_empty() && queued {
                     // The step for `tok` is on the device already: take its token and verify
                     // drafts from there on.
@@ -367,8 +371,12 @@ impl<B: Backend> Generator<B> {
                     if let Some(st) = &mut stats {
                         st.add(self.drafts.len(), accepted);
                     }
-                    let secs = step_t0.elapsed().as_secs_f64();
-                    control.verify_step(self.drafts.len(), accepted, secs);
+                    control.verify_step(
+                        self.drafts.len(),
+                        accepted,
+                        (drafted_at - step_t0).as_secs_f64(),
+                        drafted_at.elapsed().as_secs_f64(),
+                    );
                     next.extend(out);
                     continue;
                 }

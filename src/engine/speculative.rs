@@ -4,9 +4,9 @@
 //! output is token for token what plain decoding gives; sampled output follows the same
 //! distribution. The single-stream generator and the batch scheduler both use this module.
 
-use super::forward::forward_argmax;
+use super::forward::{forward, forward_argmax};
 use super::sampler::{SampleInput, Sampler, Verdict};
-use crate::backend::{Backend, KvCache};
+use crate::backend::{Backend, KvCache, LogitRows};
 use crate::error::{Error, Result};
 
 /// Proposes the tokens that follow a context.
@@ -16,6 +16,11 @@ pub trait Drafter: Send {
     fn draft(&mut self, context: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()>;
     /// The method's name (`ngram`, `draft`), for reports.
     fn name(&self) -> &'static str;
+    /// Sees the prompt as the target runs it (a draft model computes its cache then, so the
+    /// first draft does not pay for the whole prompt).
+    fn prefill(&mut self, _prompt: &[u32]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Prompt lookup: the tokens that followed the most recent earlier occurrence of the
@@ -134,13 +139,7 @@ where
             return Ok(());
         }
         // Reuse the cached prefix; the last context token always runs (its logits decide).
-        let keep = self
-            .cached
-            .iter()
-            .zip(context)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(context.len() - 1);
+        let keep = common_prefix(&self.cached, context).min(context.len() - 1);
         self.cached.truncate(keep);
         let chunk = self.backend.prefill_chunk().max(1);
         let mut pos = keep;
@@ -177,6 +176,33 @@ where
     fn name(&self) -> &'static str {
         "draft"
     }
+
+    fn prefill(&mut self, prompt: &[u32]) -> Result<()> {
+        // Everything but the last token, which the first draft runs for its logits.
+        let upto = prompt.len().saturating_sub(1).min(self.cache.capacity());
+        let keep = common_prefix(&self.cached, &prompt[..upto]);
+        self.cached.truncate(keep);
+        let chunk = self.backend.prefill_chunk().max(1);
+        for part in prompt[keep..upto].chunks(chunk) {
+            let pos = self.cached.len();
+            forward(
+                &mut self.backend,
+                &mut self.cache,
+                part,
+                pos,
+                LogitRows::None,
+                &mut self.scratch,
+                None,
+            )?;
+            self.cached.extend_from_slice(part);
+        }
+        Ok(())
+    }
+}
+
+/// Length of the common prefix of `a` and `b`.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The speculative decoding method of a generator or scheduler.
@@ -243,38 +269,52 @@ impl SpecStats {
     }
 }
 
-/// Chooses how many drafted tokens a step verifies from what speculation has paid so far:
+/// Chooses how many tokens a step drafts and verifies from what speculation has paid so far:
 /// the acceptance rate per drafted token (decayed counts, so it follows the text) and the
-/// measured wall time of plain and verification steps (drafting included), modelled as
-/// `t(n) = t1 + m·(n − 1)` for a step of `n` tokens. A step of `k` drafts yields
-/// `(1 − a^(k+1)) / (1 − a)` tokens on average; the `k` with the most tokens per second wins,
-/// 0 (a plain step) when drafting does not pay. Every [`SpecControl::PROBE`]-th refused
-/// chance drafts anyway, so the estimates keep following the text.
+/// measured wall times: a plain step takes `t1`, a speculative one `c + d·k` for `k` drafts,
+/// with `d` the drafting time per token and `c` the verification step (a step of several
+/// tokens that the host waits for: on a device that queues plain steps it costs more than
+/// one of them whatever its size). Such a step yields `(1 − a^(k+1)) / (1 − a)` tokens on
+/// average; the `k` with the most tokens per second wins, 0 (a plain step) when drafting does
+/// not pay. `t1` follows the fastest recent plain steps (a device that queues
+/// steps runs them faster once the queue flows), and refused chances probe again after
+/// [`SpecControl::PROBE`] of them, twice as long after each probe that did not pay.
 #[derive(Debug, Clone)]
 pub struct SpecControl {
     accepted: f64,
     trials: f64,
     t1: Option<f64>,
-    marginal: Option<f64>,
+    verify: Option<f64>,
+    draft: Option<f64>,
+    plain: u32,
     refused: u32,
+    probe_every: u32,
 }
 
 impl Default for SpecControl {
     fn default() -> Self {
-        // A prior of 70% acceptance worth two trials: speculation is tried from the start.
+        // A prior of 70% acceptance worth two trials: speculation is tried early.
         SpecControl {
             accepted: 1.4,
             trials: 2.0,
             t1: None,
-            marginal: None,
+            verify: None,
+            draft: None,
+            plain: 0,
             refused: 0,
+            probe_every: Self::PROBE,
         }
     }
 }
 
 impl SpecControl {
-    /// Refused chances after which a step drafts anyway.
+    /// Refused chances after which a step drafts anyway (doubled after each probe that did
+    /// not pay, up to [`SpecControl::MAX_PROBE`]).
     pub const PROBE: u32 = 16;
+    /// The longest wait between probes.
+    pub const MAX_PROBE: u32 = 512;
+    /// Plain steps measured before the first draft.
+    pub const WARMUP: u32 = 4;
     const DECAY: f64 = 0.9;
     const SMOOTH: f64 = 0.2;
 
@@ -283,27 +323,34 @@ impl SpecControl {
         self.accepted / self.trials
     }
 
-    /// Drafts to verify of the `available` drafted: 0 for a plain step.
-    pub fn choose(&mut self, available: usize) -> usize {
-        if available == 0 {
-            return 0;
-        }
-        let (Some(t1), Some(m)) = (self.t1, self.marginal) else {
-            // Not measured yet: plain first (t1), then the full draft (the marginal cost).
-            return if self.t1.is_none() { 0 } else { available };
+    fn best(&self, available: usize) -> usize {
+        let (Some(t1), Some(c), Some(d)) = (self.t1, self.verify, self.draft) else {
+            return available;
         };
         let a = self.acceptance().min(0.999);
-        let rate = |k: usize| (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / (t1 + m * k as f64);
-        let best = (0..=available)
+        let rate = |k: usize| {
+            let t = if k == 0 { t1 } else { c + d * k as f64 };
+            (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / t
+        };
+        (0..=available)
             .max_by(|&x, &y| rate(x).total_cmp(&rate(y)))
-            .unwrap_or(0);
+            .unwrap_or(0)
+    }
+
+    /// Drafts to make and verify of the `available` the step has room for: 0 for a plain step.
+    pub fn choose(&mut self, available: usize) -> usize {
+        if available == 0 || self.plain < Self::WARMUP {
+            return 0;
+        }
+        let best = self.best(available);
         if best > 0 {
             self.refused = 0;
             return best;
         }
         self.refused += 1;
-        if self.refused >= Self::PROBE {
+        if self.refused >= self.probe_every {
             self.refused = 0;
+            self.probe_every = (self.probe_every * 2).min(Self::MAX_PROBE);
             return available;
         }
         0
@@ -311,24 +358,34 @@ impl SpecControl {
 
     /// A plain one-token step took `secs` (wall time per token).
     pub fn plain_step(&mut self, secs: f64) {
+        self.plain = self.plain.saturating_add(1);
         self.t1 = Some(match self.t1 {
+            Some(t) if secs < t => secs,
             Some(t) => t + Self::SMOOTH * (secs - t),
             None => secs,
         });
     }
 
-    /// A verification step of `drafted` drafts (drafting included) took `secs` and accepted
-    /// `accepted`.
-    pub fn verify_step(&mut self, drafted: usize, accepted: usize, secs: f64) {
+    /// A speculative step drafted `drafted` tokens in `draft_secs`, then verified them in
+    /// `verify_secs` and accepted `accepted`.
+    pub fn verify_step(
+        &mut self,
+        drafted: usize,
+        accepted: usize,
+        draft_secs: f64,
+        verify_secs: f64,
+    ) {
         let trials = accepted + usize::from(accepted < drafted);
         self.accepted = self.accepted * Self::DECAY + accepted as f64;
         self.trials = self.trials * Self::DECAY + trials as f64;
-        if let (Some(t1), true) = (self.t1, drafted > 0) {
-            let m = ((secs - t1) / drafted as f64).max(0.0);
-            self.marginal = Some(match self.marginal {
-                Some(x) => x + Self::SMOOTH * (m - x),
-                None => m,
-            });
+        let ema = |old: Option<f64>, x: f64| Some(old.map_or(x, |o| o + Self::SMOOTH * (x - o)));
+        if drafted > 0 {
+            self.draft = ema(self.draft, draft_secs / drafted as f64);
+            self.verify = ema(self.verify, verify_secs);
+        }
+        if self.best(drafted) > 0 {
+            // Speculation pays here again: probe at the first interval after the next miss.
+            self.probe_every = Self::PROBE;
         }
     }
 }
@@ -378,30 +435,41 @@ mod tests {
     #[test]
     fn the_controller_drafts_when_it_pays_and_probes_when_it_does_not() {
         let mut c = SpecControl::default();
-        assert_eq!(c.choose(4), 0, "the plain step is measured first");
-        c.plain_step(1.0);
+        // Plain steps first; the slow first one does not stick (the fastest recent counts).
+        for secs in [5.0, 1.0, 1.0, 1.0] {
+            assert_eq!(c.choose(4), 0);
+            c.plain_step(secs);
+        }
         assert_eq!(c.choose(4), 4, "then the full draft");
         // Cheap extra tokens and every draft accepted: draft all.
-        c.verify_step(4, 4, 1.2);
+        c.verify_step(4, 4, 0.0, 1.2);
         assert_eq!(c.choose(4), 4);
         assert_eq!(c.choose(0), 0);
-        // Expensive extra tokens and nothing accepted for a while: plain steps, with a probe.
+        // Expensive extra tokens and nothing accepted for a while: plain steps, with probes
+        // ever further apart.
         for _ in 0..30 {
-            c.verify_step(4, 0, 4.0);
+            c.verify_step(4, 0, 2.0, 2.0);
         }
         assert!(c.acceptance() < 0.1, "{}", c.acceptance());
-        let picks: Vec<usize> = (0..SpecControl::PROBE).map(|_| c.choose(4)).collect();
-        assert_eq!(picks.iter().filter(|&&k| k > 0).count(), 1, "{picks:?}");
-        assert_eq!(picks[SpecControl::PROBE as usize - 1], 4);
+        let picks: Vec<usize> = (0..16 + 32 + 64).map(|_| c.choose(4)).collect();
+        let probes: Vec<usize> = (0..picks.len()).filter(|&i| picks[i] > 0).collect();
+        assert_eq!(probes, [15, 47, 111], "{picks:?}");
         // Moderate cost, high acceptance: a middle length can win.
         let mut c = SpecControl::default();
-        c.plain_step(1.0);
-        c.verify_step(4, 4, 1.0 + 4.0 * 0.5);
+        for _ in 0..SpecControl::WARMUP {
+            c.plain_step(1.0);
+        }
+        // Drafting at 0.5 per token, verification 1: two-thirds accepted makes 1 or 2 best.
         for _ in 0..20 {
-            c.verify_step(4, 2, 3.0);
+            c.verify_step(4, 2, 2.0, 1.0);
         }
         let k = c.choose(8);
-        assert!((1..8).contains(&k), "{k}");
+        assert!((1..=2).contains(&k), "{k}");
+        // A verification step that costs three plain ones never pays at this acceptance.
+        for _ in 0..20 {
+            c.verify_step(4, 2, 0.0, 3.0);
+        }
+        assert_eq!(c.choose(8), 0);
     }
 
     #[test]

@@ -38,6 +38,9 @@ PRESETS = {
     "wide": dict(hidden=640, layers=8, heads=10, kv_heads=2, intermediate=1792),
     "deep": dict(hidden=512, layers=12, heads=8, kv_heads=2, intermediate=1280),
     "small": dict(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024),
+    # speculative-decoding drafts for the default model (its tokenizer): ~6.2M and ~5.5M parameters
+    "draft": dict(hidden=320, layers=4, heads=5, kv_heads=1, intermediate=1024),
+    "draft2": dict(hidden=384, layers=2, heads=6, kv_heads=2, intermediate=1280),
     # for a CPU check of the code path
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=172),
 }
