@@ -319,6 +319,41 @@ fn speculative_serving_gives_cli_generates_tokens_and_counts_drafts() {
 }
 
 #[test]
+fn the_kv_pool_is_sized_for_the_batch_or_as_asked() {
+    let model = common::fixture();
+    let blocks = |s: &Server| -> u64 {
+        let (_, m) = s.get("/metrics");
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix("bitnet_kv_blocks_total ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .expect("bitnet_kv_blocks_total")
+    };
+    // auto (the default): 4 sequences × 256 positions (the fixture's context) in blocks of 16.
+    let s = Server::start(&model, &["--max-batch", "4"]);
+    assert_eq!(blocks(&s), 4 * 256 / 16);
+    drop(s);
+    // An explicit size: 1 MiB of the fixture's 8 KiB blocks (k and v, 2 layers, 16 positions,
+    // 2 KV heads of 16 dims, f32).
+    let s = Server::start(&model, &["--max-batch", "4", "--kv-cache-mb", "1"]);
+    assert_eq!(blocks(&s), (1 << 20) / 8192);
+    drop(s);
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["serve", "--port", "0", "--kv-cache-mb", "lots", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--kv-cache-mb: `lots`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_stop_string_split_across_tokens_is_never_streamed() {
     let model = common::fixture();
     let s = Server::start(&model, &[]);

@@ -5,6 +5,7 @@
 
 pub mod blocks;
 pub mod scheduler;
+pub mod sizing;
 
 use crate::backend::{BatchBackend, HeadRows, RowNeed, RowSlot};
 use crate::engine::forward::{forward_rows, forward_rows_sampled};

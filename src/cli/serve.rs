@@ -41,9 +41,11 @@ pub(crate) struct ServeArgs {
     /// Most token rows per step (decode rows plus prompt chunks).
     #[arg(long, default_value_t = 256)]
     pub(crate) step_tokens: usize,
-    /// KV cache pool size in MiB (paged in blocks shared by all sequences).
-    #[arg(long, default_value_t = 1024)]
-    pub(crate) kv_cache_mb: usize,
+    /// KV cache pool size in MiB (paged in blocks shared by all sequences), or `auto`: what
+    /// --max-batch sequences at the full context need, within half the host memory available
+    /// (CPU) or the device's largest binding (GPU). The size is logged at start.
+    #[arg(long, default_value = "auto")]
+    pub(crate) kv_cache_mb: String,
     /// Positions per KV block.
     #[arg(long, default_value_t = 16)]
     pub(crate) block_size: usize,
@@ -223,7 +225,12 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             draft_tokens: serve_draft_tokens(a.speculative.as_deref(), a.draft_tokens)?,
             ..Default::default()
         },
-        kv_cache_mb: a.kv_cache_mb,
+        kv_cache_mb: match a.kv_cache_mb.as_str() {
+            "auto" => None,
+            n => Some(n.parse().with_context(|| {
+                format!("--kv-cache-mb: `{n}` is neither `auto` nor a number of MiB")
+            })?),
+        },
         max_tokens_limit: a.max_tokens_limit,
         max_prompt_tokens: a.max_prompt_tokens,
         max_body_bytes: a.max_body_bytes,

@@ -300,6 +300,8 @@ impl<B: Backend> Generator<B> {
         // Whether the step for the token about to be emitted is already queued on the device.
         let mut queued = false;
         let mut control = SpecControl::default();
+        // BITNET_SPEC_TRACE=1: every step's kind, time and the controller's state on stderr.
+        let trace = self.spec.is_some() && std::env::var_os("BITNET_SPEC_TRACE").is_some();
         loop {
             let tok = match next.pop_front() {
                 Some(t) => t,
@@ -343,6 +345,9 @@ impl<B: Backend> Generator<B> {
                     next.push_back(d.read_queued_argmax()?);
                     queued = false;
                     control.plain_step(step_t0.elapsed().as_secs_f64());
+                    if trace {
+                        eprintln!("spec: read-queued {:?} {control:?}", step_t0.elapsed());
+                    }
                     continue;
                 }
                 if !self.drafts.is_empty() {
@@ -377,6 +382,14 @@ impl<B: Backend> Generator<B> {
                         (drafted_at - step_t0).as_secs_f64(),
                         drafted_at.elapsed().as_secs_f64(),
                     );
+                    if trace {
+                        eprintln!(
+                            "spec: verify k {} accepted {accepted} draft {:?} verify {:?} {control:?}",
+                            self.drafts.len(),
+                            drafted_at - step_t0,
+                            drafted_at.elapsed()
+                        );
+                    }
                     next.extend(out);
                     continue;
                 }
@@ -446,6 +459,9 @@ impl<B: Backend> Generator<B> {
                 }
             }
             control.plain_step(step_t0.elapsed().as_secs_f64());
+            if trace {
+                eprintln!("spec: plain {:?} {control:?}", step_t0.elapsed());
+            }
         }
         Ok(done(s, prefill_s, t1.elapsed().as_secs_f64(), stats))
     }

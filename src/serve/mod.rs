@@ -61,8 +61,9 @@ pub struct ServeOptions {
     pub kv: KvDtype,
     /// Batching limits (kv_blocks is derived from `kv_cache_mb` at load).
     pub scheduler: SchedulerConfig,
-    /// KV pool size in MiB.
-    pub kv_cache_mb: usize,
+    /// KV pool size in MiB (None: sized from the memory available and `max_batch`
+    /// sequences at the full context, see [`crate::batch::sizing`]).
+    pub kv_cache_mb: Option<usize>,
     /// Largest `max_tokens` a request may ask for (and the default when it asks none).
     pub max_tokens_limit: usize,
     /// Longest prompt in tokens (0 = the context).
@@ -98,7 +99,7 @@ impl Default for ServeOptions {
             head: HeadMode::default(),
             kv: KvDtype::F32,
             scheduler: SchedulerConfig::default(),
-            kv_cache_mb: 1024,
+            kv_cache_mb: None,
             max_tokens_limit: 4096,
             max_prompt_tokens: 0,
             max_body_bytes: 1 << 20,
@@ -197,12 +198,12 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
     } = files;
     drop(weights);
     let sched = match engine {
-        Engine::Cpu(b) => start(*b, opts, sc, usize::MAX)?,
+        Engine::Cpu(b) => start(*b, opts, sc, usize::MAX, true)?,
         #[cfg(feature = "gpu")]
         Engine::Gpu(b) => {
             tracing::info!(adapter = %b.adapter(), "serving on the GPU backend");
             let max_blocks = b.max_pool_blocks(sc.block_size);
-            start(*b, opts, sc, max_blocks)?
+            start(*b, opts, sc, max_blocks, false)?
         }
     };
     let id = dir
@@ -220,24 +221,41 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
     })
 }
 
-/// Sizes the KV pool from `--kv-cache-mb` (at most `max_blocks`) and starts the scheduler
-/// thread on `backend`.
+/// Sizes the KV pool ([`crate::batch::sizing::size_pool`]: `--kv-cache-mb`, or half the host
+/// memory available for the CPU backend and the device's largest binding for the GPU's, no more
+/// than `max_batch` full-context sequences need), reports it, and starts the scheduler thread
+/// on `backend`.
 fn start<B: BatchBackend + Send + 'static>(
     backend: B,
     opts: &ServeOptions,
     mut sc: SchedulerConfig,
     max_blocks: usize,
+    host_memory: bool,
 ) -> Result<Scheduler> {
-    let block = backend.block_bytes(sc.block_size).max(1);
-    let want = ((opts.kv_cache_mb << 20) / block).max(1);
-    sc.kv_blocks = want.min(max_blocks).max(1);
-    if sc.kv_blocks < want {
-        tracing::warn!(
-            blocks = sc.kv_blocks,
-            requested = want,
-            "KV cache limited by the device's largest binding"
-        );
-    }
+    use crate::batch::sizing::{host_available_bytes, size_pool, PoolBudget};
+    let budget = match opts.kv_cache_mb {
+        Some(mb) => PoolBudget::Bytes(mb << 20),
+        None if host_memory => PoolBudget::Auto(host_available_bytes().map_or(1 << 30, |b| b / 2)),
+        None => PoolBudget::Auto(usize::MAX),
+    };
+    let block = backend.block_bytes(sc.block_size);
+    let size = size_pool(
+        block,
+        sc.block_size,
+        sc.max_batch,
+        sc.max_context,
+        budget,
+        max_blocks,
+    );
+    sc.kv_blocks = size.blocks;
+    tracing::info!(
+        blocks = size.blocks,
+        block_size = sc.block_size,
+        mib = size.bytes >> 20,
+        full_context_sequences = size.full_sequences,
+        reason = %size.reason,
+        "KV cache pool"
+    );
     Scheduler::spawn(backend, sc)
 }
 
