@@ -65,3 +65,15 @@ fn div_exact(a: f32, b: f32) -> f32 {
     }
     return bitcast<f32>(sign | (u32(e + 127) << 23u) | (q & 0x7fffffu));
 }
+
+// x rounded to the nearest f16 value (ties to even) in f32, so that pack2x16float, whose
+// rounding WGSL leaves to the implementation, converts it exactly (as the CPU's `half` does).
+fn round_f16(x: f32) -> f32 {
+    let c = clamp(x, -65504.0, 65504.0);
+    if abs(c) < 6.1035156e-5 {
+        // f16 subnormals: multiples of 2^-24.
+        return round(c * 16777216.0) / 16777216.0;
+    }
+    let b = bitcast<u32>(c);
+    return bitcast<f32>((b + 0xfffu + ((b >> 13u) & 1u)) & 0xffffe000u);
+}

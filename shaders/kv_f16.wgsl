@@ -23,18 +23,6 @@ fn v4_at(i: u32) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
 }
 // --- write
-// x rounded to the nearest f16 value (ties to even) in f32, so that pack2x16float, whose
-// rounding WGSL leaves to the implementation, converts it exactly (as the CPU's `half` does).
-fn round_f16(x: f32) -> f32 {
-    let c = clamp(x, -65504.0, 65504.0);
-    if abs(c) < 6.1035156e-5 {
-        // f16 subnormals: multiples of 2^-24.
-        return round(c * 16777216.0) / 16777216.0;
-    }
-    let b = bitcast<u32>(c);
-    return bitcast<f32>((b + 0xfffu + ((b >> 13u) & 1u)) & 0xffffe000u);
-}
-
 fn half_bits(i: u32, x: f32) -> vec2<u32> {
     let sh = (i & 1u) * 16u;
     let h = pack2x16float(vec2<f32>(round_f16(x), 0.0)) & 0xffffu;

@@ -226,9 +226,9 @@ pub fn load_backend(weights: &Weights, opts: &LoadOptions) -> Result<(Engine, Op
             return Ok((Engine::Gpu(Box::new(b)), why));
         }
     }
-    if opts.kv != KvDtype::F32 {
+    if opts.kv == KvDtype::F16 {
         return Err(Error::Config(
-            "an f16 KV cache needs the GPU backend (the CPU's KV cache is f32)".into(),
+            "an f16 KV cache needs the GPU backend (the CPU's KV cache is f32 or int8)".into(),
         ));
     }
     let b = CpuBackend::load(

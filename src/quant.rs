@@ -28,9 +28,9 @@ pub fn quantize_activations(x: &[f32], out: &mut [i8]) -> f32 {
     absmax
 }
 
-/// Quantizes one row of a float weight to int8 with its own scale (absmax / 127, round half
-/// to even; the int8 head of both backends) and returns the scale (`w ≈ q · scale`).
-pub fn quantize_weight_row(row: &[f32], q: &mut [i8]) -> f32 {
+/// Quantizes one row to int8 with its own scale (absmax / 127, round half to even; the int8
+/// head and the int8 KV cache of every backend) and returns the scale (`w ≈ q · scale`).
+pub fn quantize_row_absmax(row: &[f32], q: &mut [i8]) -> f32 {
     let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
     let inv = if m > 0.0 { 127.0 / m } else { 0.0 };
     for (o, &v) in q.iter_mut().zip(row) {

@@ -28,9 +28,22 @@ pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
 
 /// Rotate-half RoPE of one head vector at position `pos` (dimension j pairs with j + hd/2).
 pub fn rope(v: &mut [f32], pos: usize, inv_freq: &[f32]) {
+    rotate(v, pos as f32, inv_freq);
+}
+
+/// Turns a head rotated by [`rope`] at position `p` into the same head at `p - d`: rotation by
+/// `-d` positions (RoPE rotations compose: R(p − d) = R(−d)·R(p)). Its sines are the negated
+/// sines of `d` (sin is odd), so it rounds as `a·cos + b·sin`, `b·cos − a·sin` with the cos/sin
+/// of `d` (the GPU's shift, from its table).
+pub fn rope_back(v: &mut [f32], d: usize, inv_freq: &[f32]) {
+    rotate(v, -(d as f32), inv_freq);
+}
+
+/// Rotate-half rotation of `v` by `pos` (signed) positions.
+fn rotate(v: &mut [f32], pos: f32, inv_freq: &[f32]) {
     let half = v.len() / 2;
     for j in 0..half {
-        let f = pos as f32 * inv_freq[j];
+        let f = pos * inv_freq[j];
         let (s, c) = f.sin_cos();
         let (a, b) = (v[j], v[j + half]);
         v[j] = a * c - b * s;
@@ -81,11 +94,35 @@ pub fn attend_rows<'a>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let hd = q.len();
+    attend_with(
+        q.len(),
+        len,
+        |p| dot(q, k(p)),
+        |p, w, out| {
+            for (o, &vv) in out.iter_mut().zip(v(p)) {
+                *o += w * vv;
+            }
+        },
+        scores,
+        out,
+    );
+}
+
+/// Softmax attention over `len` positions of `hd`-wide heads stored in any form: `score(p)` is
+/// the query's dot product with position `p`'s key, `add(p, w, out)` adds `w` times its value
+/// into `out`.
+pub fn attend_with(
+    hd: usize,
+    len: usize,
+    score: impl Fn(usize) -> f32,
+    add: impl Fn(usize, f32, &mut [f32]),
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let scale = 1.0 / (hd as f32).sqrt();
     let mut max = f32::NEG_INFINITY;
     for (p, s) in scores[..len].iter_mut().enumerate() {
-        *s = dot(q, k(p)) * scale;
+        *s = score(p) * scale;
         max = max.max(*s);
     }
     let mut sum = 0.0;
@@ -96,11 +133,27 @@ pub fn attend_rows<'a>(
     let inv = 1.0 / sum;
     out.fill(0.0);
     for (p, &s) in scores[..len].iter().enumerate() {
-        let w = s * inv;
-        for (o, &vv) in out.iter_mut().zip(v(p)) {
-            *o += w * vv;
+        add(p, s * inv, out);
+    }
+}
+
+/// Dot product of f32 `a` with int8 `b` (eight partial sums, as [`dot`]).
+#[inline]
+pub fn dot_i8(a: &[f32], b: &[i8]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, &y)| x * y as f32)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i] as f32;
         }
     }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `m = act(gate) · up` for the architecture's gating activation.
@@ -183,6 +236,19 @@ mod tests {
         let mut w = [1.0, 2.0, 3.0, 4.0];
         rope(&mut w, 0, &inv);
         assert_eq!(w, [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn rope_back_undoes_positions() {
+        let inv = rope_inv_freq(10000.0, 8);
+        let x: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
+        let (mut at_9, mut at_4) = (x.clone(), x.clone());
+        rope(&mut at_9, 9, &inv);
+        rope(&mut at_4, 4, &inv);
+        rope_back(&mut at_9, 5, &inv);
+        for (a, b) in at_9.iter().zip(&at_4) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bitnet_inference::backend::{Backend, RowSlot};
+use bitnet_inference::backend::{Backend, HeadMode, KvDtype, RowSlot};
 use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerConfig};
 use bitnet_inference::engine::forward::forward_rows;
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};
@@ -13,7 +13,7 @@ use bitnet_inference::engine::sampler::SamplingParams;
 use bitnet_inference::format::{safetensors::load, Weights};
 
 mod common;
-use common::{cpu, prompts};
+use common::{cpu, cpu_with, prompts};
 
 fn weights() -> Weights {
     load(&common::fixture()).unwrap()
@@ -21,13 +21,24 @@ fn weights() -> Weights {
 
 #[test]
 fn batched_rows_equal_single_sequence_logits() {
+    batched_rows_equal_single_sequence(KvDtype::F32);
+}
+
+/// The int8 pool's rows are its single-sequence cache's: per-position scales make the cache
+/// independent of how rows are grouped into steps.
+#[test]
+fn batched_rows_equal_single_sequence_logits_on_an_int8_pool() {
+    batched_rows_equal_single_sequence(KvDtype::Int8);
+}
+
+fn batched_rows_equal_single_sequence(kv: KvDtype) {
     let w = weights();
     let vocab = w.config.vocab_size;
     let ps = prompts(5, vocab as u32, 1);
-    let mut single = Generator::new(cpu(&w)).unwrap();
+    let mut single = Generator::new(cpu_with(&w, HeadMode::Native, kv)).unwrap();
     let want: Vec<Vec<f32>> = ps.iter().map(|p| single.logits(p, true).unwrap()).collect();
 
-    let mut b = cpu(&w);
+    let mut b = cpu_with(&w, HeadMode::Native, kv);
     let bs = 4;
     let mut pool = b.new_pool(64, bs).unwrap();
     // Block tables handed out in a scrambled order, so no sequence is contiguous.

@@ -403,3 +403,65 @@ fn unknown_head_mode_fails_cleanly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.contains("int4"), "{stderr}");
 }
+
+/// `generate --window` goes past the context (the tiny model's 256 positions) and reports the
+/// sink window in the JSON; a window the cache cannot hold, or sinks without a window, fail
+/// with a message naming them; `--kv int8` runs on the CPU and is named in the refusal on the
+/// GPU-only f16 path.
+#[test]
+fn generate_past_the_context_with_a_sink_window() {
+    let tiny = tiny();
+    let m = bitnet_json(&[
+        "generate",
+        "--model",
+        &tiny,
+        "--backend",
+        "cpu",
+        "--tokens",
+        "1,2,3",
+        "--max-tokens",
+        "600",
+        "--ignore-eos",
+        "--window",
+        "64",
+        "--sinks",
+        "4",
+        "--kv",
+        "int8",
+        "--json",
+    ]);
+    assert_eq!(m["tokens"].as_array().unwrap().len(), 600);
+    assert_eq!(m["finish_reason"], "length");
+    let sw = &m["sink_window"];
+    assert_eq!(
+        (sw["sinks"].as_u64(), sw["window"].as_u64()),
+        (Some(4), Some(64))
+    );
+    assert!(sw["evicted"].as_u64().unwrap() >= 600 + 3 - 68);
+    let plain = bitnet_json(&[
+        "generate",
+        "--model",
+        &tiny,
+        "--backend",
+        "cpu",
+        "--tokens",
+        "1,2,3",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(plain["sink_window"], Value::Null);
+    for (args, what) in [
+        (&["--window", "300"][..], "exceed"),
+        (&["--sinks", "4"][..], "--window"),
+        (&["--kv", "f16", "--backend", "cpu"][..], "f16"),
+    ] {
+        let mut all = vec!["generate", "--model", &tiny, "--tokens", "1,2"];
+        all.extend_from_slice(args);
+        let out = bitnet(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.contains(what), "{args:?}: {stderr}");
+    }
+}

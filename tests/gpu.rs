@@ -449,6 +449,7 @@ fn rope_kv_write_and_attention_at(cfg: &ModelConfig, kv_dtype: KvDtype) {
         match kv_dtype {
             KvDtype::F32 => x.to_vec(),
             KvDtype::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+            KvDtype::Int8 => unreachable!("the GPU's KV cache is f32 or f16"),
         }
     };
     let mut rng = StdRng::seed_from_u64(3);

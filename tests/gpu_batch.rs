@@ -117,6 +117,7 @@ fn check_batched_with(w: &Weights, bs: usize, tol: f32, head: HeadMode, kv: KvDt
     let flip = match kv {
         KvDtype::F32 => 0.05,
         KvDtype::F16 => 0.6,
+        KvDtype::Int8 => unreachable!("the GPU's KV cache is f32 or f16"),
     };
     check_batched_within(w, bs, tol, flip, head, kv);
 }

@@ -107,6 +107,23 @@ pub trait Backend {
     ) -> usize {
         0
     }
+    /// Moves the keys and values of positions `from..from + n` of the sequence whose blocks
+    /// `table` lists (`[0]` for a single-sequence cache) to positions `to..to + n` (`to <
+    /// from`), each key's RoPE turned back by `from - to` positions, so that the sequence goes
+    /// on as if they had always stood there (attention sinks with a sliding window,
+    /// [`crate::engine::window`]).
+    fn kv_shift(
+        &mut self,
+        _cache: &mut Self::Cache,
+        _table: &[u32],
+        _from: usize,
+        _to: usize,
+        _n: usize,
+    ) -> Result<()> {
+        Err(crate::Error::Backend(
+            "this backend cannot shift its KV cache (no attention sinks / sliding window)".into(),
+        ))
+    }
     /// Called after the last op of `layer` (backends that submit work in parts use it).
     fn layer_done(&mut self, _layer: usize) {}
     /// Final norm and head for `rows`; logits appended to `out` (`vocab` per row).
@@ -268,4 +285,15 @@ pub fn check_row_needs(rows: &[usize], need: &[RowNeed]) -> Result<()> {
         rows.len(),
         need.len()
     )))
+}
+
+/// The checks of every [`Backend::kv_shift`]: `to < from` and `from + n` within `positions`.
+pub fn check_shift(positions: usize, from: usize, to: usize, n: usize) -> Result<()> {
+    if to >= from || from + n > positions {
+        return Err(crate::Error::Request(format!(
+            "cannot move KV positions {from}..{} to {to} in a cache of {positions}",
+            from + n
+        )));
+    }
+    Ok(())
 }

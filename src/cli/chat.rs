@@ -31,6 +31,8 @@ pub(crate) struct ChatArgs {
     /// Random seed.
     #[arg(long)]
     pub(crate) seed: Option<u64>,
+    #[command(flatten)]
+    pub(crate) window: super::engine::WindowArgs,
 }
 
 pub(crate) fn chat(a: ChatArgs) -> Result<()> {
@@ -62,6 +64,7 @@ pub(crate) fn chat_on<B: Backend>(gen: &mut Generator<B>, ctx: Ctx, a: &ChatArgs
             ..Default::default()
         },
         eos_token_ids: gen_cfg.eos_token_ids.clone(),
+        sink_window: a.window.sink_window(),
         ..Default::default()
     };
     eprintln!(

@@ -9,6 +9,7 @@ use bitnet_inference::backend::{Backend, HeadMode, KvDtype};
 use bitnet_inference::config::GenerationConfig;
 use bitnet_inference::cpu::kernels::Kernels;
 use bitnet_inference::engine::generate::Generator;
+use bitnet_inference::engine::window::SinkWindow;
 use bitnet_inference::load::{
     load_backend, load_speculation, BackendKind, LoadOptions, ModelFiles, SpecMethod,
 };
@@ -28,6 +29,28 @@ pub(crate) struct SpecArgs {
     /// GPU target, whose steps cost the same for a small model).
     #[arg(long, value_enum)]
     pub(crate) draft_backend: Option<BackendKind>,
+}
+
+/// Attention sinks and a sliding window: generation past the context window.
+#[derive(clap::Args, Clone, Copy)]
+pub(crate) struct WindowArgs {
+    /// Keep generating past the KV cache with a sliding window of this many recent positions
+    /// (StreamingLLM; evicted positions move out `window / 8` at a time).
+    #[arg(long)]
+    pub(crate) window: Option<usize>,
+    /// Attention sinks: the first positions, kept for good (with --window).
+    #[arg(long, requires = "window", default_value_t = 4)]
+    pub(crate) sinks: usize,
+}
+
+impl WindowArgs {
+    /// The sink window asked for (None without --window).
+    pub(crate) fn sink_window(&self) -> Option<SinkWindow> {
+        self.window.map(|window| SinkWindow {
+            sinks: self.sinks,
+            window,
+        })
+    }
 }
 
 /// Turns on the speculation of `spec` (if any) for `gen`, a draft model loaded as `args`

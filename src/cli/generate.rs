@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::engine::{attach_speculation, load, Ctx, Engine, Loaded, SpecArgs};
+use super::engine::{attach_speculation, load, Ctx, Engine, Loaded, SpecArgs, WindowArgs};
 use super::ModelArgs;
 use bitnet_inference::backend::Backend;
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
@@ -53,6 +53,8 @@ pub(crate) struct GenerateArgs {
     pub(crate) json: bool,
     #[command(flatten)]
     pub(crate) spec: SpecArgs,
+    #[command(flatten)]
+    pub(crate) window: WindowArgs,
 }
 
 pub(crate) fn parse_tokens(s: &str) -> Result<Vec<u32>> {
@@ -100,6 +102,7 @@ pub(crate) fn generate_on<B: Backend>(
         eos_token_ids: gen_cfg.eos_token_ids.clone(),
         ignore_eos: a.ignore_eos,
         stop_strings: a.stop.clone(),
+        sink_window: a.window.sink_window(),
     };
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();
@@ -119,6 +122,11 @@ pub(crate) fn generate_on<B: Backend>(
             "prefill_tok_s": out.prompt_tokens as f64 / out.prefill_s.max(1e-9),
             "finish_reason": out.finish.as_str(),
             "speculative": spec_json(gen, &out),
+            "sink_window": opts.sink_window.map(|w| serde_json::json!({
+                "sinks": w.sinks,
+                "window": w.window,
+                "evicted": out.evicted,
+            })),
         });
         writeln!(stdout, "{v}")?;
     } else {

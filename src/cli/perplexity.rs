@@ -10,6 +10,7 @@ use super::engine::{load, Ctx, Engine, Loaded};
 use super::{spinner, ModelArgs};
 use bitnet_inference::backend::Backend;
 use bitnet_inference::engine::generate::Generator;
+use bitnet_inference::engine::window::SinkWindow;
 
 #[derive(Args)]
 pub(crate) struct PerplexityArgs {
@@ -24,6 +25,11 @@ pub(crate) struct PerplexityArgs {
     /// Distance between window starts (0 = the window: non-overlapping windows).
     #[arg(long, default_value_t = 0)]
     pub(crate) stride: usize,
+    /// Score the text as one stream with this many attention sinks and a sliding cache of
+    /// --window recent positions (what generation past the context sees) instead of
+    /// independent windows.
+    #[arg(long)]
+    pub(crate) sinks: Option<usize>,
     /// Score only the first N tokens of the file (0 = all).
     #[arg(long, default_value_t = 0)]
     pub(crate) max_tokens: usize,
@@ -49,15 +55,18 @@ pub(crate) fn perplexity_on<B: Backend>(
     if a.max_tokens > 0 {
         ids.truncate(a.max_tokens);
     }
-    let window = if a.window == 0 {
-        gen.context()
-    } else {
-        a.window
+    let window = match (a.window, a.sinks) {
+        (0, Some(sinks)) => gen.context().saturating_sub(sinks),
+        (0, None) => gen.context(),
+        (w, _) => w,
     };
     let stride = if a.stride == 0 { window } else { a.stride };
     let pb = spinner(&format!("scoring {} tokens", ids.len()));
     let t0 = Instant::now();
-    let r = gen.perplexity(&ids, window, stride)?;
+    let r = match a.sinks {
+        Some(sinks) => gen.perplexity_streaming(&ids, SinkWindow { sinks, window })?,
+        None => gen.perplexity(&ids, window, stride)?,
+    };
     let secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let backend = gen.backend().describe();
@@ -66,7 +75,7 @@ pub(crate) fn perplexity_on<B: Backend>(
             "{}",
             serde_json::json!({
                 "ppl": r.ppl(), "mean_nll": r.mean_nll(), "nll": r.nll, "tokens": r.tokens,
-                "scored": r.scored, "window": r.window, "stride": r.stride,
+                "scored": r.scored, "window": r.window, "stride": r.stride, "sinks": r.sinks,
                 "seconds": secs, "backend": backend,
             })
         );

@@ -24,10 +24,12 @@ impl BatchBackend for CpuBackend {
             }
             let block = tables[slot.seq][p / bs];
             for h in 0..c.num_kv_heads {
-                let dst = pool.at(block, layer, h, p % bs);
                 let (ks, vs) = (q + h * hd, q + kv + h * hd);
-                super::write_kv(&mut pool.k[dst..dst + hd], &row[ks..ks + hd], self.kv);
-                super::write_kv(&mut pool.v[dst..dst + hd], &row[vs..vs + hd], self.kv);
+                pool.put(
+                    pool.row(block, layer, h, p % bs),
+                    &row[ks..ks + hd],
+                    &row[vs..vs + hd],
+                );
             }
         }
     }
@@ -56,19 +58,12 @@ impl BatchBackend for CpuBackend {
             let qv = &qkv[ti * (q + 2 * kv) + h * hd..][..hd];
             // SAFETY: task i writes only head h of row ti.
             let out = unsafe { attn.slice(i * hd, hd) };
-            let row = |p: usize| pool.at(table[p / bs], layer, kh, p % bs);
+            let row = |p: usize| pool.row(table[p / bs], layer, kh, p % bs);
             SCORES.with_borrow_mut(|scores| {
                 if scores.len() < len {
                     scores.resize(len, 0.0);
                 }
-                ops::attend_rows(
-                    qv,
-                    len,
-                    |p| &pool.k[row(p)..row(p) + hd],
-                    |p| &pool.v[row(p)..row(p) + hd],
-                    scores,
-                    out,
-                );
+                pool.attend(qv, len, row, scores, out);
             });
         });
     }

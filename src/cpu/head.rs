@@ -62,7 +62,7 @@ impl Head {
                             || vec![0f32; cols],
                             |row, (i, (qr, s))| {
                                 t.row_into(r0 + i, row);
-                                *s = crate::quant::quantize_weight_row(row, qr);
+                                *s = crate::quant::quantize_row_absmax(row, qr);
                             },
                         );
                     let es = t.dtype.size() * cols;

@@ -29,21 +29,10 @@ pub struct CpuOptions {
     pub head: HeadMode,
     /// Kernel set (None = the fastest detected).
     pub kernels: Option<Kernels>,
-    /// KV precision: f16 rounds every cached key and value to f16 (stored in f32), the
-    /// numerics of the GPU's f16 cache, for comparing the two.
+    /// KV cache type: f32; f16 rounds every cached key and value to f16 (stored in f32), the
+    /// numerics of the GPU's f16 cache, for comparing the two; int8 stores them as int8 rows
+    /// with a scale each.
     pub kv: KvDtype,
-}
-
-/// Copies keys or values into the cache at `kv`'s precision.
-fn write_kv(dst: &mut [f32], src: &[f32], kv: KvDtype) {
-    match kv {
-        KvDtype::F32 => dst.copy_from_slice(src),
-        KvDtype::F16 => {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = half::f16::from_f32(s).to_f32();
-            }
-        }
-    }
 }
 
 struct CpuLayer {
@@ -77,11 +66,36 @@ struct Step {
     normed: Vec<f32>,
 }
 
-/// Keys and values in blocks: `[block][layer][kv_head][position in block][head_dim]` f32
-/// (one block: a single sequence's `[layer][kv_head][position][head_dim]`).
+/// Copies keys or values into a float cache, rounded to f16 first when `f16`.
+fn write_float(dst: &mut [f32], src: &[f32], f16: bool) {
+    if f16 {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = half::f16::from_f32(s).to_f32();
+        }
+    } else {
+        dst.copy_from_slice(src);
+    }
+}
+
+/// The keys and values of a [`CpuCache`], as its [`KvDtype`] stores them.
+enum KvStore {
+    /// f32 values (rounded to f16 first with [`KvDtype::F16`]).
+    Float { k: Vec<f32>, v: Vec<f32> },
+    /// int8 values with one scale per row of `head_dim` values.
+    Int8 {
+        k: Vec<i8>,
+        v: Vec<i8>,
+        k_scale: Vec<f32>,
+        v_scale: Vec<f32>,
+    },
+}
+
+/// Keys and values in blocks: rows of `head_dim` values ordered
+/// `[block][layer][kv_head][position in block]` (one block: a single sequence's
+/// `[layer][kv_head][position]`).
 pub struct CpuCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    store: KvStore,
+    kv: KvDtype,
     blocks: usize,
     block_size: usize,
     layers: usize,
@@ -90,10 +104,103 @@ pub struct CpuCache {
 }
 
 impl CpuCache {
-    /// Offset of (block, layer, kv head, position in block).
-    fn at(&self, block: u32, layer: usize, kh: usize, off: usize) -> usize {
-        (((block as usize * self.layers + layer) * self.kv_heads + kh) * self.block_size + off)
-            * self.head_dim
+    /// Row of (block, layer, kv head, position in block).
+    fn row(&self, block: u32, layer: usize, kh: usize, off: usize) -> usize {
+        ((block as usize * self.layers + layer) * self.kv_heads + kh) * self.block_size + off
+    }
+
+    /// Stores the key and value of row `r`.
+    fn put(&mut self, r: usize, key: &[f32], value: &[f32]) {
+        let hd = self.head_dim;
+        let at = r * hd..(r + 1) * hd;
+        match &mut self.store {
+            KvStore::Float { k, v } => {
+                let f16 = self.kv == KvDtype::F16;
+                write_float(&mut k[at.clone()], key, f16);
+                write_float(&mut v[at], value, f16);
+            }
+            KvStore::Int8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => {
+                k_scale[r] = crate::quant::quantize_row_absmax(key, &mut k[at.clone()]);
+                v_scale[r] = crate::quant::quantize_row_absmax(value, &mut v[at]);
+            }
+        }
+    }
+
+    /// Moves row `src` to row `dst`, its key turned back by `d` positions.
+    fn move_row(&mut self, src: usize, dst: usize, d: usize, inv_freq: &[f32], key: &mut [f32]) {
+        let hd = self.head_dim;
+        match &mut self.store {
+            KvStore::Float { k, v } => {
+                key.copy_from_slice(&k[src * hd..][..hd]);
+                ops::rope_back(key, d, inv_freq);
+                write_float(&mut k[dst * hd..][..hd], key, self.kv == KvDtype::F16);
+                v.copy_within(src * hd..(src + 1) * hd, dst * hd);
+            }
+            KvStore::Int8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => {
+                for (o, &x) in key.iter_mut().zip(&k[src * hd..][..hd]) {
+                    *o = x as f32 * k_scale[src];
+                }
+                ops::rope_back(key, d, inv_freq);
+                k_scale[dst] = crate::quant::quantize_row_absmax(key, &mut k[dst * hd..][..hd]);
+                v.copy_within(src * hd..(src + 1) * hd, dst * hd);
+                v_scale[dst] = v_scale[src];
+            }
+        }
+    }
+
+    /// Attention of `q` over `len` positions whose rows `row(p)` gives
+    /// ([`ops::attend_with`]; the f32 store's arithmetic is [`ops::attend`]'s).
+    fn attend(
+        &self,
+        q: &[f32],
+        len: usize,
+        row: impl Fn(usize) -> usize,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = self.head_dim;
+        match &self.store {
+            KvStore::Float { k, v } => ops::attend_rows(
+                q,
+                len,
+                |p| &k[row(p) * hd..][..hd],
+                |p| &v[row(p) * hd..][..hd],
+                scores,
+                out,
+            ),
+            KvStore::Int8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => ops::attend_with(
+                hd,
+                len,
+                |p| {
+                    let r = row(p);
+                    ops::dot_i8(q, &k[r * hd..][..hd]) * k_scale[r]
+                },
+                |p, w, out| {
+                    let r = row(p);
+                    let w = w * v_scale[r];
+                    for (o, &x) in out.iter_mut().zip(&v[r * hd..][..hd]) {
+                        *o += w * x as f32;
+                    }
+                },
+                scores,
+                out,
+            ),
+        }
     }
 }
 
@@ -359,13 +466,27 @@ impl Backend for CpuBackend {
 
     fn new_pool(&self, blocks: usize, block_size: usize) -> Result<CpuCache> {
         let c = &self.cfg;
-        let n = blocks
-            .checked_mul(self.block_bytes(block_size) / 8)
+        let rows = blocks
+            .checked_mul(block_size * c.num_layers * c.num_kv_heads)
+            .filter(|r| r.checked_mul(c.head_dim * 8).is_some())
             .ok_or_else(|| Error::Request("KV cache size overflows".into()))?;
+        let n = rows * c.head_dim;
         // Zeroed allocations are lazily backed: untouched positions cost no resident memory.
+        let store = match self.kv {
+            KvDtype::F32 | KvDtype::F16 => KvStore::Float {
+                k: vec![0.0; n],
+                v: vec![0.0; n],
+            },
+            KvDtype::Int8 => KvStore::Int8 {
+                k: vec![0; n],
+                v: vec![0; n],
+                k_scale: vec![0.0; rows],
+                v_scale: vec![0.0; rows],
+            },
+        };
         Ok(CpuCache {
-            k: vec![0.0; n],
-            v: vec![0.0; n],
+            store,
+            kv: self.kv,
             blocks,
             block_size,
             layers: c.num_layers,
@@ -375,7 +496,15 @@ impl Backend for CpuBackend {
     }
 
     fn block_bytes(&self, block_size: usize) -> usize {
-        2 * 4 * block_size * self.cfg.num_layers * self.cfg.kv_dim()
+        // f16 values are held as f32 on the CPU.
+        let kv = match self.kv {
+            KvDtype::F16 => KvDtype::F32,
+            kv => kv,
+        };
+        2 * block_size
+            * self.cfg.num_layers
+            * self.cfg.num_kv_heads
+            * kv.row_bytes(self.cfg.head_dim)
     }
 
     fn embed(&mut self, tokens: &[u32]) -> Result<()> {
@@ -513,10 +642,12 @@ impl Backend for CpuBackend {
                 ops::rope(head, p, &self.inv_freq);
             }
             for h in 0..c.num_kv_heads {
-                let dst = cache.at(0, layer, h, p);
                 let (ks, vs) = (q + h * hd, q + kv + h * hd);
-                write_kv(&mut cache.k[dst..dst + hd], &row[ks..ks + hd], self.kv);
-                write_kv(&mut cache.v[dst..dst + hd], &row[vs..vs + hd], self.kv);
+                cache.put(
+                    cache.row(0, layer, h, p),
+                    &row[ks..ks + hd],
+                    &row[vs..vs + hd],
+                );
             }
         }
     }
@@ -533,20 +664,44 @@ impl Backend for CpuBackend {
             let (ti, h) = (i / nh, i % nh);
             let len = pos + ti + 1;
             let qv = &qkv[ti * (q + 2 * kv) + h * hd..][..hd];
-            let base = cache.at(0, layer, h / group, 0);
+            let base = cache.row(0, layer, h / group, 0);
             // SAFETY: task i writes only head h of token ti.
             let out = unsafe { attn.slice(i * hd, hd) };
             SCORES.with_borrow_mut(|scores| {
                 if scores.len() < len {
                     scores.resize(cap.max(len), 0.0);
                 }
-                let (k, v) = (
-                    &cache.k[base..base + len * hd],
-                    &cache.v[base..base + len * hd],
-                );
-                ops::attend(qv, k, v, len, scores, out);
+                cache.attend(qv, len, |p| base + p, scores, out);
             });
         });
+    }
+
+    fn kv_shift(
+        &mut self,
+        cache: &mut CpuCache,
+        table: &[u32],
+        from: usize,
+        to: usize,
+        n: usize,
+    ) -> Result<()> {
+        let bs = cache.block_size;
+        crate::backend::check_shift(table.len() * bs, from, to, n)?;
+        let mut key = vec![0.0; cache.head_dim];
+        let at = |p: usize| (table[p / bs], p % bs);
+        // Ascending: a row is read before anything lands on it (to < from).
+        for layer in 0..cache.layers {
+            for kh in 0..cache.kv_heads {
+                for i in 0..n {
+                    let ((sb, so), (db, d_off)) = (at(from + i), at(to + i));
+                    let (src, dst) = (
+                        cache.row(sb, layer, kh, so),
+                        cache.row(db, layer, kh, d_off),
+                    );
+                    cache.move_row(src, dst, from - to, &self.inv_freq, &mut key);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn logits(&mut self, rows: LogitRows, out: &mut Vec<f32>) -> Result<()> {
@@ -586,5 +741,139 @@ impl Backend for CpuBackend {
             .sum();
         let norms = self.layers.len() * 4 * (2 * self.cfg.hidden_size + self.cfg.intermediate_size);
         ternary as u64 + self.head.bytes() + norms as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn cache(kv: KvDtype, rows: usize, hd: usize) -> CpuCache {
+        let n = rows * hd;
+        let store = match kv {
+            KvDtype::Int8 => KvStore::Int8 {
+                k: vec![0; n],
+                v: vec![0; n],
+                k_scale: vec![0.0; rows],
+                v_scale: vec![0.0; rows],
+            },
+            _ => KvStore::Float {
+                k: vec![0.0; n],
+                v: vec![0.0; n],
+            },
+        };
+        CpuCache {
+            store,
+            kv,
+            blocks: 1,
+            block_size: rows,
+            layers: 1,
+            kv_heads: 1,
+            head_dim: hd,
+        }
+    }
+
+    /// The int8 cache holds each row to within half a step of its own scale (absmax / 127), and
+    /// its attention is the f32 attention of those dequantized rows (odd lengths and widths).
+    #[test]
+    fn int8_rows_round_within_half_a_step_and_attend_as_dequantized() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for (len, hd) in [(1, 8), (37, 64), (5, 13), (130, 128)] {
+            let rows: Vec<Vec<f32>> = (0..2 * len)
+                .map(|r| {
+                    let amp = 0.1 + (r % 7) as f32;
+                    (0..hd).map(|_| rng.random_range(-amp..amp)).collect()
+                })
+                .collect();
+            let mut c8 = cache(KvDtype::Int8, len, hd);
+            let mut deq = cache(KvDtype::F32, len, hd);
+            for p in 0..len {
+                c8.put(p, &rows[2 * p], &rows[2 * p + 1]);
+            }
+            let KvStore::Int8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } = &c8.store
+            else {
+                unreachable!()
+            };
+            for p in 0..len {
+                let back = |q: &[i8], s: f32| q.iter().map(|&x| x as f32 * s).collect::<Vec<_>>();
+                let (kd, vd) = (
+                    back(&k[p * hd..][..hd], k_scale[p]),
+                    back(&v[p * hd..][..hd], v_scale[p]),
+                );
+                for (orig, got, s) in [
+                    (&rows[2 * p], &kd, k_scale[p]),
+                    (&rows[2 * p + 1], &vd, v_scale[p]),
+                ] {
+                    for (a, b) in orig.iter().zip(got) {
+                        assert!((a - b).abs() <= 0.5 * s * 1.0001, "{a} vs {b} (scale {s})");
+                    }
+                }
+                deq.put(p, &kd, &vd);
+            }
+            let q: Vec<f32> = (0..hd).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let (mut s1, mut s2) = (vec![0.0; len], vec![0.0; len]);
+            let (mut o8, mut of) = (vec![0.0; hd], vec![0.0; hd]);
+            c8.attend(&q, len, |p| p, &mut s1, &mut o8);
+            deq.attend(&q, len, |p| p, &mut s2, &mut of);
+            for (a, b) in o8.iter().zip(&of) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "len {len} hd {hd}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// A moved row's key is the key turned back by the distance (f32 exactly [`ops::rope_back`],
+    /// int8 within a step of each scale) and its value is unchanged.
+    #[test]
+    fn moved_rows_turn_keys_back_and_keep_values() {
+        let hd = 16;
+        let inv = ops::rope_inv_freq(10000.0, hd);
+        let key: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.7).sin()).collect();
+        let value: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.3).cos()).collect();
+        let mut want = key.clone();
+        ops::rope_back(&mut want, 5, &inv);
+        for kv in [KvDtype::F32, KvDtype::Int8] {
+            let mut c = cache(kv, 8, hd);
+            c.put(6, &key, &value);
+            let mut scratch = vec![0.0; hd];
+            c.move_row(6, 1, 5, &inv, &mut scratch);
+            let (k1, v1, tol) = match &c.store {
+                KvStore::Float { k, v } => (k[hd..2 * hd].to_vec(), v[hd..2 * hd].to_vec(), 0.0),
+                KvStore::Int8 {
+                    k,
+                    v,
+                    k_scale,
+                    v_scale,
+                } => (
+                    k[hd..2 * hd]
+                        .iter()
+                        .map(|&x| x as f32 * k_scale[1])
+                        .collect(),
+                    v[hd..2 * hd]
+                        .iter()
+                        .map(|&x| x as f32 * v_scale[1])
+                        .collect(),
+                    k_scale[6].max(k_scale[1]),
+                ),
+            };
+            for (a, b) in k1.iter().zip(&want) {
+                assert!((a - b).abs() <= tol, "{kv:?}: key {a} vs {b}");
+            }
+            for (a, b) in v1.iter().zip(&value) {
+                assert!(
+                    (a - b).abs() <= 0.5 * tol + f32::EPSILON,
+                    "{kv:?}: value {a} vs {b}"
+                );
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@ use super::sampler::SampleInput;
 use super::session::{check_prompt, Session, Want};
 pub use super::session::{FinishReason, GenerateOptions};
 use super::speculative::{SpecControl, SpecStats, Speculation};
+use super::window::{SinkWindow, Sliding};
 use crate::backend::{Backend, HeadRows, KvCache, LogitRows};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -33,6 +34,8 @@ pub struct Generation {
     pub decode_s: f64,
     /// Speculative decoding's counts (None when it was off).
     pub speculative: Option<SpecStats>,
+    /// Positions evicted from the KV cache by the sink window (0 without one).
+    pub evicted: usize,
 }
 
 impl Generation {
@@ -58,8 +61,10 @@ pub struct Perplexity {
     pub nll: f64,
     /// Window length in tokens.
     pub window: usize,
-    /// Distance between window starts.
+    /// Distance between window starts (0: one stream under a sink window).
     pub stride: usize,
+    /// The attention sinks of a streamed score ([`Generator::perplexity_streaming`]).
+    pub sinks: Option<usize>,
 }
 
 impl Perplexity {
@@ -72,6 +77,26 @@ impl Perplexity {
     pub fn ppl(&self) -> f64 {
         self.mean_nll().exp()
     }
+}
+
+/// −ln softmax(row)[token], in f64.
+fn nll_of(row: &[f32], token: u32) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    max + sum.ln() - row[token as usize] as f64
+}
+
+/// The checks of a sequence to score: two tokens at least, all in the vocabulary.
+fn check_score_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    if ids.len() < 2 {
+        return Err(Error::Request("perplexity needs at least 2 tokens".into()));
+    }
+    if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Request(format!(
+            "token id {t} is outside the vocabulary ({vocab})"
+        )));
+    }
+    Ok(())
 }
 
 /// `gpu:<name>` for a kernel name (a small fixed set, interned once each).
@@ -208,6 +233,44 @@ impl<B: Backend> Generator<B> {
         Ok(res)
     }
 
+    /// Runs a generation's prompt (chunked, evicting under a sink window) and returns the
+    /// logits of its last position.
+    fn prefill(&mut self, prompt: &[u32], slide: &mut Option<Sliding>) -> Result<Vec<f32>> {
+        let Some(sl) = slide else {
+            return self.logits(prompt, false);
+        };
+        let step = self.prefill_chunk.min(sl.spec().max_step());
+        let mut start = 0;
+        for chunk in prompt.chunks(step) {
+            let pos = sl.make_room(&mut self.backend, &mut self.cache, &[0], start, chunk.len())?;
+            start += chunk.len();
+            let rows = if start == prompt.len() {
+                LogitRows::Last
+            } else {
+                LogitRows::None
+            };
+            forward(
+                &mut self.backend,
+                &mut self.cache,
+                chunk,
+                pos,
+                rows,
+                &mut self.logits,
+                self.profile.as_mut(),
+            )?;
+        }
+        Ok(self.logits.clone())
+    }
+
+    /// The cache slot for a step of `t` tokens from context token `i`, making room for it
+    /// under a sink window.
+    fn slot(&mut self, slide: &mut Option<Sliding>, i: usize, t: usize) -> Result<usize> {
+        match slide {
+            Some(sl) => sl.make_room(&mut self.backend, &mut self.cache, &[0], i, t),
+            None => Ok(i),
+        }
+    }
+
     /// Scores `ids` in windows of `window` tokens starting every `stride` tokens, each run from
     /// position 0 (Hugging Face's sliding-window perplexity recipe): in the window `[b, e)`,
     /// token `p` is predicted from `ids[b..p]` and scored if `p > b` and `p` lies past the
@@ -225,15 +288,8 @@ impl<B: Backend> Generator<B> {
                 "the stride must be 1..={window} (the window), not {stride}"
             )));
         }
-        if ids.len() < 2 {
-            return Err(Error::Request("perplexity needs at least 2 tokens".into()));
-        }
         let vocab = self.backend.config().vocab_size;
-        if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Request(format!(
-                "token id {t} is outside the vocabulary ({vocab})"
-            )));
-        }
+        check_score_ids(ids, vocab)?;
         let n = ids.len();
         let (mut nll, mut scored, mut prev_end, mut b) = (0f64, 0usize, 0usize, 0usize);
         while prev_end < n {
@@ -242,10 +298,7 @@ impl<B: Backend> Generator<B> {
             if first < e {
                 let logits = self.logits(&ids[b..e], true)?;
                 for p in first..e {
-                    let row = &logits[(p - b - 1) * vocab..(p - b) * vocab];
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-                    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-                    nll += max + sum.ln() - row[ids[p] as usize] as f64;
+                    nll += nll_of(&logits[(p - b - 1) * vocab..(p - b) * vocab], ids[p]);
                 }
                 scored += e - first;
             }
@@ -258,6 +311,43 @@ impl<B: Backend> Generator<B> {
             nll,
             window,
             stride,
+            sinks: None,
+        })
+    }
+
+    /// Scores `ids` as one stream under the sink window `w`: token `p` is predicted from the
+    /// sinks and the recent positions the window keeps (the cache a generation past the
+    /// context has), every token but the first scored once.
+    pub fn perplexity_streaming(&mut self, ids: &[u32], w: SinkWindow) -> Result<Perplexity> {
+        w.validate(self.context())?;
+        check_score_ids(ids, self.backend.config().vocab_size)?;
+        let vocab = self.backend.config().vocab_size;
+        let mut sl = Sliding::new(w);
+        let step = self.prefill_chunk.min(w.max_step());
+        let (n, mut nll) = (ids.len(), 0f64);
+        for start in (0..n - 1).step_by(step) {
+            let chunk = &ids[start..(start + step).min(n - 1)];
+            let pos = sl.make_room(&mut self.backend, &mut self.cache, &[0], start, chunk.len())?;
+            forward(
+                &mut self.backend,
+                &mut self.cache,
+                chunk,
+                pos,
+                LogitRows::All,
+                &mut self.logits,
+                self.profile.as_mut(),
+            )?;
+            for (j, row) in self.logits.chunks(vocab).enumerate() {
+                nll += nll_of(row, ids[start + j + 1]);
+            }
+        }
+        Ok(Perplexity {
+            tokens: n,
+            scored: n - 1,
+            nll,
+            window: w.window,
+            stride: 0,
+            sinks: Some(w.sinks),
         })
     }
 
@@ -273,9 +363,18 @@ impl<B: Backend> Generator<B> {
         mut on_token: impl FnMut(u32, &str) -> bool,
     ) -> Result<Generation> {
         let vocab = self.backend.config().vocab_size;
-        let mut s = Session::new(prompt, opts, self.context(), vocab)?;
+        let mut slide = opts.sink_window.map(Sliding::new);
+        // Under a sink window only the token limit ends a generation.
+        let context = match opts.sink_window {
+            Some(w) => {
+                w.validate(self.context())?;
+                usize::MAX
+            }
+            None => self.context(),
+        };
+        let mut s = Session::new(prompt, opts, context, vocab)?;
         let mut stats = self.spec.as_ref().map(|_| SpecStats::default());
-        let done = |s: Session, prefill_s: f64, decode_s: f64, speculative| Generation {
+        let done = |s: Session, prefill_s: f64, decode_s: f64, speculative, evicted| Generation {
             tokens: s.tokens().to_vec(),
             text: s.text().to_string(),
             prompt_tokens: s.prompt_len(),
@@ -283,12 +382,13 @@ impl<B: Backend> Generator<B> {
             prefill_s,
             decode_s,
             speculative,
+            evicted,
         };
         if s.finish().is_some() {
-            return Ok(done(s, 0.0, 0.0, stats));
+            return Ok(done(s, 0.0, 0.0, stats, 0));
         }
         let t0 = Instant::now();
-        let mut logits = self.logits(prompt, false)?;
+        let mut logits = self.prefill(prompt, &mut slide)?;
         if let Some(spec) = &mut self.spec {
             spec.drafter.prefill(prompt)?;
         }
@@ -322,11 +422,14 @@ impl<B: Backend> Generator<B> {
                 // The rest of a verified run: its keys and values are in the cache already.
                 continue;
             }
-            let pos = s.context().len() - 1;
+            let i = s.context().len() - 1;
             let step_t0 = Instant::now();
             if let Some(spec) = &mut self.spec {
                 // Draft only as many as pay for themselves (drafting has its own cost).
                 let mut room = s.draft_room().min(spec.draft_tokens);
+                if let Some(sl) = &slide {
+                    room = room.min(sl.spec().max_step() - 1);
+                }
                 if spec.adaptive {
                     room = control.choose(room);
                 }
@@ -355,6 +458,7 @@ impl<B: Backend> Generator<B> {
                     let mut step = Vec::with_capacity(self.drafts.len() + 1);
                     step.push(tok);
                     step.extend_from_slice(&self.drafts);
+                    let pos = self.slot(&mut slide, i, step.len())?;
                     let mut profile = self.profile.as_mut();
                     layers(
                         &mut self.backend,
@@ -396,6 +500,7 @@ impl<B: Backend> Generator<B> {
             }
             match s.want() {
                 Want::TopK(k, inv_t) => {
+                    let pos = self.slot(&mut slide, i, 1)?;
                     forward_top_k(
                         &mut self.backend,
                         &mut self.cache,
@@ -412,30 +517,33 @@ impl<B: Backend> Generator<B> {
                     // The step for `tok` (queued ahead by the previous iteration, or now),
                     // then the one after it, fed on the device by this step's argmax: the
                     // device works on the next step while the host reads this one's token.
-                    let mut profile = self.profile.as_mut();
                     if !queued {
+                        let pos = self.slot(&mut slide, i, 1)?;
                         queue_greedy_step(
                             &mut self.backend,
                             &mut self.cache,
                             Some(tok),
                             pos,
-                            profile.as_deref_mut(),
+                            self.profile.as_mut(),
                         )?;
                     }
-                    queued = s.room_for(1)
-                        && queue_greedy_step(
+                    queued = s.room_for(1) && {
+                        let pos = self.slot(&mut slide, i + 1, 1)?;
+                        queue_greedy_step(
                             &mut self.backend,
                             &mut self.cache,
                             None,
-                            pos + 1,
-                            profile,
-                        )?;
+                            pos,
+                            self.profile.as_mut(),
+                        )?
+                    };
                     let d = self.backend.device().ok_or_else(|| {
                         Error::Backend("the backend stopped offering device steps".into())
                     })?;
                     next.push_back(d.read_queued_argmax()?);
                 }
                 Want::Argmax => {
+                    let pos = self.slot(&mut slide, i, 1)?;
                     next.push_back(forward_argmax(
                         &mut self.backend,
                         &mut self.cache,
@@ -446,6 +554,7 @@ impl<B: Backend> Generator<B> {
                     )?);
                 }
                 Want::Logits => {
+                    let pos = self.slot(&mut slide, i, 1)?;
                     forward(
                         &mut self.backend,
                         &mut self.cache,
@@ -463,6 +572,13 @@ impl<B: Backend> Generator<B> {
                 eprintln!("spec: plain {:?} {control:?}", step_t0.elapsed());
             }
         }
-        Ok(done(s, prefill_s, t1.elapsed().as_secs_f64(), stats))
+        let evicted = slide.map_or(0, |sl| sl.evicted());
+        Ok(done(
+            s,
+            prefill_s,
+            t1.elapsed().as_secs_f64(),
+            stats,
+            evicted,
+        ))
     }
 }

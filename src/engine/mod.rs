@@ -7,3 +7,4 @@ pub mod sampler;
 pub mod session;
 pub mod speculative;
 pub mod text;
+pub mod window;

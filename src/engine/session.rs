@@ -22,6 +22,9 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     /// Strings that end generation (the text is cut before them).
     pub stop_strings: Vec<String>,
+    /// Attention sinks and a sliding window: generation goes on past the KV cache (None:
+    /// it ends when the cache is full).
+    pub sink_window: Option<super::window::SinkWindow>,
 }
 
 impl Default for GenerateOptions {
@@ -32,6 +35,7 @@ impl Default for GenerateOptions {
             eos_token_ids: vec![],
             ignore_eos: false,
             stop_strings: vec![],
+            sink_window: None,
         }
     }
 }

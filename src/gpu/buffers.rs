@@ -226,7 +226,7 @@ pub fn upload_i8_shards(
                 || vec![0f32; t.cols],
                 |tmp, (i, (qr, s))| {
                     t.row_into(row0 + i, tmp);
-                    *s = crate::quant::quantize_weight_row(tmp, &mut qr[..t.cols]);
+                    *s = crate::quant::quantize_row_absmax(tmp, &mut qr[..t.cols]);
                 },
             );
         let name = format!("{} int8 rows {row0}..", t.name);

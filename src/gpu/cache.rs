@@ -6,8 +6,8 @@
 //! The specialisation stays because the paged attention, one workgroup walking a row's whole
 //! context, decodes a single sequence about 10× slower (H200: BENCHMARKS.md).
 
-use super::buffers::{bind_group, storage, uniform};
-use super::ops::{attention::AttnP, gemv_fused::FusedP};
+use super::buffers::{bind_group, storage, storage_init, uniform};
+use super::ops::{attention::AttnP, gemv_fused::FusedP, kv_shift::ShiftP};
 use super::GpuBackend;
 use crate::backend::KvCache;
 use crate::error::{Error, Result};
@@ -28,6 +28,8 @@ pub struct GpuCache {
     pub(super) block_size: usize,
     pub(super) k: Vec<wgpu::Buffer>,
     pub(super) v: Vec<wgpu::Buffer>,
+    /// RoPE's cos/sin of every position the cache holds.
+    pub(super) rope: wgpu::Buffer,
     /// The paged kernels' bindings (None when they cannot run this head shape; native only:
     /// the browser build runs single sequences).
     #[cfg(not(target_arch = "wasm32"))]
@@ -58,18 +60,78 @@ impl GpuCache {
 }
 
 impl GpuBackend {
+    /// [`crate::backend::Backend::kv_shift`]: one dispatch per layer, submitted at once (the
+    /// steps recorded before it run first).
+    pub(super) fn shift_cache(
+        &mut self,
+        cache: &mut GpuCache,
+        table: &[u32],
+        from: usize,
+        to: usize,
+        n: usize,
+    ) -> Result<()> {
+        let bs = cache.block_size;
+        crate::backend::check_shift(table.len() * bs, from, to, n)?;
+        if let Some(&bad) = table.iter().find(|&&b| b as usize >= cache.blocks) {
+            return Err(Error::Request(format!(
+                "block {bad} is outside the KV pool's {} blocks",
+                cache.blocks
+            )));
+        }
+        let c = &self.cfg;
+        if self.kv == crate::backend::KvDtype::F16 && !c.head_dim.is_multiple_of(4) {
+            return Err(Error::Backend(format!(
+                "moving an f16 KV cache needs head_dim % 4 == 0 (head_dim {})",
+                c.head_dim
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let device = &self.ctx.device;
+        let params = uniform(
+            device,
+            "kv shift",
+            &ShiftP {
+                from: from as u32,
+                to: to as u32,
+                n: n as u32,
+                d: (from - to) as u32,
+                hd: c.head_dim as u32,
+                kv_heads: c.num_kv_heads as u32,
+                bs: bs as u32,
+                zero: 0,
+            },
+        );
+        let blocks = storage_init(device, "kv shift blocks", bytemuck::cast_slice(table));
+        for (kb, vb) in cache.k.iter().zip(&cache.v) {
+            let bg = bind_group(
+                device,
+                "kv shift",
+                &self.ops.kv_shift.layout,
+                &[&params, &blocks, &cache.rope, kb, vb],
+            );
+            self.ops.kv_shift.record(&mut self.rec, &bg, c.num_kv_heads);
+        }
+        self.rec.submit(&self.ctx.queue);
+        Ok(())
+    }
+
     /// The most blocks of `block_size` positions a pool may have (a layer's keys must fit one
     /// binding).
     pub fn max_pool_blocks(&self, block_size: usize) -> usize {
         let c = &self.cfg;
         let per_block =
-            (c.num_kv_heads * block_size.max(1) * c.head_dim * self.kv.bytes()).max(1) as u64;
+            (c.num_kv_heads * block_size.max(1) * self.kv.row_bytes(c.head_dim)).max(1) as u64;
         (self.max_binding / per_block) as usize
     }
 
     /// Bytes one block of `block_size` positions holds.
     pub(super) fn kv_block_bytes(&self, block_size: usize) -> usize {
-        2 * self.kv.bytes() * block_size * self.cfg.num_layers * self.cfg.kv_dim()
+        2 * block_size
+            * self.cfg.num_layers
+            * self.cfg.num_kv_heads
+            * self.kv.row_bytes(self.cfg.head_dim)
     }
 
     /// `blocks` blocks of `block_size` positions with the bindings of the kernels that can use
@@ -89,7 +151,7 @@ impl GpuBackend {
             )));
         }
         let layer_bytes = blocks
-            .checked_mul(c.num_kv_heads * block_size * c.head_dim * self.kv.bytes())
+            .checked_mul(c.num_kv_heads * block_size * self.kv.row_bytes(c.head_dim))
             .ok_or_else(|| Error::Request("KV cache size overflows".into()))?;
         if layer_bytes as u64 > self.max_binding {
             return Err(Error::Backend(format!(
@@ -121,6 +183,7 @@ impl GpuBackend {
             block_size,
             k,
             v,
+            rope: table,
             #[cfg(not(target_arch = "wasm32"))]
             paged,
             single,

@@ -225,6 +225,17 @@ pub struct GpuBackend {
 impl Backend for GpuBackend {
     type Cache = GpuCache;
 
+    fn kv_shift(
+        &mut self,
+        cache: &mut GpuCache,
+        table: &[u32],
+        from: usize,
+        to: usize,
+        n: usize,
+    ) -> Result<()> {
+        self.shift_cache(cache, table, from, to, n)
+    }
+
     fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -234,6 +245,7 @@ impl Backend for GpuBackend {
         let kv = match self.kv {
             KvDtype::F32 => "",
             KvDtype::F16 => ", f16 KV cache",
+            KvDtype::Int8 => ", int8 KV cache",
         };
         format!("gpu ({}{head}{kv})", self.ctx.desc)
     }

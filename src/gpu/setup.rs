@@ -102,6 +102,11 @@ impl GpuBackend {
                     .into(),
             ));
         }
+        if opts.kv == crate::backend::KvDtype::Int8 {
+            return Err(Error::Backend(
+                "an int8 KV cache runs on the CPU backend only (use --kv f16 on the GPU)".into(),
+            ));
+        }
         if cfg.head_dim > 256 {
             return Err(Error::Backend(format!(
                 "head_dim {} > 256 is not supported by the GPU attention kernel",

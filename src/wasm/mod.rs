@@ -30,6 +30,7 @@ use crate::engine::forward::queue_greedy_step_with;
 use crate::engine::forward::{forward, forward_argmax};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::session::{check_prompt, GenerateOptions, Session, Want};
+use crate::engine::window::{SinkWindow, Sliding};
 use crate::error::{Error, Result};
 #[cfg(feature = "gpu")]
 use crate::gpu::{GpuBackend, GpuCache, GpuContext, GpuOptions};
@@ -239,7 +240,20 @@ impl Engine {
         }
     }
 
-    /// A greedy decode step for `token` at `pos`: its argmax and whether the step after it is
+    /// The cache slot of a step of `t` tokens from context token `i`, making room for it under
+    /// a sink window.
+    fn slot(&mut self, slide: &mut Option<Sliding>, i: usize, t: usize) -> Result<usize> {
+        let Some(sl) = slide else {
+            return Ok(i);
+        };
+        match self {
+            Engine::Cpu { b, cache } => sl.make_room(&mut **b, cache, &[0], i, t),
+            #[cfg(feature = "gpu")]
+            Engine::Gpu { b, cache } => sl.make_room(&mut **b, cache, &[0], i, t),
+        }
+    }
+
+    /// A greedy decode step for `token` at context token `i`: its argmax and whether the step after it is
     /// queued. On WebGPU the step (unless `queued` already) and, with `room`, the next one,
     /// fed on the device by this one's argmax, are submitted before this one's token is read,
     /// so the device never waits for the readback; the CPU just runs it.
@@ -247,20 +261,36 @@ impl Engine {
     async fn greedy(
         &mut self,
         token: u32,
-        pos: usize,
+        i: usize,
         queued: bool,
         room: bool,
+        slide: &mut Option<Sliding>,
         scratch: &mut Vec<f32>,
     ) -> Result<(u32, bool)> {
         #[cfg(feature = "gpu")]
-        if let Engine::Gpu { b, cache } = self {
+        if matches!(self, Engine::Gpu { .. }) {
             if !queued {
-                queue_greedy_step_with(&mut **b, cache, Some(token), pos, None, web_steps)?;
+                let pos = self.slot(slide, i, 1)?;
+                if let Engine::Gpu { b, cache } = self {
+                    queue_greedy_step_with(&mut **b, cache, Some(token), pos, None, web_steps)?;
+                }
             }
-            let next =
-                room && queue_greedy_step_with(&mut **b, cache, None, pos + 1, None, web_steps)?;
-            return Ok((b.read_queued_argmax_async().await?, next));
+            let next_pos = if room {
+                Some(self.slot(slide, i + 1, 1)?)
+            } else {
+                None
+            };
+            if let Engine::Gpu { b, cache } = self {
+                let next = match next_pos {
+                    Some(pos) => {
+                        queue_greedy_step_with(&mut **b, cache, None, pos, None, web_steps)?
+                    }
+                    None => false,
+                };
+                return Ok((b.read_queued_argmax_async().await?, next));
+            }
         }
+        let pos = self.slot(slide, i, 1)?;
         let t = self.step(&[token], pos, Produce::Argmax, scratch).await?;
         Ok((
             t.ok_or_else(|| Error::Backend("the step gave no argmax".into()))?,
@@ -268,19 +298,25 @@ impl Engine {
         ))
     }
 
-    /// Runs a whole prompt from position 0 in chunks; the last chunk produces `want`.
+    /// Runs a whole prompt from position 0 in chunks (evicting under a sink window); the last
+    /// chunk produces `want`.
     async fn prefill(
         &mut self,
         prompt: &[u32],
         want: Produce,
+        slide: &mut Option<Sliding>,
         logits: &mut Vec<f32>,
     ) -> Result<Option<u32>> {
         let n = prompt.len();
+        let step = slide
+            .as_ref()
+            .map_or(PREFILL_CHUNK, |sl| PREFILL_CHUNK.min(sl.spec().max_step()));
         let mut r = None;
-        for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
-            let last = (i + 1) * PREFILL_CHUNK >= n;
+        for (i, chunk) in prompt.chunks(step).enumerate() {
+            let last = (i + 1) * step >= n;
             let w = if last { want } else { Produce::Nothing };
-            r = self.step(chunk, i * PREFILL_CHUNK, w, logits).await?;
+            let pos = self.slot(slide, i * step, chunk.len())?;
+            r = self.step(chunk, pos, w, logits).await?;
         }
         Ok(r)
     }
@@ -289,6 +325,8 @@ impl Engine {
 /// A generation in progress and its timing.
 struct Run {
     s: Session,
+    /// The sink window's state (None without one).
+    slide: Option<Sliding>,
     /// Whether the device step for the token about to be emitted is already queued (greedy
     /// decoding on WebGPU queues the next step before reading this one's token).
     queued: bool,
@@ -563,16 +601,40 @@ impl Inner {
                 .ok_or_else(|| req("eosTokenIds must be token ids"))?,
             None => self.gen.eos_token_ids.clone(),
         };
+        let sink_window = match (o["window"].as_u64(), &o["sinks"]) {
+            (Some(window), sinks) => Some(SinkWindow {
+                window: window as usize,
+                sinks: match sinks {
+                    Value::Null => 4,
+                    v => v
+                        .as_u64()
+                        .ok_or_else(|| req("sinks must be a number of positions"))?
+                        as usize,
+                },
+            }),
+            (None, Value::Null) => None,
+            (None, _) => return Err(req("sinks needs window (a number of positions)")),
+        };
         let opts = GenerateOptions {
             max_tokens: o["maxTokens"].as_u64().unwrap_or(128) as usize,
             sampling,
             eos_token_ids,
             ignore_eos: o["ignoreEos"].as_bool().unwrap_or(false),
             stop_strings,
+            sink_window,
         };
         let vocab = self.engine.config().vocab_size;
+        // Under a sink window only the token limit ends a generation.
+        let context = match sink_window {
+            Some(w) => {
+                w.validate(self.context)?;
+                usize::MAX
+            }
+            None => self.context,
+        };
         self.session = Some(Run {
-            s: Session::new(&prompt, &opts, self.context, vocab)?,
+            slide: sink_window.map(Sliding::new),
+            s: Session::new(&prompt, &opts, context, vocab)?,
             queued: false,
             started: Instant::now(),
             decode_started: None,
@@ -602,21 +664,28 @@ impl Inner {
         };
         // The prompt runs first; decoding starts once it has.
         let next = if r.decode_started.is_none() {
-            let out = engine.prefill(r.s.context(), want, logits).await?;
+            let out = engine
+                .prefill(r.s.context(), want, &mut r.slide, logits)
+                .await?;
             r.prefill_s = r.started.elapsed().as_secs_f64();
             r.decode_started = Some(Instant::now());
             out
         } else {
             let ctx = r.s.context();
-            let (last, pos) = (ctx[ctx.len() - 1], ctx.len() - 1);
+            let (last, i) = (ctx[ctx.len() - 1], ctx.len() - 1);
             match want {
                 Produce::Argmax => {
                     let (queued, room) = (r.queued, r.s.room_for(1));
-                    let (tok, next_queued) = engine.greedy(last, pos, queued, room, logits).await?;
+                    let (tok, next_queued) = engine
+                        .greedy(last, i, queued, room, &mut r.slide, logits)
+                        .await?;
                     r.queued = next_queued;
                     Some(tok)
                 }
-                _ => engine.step(&[last], pos, want, logits).await?,
+                _ => {
+                    let pos = engine.slot(&mut r.slide, i, 1)?;
+                    engine.step(&[last], pos, want, logits).await?
+                }
             }
         };
         let tok = match next {
@@ -752,7 +821,7 @@ impl Model {
             i.session = None;
             let Inner { engine, logits, .. } = &mut *i;
             engine
-                .prefill(&prompt, Produce::Logits, logits)
+                .prefill(&prompt, Produce::Logits, &mut None, logits)
                 .await
                 .map_err(js_err)?;
             Ok(js_sys::Float32Array::from(&logits[..]).into())

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod embed;
 pub mod gemv_fused;
 pub mod head;
+pub mod kv_shift;
 pub mod matmul;
 pub mod norm;
 pub mod paged;
@@ -139,7 +140,7 @@ impl Target<'_> {
     /// (`KV_S`, `KV_V4`, `KV_W`).
     fn kv_module(&self, label: &str, parts: &[&str]) -> wgpu::ShaderModule {
         let (s, v4, w) = match self.kv {
-            KvDtype::F32 => ("f32", "vec4<f32>", "f32"),
+            KvDtype::F32 | KvDtype::Int8 => ("f32", "vec4<f32>", "f32"),
             KvDtype::F16 => ("u32", "vec2<u32>", "atomic<u32>"),
         };
         let types = format!("alias KV_S = {s};\nalias KV_V4 = {v4};\nalias KV_W = {w};\n");
@@ -151,7 +152,7 @@ impl Target<'_> {
     /// Section `name` (`read1`, `read4` or `write`) of the KV cache accessors.
     fn kv_section(&self, name: &str) -> &'static str {
         let src = match self.kv {
-            KvDtype::F32 => KV_F32,
+            KvDtype::F32 | KvDtype::Int8 => KV_F32,
             KvDtype::F16 => KV_F16,
         };
         let marker = format!("// --- {name}\n");
@@ -220,6 +221,8 @@ pub struct Ops {
     pub head: head::Head,
     /// Argmax of the logits.
     pub argmax: argmax::Argmax,
+    /// KV positions moved down with their keys re-rotated.
+    pub kv_shift: kv_shift::KvShift,
     /// Top-k selection of the logits.
     pub topk: topk::TopK,
     /// Memory bandwidth probes.
@@ -245,6 +248,7 @@ impl Ops {
             paged: paged::Paged::new(target),
             head: head::Head::new(target),
             argmax: argmax::Argmax::new(target),
+            kv_shift: kv_shift::KvShift::new(target),
             topk: topk::TopK::new(target),
             probe: probe::Probe::new(target),
             repack: repack::Repack::new(target),
