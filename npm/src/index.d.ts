@@ -126,6 +126,13 @@ export interface GenerateOptions {
   ignoreEos?: boolean;
   /** End-of-sequence ids (default: generation_config.json's). */
   eosTokenIds?: number[];
+  /**
+   * Generate past the context: keep this many recent positions (with `sinks`, at most the
+   * context) and evict older ones a window/8 at a time, keys re-rotated (StreamingLLM).
+   */
+  window?: number;
+  /** Attention sinks: the first positions kept for good (with `window`; default 4). */
+  sinks?: number;
   /** Stops the generation: the iterator throws an AbortError. */
   signal?: AbortSignal;
   /** For string prompts: add BOS etc. (default true). */

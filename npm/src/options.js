@@ -36,6 +36,8 @@ const GENERATE = [
     'a string or an array of non-empty strings'],
   ['ignoreEos', (v) => typeof v === 'boolean', 'a boolean'],
   ['eosTokenIds', (v) => Array.isArray(v) && v.every((t) => isInt(t) && t >= 0), 'an array of token ids'],
+  ['window', (v) => isInt(v) && v >= 2, 'an integer ≥ 2 (positions)'],
+  ['sinks', (v) => isInt(v) && v >= 0, 'a non-negative integer (positions)'],
   ['signal', (v) => typeof v === 'object' && 'aborted' in v, 'an AbortSignal'],
   ['addSpecialTokens', (v) => typeof v === 'boolean', 'a boolean'],
   ['yieldEvery', (v) => isInt(v) && v >= 1, 'a positive integer'],
