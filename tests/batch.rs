@@ -10,6 +10,7 @@ use bitnet_inference::batch::scheduler::{Event, Request, Scheduler, SchedulerCon
 use bitnet_inference::engine::forward::forward_rows;
 use bitnet_inference::engine::generate::{FinishReason, GenerateOptions, Generator};
 use bitnet_inference::engine::sampler::SamplingParams;
+use bitnet_inference::engine::window::SinkWindow;
 use bitnet_inference::format::{safetensors::load, Weights};
 
 mod common;
@@ -89,10 +90,21 @@ fn collect(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, FinishReason) {
 }
 
 fn run_concurrent(cfg: SchedulerConfig, n: usize, sampling: SamplingParams) -> (u64, u64) {
+    run_concurrent_with(cfg, n, sampling, 12, None)
+}
+
+/// `n` concurrent requests of `max_tokens` each (under `window`) give `Generator`'s tokens;
+/// returns the steps and preemptions.
+fn run_concurrent_with(
+    cfg: SchedulerConfig,
+    n: usize,
+    sampling: SamplingParams,
+    max_tokens: usize,
+    window: Option<SinkWindow>,
+) -> (u64, u64) {
     let w = weights();
     let vocab = w.config.vocab_size as u32;
     let ps = prompts(n, vocab, 2);
-    let max_tokens = 12;
     let mut g = Generator::new(cpu(&w)).unwrap();
     let want: Vec<Vec<u32>> = ps
         .iter()
@@ -101,6 +113,7 @@ fn run_concurrent(cfg: SchedulerConfig, n: usize, sampling: SamplingParams) -> (
                 max_tokens,
                 sampling: sampling.clone(),
                 ignore_eos: true,
+                sink_window: window,
                 ..Default::default()
             };
             g.generate(p, &opts, None, |_, _| true).unwrap().tokens
@@ -113,6 +126,7 @@ fn run_concurrent(cfg: SchedulerConfig, n: usize, sampling: SamplingParams) -> (
             let (tx, rx) = mpsc::channel();
             sched
                 .submit(Request {
+                    sink_window: window,
                     prompt: p.clone(),
                     max_tokens,
                     sampling: sampling.clone(),
@@ -141,6 +155,31 @@ fn concurrent_greedy_requests_match_generator() {
     let (steps, _) = run_concurrent(SchedulerConfig::default(), 12, SamplingParams::default());
     // All 12 run together: about one step per generated token, not 12 times that.
     assert!(steps < 20, "{steps} steps");
+}
+
+/// Sliding requests go past the context (the tiny model's 256 positions) inside the batch,
+/// each evicting exactly when and what `Generator` evicts (their prompts fit one step, so the
+/// eviction points are the same), in odd-sized blocks, sampled with seeds. (A preempted
+/// sliding sequence is recomputed through its window, so its continuation may differ from an
+/// uninterrupted run: the pool here is large enough that none is.)
+#[test]
+fn sliding_requests_go_past_the_context_and_match_generator() {
+    let cfg = SchedulerConfig {
+        block_size: 5,
+        max_context: 256,
+        ..Default::default()
+    };
+    let sampling = SamplingParams {
+        temperature: 0.9,
+        seed: Some(11),
+        ..Default::default()
+    };
+    let window = Some(SinkWindow {
+        sinks: 4,
+        window: 40,
+    });
+    let (_, preempted) = run_concurrent_with(cfg, 6, sampling, 400, window);
+    assert_eq!(preempted, 0);
 }
 
 #[test]
@@ -178,6 +217,7 @@ fn prefix_blocks_are_reused_and_cancelled_requests_free_blocks() {
         let (tx, rx) = mpsc::channel();
         sched
             .submit(Request {
+                sink_window: None,
                 prompt: prompt.clone(),
                 max_tokens,
                 sampling: SamplingParams::default(),

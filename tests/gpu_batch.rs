@@ -253,6 +253,7 @@ fn scheduler_on_gpu_matches_cpu_greedy() {
             let (tx, rx) = mpsc::channel();
             sched
                 .submit(Request {
+                    sink_window: None,
                     prompt: p.clone(),
                     max_tokens,
                     sampling: SamplingParams::default(),

@@ -353,6 +353,54 @@ fn the_kv_pool_is_sized_for_the_batch_or_as_asked() {
     );
 }
 
+/// `window`/`sinks` on a request: the server generates past the context (the fixture's 256
+/// positions) exactly as `bitnet generate --window` does; bad windows are 400s naming the field.
+#[test]
+fn a_sink_window_request_goes_past_the_context_like_cli_generate() {
+    let model = common::fixture();
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args([
+            "generate",
+            "--json",
+            "--backend",
+            "cpu",
+            "--tokens",
+            "1,2,3",
+        ])
+        .args([
+            "--max-tokens",
+            "400",
+            "--window",
+            "32",
+            "--sinks",
+            "4",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = cli["tokens"].as_array().unwrap().len();
+    assert!(n > 256, "the CLI run should pass the context ({n} tokens)");
+    let s = Server::start(&model, &[]);
+    let body =
+        r#"{"prompt": [1, 2, 3], "max_tokens": 400, "temperature": 0, "window": 32, "sinks": 4}"#;
+    let (code, v, _) = s.post("/v1/completions", body);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], cli["text"]);
+    assert_eq!(v["usage"]["completion_tokens"], n);
+    for (body, field) in [
+        (r#"{"prompt": [1, 2], "window": 300}"#, "window"),
+        (r#"{"prompt": [1, 2], "window": 1}"#, "window"),
+        (r#"{"prompt": [1, 2], "sinks": 4}"#, "sinks"),
+    ] {
+        let (code, v, _) = s.post("/v1/completions", body);
+        assert_eq!(code, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], field, "{body}: {v}");
+    }
+}
+
 #[test]
 fn a_stop_string_split_across_tokens_is_never_streamed() {
     let model = common::fixture();

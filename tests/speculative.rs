@@ -221,6 +221,7 @@ fn the_scheduler_speculates_per_row_and_keeps_every_requests_tokens() {
                 };
                 sched
                     .submit(Request {
+                        sink_window: None,
                         prompt: p.clone(),
                         max_tokens,
                         sampling,

@@ -49,6 +49,19 @@ test('greedy tokens match the float32 reference for every prompt', async () => {
   }
 });
 
+test('a sink window generates past the context; bad windows are named', async () => {
+  const m = await model();
+  const ctx = m.info.config.max_position_embeddings;
+  const out = await m.generateText([1, 2, 3], { maxTokens: ctx + 100, ignoreEos: true, window: 64, sinks: 4 });
+  assert.equal(out.tokens.length, ctx + 100);
+  assert.equal(out.finishReason, 'length');
+  // Deterministic: the same request gives the same tokens.
+  const again = await m.generateText([1, 2, 3], { maxTokens: ctx + 100, ignoreEos: true, window: 64, sinks: 4 });
+  assert.deepEqual(again.tokens, out.tokens);
+  await assert.rejects(m.generateText([1, 2], { window: ctx + 1 }), /exceed/);
+  await assert.rejects(m.generateText([1, 2], { window: 1 }), /window/);
+});
+
 test('last-position logits match the reference to 1e-4', async () => {
   const m = await model();
   for (const p of prompts) {

@@ -18,6 +18,7 @@ use crate::engine::forward::forward_rows_sampled;
 use crate::engine::sampler::{SampleInput, Sampler, SamplingParams};
 use crate::engine::session::FinishReason;
 use crate::engine::speculative::{accept_drafts, Drafter, NgramDrafter};
+use crate::engine::window::{SinkWindow, Sliding};
 use crate::error::{Error, Result};
 
 /// Scheduler limits.
@@ -91,6 +92,9 @@ impl EventSink for mpsc::Sender<Event> {
 
 /// A generation request.
 pub struct Request {
+    /// Attention sinks and a sliding window: the sequence goes on past the context (None:
+    /// it ends there).
+    pub sink_window: Option<SinkWindow>,
     /// Prompt token ids (at least one).
     pub prompt: Vec<u32>,
     /// Most tokens to generate.
@@ -221,13 +225,22 @@ impl Scheduler {
                 self.vocab
             )));
         }
-        if len >= self.cfg.max_context {
-            return Err(SubmitError::Invalid(format!(
-                "the prompt has {len} tokens but the context holds {}",
-                self.cfg.max_context
-            )));
-        }
-        let blocks = (len + 1).div_ceil(self.cfg.block_size);
+        // Positions the sequence holds at once.
+        let held = match r.sink_window {
+            Some(w) => {
+                w.validate(self.cfg.max_context)
+                    .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+                (len + 1).min(w.sinks + w.window)
+            }
+            None if len >= self.cfg.max_context => {
+                return Err(SubmitError::Invalid(format!(
+                    "the prompt has {len} tokens but the context holds {}",
+                    self.cfg.max_context
+                )));
+            }
+            None => len + 1,
+        };
+        let blocks = held.div_ceil(self.cfg.block_size);
         if blocks > self.cfg.kv_blocks {
             return Err(SubmitError::Invalid(format!(
                 "the prompt needs {blocks} KV blocks but the pool has {}",
@@ -273,8 +286,10 @@ struct Seq {
     tokens: Vec<u32>,
     prompt_len: usize,
     generated: usize,
-    /// Positions whose keys and values are in the pool.
+    /// Tokens whose keys and values are in the pool (or were evicted by the sink window).
     computed: usize,
+    /// The sink window's state: which pool position each token has (None: token i at i).
+    slide: Option<Sliding>,
     /// Prompt tokens already registered as cached prefix blocks.
     registered: usize,
     table: Vec<u32>,
@@ -330,6 +345,7 @@ impl<B: BatchBackend> Engine<B> {
             tokens: r.prompt,
             generated: 0,
             computed: 0,
+            slide: r.sink_window.map(Sliding::new),
             registered: 0,
             table: Vec::new(),
             sampler: Sampler::new(r.sampling),
@@ -354,6 +370,8 @@ impl<B: BatchBackend> Engine<B> {
         }
         s.computed = 0;
         s.registered = 0;
+        // Recomputed from the first token, under a fresh window.
+        s.slide = s.slide.as_ref().map(|sl| Sliding::new(sl.spec()));
     }
 
     fn drop_cancelled(&mut self) {
@@ -378,9 +396,19 @@ impl<B: BatchBackend> Engine<B> {
         let bs = self.cfg.block_size;
         while self.running.len() < self.cfg.max_batch {
             let Some(s) = self.waiting.front() else { break };
-            let hashes = prefix_hashes(&s.tokens[..s.tokens.len() - 1], bs);
+            // A sliding sequence moves its positions: it shares no prefix blocks.
+            let (hashes, held) = match &s.slide {
+                Some(sl) => {
+                    let w = sl.spec();
+                    (Vec::new(), (s.tokens.len() + 1).min(w.sinks + w.window))
+                }
+                None => (
+                    prefix_hashes(&s.tokens[..s.tokens.len() - 1], bs),
+                    s.tokens.len() + 1,
+                ),
+            };
             let hit = self.alloc.cached_prefix(&hashes);
-            let need = (s.tokens.len() + 1).div_ceil(bs) - hit;
+            let need = held.div_ceil(bs) - hit;
             // Cached blocks counted in `available` may be the very ones this prefix reuses.
             if self.alloc.available() < need + hit {
                 break;
@@ -435,6 +463,34 @@ impl<B: BatchBackend> Engine<B> {
         true
     }
 
+    /// Under a sink window, makes room in sequence `i`'s blocks for a step of `n` of its tokens
+    /// (cut to the window's largest step) and `drafts` drafts, evicting and moving positions as
+    /// [`Sliding::make_room`] does and releasing the blocks that frees; returns the pool
+    /// position the step ends at (the token index without a window).
+    fn make_room(&mut self, i: usize, n: &mut usize, drafts: usize) -> Result<usize> {
+        let bs = self.cfg.block_size;
+        let Engine {
+            backend,
+            pool,
+            running,
+            alloc,
+            ..
+        } = self;
+        let s = &mut running[i];
+        let Some(sl) = &mut s.slide else {
+            return Ok(s.computed + *n + drafts);
+        };
+        *n = (*n).min(sl.spec().max_step() - drafts.min(sl.spec().max_step() - 1));
+        let start = sl.make_room(backend, pool, &s.table, s.computed, *n + drafts)?;
+        let end = start + *n + drafts;
+        while s.table.len() > end.div_ceil(bs) {
+            if let Some(b) = s.table.pop() {
+                alloc.release(b);
+            }
+        }
+        Ok(end)
+    }
+
     /// Prompt-lookup drafts for sequence `i` (decoding, speculation on), bounded by the step's
     /// remaining `budget`, its token limit and the context.
     fn drafts_for(&self, i: usize, budget: usize) -> Vec<u32> {
@@ -443,12 +499,16 @@ impl<B: BatchBackend> Engine<B> {
         if self.cfg.draft_tokens == 0 || s.tokens.len() - s.computed != 1 {
             return out;
         }
+        let context_room = match &s.slide {
+            Some(sl) => sl.spec().max_step() - 1,
+            None => self.cfg.max_context.saturating_sub(s.tokens.len()),
+        };
         let room = self
             .cfg
             .draft_tokens
             .min(budget.saturating_sub(1))
             .min(s.max_tokens.saturating_sub(s.generated + 1))
-            .min(self.cfg.max_context.saturating_sub(s.tokens.len()));
+            .min(context_room);
         if room > 0 {
             let mut d = NgramDrafter::default();
             // The ngram drafter cannot fail.
@@ -481,8 +541,16 @@ impl<B: BatchBackend> Engine<B> {
             };
             let drafts = self.drafts_for(i, budget);
             let s = &self.running[i];
-            let n = (s.tokens.len() - s.computed).min(budget);
-            let end = s.computed + n + drafts.len();
+            let mut n = (s.tokens.len() - s.computed).min(budget);
+            let end = match self.make_room(i, &mut n, drafts.len()) {
+                Ok(end) => end,
+                Err(e) => {
+                    let mut s = self.running.remove(i);
+                    s.sink.send(Event::Error(e.to_string()));
+                    self.free(&mut s);
+                    continue;
+                }
+            };
             if !self.reserve(i, end) {
                 continue;
             }
@@ -515,15 +583,19 @@ impl<B: BatchBackend> Engine<B> {
             let Some(s) = self.running.iter().find(|s| s.id == *id) else {
                 continue;
             };
+            let slot = |p: usize| s.slide.as_ref().map_or(p, |sl| sl.pos(p));
             for p in s.computed..s.computed + n {
                 tokens.push(s.tokens[p]);
-                rows.push(RowSlot { seq: k, pos: p });
+                rows.push(RowSlot {
+                    seq: k,
+                    pos: slot(p),
+                });
             }
             for (j, &d) in drafts.iter().enumerate() {
                 tokens.push(d);
                 rows.push(RowSlot {
                     seq: k,
-                    pos: s.computed + n + j,
+                    pos: slot(s.computed + n + j),
                 });
             }
             tables.push(s.table.clone());
@@ -560,9 +632,10 @@ impl<B: BatchBackend> Engine<B> {
             }
             // Accepted drafts are counted after verification.
             s.computed += n;
-            // Full blocks of the prompt become reusable prefixes.
+            // Full blocks of the prompt become reusable prefixes (not a sliding sequence's:
+            // they move).
             let full = (s.computed.min(s.prompt_len)) / bs;
-            if full > s.registered / bs {
+            if full > s.registered / bs && s.slide.is_none() {
                 let hashes = prefix_hashes(&s.tokens[..full * bs], bs);
                 for (j, h) in hashes.iter().enumerate().skip(s.registered / bs) {
                     self.alloc.register(s.table[j], *h);
@@ -625,7 +698,8 @@ impl<B: BatchBackend> Engine<B> {
                     self.stats.generated_tokens.fetch_add(1, Relaxed);
                     if !s.sink.send(Event::Token(tok)) {
                         end = Some(FinishReason::Cancelled);
-                    } else if s.generated >= s.max_tokens || s.tokens.len() >= self.cfg.max_context
+                    } else if s.generated >= s.max_tokens
+                        || (s.slide.is_none() && s.tokens.len() >= self.cfg.max_context)
                     {
                         end = Some(FinishReason::Length);
                     }

@@ -120,6 +120,11 @@ pub struct Common {
     pub n: Option<u32>,
     /// Scheduling priority (extension; higher first).
     pub priority: Option<i32>,
+    /// Generate past the context with a sliding window of this many recent positions
+    /// (extension; attention sinks + window, as `bitnet generate --window`).
+    pub window: Option<usize>,
+    /// Attention sinks kept with `window` (extension; default 4).
+    pub sinks: Option<usize>,
     /// OpenAI fields this server does not implement: refused with a 400 naming the field
     /// when set to anything but their default, never silently ignored.
     #[serde(flatten)]

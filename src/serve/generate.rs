@@ -14,6 +14,7 @@ use crate::batch::scheduler::{Event, EventSink, Request, SubmitError};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::session::FinishReason;
 use crate::engine::text::TextStream;
+use crate::engine::window::SinkWindow;
 use crate::tokenizer::Tokenizer;
 
 /// What to generate.
@@ -30,6 +31,8 @@ pub struct Job {
     pub stops: Vec<String>,
     /// Scheduling priority.
     pub priority: i32,
+    /// Attention sinks and a sliding window (None: the generation ends at the context).
+    pub sink_window: Option<SinkWindow>,
 }
 
 struct TokioSink(UnboundedSender<Event>);
@@ -93,6 +96,7 @@ impl Run {
                 sampling: job.sampling,
                 stop_ids: eos,
                 priority: job.priority,
+                sink_window: job.sink_window,
                 sink: Box::new(TokioSink(tx)),
             })
             .map_err(|e| match e {

@@ -21,6 +21,7 @@ use super::api::{self, ApiError, ChatRequest, Common, CompletionRequest, LoadReq
 use super::generate::{Job, Piece, Run};
 use super::{load_model, AppState, LoadedModel};
 use crate::engine::sampler::SamplingParams;
+use crate::engine::window::SinkWindow;
 use crate::tokenizer::ChatMessage;
 
 type AppResult<T> = Result<T, ApiError>;
@@ -95,10 +96,34 @@ fn plan(state: &AppState, model: Arc<LoadedModel>, prompt: Vec<u32>, c: Common) 
         return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
     }
     let opts = &state.opts;
+    let sink_window = match (c.window, c.sinks) {
+        (Some(window), sinks) => {
+            let w = SinkWindow {
+                sinks: sinks.unwrap_or(4),
+                window,
+            };
+            w.validate(model.context)
+                .map_err(|e| ApiError::invalid(Some("window"), e.to_string()))?;
+            Some(w)
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::invalid(
+                Some("sinks"),
+                "sinks needs window (the number of recent positions kept)",
+            ))
+        }
+        (None, None) => None,
+    };
+    // Under a sink window the prompt runs through the window: up to the server's prompt
+    // limit, or 16 contexts.
+    let context_limit = match sink_window {
+        Some(_) => 16 * model.context,
+        None => model.context - 1,
+    };
     let max_prompt = if opts.max_prompt_tokens == 0 {
-        model.context - 1
+        context_limit
     } else {
-        opts.max_prompt_tokens.min(model.context - 1)
+        opts.max_prompt_tokens.min(context_limit)
     };
     if prompt.len() > max_prompt {
         return Err(ApiError::invalid(
@@ -109,7 +134,10 @@ fn plan(state: &AppState, model: Arc<LoadedModel>, prompt: Vec<u32>, c: Common) 
             ),
         ));
     }
-    let room = model.context - prompt.len();
+    let room = match sink_window {
+        Some(_) => usize::MAX,
+        None => model.context - prompt.len(),
+    };
     let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
         Some(0) => {
             return Err(ApiError::invalid(
@@ -163,6 +191,7 @@ fn plan(state: &AppState, model: Arc<LoadedModel>, prompt: Vec<u32>, c: Common) 
             },
             stops,
             priority: c.priority.unwrap_or(0),
+            sink_window,
         },
     })
 }
