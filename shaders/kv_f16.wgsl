@@ -40,3 +40,5 @@ fn v_put(i: u32, x: f32) {
     atomicAnd(&vc[i >> 1u], b.x);
     atomicOr(&vc[i >> 1u], b.y);
 }
+// --- finish
+fn kv_finish(li: u32, base: u32, cbase: u32, is_k: bool, hd: u32, kv_dim: u32) {}

@@ -25,3 +25,5 @@ fn k_put(i: u32, x: f32) {
 fn v_put(i: u32, x: f32) {
     vc[i] = x;
 }
+// --- finish
+fn kv_finish(li: u32, base: u32, cbase: u32, is_k: bool, hd: u32, kv_dim: u32) {}

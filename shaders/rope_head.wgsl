@@ -1,7 +1,8 @@
 // Shared by rope.wgsl and paged_rope.wgsl (which bind `qkv`, `kc`, `vc` and the cos/sin
 // `table`): invocation li's share of rotate-half RoPE of the head at `base` of q|k|v for position
 // p, in place; a k head (is_k) is also written to the cache at `cbase`, with its v head (kv_dim
-// further on in the row).
+// further on in the row; `kv_finish` completes the row where the cache type needs the whole
+// row, as int8's scale does).
 fn rope_head(li: u32, base: u32, cbase: u32, p: u32, is_k: bool, hd: u32, kv_dim: u32) {
     let half = hd / 2u;
     for (var j = li; j < half; j = j + 64u) {
@@ -23,4 +24,5 @@ fn rope_head(li: u32, base: u32, cbase: u32, p: u32, is_k: bool, hd: u32, kv_dim
             v_put(cbase + d, qkv[vbase + d]);
         }
     }
+    kv_finish(li, base, cbase, is_k, hd, kv_dim);
 }

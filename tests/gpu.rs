@@ -449,7 +449,7 @@ fn rope_kv_write_and_attention_at(cfg: &ModelConfig, kv_dtype: KvDtype) {
         match kv_dtype {
             KvDtype::F32 => x.to_vec(),
             KvDtype::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-            KvDtype::Int8 => unreachable!("the GPU's KV cache is f32 or f16"),
+            KvDtype::Int8 => unreachable!("this test covers the float caches"),
         }
     };
     let mut rng = StdRng::seed_from_u64(3);
@@ -733,6 +733,38 @@ fn f16_kv_cache_paths_agree_and_stay_close_to_f32() {
             1e-5,
             "f16 KV vs CPU f16 rounding",
         );
+    }
+}
+
+/// The int8 KV cache on the GPU (RoPE writing whole rows, unfused decode) gives the CPU's int8
+/// cache's logits at every position, as one prefill step and as one decode step per token.
+#[test]
+fn int8_kv_cache_paths_agree_with_the_cpu() {
+    let shapes = [head_dim_4_config(160), odd_config()];
+    for (n, cfg) in shapes.iter().enumerate() {
+        let (_dir, w) = synth_model(cfg, 50 + n as u64);
+        let vocab = cfg.vocab_size;
+        let mut rng = StdRng::seed_from_u64(9);
+        let seq: Vec<u32> = (0..140)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect();
+        let c = cpu_with(&w, HeadMode::Native, KvDtype::Int8);
+        let want = Generator::with_context(c, 141)
+            .unwrap()
+            .logits(&seq, true)
+            .unwrap();
+        for chunk in [None, Some(1)] {
+            let opts = GpuOptions {
+                kv: KvDtype::Int8,
+                ..Default::default()
+            };
+            let mut gen = Generator::with_context(gpu_with(&w, &opts), 141).unwrap();
+            if let Some(c) = chunk {
+                gen.set_prefill_chunk(c);
+            }
+            let got = gen.logits(&seq, true).unwrap();
+            check_positions(&got, &want, vocab, 1e-4, "int8 KV vs the CPU's");
+        }
     }
 }
 

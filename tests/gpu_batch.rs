@@ -117,13 +117,27 @@ fn check_batched_with(w: &Weights, bs: usize, tol: f32, head: HeadMode, kv: KvDt
     let flip = match kv {
         KvDtype::F32 => 0.05,
         KvDtype::F16 => 0.6,
-        KvDtype::Int8 => unreachable!("the GPU's KV cache is f32 or f16"),
+        KvDtype::Int8 => 0.6,
     };
-    check_batched_within(w, bs, tol, flip, head, kv);
+    // An int8 cache has 127 steps a row where f16 has ~2,000: an ulp of difference in a key or
+    // value crosses a code boundary ~16× as often, so fewer positions stay within `tol`
+    // (measured on the fixture: 20 of 23; the single-sequence int8 paths agree at every
+    // position, `int8_kv_cache_paths_agree_with_the_cpu` in tests/gpu.rs).
+    let close = if kv == KvDtype::Int8 { 0.8 } else { 0.9 };
+    check_batched_within(w, bs, tol, flip, close, head, kv);
 }
 
-/// [`check_batched_with`] with `flip`, the size of one int8 code flip on `w`'s logits.
-fn check_batched_within(w: &Weights, bs: usize, tol: f32, flip: f32, head: HeadMode, kv: KvDtype) {
+/// [`check_batched_with`] with `flip`, the size of one int8 code flip on `w`'s logits, and
+/// `close`, the fraction of positions that must stay within `tol`.
+fn check_batched_within(
+    w: &Weights,
+    bs: usize,
+    tol: f32,
+    flip: f32,
+    close_frac: f32,
+    head: HeadMode,
+    kv: KvDtype,
+) {
     let vocab = w.config.vocab_size;
     let ps = prompts(6, vocab as u32, 3);
     let want = batched_logits(&mut cpu_with(w, head, kv), &ps, bs);
@@ -146,7 +160,7 @@ fn check_batched_within(w: &Weights, bs: usize, tol: f32, flip: f32, head: HeadM
         total += per.len();
     }
     assert!(
-        10 * close >= 9 * total,
+        close as f32 >= close_frac * total as f32,
         "only {close} of {total} positions within {tol}"
     );
 }
@@ -157,7 +171,7 @@ fn check_batched_within(w: &Weights, bs: usize, tol: f32, flip: f32, head: HeadM
 #[test]
 fn llama_bitnet_batched_rows_match_cpu() {
     let w = load(Path::new(DIR_LLAMA)).unwrap();
-    check_batched_within(&w, 4, 1e-4, 0.1, HeadMode::Native, KvDtype::F32);
+    check_batched_within(&w, 4, 1e-4, 0.1, 0.9, HeadMode::Native, KvDtype::F32);
 }
 
 #[test]
@@ -186,6 +200,19 @@ fn fixture_batched_rows_with_f16_kv_match_cpu() {
         1e-4,
         HeadMode::Native,
         KvDtype::F16,
+    );
+}
+
+/// An int8 paged pool (`serve --kv int8`) holds what the CPU's int8 pool does (the same codes
+/// and scales from the same rows).
+#[test]
+fn fixture_batched_rows_with_int8_kv_match_cpu() {
+    check_batched_with(
+        &load(Path::new(DIR)).unwrap(),
+        4,
+        1e-4,
+        HeadMode::Native,
+        KvDtype::Int8,
     );
 }
 

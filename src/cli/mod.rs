@@ -72,7 +72,7 @@ pub(crate) struct ModelArgs {
     #[arg(long, default_value = "native")]
     pub(crate) head: String,
     /// KV cache element type: f32; f16 (GPU backend: half the cache memory and reads); int8
-    /// (CPU backend: rows of int8 with a scale each, about a quarter of f32's memory).
+    /// (rows of int8 with a scale each: about a quarter of f32's memory).
     #[arg(long, default_value = "f32")]
     pub(crate) kv: String,
 }

@@ -399,7 +399,13 @@ impl Backend for GpuBackend {
         let Some(qkv) = cache.single.as_ref().and_then(|s| s.qkv_bgs.get(layer)) else {
             return 0;
         };
-        if ops != BITNET_B158 || self.t() != 1 || self.layers[layer].fused.is_none() {
+        // The fused q|k|v GEMV writes the cache an element at a time: int8 rows, whose scale
+        // needs the whole row, are written by the RoPE kernel.
+        if ops != BITNET_B158
+            || self.t() != 1
+            || self.layers[layer].fused.is_none()
+            || self.kv == KvDtype::Int8
+        {
             return 0;
         }
         self.step.pos = pos as u32;

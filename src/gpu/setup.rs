@@ -102,10 +102,11 @@ impl GpuBackend {
                     .into(),
             ));
         }
-        if opts.kv == crate::backend::KvDtype::Int8 {
-            return Err(Error::Backend(
-                "an int8 KV cache runs on the CPU backend only (use --kv f16 on the GPU)".into(),
-            ));
+        if opts.kv == crate::backend::KvDtype::Int8 && !cfg.head_dim.is_multiple_of(4) {
+            return Err(Error::Backend(format!(
+                "the GPU's int8 KV cache needs head_dim % 4 == 0 (head_dim {})",
+                cfg.head_dim
+            )));
         }
         if cfg.head_dim > 256 {
             return Err(Error::Backend(format!(
@@ -135,6 +136,7 @@ impl GpuBackend {
             tensor_cores: ctx.desc.tensor_cores,
             f32_head,
             kv: opts.kv,
+            head_dim: cfg.head_dim,
         };
         let ops = Ops::new(&target, fused_widths);
         phases.mark("gpu pipelines");

@@ -40,6 +40,8 @@ const REDUCE_PAIRS_SUBGROUP: &str = include_str!("../../../shaders/reduce_pairs_
 const KV_F32: &str = include_str!("../../../shaders/kv_f32.wgsl");
 /// KV cache accessors for f16 pairs in u32 words.
 const KV_F16: &str = include_str!("../../../shaders/kv_f16.wgsl");
+/// KV cache accessors for int8 rows with a scale each.
+const KV_I8: &str = include_str!("../../../shaders/kv_i8.wgsl");
 /// RoPE of one head (shared by the contiguous and paged KV writes).
 const ROPE_HEAD: &str = include_str!("../../../shaders/rope_head.wgsl");
 /// Decode attention scoring shared by the contiguous and paged kernels.
@@ -69,6 +71,8 @@ pub struct Target<'a> {
     pub f32_head: bool,
     /// The KV cache's element type.
     pub kv: KvDtype,
+    /// The model's head dimension (the int8 cache's row layout).
+    pub head_dim: usize,
 }
 
 impl Target<'_> {
@@ -137,29 +141,35 @@ impl Target<'_> {
     }
 
     /// A module from `parts` after the KV cache element types as WGSL type aliases
-    /// (`KV_S`, `KV_V4`, `KV_W`).
+    /// (`KV_S`, `KV_V4`, `KV_W`; and the int8 row layout, `KV_Q` and `KV_RW`).
     fn kv_module(&self, label: &str, parts: &[&str]) -> wgpu::ShaderModule {
         let (s, v4, w) = match self.kv {
-            KvDtype::F32 | KvDtype::Int8 => ("f32", "vec4<f32>", "f32"),
+            KvDtype::F32 => ("f32", "vec4<f32>", "f32"),
             KvDtype::F16 => ("u32", "vec2<u32>", "atomic<u32>"),
+            KvDtype::Int8 => ("u32", "u32", "u32"),
         };
-        let types = format!("alias KV_S = {s};\nalias KV_V4 = {v4};\nalias KV_W = {w};\n");
+        let mut types = format!("alias KV_S = {s};\nalias KV_V4 = {v4};\nalias KV_W = {w};\n");
+        if self.kv == KvDtype::Int8 {
+            let q = self.head_dim / 4;
+            types += &Self::consts(&[("KV_Q", q), ("KV_RW", q + 1)]);
+        }
         let mut all = vec![types.as_str()];
         all.extend_from_slice(parts);
         self.module(label, &all)
     }
 
-    /// Section `name` (`read1`, `read4` or `write`) of the KV cache accessors.
+    /// Section `name` (`read1`, `read4`, `write` or `finish`) of the KV cache accessors.
     fn kv_section(&self, name: &str) -> &'static str {
         let src = match self.kv {
-            KvDtype::F32 | KvDtype::Int8 => KV_F32,
+            KvDtype::F32 => KV_F32,
             KvDtype::F16 => KV_F16,
+            KvDtype::Int8 => KV_I8,
         };
         let marker = format!("// --- {name}\n");
         let start = src
             .find(&marker)
             .map(|i| i + marker.len())
-            .expect("every KV accessor file has the three sections");
+            .expect("every KV accessor file has the four sections");
         let end = src[start..]
             .find("// --- ")
             .map_or(src.len(), |e| start + e);

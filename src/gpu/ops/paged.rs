@@ -62,7 +62,13 @@ impl Paged {
         );
         let m_rope = t.kv_module(
             "paged_rope",
-            &[COMMON, t.kv_section("write"), ROPE_HEAD, ROPE],
+            &[
+                COMMON,
+                t.kv_section("write"),
+                t.kv_section("finish"),
+                ROPE_HEAD,
+                ROPE,
+            ],
         );
         let m_attn = t.kv_module(
             "paged_attention",

@@ -32,7 +32,14 @@ impl Rope {
     /// Compiles the kernel for the KV cache's element type.
     pub fn new(t: &Target) -> Self {
         let layout = t.layout("rope", &[Uniform, Uniform, Write, Write, Write, Read]);
-        let m = t.kv_module("rope", &[COMMON, t.kv_section("write"), ROPE_HEAD, SRC]);
+        let parts = [
+            COMMON,
+            t.kv_section("write"),
+            t.kv_section("finish"),
+            ROPE_HEAD,
+            SRC,
+        ];
+        let m = t.kv_module("rope", &parts);
         let pipe = t.pipeline("rope", &layout, &m, "main", &[]);
         Rope { layout, pipe }
     }
