@@ -27,3 +27,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let cbase = (kh * step.cap + p) * rp.hd;
     rope_head(li, base, cbase, p, is_k, rp.hd, rp.kv_dim);
 }
+
+// The KV write alone, of rows whose k heads are already rotated in q|k|v (the fused q|k|v GEMV
+// rotates them and puts elements; a cache written a row at a time, int8, is written here).
+// Dispatch: (num_kv_heads, T), 64 invocations.
+@compute @workgroup_size(64)
+fn store(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let kh = wg.x;
+    let t = wg.y;
+    let base = t * rp.stride + (rp.nh + kh) * rp.hd;
+    kv_finish(li, base, (kh * step.cap + step.pos + t) * rp.hd, true, rp.hd, rp.kv_dim);
+}

@@ -736,8 +736,9 @@ fn f16_kv_cache_paths_agree_and_stay_close_to_f32() {
     }
 }
 
-/// The int8 KV cache on the GPU (RoPE writing whole rows, unfused decode) gives the CPU's int8
-/// cache's logits at every position, as one prefill step and as one decode step per token.
+/// The int8 KV cache on the GPU (whole rows written after RoPE, or after the fused q|k|v GEMV)
+/// gives the CPU's int8 cache's logits at every position, as one prefill step and as one decode
+/// step per token (fused and unfused).
 #[test]
 fn int8_kv_cache_paths_agree_with_the_cpu() {
     let shapes = [head_dim_4_config(160), odd_config()];
@@ -753,9 +754,10 @@ fn int8_kv_cache_paths_agree_with_the_cpu() {
             .unwrap()
             .logits(&seq, true)
             .unwrap();
-        for chunk in [None, Some(1)] {
+        for (chunk, fused) in [(None, true), (Some(1), true), (Some(1), false)] {
             let opts = GpuOptions {
                 kv: KvDtype::Int8,
+                fused,
                 ..Default::default()
             };
             let mut gen = Generator::with_context(gpu_with(&w, &opts), 141).unwrap();

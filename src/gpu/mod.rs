@@ -399,13 +399,7 @@ impl Backend for GpuBackend {
         let Some(qkv) = cache.single.as_ref().and_then(|s| s.qkv_bgs.get(layer)) else {
             return 0;
         };
-        // The fused q|k|v GEMV writes the cache an element at a time: int8 rows, whose scale
-        // needs the whole row, are written by the RoPE kernel.
-        if ops != BITNET_B158
-            || self.t() != 1
-            || self.layers[layer].fused.is_none()
-            || self.kv == KvDtype::Int8
-        {
+        if ops != BITNET_B158 || self.t() != 1 || self.layers[layer].fused.is_none() {
             return 0;
         }
         self.step.pos = pos as u32;
@@ -413,6 +407,16 @@ impl Backend for GpuBackend {
         let rows = self.layers[layer].qkv.rows;
         let fused = &self.ops.fused;
         fused.record(&mut self.rec, Fused::QkvRope, qkv, rows);
+        // The fused GEMV puts the cache an element at a time: int8 rows, whose scale needs the
+        // whole row, are written after it from q|k|v.
+        if self.kv == KvDtype::Int8 {
+            if let Some(single) = &cache.single {
+                let kv_heads = self.cfg.num_kv_heads;
+                self.ops
+                    .rope
+                    .record_store(&mut self.rec, &single.rope_bgs[layer], kv_heads, 1);
+            }
+        }
         self.attention(cache, layer, pos);
         let (l, fused, rec) = (&self.layers[layer], &self.ops.fused, &mut self.rec);
         if let Some(f) = &l.fused {

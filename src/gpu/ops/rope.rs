@@ -26,6 +26,7 @@ pub struct Rope {
     /// step, params, qkv, k cache, v cache, cos/sin table.
     pub layout: wgpu::BindGroupLayout,
     pipe: wgpu::ComputePipeline,
+    store: wgpu::ComputePipeline,
 }
 
 impl Rope {
@@ -41,7 +42,24 @@ impl Rope {
         ];
         let m = t.kv_module("rope", &parts);
         let pipe = t.pipeline("rope", &layout, &m, "main", &[]);
-        Rope { layout, pipe }
+        let store = t.pipeline("kv_store", &layout, &m, "store", &[]);
+        Rope {
+            layout,
+            pipe,
+            store,
+        }
+    }
+
+    /// The KV write of `kv_heads` heads of `t` rows already rotated in q|k|v (after the fused
+    /// q|k|v GEMV, for caches written a row at a time: int8).
+    pub fn record_store(
+        &self,
+        rec: &mut Recorder,
+        bg: &wgpu::BindGroup,
+        kv_heads: usize,
+        t: usize,
+    ) {
+        rec.dispatch("kv_store", &self.store, bg, [kv_heads as u32, t as u32, 1]);
     }
 
     /// RoPE of `heads` (q + kv) heads of `t` rows, and the KV write.
