@@ -163,7 +163,7 @@ fn the_shift_is_checked() {
     }
 }
 
-/// The GPU's shift (f32 and f16 caches) moves and re-rotates as the CPU's does: the logits
+/// The GPU's shift (f32, f16 and int8 caches) moves and re-rotates as the CPU's does: the logits
 /// after it agree within the backends' usual tolerance on the reference checkpoint (the
 /// default model's own GPU/CPU logits differ by tenths on some prompts: int8 codes flip), and
 /// differ from the unshifted ones.
@@ -173,7 +173,7 @@ fn the_gpu_shift_agrees_with_the_cpu() {
     use bitnet_inference::gpu::{self, GpuOptions};
     let w = load(&common::fixture()).unwrap();
     let ids: Vec<u32> = (0..56).map(|i| (7 + 53 * i) % 300).collect();
-    for kv in [KvDtype::F32, KvDtype::F16] {
+    for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
         let cpu = shifted_logits(cpu_with(&w, HeadMode::Native, kv), &ids);
         let opts = GpuOptions {
             kv,

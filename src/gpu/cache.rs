@@ -79,15 +79,9 @@ impl GpuBackend {
             )));
         }
         let c = &self.cfg;
-        if self.kv == crate::backend::KvDtype::Int8 {
-            return Err(Error::Backend(
-                "sinks and a sliding window need an f32 or f16 KV cache on the GPU (not int8)"
-                    .into(),
-            ));
-        }
-        if self.kv == crate::backend::KvDtype::F16 && !c.head_dim.is_multiple_of(4) {
+        if self.kv != crate::backend::KvDtype::F32 && !c.head_dim.is_multiple_of(4) {
             return Err(Error::Backend(format!(
-                "moving an f16 KV cache needs head_dim % 4 == 0 (head_dim {})",
+                "moving an f16 or int8 KV cache needs head_dim % 4 == 0 (head_dim {})",
                 c.head_dim
             )));
         }

@@ -43,8 +43,12 @@ impl KvShift {
     pub fn new(t: &Target) -> Self {
         let layout = t.layout("kv_shift", &[Uniform, Read, Read, Write, Write]);
         let m = t.module("kv_shift", &[COMMON, SRC]);
-        let f16 = if t.kv == KvDtype::F16 { 1.0 } else { 0.0 };
-        let pipe = t.pipeline("kv_shift", &layout, &m, "main", &[("F16", f16)]);
+        let mode = match t.kv {
+            KvDtype::F32 => 0.0,
+            KvDtype::F16 => 1.0,
+            KvDtype::Int8 => 2.0,
+        };
+        let pipe = t.pipeline("kv_shift", &layout, &m, "main", &[("MODE", mode)]);
         KvShift { layout, pipe }
     }
 
