@@ -2,8 +2,12 @@
 //! requests join the running batch at any step and leave when they finish or their client goes
 //! away. Each step takes one decode row from every sequence that has its prompt done and fills
 //! the rest of the step's token budget with prompt chunks, so a long prompt never stalls the
-//! others. Admission waits for KV blocks; when the pool runs dry mid-generation the most recently
-//! admitted sequence is preempted (its blocks freed, recomputed later).
+//! others. Admission waits for KV blocks; when the pool runs dry mid-generation the
+//! lowest-priority, most recently admitted other sequence is preempted (all its blocks freed, put
+//! back at the head of the queue and recomputed from its tokens; its client only waits). A
+//! sequence with a sink window ([`crate::engine::window`]) evicts its own oldest positions
+//! instead of growing past `sinks + window`, shares no prefix blocks (its blocks move), and is
+//! recomputed through its window when preempted.
 
 use rayon::prelude::*;
 use std::collections::VecDeque;
