@@ -111,6 +111,7 @@ pub fn attend_rows<'a>(
 /// Softmax attention over `len` positions of `hd`-wide heads stored in any form: `score(p)` is
 /// the query's dot product with position `p`'s key, `add(p, w, out)` adds `w` times its value
 /// into `out`.
+#[inline(always)]
 pub fn attend_with(
     hd: usize,
     len: usize,
@@ -138,7 +139,7 @@ pub fn attend_with(
 }
 
 /// Dot product of f32 `a` with int8 `b` (eight partial sums, as [`dot`]).
-#[inline]
+#[inline(always)]
 pub fn dot_i8(a: &[f32], b: &[i8]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
