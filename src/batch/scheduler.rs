@@ -484,7 +484,8 @@ impl<B: BatchBackend> Engine<B> {
         let Some(sl) = &mut s.slide else {
             return Ok(s.computed + *n + drafts);
         };
-        *n = (*n).min(sl.spec().max_step() - drafts.min(sl.spec().max_step() - 1));
+        // `drafts_for` keeps drafts below the window's largest step.
+        *n = (*n).min(sl.spec().max_step() - drafts);
         let start = sl.make_room(backend, pool, &s.table, s.computed, *n + drafts)?;
         let end = start + *n + drafts;
         while s.table.len() > end.div_ceil(bs) {

@@ -146,6 +146,26 @@ enum KvStore {
     },
 }
 
+impl KvStore {
+    /// `rows` zeroed rows of `hd` values as `kv` stores them (lazily backed: untouched
+    /// positions cost no resident memory).
+    fn zeroed(kv: KvDtype, rows: usize, hd: usize) -> Self {
+        let n = rows * hd;
+        match kv {
+            KvDtype::F32 | KvDtype::F16 => KvStore::Float {
+                k: vec![0.0; n],
+                v: vec![0.0; n],
+            },
+            KvDtype::Int8 => KvStore::Int8 {
+                k: vec![0; n],
+                v: vec![0; n],
+                k_scale: vec![0.0; rows],
+                v_scale: vec![0.0; rows],
+            },
+        }
+    }
+}
+
 /// Keys and values in blocks: rows of `head_dim` values ordered
 /// `[block][layer][kv_head][position in block]` (one block: a single sequence's
 /// `[layer][kv_head][position]`).
@@ -525,22 +545,8 @@ impl Backend for CpuBackend {
             .checked_mul(block_size * c.num_layers * c.num_kv_heads)
             .filter(|r| r.checked_mul(c.head_dim * 8).is_some())
             .ok_or_else(|| Error::Request("KV cache size overflows".into()))?;
-        let n = rows * c.head_dim;
-        // Zeroed allocations are lazily backed: untouched positions cost no resident memory.
-        let store = match self.kv {
-            KvDtype::F32 | KvDtype::F16 => KvStore::Float {
-                k: vec![0.0; n],
-                v: vec![0.0; n],
-            },
-            KvDtype::Int8 => KvStore::Int8 {
-                k: vec![0; n],
-                v: vec![0; n],
-                k_scale: vec![0.0; rows],
-                v_scale: vec![0.0; rows],
-            },
-        };
         Ok(CpuCache {
-            store,
+            store: KvStore::zeroed(self.kv, rows, c.head_dim),
             kv: self.kv,
             blocks,
             block_size,
@@ -806,21 +812,8 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn cache(kv: KvDtype, rows: usize, hd: usize) -> CpuCache {
-        let n = rows * hd;
-        let store = match kv {
-            KvDtype::Int8 => KvStore::Int8 {
-                k: vec![0; n],
-                v: vec![0; n],
-                k_scale: vec![0.0; rows],
-                v_scale: vec![0.0; rows],
-            },
-            _ => KvStore::Float {
-                k: vec![0.0; n],
-                v: vec![0.0; n],
-            },
-        };
         CpuCache {
-            store,
+            store: KvStore::zeroed(kv, rows, hd),
             kv,
             blocks: 1,
             block_size: rows,
