@@ -1214,3 +1214,44 @@ fn greedy_speculation_on_the_gpu_gives_plain_decodings_tokens() {
     let out = g.generate(&prompt, &o, None, |_, _| true).unwrap();
     assert_eq!(out.tokens.len(), 33);
 }
+
+/// With the cost model on, drafting that never pays is probed now and then, and a probe is
+/// verified even though the device has the next plain step queued when the drafts come (the
+/// queued step is read first, the following step verifies).
+#[test]
+fn probes_of_failing_drafts_are_verified_behind_queued_steps() {
+    use bitnet_inference::engine::speculative::{Drafter, Speculation};
+    /// Drafts `k` copies of the vocabulary's last id: nearly never the model's pick.
+    struct Wrong(u32);
+    impl Drafter for Wrong {
+        fn draft(
+            &mut self,
+            _: &[u32],
+            k: usize,
+            out: &mut Vec<u32>,
+        ) -> bitnet_inference::Result<()> {
+            out.clear();
+            out.resize(k, self.0);
+            Ok(())
+        }
+        fn name(&self) -> &'static str {
+            "wrong"
+        }
+    }
+    let w = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-fortunes")).unwrap();
+    let mut g = Generator::new(gpu(&w)).unwrap();
+    let last = w.config.vocab_size as u32 - 1;
+    g.set_speculation(Some(Speculation::new(Box::new(Wrong(last)), 4).unwrap()));
+    let o = GenerateOptions {
+        max_tokens: 96,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let out = g
+        .generate(&[4093, 1698, 548], &o, None, |_, _| true)
+        .unwrap();
+    let st = out.speculative.unwrap();
+    // The first verification, then probes after 16 and 32 refused chances.
+    assert!(st.steps >= 3, "{st:?}");
+    assert!(st.acceptance_rate() < 0.5, "{st:?}");
+}

@@ -400,6 +400,9 @@ impl<B: Backend> Generator<B> {
         // Whether the step for the token about to be emitted is already queued on the device.
         let mut queued = false;
         let mut control = SpecControl::default();
+        // Drafts the controller chose while the next plain step was already queued: that step
+        // is read first, then the following step verifies this many without asking again.
+        let mut deferred: Option<usize> = None;
         // BITNET_SPEC_TRACE=1: every step's kind, time and the controller's state on stderr.
         let trace = self.spec.is_some() && std::env::var_os("BITNET_SPEC_TRACE").is_some();
         loop {
@@ -431,7 +434,10 @@ impl<B: Backend> Generator<B> {
                     room = room.min(sl.spec().max_step() - 1);
                 }
                 if spec.adaptive {
-                    room = control.choose(room);
+                    room = match deferred.take() {
+                        Some(chosen) => chosen.min(room),
+                        None => control.choose(room),
+                    };
                 }
                 self.drafts.clear();
                 if room > 0 {
@@ -447,6 +453,7 @@ impl<B: Backend> Generator<B> {
                     })?;
                     next.push_back(d.read_queued_argmax()?);
                     queued = false;
+                    deferred = Some(room);
                     control.plain_step(step_t0.elapsed().as_secs_f64());
                     if trace {
                         eprintln!("spec: read-queued {:?} {control:?}", step_t0.elapsed());
