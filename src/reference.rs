@@ -52,7 +52,7 @@ fn rotate(v: &mut [f32], pos: f32, inv_freq: &[f32]) {
 }
 
 /// Dot product with eight independent partial sums (vectorizes well).
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -86,6 +86,7 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], len: usize, scores: &mut [f32], o
 
 /// [`attend`] with the key and value rows of position `p` given by `k(p)` and `v(p)` (paged
 /// caches); the same arithmetic in the same order.
+#[inline(always)]
 pub fn attend_rows<'a>(
     q: &[f32],
     len: usize,

@@ -2,7 +2,7 @@
 
 use super::{CpuBackend, CpuCache, SharedMut, SCORES};
 use crate::backend::{BatchBackend, RowSlot};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::reference as ops;
 
 impl BatchBackend for CpuBackend {
@@ -74,29 +74,6 @@ impl BatchBackend for CpuBackend {
     }
 
     fn logits_rows(&mut self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
-        let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let s = &mut self.step;
-        if let Some(&bad) = rows.iter().find(|&&r| r >= s.t) {
-            return Err(Error::Request(format!(
-                "logits of row {bad} requested from a {}-row step",
-                s.t
-            )));
-        }
-        let mut normed = vec![0.0f32; rows.len() * h];
-        for (n, &r) in normed.chunks_mut(h).zip(rows) {
-            ops::rmsnorm(
-                &s.x[r * h..(r + 1) * h],
-                &self.final_norm,
-                self.cfg.rms_norm_eps,
-                n,
-            );
-        }
-        out.clear();
-        out.resize(rows.len() * vocab, 0.0);
-        let mut xq = vec![0i8; rows.len() * h];
-        let mut xp = vec![0.0f32; rows.len() * h];
-        self.head
-            .logits_batch(&self.team, self.kernels, &normed, h, &mut xq, &mut xp, out);
-        Ok(())
+        self.head_rows(rows.iter().copied(), out)
     }
 }

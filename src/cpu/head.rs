@@ -9,6 +9,11 @@ use crate::backend::HeadMode;
 use crate::format::{FloatDtype, FloatTensor};
 use crate::quant::quantize_activations;
 
+thread_local! {
+    /// A chunk's logits for every row of a batched head ([`Head::logits_batch`]).
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Head weights in a kernel-ready form.
 #[derive(Debug)]
 pub enum Head {
@@ -82,67 +87,10 @@ impl Head {
         }
     }
 
-    /// `out[v] = head[v] · h` for every vocabulary row; `xq` and `xp` are scratch.
-    pub fn logits(
-        &self,
-        team: &Team,
-        k: Kernels,
-        h: &[f32],
-        xq: &mut [i8],
-        xp: &mut [f32],
-        out: &mut [f32],
-    ) {
-        let cols = h.len();
-        const CHUNK: usize = 256;
-        let rows = out.len();
-        let shared = SharedMut::new(out);
-        let for_chunks = |f: &(dyn Fn(usize, &mut [f32]) + Sync)| {
-            team.run(rows.div_ceil(CHUNK), &|c| {
-                let r0 = c * CHUNK;
-                // SAFETY: chunk c owns output rows r0..r0 + CHUNK.
-                f(r0, unsafe { shared.slice(r0, CHUNK.min(rows - r0)) });
-            });
-        };
-        match self {
-            Head::Bf16 { tensor, copy } => {
-                let bits: &[u16] = match copy {
-                    Some(c) => c,
-                    None => bytemuck::cast_slice(tensor.bytes.as_slice()),
-                };
-                k.prepare_bf16_activations(h, xp);
-                let xp = &*xp;
-                for_chunks(&|r0, o| {
-                    k.head_bf16(&bits[r0 * cols..(r0 + o.len()) * cols], cols, xp, o)
-                });
-            }
-            Head::F32(w) => {
-                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-                    for (i, v) in o.iter_mut().enumerate() {
-                        let r = c * CHUNK + i;
-                        *v = w[r * cols..(r + 1) * cols]
-                            .iter()
-                            .zip(h)
-                            .map(|(a, b)| a * b)
-                            .sum();
-                    }
-                });
-            }
-            Head::Int8 { q, scale } => {
-                let xs = quantize_activations(h, xq) / 127.0;
-                let xq = &xq[..cols];
-                for_chunks(&|r0, o| {
-                    for (i, v) in o.iter_mut().enumerate() {
-                        let r = r0 + i;
-                        *v = k.dot_i8(&q[r * cols..(r + 1) * cols], xq) as f32 * xs * scale[r];
-                    }
-                });
-            }
-        }
-    }
-
-    /// [`Self::logits`] of `n = h.len() / cols` rows at once (`out`: `n × vocab`): each chunk
-    /// of head rows is read once for all of them (a batched decode step), and every row's
-    /// logits are bit-identical to [`Self::logits`]. `xq` and `xp` are scratch of `n × cols`.
+    /// `out[i * vocab + v] = head[v] · h_i` for the `n = h.len() / cols` rows `h_i` of `h` (one
+    /// token's final hidden state each): each chunk of head rows is read once for all of them
+    /// (a batched decode step, a verification step), and every row's logits are bit-identical
+    /// to those of the row alone. `xq` and `xp` are scratch of `n × cols`.
     #[allow(clippy::too_many_arguments)]
     pub fn logits_batch(
         &self,
@@ -180,10 +128,19 @@ impl Head {
                 for (x, p) in h.chunks(cols).zip(xp.chunks_mut(cols)) {
                     k.prepare_bf16_activations(x, p);
                 }
-                let xp = &*xp;
-                for_chunks(&|row, r0, o| {
-                    let w = &bits[r0 * cols..(r0 + o.len()) * cols];
-                    k.head_bf16(w, cols, &xp[row * cols..(row + 1) * cols], o)
+                let xp = &xp[..n * cols];
+                team.run(vocab.div_ceil(CHUNK), &|c| {
+                    let r0 = c * CHUNK;
+                    let len = CHUNK.min(vocab - r0);
+                    TILE.with_borrow_mut(|tile| {
+                        tile.resize(n * len, 0.0);
+                        let w = &bits[r0 * cols..(r0 + len) * cols];
+                        k.head_bf16_multi(w, cols, xp, n, tile);
+                        for (row, o) in tile.chunks_exact(len).enumerate() {
+                            // SAFETY: chunk c owns output rows r0..r0 + len of every batch row.
+                            unsafe { shared.slice(row * vocab + r0, len) }.copy_from_slice(o);
+                        }
+                    });
                 });
             }
             Head::F32(w) => {

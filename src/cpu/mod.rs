@@ -105,21 +105,6 @@ impl Int8Rows<'_> {
             out,
         );
     }
-
-    /// [`Self::attend`] compiled for AVX2 (the int8 → f32 widening in one instruction; the same
-    /// operations in the same order, so the same results).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn attend_avx2(
-        &self,
-        q: &[f32],
-        len: usize,
-        row: &impl Fn(usize) -> usize,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        self.attend(q, len, row, scores, out);
-    }
 }
 
 /// Copies keys or values into a float cache, rounded to f16 first when `f16`.
@@ -235,12 +220,45 @@ impl CpuCache {
     }
 
     /// Attention of `q` over `len` positions whose rows `row(p)` gives
-    /// ([`ops::attend_with`]; the f32 store's arithmetic is [`ops::attend`]'s).
+    /// ([`ops::attend_with`]; the f32 store's arithmetic is [`ops::attend`]'s), compiled for AVX2
+    /// where the CPU has it (the same operations in the same order, so the same results).
     fn attend(
         &self,
         q: &[f32],
         len: usize,
         row: impl Fn(usize) -> usize,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            unsafe { self.attend_avx2(q, len, &row, scores, out) };
+            return;
+        }
+        self.attend_any(q, len, &row, scores, out);
+    }
+
+    /// [`Self::attend`] with AVX2 enabled.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn attend_avx2(
+        &self,
+        q: &[f32],
+        len: usize,
+        row: &impl Fn(usize) -> usize,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        self.attend_any(q, len, row, scores, out);
+    }
+
+    #[inline(always)]
+    fn attend_any(
+        &self,
+        q: &[f32],
+        len: usize,
+        row: &impl Fn(usize) -> usize,
         scores: &mut [f32],
         out: &mut [f32],
     ) {
@@ -259,22 +277,14 @@ impl CpuCache {
                 v,
                 k_scale,
                 v_scale,
-            } => {
-                let kv = Int8Rows {
-                    k,
-                    v,
-                    k_scale,
-                    v_scale,
-                    hd,
-                };
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2.
-                    unsafe { kv.attend_avx2(q, len, &row, scores, out) };
-                    return;
-                }
-                kv.attend(q, len, &row, scores, out);
+            } => Int8Rows {
+                k,
+                v,
+                k_scale,
+                v_scale,
+                hd,
             }
+            .attend(q, len, row, scores, out),
         }
     }
 }
@@ -479,6 +489,51 @@ impl CpuBackend {
                 }
             });
         });
+    }
+}
+
+impl CpuBackend {
+    /// Final norm and head of the step's `rows` into `out` (`rows.len() × vocab`), the head's
+    /// weights read once for all of them.
+    fn head_rows(
+        &mut self,
+        rows: impl ExactSizeIterator<Item = usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let s = &mut self.step;
+        let n = rows.len();
+        if s.normed.len() < n * h {
+            s.normed.resize(n * h, 0.0);
+        }
+        for (dst, r) in s.normed.chunks_mut(h).zip(rows) {
+            if r >= s.t {
+                return Err(Error::Request(format!(
+                    "logits of row {r} requested from a {}-row step",
+                    s.t
+                )));
+            }
+            ops::rmsnorm(
+                &s.x[r * h..(r + 1) * h],
+                &self.final_norm,
+                self.cfg.rms_norm_eps,
+                dst,
+            );
+        }
+        out.clear();
+        out.resize(n * vocab, 0.0);
+        s.head_q.resize(n * h, 0);
+        s.head_x.resize(n * h, 0.0);
+        self.head.logits_batch(
+            &self.team,
+            self.kernels,
+            &s.normed[..n * h],
+            h,
+            &mut s.head_q,
+            &mut s.head_x,
+            out,
+        );
+        Ok(())
     }
 }
 
@@ -766,27 +821,12 @@ impl Backend for CpuBackend {
     }
 
     fn logits(&mut self, rows: LogitRows, out: &mut Vec<f32>) -> Result<()> {
-        let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let t = self.step.t;
-        let range = match rows {
-            LogitRows::None => return Ok(()),
-            LogitRows::Last => t - 1..t,
-            LogitRows::All => 0..t,
-        };
-        out.resize(range.len() * vocab, 0.0);
-        let s = &mut self.step;
-        for (o, ti) in out.chunks_mut(vocab).zip(range) {
-            let normed = &mut s.tmp[..h];
-            ops::rmsnorm(
-                &s.x[ti * h..(ti + 1) * h],
-                &self.final_norm,
-                self.cfg.rms_norm_eps,
-                normed,
-            );
-            let (head, k, hq, hx) = (&self.head, self.kernels, &mut s.head_q, &mut s.head_x);
-            head.logits(&self.team, k, normed, hq, hx, o);
+        match rows {
+            LogitRows::None => Ok(()),
+            LogitRows::Last => self.head_rows(t - 1..t, out),
+            LogitRows::All => self.head_rows(0..t, out),
         }
-        Ok(())
     }
 
     fn decode_bytes_per_token(&self) -> u64 {

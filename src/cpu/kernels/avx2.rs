@@ -76,7 +76,7 @@ unsafe fn group<const T: usize>(
 /// The CPU must support AVX2; sizes as in [`super::Kernels::code_dots`].
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
-    super::for_each_group!(w, rb, x, ntok, out, 2, group);
+    super::for_each_group!(w, rb, x, ntok, out, [2, 1], group);
 }
 
 /// See [`super::scalar::dot_i8`]. Inputs must not contain -128.
@@ -116,27 +116,68 @@ pub const BF16_PERM: [usize; 32] = [
 /// The CPU must support AVX2 and FMA; `w.len() == out.len() * cols`, `xp.len() == cols`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
+    head_tile::<1>(w, cols, xp, out, 0);
+}
+
+/// [`head_bf16`] of `ntok` token rows (`xp`: `ntok × cols`, `out[t * rows + r]`), each weight
+/// chunk widened once for up to three tokens (the accumulators of more would not fit the 16
+/// registers); every token's logits bit-identical to [`head_bf16`]'s.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `xp.len() == ntok * cols`, `out.len() == ntok * rows`
+/// with `w.len() == rows * cols`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn head_bf16_multi(w: &[u16], cols: usize, xp: &[f32], ntok: usize, out: &mut [f32]) {
+    let mut t = 0;
+    while t < ntok {
+        let step = (ntok - t).min(3);
+        match step {
+            1 => head_tile::<1>(w, cols, xp, out, t),
+            2 => head_tile::<2>(w, cols, xp, out, t),
+            _ => head_tile::<3>(w, cols, xp, out, t),
+        }
+        t += step;
+    }
+}
+
+/// Tokens `t0..t0 + T` of [`head_bf16_multi`]: per token the sums of [`head_bf16`] in its order.
+#[inline(always)]
+unsafe fn head_tile<const T: usize>(
+    w: &[u16],
+    cols: usize,
+    xp: &[f32],
+    out: &mut [f32],
+    t0: usize,
+) {
+    let rows = w.len() / cols;
     let full = cols / 32 * 32;
     let zero = _mm256_setzero_si256();
-    for (r, o) in out.iter_mut().enumerate() {
+    let x = |t: usize, i: usize| xp.as_ptr().add((t0 + t) * cols + i);
+    for r in 0..rows {
         let row = w.as_ptr().add(r * cols);
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc = [[_mm256_setzero_ps(); 4]; T];
         let mut i = 0;
         while i < full {
             for k in 0..2 {
                 let v = _mm256_loadu_si256(row.add(i + 16 * k) as *const __m256i);
                 let lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
                 let hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
-                let xk = xp.as_ptr().add(i + 16 * k);
-                acc[2 * k] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xk), acc[2 * k]);
-                acc[2 * k + 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xk.add(8)), acc[2 * k + 1]);
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let xk = x(t, i + 16 * k);
+                    a[2 * k] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xk), a[2 * k]);
+                    a[2 * k + 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xk.add(8)), a[2 * k + 1]);
+                }
             }
             i += 32;
         }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), s);
         let tail = std::slice::from_raw_parts(row.add(full), cols - full);
-        *o = lanes.iter().sum::<f32>() + super::scalar::dot_bf16(tail, &xp[full..]);
+        for (t, a) in acc.iter().enumerate() {
+            let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+            let xt = std::slice::from_raw_parts(x(t, full), cols - full);
+            out[(t0 + t) * rows + r] =
+                lanes.iter().sum::<f32>() + super::scalar::dot_bf16(tail, xt);
+        }
     }
 }

@@ -116,7 +116,7 @@ pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i
         }
         return;
     }
-    super::for_each_group!(w, rb, x, ntok, out, 4, group);
+    super::for_each_group!(w, rb, x, ntok, out, [4, 3, 2, 1], group);
 }
 
 /// See [`super::scalar::dot_i8`]. Inputs must not contain -128.
@@ -153,24 +153,59 @@ pub const BF16_PERM: [usize; 32] = [
 /// The CPU must support AVX-512 F/BW; `w.len() == out.len() * cols`, `xp.len() == cols`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
 pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
+    head_tile::<1>(w, cols, xp, out, 0);
+}
+
+/// [`head_bf16`] of `ntok` token rows (`xp`: `ntok × cols`, `out[t * rows + r]`), each weight
+/// chunk widened once for up to four tokens; every token's logits bit-identical to
+/// [`head_bf16`]'s.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW; `xp.len() == ntok * cols`, `out.len() == ntok * rows`
+/// with `w.len() == rows * cols`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
+pub unsafe fn head_bf16_multi(w: &[u16], cols: usize, xp: &[f32], ntok: usize, out: &mut [f32]) {
+    let mut t = 0;
+    while t < ntok {
+        let step = (ntok - t).min(4);
+        match step {
+            1 => head_tile::<1>(w, cols, xp, out, t),
+            2 => head_tile::<2>(w, cols, xp, out, t),
+            3 => head_tile::<3>(w, cols, xp, out, t),
+            _ => head_tile::<4>(w, cols, xp, out, t),
+        }
+        t += step;
+    }
+}
+
+/// Tokens `t0..t0 + T` of [`head_bf16_multi`]: per token the sums of [`head_bf16`] in its order
+/// (four accumulators over 64-column steps, then 32-column steps, then the tail).
+#[inline(always)]
+unsafe fn head_tile<const T: usize>(
+    w: &[u16],
+    cols: usize,
+    xp: &[f32],
+    out: &mut [f32],
+    t0: usize,
+) {
+    let rows = w.len() / cols;
     let full = cols / 32 * 32;
     let zero = _mm512_setzero_si512();
-    for (r, o) in out.iter_mut().enumerate() {
+    let x = |t: usize, i: usize| xp.as_ptr().add((t0 + t) * cols + i);
+    for r in 0..rows {
         let row = w.as_ptr().add(r * cols);
-        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut acc = [[_mm512_setzero_ps(); 4]; T];
         let mut i = 0;
         while i + 64 <= full {
             for k in 0..2 {
                 let v = _mm512_loadu_si512(row.add(i + 32 * k) as *const _);
                 let lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
                 let hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
-                acc[2 * k] =
-                    _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.as_ptr().add(i + 32 * k)), acc[2 * k]);
-                acc[2 * k + 1] = _mm512_fmadd_ps(
-                    hi,
-                    _mm512_loadu_ps(xp.as_ptr().add(i + 32 * k + 16)),
-                    acc[2 * k + 1],
-                );
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let xk = x(t, i + 32 * k);
+                    a[2 * k] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xk), a[2 * k]);
+                    a[2 * k + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xk.add(16)), a[2 * k + 1]);
+                }
             }
             i += 64;
         }
@@ -178,12 +213,18 @@ pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
             let v = _mm512_loadu_si512(row.add(i) as *const _);
             let lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
             let hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
-            acc[0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.as_ptr().add(i)), acc[0]);
-            acc[1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.as_ptr().add(i + 16)), acc[1]);
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xk = x(t, i);
+                a[0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xk), a[0]);
+                a[1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xk.add(16)), a[1]);
+            }
             i += 32;
         }
-        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
         let tail = std::slice::from_raw_parts(row.add(full), cols - full);
-        *o = _mm512_reduce_add_ps(s) + super::scalar::dot_bf16(tail, &xp[full..]);
+        for (t, a) in acc.iter().enumerate() {
+            let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            let xt = std::slice::from_raw_parts(x(t, full), cols - full);
+            out[(t0 + t) * rows + r] = _mm512_reduce_add_ps(s) + super::scalar::dot_bf16(tail, xt);
+        }
     }
 }

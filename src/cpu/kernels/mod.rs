@@ -12,10 +12,11 @@ pub mod scalar;
 pub mod simd128;
 
 /// Drives a `group::<T>(group_ptr, rb, x_ptr, kpad) -> [[i32; T]; 4]` micro-kernel over all row
-/// groups and tokens: tokens in tiles of `$tt` (kept in L1) outside, row groups inside.
+/// groups and tokens: tokens in tiles (kept in L1) outside, row groups inside; each tile is the
+/// largest of the sizes listed (descending, ending in 1) that the tokens left fill.
 #[cfg(target_arch = "x86_64")]
 macro_rules! for_each_group {
-    ($w:expr, $rb:expr, $x:expr, $ntok:expr, $out:expr, $tt:literal, $group:ident) => {{
+    ($w:expr, $rb:expr, $x:expr, $ntok:expr, $out:expr, [$($tt:literal),+], $group:ident) => {{
         use crate::cpu::packed::GROUP;
         let (w, rb, x, ntok, out): (&[u8], usize, &[i8], usize, &mut [i32]) =
             ($w, $rb, $x, $ntok, $out);
@@ -23,23 +24,20 @@ macro_rules! for_each_group {
         let ngroups = w.len() / (GROUP * rb);
         let mut t = 0;
         while t < ntok {
-            let step = if ntok - t >= $tt { $tt } else { 1 };
-            for g in 0..ngroups {
-                let gp = w.as_ptr().add(g * GROUP * rb);
-                let xp = x.as_ptr().add(t * kpad);
-                if step == $tt {
-                    let o = $group::<$tt>(gp, rb, xp, kpad);
-                    for (r, row) in o.iter().enumerate() {
-                        out[(g * GROUP + r) * ntok + t..][..$tt].copy_from_slice(row);
+            $(
+                if ntok - t >= $tt {
+                    for g in 0..ngroups {
+                        let gp = w.as_ptr().add(g * GROUP * rb);
+                        let xp = x.as_ptr().add(t * kpad);
+                        let o = $group::<$tt>(gp, rb, xp, kpad);
+                        for (r, row) in o.iter().enumerate() {
+                            out[(g * GROUP + r) * ntok + t..][..$tt].copy_from_slice(row);
+                        }
                     }
-                } else {
-                    let o = $group::<1>(gp, rb, xp, kpad);
-                    for (r, row) in o.iter().enumerate() {
-                        out[(g * GROUP + r) * ntok + t] = row[0];
-                    }
+                    t += $tt;
+                    continue;
                 }
-            }
-            t += step;
+            )+
         }
     }};
 }
@@ -211,6 +209,27 @@ impl Kernels {
         }
     }
 
+    /// [`Self::head_bf16`] of `ntok` token rows at once (`xp`: `ntok` rows prepared by
+    /// [`Self::prepare_bf16_activations`]; `out[t * rows + r]`): each weight row is read once
+    /// for several tokens, and every token's logits are bit-identical to [`Self::head_bf16`]'s.
+    pub fn head_bf16_multi(self, w: &[u16], cols: usize, xp: &[f32], ntok: usize, out: &mut [f32]) {
+        let rows = w.len() / cols.max(1);
+        assert!(w.len() == rows * cols && xp.len() == ntok * cols && out.len() == ntok * rows);
+        match self.0 {
+            // SAFETY: features detected; sizes checked.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::head_bf16_multi(w, cols, xp, ntok, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => unsafe { avx512::head_bf16_multi(w, cols, xp, ntok, out) },
+            #[allow(unreachable_patterns)]
+            _ => {
+                for (x, o) in xp.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
+                    self.head_bf16(w, cols, x, o);
+                }
+            }
+        }
+    }
+
     /// Dot product of two int8 vectors whose values lie in [-127, 127].
     pub fn dot_i8(self, w: &[i8], x: &[i8]) -> i32 {
         assert_eq!(w.len(), x.len());
@@ -319,6 +338,39 @@ mod tests {
                 let mut got = [0i32; 4];
                 k.code_dots(w.data.as_slice(), cols / 4, &x, 1, &mut got);
                 assert_eq!(got, [2 * sign as i32 * cols as i32; 4], "{}", k.name());
+            }
+        }
+    }
+
+    #[test]
+    fn multi_token_head_equals_the_one_token_head_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for (rows, cols) in [(5, 31), (7, 64), (3, 96), (9, 640), (4, 2561)] {
+            let w: Vec<u16> = (0..rows * cols)
+                .map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_bits())
+                .collect();
+            for ntok in 1..=9 {
+                let x: Vec<f32> = (0..ntok * cols)
+                    .map(|_| rng.random_range(-2.0..2.0))
+                    .collect();
+                for k in Kernels::available() {
+                    let mut xp = vec![0.0; ntok * cols];
+                    for (a, b) in x.chunks(cols).zip(xp.chunks_mut(cols)) {
+                        k.prepare_bf16_activations(a, b);
+                    }
+                    let mut got = vec![0.0; ntok * rows];
+                    k.head_bf16_multi(&w, cols, &xp, ntok, &mut got);
+                    for t in 0..ntok {
+                        let mut want = vec![0.0; rows];
+                        k.head_bf16(&w, cols, &xp[t * cols..(t + 1) * cols], &mut want);
+                        let g = &got[t * rows..(t + 1) * rows];
+                        assert!(
+                            g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{} rows={rows} cols={cols} ntok={ntok} t={t}",
+                            k.name()
+                        );
+                    }
+                }
             }
         }
     }
