@@ -239,7 +239,7 @@ impl CpuCache {
         self.attend_any(q, len, &row, scores, out);
     }
 
-    /// [`Self::attend`] with AVX2 enabled.
+    /// [`Self::attend`] with AVX2 enabled (f32 rows through the AVX2 attention kernel).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn attend_avx2(
@@ -250,7 +250,12 @@ impl CpuCache {
         scores: &mut [f32],
         out: &mut [f32],
     ) {
-        self.attend_any(q, len, row, scores, out);
+        match &self.store {
+            KvStore::Float { k, v } if self.head_dim.is_multiple_of(8) => {
+                kernels::avx2::attend_f32(q, len, k, v, row, scores, out)
+            }
+            _ => self.attend_any(q, len, row, scores, out),
+        }
     }
 
     #[inline(always)]

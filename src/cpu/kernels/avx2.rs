@@ -181,3 +181,127 @@ unsafe fn head_tile<const T: usize>(
         }
     }
 }
+
+/// Softmax attention of `q` over `len` f32 key and value rows (position `p` at row `row(p)`
+/// of `k` and `v`, rows of `q.len()`), bit-identical to [`crate::reference::attend_rows`]: the
+/// same products and sums in the same order, eight positions' dot products at a time (their
+/// partial-sum lanes transposed so the lanes add up as the reference adds them) and the output
+/// held in registers across positions. `q.len()` must be a multiple of 8.
+///
+/// # Safety
+/// The CPU must support AVX2; every row `row(p)` of `k` and `v` must exist, `scores` hold
+/// `len` and `out` `q.len()` values.
+#[target_feature(enable = "avx2")]
+pub unsafe fn attend_f32(
+    q: &[f32],
+    len: usize,
+    k: &[f32],
+    v: &[f32],
+    row: &impl Fn(usize) -> usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    debug_assert!(hd.is_multiple_of(8) && scores.len() >= len && out.len() == hd);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let full = len / 8 * 8;
+    let mut maxv = _mm256_set1_ps(f32::NEG_INFINITY);
+    for p0 in (0..full).step_by(8) {
+        let rows: [*const f32; 8] = std::array::from_fn(|j| k.as_ptr().add(row(p0 + j) * hd));
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..hd).step_by(8) {
+            let qc = _mm256_loadu_ps(q.as_ptr().add(c));
+            for (a, r) in acc.iter_mut().zip(&rows) {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, _mm256_loadu_ps(r.add(c))));
+            }
+        }
+        let t = transpose8(acc);
+        let mut s = t[0];
+        for ti in &t[1..] {
+            s = _mm256_add_ps(s, *ti);
+        }
+        s = _mm256_mul_ps(s, _mm256_set1_ps(scale));
+        _mm256_storeu_ps(scores.as_mut_ptr().add(p0), s);
+        maxv = _mm256_max_ps(maxv, s);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), maxv);
+    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for p in full..len {
+        let s = crate::reference::dot(q, &k[row(p) * hd..][..hd]) * scale;
+        scores[p] = s;
+        max = max.max(s);
+    }
+    let mut sum = 0.0;
+    for s in &mut scores[..len] {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for c0 in (0..hd).step_by(64) {
+        let o = &mut out[c0..(c0 + 64).min(hd)];
+        let w = |p: usize| (v.as_ptr().add(row(p) * hd + c0), scores[p] * inv);
+        match o.len() / 8 {
+            8 => weighted_rows::<8>(len, &w, o),
+            7 => weighted_rows::<7>(len, &w, o),
+            6 => weighted_rows::<6>(len, &w, o),
+            5 => weighted_rows::<5>(len, &w, o),
+            4 => weighted_rows::<4>(len, &w, o),
+            3 => weighted_rows::<3>(len, &w, o),
+            2 => weighted_rows::<2>(len, &w, o),
+            _ => weighted_rows::<1>(len, &w, o),
+        }
+    }
+}
+
+/// `out = Σ_p w_p · row_p` over `8 N` columns, `row(p)` giving each row's start and weight, in
+/// position order from zero (as the reference accumulates), the sums kept in registers.
+#[inline(always)]
+unsafe fn weighted_rows<const N: usize>(
+    len: usize,
+    row: &impl Fn(usize) -> (*const f32, f32),
+    out: &mut [f32],
+) {
+    let mut acc = [_mm256_setzero_ps(); N];
+    for p in 0..len {
+        let (r, w) = row(p);
+        let w = _mm256_set1_ps(w);
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(w, _mm256_loadu_ps(r.add(8 * c))));
+        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), *a);
+    }
+}
+
+/// The 8 × 8 transpose: lane `j` of result `i` is lane `i` of input `j`.
+#[inline(always)]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
