@@ -239,7 +239,7 @@ impl CpuCache {
         self.attend_any(q, len, &row, scores, out);
     }
 
-    /// [`Self::attend`] with AVX2 enabled (f32 rows through the AVX2 attention kernel).
+    /// [`Self::attend`] through the AVX2 attention kernel (bit-identical).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn attend_avx2(
@@ -250,11 +250,29 @@ impl CpuCache {
         scores: &mut [f32],
         out: &mut [f32],
     ) {
+        use kernels::avx2::{attend, F32Rows, I8Rows};
+        let hd = self.head_dim;
+        if !hd.is_multiple_of(8) {
+            return self.attend_any(q, len, row, scores, out);
+        }
         match &self.store {
-            KvStore::Float { k, v } if self.head_dim.is_multiple_of(8) => {
-                kernels::avx2::attend_f32(q, len, k, v, row, scores, out)
+            KvStore::Float { k, v } => attend(q, len, &F32Rows { k, v, hd, row }, scores, out),
+            KvStore::Int8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => {
+                let rows = I8Rows {
+                    k,
+                    v,
+                    k_scale,
+                    v_scale,
+                    hd,
+                    row,
+                };
+                attend(q, len, &rows, scores, out)
             }
-            _ => self.attend_any(q, len, row, scores, out),
         }
     }
 
@@ -920,6 +938,41 @@ mod tests {
                     (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
                     "len {len} hd {hd}: {a} vs {b}"
                 );
+            }
+        }
+    }
+
+    /// The AVX2 attention kernel gives the reference's results bit for bit on every store
+    /// (f32, f16-rounded, int8), odd lengths and widths, positions scattered over the rows.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_attention_equals_the_reference_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
+            for hd in [8, 16, 40, 64, 72, 128] {
+                for len in [1, 7, 8, 9, 63, 270] {
+                    let rows = len + 5;
+                    let mut c = cache(kv, rows, hd);
+                    for r in 0..rows {
+                        let amp = 0.1 + (r % 5) as f32;
+                        let kr: Vec<f32> = (0..hd).map(|_| rng.random_range(-amp..amp)).collect();
+                        let vr: Vec<f32> = (0..hd).map(|_| rng.random_range(-amp..amp)).collect();
+                        c.put(r, &kr, &vr);
+                    }
+                    let q: Vec<f32> = (0..hd).map(|_| rng.random_range(-3.0..3.0)).collect();
+                    let row = |p: usize| (p * 7 + 3) % rows;
+                    let (mut s1, mut o1) = (vec![0.0; len], vec![0.0; hd]);
+                    c.attend_any(&q, len, &row, &mut s1, &mut o1);
+                    let (mut s2, mut o2) = (vec![0.0; len], vec![0.0; hd]);
+                    // SAFETY: AVX2 detected.
+                    unsafe { c.attend_avx2(&q, len, &row, &mut s2, &mut o2) };
+                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&s2), bits(&s1), "scores {kv:?} hd={hd} len={len}");
+                    assert_eq!(bits(&o2), bits(&o1), "out {kv:?} hd={hd} len={len}");
+                }
             }
         }
     }

@@ -182,22 +182,107 @@ unsafe fn head_tile<const T: usize>(
     }
 }
 
-/// Softmax attention of `q` over `len` f32 key and value rows (position `p` at row `row(p)`
-/// of `k` and `v`, rows of `q.len()`), bit-identical to [`crate::reference::attend_rows`]: the
-/// same products and sums in the same order, eight positions' dot products at a time (their
-/// partial-sum lanes transposed so the lanes add up as the reference adds them) and the output
-/// held in registers across positions. `q.len()` must be a multiple of 8.
+/// Key and value rows the AVX2 attention reads.
+pub trait KvRows {
+    /// Eight values of position `p`'s key from column `c`, as f32.
+    ///
+    /// # Safety
+    /// `p` and `c + 8` within the rows; AVX2 present.
+    unsafe fn key8(&self, p: usize, c: usize) -> __m256;
+    /// Eight values of position `p`'s value from column `c`, as f32.
+    ///
+    /// # Safety
+    /// As [`Self::key8`].
+    unsafe fn value8(&self, p: usize, c: usize) -> __m256;
+    /// The factor position `p`'s key dot product takes (1 for float rows: exact).
+    fn key_scale(&self, p: usize) -> f32;
+    /// The factor position `p`'s weight takes (1 for float rows).
+    fn value_scale(&self, p: usize) -> f32;
+}
+
+/// f32 rows of `hd` values; position `p` at row `row(p)`.
+pub struct F32Rows<'a, F> {
+    /// Keys.
+    pub k: &'a [f32],
+    /// Values.
+    pub v: &'a [f32],
+    /// Values per row.
+    pub hd: usize,
+    /// Row of each position.
+    pub row: F,
+}
+
+impl<F: Fn(usize) -> usize> KvRows for F32Rows<'_, F> {
+    #[inline(always)]
+    unsafe fn key8(&self, p: usize, c: usize) -> __m256 {
+        _mm256_loadu_ps(self.k.as_ptr().add((self.row)(p) * self.hd + c))
+    }
+    #[inline(always)]
+    unsafe fn value8(&self, p: usize, c: usize) -> __m256 {
+        _mm256_loadu_ps(self.v.as_ptr().add((self.row)(p) * self.hd + c))
+    }
+    #[inline(always)]
+    fn key_scale(&self, _: usize) -> f32 {
+        1.0
+    }
+    #[inline(always)]
+    fn value_scale(&self, _: usize) -> f32 {
+        1.0
+    }
+}
+
+/// int8 rows of `hd` codes with a scale each; position `p` at row `row(p)`.
+pub struct I8Rows<'a, F> {
+    /// Key codes.
+    pub k: &'a [i8],
+    /// Value codes.
+    pub v: &'a [i8],
+    /// Key row scales.
+    pub k_scale: &'a [f32],
+    /// Value row scales.
+    pub v_scale: &'a [f32],
+    /// Codes per row.
+    pub hd: usize,
+    /// Row of each position.
+    pub row: F,
+}
+
+impl<F: Fn(usize) -> usize> KvRows for I8Rows<'_, F> {
+    #[inline(always)]
+    unsafe fn key8(&self, p: usize, c: usize) -> __m256 {
+        let at = self.k.as_ptr().add((self.row)(p) * self.hd + c);
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i)))
+    }
+    #[inline(always)]
+    unsafe fn value8(&self, p: usize, c: usize) -> __m256 {
+        let at = self.v.as_ptr().add((self.row)(p) * self.hd + c);
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i)))
+    }
+    #[inline(always)]
+    fn key_scale(&self, p: usize) -> f32 {
+        self.k_scale[(self.row)(p)]
+    }
+    #[inline(always)]
+    fn value_scale(&self, p: usize) -> f32 {
+        self.v_scale[(self.row)(p)]
+    }
+}
+
+/// Softmax attention of `q` over `len` positions of `rows`, bit-identical to
+/// [`crate::reference::attend_with`] with the reference's dot products ([`crate::reference::dot`],
+/// or [`crate::reference::dot_i8`] times the key's scale) and weighted sums: the same products and
+/// sums in the same order, eight positions' dot products at a time (their partial-sum lanes
+/// transposed so the lanes add up as the reference adds them) and the output held in registers
+/// across positions. `q.len()` must be a multiple of 8.
 ///
 /// # Safety
-/// The CPU must support AVX2; every row `row(p)` of `k` and `v` must exist, `scores` hold
+/// The CPU must support AVX2; every position below `len` must be in `rows`, `scores` hold
 /// `len` and `out` `q.len()` values.
 #[target_feature(enable = "avx2")]
-pub unsafe fn attend_f32(
+pub unsafe fn attend(
     q: &[f32],
     len: usize,
-    k: &[f32],
-    v: &[f32],
-    row: &impl Fn(usize) -> usize,
+    rows: &impl KvRows,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
@@ -207,12 +292,11 @@ pub unsafe fn attend_f32(
     let full = len / 8 * 8;
     let mut maxv = _mm256_set1_ps(f32::NEG_INFINITY);
     for p0 in (0..full).step_by(8) {
-        let rows: [*const f32; 8] = std::array::from_fn(|j| k.as_ptr().add(row(p0 + j) * hd));
         let mut acc = [_mm256_setzero_ps(); 8];
         for c in (0..hd).step_by(8) {
             let qc = _mm256_loadu_ps(q.as_ptr().add(c));
-            for (a, r) in acc.iter_mut().zip(&rows) {
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, _mm256_loadu_ps(r.add(c))));
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, rows.key8(p0 + j, c)));
             }
         }
         let t = transpose8(acc);
@@ -220,6 +304,8 @@ pub unsafe fn attend_f32(
         for ti in &t[1..] {
             s = _mm256_add_ps(s, *ti);
         }
+        let ks: [f32; 8] = std::array::from_fn(|j| rows.key_scale(p0 + j));
+        s = _mm256_mul_ps(s, _mm256_loadu_ps(ks.as_ptr()));
         s = _mm256_mul_ps(s, _mm256_set1_ps(scale));
         _mm256_storeu_ps(scores.as_mut_ptr().add(p0), s);
         maxv = _mm256_max_ps(maxv, s);
@@ -227,9 +313,18 @@ pub unsafe fn attend_f32(
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), maxv);
     let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    for p in full..len {
-        let s = crate::reference::dot(q, &k[row(p) * hd..][..hd]) * scale;
-        scores[p] = s;
+    for (p, score) in scores.iter_mut().enumerate().take(len).skip(full) {
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..hd).step_by(8) {
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_mul_ps(_mm256_loadu_ps(q.as_ptr().add(c)), rows.key8(p, c)),
+            );
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let dot = lanes[1..].iter().fold(lanes[0], |a, &x| a + x);
+        let s = dot * rows.key_scale(p) * scale;
+        *score = s;
         max = max.max(s);
     }
     let mut sum = 0.0;
@@ -240,34 +335,35 @@ pub unsafe fn attend_f32(
     let inv = 1.0 / sum;
     for c0 in (0..hd).step_by(64) {
         let o = &mut out[c0..(c0 + 64).min(hd)];
-        let w = |p: usize| (v.as_ptr().add(row(p) * hd + c0), scores[p] * inv);
+        let w = |p: usize| scores[p] * inv * rows.value_scale(p);
         match o.len() / 8 {
-            8 => weighted_rows::<8>(len, &w, o),
-            7 => weighted_rows::<7>(len, &w, o),
-            6 => weighted_rows::<6>(len, &w, o),
-            5 => weighted_rows::<5>(len, &w, o),
-            4 => weighted_rows::<4>(len, &w, o),
-            3 => weighted_rows::<3>(len, &w, o),
-            2 => weighted_rows::<2>(len, &w, o),
-            _ => weighted_rows::<1>(len, &w, o),
+            8 => weighted_rows::<8>(len, c0, rows, &w, o),
+            7 => weighted_rows::<7>(len, c0, rows, &w, o),
+            6 => weighted_rows::<6>(len, c0, rows, &w, o),
+            5 => weighted_rows::<5>(len, c0, rows, &w, o),
+            4 => weighted_rows::<4>(len, c0, rows, &w, o),
+            3 => weighted_rows::<3>(len, c0, rows, &w, o),
+            2 => weighted_rows::<2>(len, c0, rows, &w, o),
+            _ => weighted_rows::<1>(len, c0, rows, &w, o),
         }
     }
 }
 
-/// `out = Σ_p w_p · row_p` over `8 N` columns, `row(p)` giving each row's start and weight, in
-/// position order from zero (as the reference accumulates), the sums kept in registers.
+/// `out = Σ_p w(p) · value_p[c0..c0 + 8 N]` in position order from zero (as the reference
+/// accumulates), the sums kept in registers.
 #[inline(always)]
 unsafe fn weighted_rows<const N: usize>(
     len: usize,
-    row: &impl Fn(usize) -> (*const f32, f32),
+    c0: usize,
+    rows: &impl KvRows,
+    w: &impl Fn(usize) -> f32,
     out: &mut [f32],
 ) {
     let mut acc = [_mm256_setzero_ps(); N];
     for p in 0..len {
-        let (r, w) = row(p);
-        let w = _mm256_set1_ps(w);
+        let wp = _mm256_set1_ps(w(p));
         for (c, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_add_ps(*a, _mm256_mul_ps(w, _mm256_loadu_ps(r.add(8 * c))));
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(wp, rows.value8(p, c0 + 8 * c)));
         }
     }
     for (c, a) in acc.iter().enumerate() {
