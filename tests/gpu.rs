@@ -1217,12 +1217,19 @@ fn greedy_speculation_on_the_gpu_gives_plain_decodings_tokens() {
 
 /// With the cost model on, drafting that never pays is probed now and then, and a probe is
 /// verified even though the device has the next plain step queued when the drafts come (the
-/// queued step is read first, the following step verifies).
+/// queued step is read first, the following step verifies); a draft model drafts only then.
 #[test]
 fn probes_of_failing_drafts_are_verified_behind_queued_steps() {
     use bitnet_inference::engine::speculative::{Drafter, Speculation};
-    /// Drafts `k` copies of the vocabulary's last id: nearly never the model's pick.
-    struct Wrong(u32);
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    /// Drafts `k` copies of the vocabulary's last id (nearly never the model's pick), counting
+    /// its drafts; as costly as a draft model when `model`.
+    struct Wrong {
+        id: u32,
+        model: bool,
+        calls: Arc<AtomicU64>,
+    }
     impl Drafter for Wrong {
         fn draft(
             &mut self,
@@ -1230,28 +1237,43 @@ fn probes_of_failing_drafts_are_verified_behind_queued_steps() {
             k: usize,
             out: &mut Vec<u32>,
         ) -> bitnet_inference::Result<()> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
             out.clear();
-            out.resize(k, self.0);
+            out.resize(k, self.id);
             Ok(())
         }
         fn name(&self) -> &'static str {
             "wrong"
         }
+        fn runs_a_model(&self) -> bool {
+            self.model
+        }
     }
     let w = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-fortunes")).unwrap();
     let mut g = Generator::new(gpu(&w)).unwrap();
-    let last = w.config.vocab_size as u32 - 1;
-    g.set_speculation(Some(Speculation::new(Box::new(Wrong(last)), 4).unwrap()));
     let o = GenerateOptions {
         max_tokens: 96,
         ignore_eos: true,
         ..Default::default()
     };
-    let out = g
-        .generate(&[4093, 1698, 548], &o, None, |_, _| true)
-        .unwrap();
-    let st = out.speculative.unwrap();
-    // The first verification, then probes after 16 and 32 refused chances.
-    assert!(st.steps >= 3, "{st:?}");
-    assert!(st.acceptance_rate() < 0.5, "{st:?}");
+    for model in [false, true] {
+        let calls = Arc::new(AtomicU64::new(0));
+        let wrong = Wrong {
+            id: w.config.vocab_size as u32 - 1,
+            model,
+            calls: calls.clone(),
+        };
+        g.set_speculation(Some(Speculation::new(Box::new(wrong), 4).unwrap()));
+        let out = g
+            .generate(&[4093, 1698, 548], &o, None, |_, _| true)
+            .unwrap();
+        let st = out.speculative.unwrap();
+        // The first verification, then probes after 16 and 32 refused chances.
+        assert!(st.steps >= 3, "{st:?}");
+        assert!(st.acceptance_rate() < 0.5, "{st:?}");
+        if model {
+            // A model drafts only for verification, never to be thrown away.
+            assert_eq!(calls.load(Ordering::Relaxed), st.steps, "{st:?}");
+        }
+    }
 }

@@ -440,14 +440,16 @@ impl<B: Backend> Generator<B> {
                     };
                 }
                 self.drafts.clear();
-                if room > 0 {
+                // A draft model's drafts would be thrown away behind a queued step.
+                let later = room > 0 && queued && spec.drafter.runs_a_model();
+                if room > 0 && !later {
                     spec.drafter.draft(s.context(), room, &mut self.drafts)?;
                     self.drafts.truncate(room);
                 }
                 let drafted_at = Instant::now();
-                if !self.drafts.is_empty() && queued {
-                    // The step for `tok` is on the device already: take its token and verify
-                    // drafts from there on.
+                if (later || !self.drafts.is_empty()) && queued {
+                    // The step for `tok` is on the device already: take its token and draft
+                    // and verify from there on.
                     let d = self.backend.device().ok_or_else(|| {
                         Error::Backend("the backend stopped offering device steps".into())
                     })?;

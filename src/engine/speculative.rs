@@ -21,6 +21,11 @@ pub trait Drafter: Send {
     fn prefill(&mut self, _prompt: &[u32]) -> Result<()> {
         Ok(())
     }
+    /// Whether drafting runs a model (it costs steps of its own: the generator drafts only
+    /// when the drafts will be verified, never to find out whether there are any).
+    fn runs_a_model(&self) -> bool {
+        false
+    }
 }
 
 /// Prompt lookup: the tokens that followed the most recent earlier occurrence of the
@@ -175,6 +180,10 @@ where
 
     fn name(&self) -> &'static str {
         "draft"
+    }
+
+    fn runs_a_model(&self) -> bool {
+        true
     }
 
     fn prefill(&mut self, prompt: &[u32]) -> Result<()> {
