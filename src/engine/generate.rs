@@ -399,7 +399,11 @@ impl<B: Backend> Generator<B> {
         let mut candidates = Vec::new();
         // Whether the step for the token about to be emitted is already queued on the device.
         let mut queued = false;
-        let mut control = SpecControl::default();
+        let mut control = SpecControl::with_budget(
+            self.spec
+                .as_ref()
+                .map_or(SpecControl::LOSS_BUDGET, |s| s.loss_budget),
+        );
         // Drafts the controller chose while the next plain step was already queued: that step
         // is read first, then the following step verifies this many without asking again.
         let mut deferred: Option<usize> = None;

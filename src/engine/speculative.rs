@@ -223,6 +223,9 @@ pub struct Speculation {
     /// Verify only as many drafts as pay for themselves ([`SpecControl`]); off, every step
     /// verifies every draft (for tests that must exercise verification every step).
     pub adaptive: bool,
+    /// The share of the decode time that probes of failing drafts may lose
+    /// ([`SpecControl::LOSS_BUDGET`] by default).
+    pub loss_budget: f64,
 }
 
 impl Speculation {
@@ -242,6 +245,7 @@ impl Speculation {
             drafter,
             draft_tokens,
             adaptive: true,
+            loss_budget: SpecControl::LOSS_BUDGET,
         })
     }
 }
@@ -287,7 +291,10 @@ impl SpecStats {
 /// average; the `k` with the most tokens per second wins, 0 (a plain step) when drafting does
 /// not pay. `t1` follows the fastest recent plain steps (a device that queues
 /// steps runs them faster once the queue flows), and refused chances probe again after
-/// [`SpecControl::PROBE`] of them, twice as long after each probe that did not pay.
+/// [`SpecControl::PROBE`] of them, twice as long after each probe that did not pay, and only
+/// while the time speculation has lost so far (its steps' time beyond what plain steps would
+/// have taken for the same tokens) is within a budget share of the decode time:
+/// failing drafts cost a bounded share of the generation.
 #[derive(Debug, Clone)]
 pub struct SpecControl {
     accepted: f64,
@@ -298,10 +305,22 @@ pub struct SpecControl {
     plain: u32,
     refused: u32,
     probe_every: u32,
+    /// Seconds of decoding observed (plain and speculative steps).
+    elapsed: f64,
+    /// Seconds speculative steps took beyond plain steps for their tokens (negative: gained).
+    lost: f64,
+    loss_budget: f64,
 }
 
 impl Default for SpecControl {
     fn default() -> Self {
+        Self::with_budget(Self::LOSS_BUDGET)
+    }
+}
+
+impl SpecControl {
+    /// A controller whose probes may lose `loss_budget` of the decode time.
+    pub fn with_budget(loss_budget: f64) -> Self {
         // A prior of 70% acceptance worth two trials: speculation is tried early.
         SpecControl {
             accepted: 1.4,
@@ -312,11 +331,11 @@ impl Default for SpecControl {
             plain: 0,
             refused: 0,
             probe_every: Self::PROBE,
+            elapsed: 0.0,
+            lost: 0.0,
+            loss_budget,
         }
     }
-}
-
-impl SpecControl {
     /// Refused chances after which a step drafts anyway (doubled after each probe that did
     /// not pay, up to [`SpecControl::MAX_PROBE`]).
     pub const PROBE: u32 = 16;
@@ -324,6 +343,8 @@ impl SpecControl {
     pub const MAX_PROBE: u32 = 512;
     /// Plain steps measured before the first draft.
     pub const WARMUP: u32 = 4;
+    /// The default share of the decode time that probes may have lost.
+    pub const LOSS_BUDGET: f64 = 0.02;
     const DECAY: f64 = 0.9;
     const SMOOTH: f64 = 0.2;
 
@@ -357,7 +378,7 @@ impl SpecControl {
             return best;
         }
         self.refused += 1;
-        if self.refused >= self.probe_every {
+        if self.refused >= self.probe_every && self.lost <= self.loss_budget * self.elapsed {
             self.refused = 0;
             self.probe_every = (self.probe_every * 2).min(Self::MAX_PROBE);
             return available;
@@ -368,6 +389,7 @@ impl SpecControl {
     /// A plain one-token step took `secs` (wall time per token).
     pub fn plain_step(&mut self, secs: f64) {
         self.plain = self.plain.saturating_add(1);
+        self.elapsed += secs;
         self.t1 = Some(match self.t1 {
             Some(t) if secs < t => secs,
             Some(t) => t + Self::SMOOTH * (secs - t),
@@ -385,6 +407,10 @@ impl SpecControl {
         verify_secs: f64,
     ) {
         let trials = accepted + usize::from(accepted < drafted);
+        self.elapsed += draft_secs + verify_secs;
+        if let Some(t1) = self.t1 {
+            self.lost += draft_secs + verify_secs - (accepted + 1) as f64 * t1;
+        }
         self.accepted = self.accepted * Self::DECAY + accepted as f64;
         self.trials = self.trials * Self::DECAY + trials as f64;
         let ema = |old: Option<f64>, x: f64| Some(old.map_or(x, |o| o + Self::SMOOTH * (x - o)));
@@ -454,15 +480,26 @@ mod tests {
         c.verify_step(4, 4, 0.0, 1.2);
         assert_eq!(c.choose(4), 4);
         assert_eq!(c.choose(0), 0);
-        // Expensive extra tokens and nothing accepted for a while: plain steps, with probes
-        // ever further apart.
-        for _ in 0..30 {
-            c.verify_step(4, 0, 2.0, 2.0);
+        // Little accepted for a while (still within what the first step gained): plain
+        // steps, with probes ever further apart.
+        for _ in 0..10 {
+            c.verify_step(4, 0, 0.0, 1.3);
         }
-        assert!(c.acceptance() < 0.1, "{}", c.acceptance());
+        assert!(c.acceptance() < 0.3, "{}", c.acceptance());
         let picks: Vec<usize> = (0..16 + 32 + 64).map(|_| c.choose(4)).collect();
         let probes: Vec<usize> = (0..picks.len()).filter(|&i| picks[i] > 0).collect();
         assert_eq!(probes, [15, 47, 111], "{picks:?}");
+        // Costly failures: 29.2 s lost in 62.2 s of decoding. The next probe waits until the
+        // loss is 2% of the decode time (1,460 s: 1,398 plain seconds on).
+        for _ in 0..10 {
+            c.verify_step(4, 0, 2.0, 2.0);
+        }
+        let first = (0..3000).find(|_| {
+            let probe = c.choose(4) > 0;
+            c.plain_step(1.0);
+            probe
+        });
+        assert_eq!(first, Some(1398));
         // Moderate cost, high acceptance: a middle length can win.
         let mut c = SpecControl::default();
         for _ in 0..SpecControl::WARMUP {
