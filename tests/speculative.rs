@@ -251,3 +251,33 @@ fn the_scheduler_speculates_per_row_and_keeps_every_requests_tokens() {
         assert_eq!(st.kv_used.load(Relaxed), 0);
     }
 }
+
+/// After a long pause in drafting a draft model restarts from the newest tokens instead of
+/// catching up on all of them: its drafts then are those of a fresh drafter given only those.
+#[test]
+fn a_draft_model_restarts_from_the_newest_tokens_after_a_long_gap() {
+    use bitnet_inference::engine::speculative::{Drafter, CATCH_UP};
+    let w = weights("models/kjv-fortunes-draft");
+    let vocab = w.config.vocab_size;
+    let ctx: Vec<u32> = (0..300).map(|i| (i * 37 % 4000 + 5) as u32).collect();
+    let mut d = ModelDrafter::new(cpu(&w), vocab).unwrap();
+    d.prefill(&ctx[..100]).unwrap();
+    let mut out = Vec::new();
+    d.draft(&ctx[..101], 4, &mut out).unwrap();
+    assert_eq!(out.len(), 4);
+    d.draft(&ctx, 4, &mut out).unwrap();
+    let mut fresh = ModelDrafter::new(cpu(&w), vocab).unwrap();
+    let mut want = Vec::new();
+    fresh
+        .draft(&ctx[ctx.len() - CATCH_UP..], 4, &mut want)
+        .unwrap();
+    assert_eq!(out, want);
+    // A short gap after that continues the cache from where it starts.
+    let base = ctx.len() - CATCH_UP;
+    let longer: Vec<u32> = ctx.iter().copied().chain([7, 8, 9, 10, 11, 12]).collect();
+    d.draft(&longer, 4, &mut out).unwrap();
+    let mut fresh = ModelDrafter::new(cpu(&w), vocab).unwrap();
+    fresh.prefill(&ctx[base..]).unwrap();
+    fresh.draft(&longer[base..], 4, &mut want).unwrap();
+    assert_eq!(out, want);
+}
