@@ -324,10 +324,11 @@ impl SpecStats {
 /// average; the `k` with the most tokens per second wins, 0 (a plain step) when drafting does
 /// not pay. `t1` follows the fastest recent plain steps (a device that queues
 /// steps runs them faster once the queue flows), and refused chances probe again after
-/// [`SpecControl::PROBE`] of them, twice as long after each probe that did not pay, and only
-/// while the time speculation has lost so far (its steps' time beyond what plain steps would
-/// have taken for the same tokens) is within a budget share of the decode time:
-/// failing drafts cost a bounded share of the generation.
+/// [`SpecControl::PROBE`] of them, twice as long after each probe that did not pay. Drafting
+/// (probes and chosen drafts alike) goes on only while the time speculation has lost so far
+/// (its steps' time beyond what plain steps would have taken for the same tokens) is within a
+/// budget share of the decode time: failing drafts, or a cost model that misjudges, cost a
+/// bounded share of the generation.
 #[derive(Debug, Clone)]
 pub struct SpecControl {
     accepted: f64,
@@ -405,13 +406,16 @@ impl SpecControl {
         if available == 0 || self.plain < Self::WARMUP {
             return 0;
         }
-        let best = self.best(available);
+        // Past the loss budget (the cost model misjudged, or probes failed) nothing is
+        // drafted until plain steps have made up for it.
+        let within = self.lost <= self.loss_budget * self.elapsed;
+        let best = if within { self.best(available) } else { 0 };
         if best > 0 {
             self.refused = 0;
             return best;
         }
         self.refused += 1;
-        if self.refused >= self.probe_every && self.lost <= self.loss_budget * self.elapsed {
+        if self.refused >= self.probe_every && within {
             self.refused = 0;
             self.probe_every = (self.probe_every * 2).min(Self::MAX_PROBE);
             return available;
