@@ -66,36 +66,45 @@ struct Step {
     normed: Vec<f32>,
 }
 
-/// The rows of an int8 store, for attention.
-struct Int8Rows<'a> {
-    k: &'a [i8],
-    v: &'a [i8],
-    k_scale: &'a [f32],
-    v_scale: &'a [f32],
-    hd: usize,
+/// The rows of a float store (f32, or f16-rounded f32) as attention reads them: position `p`
+/// at row `row(p)`.
+pub(crate) struct FloatRows<'a, F> {
+    pub(crate) k: &'a [f32],
+    pub(crate) v: &'a [f32],
+    pub(crate) hd: usize,
+    pub(crate) row: F,
 }
 
-impl Int8Rows<'_> {
-    /// Attention of `q` over the rows `row(p)`, `p < len` ([`ops::attend_with`] reading int8).
+/// The rows of an int8 store as attention reads them: position `p` at row `row(p)`.
+pub(crate) struct Int8Rows<'a, F> {
+    pub(crate) k: &'a [i8],
+    pub(crate) v: &'a [i8],
+    pub(crate) k_scale: &'a [f32],
+    pub(crate) v_scale: &'a [f32],
+    pub(crate) hd: usize,
+    pub(crate) row: F,
+}
+
+/// A store's rows for attention, of either kind.
+enum Rows<'a, F> {
+    Float(FloatRows<'a, F>),
+    Int8(Int8Rows<'a, F>),
+}
+
+impl<F: Fn(usize) -> usize> Int8Rows<'_, F> {
+    /// Attention of `q` over positions `p < len` ([`ops::attend_with`] reading int8).
     #[inline(always)]
-    fn attend(
-        &self,
-        q: &[f32],
-        len: usize,
-        row: &impl Fn(usize) -> usize,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
+    fn attend(&self, q: &[f32], len: usize, scores: &mut [f32], out: &mut [f32]) {
         let hd = self.hd;
         ops::attend_with(
             hd,
             len,
             |p| {
-                let r = row(p);
+                let r = (self.row)(p);
                 ops::dot_i8(q, &self.k[r * hd..][..hd]) * self.k_scale[r]
             },
             |p, w, out| {
-                let r = row(p);
+                let r = (self.row)(p);
                 let w = w * self.v_scale[r];
                 for (o, &x) in out.iter_mut().zip(&self.v[r * hd..][..hd]) {
                     *o += w * x as f32;
@@ -250,32 +259,17 @@ impl CpuCache {
         scores: &mut [f32],
         out: &mut [f32],
     ) {
-        use kernels::avx2::{attend, F32Rows, I8Rows};
-        let hd = self.head_dim;
-        if !hd.is_multiple_of(8) {
+        use kernels::avx2::attend;
+        if !self.head_dim.is_multiple_of(8) {
             return self.attend_any(q, len, row, scores, out);
         }
-        match &self.store {
-            KvStore::Float { k, v } => attend(q, len, &F32Rows { k, v, hd, row }, scores, out),
-            KvStore::Int8 {
-                k,
-                v,
-                k_scale,
-                v_scale,
-            } => {
-                let rows = I8Rows {
-                    k,
-                    v,
-                    k_scale,
-                    v_scale,
-                    hd,
-                    row,
-                };
-                attend(q, len, &rows, scores, out)
-            }
+        match self.rows(row) {
+            Rows::Float(r) => attend(q, len, &r, scores, out),
+            Rows::Int8(r) => attend(q, len, &r, scores, out),
         }
     }
 
+    /// [`Self::attend`] in the reference's code.
     #[inline(always)]
     fn attend_any(
         &self,
@@ -285,29 +279,37 @@ impl CpuCache {
         scores: &mut [f32],
         out: &mut [f32],
     ) {
-        let hd = self.head_dim;
-        match &self.store {
-            KvStore::Float { k, v } => ops::attend_rows(
+        match self.rows(row) {
+            Rows::Float(r) => ops::attend_rows(
                 q,
                 len,
-                |p| &k[row(p) * hd..][..hd],
-                |p| &v[row(p) * hd..][..hd],
+                |p| &r.k[(r.row)(p) * r.hd..][..r.hd],
+                |p| &r.v[(r.row)(p) * r.hd..][..r.hd],
                 scores,
                 out,
             ),
+            Rows::Int8(r) => r.attend(q, len, scores, out),
+        }
+    }
+
+    /// The store's rows, position `p` at row `row(p)`.
+    fn rows<F>(&self, row: F) -> Rows<'_, F> {
+        let hd = self.head_dim;
+        match &self.store {
+            KvStore::Float { k, v } => Rows::Float(FloatRows { k, v, hd, row }),
             KvStore::Int8 {
                 k,
                 v,
                 k_scale,
                 v_scale,
-            } => Int8Rows {
+            } => Rows::Int8(Int8Rows {
                 k,
                 v,
                 k_scale,
                 v_scale,
                 hd,
-            }
-            .attend(q, len, row, scores, out),
+                row,
+            }),
         }
     }
 }

@@ -256,7 +256,7 @@ pub struct Speculation {
     /// Verify only as many drafts as pay for themselves ([`SpecControl`]); off, every step
     /// verifies every draft (for tests that must exercise verification every step).
     pub adaptive: bool,
-    /// The share of the decode time that probes of failing drafts may lose
+    /// The share of the decode time that speculation may lose before it stops drafting
     /// ([`SpecControl::LOSS_BUDGET`] by default).
     pub loss_budget: f64,
 }
@@ -353,7 +353,7 @@ impl Default for SpecControl {
 }
 
 impl SpecControl {
-    /// A controller whose probes may lose `loss_budget` of the decode time.
+    /// A controller whose drafting may lose `loss_budget` of the decode time.
     pub fn with_budget(loss_budget: f64) -> Self {
         // A prior of 70% acceptance worth two trials: speculation is tried early.
         SpecControl {
@@ -377,7 +377,7 @@ impl SpecControl {
     pub const MAX_PROBE: u32 = 512;
     /// Plain steps measured before the first draft.
     pub const WARMUP: u32 = 4;
-    /// The default share of the decode time that probes may have lost.
+    /// The default share of the decode time that speculation may have lost.
     pub const LOSS_BUDGET: f64 = 0.04;
     const DECAY: f64 = 0.9;
     const SMOOTH: f64 = 0.2;

@@ -7,6 +7,7 @@
 use std::arch::x86_64::*;
 
 use crate::cpu::packed::{BLOCK, BLOCK_BYTES, GROUP};
+use crate::cpu::{FloatRows, Int8Rows};
 
 /// Blocks that can be accumulated in i16 without overflow.
 const FLUSH: usize = 16;
@@ -200,19 +201,7 @@ pub trait KvRows {
     fn value_scale(&self, p: usize) -> f32;
 }
 
-/// f32 rows of `hd` values; position `p` at row `row(p)`.
-pub struct F32Rows<'a, F> {
-    /// Keys.
-    pub k: &'a [f32],
-    /// Values.
-    pub v: &'a [f32],
-    /// Values per row.
-    pub hd: usize,
-    /// Row of each position.
-    pub row: F,
-}
-
-impl<F: Fn(usize) -> usize> KvRows for F32Rows<'_, F> {
+impl<F: Fn(usize) -> usize> KvRows for FloatRows<'_, F> {
     #[inline(always)]
     unsafe fn key8(&self, p: usize, c: usize) -> __m256 {
         _mm256_loadu_ps(self.k.as_ptr().add((self.row)(p) * self.hd + c))
@@ -231,32 +220,14 @@ impl<F: Fn(usize) -> usize> KvRows for F32Rows<'_, F> {
     }
 }
 
-/// int8 rows of `hd` codes with a scale each; position `p` at row `row(p)`.
-pub struct I8Rows<'a, F> {
-    /// Key codes.
-    pub k: &'a [i8],
-    /// Value codes.
-    pub v: &'a [i8],
-    /// Key row scales.
-    pub k_scale: &'a [f32],
-    /// Value row scales.
-    pub v_scale: &'a [f32],
-    /// Codes per row.
-    pub hd: usize,
-    /// Row of each position.
-    pub row: F,
-}
-
-impl<F: Fn(usize) -> usize> KvRows for I8Rows<'_, F> {
+impl<F: Fn(usize) -> usize> KvRows for Int8Rows<'_, F> {
     #[inline(always)]
     unsafe fn key8(&self, p: usize, c: usize) -> __m256 {
-        let at = self.k.as_ptr().add((self.row)(p) * self.hd + c);
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i)))
+        widen8(self.k.as_ptr().add((self.row)(p) * self.hd + c))
     }
     #[inline(always)]
     unsafe fn value8(&self, p: usize, c: usize) -> __m256 {
-        let at = self.v.as_ptr().add((self.row)(p) * self.hd + c);
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i)))
+        widen8(self.v.as_ptr().add((self.row)(p) * self.hd + c))
     }
     #[inline(always)]
     fn key_scale(&self, p: usize) -> f32 {
@@ -266,6 +237,12 @@ impl<F: Fn(usize) -> usize> KvRows for I8Rows<'_, F> {
     fn value_scale(&self, p: usize) -> f32 {
         self.v_scale[(self.row)(p)]
     }
+}
+
+/// Eight int8 values at `at` as f32 (exact).
+#[inline(always)]
+unsafe fn widen8(at: *const i8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i)))
 }
 
 /// Softmax attention of `q` over `len` positions of `rows`, bit-identical to
