@@ -83,6 +83,7 @@ fn collect(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, FinishReason) {
     loop {
         match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
             Event::Token(t) => toks.push(t),
+            Event::Logprobs(_) => {}
             Event::Done { finish, .. } => return (toks, finish),
             Event::Error(e) => panic!("request failed: {e}"),
         }

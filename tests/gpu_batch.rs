@@ -297,6 +297,7 @@ fn scheduler_on_gpu_matches_cpu_greedy() {
         let finish = loop {
             match rx.recv_timeout(Duration::from_secs(120)).unwrap() {
                 Event::Token(t) => toks.push(t),
+                Event::Logprobs(_) => {}
                 Event::Done { finish, .. } => break finish,
                 Event::Error(e) => panic!("request {i} failed: {e}"),
             }

@@ -1,5 +1,6 @@
 """Drives `bitnet serve` with the official OpenAI Python client: chat (plain and streamed)
-and a text completion must succeed and agree. Usage: openai_client.py BASE_URL MODEL"""
+and a text completion must succeed and agree; log-probabilities, several choices, logit bias
+and penalties parse into the client's own types. Usage: openai_client.py BASE_URL MODEL"""
 import sys
 
 from openai import OpenAI
@@ -23,4 +24,33 @@ assert chunks >= 2, chunks
 assert streamed == text, (streamed, text)
 comp = client.completions.create(model=model, prompt="Hello world", max_tokens=5, temperature=0)
 assert comp.usage.completion_tokens == 5, comp.usage
+
+# Log-probabilities and several choices, whole and streamed, in the client's types.
+lp = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=4, temperature=0, n=2,
+    logprobs=True, top_logprobs=2, presence_penalty=0.5, frequency_penalty=0.5,
+)
+assert [c.index for c in lp.choices] == [0, 1], lp
+for c in lp.choices:
+    content = c.logprobs.content
+    assert content and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content), c
+    assert content[0].top_logprobs[0].token == content[0].token, content[0]
+assert lp.choices[0].message.content == lp.choices[1].message.content, lp
+assert lp.usage.completion_tokens == 2 * len(lp.choices[0].logprobs.content), lp.usage
+seen = []
+for chunk in client.chat.completions.create(
+    model=model, messages=messages, max_tokens=4, temperature=0, logprobs=True, stream=True
+):
+    if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+        seen += [t.token for t in chunk.choices[0].logprobs.content]
+assert seen == [t.token for t in lp.choices[0].logprobs.content], seen
+comp = client.completions.create(
+    model=model, prompt="Hello world", max_tokens=3, temperature=0, logprobs=2, n=2,
+    logit_bias={"5": -100},
+)
+assert len(comp.choices) == 2 and comp.choices[1].index == 1, comp
+l = comp.choices[0].logprobs
+assert len(l.tokens) == len(l.token_logprobs) == len(l.top_logprobs) == len(l.text_offset), l
+echo = client.completions.create(model=model, prompt="Hello world", max_tokens=3, temperature=0, echo=True)
+assert echo.choices[0].text.startswith("Hello world"), echo
 print("ok", repr(text))

@@ -122,27 +122,34 @@ impl Server {
         (r.status().as_u16(), v, retry)
     }
 
-    /// A streaming request: the concatenated text, the finish reason, whether [DONE] came.
-    fn stream(&self, path: &str, body: Value) -> (String, String, bool) {
+    /// A streaming request's data chunks (parsed) and whether [DONE] came.
+    fn stream_chunks(&self, path: &str, body: Value) -> (Vec<Value>, bool) {
         let r = agent()
             .post(&self.url(path))
             .header("content-type", "application/json")
             .send(body.to_string())
             .unwrap();
         assert_eq!(r.status().as_u16(), 200);
-        let mut text = String::new();
-        let mut finish = String::new();
-        let mut done = false;
+        let mut chunks = Vec::new();
         for line in BufReader::new(r.into_body().into_reader()).lines() {
             let line = line.unwrap();
             let Some(data) = line.strip_prefix("data: ") else {
                 continue;
             };
             if data == "[DONE]" {
-                done = true;
-                break;
+                return (chunks, true);
             }
-            let v: Value = serde_json::from_str(data).unwrap();
+            chunks.push(serde_json::from_str(data).unwrap());
+        }
+        (chunks, false)
+    }
+
+    /// A streaming request: the concatenated text, the finish reason, whether [DONE] came.
+    fn stream(&self, path: &str, body: Value) -> (String, String, bool) {
+        let (chunks, done) = self.stream_chunks(path, body);
+        let mut text = String::new();
+        let mut finish = String::new();
+        for v in chunks {
             for c in v["choices"].as_array().unwrap() {
                 let piece = c["delta"]["content"].as_str().or(c["text"].as_str());
                 text.push_str(piece.unwrap_or(""));
@@ -247,6 +254,311 @@ fn greedy_completion_equals_cli_generate_plain_and_streamed() {
     assert_eq!(code, 200);
     let doc: Value = serde_json::from_str(&doc).unwrap();
     assert!(doc["paths"]["/v1/chat/completions"].is_object());
+}
+
+/// `bitnet generate --json` with extra flags.
+fn cli_generate_with(model: &Path, prompt: &str, max_tokens: usize, extra: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["generate", "--json", "--prompt", prompt])
+        .args(["--max-tokens", &max_tokens.to_string()])
+        .args(extra)
+        .arg("--model")
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `bitnet logits --all` of `tokens`: one row per position.
+fn cli_logits(model: &Path, tokens: &[u64]) -> Vec<Vec<f64>> {
+    let ids: Vec<String> = tokens.iter().map(u64::to_string).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["logits", "--all", "--tokens", &ids.join(","), "--model"])
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn log_softmax(row: &[f64]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + row.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+    row.iter().map(|l| l - lse).collect()
+}
+
+#[test]
+fn logprobs_equal_the_log_softmax_of_cli_logits() {
+    let model = common::fixture();
+    let s = Server::start(&model, &[]);
+    let tok = Tokenizer::from_dir(&model).unwrap().unwrap();
+    let want = cli_generate(&model, "Hello world", 8);
+    let gen: Vec<u64> = want["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    let prompt: Vec<u64> = tok
+        .encode("Hello world", true)
+        .unwrap()
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    let all: Vec<u64> = prompt.iter().chain(&gen).copied().collect();
+    let rows = cli_logits(&model, &all);
+    let expect: Vec<Vec<f64>> = (0..gen.len())
+        .map(|i| log_softmax(&rows[prompt.len() - 1 + i]))
+        .collect();
+
+    // Completions: `logprobs: 3`, the prompt as ids.
+    let body = json!({ "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 3 });
+    let (code, v, _) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want["text"]);
+    let lp = &v["choices"][0]["logprobs"];
+    let got = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(got.len(), gen.len(), "{lp}");
+    let mut offset = 0;
+    for (i, &t) in gen.iter().enumerate() {
+        let e = expect[i][t as usize];
+        let g = got[i].as_f64().unwrap();
+        assert!((g - e).abs() < 1e-4, "token {i}: {g} vs {e}");
+        let text = tok.decode(&[t as u32], false).unwrap();
+        assert_eq!(lp["tokens"][i], text);
+        assert_eq!(lp["text_offset"][i], offset);
+        offset += text.chars().count();
+        // Greedy: the chosen token is the best of the alternatives, which are the three
+        // largest log-probabilities.
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        let mut best: Vec<f64> = expect[i].clone();
+        best.sort_by(|a, b| b.total_cmp(a));
+        let mut vals: Vec<f64> = top.values().map(|x| x.as_f64().unwrap()).collect();
+        vals.sort_by(|a, b| b.total_cmp(a));
+        assert!(!vals.is_empty() && vals.len() <= 3, "{top:?}");
+        assert!((top[&text].as_f64().unwrap() - best[0]).abs() < 1e-4);
+        // (Alternatives whose texts are equal share one key.)
+        for a in &vals {
+            let near = best[..3].iter().any(|b| (a - b).abs() < 1e-4);
+            assert!(near, "{vals:?} vs {:?}", &best[..3]);
+        }
+    }
+
+    // Chat: `logprobs: true, top_logprobs: 2`, whole and streamed alike.
+    let body = json!({
+        "messages": [{ "role": "user", "content": "Hello" }],
+        "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+    });
+    let (code, whole, _) = s.post("/v1/chat/completions", &body.to_string());
+    assert_eq!(code, 200, "{whole}");
+    let content = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    for e in &content {
+        let lp = e["logprob"].as_f64().unwrap();
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert_eq!(top[0]["token"], e["token"], "greedy picks the best");
+        assert!(lp <= 0.0 && (top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+        assert_eq!(
+            e["bytes"].as_array().unwrap().len(),
+            e["token"].as_str().unwrap().len()
+        );
+    }
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (chunks, done) = s.stream_chunks("/v1/chat/completions", sb);
+    assert!(done);
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(streamed, content);
+}
+
+#[test]
+fn n_choices_share_the_prompt_blocks_and_follow_their_seeds() {
+    let model = common::fixture();
+    let s = Server::start(&model, &[]);
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(3);
+    let want = cli_generate(&model, &prompt, 10);
+    let p = want["prompt_tokens"].as_u64().unwrap();
+    assert!(p > 17, "{p}");
+    let hits = s.metric("bitnet_prefix_cache_hit_tokens");
+    let body = json!({ "prompt": prompt, "max_tokens": 10, "temperature": 0, "n": 4 });
+    let (code, v, _) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(code, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["text"], want["text"]);
+    }
+    let n_gen = want["tokens"].as_array().unwrap().len() as u64;
+    assert_eq!(v["usage"]["prompt_tokens"], p);
+    assert_eq!(v["usage"]["completion_tokens"], 4 * n_gen);
+    // The three later choices read the first one's full prompt blocks (16 positions each).
+    let shared = 3.0 * (16 * ((p - 1) / 16)) as f64;
+    assert_eq!(s.metric("bitnet_prefix_cache_hit_tokens") - hits, shared);
+    assert_eq!(
+        s.metric("bitnet_kv_blocks_shared"),
+        0.0,
+        "released at the end"
+    );
+
+    // Sampled: choice i follows seed + i, as a one-choice request with that seed does.
+    let sampled = |n: u32, seed: u64| {
+        let body = json!({
+            "prompt": prompt, "max_tokens": 10, "temperature": 1.0, "seed": seed, "n": n,
+        });
+        let (code, v, _) = s.post("/v1/completions", &body.to_string());
+        assert_eq!(code, 200, "{v}");
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["text"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let four = sampled(4, 7);
+    for (i, t) in four.iter().enumerate() {
+        assert_eq!(
+            sampled(1, 7 + i as u64),
+            std::slice::from_ref(t),
+            "choice {i}"
+        );
+    }
+    assert!(four.iter().any(|t| *t != four[0]), "seeds differ: {four:?}");
+
+    // Streamed: every chunk names its choice; each choice's pieces make its text.
+    let body = json!({
+        "prompt": prompt, "max_tokens": 10, "temperature": 1.0, "seed": 7, "n": 2,
+        "stream": true, "stream_options": { "include_usage": true },
+    });
+    let (chunks, done) = s.stream_chunks("/v1/completions", body);
+    assert!(done);
+    let mut texts = [String::new(), String::new()];
+    let mut finished = [false, false];
+    for c in &chunks {
+        for ch in c["choices"].as_array().unwrap() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(ch["text"].as_str().unwrap_or(""));
+            finished[i] |= ch["finish_reason"].is_string();
+        }
+    }
+    assert_eq!(texts.to_vec(), four[..2].to_vec());
+    assert_eq!(finished, [true, true]);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 20, "{usage}");
+}
+
+#[test]
+fn logit_bias_penalties_and_echo_act_as_the_cli_does() {
+    let model = common::fixture();
+    let s = Server::start(&model, &[]);
+    let tok = Tokenizer::from_dir(&model).unwrap().unwrap();
+    let prompt = "Hello world";
+    let plain = cli_generate(&model, prompt, 12);
+    let first = plain["tokens"][0].as_u64().unwrap();
+    // A +100 bias makes one token every token; the log-probabilities stay the model's.
+    let forced = (first + 1) % 250;
+    let body = json!({
+        "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 1,
+        "logit_bias": { forced.to_string(): 100 },
+    });
+    let (code, v, _) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(code, 200, "{v}");
+    let text = tok.decode(&[forced as u32], false).unwrap();
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"], json!(vec![text.clone(); 4]), "{lp}");
+    assert!(
+        lp["token_logprobs"][0].as_f64().unwrap()
+            < lp["top_logprobs"][0][plain["text"]
+                .as_str()
+                .map(|_| tok.decode(&[first as u32], false).unwrap())
+                .unwrap()]
+            .as_f64()
+            .unwrap()
+    );
+    // −100 on the greedy first token: something else comes first, as in the CLI.
+    let bias = format!("{first}=-100");
+    let cli = cli_generate_with(
+        &model,
+        prompt,
+        12,
+        &["--temperature", "0", "--logit-bias", &bias],
+    );
+    assert_ne!(cli["tokens"][0], plain["tokens"][0]);
+    let body = json!({
+        "prompt": prompt, "max_tokens": 12, "temperature": 0,
+        "logit_bias": { first.to_string(): -100 },
+    });
+    let (code, v, _) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], cli["text"]);
+    // Presence and frequency penalties: the server's text is the CLI's.
+    let cli = cli_generate_with(
+        &model,
+        prompt,
+        24,
+        &[
+            "--temperature",
+            "0",
+            "--presence-penalty",
+            "0.8",
+            "--frequency-penalty",
+            "0.6",
+        ],
+    );
+    let body = json!({
+        "prompt": prompt, "max_tokens": 24, "temperature": 0,
+        "presence_penalty": 0.8, "frequency_penalty": 0.6,
+    });
+    let (code, v, _) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], cli["text"]);
+    // The CLI's JSON reports log-probabilities too.
+    let cli = cli_generate_with(
+        &model,
+        prompt,
+        3,
+        &["--temperature", "0", "--logprobs", "2"],
+    );
+    assert_eq!(cli["logprobs"].as_array().unwrap().len(), 3, "{cli}");
+    assert_eq!(cli["logprobs"][0]["top"][0][0], plain["tokens"][0]);
+    // Echo: the prompt's text, then the completion's (whole and streamed).
+    let body = json!({ "prompt": prompt, "max_tokens": 12, "temperature": 0, "echo": true });
+    let (code, v, _) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(code, 200, "{v}");
+    let echoed = format!("{prompt}{}", plain["text"].as_str().unwrap());
+    assert_eq!(v["choices"][0]["text"], echoed);
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    assert_eq!(s.stream("/v1/completions", sb).0, echoed);
 }
 
 #[test]
@@ -559,7 +871,8 @@ fn bad_requests_get_4xx_json_errors() {
             r#"{"prompt": "x", "model": "gpt-9"}"#.into(),
             404,
         ),
-        ("/v1/completions", r#"{"prompt": "x", "n": 2}"#.into(), 400),
+        ("/v1/completions", r#"{"prompt": "x", "n": 17}"#.into(), 400),
+        ("/v1/completions", r#"{"prompt": "x", "n": 0}"#.into(), 400),
         (
             "/v1/completions",
             r#"{"prompt": "x", "temperature": -1}"#.into(),
@@ -594,17 +907,64 @@ fn bad_requests_get_4xx_json_errors() {
         ("/v1/nothing", "{}".into(), 404),
         (
             "/v1/completions",
-            r#"{"prompt": "x", "logprobs": 2}"#.into(),
-            400,
-        ),
-        (
-            "/v1/chat/completions",
-            r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": true}"#.into(),
+            r#"{"prompt": "x", "logprobs": 21}"#.into(),
             400,
         ),
         (
             "/v1/completions",
-            r#"{"prompt": "x", "logit_bias": {"5": 100}}"#.into(),
+            r#"{"prompt": "x", "logprobs": true}"#.into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "logprobs": 2, "echo": true}"#.into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "suffix": "y"}"#.into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "presence_penalty": 2.5}"#.into(),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "echo": true}"#.into(),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#.into(),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": 3}"#.into(),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": true,
+                "top_logprobs": 21}"#
+                .into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "logit_bias": {"five": 1}}"#.into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "logit_bias": {"5": 101}}"#.into(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "logit_bias": {"100000": 1}}"#.into(),
             400,
         ),
         (
@@ -621,6 +981,11 @@ fn bad_requests_get_4xx_json_errors() {
         assert!(v["error"]["message"].is_string(), "{v}");
     }
     // Set to their defaults, the fields the server does not implement are accepted.
+    let (code, v, _) = s.post(
+        "/v1/completions",
+        r#"{"prompt": "x", "max_tokens": 1, "suffix": null, "best_of": 1, "tools": []}"#,
+    );
+    assert_eq!(code, 200, "{v}");
     let (code, v, _) = s.post(
         "/v1/completions",
         r#"{"prompt": "x", "max_tokens": 1, "logprobs": null, "echo": false,

@@ -171,11 +171,21 @@ fn sampled_speculation_respects_the_limits_and_is_reproducible() {
     assert_eq!(prompt.len() + out.tokens.len(), cap);
 }
 
+/// A request's tokens; each token's log-probabilities, when they come, precede it and are
+/// its own.
 fn collect(rx: &mpsc::Receiver<Event>) -> Vec<u32> {
     let mut toks = Vec::new();
+    let mut lp = None;
     loop {
         match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
-            Event::Token(t) => toks.push(t),
+            Event::Logprobs(l) => lp = Some(l),
+            Event::Token(t) => {
+                if let Some(l) = lp.take() {
+                    assert_eq!(l.token, t);
+                    assert!(l.logprob <= 0.0 && l.top.len() == 1, "{l:?}");
+                }
+                toks.push(t)
+            }
             Event::Done { finish, .. } => {
                 assert_eq!(finish, FinishReason::Length);
                 return toks;
@@ -209,8 +219,14 @@ fn the_scheduler_speculates_per_row_and_keeps_every_requests_tokens() {
             .enumerate()
             .map(|(i, p)| {
                 let (tx, rx) = mpsc::channel();
-                // Half greedy, half sampled (whose tokens only need to arrive).
-                let sampling = if i % 2 == 0 {
+                // Half greedy (some with log-probabilities, whose rows then come whole),
+                // half sampled (whose tokens only need to arrive).
+                let sampling = if i % 4 == 0 {
+                    SamplingParams {
+                        logprobs: Some(1),
+                        ..greedy.clone()
+                    }
+                } else if i % 2 == 0 {
                     greedy.clone()
                 } else {
                     SamplingParams {

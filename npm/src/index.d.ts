@@ -118,6 +118,12 @@ export interface GenerateOptions {
   topP?: number;
   minP?: number;
   repetitionPenalty?: number;
+  /** OpenAI's presence penalty: subtracted once from the logit of every generated token (−2..2). */
+  presencePenalty?: number;
+  /** OpenAI's frequency penalty: subtracted per time a token was generated (−2..2). */
+  frequencyPenalty?: number;
+  /** Token id → bias added to its logit (−100..100). */
+  logitBias?: Record<string, number>;
   /** A non-negative integer for reproducible sampling. */
   seed?: number;
   /** Strings that end the generation (the text is cut before them). */

@@ -31,6 +31,11 @@ const GENERATE = [
   ['topP', (v) => isNum(v) && v > 0 && v <= 1, 'a number in (0, 1]'],
   ['minP', (v) => isNum(v) && v >= 0 && v <= 1, 'a number in [0, 1]'],
   ['repetitionPenalty', (v) => isNum(v) && v > 0, 'a number > 0'],
+  ['presencePenalty', (v) => isNum(v) && v >= -2 && v <= 2, 'a number in [-2, 2]'],
+  ['frequencyPenalty', (v) => isNum(v) && v >= -2 && v <= 2, 'a number in [-2, 2]'],
+  ['logitBias', (v) => v !== null && typeof v === 'object' && !Array.isArray(v)
+    && Object.entries(v).every(([k, b]) => /^[0-9]+$/.test(k) && isNum(b) && b >= -100 && b <= 100),
+    'an object of token id → bias in [-100, 100]'],
   ['seed', (v) => isInt(v) && v >= 0, 'a non-negative integer'],
   ['stop', (v) => typeof v === 'string' || (Array.isArray(v) && v.every((s) => typeof s === 'string' && s.length > 0)),
     'a string or an array of non-empty strings'],

@@ -18,6 +18,7 @@ pub struct BlockAllocator {
     lru: VecDeque<u32>,
     used: usize,
     cached_idle: usize,
+    shared: usize,
 }
 
 /// The hashes of the full `block_size` blocks of `tokens`, each covering the whole prefix up to
@@ -48,6 +49,7 @@ impl BlockAllocator {
             lru: VecDeque::new(),
             used: 0,
             cached_idle: 0,
+            shared: 0,
         }
     }
 
@@ -64,6 +66,12 @@ impl BlockAllocator {
     /// Blocks referenced by at least one sequence.
     pub fn used(&self) -> usize {
         self.used
+    }
+
+    /// Blocks referenced by more than one sequence (prefixes shared, e.g. by a request's `n`
+    /// choices).
+    pub fn shared(&self) -> usize {
+        self.shared
     }
 
     /// Unreferenced blocks that still hold a reusable prefix.
@@ -102,6 +110,9 @@ impl BlockAllocator {
         let r = &mut self.refs[b as usize];
         debug_assert!(*r > 0, "release of a free block");
         *r -= 1;
+        if *r == 1 {
+            self.shared -= 1;
+        }
         if *r > 0 {
             return;
         }
@@ -123,6 +134,9 @@ impl BlockAllocator {
             self.used += 1;
         }
         *r += 1;
+        if *r == 2 {
+            self.shared += 1;
+        }
         Some(b)
     }
 
@@ -164,7 +178,11 @@ mod tests {
         assert_eq!((a.used(), a.cached(), a.available()), (0, 2, 3));
         assert_eq!(a.cached_prefix(&hs), 2);
         assert_eq!(a.lookup(hs[0]), Some(b0));
-        assert_eq!((a.used(), a.cached()), (1, 1));
+        assert_eq!((a.used(), a.cached(), a.shared()), (1, 1, 0));
+        assert_eq!(a.lookup(hs[0]), Some(b0));
+        assert_eq!(a.shared(), 1);
+        a.release(b0);
+        assert_eq!((a.used(), a.shared()), (1, 0));
         // Free block first, then the idle cached one (b1); b0 is referenced.
         let c = a.alloc().unwrap();
         assert!(c != b0 && c != b1);

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use super::blocks::{prefix_hashes, BlockAllocator};
 use crate::backend::{BatchBackend, HeadRows, RowSlot};
 use crate::engine::forward::forward_rows_sampled;
-use crate::engine::sampler::{SampleInput, Sampler, SamplingParams};
+use crate::engine::sampler::{SampleInput, Sampler, SamplingParams, TokenLogprobs};
 use crate::engine::session::FinishReason;
 use crate::engine::speculative::{accept_drafts, Drafter, NgramDrafter};
 use crate::engine::window::{SinkWindow, Sliding};
@@ -64,6 +64,9 @@ impl Default for SchedulerConfig {
 pub enum Event {
     /// The next generated token.
     Token(u32),
+    /// The log-probabilities of the token that follows (requests with
+    /// [`SamplingParams::logprobs`] only).
+    Logprobs(TokenLogprobs),
     /// The request ended.
     Done {
         /// Why it ended.
@@ -138,6 +141,8 @@ pub struct SchedulerStats {
     pub kv_used: AtomicUsize,
     /// Idle KV blocks holding a reusable prompt prefix.
     pub kv_cached: AtomicUsize,
+    /// KV blocks referenced by more than one sequence (shared prompt prefixes).
+    pub kv_shared: AtomicUsize,
     /// KV blocks in the pool.
     pub kv_total: AtomicUsize,
     /// Prompt tokens computed (prefix-cache hits excluded).
@@ -210,6 +215,11 @@ impl Scheduler {
     /// The live counters.
     pub fn stats(&self) -> &Arc<SchedulerStats> {
         &self.stats
+    }
+
+    /// The model's vocabulary size (token ids are below it).
+    pub fn vocab(&self) -> usize {
+        self.vocab
     }
 
     /// The limits.
@@ -296,6 +306,9 @@ struct Seq {
     slide: Option<Sliding>,
     /// Prompt tokens already registered as cached prefix blocks.
     registered: usize,
+    /// The prefix hashes of the prompt's full blocks (what its prefill registers; empty for a
+    /// sliding sequence).
+    prompt_hashes: Vec<u64>,
     table: Vec<u32>,
     sampler: Sampler,
     max_tokens: usize,
@@ -343,7 +356,12 @@ impl<B: BatchBackend> Engine<B> {
     }
 
     fn enqueue(&mut self, r: Request) {
+        let prompt_hashes = match r.sink_window {
+            Some(_) => Vec::new(),
+            None => prefix_hashes(&r.prompt, self.cfg.block_size),
+        };
         let seq = Seq {
+            prompt_hashes,
             id: self.next_id,
             prompt_len: r.prompt.len(),
             tokens: r.prompt,
@@ -394,6 +412,22 @@ impl<B: BatchBackend> Engine<B> {
         self.stats.queued.fetch_sub(gone, Relaxed);
     }
 
+    /// Whether a running sequence is still computing prompt blocks that would extend a
+    /// waiting sequence's cached prefix of `hit` blocks (of `hashes`): the waiting one then
+    /// waits for them rather than computing the same prefix again (a request's `n` choices,
+    /// clients sharing a system prompt).
+    fn prefix_in_flight(&self, hashes: &[u64], hit: usize) -> bool {
+        self.running.iter().any(|r| {
+            r.computed < r.prompt_len
+                && hashes
+                    .iter()
+                    .zip(&r.prompt_hashes)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    > hit
+        })
+    }
+
     /// Admits waiting sequences while the batch has room and the pool has blocks for their
     /// whole prompt (after prefix reuse) plus the first generated token.
     fn admit(&mut self) {
@@ -412,6 +446,9 @@ impl<B: BatchBackend> Engine<B> {
                 ),
             };
             let hit = self.alloc.cached_prefix(&hashes);
+            if self.prefix_in_flight(&hashes, hit) {
+                break;
+            }
             let need = held.div_ceil(bs) - hit;
             // Cached blocks counted in `available` may be the very ones this prefix reuses.
             if self.alloc.available() < need + hit {
@@ -666,17 +703,18 @@ impl<B: BatchBackend> Engine<B> {
                 let mut out = Vec::with_capacity(drafts.len() + 1);
                 let accepted =
                     accept_drafts(&mut s.sampler, inputs, &mut s.tokens, drafts, &mut out);
-                (out, accepted)
+                (out, accepted, s.sampler.take_logprobs())
             })
         };
-        let picked: Vec<Option<(Vec<u32>, usize)>> = if self.backend.sample_in_parallel() {
+        type Picked = (Vec<u32>, usize, Vec<TokenLogprobs>);
+        let picked: Vec<Option<Picked>> = if self.backend.sample_in_parallel() {
             work.into_par_iter().map(pick).collect()
         } else {
             work.into_iter().map(pick).collect()
         };
         let mut finished = Vec::new();
         for ((id, drafts), picked) in sampled.iter().zip(picked) {
-            let (Some(i), Some((toks, accepted))) =
+            let (Some(i), Some((toks, accepted, logprobs))) =
                 (self.running.iter().position(|s| s.id == *id), picked)
             else {
                 continue;
@@ -693,15 +731,18 @@ impl<B: BatchBackend> Engine<B> {
             // The accepted drafts' keys and values are in the pool; the rejected ones' slots
             // are overwritten by later steps.
             s.computed += accepted;
+            let mut logprobs = logprobs.into_iter();
             for tok in toks {
                 let mut end = None;
+                let lp = logprobs.next();
                 if s.stop_ids.contains(&tok) {
                     end = Some(FinishReason::Stop);
                 } else {
                     s.tokens.push(tok);
                     s.generated += 1;
                     self.stats.generated_tokens.fetch_add(1, Relaxed);
-                    if !s.sink.send(Event::Token(tok)) {
+                    let sent = lp.is_none_or(|lp| s.sink.send(Event::Logprobs(lp)));
+                    if !sent || !s.sink.send(Event::Token(tok)) {
                         end = Some(FinishReason::Cancelled);
                     } else if s.generated >= s.max_tokens
                         || (s.slide.is_none() && s.tokens.len() >= self.cfg.max_context)
@@ -735,5 +776,6 @@ impl<B: BatchBackend> Engine<B> {
         st.running.store(self.running.len(), Relaxed);
         st.kv_used.store(self.alloc.used(), Relaxed);
         st.kv_cached.store(self.alloc.cached(), Relaxed);
+        st.kv_shared.store(self.alloc.shared(), Relaxed);
     }
 }

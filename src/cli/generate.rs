@@ -39,6 +39,19 @@ pub(crate) struct GenerateArgs {
     /// Repetition penalty (1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) repetition_penalty: f32,
+    /// Presence penalty (OpenAI's: subtracted once from generated tokens' logits; 0 = off).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub(crate) presence_penalty: f32,
+    /// Frequency penalty (OpenAI's: subtracted per time a token was generated; 0 = off).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub(crate) frequency_penalty: f32,
+    /// Bias a token's logit: ID=BIAS, −100..100 (repeatable).
+    #[arg(long = "logit-bias", value_parser = parse_bias, allow_hyphen_values = true)]
+    pub(crate) logit_bias: Vec<(u32, f32)>,
+    /// Report each generated token's log-probability and this many alternatives in the JSON
+    /// output (`logprobs`).
+    #[arg(long)]
+    pub(crate) logprobs: Option<usize>,
     /// Random seed.
     #[arg(long)]
     pub(crate) seed: Option<u64>,
@@ -55,6 +68,21 @@ pub(crate) struct GenerateArgs {
     pub(crate) spec: SpecArgs,
     #[command(flatten)]
     pub(crate) window: WindowArgs,
+}
+
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected ID=BIAS"))?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{id}` is not a token id"))?;
+    let bias = bias
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{bias}` is not a number"))?;
+    Ok((id, bias))
 }
 
 pub(crate) fn parse_tokens(s: &str) -> Result<Vec<u32>> {
@@ -98,6 +126,10 @@ pub(crate) fn generate_on<B: Backend>(
             min_p: a.min_p,
             repetition_penalty: a.repetition_penalty,
             seed: a.seed,
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            logit_bias: a.logit_bias.clone(),
+            logprobs: a.logprobs,
         },
         eos_token_ids: gen_cfg.eos_token_ids.clone(),
         ignore_eos: a.ignore_eos,
@@ -114,7 +146,7 @@ pub(crate) fn generate_on<B: Backend>(
         true
     })?;
     if a.json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "tokens": out.tokens,
             "text": out.text,
             "prompt_tokens": out.prompt_tokens,
@@ -128,6 +160,15 @@ pub(crate) fn generate_on<B: Backend>(
                 "evicted": out.evicted,
             })),
         });
+        if a.logprobs.is_some() {
+            v["logprobs"] = out
+                .logprobs
+                .iter()
+                .map(
+                    |l| serde_json::json!({ "token": l.token, "logprob": l.logprob, "top": l.top }),
+                )
+                .collect();
+        }
         writeln!(stdout, "{v}")?;
     } else {
         if tokenizer.is_none() {

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use super::forward::{
     forward, forward_argmax, forward_top_k, head_step_rows, layers, queue_greedy_step, OpProfile,
 };
-use super::sampler::SampleInput;
+use super::sampler::{SampleInput, TokenLogprobs};
 use super::session::{check_prompt, Session, Want};
 pub use super::session::{FinishReason, GenerateOptions};
 use super::speculative::{SpecControl, SpecStats, Speculation};
@@ -36,6 +36,11 @@ pub struct Generation {
     pub speculative: Option<SpecStats>,
     /// Positions evicted from the KV cache by the sink window (0 without one).
     pub evicted: usize,
+    /// Each generated token's log-probabilities ([`SamplingParams::logprobs`]; empty when
+    /// off).
+    ///
+    /// [`SamplingParams::logprobs`]: crate::engine::sampler::SamplingParams::logprobs
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 impl Generation {
@@ -374,16 +379,18 @@ impl<B: Backend> Generator<B> {
         };
         let mut s = Session::new(prompt, opts, context, vocab)?;
         let mut stats = self.spec.as_ref().map(|_| SpecStats::default());
-        let done = |s: Session, prefill_s: f64, decode_s: f64, speculative, evicted| Generation {
-            tokens: s.tokens().to_vec(),
-            text: s.text().to_string(),
-            prompt_tokens: s.prompt_len(),
-            finish: s.finish().unwrap_or(FinishReason::Length),
-            prefill_s,
-            decode_s,
-            speculative,
-            evicted,
-        };
+        let done =
+            |mut s: Session, prefill_s: f64, decode_s: f64, speculative, evicted| Generation {
+                logprobs: s.take_logprobs(),
+                tokens: s.tokens().to_vec(),
+                text: s.text().to_string(),
+                prompt_tokens: s.prompt_len(),
+                finish: s.finish().unwrap_or(FinishReason::Length),
+                prefill_s,
+                decode_s,
+                speculative,
+                evicted,
+            };
         if s.finish().is_some() {
             return Ok(done(s, 0.0, 0.0, stats, 0));
         }

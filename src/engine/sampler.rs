@@ -1,4 +1,8 @@
-//! Token sampling: greedy, temperature, top-k, top-p, min-p and repetition penalty, seeded.
+//! Token sampling: greedy, temperature, top-k, top-p, min-p, repetition, presence and
+//! frequency penalties and logit bias, seeded; with the chosen tokens' log-probabilities on
+//! request.
+
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -20,7 +24,22 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// Random seed (None = from the OS).
     pub seed: Option<u64>,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`, −100..100).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Subtracted from the logit of every token generated at least once (OpenAI's
+    /// `presence_penalty`, −2..2; 0 = off).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (OpenAI's
+    /// `frequency_penalty`, −2..2; 0 = off).
+    pub frequency_penalty: f32,
+    /// Report each chosen token's log-probability under the model and this many of the most
+    /// likely tokens at its position ([`Sampler::take_logprobs`]; None = off, at most
+    /// [`MAX_TOP_LOGPROBS`]).
+    pub logprobs: Option<usize>,
 }
+
+/// Most alternatives [`SamplingParams::logprobs`] may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -31,6 +50,10 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repetition_penalty: 1.0,
             seed: None,
+            logit_bias: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: None,
         }
     }
 }
@@ -57,8 +80,51 @@ impl SamplingParams {
                 self.repetition_penalty
             ));
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad(format!(
+                "logit_bias of token {id} must be in [-100, 100], got {b}"
+            ));
+        }
+        if let Some(n) = self.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return bad(format!(
+                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"
+            ));
+        }
         Ok(())
     }
+
+    /// Whether the logits are changed before sampling by anything but the temperature
+    /// (penalties, bias): such samplers need each row's full logits.
+    fn shapes_logits(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || !self.logit_bias.is_empty()
+    }
+}
+
+/// One chosen token's log-probability under the model (the log-softmax of its raw logits,
+/// before temperature, penalties and bias) and the most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens with their log-probabilities, best first (ties by lower id).
+    pub top: Vec<(u32, f32)>,
 }
 
 /// A sampler with its random state and reusable scratch.
@@ -66,6 +132,14 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     cand: Vec<(f32, u32)>,
+    /// How often each token was generated (for the presence and frequency penalties).
+    generated: HashMap<u32, u32>,
+    /// The current row's raw logits when log-probabilities are on.
+    raw: Vec<f32>,
+    /// Their log-sum-exp while the row is current (None once a token was chosen from it).
+    lse: Option<f64>,
+    /// Log-probabilities of the tokens chosen since the last [`Sampler::take_logprobs`].
+    logprobs: Vec<TokenLogprobs>,
 }
 
 impl Sampler {
@@ -79,7 +153,62 @@ impl Sampler {
             params,
             rng,
             cand: Vec::new(),
+            generated: HashMap::new(),
+            raw: Vec::new(),
+            lse: None,
+            logprobs: Vec::new(),
         }
+    }
+
+    /// The log-probabilities of the tokens chosen since the last call, one per token in order
+    /// (empty unless [`SamplingParams::logprobs`] is on).
+    pub fn take_logprobs(&mut self) -> Vec<TokenLogprobs> {
+        std::mem::take(&mut self.logprobs)
+    }
+
+    /// Notes that `token` was chosen from the current row: counted for the penalties, its
+    /// log-probability kept when asked for.
+    fn chose(&mut self, token: u32) -> u32 {
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.generated.entry(token).or_default() += 1;
+        }
+        if let Some(n) = self.params.logprobs {
+            let entry = match self.lse.take() {
+                Some(lse) => {
+                    let raw = &self.raw;
+                    let lp = |id: u32| (raw[id as usize] as f64 - lse) as f32;
+                    let mut top = Vec::new();
+                    if n > 0 {
+                        top_candidates(raw, n, 1.0, &mut top);
+                    }
+                    TokenLogprobs {
+                        token,
+                        logprob: raw.get(token as usize).map_or(f32::NAN, |_| lp(token)),
+                        top: top.iter().map(|&(_, id)| (id, lp(id))).collect(),
+                    }
+                }
+                // A row without logits (never asked for while log-probabilities are on).
+                None => TokenLogprobs {
+                    token,
+                    logprob: f32::NAN,
+                    top: Vec::new(),
+                },
+            };
+            self.logprobs.push(entry);
+        }
+        token
+    }
+
+    /// Keeps `logits` (raw) and their log-sum-exp for [`Sampler::chose`].
+    fn keep_row(&mut self, logits: &[f32]) {
+        if self.params.logprobs.is_none() {
+            return;
+        }
+        self.raw.clear();
+        self.raw.extend_from_slice(logits);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+        self.lse = Some(max + sum.ln());
     }
 
     /// Picks the next token from `logits` (modified in place); `context` holds the ids seen so far.
@@ -90,16 +219,17 @@ impl Sampler {
     /// Whether this sampler always picks the argmax of the logits (temperature 0, no
     /// repetition penalty): it then needs the argmax only, not the logits.
     pub fn is_greedy(&self) -> bool {
-        self.params.temperature == 0.0 && self.params.repetition_penalty == 1.0
+        let p = &self.params;
+        p.temperature == 0.0 && !p.shapes_logits() && p.logprobs.is_none()
     }
 
     /// When this sampler needs only the `k` most likely tokens of a step (temperature > 0,
-    /// top-k on, no repetition penalty): `Some((k, 1 / temperature))` for
+    /// top-k on, no penalty, bias or log-probabilities): `Some((k, 1 / temperature))` for
     /// [`top_candidates`], which a backend may find on its device; the token is then drawn by
     /// [`Sampler::sample_candidates`].
     pub fn candidates_only(&self) -> Option<(usize, f32)> {
         let p = &self.params;
-        (p.temperature > 0.0 && p.top_k > 0 && p.repetition_penalty == 1.0)
+        (p.temperature > 0.0 && p.top_k > 0 && !p.shapes_logits() && p.logprobs.is_none())
             .then(|| (p.top_k, 1.0 / p.temperature))
     }
 
@@ -199,6 +329,7 @@ impl Sampler {
                 None
             }
             SampleInput::Logits(l) => {
+                self.keep_row(l);
                 self.penalize(l, context);
                 if self.params.temperature == 0.0 {
                     return Some(argmax(l));
@@ -216,10 +347,11 @@ impl Sampler {
 
     /// Picks the token of one step row from what the backend gave for [`Sampler::row_need`].
     pub fn sample_input(&mut self, input: SampleInput<'_>, context: &[u32]) -> u32 {
-        match self.load_candidates(input, context) {
+        let tok = match self.load_candidates(input, context) {
             Some(id) => id,
             None => self.draw(),
-        }
+        };
+        self.chose(tok)
     }
 
     /// Speculative decoding's acceptance rule for one drafted token (a one-hot draft
@@ -230,6 +362,7 @@ impl Sampler {
     /// produces follow exactly the distribution of [`Sampler::sample`].
     pub fn verify(&mut self, input: SampleInput<'_>, context: &[u32], draft: u32) -> Verdict {
         if let Some(id) = self.load_candidates(input, context) {
+            self.chose(id);
             return if id == draft {
                 Verdict::Accept
             } else {
@@ -244,21 +377,35 @@ impl Sampler {
             .sum();
         let total: f32 = self.cand[..keep].iter().map(|c| c.0).sum();
         if self.rng.random::<f32>() * total < p {
+            self.chose(draft);
             Verdict::Accept
         } else {
-            Verdict::Reject(self.draw_from(keep, Some(draft)))
+            let t = self.draw_from(keep, Some(draft));
+            Verdict::Reject(self.chose(t))
         }
     }
 
-    /// The repetition penalty on `logits` for the ids of `context`.
+    /// The penalties and bias on `logits`: repetition (transformers' rule) for the ids of
+    /// `context`, presence and frequency (OpenAI's rule) for the tokens this sampler chose,
+    /// then the bias.
     fn penalize(&self, logits: &mut [f32], context: &[u32]) {
-        let rp = self.params.repetition_penalty;
-        if rp == 1.0 {
-            return;
+        let p = &self.params;
+        let rp = p.repetition_penalty;
+        if rp != 1.0 {
+            for &t in context {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / rp } else { *l * rp };
+                }
+            }
         }
-        for &t in context {
+        for (&t, &n) in &self.generated {
             if let Some(l) = logits.get_mut(t as usize) {
-                *l = if *l > 0.0 { *l / rp } else { *l * rp };
+                *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+            }
+        }
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
             }
         }
     }
@@ -409,5 +556,94 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Sampler::new(p).sample(&mut [3.0, 2.0], &[0]), 1);
+    }
+
+    #[test]
+    fn logit_bias_and_presence_and_frequency_penalties_follow_openai() {
+        let bias = SamplingParams {
+            logit_bias: vec![(2, 5.0), (0, -100.0)],
+            ..Default::default()
+        };
+        let mut s = Sampler::new(bias);
+        assert!(!s.is_greedy() && s.candidates_only().is_none());
+        assert_eq!(s.sample(&mut [3.0, 2.0, 0.0], &[]), 2, "-97, 2, 5");
+        // Presence 1.5 and frequency 1.0 after token 0 was generated once, twice.
+        let pen = SamplingParams {
+            presence_penalty: 1.5,
+            frequency_penalty: 1.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(pen);
+        assert_eq!(
+            s.sample(&mut [4.0, 2.0, 0.0], &[7, 7, 7]),
+            0,
+            "the prompt is not penalised"
+        );
+        assert_eq!(
+            s.sample(&mut [4.0, 2.0, 0.0], &[]),
+            1,
+            "4 - 1.5 - 1 = 1.5 < 2"
+        );
+        assert_eq!(
+            s.sample(&mut [5.0, 2.0, 0.0], &[]),
+            0,
+            "5 - 2.5 = 2.5 > 2 - 2.5"
+        );
+        let mut l = [5.0, 2.0, 0.0];
+        s.penalize(&mut l, &[]);
+        assert_eq!(l, [5.0 - 1.5 - 2.0, 2.0 - 1.5 - 1.0, 0.0]);
+        let bad = SamplingParams {
+            logit_bias: vec![(1, 101.0)],
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("token 1"));
+    }
+
+    #[test]
+    fn logprobs_are_the_raw_log_softmax_of_each_chosen_token() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let lse = logits.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
+        let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+        // Biased and sampled at temperature: the log-probabilities stay the model's.
+        let p = SamplingParams {
+            temperature: 0.7,
+            logit_bias: vec![(0, 50.0)],
+            logprobs: Some(2),
+            seed: Some(1),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(p);
+        assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
+        let got = s.take_logprobs();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].token, 0);
+        assert!((got[0].logprob - lp(0)).abs() < 1e-6);
+        assert_eq!(got[0].top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        assert!((got[0].top[0].1 - lp(1)).abs() < 1e-6);
+        assert!(s.take_logprobs().is_empty());
+        // Verification reports one entry per token it yields: accepted drafts and the last.
+        let p = SamplingParams {
+            logprobs: Some(0),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(p);
+        assert_eq!(
+            s.verify(SampleInput::Logits(&mut logits.clone()), &[], 1),
+            Verdict::Accept
+        );
+        assert_eq!(
+            s.verify(SampleInput::Logits(&mut logits.clone()), &[], 2),
+            Verdict::Reject(1)
+        );
+        let got = s.take_logprobs();
+        assert_eq!(got.iter().map(|t| t.token).collect::<Vec<_>>(), [1, 1]);
+        assert!(got
+            .iter()
+            .all(|t| (t.logprob - lp(1)).abs() < 1e-6 && t.top.is_empty()));
+        let over = SamplingParams {
+            logprobs: Some(MAX_TOP_LOGPROBS + 1),
+            ..Default::default()
+        };
+        assert!(over.validate().is_err());
     }
 }

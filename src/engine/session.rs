@@ -3,7 +3,7 @@
 //! stream. The native [`super::generate::Generator`] drives it synchronously, the browser
 //! build asynchronously; both emit exactly what this decides.
 
-use super::sampler::{SampleInput, Sampler, SamplingParams};
+use super::sampler::{SampleInput, Sampler, SamplingParams, TokenLogprobs};
 use super::speculative::accept_drafts;
 use super::text::TextStream;
 use crate::error::{Error, Result};
@@ -125,10 +125,9 @@ impl Session {
         opts.sampling.validate()?;
         check_prompt(prompt, capacity, vocab)?;
         let sampler = Sampler::new(opts.sampling.clone());
-        let p = &opts.sampling;
         let want = match sampler.candidates_only() {
             Some((k, inv_t)) => Want::TopK(k, inv_t),
-            None if p.temperature == 0.0 && p.repetition_penalty == 1.0 => Want::Argmax,
+            None if sampler.is_greedy() => Want::Argmax,
             None => Want::Logits,
         };
         let mut context = Vec::with_capacity(prompt.len() + opts.max_tokens.min(capacity));
@@ -186,6 +185,15 @@ impl Session {
     pub fn draft_room(&self) -> usize {
         let tokens = self.opts.max_tokens.saturating_sub(self.tokens.len() + 1);
         tokens.min(self.capacity.saturating_sub(self.context.len()))
+    }
+
+    /// The log-probabilities of the generated tokens so far (those asked for by
+    /// [`SamplingParams::logprobs`]), one per token, taken out.
+    pub fn take_logprobs(&mut self) -> Vec<TokenLogprobs> {
+        let mut lps = self.sampler.take_logprobs();
+        // A stop token was chosen but not generated.
+        lps.truncate(self.tokens.len());
+        lps
     }
 
     /// What each row of a step needs for this session's sampler.

@@ -116,8 +116,21 @@ pub struct Common {
     pub stream: Option<bool>,
     /// Streaming options (`include_usage`).
     pub stream_options: Option<StreamOptions>,
-    /// Completions per prompt (only 1 is supported).
+    /// Completions per prompt (choices; they share the prompt's KV blocks).
     pub n: Option<u32>,
+    /// Log-probabilities of the generated tokens: `true` on chat (with `top_logprobs`
+    /// alternatives), the number of alternatives on completions.
+    pub logprobs: Option<Value>,
+    /// Alternatives per token with chat's `logprobs` (0–20).
+    pub top_logprobs: Option<u32>,
+    /// Token id (as a string) → bias added to its logit, −100..100.
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// Penalty for tokens already generated (−2..2).
+    pub presence_penalty: Option<f32>,
+    /// Penalty per time a token was generated (−2..2).
+    pub frequency_penalty: Option<f32>,
+    /// Completions: the prompt's text before the completion's.
+    pub echo: Option<bool>,
     /// Scheduling priority (extension; higher first).
     pub priority: Option<i32>,
     /// Generate past the context with a sliding window of this many recent positions
@@ -135,12 +148,6 @@ pub struct Common {
 /// implement (yet).
 #[derive(Debug, Deserialize, Default)]
 pub struct Unsupported {
-    logprobs: Option<Value>,
-    top_logprobs: Option<Value>,
-    logit_bias: Option<Value>,
-    presence_penalty: Option<Value>,
-    frequency_penalty: Option<Value>,
-    echo: Option<Value>,
     suffix: Option<Value>,
     best_of: Option<Value>,
     tools: Option<Value>,
@@ -169,12 +176,6 @@ impl Common {
         let u = &self.unsupported;
         let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !is_unset(v));
         let named = [
-            ("logprobs", set(&u.logprobs)),
-            ("top_logprobs", set(&u.top_logprobs)),
-            ("logit_bias", set(&u.logit_bias)),
-            ("presence_penalty", set(&u.presence_penalty)),
-            ("frequency_penalty", set(&u.frequency_penalty)),
-            ("echo", set(&u.echo)),
             ("suffix", set(&u.suffix)),
             (
                 "best_of",

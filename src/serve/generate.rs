@@ -11,7 +11,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::api::ApiError;
 use super::{AppState, LoadedModel};
 use crate::batch::scheduler::{Event, EventSink, Request, SubmitError};
-use crate::engine::sampler::SamplingParams;
+use crate::engine::sampler::{SamplingParams, TokenLogprobs};
 use crate::engine::session::FinishReason;
 use crate::engine::text::TextStream;
 use crate::engine::window::SinkWindow;
@@ -46,10 +46,36 @@ impl EventSink for TokioSink {
     }
 }
 
+/// One generated token's log-probability as the API shows it.
+#[derive(Debug, Clone)]
+pub struct Logprob {
+    /// The token's text (`token_id:N` without a tokenizer).
+    pub token: String,
+    /// Its log-probability under the model.
+    pub logprob: f32,
+    /// The most likely tokens at its position: (text, log-probability), best first.
+    pub top: Vec<(String, f32)>,
+}
+
+impl Logprob {
+    fn new(tokenizer: Option<&Tokenizer>, lp: &TokenLogprobs) -> Self {
+        let text = |id: u32| match tokenizer.and_then(|t| t.decode(&[id], false).ok()) {
+            Some(s) => s,
+            None => format!("token_id:{id}"),
+        };
+        Logprob {
+            token: text(lp.token),
+            logprob: lp.logprob,
+            top: lp.top.iter().map(|&(id, l)| (text(id), l)).collect(),
+        }
+    }
+}
+
 /// A piece of a running job's output.
 pub enum Piece {
-    /// New text.
-    Text(String),
+    /// New text, with the log-probabilities of the tokens that completed it (when asked for;
+    /// a token's entry comes with the piece its text first shows in).
+    Text(String, Vec<Logprob>),
     /// The end, with OpenAI's finish reason and token counts.
     End {
         /// `stop` or `length`.
@@ -70,6 +96,8 @@ pub struct Run {
     generated: usize,
     prompt_tokens: usize,
     pending: VecDeque<Piece>,
+    /// Log-probabilities of tokens whose text has not been released yet.
+    logprobs: Vec<Logprob>,
     started: Instant,
     last: Option<Instant>,
     ended: bool,
@@ -123,6 +151,7 @@ impl Run {
             generated: 0,
             prompt_tokens,
             pending: VecDeque::new(),
+            logprobs: Vec::new(),
             started: Instant::now(),
             last: None,
             ended: false,
@@ -136,6 +165,11 @@ impl Run {
         let m = &self.state.metrics;
         m.prompt_tokens.inc_by(self.prompt_tokens as u64);
         m.duration.observe(self.started.elapsed().as_secs_f64());
+        // Tokens whose text never showed (held back, or cut by a stop string) still report.
+        if !self.logprobs.is_empty() {
+            let lps = std::mem::take(&mut self.logprobs);
+            self.pending.push_back(Piece::Text(String::new(), lps));
+        }
         self.pending.push_back(Piece::End {
             finish,
             prompt_tokens: self.prompt_tokens,
@@ -157,6 +191,12 @@ impl Run {
                 None => None,
             };
             match ev {
+                Some(Event::Logprobs(lp)) => {
+                    if !self.text.stopped() {
+                        let lp = Logprob::new(self.tokenizer.as_deref(), &lp);
+                        self.logprobs.push(lp);
+                    }
+                }
                 Some(Event::Token(t)) => {
                     let m = &self.state.metrics;
                     match self.last {
@@ -176,7 +216,8 @@ impl Run {
                     let stopped = self.text.stopped();
                     // Without a tokenizer every token still makes a (textless) chunk.
                     if !piece.is_empty() || self.tokenizer.is_none() {
-                        self.pending.push_back(Piece::Text(piece));
+                        let lps = std::mem::take(&mut self.logprobs);
+                        self.pending.push_back(Piece::Text(piece, lps));
                     }
                     if stopped {
                         self.end("stop");
@@ -186,7 +227,8 @@ impl Run {
                     // Text held back for a possible stop string belongs to the answer.
                     let piece = self.text.finish();
                     if !piece.is_empty() {
-                        self.pending.push_back(Piece::Text(piece));
+                        let lps = std::mem::take(&mut self.logprobs);
+                        self.pending.push_back(Piece::Text(piece, lps));
                     }
                     self.end(finish_str(finish));
                 }

@@ -18,9 +18,9 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::api::{self, ApiError, ChatRequest, Common, CompletionRequest, LoadRequest, Prompt};
-use super::generate::{Job, Piece, Run};
+use super::generate::{Job, Logprob, Piece, Run};
 use super::{load_model, AppState, LoadedModel};
-use crate::engine::sampler::SamplingParams;
+use crate::engine::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
 use crate::engine::window::SinkWindow;
 use crate::tokenizer::ChatMessage;
 
@@ -65,14 +65,102 @@ fn ready(state: &AppState) -> AppResult<Arc<LoadedModel>> {
     })
 }
 
+/// Most choices (`n`) one request may ask for.
+const MAX_CHOICES: u32 = 16;
+
 /// The request's shared fields checked against the model and the server's limits.
 struct Plan {
-    job: Job,
+    /// One job per choice (`n`), the same prompt, seeds `seed + i`.
+    jobs: Vec<Job>,
     stream: bool,
     include_usage: bool,
+    /// Log-probabilities were asked for: shown in every choice.
+    logprobs: bool,
+    /// Completions' `echo`: the prompt's text, shown before each choice's.
+    echo: Option<String>,
 }
 
-fn plan(state: &AppState, model: Arc<LoadedModel>, prompt: Vec<u32>, c: Common) -> AppResult<Plan> {
+/// How many alternatives per token the request's `logprobs` / `top_logprobs` ask for (None:
+/// no log-probabilities), read as `kind`'s endpoint defines them.
+fn logprobs_wanted(kind: Kind, c: &Common) -> AppResult<Option<usize>> {
+    let most = MAX_TOP_LOGPROBS as u64;
+    let n = match (kind, &c.logprobs) {
+        (_, None | Some(Value::Null) | Some(Value::Bool(false))) => {
+            if c.top_logprobs.is_some_and(|n| n > 0) {
+                return Err(ApiError::invalid(
+                    Some("top_logprobs"),
+                    "top_logprobs needs logprobs: true",
+                ));
+            }
+            return Ok(None);
+        }
+        (Kind::Chat, Some(Value::Bool(true))) => c.top_logprobs.unwrap_or(0) as u64,
+        (Kind::Text, Some(Value::Number(n))) if c.top_logprobs.is_none() => {
+            n.as_u64().ok_or_else(|| {
+                ApiError::invalid(Some("logprobs"), "logprobs must be an integer >= 0")
+            })?
+        }
+        (Kind::Chat, _) => {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                "logprobs must be true or false (alternatives go in top_logprobs)",
+            ))
+        }
+        (Kind::Text, _) => {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                "completions take logprobs as the number of alternatives (no top_logprobs)",
+            ))
+        }
+    };
+    if n > most {
+        let field = if kind == Kind::Chat {
+            "top_logprobs"
+        } else {
+            "logprobs"
+        };
+        return Err(ApiError::invalid(
+            Some(field),
+            format!("{field} must be at most {most}"),
+        ));
+    }
+    Ok(Some(n as usize))
+}
+
+/// `logit_bias` as (token id, bias) pairs: ids within the vocabulary, biases in −100..100.
+fn logit_bias(c: &Common, vocab: usize) -> AppResult<Vec<(u32, f32)>> {
+    let Some(map) = &c.logit_bias else {
+        return Ok(Vec::new());
+    };
+    let bad = |m: String| ApiError::invalid(Some("logit_bias"), m);
+    let mut out = Vec::with_capacity(map.len());
+    for (k, &b) in map {
+        let id: u32 = k
+            .parse()
+            .map_err(|_| bad(format!("`{k}` is not a token id")))?;
+        if id as usize >= vocab {
+            return Err(bad(format!(
+                "token id {id} is out of range (vocab_size {vocab})"
+            )));
+        }
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(bad(format!(
+                "the bias of token {id} must be in [-100, 100]"
+            )));
+        }
+        out.push((id, b));
+    }
+    out.sort_by_key(|p| p.0);
+    Ok(out)
+}
+
+fn plan(
+    state: &AppState,
+    model: Arc<LoadedModel>,
+    prompt: Vec<u32>,
+    c: Common,
+    kind: Kind,
+) -> AppResult<Plan> {
     if let Some(m) = &c.model {
         if *m != model.id {
             return Err(ApiError {
@@ -89,12 +177,40 @@ fn plan(state: &AppState, model: Arc<LoadedModel>, prompt: Vec<u32>, c: Common) 
             });
         }
     }
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
+    let n = c.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(ApiError::invalid(
+            Some("n"),
+            format!("n must be in [1, {MAX_CHOICES}]"),
+        ));
     }
     if prompt.is_empty() {
         return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
     }
+    let logprobs = logprobs_wanted(kind, &c)?;
+    let echo = c.echo.unwrap_or(false);
+    if echo && kind == Kind::Chat {
+        return Err(ApiError::invalid(
+            Some("echo"),
+            "echo is a completions field",
+        ));
+    }
+    if echo && logprobs.is_some() {
+        return Err(ApiError::invalid(
+            Some("echo"),
+            "echo with logprobs (the prompt's log-probabilities) is not supported; \
+             `bitnet logits --all` gives them",
+        ));
+    }
+    let echo = match (echo, &model.tokenizer) {
+        (false, _) => None,
+        (true, Some(tok)) => Some(
+            tok.decode(&prompt, true)
+                .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?,
+        ),
+        (true, None) => Some(String::new()),
+    };
+    let logit_bias = logit_bias(&c, model.sched.vocab())?;
     let opts = &state.opts;
     let sink_window = match (c.window, c.sinks) {
         (Some(window), sinks) => {
@@ -168,6 +284,24 @@ fn plan(state: &AppState, model: Arc<LoadedModel>, prompt: Vec<u32>, c: Common) 
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(Some("top_p"), "top_p must be in (0, 1]"));
     }
+    let penalty = |v: Option<f32>, name: &'static str| match v.unwrap_or(0.0) {
+        p if (-2.0..=2.0).contains(&p) => Ok(p),
+        _ => Err(ApiError::invalid(
+            Some(name),
+            format!("{name} must be in [-2, 2]"),
+        )),
+    };
+    let sampling = SamplingParams {
+        temperature,
+        top_p,
+        top_k: c.top_k.unwrap_or(0) as usize,
+        seed: c.seed,
+        logit_bias,
+        presence_penalty: penalty(c.presence_penalty, "presence_penalty")?,
+        frequency_penalty: penalty(c.frequency_penalty, "frequency_penalty")?,
+        logprobs,
+        ..Default::default()
+    };
     let stops = c.stop.map(|s| s.into_vec()).unwrap_or_default();
     if stops.iter().any(|s| s.is_empty()) {
         return Err(ApiError::invalid(
@@ -175,24 +309,26 @@ fn plan(state: &AppState, model: Arc<LoadedModel>, prompt: Vec<u32>, c: Common) 
             "stop strings must not be empty",
         ));
     }
+    let jobs = (0..n as u64)
+        .map(|i| Job {
+            model: model.clone(),
+            prompt: prompt.clone(),
+            max_tokens,
+            sampling: SamplingParams {
+                seed: sampling.seed.map(|s| s.wrapping_add(i)),
+                ..sampling.clone()
+            },
+            stops: stops.clone(),
+            priority: c.priority.unwrap_or(0),
+            sink_window,
+        })
+        .collect();
     Ok(Plan {
         stream: c.stream.unwrap_or(false),
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
-        job: Job {
-            model,
-            prompt,
-            max_tokens,
-            sampling: SamplingParams {
-                temperature,
-                top_p,
-                top_k: c.top_k.unwrap_or(0) as usize,
-                seed: c.seed,
-                ..Default::default()
-            },
-            stops,
-            priority: c.priority.unwrap_or(0),
-            sink_window,
-        },
+        logprobs: logprobs.is_some(),
+        echo,
+        jobs,
     })
 }
 
@@ -299,26 +435,84 @@ struct Shape {
     created: u64,
 }
 
+/// One choice's tokens' log-probabilities as the endpoint shows them; `offset` is the
+/// completion text's length in characters before these tokens (completions' `text_offset`).
+fn logprobs_json(kind: Kind, lps: &[Logprob], offset: &mut usize) -> Value {
+    let bytes = |t: &str| t.as_bytes().to_vec();
+    match kind {
+        Kind::Chat => json!({
+            "content": lps.iter().map(|l| json!({
+                "token": l.token,
+                "logprob": l.logprob,
+                "bytes": bytes(&l.token),
+                "top_logprobs": l.top.iter().map(|(t, lp)| json!({
+                    "token": t, "logprob": lp, "bytes": bytes(t),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "refusal": null,
+        }),
+        Kind::Text => {
+            let mut offsets = Vec::with_capacity(lps.len());
+            for l in lps {
+                offsets.push(*offset);
+                *offset += l.token.chars().count();
+            }
+            json!({
+                "tokens": lps.iter().map(|l| &l.token).collect::<Vec<_>>(),
+                "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                // Tokens whose texts are equal keep the likelier one's entry.
+                "top_logprobs": lps.iter().map(|l| {
+                    let mut m = serde_json::Map::new();
+                    for (t, lp) in &l.top {
+                        m.entry(t.clone()).or_insert(json!(lp));
+                    }
+                    m
+                }).collect::<Vec<_>>(),
+                "text_offset": offsets,
+            })
+        }
+    }
+}
+
+/// What one chunk of a stream says about one choice.
+struct Delta<'a> {
+    index: usize,
+    text: Option<&'a str>,
+    finish: Option<&'a str>,
+    /// The chat stream's first chunk of this choice (it carries the role).
+    first: bool,
+    logprobs: Option<Value>,
+}
+
 impl Shape {
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+    fn object(&self, whole: bool) -> &'static str {
+        match (self.kind, whole) {
+            (Kind::Chat, true) => "chat.completion",
+            (Kind::Chat, false) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        }
+    }
+
+    fn chunk(&self, d: Delta) -> Value {
+        let lp = d.logprobs.unwrap_or(Value::Null);
         let choice = match self.kind {
             Kind::Text => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+                "index": d.index, "text": d.text.unwrap_or(""), "logprobs": lp, "finish_reason": d.finish,
             }),
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
-                if first {
+                if d.first {
                     delta.insert("role".into(), json!("assistant"));
                 }
-                if let Some(t) = text {
+                if let Some(t) = d.text {
                     delta.insert("content".into(), json!(t));
                 }
-                json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+                json!({ "index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish })
             }
         };
         json!({
             "id": self.id,
-            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "object": self.object(false),
             "created": self.created,
             "model": self.model,
             "choices": [choice],
@@ -328,7 +522,7 @@ impl Shape {
     fn usage_chunk(&self, usage: Value) -> Value {
         json!({
             "id": self.id,
-            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "object": self.object(false),
             "created": self.created,
             "model": self.model,
             "choices": [],
@@ -336,34 +530,71 @@ impl Shape {
         })
     }
 
-    fn whole(&self, text: &str, finish: &str, usage: Value) -> Value {
-        let choice = match self.kind {
+    fn choice(&self, index: usize, c: &Choice, logprobs: bool) -> Value {
+        let lp = if logprobs {
+            logprobs_json(self.kind, &c.logprobs, &mut 0)
+        } else {
+            Value::Null
+        };
+        match self.kind {
             Kind::Text => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+                "index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish,
             }),
             Kind::Chat => json!({
-                "index": 0,
-                "message": { "role": "assistant", "content": text },
-                "logprobs": null,
-                "finish_reason": finish,
+                "index": index,
+                "message": { "role": "assistant", "content": c.text },
+                "logprobs": lp,
+                "finish_reason": c.finish,
             }),
-        };
+        }
+    }
+
+    fn whole(&self, choices: &[Choice], logprobs: bool, usage: Value) -> Value {
         json!({
             "id": self.id,
-            "object": if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+            "object": self.object(true),
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": choices.iter().enumerate().map(|(i, c)| self.choice(i, c, logprobs)).collect::<Vec<_>>(),
             "usage": usage,
         })
     }
+}
+
+/// One choice of a whole (not streamed) response.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    logprobs: Vec<Logprob>,
+    finish: &'static str,
 }
 
 fn engine_error(e: String) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e)
 }
 
+/// Starts every choice's job: all are queued before any runs far (the later ones reuse the
+/// first one's prompt blocks), and dropping the runs cancels them.
+fn start_runs(state: &Arc<AppState>, jobs: Vec<Job>) -> AppResult<Vec<Run>> {
+    jobs.into_iter().map(|j| Run::start(state, j)).collect()
+}
+
+/// The pieces of all `runs` as they come, tagged with their choice's index.
+fn merged(
+    runs: Vec<Run>,
+) -> impl futures_util::Stream<Item = (usize, Result<Piece, String>)> + Send + Unpin {
+    futures_util::stream::select_all(runs.into_iter().enumerate().map(|(i, run)| {
+        Box::pin(futures_util::stream::unfold(run, move |mut r| async move {
+            r.next().await.map(|p| ((i, p), r))
+        }))
+    }))
+}
+
 async fn respond(state: Arc<AppState>, kind: Kind, plan: Plan) -> AppResult<Response> {
+    use futures_util::StreamExt;
+    let Some(model) = plan.jobs.first().map(|j| j.model.id.clone()) else {
+        return Err(engine_error("a request without choices".into()));
+    };
     let shape = Shape {
         kind,
         id: state.new_id(if kind == Kind::Chat {
@@ -371,67 +602,109 @@ async fn respond(state: Arc<AppState>, kind: Kind, plan: Plan) -> AppResult<Resp
         } else {
             "cmpl"
         }),
-        model: plan.job.model.id.clone(),
+        model,
         created: super::now_s(),
     };
-    let mut run = Run::start(&state, plan.job)?;
+    let n = plan.jobs.len();
+    let mut pieces = merged(start_runs(&state, plan.jobs)?);
+    let echo = plan.echo.unwrap_or_default();
+    let (mut prompt, mut completion) = (0, 0);
     if !plan.stream {
-        let mut text = String::new();
-        while let Some(p) = run.next().await {
+        let mut choices: Vec<Choice> = (0..n)
+            .map(|_| Choice {
+                text: echo.clone(),
+                ..Default::default()
+            })
+            .collect();
+        while let Some((i, p)) = pieces.next().await {
             match p.map_err(engine_error)? {
-                Piece::Text(t) => text.push_str(&t),
+                Piece::Text(t, lps) => {
+                    choices[i].text.push_str(&t);
+                    choices[i].logprobs.extend(lps);
+                }
                 Piece::End {
                     finish,
                     prompt_tokens,
                     completion_tokens,
                 } => {
-                    let usage = api::usage(prompt_tokens, completion_tokens);
-                    return Ok(Json(shape.whole(&text, finish, usage)).into_response());
+                    choices[i].finish = finish;
+                    prompt = prompt_tokens;
+                    completion += completion_tokens;
                 }
             }
         }
-        return Err(engine_error("generation ended without a result".into()));
+        if choices.iter().any(|c| c.finish.is_empty()) {
+            return Err(engine_error("generation ended without a result".into()));
+        }
+        let usage = api::usage(prompt, completion);
+        return Ok(Json(shape.whole(&choices, plan.logprobs, usage)).into_response());
     }
-    let include_usage = plan.include_usage;
+    let (include_usage, logprobs) = (plan.include_usage, plan.logprobs);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {
         let send = |v: Value| SseEvent::default().data(v.to_string());
-        if kind == Kind::Chat
-            && tx
-                .send(send(shape.chunk(Some(""), None, true)))
-                .await
-                .is_err()
-        {
-            return;
+        // Every choice opens with its role (chat) or the echoed prompt (completions).
+        for index in 0..n {
+            let opening = match kind {
+                Kind::Chat => Some(""),
+                Kind::Text => Some(echo.as_str()).filter(|e| !e.is_empty()),
+            };
+            let Some(text) = opening else { continue };
+            let d = Delta {
+                index,
+                text: Some(text),
+                finish: None,
+                first: true,
+                logprobs: None,
+            };
+            if tx.send(send(shape.chunk(d))).await.is_err() {
+                return;
+            }
         }
+        let mut offsets = vec![echo.chars().count(); n];
         loop {
             let p = tokio::select! {
-                p = run.next() => p,
+                p = pieces.next() => p,
                 _ = tx.closed() => return,
             };
             let ev = match p {
                 None => break,
-                Some(Ok(Piece::Text(t))) => send(shape.chunk(Some(&t), None, false)),
-                Some(Ok(Piece::End {
-                    finish,
-                    prompt_tokens,
-                    completion_tokens,
-                })) => {
-                    if tx
-                        .send(send(shape.chunk(None, Some(finish), false)))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    if !include_usage {
-                        continue;
-                    }
-                    send(shape.usage_chunk(api::usage(prompt_tokens, completion_tokens)))
+                Some((index, Ok(Piece::Text(t, lps)))) => send(shape.chunk(Delta {
+                    index,
+                    text: Some(&t),
+                    finish: None,
+                    first: false,
+                    logprobs: logprobs.then(|| logprobs_json(kind, &lps, &mut offsets[index])),
+                })),
+                Some((
+                    index,
+                    Ok(Piece::End {
+                        finish,
+                        prompt_tokens,
+                        completion_tokens,
+                    }),
+                )) => {
+                    prompt = prompt_tokens;
+                    completion += completion_tokens;
+                    send(shape.chunk(Delta {
+                        index,
+                        text: None,
+                        finish: Some(finish),
+                        first: false,
+                        logprobs: None,
+                    }))
                 }
-                Some(Err(e)) => send(json!({ "error": { "message": e, "type": "server_error" } })),
+                Some((_, Err(e))) => {
+                    send(json!({ "error": { "message": e, "type": "server_error" } }))
+                }
             };
             if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+        if include_usage {
+            let usage = shape.usage_chunk(api::usage(prompt, completion));
+            if tx.send(send(usage)).await.is_err() {
                 return;
             }
         }
@@ -451,7 +724,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, Body(b): Body) -> A
     req.common.refuse_unsupported()?;
     let model = ready(&state)?;
     let prompt = prompt_tokens(&state, &model, completion_input(req.prompt)?).await?;
-    let p = plan(&state, model, prompt, req.common)?;
+    let p = plan(&state, model, prompt, req.common, Kind::Text)?;
     respond(state, Kind::Text, p).await
 }
 
@@ -462,7 +735,7 @@ pub async fn chat(State(state): State<Arc<AppState>>, Body(b): Body) -> AppResul
     let model = ready(&state)?;
     let prompt = prompt_tokens(&state, &model, chat_input(&req)?).await?;
     let common = std::mem::take(&mut req.common);
-    let p = plan(&state, model, prompt, common)?;
+    let p = plan(&state, model, prompt, common, Kind::Chat)?;
     respond(state, Kind::Chat, p).await
 }
 
@@ -641,9 +914,15 @@ async fn ws_request(state: &Arc<AppState>, text: &str) -> AppResult<(Kind, Plan)
         (Kind::Text, completion_input(req.prompt)?, req.common)
     };
     common.refuse_unsupported()?;
+    if common.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            Some("n"),
+            "a WebSocket request streams one choice (n = 1); use HTTP for more",
+        ));
+    }
     let model = ready(state)?;
     let prompt = prompt_tokens(state, &model, input).await?;
-    Ok((kind, plan(state, model, prompt, common)?))
+    Ok((kind, plan(state, model, prompt, common, kind)?))
 }
 
 /// Serves requests on one socket until it closes, errs, or stays silent for
@@ -658,7 +937,22 @@ async fn ws_session(state: Arc<AppState>, mut socket: WebSocket) {
         };
         let frame = |v: Value| WsMessage::Text(v.to_string().into());
         let err = |e: ApiError| json!({ "error": { "message": e.message, "type": e.kind, "code": e.status.as_u16() } });
-        let (kind, plan) = match ws_request(&state, &text).await {
+        let started = ws_request(&state, &text)
+            .await
+            .and_then(|(kind, mut plan)| {
+                let job = plan
+                    .jobs
+                    .pop()
+                    .ok_or_else(|| engine_error("no choice".into()))?;
+                let shape = Shape {
+                    kind,
+                    id: state.new_id("ws"),
+                    model: job.model.id.clone(),
+                    created: super::now_s(),
+                };
+                Ok((shape, plan.logprobs, plan.echo, Run::start(&state, job)?))
+            });
+        let (shape, logprobs, echo, mut run) = match started {
             Ok(x) => x,
             Err(e) => {
                 if socket.send(frame(err(e))).await.is_err() {
@@ -667,26 +961,20 @@ async fn ws_session(state: Arc<AppState>, mut socket: WebSocket) {
                 continue;
             }
         };
-        let shape = Shape {
-            kind,
-            id: state.new_id("ws"),
-            model: plan.job.model.id.clone(),
-            created: super::now_s(),
-        };
-        let mut run = match Run::start(&state, plan.job) {
-            Ok(r) => r,
-            Err(e) => {
-                if socket.send(frame(err(e))).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
         let mut first = true;
+        let mut echo = echo.unwrap_or_default();
+        let mut offset = echo.chars().count();
         while let Some(p) = run.next().await {
             let v = match p {
-                Ok(Piece::Text(t)) => {
-                    let c = shape.chunk(Some(&t), None, first);
+                Ok(Piece::Text(t, lps)) => {
+                    let text = std::mem::take(&mut echo) + &t;
+                    let c = shape.chunk(Delta {
+                        index: 0,
+                        text: Some(&text),
+                        finish: None,
+                        first,
+                        logprobs: logprobs.then(|| logprobs_json(shape.kind, &lps, &mut offset)),
+                    });
                     first = false;
                     c
                 }

@@ -30,6 +30,7 @@ pub struct Metrics {
     kv_used: IntGauge,
     kv_total: IntGauge,
     kv_cached: IntGauge,
+    kv_shared: IntGauge,
     prefix_hits: IntGauge,
     preemptions: IntGauge,
     drafted: IntGauge,
@@ -113,6 +114,11 @@ impl Metrics {
                 "bitnet_kv_blocks_cached",
                 "Idle KV blocks holding reusable prompt prefixes",
             ),
+            kv_shared: gauge(
+                &r,
+                "bitnet_kv_blocks_shared",
+                "KV cache blocks shared by several sequences (prompt prefixes, n > 1)",
+            ),
             prefix_hits: gauge(
                 &r,
                 "bitnet_prefix_cache_hit_tokens",
@@ -155,6 +161,7 @@ impl Metrics {
             self.kv_used.set(s.kv_used.load(Relaxed) as i64);
             self.kv_total.set(s.kv_total.load(Relaxed) as i64);
             self.kv_cached.set(s.kv_cached.load(Relaxed) as i64);
+            self.kv_shared.set(s.kv_shared.load(Relaxed) as i64);
             self.prefix_hits
                 .set(s.prefix_hit_tokens.load(Relaxed) as i64);
             self.preemptions.set(s.preemptions.load(Relaxed) as i64);

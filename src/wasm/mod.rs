@@ -579,6 +579,22 @@ impl Inner {
             min_p: f32_of("minP", 0.0),
             repetition_penalty: f32_of("repetitionPenalty", 1.0),
             seed: o["seed"].as_u64(),
+            presence_penalty: f32_of("presencePenalty", 0.0),
+            frequency_penalty: f32_of("frequencyPenalty", 0.0),
+            logit_bias: match &o["logitBias"] {
+                Value::Null => Vec::new(),
+                Value::Object(m) => m
+                    .iter()
+                    .map(|(k, v)| match (k.parse::<u32>(), v.as_f64()) {
+                        (Ok(id), Some(b)) => Ok((id, b as f32)),
+                        _ => Err(req(format!(
+                            "logitBias: `{k}` must be a token id with a numeric bias"
+                        ))),
+                    })
+                    .collect::<Result<_>>()?,
+                _ => return Err(req("logitBias must be an object of token id -> bias")),
+            },
+            ..Default::default()
         };
         let stop_strings = match &o["stop"] {
             Value::Null => vec![],
