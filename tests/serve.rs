@@ -1024,6 +1024,167 @@ fn api_key_guards_the_api_but_not_health() {
 }
 
 #[test]
+fn rate_limits_refuse_the_over_limit_key_and_not_the_others() {
+    let dir = std::env::temp_dir().join(format!("bitnet-keys-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.json");
+    std::fs::write(
+        &keys,
+        r#"[{"name": "alice", "key": "alice-key-1", "requests_per_minute": 3},
+            {"name": "bob", "key": "bob-key-22"},
+            {"name": "carol", "key": "carol-key-333", "tokens_per_minute": 60}]"#,
+    )
+    .unwrap();
+    let s = Server::start(
+        &common::fixture(),
+        &[
+            "--api-keys",
+            keys.to_str().unwrap(),
+            "--api-key",
+            "sekrit-default",
+        ],
+    );
+    let body = |max: u32| {
+        json!({ "prompt": [1, 2, 3], "max_tokens": max, "temperature": 0, "stop": "never" })
+            .to_string()
+    };
+    // Alice: three a minute; the fourth is a 429 that says when to retry. Bob, interleaved,
+    // is never refused.
+    for i in 0..4 {
+        let (code, v, retry) = s.post_as("/v1/completions", &body(2), Some("alice-key-1"));
+        if i < 3 {
+            assert_eq!(code, 200, "{v}");
+        } else {
+            assert_eq!(code, 429, "{v}");
+            assert_eq!(v["error"]["type"], "rate_limit_error");
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains("alice"),
+                "{v}"
+            );
+            let secs: u32 = retry.expect("Retry-After").parse().unwrap();
+            assert!((1..=20).contains(&secs), "{secs}");
+        }
+        for _ in 0..3 {
+            let (code, v, _) = s.post_as("/v1/completions", &body(2), Some("bob-key-22"));
+            assert_eq!(code, 200, "{v}");
+        }
+    }
+    // Carol: 60 tokens a minute, charged prompt + max_tokens up front.
+    let (code, v, _) = s.post_as("/v1/completions", &body(50), Some("carol-key-333"));
+    assert_eq!(code, 200, "{v}");
+    let used = 3 + v["usage"]["completion_tokens"].as_u64().unwrap();
+    let (code, v, retry) = s.post_as("/v1/completions", &body(50), Some("carol-key-333"));
+    assert_eq!(
+        (code, v["error"]["type"].as_str()),
+        (429, Some("rate_limit_error")),
+        "{v}"
+    );
+    assert!(retry.is_some());
+    let (code, v, _) = s.post_as("/v1/completions", &body(58), Some("carol-key-333"));
+    assert_eq!(code, 400, "larger than the key's minute: {v}");
+    // The default key and wrong keys.
+    assert_eq!(
+        s.post_as("/v1/completions", &body(1), Some("sekrit-default"))
+            .0,
+        200
+    );
+    assert_eq!(
+        s.post_as("/v1/completions", &body(1), Some("alice-key-2"))
+            .0,
+        401
+    );
+    assert_eq!(s.post("/v1/completions", &body(1)).0, 401);
+    let m = |name: &str| s.metric(name);
+    assert_eq!(
+        m(r#"bitnet_rate_limited_total{key="alice",limit="requests"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"bitnet_rate_limited_total{key="carol",limit="tokens"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"bitnet_api_key_requests_total{key="bob",status="200"}"#),
+        12.0
+    );
+    assert_eq!(
+        m(r#"bitnet_api_key_requests_total{key="alice",status="429"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"bitnet_api_key_tokens_total{key="carol"}"#),
+        used as f64
+    );
+    // Every response carries its request id: the client's when it sends a valid one.
+    let r = agent()
+        .post(&s.url("/v1/completions"))
+        .header("authorization", "Bearer bob-key-22")
+        .header("x-request-id", "trace-42.a")
+        .header("content-type", "application/json")
+        .send(body(1))
+        .unwrap();
+    assert_eq!(r.headers().get("x-request-id").unwrap(), "trace-42.a");
+    let r = agent()
+        .get(&s.url("/health"))
+        .header("x-request-id", "bad id!")
+        .call()
+        .unwrap();
+    let id = r.headers().get("x-request-id").unwrap().to_str().unwrap();
+    assert!(id.starts_with("req-"), "{id}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_breaker_sheds_a_flood_and_closes_once_caught_up() {
+    let s = Server::start(
+        slow_model(),
+        &[
+            "--max-batch",
+            "2",
+            "--shed-queue-wait-ms",
+            "100",
+            "--shed-cooldown",
+            "1",
+        ],
+    );
+    let body = json!({ "prompt": [1, 2, 3, 4], "max_tokens": 48, "temperature": 0 }).to_string();
+    let t0 = Instant::now();
+    // Eight clients send one request after another for two seconds: two run at a time, so
+    // the queue's oldest request soon waits past 100 ms and new ones are shed.
+    let outcomes: Vec<(u16, Option<String>)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                sc.spawn(|| {
+                    let mut out = Vec::new();
+                    while t0.elapsed() < Duration::from_secs(2) {
+                        let (code, _, retry) = s.post("/v1/completions", &body);
+                        out.push((code, retry));
+                    }
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let ok = outcomes.iter().filter(|o| o.0 == 200).count();
+    let shed: Vec<_> = outcomes.iter().filter(|o| o.0 == 503).collect();
+    assert!(ok >= 2 && !shed.is_empty(), "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| o.0 == 200 || o.0 == 503),
+        "{outcomes:?}"
+    );
+    assert!(shed
+        .iter()
+        .all(|o| o.1.as_deref().is_some_and(|r| r.parse::<u32>().is_ok())));
+    assert_eq!(s.metric("bitnet_shed_requests_total"), shed.len() as f64);
+    // Caught up and past the cooldown: requests run again and the breaker reads closed.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (code, v, _) = s.post("/v1/completions", &body);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(s.metric("bitnet_breaker_open"), 0.0);
+}
+
+#[test]
 fn websocket_streams_chat_chunks() {
     let s = Server::start(&common::fixture(), &[]);
     let url = s.url("/v1/ws").replace("http://", "ws://");

@@ -16,6 +16,8 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crate::time::Instant;
+
 use super::blocks::{prefix_hashes, BlockAllocator};
 use crate::backend::{BatchBackend, HeadRows, RowSlot};
 use crate::engine::forward::forward_rows_sampled;
@@ -159,6 +161,11 @@ pub struct SchedulerStats {
     pub drafted_tokens: AtomicU64,
     /// Drafted tokens accepted.
     pub accepted_tokens: AtomicU64,
+    /// How long the longest-waiting request has waited for admission, in milliseconds (0 when
+    /// none waits).
+    pub oldest_wait_ms: AtomicU64,
+    /// The last batched step's duration in milliseconds (0 when idle).
+    pub step_ms: AtomicU64,
 }
 
 /// A handle to a running scheduler; clones share it. The engine thread stops when every
@@ -315,6 +322,8 @@ struct Seq {
     stop_ids: Vec<u32>,
     priority: i32,
     sink: Box<dyn EventSink>,
+    /// When it last joined the waiting queue.
+    queued_at: Instant,
 }
 
 struct Engine<B: BatchBackend> {
@@ -344,7 +353,15 @@ impl<B: BatchBackend> Engine<B> {
             }
             self.drop_cancelled();
             self.admit();
-            if let Err(e) = self.step() {
+            let t0 = Instant::now();
+            let stepped = self.step();
+            let ms = if self.running.is_empty() {
+                0
+            } else {
+                t0.elapsed().as_millis() as u64
+            };
+            self.stats.step_ms.store(ms, Relaxed);
+            if let Err(e) = stepped {
                 // A failed step poisons every running sequence's state: end them all.
                 for mut s in std::mem::take(&mut self.running) {
                     s.sink.send(Event::Error(e.to_string()));
@@ -375,6 +392,7 @@ impl<B: BatchBackend> Engine<B> {
             stop_ids: r.stop_ids,
             priority: r.priority,
             sink: r.sink,
+            queued_at: Instant::now(),
         };
         self.next_id += 1;
         // Higher priority first; arrival order among equals.
@@ -494,6 +512,7 @@ impl<B: BatchBackend> Engine<B> {
                     };
                     let mut victim = self.running.remove(v);
                     self.free(&mut victim);
+                    victim.queued_at = Instant::now();
                     self.stats.preemptions.fetch_add(1, Relaxed);
                     self.stats.queued.fetch_add(1, Relaxed);
                     self.waiting.push_front(victim);
@@ -777,5 +796,9 @@ impl<B: BatchBackend> Engine<B> {
         st.kv_used.store(self.alloc.used(), Relaxed);
         st.kv_cached.store(self.alloc.cached(), Relaxed);
         st.kv_shared.store(self.alloc.shared(), Relaxed);
+        let oldest =
+            (self.waiting.iter().map(|s| s.queued_at)).reduce(|a, b| if b < a { b } else { a });
+        let wait = oldest.map_or(0, |t| t.elapsed().as_millis() as u64);
+        st.oldest_wait_ms.store(wait, Relaxed);
     }
 }

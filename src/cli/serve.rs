@@ -22,6 +22,22 @@ pub(crate) struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1/*.
     #[arg(long, env = "BITNET_API_KEY", hide_env_values = true)]
     pub(crate) api_key: Option<String>,
+    /// Named API keys with rate limits: a JSON file `[{"name", "key", "requests_per_minute"?,
+    /// "tokens_per_minute"?}]` (the names show in metrics and access logs; with --api-key too,
+    /// that one is named `default`).
+    #[arg(long, env = "BITNET_API_KEYS")]
+    pub(crate) api_keys: Option<std::path::PathBuf>,
+    /// Shed new generation requests (503 + Retry-After) while the oldest waiting request has
+    /// waited longer than this many milliseconds (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) shed_queue_wait_ms: u64,
+    /// Shed new generation requests while a batched step takes longer than this many
+    /// milliseconds (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) shed_step_ms: u64,
+    /// Seconds the load-shedding breaker stays open before it lets requests in again.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) shed_cooldown: u64,
     /// Turn on /admin/* (hot model swap), with `Authorization: Bearer KEY`; without it they
     /// answer 403.
     #[arg(long, env = "BITNET_ADMIN_KEY", hide_env_values = true)]
@@ -214,6 +230,16 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         host: a.host,
         port: a.port,
         api_key: a.api_key.filter(|k| !k.is_empty()),
+        api_keys: match &a.api_keys {
+            Some(f) => bitnet_inference::serve::keys::read_keys(f)?,
+            None => Vec::new(),
+        },
+        breaker: bitnet_inference::serve::breaker::BreakerLimits {
+            queue_wait: (a.shed_queue_wait_ms > 0)
+                .then(|| Duration::from_millis(a.shed_queue_wait_ms)),
+            step: (a.shed_step_ms > 0).then(|| Duration::from_millis(a.shed_step_ms)),
+            cooldown: Duration::from_secs(a.shed_cooldown.max(1)),
+        },
         admin_key: a.admin_key.filter(|k| !k.is_empty()),
         models_dir: a.models_dir,
         cors_origins: a.cors_origins,

@@ -14,11 +14,12 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::{json, Value};
 
 use super::api::{self, ApiError, ChatRequest, Common, CompletionRequest, LoadRequest, Prompt};
 use super::generate::{Job, Logprob, Piece, Run};
+use super::keys::{key_matches, Key, Limited};
 use super::{load_model, AppState, LoadedModel};
 use crate::engine::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
 use crate::engine::window::SinkWindow;
@@ -590,7 +591,118 @@ fn merged(
     }))
 }
 
-async fn respond(state: Arc<AppState>, kind: Kind, plan: Plan) -> AppResult<Response> {
+/// The API key a `/v1/*` request authenticated with (put in its extensions by [`observe`]).
+#[derive(Clone)]
+pub struct KeyRef(Arc<Key>);
+
+/// A request's tokens charged to its key's tokens-per-minute limit: its prompt and every
+/// choice's `max_tokens` up front; what the choices did not generate is given back when the
+/// request ends, however it ends, and the tokens it used are counted in the key's metrics.
+struct TokenCharge {
+    key: Arc<Key>,
+    used: prometheus::IntCounter,
+    prompt: u64,
+    budget: u64,
+    completion: u64,
+}
+
+impl TokenCharge {
+    fn generated(&mut self, n: usize) {
+        self.completion += n as u64;
+    }
+}
+
+impl Drop for TokenCharge {
+    fn drop(&mut self) {
+        self.key
+            .give_back_tokens(self.budget.saturating_sub(self.completion));
+        self.used.inc_by(self.prompt + self.completion);
+    }
+}
+
+/// A 429 (or, for a request larger than the key's whole minute, a 400) for `key`'s limit.
+fn limited(state: &AppState, key: &Key, l: Limited) -> ApiError {
+    let name = &key.spec.name;
+    let (limit, retry, message) = match l {
+        Limited::Requests(s) => (
+            "requests",
+            s,
+            format!(
+                "API key `{name}` is over its limit of {} requests per minute",
+                key.spec.requests_per_minute.unwrap_or(0)
+            ),
+        ),
+        Limited::Tokens(s) => (
+            "tokens",
+            s,
+            format!(
+                "API key `{name}` is over its limit of {} tokens per minute",
+                key.spec.tokens_per_minute.unwrap_or(0)
+            ),
+        ),
+        Limited::TooLarge { need, limit } => {
+            return ApiError::invalid(
+                Some("max_tokens"),
+                format!(
+                    "the request needs {need} tokens (prompt + max_tokens × n) but API key \
+                     `{name}` may use {limit} per minute"
+                ),
+            )
+        }
+    };
+    state
+        .metrics
+        .rate_limited
+        .with_label_values(&[name.as_str(), limit])
+        .inc();
+    ApiError {
+        retry_after: Some(retry),
+        ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+    }
+}
+
+/// Lets a planned request run, or refuses it: the breaker sheds it while the engine is behind
+/// (503), its key's tokens-per-minute limit may refuse it (429).
+fn admit(state: &AppState, key: Option<&KeyRef>, plan: &Plan) -> AppResult<Option<TokenCharge>> {
+    let Some(job) = plan.jobs.first() else {
+        return Ok(None);
+    };
+    if let Err(shed) = state.breaker.admit(job.model.sched.stats()) {
+        state.metrics.shed.inc();
+        return Err(ApiError {
+            retry_after: Some(shed.retry_after),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!("the server is overloaded ({}); retry later", shed.reason),
+            )
+        });
+    }
+    let Some(KeyRef(key)) = key else {
+        return Ok(None);
+    };
+    let prompt = job.prompt.len() as u64;
+    let budget = job.max_tokens as u64 * plan.jobs.len() as u64;
+    key.take_tokens(prompt + budget)
+        .map_err(|l| limited(state, key, l))?;
+    Ok(Some(TokenCharge {
+        key: key.clone(),
+        used: state
+            .metrics
+            .key_tokens
+            .with_label_values(&[key.spec.name.as_str()]),
+        prompt,
+        budget,
+        completion: 0,
+    }))
+}
+
+async fn respond(
+    state: Arc<AppState>,
+    kind: Kind,
+    plan: Plan,
+    mut charge: Option<TokenCharge>,
+) -> AppResult<Response> {
     use futures_util::StreamExt;
     let Some(model) = plan.jobs.first().map(|j| j.model.id.clone()) else {
         return Err(engine_error("a request without choices".into()));
@@ -630,6 +742,9 @@ async fn respond(state: Arc<AppState>, kind: Kind, plan: Plan) -> AppResult<Resp
                     choices[i].finish = finish;
                     prompt = prompt_tokens;
                     completion += completion_tokens;
+                    if let Some(c) = &mut charge {
+                        c.generated(completion_tokens);
+                    }
                 }
             }
         }
@@ -686,6 +801,9 @@ async fn respond(state: Arc<AppState>, kind: Kind, plan: Plan) -> AppResult<Resp
                 )) => {
                     prompt = prompt_tokens;
                     completion += completion_tokens;
+                    if let Some(c) = &mut charge {
+                        c.generated(completion_tokens);
+                    }
                     send(shape.chunk(Delta {
                         index,
                         text: None,
@@ -719,24 +837,34 @@ async fn respond(state: Arc<AppState>, kind: Kind, plan: Plan) -> AppResult<Resp
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(state): State<Arc<AppState>>, Body(b): Body) -> AppResult<Response> {
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    key: Option<Extension<KeyRef>>,
+    Body(b): Body,
+) -> AppResult<Response> {
     let req: CompletionRequest = api::parse(&b)?;
     req.common.refuse_unsupported()?;
     let model = ready(&state)?;
     let prompt = prompt_tokens(&state, &model, completion_input(req.prompt)?).await?;
     let p = plan(&state, model, prompt, req.common, Kind::Text)?;
-    respond(state, Kind::Text, p).await
+    let charge = admit(&state, key.as_deref(), &p)?;
+    respond(state, Kind::Text, p, charge).await
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat(State(state): State<Arc<AppState>>, Body(b): Body) -> AppResult<Response> {
+pub async fn chat(
+    State(state): State<Arc<AppState>>,
+    key: Option<Extension<KeyRef>>,
+    Body(b): Body,
+) -> AppResult<Response> {
     let mut req: ChatRequest = api::parse(&b)?;
     req.common.refuse_unsupported()?;
     let model = ready(&state)?;
     let prompt = prompt_tokens(&state, &model, chat_input(&req)?).await?;
     let common = std::mem::take(&mut req.common);
     let p = plan(&state, model, prompt, common, Kind::Chat)?;
-    respond(state, Kind::Chat, p).await
+    let charge = admit(&state, key.as_deref(), &p)?;
+    respond(state, Kind::Chat, p, charge).await
 }
 
 /// `GET /v1/models`.
@@ -777,6 +905,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .metrics
         .connections_limit
         .set(state.connection_cap as i64);
+    state
+        .metrics
+        .breaker_open
+        .set(state.breaker.is_open() as i64);
     let text = state.metrics.render(m.as_ref().map(|m| &**m.sched.stats()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -878,8 +1010,10 @@ pub async fn not_found() -> ApiError {
 /// `{"done": true, "finish_reason", "usage"}`. Requests on one socket run one after another.
 pub async fn websocket(
     State(state): State<Arc<AppState>>,
+    key: Option<Extension<KeyRef>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> AppResult<Response> {
+    let key = key.map(|Extension(k)| k);
     let ws = ws.map_err(|e| ApiError::new(e.status(), "invalid_request_error", e.body_text()))?;
     // The socket outlives its HTTP connection: it holds a connection permit of its own.
     let permit = state
@@ -897,7 +1031,7 @@ pub async fn websocket(
     let most = state.opts.max_body_bytes;
     let ws = ws.max_message_size(most).max_frame_size(most);
     Ok(ws.on_upgrade(move |socket| async move {
-        ws_session(state, socket).await;
+        ws_session(state, socket, key).await;
         drop(permit);
     }))
 }
@@ -927,7 +1061,7 @@ async fn ws_request(state: &Arc<AppState>, text: &str) -> AppResult<(Kind, Plan)
 
 /// Serves requests on one socket until it closes, errs, or stays silent for
 /// `--ws-idle-timeout` seconds between requests.
-async fn ws_session(state: Arc<AppState>, mut socket: WebSocket) {
+async fn ws_session(state: Arc<AppState>, mut socket: WebSocket, key: Option<KeyRef>) {
     let idle = Duration::from_secs(state.opts.ws_idle_timeout.max(1));
     while let Ok(Some(Ok(msg))) = tokio::time::timeout(idle, socket.recv()).await {
         let text = match msg {
@@ -940,6 +1074,7 @@ async fn ws_session(state: Arc<AppState>, mut socket: WebSocket) {
         let started = ws_request(&state, &text)
             .await
             .and_then(|(kind, mut plan)| {
+                let charge = admit(&state, key.as_ref(), &plan)?;
                 let job = plan
                     .jobs
                     .pop()
@@ -950,9 +1085,10 @@ async fn ws_session(state: Arc<AppState>, mut socket: WebSocket) {
                     model: job.model.id.clone(),
                     created: super::now_s(),
                 };
-                Ok((shape, plan.logprobs, plan.echo, Run::start(&state, job)?))
+                let run = Run::start(&state, job)?;
+                Ok((shape, plan.logprobs, plan.echo, run, charge))
             });
-        let (shape, logprobs, echo, mut run) = match started {
+        let (shape, logprobs, echo, mut run, mut charge) = match started {
             Ok(x) => x,
             Err(e) => {
                 if socket.send(frame(err(e))).await.is_err() {
@@ -982,11 +1118,16 @@ async fn ws_session(state: Arc<AppState>, mut socket: WebSocket) {
                     finish,
                     prompt_tokens,
                     completion_tokens,
-                }) => json!({
+                }) => {
+                    if let Some(c) = &mut charge {
+                        c.generated(completion_tokens);
+                    }
+                    json!({
                     "done": true,
                     "finish_reason": finish,
                     "usage": api::usage(prompt_tokens, completion_tokens),
-                }),
+                    })
+                }
                 Err(e) => json!({ "error": { "message": e, "type": "server_error" } }),
             };
             if socket.send(frame(v)).await.is_err() {
@@ -994,10 +1135,6 @@ async fn ws_session(state: Arc<AppState>, mut socket: WebSocket) {
             }
         }
     }
-}
-
-fn key_matches(given: &[u8], key: &[u8]) -> bool {
-    given.len() == key.len() && given.iter().zip(key).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
 }
 
 fn bearer(req: &HttpRequest) -> &str {
@@ -1036,47 +1173,100 @@ fn json_error_body(resp: Response, method: &axum::http::Method, path: &str) -> R
     out
 }
 
-/// Authenticates `/v1/*` (with the API key, when set) and `/admin/*` (always, with the admin
-/// key; without one the admin endpoints are off), then counts and logs the request by
-/// endpoint and status.
+/// The key among `keys` that `given` is, comparing with every key in constant time (how long
+/// it takes says nothing about which matched, or how much of one).
+fn find_key<'a>(keys: &'a [Arc<Key>], given: &str) -> Option<&'a Arc<Key>> {
+    let mut found = None;
+    for k in keys {
+        if key_matches(given.as_bytes(), k.spec.key.as_bytes()) {
+            found = Some(k);
+        }
+    }
+    found
+}
+
+/// The request's id: the client's `x-request-id` when it is 1–64 of `[A-Za-z0-9._-]`, else a
+/// fresh one.
+fn request_id(state: &AppState, req: &HttpRequest) -> String {
+    let given = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    match given {
+        Some(id) => id.to_string(),
+        None => state.new_id("req"),
+    }
+}
+
+/// Authenticates `/v1/*` (with one of the API keys, when any is set; the key's
+/// requests-per-minute limit applies) and `/admin/*` (always, with the admin key; without one
+/// the admin endpoints are off), then counts the request by endpoint, status and key, tags the
+/// response with its `x-request-id`, and writes its access-log line.
 pub async fn observe(
     State(state): State<Arc<AppState>>,
     matched: Option<MatchedPath>,
-    req: HttpRequest,
+    mut req: HttpRequest,
     next: Next,
 ) -> Response {
     let t0 = Instant::now();
     let endpoint = matched.map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let key = if path.starts_with("/admin/") {
-        Some(state.opts.admin_key.as_deref().ok_or_else(admin_disabled))
-    } else if path.starts_with("/v1/") {
-        state.opts.api_key.as_deref().map(Ok)
-    } else {
-        None
-    };
-    let resp = match key {
-        None => next.run(req).await,
-        Some(Err(disabled)) => disabled.into_response(),
-        Some(Ok(key)) if key_matches(bearer(&req).as_bytes(), key.as_bytes()) => {
-            next.run(req).await
-        }
-        Some(Ok(_)) => ApiError::new(
+    let id = request_id(&state, &req);
+    let unauthorized = || {
+        ApiError::new(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
             "missing or wrong API key (Authorization: Bearer KEY)",
         )
-        .into_response(),
+        .into_response()
     };
-    let resp = json_error_body(resp, &method, &path);
+    let mut key_name = None;
+    let resp = if path.starts_with("/admin/") {
+        match state.opts.admin_key.as_deref() {
+            None => admin_disabled().into_response(),
+            Some(k) if key_matches(bearer(&req).as_bytes(), k.as_bytes()) => next.run(req).await,
+            Some(_) => unauthorized(),
+        }
+    } else if path.starts_with("/v1/") && !state.keys.is_empty() {
+        match find_key(&state.keys, bearer(&req)).cloned() {
+            None => unauthorized(),
+            Some(key) => {
+                key_name = Some(key.spec.name.clone());
+                match key.take_request() {
+                    Err(l) => limited(&state, &key, l).into_response(),
+                    Ok(()) => {
+                        req.extensions_mut().insert(KeyRef(key));
+                        next.run(req).await
+                    }
+                }
+            }
+        }
+    } else {
+        next.run(req).await
+    };
+    let mut resp = json_error_body(resp, &method, &path);
+    if let Ok(v) = header::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
     let status = resp.status();
-    state
-        .metrics
-        .requests
+    let m = &state.metrics;
+    m.requests
         .with_label_values(&[endpoint.as_str(), status.as_str()])
         .inc();
+    if let Some(k) = &key_name {
+        m.key_requests
+            .with_label_values(&[k.as_str(), status.as_str()])
+            .inc();
+    }
     tracing::info!(
+        request_id = %id,
+        key = key_name.as_deref().unwrap_or("-"),
         %method,
         path,
         status = status.as_u16(),

@@ -35,6 +35,18 @@ pub struct Metrics {
     preemptions: IntGauge,
     drafted: IntGauge,
     accepted: IntGauge,
+    /// Requests by API key name and HTTP status.
+    pub key_requests: IntCounterVec,
+    /// Prompt and generated tokens by API key name.
+    pub key_tokens: IntCounterVec,
+    /// Requests refused by a key's rate limit, by key name and limit (`requests`, `tokens`).
+    pub rate_limited: IntCounterVec,
+    /// Requests shed by the breaker (503).
+    pub shed: IntCounter,
+    /// 1 while the breaker is open.
+    pub breaker_open: IntGauge,
+    oldest_wait: IntGauge,
+    step_ms: IntGauge,
     /// Open connections (HTTP and WebSocket).
     pub connections_open: IntGauge,
     /// The connection cap in force.
@@ -45,6 +57,12 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
     r.register(Box::new(g.clone())).expect("unique metric");
     g
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -64,16 +82,12 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let r = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "bitnet_requests_total",
-                "HTTP requests by endpoint and status",
-            ),
+        let requests = counter_vec(
+            &r,
+            "bitnet_requests_total",
+            "HTTP requests by endpoint and status",
             &["endpoint", "status"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(requests.clone()))
-            .expect("unique metric");
+        );
         let lat = prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets");
         Metrics {
             requests,
@@ -139,6 +153,44 @@ impl Metrics {
                 "bitnet_speculative_accepted_tokens",
                 "Drafted tokens accepted (current model)",
             ),
+            key_requests: counter_vec(
+                &r,
+                "bitnet_api_key_requests_total",
+                "Requests by API key name and HTTP status",
+                &["key", "status"],
+            ),
+            key_tokens: counter_vec(
+                &r,
+                "bitnet_api_key_tokens_total",
+                "Prompt and generated tokens by API key name",
+                &["key"],
+            ),
+            rate_limited: counter_vec(
+                &r,
+                "bitnet_rate_limited_total",
+                "Requests refused (429) by an API key's rate limit",
+                &["key", "limit"],
+            ),
+            shed: counter(
+                &r,
+                "bitnet_shed_requests_total",
+                "Generation requests shed (503) by the load-shedding breaker",
+            ),
+            breaker_open: gauge(
+                &r,
+                "bitnet_breaker_open",
+                "1 while the load-shedding breaker is open",
+            ),
+            oldest_wait: gauge(
+                &r,
+                "bitnet_queue_oldest_wait_ms",
+                "How long the longest-waiting request has waited for admission",
+            ),
+            step_ms: gauge(
+                &r,
+                "bitnet_step_ms",
+                "Duration of the last batched step (0 when idle)",
+            ),
             connections_open: gauge(
                 &r,
                 "bitnet_connections_open",
@@ -167,6 +219,8 @@ impl Metrics {
             self.preemptions.set(s.preemptions.load(Relaxed) as i64);
             self.drafted.set(s.drafted_tokens.load(Relaxed) as i64);
             self.accepted.set(s.accepted_tokens.load(Relaxed) as i64);
+            self.oldest_wait.set(s.oldest_wait_ms.load(Relaxed) as i64);
+            self.step_ms.set(s.step_ms.load(Relaxed) as i64);
         }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -8,8 +8,10 @@
 
 pub mod api;
 pub mod bench;
+pub mod breaker;
 mod generate;
 mod handlers;
+pub mod keys;
 pub mod listen;
 pub mod metrics;
 
@@ -41,8 +43,13 @@ pub struct ServeOptions {
     pub host: String,
     /// Port (0 picks a free one; the chosen address is printed).
     pub port: u16,
-    /// Bearer token required on `/v1/*` when set.
+    /// Bearer token required on `/v1/*` when set (the key named `default`, no limits).
     pub api_key: Option<String>,
+    /// Named API keys with rate limits (`--api-keys FILE`); with these or `api_key` every
+    /// `/v1/*` request needs one of them.
+    pub api_keys: Vec<keys::KeySpec>,
+    /// When the load-shedding breaker opens (`--shed-*`).
+    pub breaker: breaker::BreakerLimits,
     /// Bearer token of `/admin/*`; without it the admin endpoints answer 403.
     pub admin_key: Option<String>,
     /// The only directory `/admin/load` loads models from (required with `admin_key`).
@@ -90,6 +97,12 @@ impl Default for ServeOptions {
             host: "127.0.0.1".into(),
             port: 8080,
             api_key: None,
+            api_keys: Vec::new(),
+            breaker: breaker::BreakerLimits {
+                queue_wait: None,
+                step: None,
+                cooldown: Duration::from_secs(5),
+            },
             admin_key: None,
             models_dir: None,
             cors_origins: Vec::new(),
@@ -147,6 +160,10 @@ pub struct AppState {
     models_root: Option<PathBuf>,
     /// Set while `/admin/load` is loading (one load at a time).
     loading: AtomicBool,
+    /// The API keys (empty: `/v1/*` is open).
+    keys: Vec<Arc<keys::Key>>,
+    /// The load-shedding breaker.
+    breaker: breaker::Breaker,
 }
 
 impl AppState {
@@ -324,6 +341,28 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     rt.block_on(serve(opts))
 }
 
+/// The API keys: `--api-key` (named `default`, unlimited) and `--api-keys`' named ones.
+fn api_keys(opts: &ServeOptions) -> Result<Vec<Arc<keys::Key>>> {
+    let mut specs = opts.api_keys.clone();
+    if let Some(k) = &opts.api_key {
+        if specs.iter().any(|s| s.name == "default" || s.key == *k) {
+            return Err(Error::Request(
+                "--api-key duplicates a key (or the name `default`) of --api-keys".into(),
+            ));
+        }
+        specs.push(keys::KeySpec {
+            name: "default".into(),
+            key: k.clone(),
+            requests_per_minute: None,
+            tokens_per_minute: None,
+        });
+    }
+    Ok(specs
+        .into_iter()
+        .map(|s| Arc::new(keys::Key::new(s)))
+        .collect())
+}
+
 /// Checks the admin options: a key needs a models directory that exists (returned canonical).
 fn models_root(opts: &ServeOptions) -> Result<Option<PathBuf>> {
     match (&opts.admin_key, &opts.models_dir) {
@@ -378,6 +417,8 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         )),
         models_root,
         loading: AtomicBool::new(false),
+        keys: api_keys(&opts)?,
+        breaker: breaker::Breaker::new(opts.breaker),
     });
     println!("listening on http://{local}");
     tracing::info!(%local, model = %opts.model.display(), "listening; loading the model");
