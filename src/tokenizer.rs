@@ -259,6 +259,57 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(format!("decoding failed: {e}")))
     }
 
+    /// Every token's bytes as it adds them to a text (what constrained decoding matches
+    /// against), `vocab` entries: byte-level BPE symbols mapped back to their bytes,
+    /// SentencePiece byte tokens (`<0xNN>`) to their byte and `▁` to a space; special tokens
+    /// as `marker` followed by their name; ids the tokenizer lacks are empty.
+    pub fn token_bytes(&self, vocab: usize, marker: u8) -> Result<Vec<Vec<u8>>> {
+        let decoder = self
+            .inner
+            .get_decoder()
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .unwrap_or(Value::Null);
+        let byte_level = has_decoder(&decoder, "ByteLevel");
+        let byte_fallback = has_decoder(&decoder, "ByteFallback");
+        let unicode_to_byte = byte_level_chars();
+        let specials: std::collections::HashMap<u32, String> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        let bytes_of = |id: u32| -> Vec<u8> {
+            if let Some(name) = specials.get(&id) {
+                let mut b = vec![marker];
+                b.extend_from_slice(name.as_bytes());
+                return b;
+            }
+            let Some(piece) = self.inner.id_to_token(id) else {
+                return Vec::new();
+            };
+            if byte_fallback {
+                let hex = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
+                if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    return vec![b];
+                }
+            }
+            if byte_level {
+                let mapped: Option<Vec<u8>> = piece
+                    .chars()
+                    .map(|c| unicode_to_byte.get(&c).copied())
+                    .collect();
+                if let Some(b) = mapped {
+                    return b;
+                }
+            }
+            piece.replace('\u{2581}', " ").into_bytes()
+        };
+        Ok((0..vocab as u32).map(bytes_of).collect())
+    }
+
     /// Whether a chat template is available.
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
@@ -288,6 +339,33 @@ impl Tokenizer {
         let text = self.apply_chat_template(messages, true)?;
         self.encode(&text, true)
     }
+}
+
+/// Whether a decoder (or one of a sequence's) is of `kind`.
+fn has_decoder(d: &Value, kind: &str) -> bool {
+    d["type"] == kind
+        || d["decoders"]
+            .as_array()
+            .is_some_and(|ds| ds.iter().any(|d| has_decoder(d, kind)))
+}
+
+/// Byte-level BPE's alphabet inverted: the printable character each byte is written as.
+/// Printable Latin-1 bytes stand for themselves; the others take the code points from 256 on,
+/// in byte order.
+fn byte_level_chars() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                b as u32
+            } else {
+                next += 1;
+                next - 1
+            };
+            (char::from_u32(c).unwrap_or('\u{FFFD}'), b)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -127,6 +127,7 @@ fn run_concurrent_with(
             let (tx, rx) = mpsc::channel();
             sched
                 .submit(Request {
+                    constraint: None,
                     sink_window: window,
                     prompt: p.clone(),
                     max_tokens,
@@ -218,6 +219,7 @@ fn prefix_blocks_are_reused_and_cancelled_requests_free_blocks() {
         let (tx, rx) = mpsc::channel();
         sched
             .submit(Request {
+                constraint: None,
                 sink_window: None,
                 prompt: prompt.clone(),
                 max_tokens,

@@ -280,6 +280,7 @@ fn scheduler_on_gpu_matches_cpu_greedy() {
             let (tx, rx) = mpsc::channel();
             sched
                 .submit(Request {
+                    constraint: None,
                     sink_window: None,
                     prompt: p.clone(),
                     max_tokens,

@@ -13,6 +13,8 @@ use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
 use bitnet_inference::format::{safetensors::load, synth};
 use bitnet_inference::tokenizer::Tokenizer;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 mod common;
@@ -559,6 +561,200 @@ fn logit_bias_penalties_and_echo_act_as_the_cli_does() {
     let mut sb = body.clone();
     sb["stream"] = json!(true);
     assert_eq!(s.stream("/v1/completions", sb).0, echoed);
+}
+
+/// A random JSON schema that bounds its documents (short strings, bounded integers, few
+/// items, every property required, no others), so each completes within a few dozen tokens.
+fn random_schema(rng: &mut StdRng, depth: usize) -> Value {
+    let names = ["name", "age", "ok", "tags", "kind", "size", "id", "color"];
+    let mut props = serde_json::Map::new();
+    for _ in 0..rng.random_range(1..=4) {
+        let name = names[rng.random_range(0..names.len())];
+        let leaf = |rng: &mut StdRng| match rng.random_range(0..4) {
+            0 => json!({ "type": "string", "maxLength": rng.random_range(1..=8) }),
+            1 => json!({
+                "type": "integer",
+                "minimum": -rng.random_range(0..50),
+                "maximum": rng.random_range(0..500),
+            }),
+            2 => json!({ "type": "boolean" }),
+            _ => json!({ "enum": ["red", "green", "blue", 3, null] }),
+        };
+        let v = match rng.random_range(0..6) {
+            0 => {
+                json!({ "type": "array", "items": leaf(rng), "maxItems": rng.random_range(0..=3) })
+            }
+            1 if depth == 0 => random_schema(rng, 1),
+            _ => leaf(rng),
+        };
+        props.insert(name.to_string(), v);
+    }
+    let required: Vec<&String> = props.keys().collect();
+    json!({
+        "type": "object", "properties": props, "required": required,
+        "additionalProperties": false,
+    })
+}
+
+/// `count` chat requests with random schemas from `clients` concurrent clients on `backend`:
+/// every response ends by itself (not by max_tokens) and validates against its schema (the
+/// Python jsonschema package checks them).
+fn structured_outputs_validate(backend: &str, count: usize, clients: usize) {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-fortunes");
+    let s = Server::start(&model, &["--backend", backend, "--max-batch", "32"]);
+    let mut rng = StdRng::seed_from_u64(19);
+    let schemas: Vec<Value> = (0..count).map(|_| random_schema(&mut rng, 0)).collect();
+    let texts: Vec<(usize, String)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..clients)
+            .map(|c| {
+                let (s, schemas) = (&s, &schemas);
+                sc.spawn(move || {
+                    let mut out = Vec::new();
+                    for i in (c..schemas.len()).step_by(clients) {
+                        let body = json!({
+                            "messages": [{ "role": "user", "content": "Describe a thing in JSON." }],
+                            "max_tokens": 200, "temperature": 0.8, "seed": i,
+                            "response_format": {
+                                "type": "json_schema",
+                                "json_schema": { "name": "thing", "schema": schemas[i] },
+                            },
+                        });
+                        let (code, v, _) = s.post("/v1/chat/completions", &body.to_string());
+                        assert_eq!(code, 200, "{v}");
+                        let c = &v["choices"][0];
+                        assert_eq!(c["finish_reason"], "stop", "{v}");
+                        out.push((i, c["message"]["content"].as_str().unwrap().to_string()));
+                    }
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(texts.len(), count);
+    let file = std::env::temp_dir().join(format!(
+        "bitnet-structured-{backend}-{}.jsonl",
+        std::process::id()
+    ));
+    let lines: Vec<String> = texts
+        .iter()
+        .map(|(i, t)| json!({ "schema": schemas[*i], "text": t }).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/validate_json.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&file)
+        .output()
+        .expect("python3 with jsonschema is required (CI installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn two_hundred_json_schema_responses_validate_on_the_cpu() {
+    structured_outputs_validate("cpu", 200, 32);
+}
+
+#[test]
+fn json_schema_responses_validate_on_the_gpu() {
+    structured_outputs_validate("gpu", 24, 8);
+}
+
+#[test]
+fn json_mode_grammars_and_regexes_constrain_the_text() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-fortunes");
+    let s = Server::start(&model, &[]);
+    let ask = |extra: Value| {
+        let mut body =
+            json!({ "prompt": "And God said", "max_tokens": 60, "temperature": 0.9, "seed": 3 });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (code, v, _) = s.post("/v1/completions", &body.to_string());
+        (code, v)
+    };
+    let (code, v) = ask(json!({ "regex": "[0-9]{3}-[a-z]{2}" }));
+    assert_eq!(code, 200, "{v}");
+    let t = v["choices"][0]["text"].as_str().unwrap();
+    let b = t.as_bytes();
+    assert!(
+        b.len() == 6 && b[..3].iter().all(u8::is_ascii_digit) && b[3] == b'-',
+        "{t}"
+    );
+    assert!(b[4..].iter().all(u8::is_ascii_lowercase), "{t}");
+    let (code, v) = ask(json!({ "grammar": "start: \"yes\" | \"no\" | \"maybe so\"" }));
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        ["yes", "no", "maybe so"].contains(&v["choices"][0]["text"].as_str().unwrap()),
+        "{v}"
+    );
+    // Streamed with n = 2 and log-probabilities: each choice's pieces make a valid object.
+    let body = json!({
+        "prompt": "And God said", "max_tokens": 40, "temperature": 0.9, "seed": 5, "n": 2,
+        "stream": true, "logprobs": 1,
+        "response_format": { "type": "json_schema", "json_schema": { "schema": {
+            "type": "object", "properties": { "word": { "type": "string", "maxLength": 6 } },
+            "required": ["word"], "additionalProperties": false,
+        } } },
+    });
+    let (chunks, done) = s.stream_chunks("/v1/completions", body);
+    assert!(done);
+    let mut texts = [String::new(), String::new()];
+    for c in &chunks {
+        for ch in c["choices"].as_array().unwrap() {
+            texts[ch["index"].as_u64().unwrap() as usize]
+                .push_str(ch["text"].as_str().unwrap_or(""));
+        }
+    }
+    for t in &texts {
+        let v: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("{t}: {e}"));
+        assert!(
+            v["word"].as_str().is_some_and(|w| w.chars().count() <= 6),
+            "{t}"
+        );
+    }
+    for (extra, param) in [
+        (json!({ "grammar": "start: (" }), "response_format"),
+        (
+            json!({ "response_format": { "type": "json_schema" } }),
+            "response_format",
+        ),
+        (
+            json!({ "response_format": { "type": "xml" } }),
+            "response_format",
+        ),
+        (
+            json!({ "regex": "a", "grammar": "start: \"a\"" }),
+            "response_format",
+        ),
+        (
+            json!({ "response_format": { "type": "json_schema", "json_schema": { "schema": { "type": "frob" } } } }),
+            "response_format",
+        ),
+    ] {
+        let (code, v) = ask(extra.clone());
+        assert_eq!(code, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    // A model without an end-of-sequence token cannot end a structured answer: said so.
+    let slow = Server::start(slow_model(), &[]);
+    let body =
+        json!({ "prompt": "x", "max_tokens": 4, "response_format": { "type": "json_object" } });
+    let (code, v, _) = slow.post("/v1/completions", &body.to_string());
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("end-of-sequence"),
+        "{v}"
+    );
 }
 
 #[test]

@@ -237,6 +237,7 @@ fn the_scheduler_speculates_per_row_and_keeps_every_requests_tokens() {
                 };
                 sched
                     .submit(Request {
+                        constraint: None,
                         sink_window: None,
                         prompt: p.clone(),
                         max_tokens,

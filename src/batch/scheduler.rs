@@ -21,6 +21,7 @@ use crate::time::Instant;
 use super::blocks::{prefix_hashes, BlockAllocator};
 use crate::backend::{BatchBackend, HeadRows, RowSlot};
 use crate::engine::forward::forward_rows_sampled;
+use crate::engine::grammar::Constraint;
 use crate::engine::sampler::{SampleInput, Sampler, SamplingParams, TokenLogprobs};
 use crate::engine::session::FinishReason;
 use crate::engine::speculative::{accept_drafts, Drafter, NgramDrafter};
@@ -101,6 +102,8 @@ impl EventSink for mpsc::Sender<Event> {
 
 /// A generation request.
 pub struct Request {
+    /// What the text must match (structured output; None: free text).
+    pub constraint: Option<Constraint>,
     /// Attention sinks and a sliding window: the sequence goes on past the context (None:
     /// it ends there).
     pub sink_window: Option<SinkWindow>,
@@ -387,7 +390,10 @@ impl<B: BatchBackend> Engine<B> {
             slide: r.sink_window.map(Sliding::new),
             registered: 0,
             table: Vec::new(),
-            sampler: Sampler::new(r.sampling),
+            sampler: match r.constraint {
+                Some(c) => Sampler::new(r.sampling).constrain(c),
+                None => Sampler::new(r.sampling),
+            },
             max_tokens: r.max_tokens,
             stop_ids: r.stop_ids,
             priority: r.priority,

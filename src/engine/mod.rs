@@ -3,6 +3,7 @@
 
 pub mod forward;
 pub mod generate;
+pub mod grammar;
 pub mod sampler;
 pub mod session;
 pub mod speculative;

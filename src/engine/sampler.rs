@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::grammar::Constraint;
 use crate::reference::{argmax, top_candidates};
 
 /// Sampling parameters (`temperature == 0` means greedy).
@@ -140,6 +141,8 @@ pub struct Sampler {
     lse: Option<f64>,
     /// Log-probabilities of the tokens chosen since the last [`Sampler::take_logprobs`].
     logprobs: Vec<TokenLogprobs>,
+    /// The grammar the text must follow (structured output).
+    constraint: Option<Box<Constraint>>,
 }
 
 impl Sampler {
@@ -157,7 +160,15 @@ impl Sampler {
             raw: Vec::new(),
             lse: None,
             logprobs: Vec::new(),
+            constraint: None,
         }
+    }
+
+    /// This sampler, picking only tokens `c` allows (structured output): each row's
+    /// forbidden logits are set to −∞ after the penalties and bias.
+    pub fn constrain(mut self, c: Constraint) -> Self {
+        self.constraint = Some(Box::new(c));
+        self
     }
 
     /// The log-probabilities of the tokens chosen since the last call, one per token in order
@@ -169,6 +180,9 @@ impl Sampler {
     /// Notes that `token` was chosen from the current row: counted for the penalties, its
     /// log-probability kept when asked for.
     fn chose(&mut self, token: u32) -> u32 {
+        if let Some(c) = &mut self.constraint {
+            c.commit(token);
+        }
         if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
             *self.generated.entry(token).or_default() += 1;
         }
@@ -220,7 +234,13 @@ impl Sampler {
     /// repetition penalty): it then needs the argmax only, not the logits.
     pub fn is_greedy(&self) -> bool {
         let p = &self.params;
-        p.temperature == 0.0 && !p.shapes_logits() && p.logprobs.is_none()
+        p.temperature == 0.0 && !self.shapes_logits() && p.logprobs.is_none()
+    }
+
+    /// Whether the logits change before sampling beyond the temperature (penalties, bias, a
+    /// grammar): the sampler then needs each row's full logits.
+    fn shapes_logits(&self) -> bool {
+        self.params.shapes_logits() || self.constraint.is_some()
     }
 
     /// When this sampler needs only the `k` most likely tokens of a step (temperature > 0,
@@ -229,7 +249,7 @@ impl Sampler {
     /// [`Sampler::sample_candidates`].
     pub fn candidates_only(&self) -> Option<(usize, f32)> {
         let p = &self.params;
-        (p.temperature > 0.0 && p.top_k > 0 && !p.shapes_logits() && p.logprobs.is_none())
+        (p.temperature > 0.0 && p.top_k > 0 && !self.shapes_logits() && p.logprobs.is_none())
             .then(|| (p.top_k, 1.0 / p.temperature))
     }
 
@@ -331,6 +351,9 @@ impl Sampler {
             SampleInput::Logits(l) => {
                 self.keep_row(l);
                 self.penalize(l, context);
+                if let Some(c) = &mut self.constraint {
+                    c.mask(l);
+                }
                 if self.params.temperature == 0.0 {
                     return Some(argmax(l));
                 }

@@ -131,6 +131,12 @@ pub struct Common {
     pub frequency_penalty: Option<f32>,
     /// Completions: the prompt's text before the completion's.
     pub echo: Option<bool>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`.
+    pub response_format: Option<Value>,
+    /// A Lark grammar the output must follow (extension).
+    pub grammar: Option<String>,
+    /// A regular expression the output must match (extension).
+    pub regex: Option<String>,
     /// Scheduling priority (extension; higher first).
     pub priority: Option<i32>,
     /// Generate past the context with a sliding window of this many recent positions
@@ -154,7 +160,6 @@ pub struct Unsupported {
     tool_choice: Option<Value>,
     functions: Option<Value>,
     function_call: Option<Value>,
-    response_format: Option<Value>,
 }
 
 /// Whether `v` is a field's "unset" value: null, false, zero, or empty.
@@ -198,12 +203,6 @@ impl Common {
                         u.function_call.as_ref().and_then(Value::as_str),
                         Some("none" | "auto")
                     ),
-            ),
-            (
-                "response_format",
-                set(&u.response_format)
-                    && u.response_format.as_ref().and_then(|f| f.get("type"))
-                        != Some(&Value::from("text")),
             ),
         ];
         match named.iter().find(|(_, on)| *on) {

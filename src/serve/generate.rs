@@ -11,6 +11,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::api::ApiError;
 use super::{AppState, LoadedModel};
 use crate::batch::scheduler::{Event, EventSink, Request, SubmitError};
+use crate::engine::grammar::Constraint;
 use crate::engine::sampler::{SamplingParams, TokenLogprobs};
 use crate::engine::session::FinishReason;
 use crate::engine::text::TextStream;
@@ -33,6 +34,8 @@ pub struct Job {
     pub priority: i32,
     /// Attention sinks and a sliding window (None: the generation ends at the context).
     pub sink_window: Option<SinkWindow>,
+    /// What the text must match (structured output).
+    pub constraint: Option<Constraint>,
 }
 
 struct TokioSink(UnboundedSender<Event>);
@@ -125,6 +128,7 @@ impl Run {
                 stop_ids: eos,
                 priority: job.priority,
                 sink_window: job.sink_window,
+                constraint: job.constraint,
                 sink: Box::new(TokioSink(tx)),
             })
             .map_err(|e| match e {

@@ -21,6 +21,7 @@ use super::api::{self, ApiError, ChatRequest, Common, CompletionRequest, LoadReq
 use super::generate::{Job, Logprob, Piece, Run};
 use super::keys::{key_matches, Key, Limited};
 use super::{load_model, AppState, LoadedModel};
+use crate::engine::grammar::GrammarSpec;
 use crate::engine::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
 use crate::engine::window::SinkWindow;
 use crate::tokenizer::ChatMessage;
@@ -79,6 +80,8 @@ struct Plan {
     logprobs: bool,
     /// Completions' `echo`: the prompt's text, shown before each choice's.
     echo: Option<String>,
+    /// Structured output: what every choice's text must match.
+    grammar: Option<GrammarSpec>,
 }
 
 /// How many alternatives per token the request's `logprobs` / `top_logprobs` ask for (None:
@@ -155,6 +158,73 @@ fn logit_bias(c: &Common, vocab: usize) -> AppResult<Vec<(u32, f32)>> {
     Ok(out)
 }
 
+/// The structured-output request: `response_format` (json_object, json_schema), `grammar`
+/// (Lark) or `regex`, at most one of them.
+fn grammar_spec(c: &Common) -> AppResult<Option<GrammarSpec>> {
+    let bad = |m: &str| ApiError::invalid(Some("response_format"), m.to_string());
+    let format = match &c.response_format {
+        None | Some(Value::Null) => None,
+        Some(f) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(GrammarSpec::JsonObject),
+            Some("json_schema") => {
+                let schema = f
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .filter(|s| s.is_object() || s.is_boolean())
+                    .ok_or_else(|| {
+                        bad("json_schema needs {\"json_schema\": {\"schema\": {...}}}")
+                    })?;
+                Some(GrammarSpec::JsonSchema(schema.clone()))
+            }
+            _ => return Err(bad("type must be text, json_object or json_schema")),
+        },
+    };
+    let specs: Vec<GrammarSpec> = [
+        format,
+        c.grammar.clone().map(GrammarSpec::Lark),
+        c.regex.clone().map(GrammarSpec::Regex),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if specs.len() > 1 {
+        return Err(bad(
+            "use one of response_format (json), grammar and regex at a time",
+        ));
+    }
+    Ok(specs.into_iter().next())
+}
+
+/// Compiles the plan's grammar for its model (on the blocking pool, one per core at a time,
+/// like tokenizing) and gives every choice its own copy of the constraint.
+async fn attach_grammar(state: &AppState, plan: &mut Plan) -> AppResult<()> {
+    let Some(spec) = plan.grammar.take() else {
+        return Ok(());
+    };
+    let Some(model) = plan.jobs.first().map(|j| j.model.clone()) else {
+        return Ok(());
+    };
+    let turn = state
+        .cpu_work
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| engine_error(e.to_string()))?;
+    let compiled = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        let grammars = model.grammars()?;
+        grammars.constraint(&spec).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| engine_error(e.to_string()))?
+    .map_err(|e| ApiError::invalid(Some("response_format"), e))?;
+    for job in &mut plan.jobs {
+        job.constraint = Some(compiled.fork());
+    }
+    Ok(())
+}
+
 fn plan(
     state: &AppState,
     model: Arc<LoadedModel>,
@@ -189,6 +259,7 @@ fn plan(
         return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
     }
     let logprobs = logprobs_wanted(kind, &c)?;
+    let grammar = grammar_spec(&c)?;
     let echo = c.echo.unwrap_or(false);
     if echo && kind == Kind::Chat {
         return Err(ApiError::invalid(
@@ -322,9 +393,11 @@ fn plan(
             stops: stops.clone(),
             priority: c.priority.unwrap_or(0),
             sink_window,
+            constraint: None,
         })
         .collect();
     Ok(Plan {
+        grammar,
         stream: c.stream.unwrap_or(false),
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         logprobs: logprobs.is_some(),
@@ -846,7 +919,8 @@ pub async fn completions(
     req.common.refuse_unsupported()?;
     let model = ready(&state)?;
     let prompt = prompt_tokens(&state, &model, completion_input(req.prompt)?).await?;
-    let p = plan(&state, model, prompt, req.common, Kind::Text)?;
+    let mut p = plan(&state, model, prompt, req.common, Kind::Text)?;
+    attach_grammar(&state, &mut p).await?;
     let charge = admit(&state, key.as_deref(), &p)?;
     respond(state, Kind::Text, p, charge).await
 }
@@ -862,7 +936,8 @@ pub async fn chat(
     let model = ready(&state)?;
     let prompt = prompt_tokens(&state, &model, chat_input(&req)?).await?;
     let common = std::mem::take(&mut req.common);
-    let p = plan(&state, model, prompt, common, Kind::Chat)?;
+    let mut p = plan(&state, model, prompt, common, Kind::Chat)?;
+    attach_grammar(&state, &mut p).await?;
     let charge = admit(&state, key.as_deref(), &p)?;
     respond(state, Kind::Chat, p, charge).await
 }
@@ -1056,7 +1131,9 @@ async fn ws_request(state: &Arc<AppState>, text: &str) -> AppResult<(Kind, Plan)
     }
     let model = ready(state)?;
     let prompt = prompt_tokens(state, &model, input).await?;
-    Ok((kind, plan(state, model, prompt, common, kind)?))
+    let mut p = plan(state, model, prompt, common, kind)?;
+    attach_grammar(state, &mut p).await?;
+    Ok((kind, p))
 }
 
 /// Serves requests on one socket until it closes, errs, or stays silent for

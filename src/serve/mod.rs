@@ -30,6 +30,7 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use crate::backend::{BatchBackend, HeadMode, KvDtype};
 use crate::batch::scheduler::{Scheduler, SchedulerConfig};
+use crate::engine::grammar::Grammars;
 use crate::error::{Error, Result};
 use crate::load::{load_backend, BackendKind, Engine, LoadOptions, ModelFiles};
 use crate::tokenizer::Tokenizer;
@@ -139,6 +140,29 @@ pub struct LoadedModel {
     pub context: usize,
     /// Seconds since the epoch at load.
     pub created: u64,
+    /// The grammar compiler of structured output, built on first use.
+    grammars: std::sync::OnceLock<std::result::Result<Grammars, String>>,
+}
+
+impl LoadedModel {
+    /// The grammar compiler (built on the first call: the vocabulary's trie and token
+    /// classes); an error says why this model cannot do structured output.
+    pub fn grammars(&self) -> std::result::Result<&Grammars, String> {
+        self.grammars
+            .get_or_init(|| {
+                let tok = self
+                    .tokenizer
+                    .clone()
+                    .ok_or("structured output needs the model's tokenizer.json".to_string())?;
+                let eos = *self.eos.first().ok_or(
+                    "structured output needs an end-of-sequence token (generation_config.json)"
+                        .to_string(),
+                )?;
+                Grammars::new(tok, self.sched.vocab(), eos).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
 }
 
 /// Shared server state.
@@ -235,6 +259,7 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
         eos: generation.eos_token_ids,
         context,
         created: now_s(),
+        grammars: std::sync::OnceLock::new(),
     })
 }
 
