@@ -205,19 +205,11 @@ async fn attach_grammar(state: &AppState, plan: &mut Plan) -> AppResult<()> {
     let Some(model) = plan.jobs.first().map(|j| j.model.clone()) else {
         return Ok(());
     };
-    let turn = state
-        .cpu_work
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|e| engine_error(e.to_string()))?;
-    let compiled = tokio::task::spawn_blocking(move || {
-        let _turn = turn;
+    let compiled = on_cpu_pool(state, move || {
         let grammars = model.grammars()?;
         grammars.constraint(&spec).map_err(|e| e.to_string())
     })
-    .await
-    .map_err(|e| engine_error(e.to_string()))?
+    .await?
     .map_err(|e| ApiError::invalid(Some("response_format"), e))?;
     for job in &mut plan.jobs {
         job.constraint = Some(compiled.fork());
@@ -457,6 +449,27 @@ fn chat_input(req: &ChatRequest) -> AppResult<PromptInput> {
     Ok(PromptInput::Chat(msgs))
 }
 
+/// Runs CPU-heavy request work (tokenizing, template rendering, grammar compiles) on the
+/// blocking pool, at most one per core at a time. The turn moves into the task: a client that
+/// hangs up does not free it while the work still runs.
+async fn on_cpu_pool<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> AppResult<T> {
+    let turn = state
+        .cpu_work
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| engine_error(e.to_string()))?;
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        work()
+    })
+    .await
+    .map_err(|e| engine_error(e.to_string()))
+}
+
 /// The prompt's token ids. Rendering the chat template and tokenizing run on the blocking
 /// pool, at most one per core at a time, so long prompts never hold up the async workers.
 async fn prompt_tokens(
@@ -475,23 +488,11 @@ async fn prompt_tokens(
             "this model has no tokenizer.json: send the prompt as token ids",
         )
     })?;
-    // The turn moves into the task: a client that hangs up does not free it while the
-    // tokenizer still runs.
-    let turn = state
-        .cpu_work
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|e| engine_error(e.to_string()))?;
-    tokio::task::spawn_blocking(move || {
-        let _turn = turn;
-        match text {
-            Ok(t) => tok.encode(&t, true),
-            Err(messages) => tok.encode_chat(&messages),
-        }
+    on_cpu_pool(state, move || match text {
+        Ok(t) => tok.encode(&t, true),
+        Err(messages) => tok.encode_chat(&messages),
     })
-    .await
-    .map_err(|e| engine_error(e.to_string()))?
+    .await?
     .map_err(|e| ApiError::invalid(Some(param), e.to_string()))
 }
 
