@@ -1166,7 +1166,7 @@ fn bad_requests_get_4xx_json_errors() {
         (
             "/v1/chat/completions",
             r#"{"messages": [{"role": "user", "content": "x"}],
-                "response_format": {"type": "json_object"}}"#
+                "tools": [{"type": "function", "function": {"name": "f"}}]}"#
                 .into(),
             400,
         ),
