@@ -1380,6 +1380,101 @@ fn the_breaker_sheds_a_flood_and_closes_once_caught_up() {
     assert_eq!(s.metric("bitnet_breaker_open"), 0.0);
 }
 
+/// The metric names (`bitnet_...`) an expression text mentions.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("bitnet_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        out.push(name);
+    }
+    out
+}
+
+#[test]
+fn the_dashboard_and_alert_rules_name_metrics_the_server_exports() {
+    // A keyed server with one request through and one rate-limited, so the per-key series exist.
+    let dir = std::env::temp_dir().join(format!("bitnet-dash-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.json");
+    std::fs::write(
+        &keys,
+        r#"[{"name": "k", "key": "key-12345", "requests_per_minute": 1}]"#,
+    )
+    .unwrap();
+    let s = Server::start(&common::fixture(), &["--api-keys", keys.to_str().unwrap()]);
+    let body = json!({ "prompt": "x", "max_tokens": 2 }).to_string();
+    assert_eq!(
+        s.post_as("/v1/completions", &body, Some("key-12345")).0,
+        200
+    );
+    assert_eq!(
+        s.post_as("/v1/completions", &body, Some("key-12345")).0,
+        429
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_, text) = s.get("/metrics");
+    let exported: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let known = |m: &str| {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| m.strip_suffix(s))
+            .unwrap_or(m);
+        exported.contains(&m) || exported.contains(&base)
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana/bitnet-serve.json")).unwrap(),
+    )
+    .unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    for p in panels {
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{}", p["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{expr}");
+            for m in names {
+                assert!(known(&m), "dashboard panel {}: no metric {m}", p["title"]);
+            }
+        }
+    }
+    // The rules file is YAML with an alert and an expression per rule (PyYAML parses it).
+    let rules = root.join("prometheus/alerts.yaml");
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rules = doc["groups"][0]["rules"].as_array().unwrap();
+    assert!(rules.len() >= 5);
+    for r in rules {
+        assert!(r["alert"].is_string(), "{r}");
+        for m in metric_names(r["expr"].as_str().unwrap()) {
+            assert!(known(&m), "alert {}: no metric {m}", r["alert"]);
+        }
+    }
+}
+
 #[test]
 fn websocket_streams_chat_chunks() {
     let s = Server::start(&common::fixture(), &[]);
