@@ -121,6 +121,9 @@ pub(crate) struct BenchServeArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 64)]
     pub(crate) max_tokens: usize,
+    /// Constrain every response to this JSON schema (a file): structured output's cost.
+    #[arg(long)]
+    pub(crate) json_schema: Option<std::path::PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -130,6 +133,18 @@ pub(crate) struct BenchServeArgs {
 pub(crate) fn bench_serve(a: BenchServeArgs) -> Result<()> {
     use bitnet_inference::serve::bench::run_level;
     use std::io::BufRead;
+    let extra = match &a.json_schema {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("--json-schema {}", f.display()))?;
+            let schema: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("--json-schema {}: not JSON", f.display()))?;
+            serde_json::json!({ "response_format": {
+                "type": "json_schema", "json_schema": { "name": "bench", "schema": schema },
+            } })
+        }
+        None => serde_json::json!({}),
+    };
     let mut child = None;
     let base = match &a.url {
         Some(u) => u.trim_end_matches('/').to_string(),
@@ -169,7 +184,7 @@ pub(crate) fn bench_serve(a: BenchServeArgs) -> Result<()> {
     };
     let mut results = Vec::new();
     for &c in &a.clients {
-        let r = run_level(&base, c, a.requests, a.prompt_len, a.max_tokens)?;
+        let r = run_level(&base, c, a.requests, a.prompt_len, a.max_tokens, &extra)?;
         if !a.json {
             println!(
                 "clients {:>3}: {:>6.2} req/s  {:>8.1} tok/s  TTFT p50 {:>8.1} ms p99 {:>8.1} ms  \

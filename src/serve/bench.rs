@@ -96,13 +96,15 @@ fn request(agent: &ureq::Agent, url: &str, body: &Value) -> Result<One> {
 }
 
 /// Runs `clients` concurrent clients, each sending `per_client` streaming completions of
-/// `max_tokens` tokens (random `prompt_len`-token prompts, greedy) to `base` (`http://host:port`).
+/// `max_tokens` tokens (random `prompt_len`-token prompts, greedy) to `base` (`http://host:port`),
+/// with the request fields of `extra` (an object, e.g. a `response_format`) added.
 pub fn run_level(
     base: &str,
     clients: usize,
     per_client: usize,
     prompt_len: usize,
     max_tokens: usize,
+    extra: &Value,
 ) -> Result<LevelResult> {
     let url = format!("{base}/v1/completions");
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -121,10 +123,13 @@ pub fn run_level(
                         .map(|_| {
                             let prompt: Vec<u32> =
                                 (0..prompt_len).map(|_| rng.random_range(1..256)).collect();
-                            let body = json!({
+                            let mut body = json!({
                                 "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                                 "stream": true, "stream_options": { "include_usage": true },
                             });
+                            for (k, v) in extra.as_object().into_iter().flatten() {
+                                body[k] = v.clone();
+                            }
                             request(agent, url, &body)
                         })
                         .collect()
