@@ -36,12 +36,14 @@ pub const TEMPLATE_FUEL: u64 = 1_000_000;
 pub const TEMPLATE_MAX_OUTPUT: usize = 4 << 20;
 
 /// A chat template and the file it came from (named in its errors).
+#[derive(Clone)]
 struct ChatTemplate {
     source: String,
     origin: &'static str,
 }
 
 /// A tokenizer with its chat template and special tokens.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<ChatTemplate>,

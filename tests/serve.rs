@@ -688,6 +688,18 @@ fn json_mode_grammars_and_regexes_constrain_the_text() {
         "{t}"
     );
     assert!(b[4..].iter().all(u8::is_ascii_lowercase), "{t}");
+    // Greedy under a regex, the CLI's `--regex` gives the server's text.
+    let body = json!({ "prompt": "And God said", "max_tokens": 30, "temperature": 0, "regex": "[A-Z][a-z]{2,6}, [0-9]{2}" });
+    let (code, v, _) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(code, 200, "{v}");
+    let cli = cli_generate_with(
+        &model,
+        "And God said",
+        30,
+        &["--temperature", "0", "--regex", "[A-Z][a-z]{2,6}, [0-9]{2}"],
+    );
+    assert_eq!(v["choices"][0]["text"], cli["text"]);
+    assert_eq!(cli["finish_reason"], "stop", "{cli}");
     let (code, v) = ask(json!({ "grammar": "start: \"yes\" | \"no\" | \"maybe so\"" }));
     assert_eq!(code, 200, "{v}");
     assert!(

@@ -4,6 +4,14 @@
 let counter = 0;
 const newId = () => `chatcmpl-${Date.now().toString(36)}${(counter++).toString(36)}`;
 
+/** The schema a `response_format` asks for (`json_object`: any object), if any. */
+function jsonSchemaOf(format) {
+  if (format == null || format.type === 'text') return undefined;
+  if (format.type === 'json_object') return { type: 'object' };
+  if (format.type === 'json_schema' && format.json_schema?.schema) return format.json_schema.schema;
+  throw new TypeError("response_format must be {type: 'text' | 'json_object' | 'json_schema', json_schema: {schema}}");
+}
+
 /** Maps OpenAI request fields to generate() options. */
 export function chatOptions(req) {
   const stop = req.stop == null ? undefined : req.stop;
@@ -17,6 +25,7 @@ export function chatOptions(req) {
     presencePenalty: req.presence_penalty ?? req.presencePenalty,
     frequencyPenalty: req.frequency_penalty ?? req.frequencyPenalty,
     logitBias: req.logit_bias ?? req.logitBias,
+    jsonSchema: jsonSchemaOf(req.response_format) ?? req.jsonSchema,
     seed: req.seed,
     stop,
     signal: req.signal,

@@ -124,6 +124,12 @@ export interface GenerateOptions {
   frequencyPenalty?: number;
   /** Token id → bias added to its logit (−100..100). */
   logitBias?: Record<string, number>;
+  /** Structured output: the text is JSON valid against this schema (constrained decoding). */
+  jsonSchema?: object;
+  /** Structured output: the text follows this Lark grammar. */
+  grammar?: string;
+  /** Structured output: the text matches this regular expression. */
+  regex?: string;
   /** A non-negative integer for reproducible sampling. */
   seed?: number;
   /** Strings that end the generation (the text is cut before them). */

@@ -61,7 +61,7 @@ function cpuThreads(asked = 'auto', backend) {
 
 function genOptions(o = {}) {
   const out = {};
-  const keys = ['maxTokens', 'temperature', 'topK', 'topP', 'minP', 'repetitionPenalty', 'presencePenalty', 'frequencyPenalty', 'logitBias', 'seed', 'stop', 'ignoreEos', 'eosTokenIds', 'window', 'sinks'];
+  const keys = ['maxTokens', 'temperature', 'topK', 'topP', 'minP', 'repetitionPenalty', 'presencePenalty', 'frequencyPenalty', 'logitBias', 'jsonSchema', 'grammar', 'regex', 'seed', 'stop', 'ignoreEos', 'eosTokenIds', 'window', 'sinks'];
   for (const k of keys) if (o[k] !== undefined && o[k] !== null) out[k] = o[k];
   if (out.seed !== undefined && !(Number.isSafeInteger(out.seed) && out.seed >= 0)) {
     throw new RangeError('seed must be a non-negative integer');

@@ -310,3 +310,36 @@ test('default model (models/kjv-fortunes): tokenizer and greedy tokens match tra
     m.dispose();
   }
 });
+
+test('structured output, logit bias and penalties: the same sampler as the server', async () => {
+  const dir = fileURLToPath(new URL('../../models/kjv-fortunes/', import.meta.url));
+  const m = await BitNet.load(dir);
+  try {
+    const schema = {
+      type: 'object',
+      properties: { name: { type: 'string', maxLength: 8 }, n: { type: 'integer', minimum: 0, maximum: 9 } },
+      required: ['name', 'n'],
+      additionalProperties: false,
+    };
+    const out = await m.generateText('And God said', { maxTokens: 40, temperature: 0.8, seed: 1, jsonSchema: schema });
+    assert.equal(out.finishReason, 'stop', out.text);
+    const v = JSON.parse(out.text);
+    assert.ok(typeof v.name === 'string' && v.name.length <= 8 && Number.isInteger(v.n), out.text);
+    const re = await m.generateText('And God said', { maxTokens: 20, regex: '[0-9]{3}' });
+    assert.match(re.text, /^[0-9]{3}$/);
+    const chat = await m.chat.completions.create({
+      messages: [{ role: 'user', content: 'JSON please' }], max_tokens: 40,
+      response_format: { type: 'json_schema', json_schema: { schema } },
+    });
+    JSON.parse(chat.choices[0].message.content);
+    const plain = await m.generateText('And God said', { maxTokens: 3 });
+    const forced = await m.generateText('And God said', { maxTokens: 3, logitBias: { [plain.tokens[0] + 1]: 100 } });
+    assert.deepEqual(forced.tokens, Array(3).fill(plain.tokens[0] + 1));
+    const pen = await m.generateText('And God said', { maxTokens: 3, presencePenalty: 1.5, frequencyPenalty: 1 });
+    assert.equal(pen.tokens.length, 3);
+    await assert.rejects(m.generateText('x', { regex: '(' }), /does not compile/);
+    assert.throws(() => m.generateText('x', { jsonSchema: 'no' }), /jsonSchema/);
+  } finally {
+    m.dispose();
+  }
+});

@@ -9,6 +9,7 @@ use super::engine::{attach_speculation, load, Ctx, Engine, Loaded, SpecArgs, Win
 use super::ModelArgs;
 use bitnet_inference::backend::Backend;
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
+use bitnet_inference::engine::grammar::{Constraint, GrammarSpec, Grammars};
 use bitnet_inference::engine::sampler::SamplingParams;
 
 #[derive(Args)]
@@ -55,6 +56,15 @@ pub(crate) struct GenerateArgs {
     /// Random seed.
     #[arg(long)]
     pub(crate) seed: Option<u64>,
+    /// Constrain the output to JSON valid against this schema (a file).
+    #[arg(long, conflicts_with_all = ["grammar", "regex"])]
+    pub(crate) json_schema: Option<std::path::PathBuf>,
+    /// Constrain the output to this Lark grammar (a file).
+    #[arg(long, conflicts_with = "regex")]
+    pub(crate) grammar: Option<std::path::PathBuf>,
+    /// Constrain the output to match this regular expression.
+    #[arg(long)]
+    pub(crate) regex: Option<String>,
     /// Stop string (repeatable).
     #[arg(long = "stop")]
     pub(crate) stop: Vec<String>,
@@ -83,6 +93,33 @@ fn parse_bias(s: &str) -> Result<(u32, f32), String> {
         .parse()
         .map_err(|_| format!("`{bias}` is not a number"))?;
     Ok((id, bias))
+}
+
+/// The structured-output constraint of `--json-schema`, `--grammar` or `--regex`, if any.
+fn constraint(
+    a: &GenerateArgs,
+    tokenizer: Option<&bitnet_inference::tokenizer::Tokenizer>,
+    eos: &[u32],
+    vocab: usize,
+) -> Result<Option<Constraint>> {
+    let read = |f: &std::path::Path| {
+        std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))
+    };
+    let spec = match (&a.json_schema, &a.grammar, &a.regex) {
+        (Some(f), _, _) => GrammarSpec::JsonSchema(
+            serde_json::from_str(&read(f)?)
+                .with_context(|| format!("--json-schema {}: not JSON", f.display()))?,
+        ),
+        (_, Some(f), _) => GrammarSpec::Lark(read(f)?),
+        (_, _, Some(r)) => GrammarSpec::Regex(r.clone()),
+        _ => return Ok(None),
+    };
+    let tok = tokenizer.context("structured output needs the model's tokenizer.json")?;
+    let eos = *eos
+        .first()
+        .context("structured output needs an end-of-sequence token (generation_config.json)")?;
+    let grammars = Grammars::new(std::sync::Arc::new(tok.clone()), vocab, eos)?;
+    Ok(Some(grammars.constraint(&spec)?))
 }
 
 pub(crate) fn parse_tokens(s: &str) -> Result<Vec<u32>> {
@@ -135,6 +172,12 @@ pub(crate) fn generate_on<B: Backend>(
         ignore_eos: a.ignore_eos,
         stop_strings: a.stop.clone(),
         sink_window: a.window.sink_window(),
+        constraint: constraint(
+            a,
+            tokenizer.as_ref(),
+            &gen_cfg.eos_token_ids,
+            gen.backend().config().vocab_size,
+        )?,
     };
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();

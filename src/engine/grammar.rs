@@ -126,6 +126,12 @@ pub struct Constraint {
     eos: u32,
 }
 
+impl Clone for Constraint {
+    fn clone(&self) -> Self {
+        self.fork()
+    }
+}
+
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Constraint")

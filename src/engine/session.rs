@@ -25,6 +25,9 @@ pub struct GenerateOptions {
     /// Attention sinks and a sliding window: generation goes on past the KV cache (None:
     /// it ends when the cache is full).
     pub sink_window: Option<super::window::SinkWindow>,
+    /// What the text must match (structured output; each generation starts from a fresh
+    /// copy of this constraint).
+    pub constraint: Option<super::grammar::Constraint>,
 }
 
 impl Default for GenerateOptions {
@@ -36,6 +39,7 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             stop_strings: vec![],
             sink_window: None,
+            constraint: None,
         }
     }
 }
@@ -124,7 +128,10 @@ impl Session {
     ) -> Result<Self> {
         opts.sampling.validate()?;
         check_prompt(prompt, capacity, vocab)?;
-        let sampler = Sampler::new(opts.sampling.clone());
+        let sampler = match &opts.constraint {
+            Some(c) => Sampler::new(opts.sampling.clone()).constrain(c.fork()),
+            None => Sampler::new(opts.sampling.clone()),
+        };
         let want = match sampler.candidates_only() {
             Some((k, inv_t)) => Want::TopK(k, inv_t),
             None if sampler.is_greedy() => Want::Argmax,

@@ -28,6 +28,7 @@ use crate::cpu::{CpuBackend, CpuCache, CpuOptions};
 #[cfg(feature = "gpu")]
 use crate::engine::forward::queue_greedy_step_with;
 use crate::engine::forward::{forward, forward_argmax};
+use crate::engine::grammar::{Constraint, GrammarSpec, Grammars};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::session::{check_prompt, GenerateOptions, Session, Want};
 use crate::engine::window::{SinkWindow, Sliding};
@@ -338,6 +339,8 @@ struct Run {
 struct Inner {
     engine: Engine,
     tokenizer: Option<Rc<Tokenizer>>,
+    /// The structured-output grammar compiler, built on first use.
+    grammars: Option<Grammars>,
     gen: GenerationConfig,
     context: usize,
     session: Option<Run>,
@@ -514,6 +517,7 @@ async fn build(p: ModelBuilder, options: &str) -> Result<Model> {
         inner: Rc::new(RefCell::new(Inner {
             engine,
             tokenizer: tokenizer.clone(),
+            grammars: None,
             gen,
             context,
             session: None,
@@ -560,6 +564,36 @@ fn busy() -> Error {
 }
 
 impl Inner {
+    /// The constraint of a `jsonSchema` (object), `grammar` (Lark) or `regex` option, if any.
+    fn constraint(&mut self, o: &Value, eos: &[u32]) -> Result<Option<Constraint>> {
+        let spec = match (&o["jsonSchema"], &o["grammar"], &o["regex"]) {
+            (Value::Null, Value::Null, Value::Null) => return Ok(None),
+            (s @ Value::Object(_), Value::Null, Value::Null) => GrammarSpec::JsonSchema(s.clone()),
+            (Value::Null, Value::String(g), Value::Null) => GrammarSpec::Lark(g.clone()),
+            (Value::Null, Value::Null, Value::String(r)) => GrammarSpec::Regex(r.clone()),
+            _ => {
+                return Err(req(
+                    "use one of jsonSchema (an object), grammar (Lark text) and regex (text)",
+                ))
+            }
+        };
+        if self.grammars.is_none() {
+            let tok = self
+                .tokenizer
+                .as_deref()
+                .ok_or_else(|| req("structured output needs the model's tokenizer.json"))?;
+            let eos = *eos
+                .first()
+                .ok_or_else(|| req("structured output needs an end-of-sequence token"))?;
+            let vocab = self.engine.config().vocab_size;
+            self.grammars = Some(Grammars::new(Arc::new(tok.clone()), vocab, eos)?);
+        }
+        match &self.grammars {
+            Some(g) => g.constraint(&spec).map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
         check_prompt(prompt, self.context, self.engine.config().vocab_size)
     }
@@ -617,6 +651,7 @@ impl Inner {
                 .ok_or_else(|| req("eosTokenIds must be token ids"))?,
             None => self.gen.eos_token_ids.clone(),
         };
+        let eos_for_grammar = eos_token_ids.clone();
         let sink_window = match (o["window"].as_u64(), &o["sinks"]) {
             (Some(window), sinks) => Some(SinkWindow {
                 window: window as usize,
@@ -638,6 +673,7 @@ impl Inner {
             ignore_eos: o["ignoreEos"].as_bool().unwrap_or(false),
             stop_strings,
             sink_window,
+            constraint: self.constraint(&o, &eos_for_grammar)?,
         };
         let vocab = self.engine.config().vocab_size;
         // Under a sink window only the token limit ends a generation.
