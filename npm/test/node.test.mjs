@@ -338,7 +338,7 @@ test('structured output, logit bias and penalties: the same sampler as the serve
     const pen = await m.generateText('And God said', { maxTokens: 3, presencePenalty: 1.5, frequencyPenalty: 1 });
     assert.equal(pen.tokens.length, 3);
     await assert.rejects(m.generateText('x', { regex: '(' }), /does not compile/);
-    assert.throws(() => m.generateText('x', { jsonSchema: 'no' }), /jsonSchema/);
+    await assert.rejects(m.generateText('x', { jsonSchema: 'no' }), /jsonSchema/);
   } finally {
     m.dispose();
   }
