@@ -56,6 +56,10 @@ pub fn start() {
             *p = Some(msg);
         }
     }));
+    // llguidance wraps its work in a panic hook of its own, installed on first use. Here a
+    // panic aborts without unwinding, so the thread counts as panicking ever after, and
+    // installing a hook then panics: install it now, on top of ours, while nothing has.
+    let _ = llguidance::panic_utils::catch_unwind(|| Ok(()));
 }
 
 /// The message of the last panic (then cleared), if any: the wrapper turns the trap that
