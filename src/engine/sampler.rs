@@ -191,9 +191,11 @@ impl Sampler {
                 Some(lse) => {
                     let raw = &self.raw;
                     let lp = |id: u32| (raw[id as usize] as f64 - lse) as f32;
-                    let mut top = Vec::new();
+                    // The candidates' scratch is free once the token is chosen.
+                    let top = &mut self.cand;
+                    top.clear();
                     if n > 0 {
-                        top_candidates(raw, n, 1.0, &mut top);
+                        top_candidates(raw, n, 1.0, top);
                     }
                     TokenLogprobs {
                         token,
