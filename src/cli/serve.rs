@@ -90,6 +90,13 @@ pub(crate) struct ServeArgs {
     /// Seconds a WebSocket may sit between requests before it is closed.
     #[arg(long, default_value_t = 300)]
     pub(crate) ws_idle_timeout: u64,
+    /// The Batch API's directory (`/v1/files`, `/v1/batches`): uploaded files, results and
+    /// the batch queue, resumed after a restart. Without it the Batch API is off.
+    #[arg(long)]
+    pub(crate) batch_dir: Option<std::path::PathBuf>,
+    /// Largest file `/v1/files` accepts, in MiB.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) max_file_mb: usize,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub(crate) log_format: String,
@@ -280,6 +287,8 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         idle_timeout: a.idle_timeout,
         body_timeout: a.body_timeout.max(1),
         ws_idle_timeout: a.ws_idle_timeout,
+        batch_dir: a.batch_dir,
+        max_file_bytes: a.max_file_mb.saturating_mul(1 << 20),
     })?;
     Ok(())
 }

@@ -29,7 +29,7 @@ use crate::tokenizer::ChatMessage;
 type AppResult<T> = Result<T, ApiError>;
 
 /// A request body read whole within `--max-body-bytes` and `--body-timeout`.
-pub struct Body(Bytes);
+pub struct Body(pub(super) Bytes);
 
 impl FromRequest<Arc<AppState>> for Body {
     type Rejection = ApiError;
@@ -497,8 +497,8 @@ async fn prompt_tokens(
 }
 
 /// Chat or text completion chunk/response bodies.
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(super) enum Kind {
     Text,
     Chat,
 }
@@ -669,6 +669,17 @@ fn merged(
 #[derive(Clone)]
 pub struct KeyRef(Arc<Key>);
 
+impl KeyRef {
+    /// The key's name.
+    pub fn name(&self) -> &str {
+        &self.key().spec.name
+    }
+
+    fn key(&self) -> &Key {
+        &self.0
+    }
+}
+
 /// A request's tokens charged to its key's tokens-per-minute limit: its prompt and every
 /// choice's `max_tokens` up front; what the choices did not generate is given back when the
 /// request ends, however it ends, and the tokens it used are counted in the key's metrics.
@@ -771,17 +782,12 @@ fn admit(state: &AppState, key: Option<&KeyRef>, plan: &Plan) -> AppResult<Optio
     }))
 }
 
-async fn respond(
-    state: Arc<AppState>,
-    kind: Kind,
-    plan: Plan,
-    mut charge: Option<TokenCharge>,
-) -> AppResult<Response> {
-    use futures_util::StreamExt;
+/// The response shape of a `kind` request on `plan`'s model.
+fn shape(state: &AppState, kind: Kind, plan: &Plan) -> AppResult<Shape> {
     let Some(model) = plan.jobs.first().map(|j| j.model.id.clone()) else {
         return Err(engine_error("a request without choices".into()));
     };
-    let shape = Shape {
+    Ok(Shape {
         kind,
         id: state.new_id(if kind == Kind::Chat {
             "chatcmpl"
@@ -790,44 +796,69 @@ async fn respond(
         }),
         model,
         created: super::now_s(),
-    };
-    let n = plan.jobs.len();
-    let mut pieces = merged(start_runs(&state, plan.jobs)?);
+    })
+}
+
+/// Runs `plan` to its end and answers with the whole response body.
+async fn whole(
+    state: &Arc<AppState>,
+    kind: Kind,
+    plan: Plan,
+    mut charge: Option<TokenCharge>,
+) -> AppResult<Value> {
+    use futures_util::StreamExt;
+    let shape = shape(state, kind, &plan)?;
     let echo = plan.echo.unwrap_or_default();
+    let mut choices: Vec<Choice> = (0..plan.jobs.len())
+        .map(|_| Choice {
+            text: echo.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let mut pieces = merged(start_runs(state, plan.jobs)?);
     let (mut prompt, mut completion) = (0, 0);
-    if !plan.stream {
-        let mut choices: Vec<Choice> = (0..n)
-            .map(|_| Choice {
-                text: echo.clone(),
-                ..Default::default()
-            })
-            .collect();
-        while let Some((i, p)) = pieces.next().await {
-            match p.map_err(engine_error)? {
-                Piece::Text(t, lps) => {
-                    choices[i].text.push_str(&t);
-                    choices[i].logprobs.extend(lps);
-                }
-                Piece::End {
-                    finish,
-                    prompt_tokens,
-                    completion_tokens,
-                } => {
-                    choices[i].finish = finish;
-                    prompt = prompt_tokens;
-                    completion += completion_tokens;
-                    if let Some(c) = &mut charge {
-                        c.generated(completion_tokens);
-                    }
+    while let Some((i, p)) = pieces.next().await {
+        match p.map_err(engine_error)? {
+            Piece::Text(t, lps) => {
+                choices[i].text.push_str(&t);
+                choices[i].logprobs.extend(lps);
+            }
+            Piece::End {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                choices[i].finish = finish;
+                prompt = prompt_tokens;
+                completion += completion_tokens;
+                if let Some(c) = &mut charge {
+                    c.generated(completion_tokens);
                 }
             }
         }
-        if choices.iter().any(|c| c.finish.is_empty()) {
-            return Err(engine_error("generation ended without a result".into()));
-        }
-        let usage = api::usage(prompt, completion);
-        return Ok(Json(shape.whole(&choices, plan.logprobs, usage)).into_response());
     }
+    if choices.iter().any(|c| c.finish.is_empty()) {
+        return Err(engine_error("generation ended without a result".into()));
+    }
+    let usage = api::usage(prompt, completion);
+    Ok(shape.whole(&choices, plan.logprobs, usage))
+}
+
+async fn respond(
+    state: Arc<AppState>,
+    kind: Kind,
+    plan: Plan,
+    mut charge: Option<TokenCharge>,
+) -> AppResult<Response> {
+    use futures_util::StreamExt;
+    if !plan.stream {
+        return Ok(Json(whole(&state, kind, plan, charge).await?).into_response());
+    }
+    let shape = shape(&state, kind, &plan)?;
+    let n = plan.jobs.len();
+    let echo = plan.echo.unwrap_or_default();
+    let mut pieces = merged(start_runs(&state, plan.jobs)?);
+    let (mut prompt, mut completion) = (0, 0);
     let (include_usage, logprobs) = (plan.include_usage, plan.logprobs);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {
@@ -910,18 +941,45 @@ async fn respond(
         .into_response())
 }
 
+/// A completions (`Kind::Text`) or chat request body: its prompt input and shared fields.
+fn parse_request(kind: Kind, body: &[u8]) -> AppResult<(PromptInput, Common)> {
+    match kind {
+        Kind::Text => {
+            let req: CompletionRequest = api::parse(body)?;
+            Ok((completion_input(req.prompt)?, req.common))
+        }
+        Kind::Chat => {
+            let mut req: ChatRequest = api::parse(body)?;
+            let input = chat_input(&req)?;
+            Ok((input, std::mem::take(&mut req.common)))
+        }
+    }
+}
+
+/// A parsed request checked and planned against the serving model: the one path of HTTP,
+/// WebSocket and batch requests.
+async fn planned(
+    state: &Arc<AppState>,
+    kind: Kind,
+    input: PromptInput,
+    common: Common,
+) -> AppResult<Plan> {
+    common.refuse_unsupported()?;
+    let model = ready(state)?;
+    let prompt = prompt_tokens(state, &model, input).await?;
+    let mut p = plan(state, model, prompt, common, kind)?;
+    attach_grammar(state, &mut p).await?;
+    Ok(p)
+}
+
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     key: Option<Extension<KeyRef>>,
     Body(b): Body,
 ) -> AppResult<Response> {
-    let req: CompletionRequest = api::parse(&b)?;
-    req.common.refuse_unsupported()?;
-    let model = ready(&state)?;
-    let prompt = prompt_tokens(&state, &model, completion_input(req.prompt)?).await?;
-    let mut p = plan(&state, model, prompt, req.common, Kind::Text)?;
-    attach_grammar(&state, &mut p).await?;
+    let (input, common) = parse_request(Kind::Text, &b)?;
+    let p = planned(&state, Kind::Text, input, common).await?;
     let charge = admit(&state, key.as_deref(), &p)?;
     respond(state, Kind::Text, p, charge).await
 }
@@ -932,15 +990,33 @@ pub async fn chat(
     key: Option<Extension<KeyRef>>,
     Body(b): Body,
 ) -> AppResult<Response> {
-    let mut req: ChatRequest = api::parse(&b)?;
-    req.common.refuse_unsupported()?;
-    let model = ready(&state)?;
-    let prompt = prompt_tokens(&state, &model, chat_input(&req)?).await?;
-    let common = std::mem::take(&mut req.common);
-    let mut p = plan(&state, model, prompt, common, Kind::Chat)?;
-    attach_grammar(&state, &mut p).await?;
+    let (input, common) = parse_request(Kind::Chat, &b)?;
+    let p = planned(&state, Kind::Chat, input, common).await?;
     let charge = admit(&state, key.as_deref(), &p)?;
     respond(state, Kind::Chat, p, charge).await
+}
+
+/// One request of a batch (`/v1/batches`): `body` for `kind`'s endpoint, run whole at
+/// `priority` (below interactive requests) without the breaker or rate limits; the
+/// response body as that endpoint would answer it.
+pub(super) async fn batch_request(
+    state: &Arc<AppState>,
+    kind: Kind,
+    body: &[u8],
+    priority: i32,
+) -> AppResult<Value> {
+    let (input, common) = parse_request(kind, body)?;
+    if common.stream == Some(true) {
+        return Err(ApiError::invalid(
+            Some("stream"),
+            "a batch request cannot stream",
+        ));
+    }
+    let mut p = planned(state, kind, input, common).await?;
+    for j in &mut p.jobs {
+        j.priority = priority;
+    }
+    whole(state, kind, p, None).await
 }
 
 /// `GET /v1/models`.
@@ -1114,26 +1190,19 @@ pub async fn websocket(
 
 async fn ws_request(state: &Arc<AppState>, text: &str) -> AppResult<(Kind, Plan)> {
     let v: Value = api::parse(text.as_bytes())?;
-    let invalid = |e: serde_json::Error| ApiError::invalid(None, format!("invalid request: {e}"));
-    let (kind, input, common) = if v.get("messages").is_some() {
-        let mut req: ChatRequest = serde_json::from_value(v).map_err(invalid)?;
-        let input = chat_input(&req)?;
-        (Kind::Chat, input, std::mem::take(&mut req.common))
+    let kind = if v.get("messages").is_some() {
+        Kind::Chat
     } else {
-        let req: CompletionRequest = serde_json::from_value(v).map_err(invalid)?;
-        (Kind::Text, completion_input(req.prompt)?, req.common)
+        Kind::Text
     };
-    common.refuse_unsupported()?;
+    let (input, common) = parse_request(kind, text.as_bytes())?;
     if common.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid(
             Some("n"),
             "a WebSocket request streams one choice (n = 1); use HTTP for more",
         ));
     }
-    let model = ready(state)?;
-    let prompt = prompt_tokens(state, &model, input).await?;
-    let mut p = plan(state, model, prompt, common, kind)?;
-    attach_grammar(state, &mut p).await?;
+    let p = planned(state, kind, input, common).await?;
     Ok((kind, p))
 }
 

@@ -7,8 +7,10 @@
 //! SIGTERM/SIGINT: stop accepting, finish in-flight requests up to a timeout, exit 0.
 
 pub mod api;
+pub mod batches;
 pub mod bench;
 pub mod breaker;
+pub mod files;
 mod generate;
 mod handlers;
 pub mod keys;
@@ -89,6 +91,11 @@ pub struct ServeOptions {
     pub ws_idle_timeout: u64,
     /// Seconds in-flight requests get after SIGTERM.
     pub shutdown_timeout: u64,
+    /// Where the Batch API keeps its files and batches (None: `/v1/files` and `/v1/batches`
+    /// are off).
+    pub batch_dir: Option<PathBuf>,
+    /// Largest file `/v1/files` accepts, in bytes.
+    pub max_file_bytes: usize,
 }
 
 impl Default for ServeOptions {
@@ -122,6 +129,8 @@ impl Default for ServeOptions {
             body_timeout: 30,
             ws_idle_timeout: 300,
             shutdown_timeout: 30,
+            batch_dir: None,
+            max_file_bytes: 100 << 20,
         }
     }
 }
@@ -188,6 +197,8 @@ pub struct AppState {
     keys: Vec<Arc<keys::Key>>,
     /// The load-shedding breaker.
     breaker: breaker::Breaker,
+    /// The Batch API's store (with `--batch-dir`).
+    batches: Option<Arc<batches::Batches>>,
 }
 
 impl AppState {
@@ -308,6 +319,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(handlers::chat))
         .route("/v1/models", get(handlers::models))
         .route("/v1/ws", get(handlers::websocket))
+        .route(
+            "/v1/files",
+            post(batches::upload_file)
+                .layer(DefaultBodyLimit::max(
+                    state.opts.max_file_bytes.saturating_add(1 << 16),
+                ))
+                .get(batches::list_files),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(batches::get_file).delete(batches::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(batches::file_content))
+        .route(
+            "/v1/batches",
+            post(batches::create_batch).get(batches::list_batches),
+        )
+        .route("/v1/batches/{id}", get(batches::get_batch))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel_batch))
         .route("/admin/load", post(handlers::admin_load))
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
@@ -444,7 +474,17 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         loading: AtomicBool::new(false),
         keys: api_keys(&opts)?,
         breaker: breaker::Breaker::new(opts.breaker),
+        batches: match &opts.batch_dir {
+            None => None,
+            Some(dir) => Some(Arc::new(
+                batches::Batches::open(dir.clone(), opts.max_file_bytes)
+                    .map_err(|e| Error::Request(format!("--batch-dir {}: {e}", dir.display())))?,
+            )),
+        },
     });
+    if let Some(b) = &state.batches {
+        tokio::spawn(batches::runner(state.clone(), b.clone()));
+    }
     println!("listening on http://{local}");
     tracing::info!(%local, model = %opts.model.display(), "listening; loading the model");
     let loader = state.clone();

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: the fixture, its reference outputs, temp dirs.
 #![allow(dead_code)] // each test crate uses a different subset
 
+#[cfg(feature = "server")]
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
