@@ -97,6 +97,16 @@ pub(crate) struct ServeArgs {
     /// Largest file `/v1/files` accepts, in MiB.
     #[arg(long, default_value_t = 100)]
     pub(crate) max_file_mb: usize,
+    /// Also serve gRPC (`proto/bitnet.proto`, with reflection) on this port (0 picks one;
+    /// its address is printed after the HTTP one).
+    #[arg(long)]
+    pub(crate) grpc_port: Option<u16>,
+    /// PEM certificate chain for TLS on the gRPC port (with --grpc-tls-key).
+    #[arg(long, requires = "grpc_tls_key")]
+    pub(crate) grpc_tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for TLS on the gRPC port (with --grpc-tls-cert).
+    #[arg(long, requires = "grpc_tls_cert")]
+    pub(crate) grpc_tls_key: Option<std::path::PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub(crate) log_format: String,
@@ -289,6 +299,11 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         ws_idle_timeout: a.ws_idle_timeout,
         batch_dir: a.batch_dir,
         max_file_bytes: a.max_file_mb.saturating_mul(1 << 20),
+        grpc_port: a.grpc_port,
+        grpc_tls: match (a.grpc_tls_cert, a.grpc_tls_key) {
+            (Some(cert), Some(key)) => Some(bitnet_inference::serve::grpc::GrpcTls { cert, key }),
+            _ => None,
+        },
     })?;
     Ok(())
 }

@@ -683,7 +683,7 @@ impl KeyRef {
 /// A request's tokens charged to its key's tokens-per-minute limit: its prompt and every
 /// choice's `max_tokens` up front; what the choices did not generate is given back when the
 /// request ends, however it ends, and the tokens it used are counted in the key's metrics.
-struct TokenCharge {
+pub(super) struct TokenCharge {
     key: Arc<Key>,
     used: prometheus::IntCounter,
     prompt: u64,
@@ -692,7 +692,7 @@ struct TokenCharge {
 }
 
 impl TokenCharge {
-    fn generated(&mut self, n: usize) {
+    pub(super) fn generated(&mut self, n: usize) {
         self.completion += n as u64;
     }
 }
@@ -994,6 +994,59 @@ pub async fn chat(
     let p = planned(&state, Kind::Chat, input, common).await?;
     let charge = admit(&state, key.as_deref(), &p)?;
     respond(state, Kind::Chat, p, charge).await
+}
+
+/// A request another front end (gRPC) started.
+pub(super) struct Started {
+    /// The response id.
+    pub id: String,
+    /// The model's id.
+    pub model: String,
+    /// The pieces of its one choice.
+    pub pieces: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Piece, String>> + Send>>,
+    /// Its tokens charged to its key.
+    pub charge: Option<TokenCharge>,
+}
+
+/// A request of another front end (gRPC) with bearer token `bearer`: `body` as `kind`'s HTTP
+/// endpoint reads it, authenticated, checked, planned and admitted exactly as over HTTP, and
+/// started (one choice).
+pub(super) async fn start_request(
+    state: &Arc<AppState>,
+    kind: Kind,
+    body: &[u8],
+    bearer: &str,
+) -> AppResult<Started> {
+    use futures_util::StreamExt;
+    let key = authenticate(state, bearer)?;
+    let (input, common) = parse_request(kind, body)?;
+    let p = planned(state, kind, input, common).await?;
+    let charge = admit(state, key.as_ref(), &p)?;
+    let shape = shape(state, kind, &p)?;
+    let pieces = merged(start_runs(state, p.jobs)?).map(|(_, p)| p);
+    Ok(Started {
+        id: shape.id,
+        model: shape.model,
+        pieces: Box::pin(pieces),
+        charge,
+    })
+}
+
+/// The API key `bearer` names (None when the server has no keys), its requests-per-minute
+/// limit taken; 401 for a missing or wrong key.
+fn authenticate(state: &AppState, bearer: &str) -> AppResult<Option<KeyRef>> {
+    if state.keys.is_empty() {
+        return Ok(None);
+    }
+    let key = find_key(&state.keys, bearer).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing or wrong API key (authorization: Bearer KEY)",
+        )
+    })?;
+    key.take_request().map_err(|l| limited(state, &key, l))?;
+    Ok(Some(KeyRef(key)))
 }
 
 /// One request of a batch (`/v1/batches`): `body` for `kind`'s endpoint, run whole at

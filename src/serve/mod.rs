@@ -12,6 +12,7 @@ pub mod bench;
 pub mod breaker;
 pub mod files;
 mod generate;
+pub mod grpc;
 mod handlers;
 pub mod keys;
 pub mod listen;
@@ -96,6 +97,10 @@ pub struct ServeOptions {
     pub batch_dir: Option<PathBuf>,
     /// Largest file `/v1/files` accepts, in bytes.
     pub max_file_bytes: usize,
+    /// The gRPC port (None: no gRPC; 0 picks a free one).
+    pub grpc_port: Option<u16>,
+    /// TLS for the gRPC port.
+    pub grpc_tls: Option<grpc::GrpcTls>,
 }
 
 impl Default for ServeOptions {
@@ -131,6 +136,8 @@ impl Default for ServeOptions {
             shutdown_timeout: 30,
             batch_dir: None,
             max_file_bytes: 100 << 20,
+            grpc_port: None,
+            grpc_tls: None,
         }
     }
 }
@@ -486,6 +493,27 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         tokio::spawn(batches::runner(state.clone(), b.clone()));
     }
     println!("listening on http://{local}");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    if let Some(port) = opts.grpc_port {
+        let (listener, at) = grpc::bind(&opts.host, port).await?;
+        let scheme = if opts.grpc_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!("grpc listening on {scheme}://{at}");
+        let mut stopped = stopped.clone();
+        let grpc = grpc::serve(state.clone(), listener, opts.grpc_tls.clone(), async move {
+            let _ = stopped.changed().await;
+        });
+        tokio::spawn(async move {
+            if let Err(e) = grpc.await {
+                tracing::error!(error = %e, "gRPC server failed");
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        });
+    }
     tracing::info!(%local, model = %opts.model.display(), "listening; loading the model");
     let loader = state.clone();
     tokio::task::spawn_blocking(move || {
@@ -512,6 +540,7 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     listen::serve(listener, app, limits, async move {
         shutdown_signal().await;
         drain.draining.store(true, Relaxed);
+        let _ = stop.send(true);
         tracing::info!(timeout, "shutting down: draining in-flight requests");
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(timeout)).await;

@@ -13,6 +13,8 @@ pub struct Server {
     pub child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// The gRPC address (`http(s)://127.0.0.1:PORT`) when started with `--grpc-port`.
+    pub grpc: Option<String>,
 }
 
 impl Server {
@@ -25,16 +27,23 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        out.read_line(&mut line).unwrap();
         let base = line
             .trim()
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        let s = Server { child, base };
+        let grpc = extra.contains(&"--grpc-port").then(|| {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            line.trim()
+                .strip_prefix("grpc listening on ")
+                .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                .to_string()
+        });
+        let s = Server { child, base, grpc };
         let t0 = Instant::now();
         while s.get("/health").0 != 200 {
             assert!(
