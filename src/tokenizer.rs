@@ -13,10 +13,16 @@ use crate::{files, json};
 /// One chat message.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatMessage {
-    /// "system", "user" or "assistant".
+    /// "system", "user", "assistant" or "tool".
     pub role: String,
     /// The text.
     pub content: String,
+    /// An assistant's tool calls (OpenAI's `tool_calls`), for templates that render them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// The call a `tool` message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -25,6 +31,8 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -324,21 +332,49 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`Self::apply_chat_template`] with function definitions in the template's `tools`
+    /// (none when `tools` is empty), as transformers passes them.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tpl = self
             .chat_template
             .as_ref()
             .ok_or_else(|| Error::Tokenizer("the model has no chat template".into()))?;
         tpl.render(minijinja::context! {
             messages => messages,
+            tools => (!tools.is_empty()).then_some(tools),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         })
     }
 
+    /// Whether the chat template renders function definitions (mentions `tools`).
+    pub fn chat_template_takes_tools(&self) -> bool {
+        self.chat_template
+            .as_ref()
+            .is_some_and(|t| t.source.contains("tools"))
+    }
+
     /// Renders and encodes a chat prompt (BOS added only if the template does not emit it).
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let text = self.apply_chat_template(messages, true)?;
+        self.encode_chat_with_tools(messages, &[])
+    }
+
+    /// [`Self::encode_chat`] with function definitions for the template.
+    pub fn encode_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Value],
+    ) -> Result<Vec<u32>> {
+        let text = self.apply_chat_template_with_tools(messages, tools, true)?;
         self.encode(&text, true)
     }
 }

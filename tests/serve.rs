@@ -513,6 +513,165 @@ fn json_schema_responses_validate_on_the_gpu() {
     structured_outputs_validate("gpu", 24, 8);
 }
 
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {
+            "name": "get_weather", "description": "Today's weather in a city",
+            "parameters": {"type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 8}},
+                "required": ["city"]}}},
+        {"type": "function", "function": {
+            "name": "add",
+            "parameters": {"type": "object",
+                "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
+                               "b": {"type": "integer", "minimum": 0, "maximum": 999}},
+                "required": ["a", "b"]}}},
+    ])
+}
+
+/// The call of a tool-call response, checked against the tools' schemas: (name, arguments).
+fn checked_call(v: &Value) -> (String, Value) {
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    assert!(c["message"]["content"].is_null(), "{v}");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{v}");
+    assert_eq!(calls[0]["type"], "function");
+    assert!(calls[0]["id"].as_str().unwrap().starts_with("call-"));
+    let name = calls[0]["function"]["name"].as_str().unwrap().to_string();
+    let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("arguments are not JSON ({e}): {v}"));
+    match name.as_str() {
+        "get_weather" => {
+            let city = args["city"].as_str().unwrap();
+            assert!(city.chars().count() <= 8, "{args}");
+        }
+        "add" => {
+            for k in ["a", "b"] {
+                assert!(args[k].as_u64().unwrap() <= 999, "{args}");
+            }
+        }
+        other => panic!("unknown function {other}"),
+    }
+    (name, args)
+}
+
+/// The fixture with a 2048-position context (room for tool definitions in the prompt).
+fn long_context_fixture() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("bitnet-serve-long-{}", std::process::id()));
+        copy_fixture_to(&dir);
+        let path = dir.join("config.json");
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        cfg["max_position_embeddings"] = json!(2048);
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        dir
+    })
+}
+
+#[test]
+fn tool_calls_follow_the_tools_schemas_whole_and_streamed() {
+    let s = Server::start(long_context_fixture(), &[]);
+    let ask = |extra: Value| {
+        let mut body = json!({
+            "messages": [{"role": "user", "content": "What is the weather in Oslo?"}],
+            "tools": weather_tools(), "max_tokens": 256,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        s.post("/v1/chat/completions", &body.to_string())
+    };
+    let mut names = std::collections::HashSet::new();
+    for seed in 0..8 {
+        let (code, v, _) =
+            ask(json!({"tool_choice": "required", "seed": seed, "temperature": 1.0}));
+        assert_eq!(code, 200, "{v}");
+        names.insert(checked_call(&v).0);
+    }
+    assert!(!names.is_empty());
+    for seed in 0..4 {
+        let (code, v, _) = ask(json!({
+            "tool_choice": {"type": "function", "function": {"name": "add"}},
+            "seed": seed, "temperature": 1.0,
+        }));
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(checked_call(&v).0, "add");
+    }
+    // Streamed: one chunk carries the whole call, the same as the whole response's.
+    let forced = json!({"tool_choice": "required", "temperature": 0});
+    let (_, whole, _) = ask(forced.clone());
+    let mut body = json!({
+        "messages": [{"role": "user", "content": "What is the weather in Oslo?"}],
+        "tools": weather_tools(), "max_tokens": 256, "tool_choice": "required",
+        "temperature": 0, "stream": true,
+    });
+    let (chunks, done) = s.stream_chunks("/v1/chat/completions", body.take());
+    assert!(done);
+    let streamed: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+        .collect();
+    assert_eq!(streamed.len(), 1, "{chunks:?}");
+    let call = &whole["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(streamed[0][0]["function"], *call);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+    // `none` hides the tools: a shorter prompt and plain text.
+    let (_, none, _) = ask(json!({"tool_choice": "none", "temperature": 0, "max_tokens": 4}));
+    let (_, auto, _) = ask(json!({"tool_choice": "auto", "temperature": 0, "max_tokens": 4}));
+    assert!(none["choices"][0]["message"]["content"].is_string());
+    assert!(none["choices"][0]["message"].get("tool_calls").is_none());
+    assert!(
+        none["usage"]["prompt_tokens"].as_u64() < auto["usage"]["prompt_tokens"].as_u64(),
+        "the tools were not shown to the model: {none} {auto}"
+    );
+    // A conversation holding a call and its result renders.
+    let history = json!({
+        "messages": [
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "5"},
+        ],
+        "tools": weather_tools(), "max_tokens": 4, "temperature": 0,
+    });
+    let (code, v, _) = s.post("/v1/chat/completions", &history.to_string());
+    assert_eq!(code, 200, "{v}");
+    // Bad uses are 400s naming the field.
+    for (body, param) in [
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "rm"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}),
+            "tools",
+        ),
+    ] {
+        let (code, v, _) = ask(body);
+        assert_eq!(
+            (code, v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{v}"
+        );
+    }
+    let (code, v, _) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "x", "tools": weather_tools()}).to_string(),
+    );
+    assert_eq!(
+        (code, v["error"]["param"].as_str()),
+        (400, Some("tools")),
+        "{v}"
+    );
+}
+
 #[test]
 fn json_mode_grammars_and_regexes_constrain_the_text() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-fortunes");
@@ -1025,7 +1184,7 @@ fn bad_requests_get_4xx_json_errors() {
         (
             "/v1/chat/completions",
             r#"{"messages": [{"role": "user", "content": "x"}],
-                "tools": [{"type": "function", "function": {"name": "f"}}]}"#
+                "functions": [{"name": "f"}]}"#
                 .into(),
             400,
         ),
@@ -1608,12 +1767,14 @@ fn sigterm_drains_in_flight_requests_then_exits_0() {
 
 #[test]
 fn openai_python_client_completes_and_streams_chat() {
-    let s = Server::start(&common::fixture(), &[]);
+    let model = long_context_fixture();
+    let batches = std::env::temp_dir().join(format!("bitnet-py-batches-{}", std::process::id()));
+    let s = Server::start(model, &["--batch-dir", batches.to_str().unwrap()]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let out = Command::new("python3")
         .arg(script)
         .arg(format!("{}/v1", s.base))
-        .arg("tiny")
+        .arg(model.file_name().unwrap())
         .output()
         .expect("python3 is required (CI installs it with the openai package)");
     assert!(
@@ -1622,4 +1783,5 @@ fn openai_python_client_completes_and_streams_chat() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    let _ = std::fs::remove_dir_all(&batches);
 }

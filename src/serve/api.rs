@@ -206,6 +206,10 @@ impl Common {
             ),
         ];
         match named.iter().find(|(_, on)| *on) {
+            Some((field @ ("tools" | "tool_choice"), _)) => Err(ApiError::invalid(
+                Some(field),
+                format!("`{field}` belongs to /v1/chat/completions"),
+            )),
             Some((field, _)) => Err(ApiError::invalid(
                 Some(field),
                 format!("`{field}` is not supported by this server; leave it unset"),
@@ -236,10 +240,17 @@ pub struct CompletionRequest {
 /// One chat message.
 #[derive(Debug, Deserialize)]
 pub struct Message {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
-    /// Its text.
-    pub content: Content,
+    /// Its text (null only for an assistant message with tool calls).
+    #[serde(default)]
+    pub content: Option<Content>,
+    /// An assistant message's tool calls.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// Message content: a string or a list of text parts.
@@ -287,6 +298,15 @@ impl Content {
 pub struct ChatRequest {
     /// The conversation.
     pub messages: Vec<Message>,
+    /// Functions the model may call.
+    #[serde(default)]
+    pub tools: Option<Value>,
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Accepted; a response holds the calls the model writes.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     /// Everything else.
     #[serde(flatten)]
     pub common: Common,

@@ -37,6 +37,7 @@ impl FileMeta {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(m) = v.as_object_mut() {
             m.remove("owner");
+            m.insert("status".into(), "processed".into());
         }
         v
     }

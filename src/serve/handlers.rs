@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use super::api::{self, ApiError, ChatRequest, Common, CompletionRequest, LoadRequest, Prompt};
 use super::generate::{Job, Logprob, Piece, Run};
 use super::keys::{key_matches, Key, Limited};
+use super::tools::{self, Tools};
 use super::{load_model, AppState, LoadedModel};
 use crate::engine::grammar::GrammarSpec;
 use crate::engine::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
@@ -82,6 +83,8 @@ struct Plan {
     echo: Option<String>,
     /// Structured output: what every choice's text must match.
     grammar: Option<GrammarSpec>,
+    /// The functions the model may call (chat).
+    tools: Option<Tools>,
 }
 
 /// How many alternatives per token the request's `logprobs` / `top_logprobs` ask for (None:
@@ -390,6 +393,7 @@ fn plan(
         .collect();
     Ok(Plan {
         grammar,
+        tools: None,
         stream: c.stream.unwrap_or(false),
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         logprobs: logprobs.is_some(),
@@ -402,7 +406,8 @@ fn plan(
 enum PromptInput {
     Tokens(Vec<u32>),
     Text(String),
-    Chat(Vec<ChatMessage>),
+    /// A conversation and the tools it may call.
+    Chat(Vec<ChatMessage>, Option<Tools>),
 }
 
 fn completion_input(p: Prompt) -> AppResult<PromptInput> {
@@ -428,11 +433,12 @@ fn chat_input(req: &ChatRequest) -> AppResult<PromptInput> {
             "messages must not be empty",
         ));
     }
+    let tools = tools::parse(req.tools.as_ref(), req.tool_choice.as_ref())?;
     let mut msgs = Vec::with_capacity(req.messages.len());
-    for m in &req.messages {
+    for (i, m) in req.messages.iter().enumerate() {
         if !matches!(
             m.role.as_str(),
-            "system" | "user" | "assistant" | "developer"
+            "system" | "user" | "assistant" | "developer" | "tool"
         ) {
             return Err(ApiError::invalid(
                 Some("messages"),
@@ -444,9 +450,30 @@ fn chat_input(req: &ChatRequest) -> AppResult<PromptInput> {
         } else {
             m.role.as_str()
         };
-        msgs.push(ChatMessage::new(role, &m.content.text()?));
+        let calls = m.tool_calls.clone().filter(|c| !c.is_null());
+        let content = match (&m.content, &calls) {
+            (Some(c), _) => c.text()?,
+            (None, Some(_)) if role == "assistant" => String::new(),
+            (None, _) => {
+                return Err(ApiError::invalid(
+                    Some("messages"),
+                    format!("messages[{i}].content is required"),
+                ))
+            }
+        };
+        if calls.is_some() && role != "assistant" {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                format!("messages[{i}]: only assistant messages have tool_calls"),
+            ));
+        }
+        msgs.push(ChatMessage {
+            tool_calls: calls,
+            tool_call_id: m.tool_call_id.clone(),
+            ..ChatMessage::new(role, &content)
+        });
     }
-    Ok(PromptInput::Chat(msgs))
+    Ok(PromptInput::Chat(msgs, tools))
 }
 
 /// Runs CPU-heavy request work (tokenizing, template rendering, grammar compiles) on the
@@ -480,7 +507,7 @@ async fn prompt_tokens(
     let (text, param) = match input {
         PromptInput::Tokens(ids) => return Ok(ids),
         PromptInput::Text(t) => (Ok(t), "prompt"),
-        PromptInput::Chat(m) => (Err(m), "messages"),
+        PromptInput::Chat(m, tools) => (Err((m, tools)), "messages"),
     };
     let tok = model.tokenizer.clone().ok_or_else(|| {
         ApiError::invalid(
@@ -490,7 +517,15 @@ async fn prompt_tokens(
     })?;
     on_cpu_pool(state, move || match text {
         Ok(t) => tok.encode(&t, true),
-        Err(messages) => tok.encode_chat(&messages),
+        Err((mut messages, tools)) => {
+            let native = tok.chat_template_takes_tools();
+            tools::prepare(&mut messages, tools.as_ref(), native);
+            let defs = match &tools {
+                Some(t) if native && t.active() => t.defs.as_slice(),
+                _ => &[],
+            };
+            tok.encode_chat_with_tools(&messages, defs)
+        }
     })
     .await?
     .map_err(|e| ApiError::invalid(Some(param), e.to_string()))
@@ -605,32 +640,80 @@ impl Shape {
         })
     }
 
-    fn choice(&self, index: usize, c: &Choice, logprobs: bool) -> Value {
+    fn choice(&self, index: usize, c: &Choice, logprobs: bool, tools: Option<&Tools>) -> Value {
         let lp = if logprobs {
             logprobs_json(self.kind, &c.logprobs, &mut 0)
         } else {
             Value::Null
         };
-        match self.kind {
-            Kind::Text => json!({
+        match (self.kind, tools) {
+            (Kind::Text, _) => json!({
                 "index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish,
             }),
-            Kind::Chat => json!({
+            (Kind::Chat, None) => json!({
                 "index": index,
                 "message": { "role": "assistant", "content": c.text },
                 "logprobs": lp,
                 "finish_reason": c.finish,
             }),
+            (Kind::Chat, Some(t)) => {
+                let (content, calls) = t.read_calls(&c.text);
+                let mut message = json!({ "role": "assistant", "content": content });
+                let mut finish = c.finish;
+                if !calls.is_empty() {
+                    message["tool_calls"] = tools::calls_json(&self.id, index, &calls);
+                    finish = "tool_calls";
+                }
+                json!({ "index": index, "message": message, "logprobs": lp, "finish_reason": finish })
+            }
         }
     }
 
-    fn whole(&self, choices: &[Choice], logprobs: bool, usage: Value) -> Value {
+    /// A streamed choice's text read for tool calls at its end: one chunk with its content
+    /// and calls (the finish chunk follows).
+    fn tool_chunk(
+        &self,
+        index: usize,
+        text: &str,
+        tools: &Tools,
+        logprobs: Option<Value>,
+    ) -> (Value, &'static str) {
+        let (content, calls) = tools.read_calls(text);
+        let mut delta = serde_json::Map::new();
+        if let Some(c) = content {
+            delta.insert("content".into(), json!(c));
+        }
+        if !calls.is_empty() {
+            delta.insert(
+                "tool_calls".into(),
+                tools::calls_json(&self.id, index, &calls),
+            );
+        }
+        let choice =
+            json!({ "index": index, "delta": delta, "logprobs": logprobs, "finish_reason": null });
+        let chunk = json!({
+            "id": self.id,
+            "object": self.object(false),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        (chunk, if calls.is_empty() { "" } else { "tool_calls" })
+    }
+
+    fn whole(
+        &self,
+        choices: &[Choice],
+        logprobs: bool,
+        tools: Option<&Tools>,
+        usage: Value,
+    ) -> Value {
         json!({
             "id": self.id,
             "object": self.object(true),
             "created": self.created,
             "model": self.model,
-            "choices": choices.iter().enumerate().map(|(i, c)| self.choice(i, c, logprobs)).collect::<Vec<_>>(),
+            "choices": choices.iter().enumerate().map(|(i, c)| self.choice(i, c, logprobs, tools)).collect::<Vec<_>>(),
             "usage": usage,
         })
     }
@@ -841,7 +924,7 @@ async fn whole(
         return Err(engine_error("generation ended without a result".into()));
     }
     let usage = api::usage(prompt, completion);
-    Ok(shape.whole(&choices, plan.logprobs, usage))
+    Ok(shape.whole(&choices, plan.logprobs, plan.tools.as_ref(), usage))
 }
 
 async fn respond(
@@ -860,6 +943,9 @@ async fn respond(
     let mut pieces = merged(start_runs(&state, plan.jobs)?);
     let (mut prompt, mut completion) = (0, 0);
     let (include_usage, logprobs) = (plan.include_usage, plan.logprobs);
+    let tools = plan.tools;
+    // With tools, each choice's text is held until its end and read for calls.
+    let mut held: Vec<(String, Vec<Logprob>)> = vec![Default::default(); n];
     let (tx, mut rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {
         let send = |v: Value| SseEvent::default().data(v.to_string());
@@ -889,6 +975,11 @@ async fn respond(
             };
             let ev = match p {
                 None => break,
+                Some((index, Ok(Piece::Text(t, lps)))) if tools.is_some() => {
+                    held[index].0.push_str(&t);
+                    held[index].1.extend(lps);
+                    continue;
+                }
                 Some((index, Ok(Piece::Text(t, lps)))) => send(shape.chunk(Delta {
                     index,
                     text: Some(&t),
@@ -908,6 +999,18 @@ async fn respond(
                     completion += completion_tokens;
                     if let Some(c) = &mut charge {
                         c.generated(completion_tokens);
+                    }
+                    let mut finish = finish;
+                    if let Some(t) = &tools {
+                        let (text, lps) = std::mem::take(&mut held[index]);
+                        let lp = logprobs.then(|| logprobs_json(kind, &lps, &mut 0));
+                        let (chunk, called) = shape.tool_chunk(index, &text, t, lp);
+                        if tx.send(send(chunk)).await.is_err() {
+                            return;
+                        }
+                        if !called.is_empty() {
+                            finish = called;
+                        }
                     }
                     send(shape.chunk(Delta {
                         index,
@@ -966,8 +1069,22 @@ async fn planned(
 ) -> AppResult<Plan> {
     common.refuse_unsupported()?;
     let model = ready(state)?;
+    let tools = match &input {
+        PromptInput::Chat(_, t) => t.clone().filter(Tools::active),
+        _ => None,
+    };
     let prompt = prompt_tokens(state, &model, input).await?;
     let mut p = plan(state, model, prompt, common, kind)?;
+    if let Some(g) = tools.as_ref().and_then(Tools::grammar) {
+        if p.grammar.is_some() {
+            return Err(ApiError::invalid(
+                Some("tool_choice"),
+                "a forced tool call and response_format, grammar or regex cannot be combined",
+            ));
+        }
+        p.grammar = Some(g);
+    }
+    p.tools = tools;
     attach_grammar(state, &mut p).await?;
     Ok(p)
 }
@@ -1256,6 +1373,12 @@ async fn ws_request(state: &Arc<AppState>, text: &str) -> AppResult<(Kind, Plan)
         ));
     }
     let p = planned(state, kind, input, common).await?;
+    if p.tools.is_some() {
+        return Err(ApiError::invalid(
+            Some("tools"),
+            "tool calls are answered over HTTP, not the WebSocket",
+        ));
+    }
     Ok((kind, p))
 }
 

@@ -17,6 +17,7 @@ mod handlers;
 pub mod keys;
 pub mod listen;
 pub mod metrics;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
