@@ -168,6 +168,8 @@ pub struct LoadOptions {
     pub kernels: Option<Kernels>,
     /// Most tokens in one GPU step (None = the backend's default).
     pub max_step: Option<usize>,
+    /// Which GPU adapter (0: the best wgpu finds; see `gpu::probe`).
+    pub adapter: usize,
 }
 
 /// A model on the backend that was chosen.
@@ -217,6 +219,7 @@ pub fn load_backend(weights: &Weights, opts: &LoadOptions) -> Result<(Engine, Op
                 kv: opts.kv,
                 // BITNET_GPU_TENSOR_CORES=1: the batched matmuls on cooperative matrices.
                 tensor_cores: std::env::var_os("BITNET_GPU_TENSOR_CORES").is_some_and(|v| v == "1"),
+                adapter: opts.adapter,
                 ..Default::default()
             };
             if let Some(s) = opts.max_step {

@@ -966,6 +966,79 @@ fn gpu_backend_serves_concurrent_clients_like_cli_generate() {
     }
 }
 
+/// A worker's generated-token gauge.
+fn worker_tokens(s: &Server, worker: &str) -> f64 {
+    s.metric(&format!(
+        "bitnet_worker_generated_tokens{{worker=\"{worker}\"}}"
+    ))
+}
+
+#[test]
+fn several_workers_share_the_load_and_answer_like_their_backends() {
+    let model = common::fixture();
+    let prompts = [
+        "Hello world",
+        "The cat",
+        "One two three four",
+        "a",
+        "Once upon a time",
+        "In the beginning",
+    ];
+    // Two CPU workers (--replicas), then a GPU (lavapipe) and a CPU worker.
+    for (args, names, backends) in [
+        (
+            vec!["--replicas", "2", "--backend", "cpu", "--max-batch", "2"],
+            ["cpu-0", "cpu-1"],
+            ["cpu", "cpu"],
+        ),
+        (
+            vec!["--workers", "gpu,cpu", "--max-batch", "2"],
+            ["gpu-0", "cpu-1"],
+            ["gpu", "cpu"],
+        ),
+    ] {
+        let s = Server::start(&model, &args);
+        let want: Vec<Vec<String>> = prompts
+            .iter()
+            .map(|p| {
+                backends
+                    .iter()
+                    .map(|b| {
+                        cli_generate_on(&model, p, 24, b)["text"]
+                            .as_str()
+                            .unwrap()
+                            .to_string()
+                    })
+                    .collect()
+            })
+            .collect();
+        let got = s.stream_all(&prompts, 24);
+        for (i, (text, _, done)) in got.iter().enumerate() {
+            assert!(done, "client {i} got no [DONE]");
+            assert!(
+                want[i].contains(text),
+                "client {i}: {text:?} not in {:?}",
+                want[i]
+            );
+        }
+        for w in names {
+            assert!(
+                worker_tokens(&s, w) > 0.0,
+                "{args:?}: worker {w} got no work"
+            );
+        }
+        let total = worker_tokens(&s, names[0]) + worker_tokens(&s, names[1]);
+        assert_eq!(total, s.metric("bitnet_generated_tokens_total"), "{args:?}");
+    }
+    // Bad worker lists are refused at start.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["serve", "--port", "0", "--workers", "tpu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tpu"));
+}
+
 #[test]
 fn concurrent_streaming_clients_get_their_own_outputs() {
     let model = slow_model();

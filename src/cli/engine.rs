@@ -97,6 +97,7 @@ fn load_options(args: &ModelArgs) -> Result<LoadOptions> {
         kv: KvDtype::parse(&args.kv)?,
         kernels: Some(Kernels::by_name(&args.kernels)?),
         max_step: None,
+        adapter: 0,
     })
 }
 

@@ -8,6 +8,7 @@ use clap::Args;
 use super::ModelArgs;
 use bitnet_inference::backend::{HeadMode, KvDtype};
 use bitnet_inference::cpu::kernels::Kernels;
+use bitnet_inference::serve::WorkerSpec;
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -97,6 +98,14 @@ pub(crate) struct ServeArgs {
     /// Largest file `/v1/files` accepts, in MiB.
     #[arg(long, default_value_t = 100)]
     pub(crate) max_file_mb: usize,
+    /// Engine workers behind the one front end, each with its own batch, requests routed to
+    /// the least loaded: a comma list of cpu, gpu, gpu:N (the N-th adapter) and auto, e.g.
+    /// `gpu:0,gpu:1` or `gpu,cpu` (default: one on --backend).
+    #[arg(long, value_delimiter = ',', conflicts_with = "replicas")]
+    pub(crate) workers: Vec<String>,
+    /// Runs N workers on --backend (shorthand for --workers repeated N times).
+    #[arg(long)]
+    pub(crate) replicas: Option<usize>,
     /// Also serve gRPC (`proto/bitnet.proto`, with reflection) on this port (0 picks one;
     /// its address is printed after the HTTP one).
     #[arg(long)]
@@ -299,6 +308,21 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         ws_idle_timeout: a.ws_idle_timeout,
         batch_dir: a.batch_dir,
         max_file_bytes: a.max_file_mb.saturating_mul(1 << 20),
+        workers: match a.replicas {
+            Some(0) => bail!("--replicas must be at least 1"),
+            Some(n) => vec![
+                WorkerSpec {
+                    backend: m.backend,
+                    adapter: 0
+                };
+                n
+            ],
+            None => a
+                .workers
+                .iter()
+                .map(|w| WorkerSpec::parse(w))
+                .collect::<std::result::Result<_, _>>()?,
+        },
         grpc_port: a.grpc_port,
         grpc_tls: match (a.grpc_tls_cert, a.grpc_tls_key) {
             (Some(cert), Some(key)) => Some(bitnet_inference::serve::grpc::GrpcTls { cert, key }),

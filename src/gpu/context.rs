@@ -91,17 +91,24 @@ fn rank(info: &wgpu::AdapterInfo) -> (u32, u32) {
     (kind, api)
 }
 
-fn pick(instance: &wgpu::Instance) -> Option<wgpu::Adapter> {
+/// The compute-capable adapters, best first (a stable order: ties keep wgpu's order).
+fn ranked(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
     let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
-    let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    let mut adapters: Vec<wgpu::Adapter> =
+        pollster::block_on(instance.enumerate_adapters(backends))
+            .into_iter()
+            .filter(|a| {
+                a.get_downlevel_capabilities()
+                    .flags
+                    .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+            })
+            .collect();
+    adapters.sort_by_key(|a| std::cmp::Reverse(rank(&a.get_info())));
     adapters
-        .into_iter()
-        .filter(|a| {
-            a.get_downlevel_capabilities()
-                .flags
-                .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
-        })
-        .max_by_key(|a| rank(&a.get_info()))
+}
+
+fn pick(instance: &wgpu::Instance) -> Option<wgpu::Adapter> {
+    ranked(instance).into_iter().next()
 }
 
 fn subgroup_size(adapter: &wgpu::Adapter) -> Option<u32> {
@@ -158,9 +165,26 @@ impl GpuContext {
     /// `subgroups` is true, and cooperative matrices when `tensor_cores` is also true and the
     /// adapter has them.
     pub fn new(subgroups: bool, tensor_cores: bool) -> Result<Self> {
+        Self::on_adapter(0, subgroups, tensor_cores)
+    }
+
+    /// [`GpuContext::new`] on the `index`-th adapter in that order (0: the best), for one
+    /// worker per GPU.
+    pub fn on_adapter(index: usize, subgroups: bool, tensor_cores: bool) -> Result<Self> {
         let instance = instance();
-        let adapter = pick(&instance)
-            .ok_or_else(|| Error::Backend("no wgpu adapter with compute shaders found".into()))?;
+        let mut all = ranked(&instance);
+        if all.is_empty() {
+            return Err(Error::Backend(
+                "no wgpu adapter with compute shaders found".into(),
+            ));
+        }
+        let found = all.len();
+        if index >= found {
+            return Err(Error::Backend(format!(
+                "GPU adapter {index} asked for, but wgpu finds {found}"
+            )));
+        }
+        let adapter = all.swap_remove(index);
         let desc = describe(&adapter, subgroups, tensor_cores);
         let mut features = if desc.subgroup_size.is_some() {
             wgpu::Features::SUBGROUP

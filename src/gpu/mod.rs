@@ -70,6 +70,8 @@ pub struct GpuOptions {
     pub head: HeadMode,
     /// The KV cache's element type.
     pub kv: KvDtype,
+    /// Which adapter, in [`probe`]'s order (0: the best).
+    pub adapter: usize,
 }
 
 impl Default for GpuOptions {
@@ -82,6 +84,7 @@ impl Default for GpuOptions {
             fused: true,
             head: HeadMode::Native,
             kv: KvDtype::F32,
+            adapter: 0,
         }
     }
 }

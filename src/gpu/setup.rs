@@ -80,7 +80,11 @@ fn mat(
 impl GpuBackend {
     /// Repacks and uploads `w`, compiles the kernels and builds every bind group.
     pub fn load(w: &Weights, opts: &GpuOptions) -> Result<Self> {
-        Self::with_context(GpuContext::new(opts.subgroups, opts.tensor_cores)?, w, opts)
+        Self::with_context(
+            GpuContext::on_adapter(opts.adapter, opts.subgroups, opts.tensor_cores)?,
+            w,
+            opts,
+        )
     }
 
     /// [`Self::load`] on a device already created (e.g. asynchronously, in a browser).

@@ -428,9 +428,7 @@ async fn run_batch(state: &Arc<AppState>, batches: &Batches, b: Batch) -> AppRes
             if !active {
                 break;
             }
-            let width = state
-                .model()
-                .map_or(8, |m| m.sched.config().max_batch.max(1));
+            let width = state.model().map_or(8, |m| m.max_batch().max(1));
             while running.len() < width {
                 let Some(l) = pending.next() else { break };
                 running.push(run_line(state, batches, &id, kind, l));

@@ -22,6 +22,8 @@ use crate::tokenizer::Tokenizer;
 pub struct Job {
     /// The model (kept alive until the job ends, across model swaps).
     pub model: Arc<LoadedModel>,
+    /// The worker (index into the model's workers) that runs it.
+    pub worker: usize,
     /// Prompt token ids.
     pub prompt: Vec<u32>,
     /// Most tokens to generate.
@@ -119,7 +121,14 @@ impl Run {
         let (tx, rx) = unbounded_channel();
         let eos = job.model.eos.clone();
         let prompt_tokens = job.prompt.len();
-        job.model
+        let worker = job.model.workers.get(job.worker).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "a job for a worker the model does not have",
+            )
+        })?;
+        worker
             .sched
             .submit(Request {
                 prompt: job.prompt,

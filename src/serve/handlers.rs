@@ -277,7 +277,7 @@ fn plan(
         ),
         (true, None) => Some(String::new()),
     };
-    let logit_bias = logit_bias(&c, model.sched.vocab())?;
+    let logit_bias = logit_bias(&c, model.vocab())?;
     let opts = &state.opts;
     let sink_window = match (c.window, c.sinks) {
         (Some(window), sinks) => {
@@ -376,8 +376,11 @@ fn plan(
             "stop strings must not be empty",
         ));
     }
+    // Every choice on one worker: the later ones share the first one's prompt blocks.
+    let worker = model.route();
     let jobs = (0..n as u64)
         .map(|i| Job {
+            worker,
             model: model.clone(),
             prompt: prompt.clone(),
             max_tokens,
@@ -835,7 +838,7 @@ fn admit(state: &AppState, key: Option<&KeyRef>, plan: &Plan) -> AppResult<Optio
     let Some(job) = plan.jobs.first() else {
         return Ok(None);
     };
-    if let Err(shed) = state.breaker.admit(job.model.sched.stats()) {
+    if let Err(shed) = state.breaker.admit(&job.model.stats()) {
         state.metrics.shed.inc();
         return Err(ApiError {
             retry_after: Some(shed.retry_after),
@@ -1231,7 +1234,13 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .metrics
         .breaker_open
         .set(state.breaker.is_open() as i64);
-    let text = state.metrics.render(m.as_ref().map(|m| &**m.sched.stats()));
+    let stats = m.as_ref().map(|m| m.stats());
+    let workers: Vec<(&str, &crate::batch::scheduler::SchedulerStats)> = m
+        .iter()
+        .flat_map(|m| m.workers.iter())
+        .map(|w| (w.name.as_str(), &**w.sched.stats()))
+        .collect();
+    let text = state.metrics.render(stats.as_ref(), &workers);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::batch::scheduler::SchedulerStats;
@@ -47,6 +47,9 @@ pub struct Metrics {
     pub breaker_open: IntGauge,
     oldest_wait: IntGauge,
     step_ms: IntGauge,
+    worker_running: IntGaugeVec,
+    worker_queue: IntGaugeVec,
+    worker_generated: IntGaugeVec,
     /// Open connections (HTTP and WebSocket).
     pub connections_open: IntGauge,
     /// The connection cap in force.
@@ -55,6 +58,12 @@ pub struct Metrics {
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(g.clone())).expect("unique metric");
     g
 }
@@ -191,6 +200,24 @@ impl Metrics {
                 "bitnet_step_ms",
                 "Duration of the last batched step (0 when idle)",
             ),
+            worker_running: gauge_vec(
+                &r,
+                "bitnet_worker_running_sequences",
+                "Sequences in each engine worker's batch",
+                &["worker"],
+            ),
+            worker_queue: gauge_vec(
+                &r,
+                "bitnet_worker_queue_depth",
+                "Requests waiting for admission by each engine worker",
+                &["worker"],
+            ),
+            worker_generated: gauge_vec(
+                &r,
+                "bitnet_worker_generated_tokens",
+                "Tokens each engine worker generated (current model)",
+                &["worker"],
+            ),
             connections_open: gauge(
                 &r,
                 "bitnet_connections_open",
@@ -205,8 +232,24 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with the gauges of `stats` (the serving model's scheduler).
-    pub fn render(&self, stats: Option<&SchedulerStats>) -> String {
+    /// The text exposition, with the gauges of `stats` (the serving model's schedulers
+    /// together) and of each of its `workers` (name, scheduler).
+    pub fn render(
+        &self,
+        stats: Option<&SchedulerStats>,
+        workers: &[(&str, &SchedulerStats)],
+    ) -> String {
+        for (name, w) in workers {
+            self.worker_running
+                .with_label_values(&[*name])
+                .set(w.running.load(Relaxed) as i64);
+            self.worker_queue
+                .with_label_values(&[*name])
+                .set(w.queued.load(Relaxed) as i64);
+            self.worker_generated
+                .with_label_values(&[*name])
+                .set(w.generated_tokens.load(Relaxed) as i64);
+        }
         if let Some(s) = stats {
             self.queue.set(s.queued.load(Relaxed) as i64);
             self.running.set(s.running.load(Relaxed) as i64);

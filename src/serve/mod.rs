@@ -33,7 +33,7 @@ use axum::Router;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use crate::backend::{BatchBackend, HeadMode, KvDtype};
-use crate::batch::scheduler::{Scheduler, SchedulerConfig};
+use crate::batch::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
 use crate::engine::grammar::Grammars;
 use crate::error::{Error, Result};
 use crate::load::{load_backend, BackendKind, Engine, LoadOptions, ModelFiles};
@@ -102,6 +102,9 @@ pub struct ServeOptions {
     pub grpc_port: Option<u16>,
     /// TLS for the gRPC port.
     pub grpc_tls: Option<grpc::GrpcTls>,
+    /// Engine workers behind the one front end, each with its own batch (empty: one on
+    /// `backend`).
+    pub workers: Vec<WorkerSpec>,
 }
 
 impl Default for ServeOptions {
@@ -139,7 +142,60 @@ impl Default for ServeOptions {
             max_file_bytes: 100 << 20,
             grpc_port: None,
             grpc_tls: None,
+            workers: Vec::new(),
         }
+    }
+}
+
+/// One engine worker: a backend with its own scheduler and batch.
+pub struct Worker {
+    /// Its name in the metrics (`cpu-0`, `gpu-1`, ...).
+    pub name: String,
+    /// Its scheduler.
+    pub sched: Scheduler,
+}
+
+/// Which backend an engine worker runs on (`--workers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerSpec {
+    /// The backend.
+    pub backend: BackendKind,
+    /// The GPU adapter (0: the best wgpu finds).
+    pub adapter: usize,
+}
+
+impl WorkerSpec {
+    /// Parses `cpu`, `gpu`, `gpu:N` (the N-th adapter) or `auto`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let (kind, adapter) = match s.split_once(':') {
+            Some(("gpu", n)) => (
+                BackendKind::Gpu,
+                n.parse()
+                    .map_err(|_| Error::Request(format!("--workers: `{s}`: bad adapter index")))?,
+            ),
+            Some(_) => {
+                return Err(Error::Request(format!(
+                    "--workers: `{s}`: only gpu takes an index"
+                )))
+            }
+            None => (
+                match s {
+                    "cpu" => BackendKind::Cpu,
+                    "gpu" => BackendKind::Gpu,
+                    "auto" => BackendKind::Auto,
+                    _ => {
+                        return Err(Error::Request(format!(
+                            "--workers: `{s}` is not cpu, gpu, gpu:N or auto"
+                        )))
+                    }
+                },
+                0,
+            ),
+        };
+        Ok(WorkerSpec {
+            backend: kind,
+            adapter,
+        })
     }
 }
 
@@ -147,8 +203,8 @@ impl Default for ServeOptions {
 pub struct LoadedModel {
     /// Its id (the directory name).
     pub id: String,
-    /// Its scheduler.
-    pub sched: Scheduler,
+    /// Its engine workers (at least one), each with its own batch.
+    pub workers: Vec<Worker>,
     /// Its tokenizer (None: token-id prompts only, and streamed chunks carry no text).
     pub tokenizer: Option<Arc<Tokenizer>>,
     /// Token ids that end generation.
@@ -161,7 +217,71 @@ pub struct LoadedModel {
     grammars: std::sync::OnceLock<std::result::Result<Grammars, String>>,
 }
 
+/// The counters of several schedulers together (sums; the longest wait and step).
+fn combined(parts: &[&SchedulerStats]) -> SchedulerStats {
+    let s = SchedulerStats::default();
+    for p in parts {
+        for (into, from) in [
+            (&s.queued, &p.queued),
+            (&s.running, &p.running),
+            (&s.kv_used, &p.kv_used),
+            (&s.kv_cached, &p.kv_cached),
+            (&s.kv_shared, &p.kv_shared),
+            (&s.kv_total, &p.kv_total),
+        ] {
+            into.fetch_add(from.load(Relaxed), Relaxed);
+        }
+        for (into, from) in [
+            (&s.prompt_tokens, &p.prompt_tokens),
+            (&s.prefix_hit_tokens, &p.prefix_hit_tokens),
+            (&s.generated_tokens, &p.generated_tokens),
+            (&s.steps, &p.steps),
+            (&s.preemptions, &p.preemptions),
+            (&s.drafted_tokens, &p.drafted_tokens),
+            (&s.accepted_tokens, &p.accepted_tokens),
+        ] {
+            into.fetch_add(from.load(Relaxed), Relaxed);
+        }
+        s.oldest_wait_ms
+            .fetch_max(p.oldest_wait_ms.load(Relaxed), Relaxed);
+        s.step_ms.fetch_max(p.step_ms.load(Relaxed), Relaxed);
+    }
+    s
+}
+
 impl LoadedModel {
+    /// The vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.workers[0].sched.vocab()
+    }
+
+    /// Sequences all workers run at once.
+    pub fn max_batch(&self) -> usize {
+        self.workers
+            .iter()
+            .map(|w| w.sched.config().max_batch)
+            .sum()
+    }
+
+    /// The worker a new request goes to: the least loaded (running and waiting sequences for
+    /// each slot of its batch), the first among equals.
+    pub fn route(&self) -> usize {
+        let load = |w: &Worker| {
+            let s = w.sched.stats();
+            let busy = s.running.load(Relaxed) + s.queued.load(Relaxed);
+            busy as f64 / w.sched.config().max_batch.max(1) as f64
+        };
+        (0..self.workers.len())
+            .min_by(|&a, &b| load(&self.workers[a]).total_cmp(&load(&self.workers[b])))
+            .unwrap_or(0)
+    }
+
+    /// The workers' counters together.
+    pub fn stats(&self) -> SchedulerStats {
+        let parts: Vec<&SchedulerStats> = self.workers.iter().map(|w| &**w.sched.stats()).collect();
+        combined(&parts)
+    }
+
     /// The grammar compiler (built on the first call: the vocabulary's trie and token
     /// classes); an error says why this model cannot do structured output.
     pub fn grammars(&self) -> std::result::Result<&Grammars, String> {
@@ -175,7 +295,7 @@ impl LoadedModel {
                     "structured output needs an end-of-sequence token (generation_config.json)"
                         .to_string(),
                 )?;
-                Grammars::new(tok, self.sched.vocab(), eos).map_err(|e| e.to_string())
+                Grammars::new(tok, self.vocab(), eos).map_err(|e| e.to_string())
             })
             .as_ref()
             .map_err(Clone::clone)
@@ -233,23 +353,51 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Loads `dir` on the configured backend and starts its scheduler.
+/// Loads `dir` on each configured worker's backend and starts their schedulers.
 pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
     let files = ModelFiles::from_path(dir)?;
     let mut sc = opts.scheduler.clone();
     sc.max_context = files.config().max_position_embeddings;
     let context = sc.max_context;
-    let load = LoadOptions {
-        backend: opts.backend,
-        threads: opts.threads,
-        head: opts.head,
-        kv: opts.kv,
-        kernels: opts.kernels,
-        max_step: Some(sc.step_tokens),
+    let specs = if opts.workers.is_empty() {
+        vec![WorkerSpec {
+            backend: opts.backend,
+            adapter: 0,
+        }]
+    } else {
+        opts.workers.clone()
     };
-    let (engine, fallback) = load_backend(&files.weights, &load)?;
-    if let Some(why) = fallback {
-        tracing::info!(reason = %why, "serving on the CPU backend");
+    let mut workers = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let load = LoadOptions {
+            backend: spec.backend,
+            threads: opts.threads,
+            head: opts.head,
+            kv: opts.kv,
+            kernels: opts.kernels,
+            max_step: Some(sc.step_tokens),
+            adapter: spec.adapter,
+        };
+        let (engine, fallback) = load_backend(&files.weights, &load)?;
+        if let Some(why) = fallback {
+            tracing::info!(worker = i, reason = %why, "serving on the CPU backend");
+        }
+        let (name, sched) = match engine {
+            Engine::Cpu(b) => (
+                format!("cpu-{i}"),
+                start(*b, opts, sc.clone(), usize::MAX, true)?,
+            ),
+            #[cfg(feature = "gpu")]
+            Engine::Gpu(b) => {
+                tracing::info!(worker = i, adapter = %b.adapter(), "serving on the GPU backend");
+                let max_blocks = b.max_pool_blocks(sc.block_size);
+                (
+                    format!("gpu-{i}"),
+                    start(*b, opts, sc.clone(), max_blocks, false)?,
+                )
+            }
+        };
+        workers.push(Worker { name, sched });
     }
     let ModelFiles {
         weights,
@@ -257,15 +405,6 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
         generation,
     } = files;
     drop(weights);
-    let sched = match engine {
-        Engine::Cpu(b) => start(*b, opts, sc, usize::MAX, true)?,
-        #[cfg(feature = "gpu")]
-        Engine::Gpu(b) => {
-            tracing::info!(adapter = %b.adapter(), "serving on the GPU backend");
-            let max_blocks = b.max_pool_blocks(sc.block_size);
-            start(*b, opts, sc, max_blocks, false)?
-        }
-    };
     let id = dir
         .canonicalize()
         .unwrap_or_else(|_| dir.to_path_buf())
@@ -273,7 +412,7 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
         .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
     Ok(LoadedModel {
         id,
-        sched,
+        workers,
         tokenizer: tokenizer.map(Arc::new),
         eos: generation.eos_token_ids,
         context,
