@@ -102,7 +102,22 @@ fn greedy_completion_equals_cli_generate_plain_and_streamed() {
     let (code, doc) = s.get("/openapi.json");
     assert_eq!(code, 200);
     let doc: Value = serde_json::from_str(&doc).unwrap();
-    assert!(doc["paths"]["/v1/chat/completions"].is_object());
+    // Every route the server has is documented.
+    let src =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/serve/mod.rs"))
+            .unwrap();
+    let routes: Vec<&str> = src
+        .split(".route(")
+        .skip(1)
+        .map(|r| r.split('"').nth(1).unwrap())
+        .collect();
+    assert!(routes.len() >= 14, "{routes:?}");
+    for path in routes {
+        let documented = doc["paths"].as_object().unwrap().keys().any(|k| {
+            k.split('{').next() == path.split('{').next() && k.contains('{') == path.contains('{')
+        });
+        assert!(documented, "{path} is missing from openapi.json");
+    }
 }
 
 /// `bitnet generate --json` with extra flags.
