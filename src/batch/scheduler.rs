@@ -674,16 +674,39 @@ impl<B: BatchBackend> Engine<B> {
                 sampled.push((*id, drafts));
             }
         }
-        forward_rows_sampled(
-            &mut self.backend,
-            &mut self.pool,
-            &tokens,
-            &rows,
-            &tables,
-            &logit_rows,
-            &need,
-            &mut self.head,
-        )?;
+        // Structured output's masks for this step are computed on the host's idle cores
+        // while the device runs the step.
+        let overlap = self.backend.sample_in_parallel()
+            && self.running.iter().any(|s| s.sampler.is_constrained());
+        let mut forward = || {
+            forward_rows_sampled(
+                &mut self.backend,
+                &mut self.pool,
+                &tokens,
+                &rows,
+                &tables,
+                &logit_rows,
+                &need,
+                &mut self.head,
+            )
+        };
+        if overlap {
+            let ids: Vec<u64> = sampled.iter().map(|&(id, _)| id).collect();
+            let running = &mut self.running;
+            rayon::in_place_scope(|sc| {
+                sc.spawn(|_| {
+                    running
+                        .par_iter_mut()
+                        .filter(|s| ids.contains(&s.id))
+                        .for_each(|s| {
+                            s.sampler.prefetch_mask();
+                        })
+                });
+                forward()
+            })?;
+        } else {
+            forward()?;
+        }
         self.stats.steps.fetch_add(1, Relaxed);
         let vocab = self.backend.config().vocab_size;
         let bs = self.cfg.block_size;

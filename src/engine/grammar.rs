@@ -7,7 +7,7 @@ use std::sync::Arc;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
-use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -116,6 +116,7 @@ impl Grammars {
         Ok(Constraint {
             matcher,
             eos: self.eos,
+            next: None,
         })
     }
 }
@@ -124,6 +125,9 @@ impl Grammars {
 pub struct Constraint {
     matcher: Matcher,
     eos: u32,
+    /// The next token's mask, computed ahead ([`Constraint::prefetch`]; None inside: only the
+    /// end token), dropped when a token is committed.
+    next: Option<Option<SimpleVob>>,
 }
 
 impl Clone for Constraint {
@@ -141,18 +145,37 @@ impl std::fmt::Debug for Constraint {
 }
 
 impl Constraint {
+    /// Computes the next token's mask now (the scheduler does it for every constrained
+    /// sequence while the device runs the step), so [`Constraint::mask`] only applies it.
+    pub fn prefetch(&mut self) {
+        if self.next.is_none() {
+            self.next = Some(self.matcher.compute_mask_or_eos().ok());
+        }
+    }
+
     /// Sets every logit the grammar forbids next to −∞. Once the text is complete (or the
     /// matcher failed) only the end token remains.
     pub fn mask(&mut self, logits: &mut [f32]) {
-        match self.matcher.compute_mask_or_eos() {
-            Ok(allowed) => {
-                for (i, l) in logits.iter_mut().enumerate() {
-                    if !allowed.is_allowed(i as TokenId) {
-                        *l = f32::NEG_INFINITY;
+        self.prefetch();
+        match self.next.as_ref().and_then(Option::as_ref) {
+            Some(allowed) => {
+                // 32 tokens a word: whole words allowed or forbidden go at once.
+                let words = allowed.as_slice();
+                for (w, chunk) in logits.chunks_mut(32).enumerate() {
+                    match words.get(w).copied().unwrap_or(0) {
+                        u32::MAX => {}
+                        0 => chunk.fill(f32::NEG_INFINITY),
+                        bits => {
+                            for (b, l) in chunk.iter_mut().enumerate() {
+                                if bits & (1 << b) == 0 {
+                                    *l = f32::NEG_INFINITY;
+                                }
+                            }
+                        }
                     }
                 }
             }
-            Err(_) => {
+            None => {
                 for (i, l) in logits.iter_mut().enumerate() {
                     if i != self.eos as usize {
                         *l = f32::NEG_INFINITY;
@@ -164,6 +187,7 @@ impl Constraint {
 
     /// Advances past `token` (a token the mask allowed).
     pub fn commit(&mut self, token: u32) {
+        self.next = None;
         if token != self.eos || !self.matcher.is_stopped() {
             // An error stops the matcher: the next mask then allows only the end token.
             let _ = self.matcher.consume_token(token);
@@ -175,6 +199,7 @@ impl Constraint {
         Constraint {
             matcher: self.matcher.deep_clone(),
             eos: self.eos,
+            next: self.next.clone(),
         }
     }
 

@@ -171,6 +171,17 @@ impl Sampler {
         self
     }
 
+    /// Whether a grammar constrains the tokens.
+    pub fn is_constrained(&self) -> bool {
+        self.constraint.is_some()
+    }
+
+    /// Computes the constraint's next mask ahead of the row it applies to (nothing without
+    /// a constraint); returns whether there was one.
+    pub fn prefetch_mask(&mut self) -> bool {
+        self.constraint.as_mut().map(|c| c.prefetch()).is_some()
+    }
+
     /// The log-probabilities of the tokens chosen since the last call, one per token in order
     /// (empty unless [`SamplingParams::logprobs`] is on).
     pub fn take_logprobs(&mut self) -> Vec<TokenLogprobs> {
