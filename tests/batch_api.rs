@@ -307,6 +307,28 @@ fn bad_inputs_cancels_and_other_keys_batches() {
         "alice-key-1",
     );
     let id = b["id"].as_str().unwrap();
+    // A second batch queued behind it is cancelled at once, none of it run.
+    let (_, f2) = upload(&s, &requests(5, 1000), "batch", Some("alice-key-1"));
+    let (_, b2, _) = post(
+        "/v1/batches",
+        json!({"input_file_id": f2["id"], "endpoint": "/v1/completions", "completion_window": "24h"}),
+        "alice-key-1",
+    );
+    let (code, v, _) = post(
+        &format!("/v1/batches/{}/cancel", b2["id"].as_str().unwrap()),
+        json!({}),
+        "alice-key-1",
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert_eq!(v["request_counts"]["completed"], 0, "{v}");
+    // The running batch's input cannot be deleted from under it.
+    let r = agent()
+        .delete(&s.url(&format!("/v1/files/{}", f["id"].as_str().unwrap())))
+        .header("authorization", "Bearer alice-key-1")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
     let t0 = Instant::now();
     loop {
         let (_, v) = get_as(&s, &format!("/v1/batches/{id}"), Some("alice-key-1"));
@@ -335,6 +357,7 @@ fn bad_inputs_cancels_and_other_keys_batches() {
     };
     let finished = done["request_counts"]["completed"].as_u64().unwrap();
     assert!((10..2000).contains(&finished), "{done}");
+    assert_eq!(done["request_counts"]["failed"], 0, "{done}");
     let (code, out) = get_as(
         &s,
         &format!(

@@ -164,8 +164,8 @@ pub struct SchedulerStats {
     pub drafted_tokens: AtomicU64,
     /// Drafted tokens accepted.
     pub accepted_tokens: AtomicU64,
-    /// How long the longest-waiting request has waited for admission, in milliseconds (0 when
-    /// none waits).
+    /// How long the longest-waiting request of priority ≥ 0 has waited for admission, in
+    /// milliseconds (0 when none waits).
     pub oldest_wait_ms: AtomicU64,
     /// The last batched step's duration in milliseconds (0 when idle).
     pub step_ms: AtomicU64,
@@ -825,8 +825,11 @@ impl<B: BatchBackend> Engine<B> {
         st.kv_used.store(self.alloc.used(), Relaxed);
         st.kv_cached.store(self.alloc.cached(), Relaxed);
         st.kv_shared.store(self.alloc.shared(), Relaxed);
-        let oldest =
-            (self.waiting.iter().map(|s| s.queued_at)).reduce(|a, b| if b < a { b } else { a });
+        // Background work (negative priority, such as batch requests) waits by design: only
+        // the others count.
+        let oldest = (self.waiting.iter().filter(|s| s.priority >= 0))
+            .map(|s| s.queued_at)
+            .reduce(|a, b| if b < a { b } else { a });
         let wait = oldest.map_or(0, |t| t.elapsed().as_millis() as u64);
         st.oldest_wait_ms.store(wait, Relaxed);
     }

@@ -304,7 +304,7 @@ pub struct ChatRequest {
     /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
     #[serde(default)]
     pub tool_choice: Option<Value>,
-    /// Accepted; a response holds the calls the model writes.
+    /// Whether a response may hold several calls (default true; false keeps the first).
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
     /// Everything else.

@@ -137,6 +137,10 @@ pub struct Batches {
     pub files: FileStore,
     dir: PathBuf,
     table: Mutex<BTreeMap<String, Batch>>,
+    /// The batch the runner is on.
+    running: Mutex<Option<String>>,
+    /// Held while a batch's output files are written (one at a time).
+    finalizing: Mutex<()>,
     wake: tokio::sync::Notify,
     next: AtomicU64,
     /// Largest upload in bytes.
@@ -282,6 +286,8 @@ impl Batches {
             files,
             dir,
             table: Mutex::new(table),
+            running: Mutex::new(None),
+            finalizing: Mutex::new(()),
             wake: tokio::sync::Notify::new(),
             next: AtomicU64::new(0),
             max_file_bytes,
@@ -302,9 +308,22 @@ impl Batches {
         let b = t.get_mut(id).ok_or_else(|| batch_not_found(id))?;
         f(b);
         let b = b.clone();
-        drop(t);
+        // Written under the lock: records reach the disk in the order they changed.
         self.save(&b)?;
         Ok(b)
+    }
+
+    /// Whether an unfinished batch reads file `id`.
+    fn file_in_use(&self, id: &str) -> bool {
+        self.table.lock().is_ok_and(|t| {
+            t.values().any(|b| {
+                b.input_file_id == id
+                    && matches!(
+                        b.status.as_str(),
+                        "in_progress" | "finalizing" | "cancelling"
+                    )
+            })
+        })
     }
 
     fn save(&self, b: &Batch) -> AppResult<()> {
@@ -360,25 +379,22 @@ fn count(outcomes: &[Outcome]) -> (u64, u64) {
     (ok, outcomes.len() as u64 - ok)
 }
 
-/// Runs one request of a batch: waits out a loading model or a full queue (retrying), gives
-/// up when the batch is cancelled.
-async fn run_line(
-    state: &Arc<AppState>,
-    batches: &Batches,
-    id: &str,
-    kind: Kind,
-    l: Line,
-) -> Outcome {
+/// Runs one request of a batch: waits out a loading model, a full queue or its key's limits
+/// (retrying); None when the batch was cancelled before the request could run.
+async fn run_line(state: &Arc<AppState>, batches: &Batches, b: &Batch, l: Line) -> Option<Outcome> {
     let request_id = state.new_id("req");
     let (status, body) = loop {
-        match batch_request(state, kind, &l.body, BATCH_PRIORITY).await {
+        match batch_request(state, b.kind(), &l.body, BATCH_PRIORITY, b.owner.as_deref()).await {
             Ok(v) => break (200, v),
             Err(e)
                 if matches!(
                     e.status,
                     StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-                ) && batches.get(id).is_some_and(|b| b.status == "in_progress") =>
+                ) =>
             {
+                if batches.get(&b.id).is_none_or(|b| b.status != "in_progress") {
+                    return None;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
@@ -390,13 +406,13 @@ async fn run_line(
             }
         }
     };
-    Outcome {
+    Some(Outcome {
         line: l.index,
         custom_id: l.custom_id,
         status,
         request_id,
         body,
-    }
+    })
 }
 
 /// Runs batch `b`'s unfinished requests, up to the scheduler's batch size at once, appending
@@ -422,7 +438,6 @@ async fn run_batch(state: &Arc<AppState>, batches: &Batches, b: Batch) -> AppRes
             .map_err(|e| internal(format!("cannot open {}: {e}", path.display())))?;
         let mut pending = lines.into_iter().filter(|l| !done.contains(&l.index));
         let mut running = FuturesUnordered::new();
-        let kind = b.kind();
         loop {
             let active = batches.get(&id).is_some_and(|b| b.status == "in_progress");
             if !active {
@@ -431,13 +446,15 @@ async fn run_batch(state: &Arc<AppState>, batches: &Batches, b: Batch) -> AppRes
             let width = state.model().map_or(8, |m| m.max_batch().max(1));
             while running.len() < width {
                 let Some(l) = pending.next() else { break };
-                running.push(run_line(state, batches, &id, kind, l));
+                running.push(run_line(state, batches, &b, l));
             }
-            let Some(o) = (tokio::select! {
+            let o = match tokio::select! {
                 o = running.next() => o,
                 _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
-            }) else {
-                break;
+            } {
+                None => break,
+                Some(None) => continue,
+                Some(Some(o)) => o,
             };
             let mut line = serde_json::to_vec(&o).unwrap_or_default();
             line.push(b'\n');
@@ -463,15 +480,21 @@ async fn run_batch(state: &Arc<AppState>, batches: &Batches, b: Batch) -> AppRes
             }
         })?;
     }
-    finalize(batches, &id)
+    finalize(batches, &id, None)
 }
 
 /// Writes batch `id`'s output and error files from its results log (in input order) and
-/// marks it completed, or cancelled when a cancel was asked for. Safe to repeat.
-fn finalize(batches: &Batches, id: &str) -> AppResult<()> {
+/// marks it completed, cancelled when a cancel was asked for, or failed with `failure`. Does
+/// nothing to a batch that is not finalizing or cancelling (or failing), so it is safe to
+/// repeat.
+fn finalize(batches: &Batches, id: &str, failure: Option<String>) -> AppResult<()> {
+    let _turn = batches.finalizing.lock().map_err(internal)?;
     let Some(b) = batches.get(id) else {
         return Err(batch_not_found(id));
     };
+    if failure.is_none() && !matches!(b.status.as_str(), "finalizing" | "cancelling") {
+        return Ok(());
+    }
     let mut outcomes = batches.outcomes(id).map_err(internal)?;
     outcomes.sort_by_key(|o| o.line);
     let (ok, failed) = count(&outcomes);
@@ -515,7 +538,13 @@ fn finalize(batches: &Batches, id: &str) -> AppResult<()> {
         b.error_file_id = errors;
         b.request_counts.completed = ok;
         b.request_counts.failed = failed;
-        if b.status == "cancelling" {
+        if let Some(message) = failure {
+            b.status = "failed".into();
+            b.failed_at = Some(now_s());
+            b.errors = Some(json!({ "object": "list", "data": [
+                { "code": "server_error", "message": message }
+            ]}));
+        } else if b.status == "cancelling" {
             b.status = "cancelled".into();
             b.cancelled_at = Some(now_s());
         } else {
@@ -534,15 +563,23 @@ pub async fn runner(state: Arc<AppState>, batches: Arc<Batches>) {
             Some(b) => {
                 let id = b.id.clone();
                 tracing::info!(batch = %id, status = %b.status, "running batch");
-                if let Err(e) = run_batch(&state, &batches, b).await {
+                if let Ok(mut r) = batches.running.lock() {
+                    *r = Some(id.clone());
+                }
+                let result = run_batch(&state, &batches, b).await;
+                if let Ok(mut r) = batches.running.lock() {
+                    *r = None;
+                }
+                if let Err(e) = result {
                     tracing::error!(batch = %id, error = %e.message, "batch failed");
-                    let _ = batches.update(&id, |b| {
-                        b.status = "failed".into();
-                        b.failed_at = Some(now_s());
-                        b.errors = Some(json!({ "object": "list", "data": [
-                            { "code": "server_error", "message": e.message }
-                        ]}));
-                    });
+                    // What finished is still written out.
+                    if let Err(e2) = finalize(&batches, &id, Some(e.message.clone())) {
+                        tracing::error!(batch = %id, error = %e2.message, "batch output lost");
+                        let _ = batches.update(&id, |b| {
+                            b.status = "failed".into();
+                            b.failed_at = Some(now_s());
+                        });
+                    }
                 }
             }
             None => batches.wake.notified().await,
@@ -701,6 +738,14 @@ pub async fn delete_file(
     UrlPath(id): UrlPath<String>,
 ) -> AppResult<Json<Value>> {
     let batches = enabled(&state)?;
+    batches.files.get(&id, owner(&key).as_deref())?;
+    if batches.file_in_use(&id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            format!("file `{id}` is the input of an unfinished batch"),
+        ));
+    }
     batches.files.delete(&id, owner(&key).as_deref())?;
     Ok(Json(json!({ "id": id, "object": "file", "deleted": true })))
 }
@@ -871,12 +916,26 @@ pub async fn cancel_batch(
 ) -> AppResult<Json<Value>> {
     let batches = enabled(&state)?;
     visible(batches, &id, owner(&key).as_deref())?;
-    let b = batches.update(&id, |b| {
+    let mut b = batches.update(&id, |b| {
         if b.status == "in_progress" {
             b.status = "cancelling".into();
             b.cancelling_at = Some(now_s());
         }
     })?;
+    let running = batches
+        .running
+        .lock()
+        .map_err(internal)?
+        .as_deref()
+        .is_some_and(|r| r == id);
+    if b.status == "cancelling" && !running {
+        // Not started (queued behind another batch): done now.
+        let (store, bid) = (batches.clone(), id.clone());
+        tokio::task::spawn_blocking(move || finalize(&store, &bid, None))
+            .await
+            .map_err(internal)??;
+        b = batches.get(&id).ok_or_else(|| batch_not_found(&id))?;
+    }
     batches.wake.notify_one();
     Ok(Json(b.public()))
 }

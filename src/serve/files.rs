@@ -71,7 +71,9 @@ fn not_found(id: &str) -> ApiError {
 /// Writes `bytes` to `path` through a temporary file and a rename, so a crash leaves either
 /// the old contents or the new.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    // A name of its own: two writers of one path never share a temporary file.
+    let tmp = path.with_extension(format!("tmp-{}", NEXT.fetch_add(1, Relaxed)));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_data()?;

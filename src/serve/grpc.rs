@@ -230,13 +230,96 @@ pub async fn serve(
             .map_err(|e| Error::Request(format!("--grpc-tls-cert/--grpc-tls-key: {e}")))?;
     }
     let max = state.opts.max_body_bytes;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = permitted(listener, state.connections.clone());
     builder
+        .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(reflection)
         .add_service(GenerationServer::new(Service(state)).max_decoding_message_size(max))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::Backend(format!("gRPC server: {e}")))
+}
+
+/// Calls one connection may have in flight at once.
+const CALLS_PER_CONNECTION: usize = 256;
+
+/// A gRPC connection holding one of the server's connection permits (shared with HTTP).
+struct Permitted {
+    io: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Permitted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Permitted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Permitted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// The connections `listener` accepts, each once a permit is free (at `--max-connections`
+/// open connections, HTTP and gRPC together, the next waits).
+fn permitted(
+    listener: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+) -> impl Stream<Item = std::io::Result<Permitted>> {
+    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return None;
+            };
+            match listener.accept().await {
+                Ok((io, _)) => {
+                    let _ = io.set_nodelay(true);
+                    let conn = Permitted {
+                        io,
+                        _permit: permit,
+                    };
+                    return Some((Ok(conn), (listener, permits)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
 }
 
 /// Binds the gRPC port on `host`.

@@ -436,7 +436,11 @@ fn chat_input(req: &ChatRequest) -> AppResult<PromptInput> {
             "messages must not be empty",
         ));
     }
-    let tools = tools::parse(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    let tools = tools::parse(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
     let mut msgs = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
         if !matches!(
@@ -1170,13 +1174,15 @@ fn authenticate(state: &AppState, bearer: &str) -> AppResult<Option<KeyRef>> {
 }
 
 /// One request of a batch (`/v1/batches`): `body` for `kind`'s endpoint, run whole at
-/// `priority` (below interactive requests) without the breaker or rate limits; the
-/// response body as that endpoint would answer it.
+/// `priority` (below interactive requests), its tokens charged to the batch owner's key (429
+/// while over its limit: the runner retries); the response body as that endpoint would
+/// answer it.
 pub(super) async fn batch_request(
     state: &Arc<AppState>,
     kind: Kind,
     body: &[u8],
     priority: i32,
+    owner: Option<&str>,
 ) -> AppResult<Value> {
     let (input, common) = parse_request(kind, body)?;
     if common.stream == Some(true) {
@@ -1189,7 +1195,9 @@ pub(super) async fn batch_request(
     for j in &mut p.jobs {
         j.priority = priority;
     }
-    whole(state, kind, p, None).await
+    let key = owner.and_then(|name| state.keys.iter().find(|k| k.spec.name == name));
+    let charge = admit(state, key.cloned().map(KeyRef).as_ref(), &p)?;
+    whole(state, kind, p, charge).await
 }
 
 /// `GET /v1/models`.

@@ -46,6 +46,8 @@ pub struct Tools {
     functions: Vec<Function>,
     /// How they may be used.
     pub choice: ToolChoice,
+    /// Whether a response may hold several calls (`parallel_tool_calls`; else the first).
+    pub parallel: bool,
 }
 
 /// One call read out of the generated text.
@@ -67,8 +69,13 @@ fn valid_name(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// Reads `tools` and `tool_choice` (None: the request has no tools and does not force any).
-pub fn parse(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Tools>, ApiError> {
+/// Reads `tools`, `tool_choice` and `parallel_tool_calls` (None: the request has no tools and
+/// does not force any).
+pub fn parse(
+    tools: Option<&Value>,
+    choice: Option<&Value>,
+    parallel: Option<bool>,
+) -> Result<Option<Tools>, ApiError> {
     let defs = match tools {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(a)) => a.clone(),
@@ -161,6 +168,7 @@ pub fn parse(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Too
         defs,
         functions,
         choice,
+        parallel: parallel.unwrap_or(true),
     }))
 }
 
@@ -242,6 +250,9 @@ impl Tools {
             rest = &after[end + CLOSE.len()..];
         }
         content.push_str(rest);
+        if !self.parallel {
+            calls.truncate(1);
+        }
         let content = if calls.is_empty() {
             Some(content)
         } else {
@@ -334,7 +345,7 @@ mod tests {
                                "required": ["city"]}}},
             {"type": "function", "function": {"name": "add"}},
         ]);
-        parse(Some(&tools), None).unwrap().unwrap()
+        parse(Some(&tools), None, None).unwrap().unwrap()
     }
 
     #[test]
@@ -358,6 +369,9 @@ mod tests {
                 }
             ]
         );
+        let mut single = t.clone();
+        single.parallel = false;
+        assert_eq!(single.read_calls(text).1.len(), 1);
         // Unknown names, broken JSON and unclosed calls stay text.
         for text in [
             "<tool_call>{\"name\": \"rm\", \"arguments\": {}}</tool_call>",
@@ -371,8 +385,8 @@ mod tests {
     #[test]
     fn choices_and_definitions_are_checked() {
         let tools = json!([{"type": "function", "function": {"name": "f"}}]);
-        assert!(parse(None, Some(&json!("none"))).unwrap().is_none());
-        assert!(parse(None, Some(&json!("required"))).is_err());
+        assert!(parse(None, Some(&json!("none")), None).unwrap().is_none());
+        assert!(parse(None, Some(&json!("required")), None).is_err());
         let bad = [
             (json!([{"type": "code"}]), json!("auto")),
             (
@@ -391,11 +405,12 @@ mod tests {
             (tools.clone(), json!("sometimes")),
         ];
         for (t, c) in bad {
-            assert!(parse(Some(&t), Some(&c)).is_err(), "{t} {c}");
+            assert!(parse(Some(&t), Some(&c), None).is_err(), "{t} {c}");
         }
         let named = parse(
             Some(&tools),
             Some(&json!({"type": "function", "function": {"name": "f"}})),
+            None,
         )
         .unwrap()
         .unwrap();
