@@ -235,10 +235,21 @@ impl GpuBackend {
                 i += run as usize;
             }
             self.flush();
+            // When every row read back is a Logits row, they go straight to `out` (one copy
+            // of the rows fewer: megabytes a step at a large vocabulary).
+            let direct = (0..n).all(|i| !wants(first + i) || need_of(first + i) == RowNeed::Logits);
             host_logits.clear();
             if kept > 0 {
+                let sink = if direct {
+                    &mut out.logits
+                } else {
+                    &mut host_logits
+                };
                 self.read_mapped(&readback, kept * row_bytes, |data| {
-                    host_logits.extend_from_slice(bytemuck::cast_slice::<u8, f32>(data));
+                    // Copied by the host's idle cores: a 128k vocabulary's 32 rows are 16 MB.
+                    use rayon::prelude::*;
+                    let rows = bytemuck::cast_slice::<u8, f32>(data);
+                    sink.par_extend(rows.par_iter().copied());
                 })?;
             }
             dev.clear();
@@ -249,7 +260,7 @@ impl GpuBackend {
             // Every row's part, in row order.
             let (mut next_dev, mut next_host) = (0, 0);
             for i in 0..n {
-                let wanted = wants(first + i);
+                let wanted = wants(first + i) && !direct;
                 let logits_row = if wanted {
                     next_host += 1;
                     Some(&host_logits[(next_host - 1) * vocab..next_host * vocab])
