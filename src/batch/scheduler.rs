@@ -691,16 +691,14 @@ impl<B: BatchBackend> Engine<B> {
             )
         };
         if overlap {
-            let ids: Vec<u64> = sampled.iter().map(|&(id, _)| id).collect();
+            // A mask is kept until its token is committed: computing one for a sequence that
+            // samples later (still prefilling) is work it needs anyway.
             let running = &mut self.running;
             rayon::in_place_scope(|sc| {
                 sc.spawn(|_| {
                     running
                         .par_iter_mut()
-                        .filter(|s| ids.contains(&s.id))
-                        .for_each(|s| {
-                            s.sampler.prefetch_mask();
-                        })
+                        .for_each(|s| s.sampler.prefetch_mask())
                 });
                 forward()
             })?;

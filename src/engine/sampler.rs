@@ -177,9 +177,11 @@ impl Sampler {
     }
 
     /// Computes the constraint's next mask ahead of the row it applies to (nothing without
-    /// a constraint); returns whether there was one.
-    pub fn prefetch_mask(&mut self) -> bool {
-        self.constraint.as_mut().map(|c| c.prefetch()).is_some()
+    /// a constraint).
+    pub fn prefetch_mask(&mut self) {
+        if let Some(c) = &mut self.constraint {
+            c.prefetch();
+        }
     }
 
     /// The log-probabilities of the tokens chosen since the last call, one per token in order

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::api::{self, ApiError};
-use super::files::{fresh_id, write_atomic, FileMeta, FileStore};
+use super::files::{fresh_id, without_owner, write_atomic, FileMeta, FileStore};
 use super::handlers::{batch_request, KeyRef, Kind};
 use super::{now_s, AppState};
 
@@ -97,11 +97,7 @@ pub struct Batch {
 
 impl Batch {
     fn public(&self) -> Value {
-        let mut v = serde_json::to_value(self).unwrap_or_default();
-        if let Some(m) = v.as_object_mut() {
-            m.remove("owner");
-        }
-        v
+        without_owner(self)
     }
 
     fn kind(&self) -> Kind {

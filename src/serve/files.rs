@@ -31,12 +31,20 @@ pub struct FileMeta {
     pub owner: Option<String>,
 }
 
+/// `record` as the API shows it: everything but its `owner`.
+pub fn without_owner(record: &impl Serialize) -> serde_json::Value {
+    let mut v = serde_json::to_value(record).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("owner");
+    }
+    v
+}
+
 impl FileMeta {
     /// The API's view: everything but the owner.
     pub fn public(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).unwrap_or_default();
+        let mut v = without_owner(self);
         if let Some(m) = v.as_object_mut() {
-            m.remove("owner");
             m.insert("status".into(), "processed".into());
         }
         v

@@ -762,11 +762,7 @@ pub struct KeyRef(Arc<Key>);
 impl KeyRef {
     /// The key's name.
     pub fn name(&self) -> &str {
-        &self.key().spec.name
-    }
-
-    fn key(&self) -> &Key {
-        &self.0
+        &self.0.spec.name
     }
 }
 
