@@ -175,6 +175,8 @@ impl Preset {
 }
 
 const MAX_DIM: usize = 1 << 20;
+/// Widest input of a ternary matmul (see [`ModelConfig::validate`]).
+const MAX_MATMUL_INPUT: usize = 1 << 18;
 
 fn required(v: &Value, key: &str) -> Result<usize> {
     json::opt_usize(v, key, key)?.ok_or_else(|| Error::Config(format!("missing `{key}`")))
@@ -377,6 +379,22 @@ impl ModelConfig {
             if d == 0 || d > MAX_DIM {
                 return Err(Error::Config(format!(
                     "`{name}` = {d} is out of range (1..={MAX_DIM})"
+                )));
+            }
+        }
+        // The CPU kernels sum a row's products in i32 with the bit fields pre-scaled by up to
+        // 64 (`kernels::avx512`): exact for input widths up to MAX_MATMUL_INPUT.
+        for (name, d) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            (
+                "num_attention_heads × head_dim",
+                self.num_heads.saturating_mul(self.head_dim),
+            ),
+        ] {
+            if d > MAX_MATMUL_INPUT {
+                return Err(Error::Config(format!(
+                    "{name} = {d} is wider than the ternary kernels take ({MAX_MATMUL_INPUT})"
                 )));
             }
         }

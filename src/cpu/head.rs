@@ -33,6 +33,11 @@ impl Head {
     pub fn new(t: &FloatTensor, mode: HeadMode) -> Self {
         match (mode, t.dtype) {
             (HeadMode::Native, FloatDtype::BF16) => {
+                // Streamed every token: moved into huge pages where the file is mapped.
+                let t = &match t.bytes.to_weight_buffer() {
+                    Some(bytes) => FloatTensor { bytes, ..t.clone() },
+                    None => t.clone(),
+                };
                 let aligned = bytemuck::try_cast_slice::<u8, u16>(t.bytes.as_slice()).is_ok();
                 let copy = (!aligned).then(|| {
                     t.bytes

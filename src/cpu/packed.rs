@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::format::{Bytes, KernelMatrix, TernaryMatrix};
+use crate::format::{weight_buffer, Bytes, KernelMatrix, TernaryMatrix};
 
 /// Columns per packed block.
 pub const BLOCK: usize = 128;
@@ -67,6 +67,36 @@ impl PackedTernary {
         for c in codes.len()..out.len() * 4 {
             let (b, within) = (c / BLOCK, c % BLOCK);
             out[b * BLOCK_BYTES + within % 32] |= 1 << (2 * (within / 32));
+        }
+    }
+
+    /// Row `r` of `m` (codes already checked) as [`Self::pack_row`] packs it, straight from
+    /// the checkpoint's bytes: 32 output bytes from four runs of 32 input bytes at a time, a
+    /// loop the compiler vectorizes (the load's repacking is this, at memory speed).
+    fn pack_checkpoint_row(m: &TernaryMatrix, r: usize, out: &mut [u8]) {
+        let r4 = m.rows / 4;
+        let shift = 2 * (r / r4) as u32;
+        let src = &m.packed.as_slice()[(r % r4) * m.cols..][..m.cols];
+        let full = m.cols / BLOCK;
+        for (o, s) in out
+            .chunks_exact_mut(BLOCK_BYTES)
+            .zip(src.chunks_exact(BLOCK))
+        {
+            let (s0, s1, s2, s3) = (&s[..32], &s[32..64], &s[64..96], &s[96..]);
+            for j in 0..BLOCK_BYTES {
+                o[j] = ((s0[j] >> shift) & 3)
+                    | (((s1[j] >> shift) & 3) << 2)
+                    | (((s2[j] >> shift) & 3) << 4)
+                    | (((s3[j] >> shift) & 3) << 6);
+            }
+        }
+        // The last, partial block and its padding: through the codes.
+        if full * BLOCK_BYTES < out.len() {
+            let codes: Vec<u8> = src[full * BLOCK..]
+                .iter()
+                .map(|b| (b >> shift) & 3)
+                .collect();
+            Self::pack_row(&codes, &mut out[full * BLOCK_BYTES..]);
         }
     }
 
@@ -132,7 +162,8 @@ impl PackedTernary {
             rows: m.rows,
             cols: m.cols,
             kpad,
-            data: m.data.clone(),
+            // Streamed every token: moved into huge pages where the file is mapped.
+            data: m.data.to_weight_buffer().unwrap_or_else(|| m.data.clone()),
             row_scale: m.row_scale.clone(),
         })
     }
@@ -145,33 +176,32 @@ impl PackedTernary {
         let rows: usize = mats.iter().map(|m| m.rows).sum();
         let kpad = padded_cols(cols);
         let rb = kpad / 4;
-        let mut data = vec![0u8; rows * rb];
         let mut row_scale = Vec::with_capacity(rows);
-        let mut start = 0;
-        for m in mats {
-            let dst = &mut data[start * rb..(start + m.rows) * rb];
-            dst.par_chunks_mut(GROUP * rb)
-                .enumerate()
-                .try_for_each_init(
-                    || (vec![0u8; cols], vec![0u8; GROUP * rb]),
-                    |(codes, tmp), (g, out)| -> Result<()> {
+        let data = weight_buffer(rows * rb, |data| -> Result<()> {
+            let mut start = 0;
+            for m in mats {
+                let dst = &mut data[start * rb..(start + m.rows) * rb];
+                crate::quant::check_codes(m)?;
+                dst.par_chunks_mut(GROUP * rb).enumerate().for_each_init(
+                    || vec![0u8; GROUP * rb],
+                    |tmp, (g, out)| {
                         for r in 0..GROUP {
-                            m.row_codes(g * GROUP + r, codes)?;
-                            Self::pack_row(codes, &mut tmp[r * rb..(r + 1) * rb]);
+                            Self::pack_checkpoint_row(m, g * GROUP + r, &mut tmp[r * rb..][..rb]);
                         }
                         Self::interleave_group(tmp, out);
-                        Ok(())
                     },
-                )?;
-            row_scale.extend(std::iter::repeat_n(m.scale, m.rows));
-            start += m.rows;
-            m.packed.release_pages();
-        }
+                );
+                row_scale.extend(std::iter::repeat_n(m.scale, m.rows));
+                start += m.rows;
+                m.packed.release_pages();
+            }
+            Ok(())
+        })?;
         Ok(PackedTernary {
             rows,
             cols,
             kpad,
-            data: Bytes::Owned(Arc::new(data)),
+            data,
             row_scale,
         })
     }
@@ -182,5 +212,65 @@ impl PackedTernary {
         (self.data.as_slice()[block_offset(self.row_bytes(), r, b) + within % 32]
             >> (2 * (within / 32)))
             & 3
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::checkpoint_code;
+    use rand::{Rng, SeedableRng};
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> TernaryMatrix {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let packed: Vec<u8> = (0..rows / 4 * cols)
+            .map(|_| (0..4).fold(0u8, |b, i| b | (rng.random_range(0..3u8) << (2 * i))))
+            .collect();
+        TernaryMatrix {
+            name: format!("m{seed}"),
+            rows,
+            cols,
+            packed: Bytes::Owned(Arc::new(packed)),
+            scale: 0.5,
+        }
+    }
+
+    #[test]
+    fn repacking_a_checkpoint_equals_packing_its_codes() {
+        for (i, (rows, cols)) in [(4, 1), (8, 127), (4, 128), (12, 300), (16, 2560), (8, 6913)]
+            .into_iter()
+            .enumerate()
+        {
+            let (a, b) = (
+                matrix(rows, cols, i as u64),
+                matrix(rows + 4, cols, 100 + i as u64),
+            );
+            let got = PackedTernary::from_matrices(&[&a, &b]).expect("valid codes");
+            let codes: Vec<Vec<u8>> = [&a, &b]
+                .iter()
+                .flat_map(|m| {
+                    (0..m.rows).map(|r| {
+                        let p = m.packed.as_slice();
+                        (0..cols)
+                            .map(|c| checkpoint_code(p, m.rows, cols, r, c))
+                            .collect()
+                    })
+                })
+                .collect();
+            let scales = vec![0.5; 2 * rows + 4];
+            let want = PackedTernary::from_codes(&codes, cols, scales);
+            assert_eq!(got.data.as_slice(), want.data.as_slice(), "{rows}x{cols}");
+            assert_eq!(got.rows, 2 * rows + 4);
+        }
+    }
+
+    #[test]
+    fn repacking_refuses_a_code_3_naming_the_tensor() {
+        let mut m = matrix(8, 130, 7);
+        let mut bytes = m.packed.as_slice().to_vec();
+        bytes[131] |= 0b11 << 4;
+        m.packed = Bytes::Owned(Arc::new(bytes));
+        let e = PackedTernary::from_matrices(&[&m]).unwrap_err().to_string();
+        assert!(e.contains("m7") && e.contains("code 3"), "{e}");
     }
 }

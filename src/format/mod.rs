@@ -14,7 +14,6 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 
 use crate::config::ModelConfig;
-use crate::quant::checkpoint_code;
 
 /// Tensor bytes: a range of a memory-mapped file or an owned buffer.
 #[derive(Debug, Clone)]
@@ -30,6 +29,9 @@ pub enum Bytes {
     },
     /// Bytes produced at load time (e.g. ternarized master weights).
     Owned(Arc<Vec<u8>>),
+    /// Weights laid out at load time in an anonymous mapping backed by transparent huge pages
+    /// where the OS offers them ([`weight_buffer`]).
+    Anon(Arc<memmap2::MmapMut>),
     /// `len` bytes at `start` of a file held in memory (loaded from bytes, e.g. in a browser).
     Shared {
         /// The whole file.
@@ -47,6 +49,7 @@ impl Bytes {
         match self {
             Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
             Bytes::Owned(v) => v,
+            Bytes::Anon(map) => map,
             Bytes::Shared { buf, start, len } => &buf[*start..*start + *len],
         }
     }
@@ -81,6 +84,50 @@ impl Bytes {
                 }
             }
         }
+    }
+}
+
+/// `len` bytes written once by `fill` (zeroed before), for weights the kernels stream every
+/// token: on Linux an anonymous mapping advised to use transparent huge pages, so the decode
+/// stream does not miss the TLB every 4 KiB; elsewhere an ordinary buffer.
+pub fn weight_buffer<E>(
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+) -> Result<Bytes, E> {
+    #[cfg(target_os = "linux")]
+    if len > 0 {
+        if let Ok(mut map) = memmap2::MmapMut::map_anon(len) {
+            let _ = map.advise(memmap2::Advice::HugePage);
+            fill(&mut map)?;
+            return Ok(Bytes::Anon(Arc::new(map)));
+        }
+    }
+    let mut v = vec![0u8; len];
+    fill(&mut v)?;
+    Ok(Bytes::Owned(Arc::new(v)))
+}
+
+impl Bytes {
+    /// On Linux, a mapped file range copied into a [`weight_buffer`] (in parallel, each
+    /// slab's file pages dropped once copied, so the process never holds both); `None` for
+    /// bytes that are not mapped, or elsewhere. The kernels then stream huge pages instead
+    /// of the page cache's 4 KiB ones.
+    pub fn to_weight_buffer(&self) -> Option<Bytes> {
+        #[cfg(target_os = "linux")]
+        if let Bytes::Mapped { .. } = self {
+            use rayon::prelude::*;
+            const SLAB: usize = 4 << 20;
+            let src = self.as_slice();
+            let copied = weight_buffer(src.len(), |dst| -> Result<(), ()> {
+                dst.par_chunks_mut(SLAB).enumerate().for_each(|(i, d)| {
+                    d.copy_from_slice(&src[i * SLAB..][..d.len()]);
+                    self.release_range(i * SLAB, d.len());
+                });
+                Ok(())
+            });
+            return copied.ok();
+        }
+        None
     }
 }
 
@@ -180,7 +227,7 @@ impl TernaryMatrix {
     pub fn row_codes(&self, r: usize, out: &mut [u8]) -> crate::Result<()> {
         let packed = self.packed.as_slice();
         for (c, o) in out.iter_mut().enumerate().take(self.cols) {
-            let code = checkpoint_code(packed, self.rows, self.cols, r, c);
+            let code = crate::quant::checkpoint_code(packed, self.rows, self.cols, r, c);
             if code == 3 {
                 return Err(crate::Error::Format {
                     path: self.name.clone().into(),

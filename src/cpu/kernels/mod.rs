@@ -329,15 +329,17 @@ mod tests {
 
     #[test]
     fn all_plus_one_with_max_activations_does_not_overflow() {
-        // Worst case for i16 accumulation: every code 2, every activation 127, many blocks.
-        let cols = 128 * 40;
-        let w = PackedTernary::from_codes(&vec![vec![2u8; cols]; 4], cols, vec![1.0; 4]);
-        for sign in [127i8, -127] {
-            let x = vec![sign; cols];
-            for k in Kernels::available() {
-                let mut got = [0i32; 4];
-                k.code_dots(w.data.as_slice(), cols / 4, &x, 1, &mut got);
-                assert_eq!(got, [2 * sign as i32 * cols as i32; 4], "{}", k.name());
+        // Worst case for i16 accumulation (every code 2, every activation ±127, many blocks)
+        // and for the i32 sums of pre-scaled bit fields (the widest input a config may have).
+        for cols in [128 * 40, 1 << 18] {
+            let w = PackedTernary::from_codes(&vec![vec![2u8; cols]; 4], cols, vec![1.0; 4]);
+            for sign in [127i8, -127] {
+                let x = vec![sign; cols];
+                for k in Kernels::available() {
+                    let mut got = [0i32; 4];
+                    k.code_dots(w.data.as_slice(), cols / 4, &x, 1, &mut got);
+                    assert_eq!(got, [2 * sign as i32 * cols as i32; 4], "{}", k.name());
+                }
             }
         }
     }
