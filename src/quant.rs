@@ -14,11 +14,25 @@ pub fn round_half_even_small(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
+/// The largest |v| of `x` (NaNs ignored), in a form the compiler vectorizes (`f32::max`'s NaN
+/// rule keeps it scalar).
+#[inline]
+pub fn absmax(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, v| {
+        let a = v.abs();
+        if a > m {
+            a
+        } else {
+            m
+        }
+    })
+}
+
 /// Quantizes one token's activations to int8 (round half to even) and returns its absmax.
 ///
 /// `out` may be longer than `x`; the tail is zero-filled (padding for the kernels).
 pub fn quantize_activations(x: &[f32], out: &mut [i8]) -> f32 {
-    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(ACT_EPS);
+    let absmax = absmax(x).max(ACT_EPS);
     let scale = ACT_QMAX / absmax;
     for (o, &v) in out.iter_mut().zip(x) {
         // |v * scale| <= 127 (up to rounding), far inside the exact range of the magic add.
@@ -31,10 +45,11 @@ pub fn quantize_activations(x: &[f32], out: &mut [i8]) -> f32 {
 /// Quantizes one row to int8 with its own scale (absmax / 127, round half to even; the int8
 /// head and the int8 KV cache of every backend) and returns the scale (`w ≈ q · scale`).
 pub fn quantize_row_absmax(row: &[f32], q: &mut [i8]) -> f32 {
-    let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let m = absmax(row);
     let inv = if m > 0.0 { 127.0 / m } else { 0.0 };
     for (o, &v) in q.iter_mut().zip(row) {
-        *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        // |v · inv| ≤ 127 (NaN stays NaN and becomes 0, as with `round_ties_even`).
+        *o = round_half_even_small(v * inv).clamp(-127.0, 127.0) as i8;
     }
     m / 127.0
 }
