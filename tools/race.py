@@ -44,6 +44,14 @@ def ours(args, extra):
         got[f"prefill {p} tok/s"] = d["prefill_tok_s"]
         if i == 0:
             got["decode tok/s"] = d["decode_tok_s"]
+            got["decode GB/s"] = d["decode_gb_s"]
+            got["load s"] = d["load_s"]
+            # The yardstick: the read bandwidth right after the decode (`bench
+            # --membw`: 1 GiB stream, best of 5), in a process of its own so that its buffer
+            # stays out of the peak RSS.
+            bw, _ = run(base + ["--prompt-len", "1", "--gen", "1", "--membw"] + extra)
+            got["read bw GB/s"] = json.loads(bw.strip().splitlines()[-1])["machine_gb_s"]
+            got["decode / read bw"] = got["decode GB/s"] / got["read bw GB/s"]
         rss = max(rss, r)
     got["peak RSS MiB"] = rss
     return got
@@ -94,7 +102,8 @@ def main():
             for k, v in go().items():
                 results[name].setdefault(k, []).append(v)
             print(f"round {r + 1}: {name} done", file=sys.stderr)
-    figures = [f"prefill {p} tok/s" for p in args.prompts] + ["decode tok/s", "peak RSS MiB"]
+    figures = [f"prefill {p} tok/s" for p in args.prompts] + [
+        "decode tok/s", "peak RSS MiB", "decode GB/s", "read bw GB/s", "decode / read bw", "load s"]
     names = [n for n, _ in contenders]
     print(f"{args.threads} threads, {args.rounds} rounds, medians\n")
     print("| | " + " | ".join(names) + " |")
@@ -103,7 +112,8 @@ def main():
         cells = []
         for n in names:
             v = results[n].get(f)
-            cells.append(f"{statistics.median(v):,.1f}" if v else "-")
+            fmt = "{:,.2f}" if f in ("decode / read bw", "load s") else "{:,.1f}"
+            cells.append(fmt.format(statistics.median(v)) if v else "-")
         print(f"| {f} | " + " | ".join(cells) + " |")
 
 
