@@ -62,5 +62,30 @@ fn head(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ternary, head);
+/// The softmax's exponentials of one decode attention head at a 512-token context: the
+/// engine's `exp_softmax` loop against libm's `expf`.
+fn softmax(c: &mut Criterion) {
+    use bitnet_inference::reference::softmax_exps;
+    let mut g = c.benchmark_group("softmax_exps_512");
+    let scores: Vec<f32> = (0..512).map(|i| -((i * 37 % 512) as f32) * 0.03).collect();
+    let mut buf = scores.clone();
+    g.bench_function("exp_softmax", |b| {
+        b.iter(|| {
+            buf.copy_from_slice(&scores);
+            softmax_exps(&mut buf, 0.0)
+        })
+    });
+    g.bench_function("libm_expf", |b| {
+        b.iter(|| {
+            buf.copy_from_slice(&scores);
+            buf.iter_mut().fold(0.0, |a, s| {
+                *s = s.exp();
+                a + *s
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, ternary, head, softmax);
 criterion_main!(benches);

@@ -127,16 +127,53 @@ pub fn attend_with(
         *s = score(p) * scale;
         max = max.max(*s);
     }
-    let mut sum = 0.0;
-    for s in &mut scores[..len] {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / softmax_exps(&mut scores[..len], max);
     out.fill(0.0);
     for (p, &s) in scores[..len].iter().enumerate() {
         add(p, s * inv, out);
     }
+}
+
+/// `e^x` for the softmax's `x = score − max ≤ 0` (any x ≤ 88 works): Cody–Waite reduction
+/// `x = n·ln 2 + r`, Cephes' degree-7 polynomial for `e^r`, `2^n` put in the exponent; within
+/// 2 ulp of the exact value, 0 below −87.3 (where `e^x` leaves the normal range), NaN stays
+/// NaN. Only IEEE adds and multiplies in a fixed order, so a vectorized loop of it (the
+/// compiler's, or a SIMD kernel's) gives the scalar result bit for bit, at a fraction of a
+/// libm call's cost.
+#[inline(always)]
+pub fn exp_softmax(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MIN: f32 = -87.336_55;
+    let under = x < MIN;
+    let x = if under { MIN } else { x };
+    let n = crate::quant::round_half_even_small(x * LOG2E);
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = ((((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 0.166_666_65)
+        * r
+        + 0.5)
+        * (r * r)
+        + r)
+        + 1.0;
+    let e = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if under {
+        0.0
+    } else {
+        e
+    }
+}
+
+/// Replaces each softmax score by `e^(score − max)` ([`exp_softmax`], vectorized) and returns
+/// their sum, added in position order.
+#[inline(always)]
+pub fn softmax_exps(scores: &mut [f32], max: f32) -> f32 {
+    for s in scores.iter_mut() {
+        *s = exp_softmax(*s - max);
+    }
+    scores.iter().fold(0.0, |a, &s| a + s)
 }
 
 /// Dot product of f32 `a` with int8 `b` (eight partial sums, as [`dot`]).
@@ -227,6 +264,34 @@ fn by_desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_softmax_is_within_two_ulp_of_exp() {
+        let mut worst = 0f64;
+        for i in 0..=2_000_000u32 {
+            let x = -(i as f32) * 4.4e-5 - if i % 2 == 1 { 1e-9 } else { 0.0 };
+            let want = (x as f64).exp();
+            let got = exp_softmax(x) as f64;
+            if want < f32::MIN_POSITIVE as f64 {
+                // Below the normal range: flushed to zero.
+                assert_eq!(got, 0.0, "{x}");
+                continue;
+            }
+            let ulp = (want as f32).to_bits();
+            let ulp = (f32::from_bits(ulp + 1) - f32::from_bits(ulp)) as f64;
+            worst = worst.max((got - want).abs() / ulp);
+        }
+        assert!(worst <= 2.0, "{worst} ulp");
+        assert_eq!(exp_softmax(0.0), 1.0);
+        assert_eq!(exp_softmax(-100.0), 0.0);
+        assert_eq!(exp_softmax(f32::NEG_INFINITY), 0.0);
+        assert!(exp_softmax(f32::NAN).is_nan());
+        // The vectorized loop gives the scalar bits.
+        let mut v: Vec<f32> = (0..999).map(|i| -(i as f32) * 0.0931).collect();
+        let scalar: Vec<u32> = v.iter().map(|&x| exp_softmax(x - 0.5).to_bits()).collect();
+        softmax_exps(&mut v, 0.5);
+        assert_eq!(v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), scalar);
+    }
 
     #[test]
     fn rope_rotates_pairs_by_position() {

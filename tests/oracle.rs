@@ -138,6 +138,32 @@ fn chunked_prefill_equals_single_step() {
 }
 
 #[test]
+fn backends_on_shared_weights_give_the_same_logits() {
+    // Serving workers after the first one run on its prepared weights (no second copy).
+    let r = reference();
+    let prompt = ids(&r["references"]["float32"]["prompts"][3]["input_ids"]);
+    let w = load(Path::new(DIR)).unwrap();
+    for head in [HeadMode::Native, HeadMode::Int8] {
+        let opts = CpuOptions {
+            threads: 2,
+            head,
+            ..Default::default()
+        };
+        let first = CpuBackend::load(&w, &opts).unwrap();
+        let second = CpuBackend::on_shared(&w, &first.shared(), &CpuOptions { threads: 1, ..opts });
+        let a = Generator::new(first)
+            .unwrap()
+            .logits(&prompt, true)
+            .unwrap();
+        let b = Generator::new(second)
+            .unwrap()
+            .logits(&prompt, true)
+            .unwrap();
+        assert_eq!(a, b, "{head:?}");
+    }
+}
+
+#[test]
 fn kernel_sets_agree_on_the_whole_model() {
     let r = reference();
     let prompt = ids(&r["references"]["float32"]["prompts"][3]["input_ids"]);

@@ -8,6 +8,7 @@ pub mod packed;
 pub mod team;
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use crate::arch::GatedAct;
 use crate::backend::{Backend, HeadMode, KvCache, KvDtype, Linear, LogitRows, NormSite};
@@ -33,6 +34,14 @@ pub struct CpuOptions {
     /// numerics of the GPU's f16 cache, for comparing the two; int8 stores them as int8 rows
     /// with a scale each.
     pub kv: KvDtype,
+}
+
+/// A [`CpuBackend`]'s weights in kernel form, shared by every backend made from them
+/// ([`CpuBackend::on_shared`]): several serving workers on one model hold one copy.
+#[derive(Clone)]
+pub struct CpuShared {
+    layers: Arc<[CpuLayer]>,
+    head: Arc<Head>,
 }
 
 struct CpuLayer {
@@ -329,9 +338,8 @@ pub struct CpuBackend {
     kernels: Kernels,
     team: std::sync::Arc<Team>,
     embed: FloatTensor,
-    head: Head,
+    shared: CpuShared,
     final_norm: Vec<f32>,
-    layers: Vec<CpuLayer>,
     inv_freq: Vec<f32>,
     step: Step,
     kv: KvDtype,
@@ -384,8 +392,6 @@ impl CpuBackend {
         // No threads on wasm32: load on the calling thread.
         #[cfg(target_arch = "wasm32")]
         let pool = CurrentThread;
-        let kernels = opts.kernels.unwrap_or_else(Kernels::detect);
-        let cfg = w.config.clone();
         let layers = pool.install(|| {
             w.layers
                 .iter()
@@ -418,21 +424,36 @@ impl CpuBackend {
                 .collect::<Result<Vec<_>>>()
         })?;
         let head = pool.install(|| Head::new(w.head(), opts.head));
+        let shared = CpuShared {
+            layers: layers.into(),
+            head: Arc::new(head),
+        };
+        Ok(Self::on_shared(w, &shared, opts))
+    }
+
+    /// A backend on weights another one prepared from the same `w` (nothing repacked or
+    /// copied; their head stays as it was prepared, whatever `opts.head` says).
+    pub fn on_shared(w: &Weights, shared: &CpuShared, opts: &CpuOptions) -> Self {
+        let cfg = w.config.clone();
         // After the loading: in the threaded WebAssembly module the team's workers keep threads
-        // of the pool that the loading above runs on.
-        let team = std::sync::Arc::new(Team::new(opts.threads));
-        Ok(CpuBackend {
+        // of the pool that the loading ran on.
+        let team = Arc::new(Team::new(opts.threads));
+        CpuBackend {
             inv_freq: ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim),
             cfg,
-            kernels,
+            kernels: opts.kernels.unwrap_or_else(Kernels::detect),
             team,
             embed: w.embed.clone(),
-            head,
+            shared: shared.clone(),
             final_norm: w.final_norm.clone(),
-            layers,
             step: Step::default(),
             kv: opts.kv,
-        })
+        }
+    }
+
+    /// This backend's weights, to build more backends on ([`Self::on_shared`]).
+    pub fn shared(&self) -> CpuShared {
+        self.shared.clone()
     }
 
     /// Runs this backend's parallel work on `other`'s threads from now on (two models used
@@ -558,7 +579,7 @@ impl CpuBackend {
         out.resize(n * vocab, 0.0);
         s.head_q.resize(n * h, 0);
         s.head_x.resize(n * h, 0.0);
-        self.head.logits_batch(
+        self.shared.head.logits_batch(
             &self.team,
             self.kernels,
             &s.normed[..n * h],
@@ -673,7 +694,7 @@ impl Backend for CpuBackend {
     }
 
     fn rmsnorm_quant(&mut self, layer: usize, site: NormSite) {
-        let l = &self.layers[layer];
+        let l = &self.shared.layers[layer];
         let w = match site {
             NormSite::Input => &l.input_norm,
             NormSite::PostAttention => &l.post_attention_norm,
@@ -694,7 +715,7 @@ impl Backend for CpuBackend {
     }
 
     fn attn_out_quant(&mut self, layer: usize, sub_norm: bool) {
-        let w = &self.layers[layer].attn_sub_norm;
+        let w = &self.shared.layers[layer].attn_sub_norm;
         let s = &mut self.step;
         norm_quant_rows(
             &self.team,
@@ -716,7 +737,7 @@ impl Backend for CpuBackend {
         for (gu, m) in s.gu[..s.t * 2 * i].chunks(2 * i).zip(s.mlp.chunks_mut(i)) {
             ops::gated_act(act, &gu[..i], &gu[i..], m);
         }
-        let w = &self.layers[layer].ffn_sub_norm;
+        let w = &self.shared.layers[layer].ffn_sub_norm;
         norm_quant_rows(
             &self.team,
             s.t,
@@ -732,7 +753,7 @@ impl Backend for CpuBackend {
     }
 
     fn ternary_matmul(&mut self, layer: usize, linear: Linear) {
-        let l = &self.layers[layer];
+        let l = &self.shared.layers[layer];
         let s = &mut self.step;
         let (fused, part) = match linear.part_of(&self.cfg) {
             Some((fused, rows)) => (fused, Some(rows)),
@@ -750,7 +771,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear_norm_quant(&mut self, layer: usize, site: NormSite, linear: Linear) {
-        let l = &self.layers[layer];
+        let l = &self.shared.layers[layer];
         let (h, eps) = (self.cfg.hidden_size, self.cfg.sub_norm_eps());
         let first = match site {
             NormSite::Input => &l.input_norm,
@@ -865,6 +886,7 @@ impl Backend for CpuBackend {
 
     fn decode_bytes_per_token(&self) -> u64 {
         let ternary: usize = self
+            .shared
             .layers
             .iter()
             .map(|l| {
@@ -874,8 +896,9 @@ impl Backend for CpuBackend {
                     .sum::<usize>()
             })
             .sum();
-        let norms = self.layers.len() * 4 * (2 * self.cfg.hidden_size + self.cfg.intermediate_size);
-        ternary as u64 + self.head.bytes() + norms as u64
+        let norms =
+            self.shared.layers.len() * 4 * (2 * self.cfg.hidden_size + self.cfg.intermediate_size);
+        ternary as u64 + self.shared.head.bytes() + norms as u64
     }
 }
 

@@ -118,7 +118,7 @@ impl Bytes {
             use rayon::prelude::*;
             const SLAB: usize = 4 << 20;
             let src = self.as_slice();
-            let copied = weight_buffer(src.len(), |dst| -> Result<(), ()> {
+            let copied = weight_buffer(src.len(), |dst| -> Result<(), std::convert::Infallible> {
                 dst.par_chunks_mut(SLAB).enumerate().for_each(|(i, d)| {
                     d.copy_from_slice(&src[i * SLAB..][..d.len()]);
                     self.release_range(i * SLAB, d.len());

@@ -36,7 +36,7 @@ use crate::backend::{BatchBackend, HeadMode, KvDtype};
 use crate::batch::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
 use crate::engine::grammar::Grammars;
 use crate::error::{Error, Result};
-use crate::load::{load_backend, BackendKind, Engine, LoadOptions, ModelFiles};
+use crate::load::{choose_gpu, load_backend, BackendKind, Engine, LoadOptions, ModelFiles};
 use crate::tokenizer::Tokenizer;
 
 /// Everything `bitnet serve` is configured with.
@@ -368,6 +368,8 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
         opts.workers.clone()
     };
     let mut workers = Vec::with_capacity(specs.len());
+    // CPU workers after the first share its prepared weights.
+    let mut cpu_weights: Option<crate::cpu::CpuShared> = None;
     for (i, spec) in specs.iter().enumerate() {
         let load = LoadOptions {
             backend: spec.backend,
@@ -378,7 +380,22 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
             max_step: Some(sc.step_tokens),
             adapter: spec.adapter,
         };
-        let (engine, fallback) = load_backend(&files.weights, &load)?;
+        let (engine, fallback) = match &cpu_weights {
+            Some(shared) if !choose_gpu(spec.backend)?.0 => {
+                let opts = crate::cpu::CpuOptions {
+                    threads: opts.threads,
+                    head: opts.head,
+                    kernels: opts.kernels,
+                    kv: opts.kv,
+                };
+                let b = crate::cpu::CpuBackend::on_shared(&files.weights, shared, &opts);
+                (Engine::Cpu(Box::new(b)), None)
+            }
+            _ => load_backend(&files.weights, &load)?,
+        };
+        if let (Engine::Cpu(b), None) = (&engine, &cpu_weights) {
+            cpu_weights = Some(b.shared());
+        }
         if let Some(why) = fallback {
             tracing::info!(worker = i, reason = %why, "serving on the CPU backend");
         }

@@ -304,12 +304,7 @@ pub unsafe fn attend(
         *score = s;
         max = max.max(s);
     }
-    let mut sum = 0.0;
-    for s in &mut scores[..len] {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / crate::reference::softmax_exps(&mut scores[..len], max);
     for c0 in (0..hd).step_by(64) {
         let o = &mut out[c0..(c0 + 64).min(hd)];
         let w = |p: usize| scores[p] * inv * rows.value_scale(p);
