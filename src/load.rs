@@ -205,6 +205,18 @@ pub fn choose_gpu(kind: BackendKind) -> Result<(bool, Option<String>)> {
     }
 }
 
+impl LoadOptions {
+    /// The CPU backend's share of these options.
+    pub fn cpu(&self) -> crate::cpu::CpuOptions {
+        crate::cpu::CpuOptions {
+            threads: self.threads,
+            head: self.head,
+            kernels: self.kernels,
+            kv: self.kv,
+        }
+    }
+}
+
 /// Loads `weights` onto the backend `opts` asks for (native builds; the browser creates its
 /// WebGPU device asynchronously, see `wasm/`). With `Auto`, the reason for falling back to
 /// the CPU comes back too.
@@ -234,15 +246,7 @@ pub fn load_backend(weights: &Weights, opts: &LoadOptions) -> Result<(Engine, Op
             "an f16 KV cache needs the GPU backend (the CPU's KV cache is f32 or int8)".into(),
         ));
     }
-    let b = CpuBackend::load(
-        weights,
-        &crate::cpu::CpuOptions {
-            threads: opts.threads,
-            head: opts.head,
-            kernels: opts.kernels,
-            kv: opts.kv,
-        },
-    )?;
+    let b = CpuBackend::load(weights, &opts.cpu())?;
     Ok((Engine::Cpu(Box::new(b)), why))
 }
 

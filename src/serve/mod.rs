@@ -382,13 +382,7 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
         };
         let (engine, fallback) = match &cpu_weights {
             Some(shared) if !choose_gpu(spec.backend)?.0 => {
-                let opts = crate::cpu::CpuOptions {
-                    threads: opts.threads,
-                    head: opts.head,
-                    kernels: opts.kernels,
-                    kv: opts.kv,
-                };
-                let b = crate::cpu::CpuBackend::on_shared(&files.weights, shared, &opts);
+                let b = crate::cpu::CpuBackend::on_shared(&files.weights, shared, &load.cpu());
                 (Engine::Cpu(Box::new(b)), None)
             }
             _ => load_backend(&files.weights, &load)?,
