@@ -166,6 +166,8 @@ pub struct LoadOptions {
     pub kv: KvDtype,
     /// CPU kernel set (None = the fastest detected).
     pub kernels: Option<Kernels>,
+    /// Bytes the CPU kernels prefetch ahead (None = measured, see `CpuBackend::on_shared`).
+    pub prefetch: Option<usize>,
     /// Most tokens in one GPU step (None = the backend's default).
     pub max_step: Option<usize>,
     /// Which GPU adapter (0: the best wgpu finds; see `gpu::probe`).
@@ -213,6 +215,7 @@ impl LoadOptions {
             head: self.head,
             kernels: self.kernels,
             kv: self.kv,
+            prefetch: self.prefetch,
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use bitnet_inference::backend::HeadMode;
-use bitnet_inference::cpu::kernels::Kernels;
+use bitnet_inference::cpu::kernels::{Kernels, PREFETCH_BYTES};
 use bitnet_inference::cpu::{CpuBackend, CpuOptions};
 use bitnet_inference::engine::generate::{GenerateOptions, Generator};
 use bitnet_inference::format::safetensors::load;
@@ -139,7 +139,8 @@ fn chunked_prefill_equals_single_step() {
 
 #[test]
 fn backends_on_shared_weights_give_the_same_logits() {
-    // Serving workers after the first one run on its prepared weights (no second copy).
+    // Serving workers after the first one run on its prepared weights (no second copy); the
+    // second one also prefetches its weight streams, which must not change a bit.
     let r = reference();
     let prompt = ids(&r["references"]["float32"]["prompts"][3]["input_ids"]);
     let w = load(Path::new(DIR)).unwrap();
@@ -147,10 +148,19 @@ fn backends_on_shared_weights_give_the_same_logits() {
         let opts = CpuOptions {
             threads: 2,
             head,
+            prefetch: Some(0),
             ..Default::default()
         };
         let first = CpuBackend::load(&w, &opts).unwrap();
-        let second = CpuBackend::on_shared(&w, &first.shared(), &CpuOptions { threads: 1, ..opts });
+        let second = CpuBackend::on_shared(
+            &w,
+            &first.shared(),
+            &CpuOptions {
+                threads: 1,
+                prefetch: Some(PREFETCH_BYTES),
+                ..opts
+            },
+        );
         let a = Generator::new(first)
             .unwrap()
             .logits(&prompt, true)

@@ -11,7 +11,11 @@ head, as llama.cpp's converter writes them).
 
 Usage:
     python3 tools/export_gguf.py FIXTURE_DIR OUT.gguf [--ternary tq2_0|tq1_0|i2_s|f16|f32]
-        [--embed f16|bf16|f32|q8_0|q6_k] [--head f16|bf16|f32|q8_0|q6_k]
+        [--embed f16|bf16|f32|q8_0|q6_k] [--head f16|bf16|f32|q8_0|q6_k] [--arch bitnet]
+`--arch bitnet` writes a BitNet b1.58 checkpoint under the older `bitnet` architecture (the
+only one bitnet.cpp's 2024 llama.cpp fork loads; its FFN gates by SiLU instead of relu², the
+same work per token), for speed races. Without a tokenizer.json (a `bitnet synth` model) the
+file declares no vocabulary (`no_vocab`), which llama-bench accepts.
 Needs numpy and gguf.
 """
 import argparse
@@ -204,11 +208,14 @@ def main():
     ap.add_argument("--ternary", default="tq2_0", choices=["tq2_0", "tq1_0", "i2_s", "f16", "f32"])
     ap.add_argument("--embed", default="f16", choices=["f16", "bf16", "f32", "q8_0", "q6_k"])
     ap.add_argument("--head", default="f16", choices=["f16", "bf16", "f32", "q8_0", "q6_k"])
+    ap.add_argument("--arch", choices=["bitnet", "bitnet-25", "llama"],
+                    help="architecture written (default: the checkpoint's own)")
     args = ap.parse_args()
     src = Path(args.src)
     cfg = json.loads((src / "config.json").read_text())
     t = read_safetensors(src / "model.safetensors")
-    arch = family_of(cfg)
+    family = family_of(cfg)
+    arch = args.arch or family
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads", heads)
     head_dim = cfg.get("head_dim") or h // heads
@@ -228,13 +235,15 @@ def main():
     w.add_vocab_size(cfg["vocab_size"])
     if (src / "tokenizer.json").exists():
         add_tokenizer(w, src, cfg)
+    else:
+        w.add_tokenizer_model("no_vocab")
     i2s = []
     add_float(w, "token_embd.weight", t["model.embed_tokens.weight"], args.embed)
     if "lm_head.weight" in t and not cfg.get("tie_word_embeddings", False):
         add_float(w, "output.weight", t["lm_head.weight"], args.head)
     add_float(w, "output_norm.weight", t["model.norm.weight"], "f32")
     sub = {"bitnet-25": ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),
-           "bitnet": ("self_attn.inner_attn_ln", "mlp.ffn_layernorm")}.get(arch)
+           "bitnet": ("self_attn.inner_attn_ln", "mlp.ffn_layernorm")}.get(family)
     for l in range(cfg["num_hidden_layers"]):
         p, g = f"model.layers.{l}", f"blk.{l}"
         add_float(w, f"{g}.attn_norm.weight", t[f"{p}.input_layernorm.weight"], "f32")

@@ -84,6 +84,20 @@ pub(crate) fn attach_speculation(
     Ok(())
 }
 
+/// `--prefetch`: auto (None: measured), off (0) or a distance in bytes.
+pub(crate) fn parse_prefetch(s: &str) -> Result<Option<usize>> {
+    match s {
+        "auto" => Ok(None),
+        "off" => Ok(Some(0)),
+        n => match n.parse::<usize>() {
+            Ok(b) if b <= 1 << 20 => Ok(Some(b)),
+            _ => anyhow::bail!(
+                "--prefetch {n}: expected auto, off or a distance in bytes up to 1048576"
+            ),
+        },
+    }
+}
+
 fn load_options(args: &ModelArgs) -> Result<LoadOptions> {
     let threads = if args.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -96,6 +110,7 @@ fn load_options(args: &ModelArgs) -> Result<LoadOptions> {
         head: HeadMode::parse(&args.head)?,
         kv: KvDtype::parse(&args.kv)?,
         kernels: Some(Kernels::by_name(&args.kernels)?),
+        prefetch: parse_prefetch(&args.prefetch)?,
         max_step: None,
         adapter: 0,
     })

@@ -68,6 +68,10 @@ pub(crate) struct ModelArgs {
     /// CPU kernel set: auto, or one of scalar, avx2, avx512vnni, neon.
     #[arg(long, default_value = "auto")]
     pub(crate) kernels: String,
+    /// CPU weight streams' software prefetch: auto (measured at load), off, or a distance in
+    /// bytes.
+    #[arg(long, default_value = "auto")]
+    pub(crate) prefetch: String,
     /// Head storage: native (checkpoint dtype) or int8 (per-row scales).
     #[arg(long, default_value = "native")]
     pub(crate) head: String,

@@ -181,6 +181,7 @@ pub(crate) fn bench_serve(a: BenchServeArgs) -> Result<()> {
                 .args(["serve", "--port", "0", "--max-batch", &most.to_string()])
                 .args(["--max-queue", &(most * 2).to_string()])
                 .args(["--head", &m.head, "--kv", &m.kv, "--kernels", &m.kernels])
+                .args(["--prefetch", &m.prefetch])
                 .args(["--threads", &m.threads.to_string()])
                 .args(["--backend", m.backend.name()])
                 .arg("--model")
@@ -263,6 +264,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     }
     run(ServeOptions {
         kernels: Some(Kernels::by_name(&m.kernels)?),
+        prefetch: super::engine::parse_prefetch(&m.prefetch)?,
         head: HeadMode::parse(&m.head)?,
         kv: KvDtype::parse(&m.kv)?,
         backend: m.backend,

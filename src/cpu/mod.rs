@@ -17,7 +17,11 @@ use crate::error::{Error, Result};
 use crate::format::{FloatTensor, Weights};
 use crate::reference as ops;
 use head::Head;
-use kernels::Kernels;
+use kernels::{Kernels, PREFETCH_BYTES};
+
+/// Ternary weights from this size on decide the kernels' prefetch distance by measurement
+/// ([`CpuBackend::on_shared`]); smaller ones stay in the caches, where it does not matter.
+pub const CALIBRATE_BYTES: u64 = 128 << 20;
 use packed::{padded_cols, PackedTernary};
 use team::Team;
 
@@ -34,6 +38,9 @@ pub struct CpuOptions {
     /// numerics of the GPU's f16 cache, for comparing the two; int8 stores them as int8 rows
     /// with a scale each.
     pub kv: KvDtype,
+    /// Bytes the kernels' weight streams prefetch ahead (None: measured on this machine, see
+    /// [`CpuBackend::load`]; 0: none).
+    pub prefetch: Option<usize>,
 }
 
 /// A [`CpuBackend`]'s weights in kernel form, shared by every backend made from them
@@ -433,12 +440,18 @@ impl CpuBackend {
 
     /// A backend on weights another one prepared from the same `w` (nothing repacked or
     /// copied; their head stays as it was prepared, whatever `opts.head` says).
+    ///
+    /// Without `opts.prefetch`, the prefetch distance is measured the first time a process
+    /// builds a backend on weights too large for the caches ([`CALIBRATE_BYTES`]): a decode
+    /// step's ternary matmuls, timed with and without [`PREFETCH_BYTES`] of software prefetch
+    /// in alternation, twice each (~4 × the ternary bytes read: 0.1 s for the 2B-4T shape at
+    /// 20 GB/s); the distance is kept when it is at least 5% faster.
     pub fn on_shared(w: &Weights, shared: &CpuShared, opts: &CpuOptions) -> Self {
         let cfg = w.config.clone();
         // After the loading: in the threaded WebAssembly module the team's workers keep threads
         // of the pool that the loading ran on.
         let team = Arc::new(Team::new(opts.threads));
-        CpuBackend {
+        let mut b = CpuBackend {
             inv_freq: ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim),
             cfg,
             kernels: opts.kernels.unwrap_or_else(Kernels::detect),
@@ -448,6 +461,60 @@ impl CpuBackend {
             final_norm: w.final_norm.clone(),
             step: Step::default(),
             kv: opts.kv,
+        };
+        let prefetch = match opts.prefetch {
+            Some(bytes) => bytes,
+            None if b.kernels.prefetches() && b.ternary_bytes() >= CALIBRATE_BYTES => {
+                static MEASURED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+                *MEASURED.get_or_init(|| b.measure_prefetch())
+            }
+            None => 0,
+        };
+        b.kernels = b.kernels.with_prefetch(prefetch);
+        b
+    }
+
+    /// Bytes of ternary weights (what a decode step's matmuls stream).
+    fn ternary_bytes(&self) -> u64 {
+        let l = &self.shared.layers;
+        l.iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .map(|m| m.data.as_slice().len() as u64)
+            .sum()
+    }
+
+    /// [`PREFETCH_BYTES`] if a decode step's ternary matmuls run at least 5% faster with it than
+    /// without (best of two alternated runs each), else 0.
+    fn measure_prefetch(&mut self) -> usize {
+        let base = self.kernels;
+        self.ensure_step(1);
+        self.step.xq.fill(0);
+        let wide = self
+            .shared
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .map(|m| m.rows)
+            .max()
+            .unwrap_or(0);
+        let mut out = vec![0f32; wide];
+        let mut best = [f64::INFINITY; 2];
+        for round in 0..4 {
+            let pf = round % 2;
+            self.kernels = base.with_prefetch(pf * PREFETCH_BYTES);
+            let t = crate::time::Instant::now();
+            for l in self.shared.layers.iter() {
+                for m in [&l.qkv, &l.o, &l.gate_up, &l.down] {
+                    self.matmul(m, 0..m.rows, out.as_mut_ptr(), m.rows, false);
+                }
+            }
+            best[pf] = best[pf].min(t.elapsed().as_secs_f64());
+        }
+        self.kernels = base;
+        if best[1] < 0.95 * best[0] {
+            PREFETCH_BYTES
+        } else {
+            0
         }
     }
 
@@ -642,8 +709,12 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
+        let pf = match self.kernels.prefetch() {
+            0 => String::new(),
+            b => format!(", prefetch {} KiB", b / 1024),
+        };
         format!(
-            "cpu ({} kernels, {} threads)",
+            "cpu ({} kernels, {} threads{pf})",
             self.kernels.name(),
             self.team.threads()
         )

@@ -67,6 +67,8 @@ pub struct ServeOptions {
     pub threads: usize,
     /// CPU kernel set (None = the fastest detected).
     pub kernels: Option<crate::cpu::kernels::Kernels>,
+    /// Bytes the CPU kernels prefetch ahead (None = measured at load).
+    pub prefetch: Option<usize>,
     /// Head storage (int8 halves the head's reads and speeds up large batches).
     pub head: HeadMode,
     /// KV pool element type (f16 on the GPU backend only).
@@ -126,6 +128,7 @@ impl Default for ServeOptions {
             backend: BackendKind::Cpu,
             threads: 0,
             kernels: None,
+            prefetch: None,
             head: HeadMode::default(),
             kv: KvDtype::F32,
             scheduler: SchedulerConfig::default(),
@@ -377,6 +380,7 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
             head: opts.head,
             kv: opts.kv,
             kernels: opts.kernels,
+            prefetch: opts.prefetch,
             max_step: Some(sc.step_tokens),
             adapter: spec.adapter,
         };

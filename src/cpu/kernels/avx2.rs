@@ -6,6 +6,7 @@
 
 use std::arch::x86_64::*;
 
+use super::prefetch_ahead;
 use crate::cpu::packed::{BLOCK, BLOCK_BYTES, GROUP};
 use crate::cpu::{FloatRows, Int8Rows};
 
@@ -28,6 +29,7 @@ unsafe fn group<const T: usize>(
     rb: usize,
     x: *const i8,
     kpad: usize,
+    pf: usize,
 ) -> [[i32; T]; GROUP] {
     let nblocks = rb / BLOCK_BYTES;
     let mask = _mm256_set1_epi8(3);
@@ -38,6 +40,7 @@ unsafe fn group<const T: usize>(
         let end = (b0 + FLUSH).min(nblocks);
         let mut acc = [[_mm256_setzero_si256(); T]; GROUP];
         for b in b0..end {
+            prefetch_ahead::<2>(g.add(b * GROUP * BLOCK_BYTES), pf);
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let wv = _mm256_loadu_si256(g.add((b * GROUP + r) * BLOCK_BYTES) as *const __m256i);
                 let c0 = _mm256_and_si256(wv, mask);
@@ -76,8 +79,8 @@ unsafe fn group<const T: usize>(
 /// # Safety
 /// The CPU must support AVX2; sizes as in [`super::Kernels::code_dots`].
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
-    super::for_each_group!(w, rb, x, ntok, out, [2, 1], group);
+pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32], pf: usize) {
+    super::for_each_group!(w, rb, x, ntok, out, pf, [2, 1], group);
 }
 
 /// See [`super::scalar::dot_i8`]. Inputs must not contain -128.
@@ -85,12 +88,13 @@ pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i
 /// # Safety
 /// The CPU must support AVX2; `w.len() == x.len()`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_i8(w: &[i8], x: &[i8]) -> i32 {
+pub unsafe fn dot_i8(w: &[i8], x: &[i8], pf: usize) -> i32 {
     let n = w.len();
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_si256(); 2];
     let mut i = 0;
     while i + 64 <= n {
+        prefetch_ahead::<1>(w.as_ptr().add(i) as *const u8, pf);
         for (k, a) in acc.iter_mut().enumerate() {
             let wv = _mm256_loadu_si256(w.as_ptr().add(i + 32 * k) as *const __m256i);
             let xv = _mm256_loadu_si256(x.as_ptr().add(i + 32 * k) as *const __m256i);
@@ -116,8 +120,8 @@ pub const BF16_PERM: [usize; 32] = [
 /// # Safety
 /// The CPU must support AVX2 and FMA; `w.len() == out.len() * cols`, `xp.len() == cols`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
-    head_tile::<1>(w, cols, xp, out, 0);
+pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32], pf: usize) {
+    head_tile::<1>(w, cols, xp, out, 0, pf);
 }
 
 /// [`head_bf16`] of `ntok` token rows (`xp`: `ntok × cols`, `out[t * rows + r]`), each weight
@@ -128,14 +132,21 @@ pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
 /// The CPU must support AVX2 and FMA; `xp.len() == ntok * cols`, `out.len() == ntok * rows`
 /// with `w.len() == rows * cols`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn head_bf16_multi(w: &[u16], cols: usize, xp: &[f32], ntok: usize, out: &mut [f32]) {
+pub unsafe fn head_bf16_multi(
+    w: &[u16],
+    cols: usize,
+    xp: &[f32],
+    ntok: usize,
+    out: &mut [f32],
+    pf: usize,
+) {
     let mut t = 0;
     while t < ntok {
         let step = (ntok - t).min(3);
         match step {
-            1 => head_tile::<1>(w, cols, xp, out, t),
-            2 => head_tile::<2>(w, cols, xp, out, t),
-            _ => head_tile::<3>(w, cols, xp, out, t),
+            1 => head_tile::<1>(w, cols, xp, out, t, pf),
+            2 => head_tile::<2>(w, cols, xp, out, t, pf),
+            _ => head_tile::<3>(w, cols, xp, out, t, pf),
         }
         t += step;
     }
@@ -149,6 +160,7 @@ unsafe fn head_tile<const T: usize>(
     xp: &[f32],
     out: &mut [f32],
     t0: usize,
+    pf: usize,
 ) {
     let rows = w.len() / cols;
     let full = cols / 32 * 32;
@@ -159,6 +171,7 @@ unsafe fn head_tile<const T: usize>(
         let mut acc = [[_mm256_setzero_ps(); 4]; T];
         let mut i = 0;
         while i < full {
+            prefetch_ahead::<1>(row.add(i) as *const u8, pf);
             for k in 0..2 {
                 let v = _mm256_loadu_si256(row.add(i + 16 * k) as *const __m256i);
                 let lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));

@@ -5,6 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::hsum_i32;
+use super::prefetch_ahead;
 use crate::cpu::packed::{BLOCK, BLOCK_BYTES, GROUP};
 
 /// One row group × one token (decode). Rows 2p and 2p+1 of a block are adjacent, so one
@@ -14,11 +15,11 @@ use crate::cpu::packed::{BLOCK, BLOCK_BYTES, GROUP};
 /// `4^i · code` (≤ 192, still an unsigned byte), and its sum, an exact multiple of `4^i`, is
 /// shifted back once at the end: a mask and a `vpdpbusd` per field and 64 bytes.
 ///
-/// Measured on Zen 4 (weights in huge pages): no software prefetch (13.0 ms of ternary
-/// matmuls per step against 15.0 with one 1 KiB ahead); two groups per loop sharing the
-/// broadcasts ran 10% faster from L3 but twice as slow from memory (two streams 4 rows apart).
+/// `pf`: software prefetch distance (chosen per machine by measurement: Zen 4 streams fastest
+/// without, an Intel Xeon 60% faster with 8 KiB). Two groups per loop sharing the broadcasts
+/// ran 10% faster from L3 but twice as slow from memory on Zen 4 (two streams 4 rows apart).
 #[inline(always)]
-unsafe fn group_single(g: *const u8, rb: usize, x: *const i8) -> [i32; GROUP] {
+unsafe fn group_single(g: *const u8, rb: usize, x: *const i8, pf: usize) -> [i32; GROUP] {
     let nblocks = rb / BLOCK_BYTES;
     let masks = [
         _mm512_set1_epi8(0x03),
@@ -28,6 +29,7 @@ unsafe fn group_single(g: *const u8, rb: usize, x: *const i8) -> [i32; GROUP] {
     ];
     let mut acc = [[_mm512_setzero_si512(); 4]; GROUP / 2];
     for b in 0..nblocks {
+        prefetch_ahead::<2>(g.add(b * GROUP * BLOCK_BYTES), pf);
         let xp = x.add(b * BLOCK) as *const __m256i;
         let xv = [
             _mm512_broadcast_i64x4(_mm256_loadu_si256(xp)),
@@ -62,11 +64,13 @@ unsafe fn group<const T: usize>(
     rb: usize,
     x: *const i8,
     kpad: usize,
+    pf: usize,
 ) -> [[i32; T]; GROUP] {
     let nblocks = rb / BLOCK_BYTES;
     let mask = _mm256_set1_epi8(3);
     let mut acc = [[_mm256_setzero_si256(); T]; GROUP];
     for b in 0..nblocks {
+        prefetch_ahead::<2>(g.add(b * GROUP * BLOCK_BYTES), pf);
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let wv = _mm256_loadu_si256(g.add((b * GROUP + r) * BLOCK_BYTES) as *const __m256i);
             let c = [
@@ -97,18 +101,19 @@ unsafe fn group<const T: usize>(
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL/VNNI; sizes as in [`super::Kernels::code_dots`].
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
+pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32], pf: usize) {
     if ntok == 1 {
         for (i, o) in out[..w.len() / rb].chunks_exact_mut(GROUP).enumerate() {
             o.copy_from_slice(&group_single(
                 w.as_ptr().add(i * GROUP * rb),
                 rb,
                 x.as_ptr(),
+                pf,
             ));
         }
         return;
     }
-    super::for_each_group!(w, rb, x, ntok, out, [4, 3, 2, 1], group);
+    super::for_each_group!(w, rb, x, ntok, out, pf, [4, 3, 2, 1], group);
 }
 
 /// See [`super::scalar::dot_i8`]. Inputs must not contain -128.
@@ -116,11 +121,12 @@ pub unsafe fn code_dots(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL/VNNI; `w.len() == x.len()`.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_i8(w: &[i8], x: &[i8]) -> i32 {
+pub unsafe fn dot_i8(w: &[i8], x: &[i8], pf: usize) -> i32 {
     let n = w.len();
     let mut acc = [_mm256_setzero_si256(); 2];
     let mut i = 0;
     while i + 64 <= n {
+        prefetch_ahead::<1>(w.as_ptr().add(i) as *const u8, pf);
         for (k, a) in acc.iter_mut().enumerate() {
             let wv = _mm256_loadu_si256(w.as_ptr().add(i + 32 * k) as *const __m256i);
             let xv = _mm256_loadu_si256(x.as_ptr().add(i + 32 * k) as *const __m256i);
@@ -144,8 +150,8 @@ pub const BF16_PERM: [usize; 32] = [
 /// # Safety
 /// The CPU must support AVX-512 F/BW; `w.len() == out.len() * cols`, `xp.len() == cols`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
-pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
-    head_tile::<1>(w, cols, xp, out, 0);
+pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32], pf: usize) {
+    head_tile::<1>(w, cols, xp, out, 0, pf);
 }
 
 /// [`head_bf16`] of `ntok` token rows (`xp`: `ntok × cols`, `out[t * rows + r]`), each weight
@@ -156,15 +162,22 @@ pub unsafe fn head_bf16(w: &[u16], cols: usize, xp: &[f32], out: &mut [f32]) {
 /// The CPU must support AVX-512 F/BW; `xp.len() == ntok * cols`, `out.len() == ntok * rows`
 /// with `w.len() == rows * cols`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
-pub unsafe fn head_bf16_multi(w: &[u16], cols: usize, xp: &[f32], ntok: usize, out: &mut [f32]) {
+pub unsafe fn head_bf16_multi(
+    w: &[u16],
+    cols: usize,
+    xp: &[f32],
+    ntok: usize,
+    out: &mut [f32],
+    pf: usize,
+) {
     let mut t = 0;
     while t < ntok {
         let step = (ntok - t).min(4);
         match step {
-            1 => head_tile::<1>(w, cols, xp, out, t),
-            2 => head_tile::<2>(w, cols, xp, out, t),
-            3 => head_tile::<3>(w, cols, xp, out, t),
-            _ => head_tile::<4>(w, cols, xp, out, t),
+            1 => head_tile::<1>(w, cols, xp, out, t, pf),
+            2 => head_tile::<2>(w, cols, xp, out, t, pf),
+            3 => head_tile::<3>(w, cols, xp, out, t, pf),
+            _ => head_tile::<4>(w, cols, xp, out, t, pf),
         }
         t += step;
     }
@@ -179,6 +192,7 @@ unsafe fn head_tile<const T: usize>(
     xp: &[f32],
     out: &mut [f32],
     t0: usize,
+    pf: usize,
 ) {
     let rows = w.len() / cols;
     let full = cols / 32 * 32;
@@ -189,6 +203,7 @@ unsafe fn head_tile<const T: usize>(
         let mut acc = [[_mm512_setzero_ps(); 4]; T];
         let mut i = 0;
         while i + 64 <= full {
+            prefetch_ahead::<2>(row.add(i) as *const u8, pf);
             for k in 0..2 {
                 let v = _mm512_loadu_si512(row.add(i + 32 * k) as *const _);
                 let lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
