@@ -16,7 +16,7 @@ use crate::cpu::packed::{BLOCK, BLOCK_BYTES, GROUP};
 /// shifted back once at the end: a mask and a `vpdpbusd` per field and 64 bytes.
 ///
 /// `pf`: software prefetch distance (chosen per machine by measurement: Zen 4 streams fastest
-/// without, an Intel Xeon 60% faster with 8 KiB). Two groups per loop sharing the broadcasts
+/// without, an Intel Xeon 60–80% faster with 16 KiB). Two groups per loop sharing the broadcasts
 /// ran 10% faster from L3 but twice as slow from memory on Zen 4 (two streams 4 rows apart).
 #[inline(always)]
 unsafe fn group_single(g: *const u8, rb: usize, x: *const i8, pf: usize) -> [i32; GROUP] {
