@@ -18,12 +18,12 @@ use crate::format::{FloatTensor, Weights};
 use crate::reference as ops;
 use head::Head;
 use kernels::{Kernels, PREFETCH_BYTES};
+use packed::{padded_cols, PackedTernary};
+use team::Team;
 
 /// Ternary weights from this size on decide the kernels' prefetch distance by measurement
 /// ([`CpuBackend::on_shared`]); smaller ones stay in the caches, where it does not matter.
 pub const CALIBRATE_BYTES: u64 = 128 << 20;
-use packed::{padded_cols, PackedTernary};
-use team::Team;
 
 /// Options of the CPU backend.
 #[derive(Debug, Clone, Default)]
@@ -39,7 +39,7 @@ pub struct CpuOptions {
     /// with a scale each.
     pub kv: KvDtype,
     /// Bytes the kernels' weight streams prefetch ahead (None: measured on this machine, see
-    /// [`CpuBackend::load`]; 0: none).
+    /// [`CpuBackend::on_shared`]; 0: none).
     pub prefetch: Option<usize>,
 }
 
