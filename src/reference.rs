@@ -28,7 +28,13 @@ pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f32> {
 
 /// Rotate-half RoPE of one head vector at position `pos` (dimension j pairs with j + hd/2).
 pub fn rope(v: &mut [f32], pos: usize, inv_freq: &[f32]) {
-    rotate(v, pos as f32, inv_freq);
+    rotate_heads(v, v.len(), pos as f32, inv_freq);
+}
+
+/// [`rope`] of every head in `heads` (consecutive vectors of `hd`), each angle's sine and
+/// cosine computed once for all of them.
+pub fn rope_heads(heads: &mut [f32], hd: usize, pos: usize, inv_freq: &[f32]) {
+    rotate_heads(heads, hd, pos as f32, inv_freq);
 }
 
 /// Turns a head rotated by [`rope`] at position `p` into the same head at `p - d`: rotation by
@@ -36,18 +42,19 @@ pub fn rope(v: &mut [f32], pos: usize, inv_freq: &[f32]) {
 /// sines of `d` (sin is odd), so it rounds as `a·cos + b·sin`, `b·cos − a·sin` with the cos/sin
 /// of `d` (the GPU's shift, from its table).
 pub fn rope_back(v: &mut [f32], d: usize, inv_freq: &[f32]) {
-    rotate(v, -(d as f32), inv_freq);
+    rotate_heads(v, v.len(), -(d as f32), inv_freq);
 }
 
-/// Rotate-half rotation of `v` by `pos` (signed) positions.
-fn rotate(v: &mut [f32], pos: f32, inv_freq: &[f32]) {
-    let half = v.len() / 2;
-    for j in 0..half {
-        let f = pos * inv_freq[j];
-        let (s, c) = f.sin_cos();
-        let (a, b) = (v[j], v[j + half]);
-        v[j] = a * c - b * s;
-        v[j + half] = b * c + a * s;
+/// Rotate-half rotation of each `hd`-wide head of `heads` by `pos` (signed) positions.
+fn rotate_heads(heads: &mut [f32], hd: usize, pos: f32, inv_freq: &[f32]) {
+    let half = hd / 2;
+    for (j, &f) in inv_freq[..half].iter().enumerate() {
+        let (s, c) = (pos * f).sin_cos();
+        for v in heads.chunks_exact_mut(hd) {
+            let (a, b) = (v[j], v[j + half]);
+            v[j] = a * c - b * s;
+            v[j + half] = b * c + a * s;
+        }
     }
 }
 
@@ -303,6 +310,20 @@ mod tests {
         let mut w = [1.0, 2.0, 3.0, 4.0];
         rope(&mut w, 0, &inv);
         assert_eq!(w, [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn rope_heads_rotates_each_head_as_rope_does() {
+        let (hd, heads) = (12, 5);
+        let inv = rope_inv_freq(500000.0, hd);
+        let v: Vec<f32> = (0..hd * heads).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut all = v.clone();
+        rope_heads(&mut all, hd, 77, &inv);
+        for (h, got) in all.chunks(hd).enumerate() {
+            let mut want = v[h * hd..(h + 1) * hd].to_vec();
+            rope(&mut want, 77, &inv);
+            assert_eq!(got, &want[..], "head {h}");
+        }
     }
 
     #[test]

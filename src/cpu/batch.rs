@@ -19,9 +19,7 @@ impl BatchBackend for CpuBackend {
         let s = &mut self.step;
         for (row, slot) in s.qkv[..s.t * (q + 2 * kv)].chunks_mut(q + 2 * kv).zip(rows) {
             let p = slot.pos;
-            for head in row[..q + kv].chunks_mut(hd) {
-                ops::rope(head, p, &self.inv_freq);
-            }
+            ops::rope_heads(&mut row[..q + kv], hd, p, &self.inv_freq);
             let block = tables[slot.seq][p / bs];
             for h in 0..c.num_kv_heads {
                 let (ks, vs) = (q + h * hd, q + kv + h * hd);

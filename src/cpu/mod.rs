@@ -882,9 +882,7 @@ impl Backend for CpuBackend {
             .enumerate()
         {
             let p = pos + ti;
-            for head in row[..q + kv].chunks_mut(hd) {
-                ops::rope(head, p, &self.inv_freq);
-            }
+            ops::rope_heads(&mut row[..q + kv], hd, p, &self.inv_freq);
             for h in 0..c.num_kv_heads {
                 let (ks, vs) = (q + h * hd, q + kv + h * hd);
                 cache.put(
