@@ -83,6 +83,15 @@ impl Head {
         }
     }
 
+    /// The head's bf16 rows as a tensor, where the head keeps them whole (the embedding of a
+    /// tied model reads its rows from this copy instead of faulting the file back in).
+    pub fn bf16_tensor(&self) -> Option<&FloatTensor> {
+        match self {
+            Head::Bf16 { tensor, copy: None } => Some(tensor),
+            _ => None,
+        }
+    }
+
     /// Bytes read per token.
     pub fn bytes(&self) -> u64 {
         match self {

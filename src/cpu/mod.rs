@@ -456,7 +456,7 @@ impl CpuBackend {
             cfg,
             kernels: opts.kernels.unwrap_or_else(Kernels::detect),
             team,
-            embed: w.embed.clone(),
+            embed: tied_embedding(w, &shared.head).unwrap_or_else(|| w.embed.clone()),
             shared: shared.clone(),
             final_norm: w.final_norm.clone(),
             step: Step::default(),
@@ -659,6 +659,15 @@ impl CpuBackend {
         );
         Ok(())
     }
+}
+
+/// A tied model's embedding as the head's copy of the same rows (huge pages, already
+/// resident), so that looking tokens up does not map the checkpoint's pages back in.
+fn tied_embedding(w: &Weights, head: &Head) -> Option<FloatTensor> {
+    let t = head.bf16_tensor()?;
+    let same = w.lm_head.is_none()
+        && (t.rows, t.cols, t.dtype) == (w.embed.rows, w.embed.cols, w.embed.dtype);
+    same.then(|| t.clone())
 }
 
 /// RMSNorm (with gamma `w`; none: no norm) + int8 quantization of `t` rows of `src` (width
@@ -978,6 +987,34 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn a_tied_embedding_reads_the_heads_copy_and_the_same_rows() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
+        let w = crate::format::safetensors::load(&dir).unwrap();
+        assert!(w.lm_head.is_none(), "the fixture is tied");
+        let b = CpuBackend::load(&w, &CpuOptions::default()).unwrap();
+        let head = b.shared.head.bf16_tensor().unwrap();
+        assert_eq!(
+            b.embed.bytes.as_slice().as_ptr(),
+            head.bytes.as_slice().as_ptr()
+        );
+        let (mut got, mut want) = (vec![0.0; w.embed.cols], vec![0.0; w.embed.cols]);
+        for r in [0, 1, w.embed.rows - 1] {
+            b.embed.row_into(r, &mut got);
+            w.embed.row_into(r, &mut want);
+            assert_eq!(got, want, "row {r}");
+        }
+        let int8 = CpuOptions {
+            head: HeadMode::Int8,
+            ..Default::default()
+        };
+        let b = CpuBackend::load(&w, &int8).unwrap();
+        assert_eq!(
+            b.embed.bytes.as_slice().as_ptr(),
+            w.embed.bytes.as_slice().as_ptr()
+        );
+    }
 
     fn cache(kv: KvDtype, rows: usize, hd: usize) -> CpuCache {
         CpuCache {
