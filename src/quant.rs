@@ -6,12 +6,15 @@ pub const ACT_QMAX: f32 = 127.0;
 /// Lower clamp of the activation absmax.
 pub const ACT_EPS: f32 = 1e-5;
 
-/// Rounds half to even for |v| < 2^22 without a libm call (adding and removing 1.5·2^23
-/// leaves the value rounded by the FPU's default round-to-nearest-even mode).
+/// 1.5·2^23: adding it to |v| < 2^22 leaves v rounded half to even (the FPU's default mode)
+/// in the low mantissa bits.
+const ROUND_MAGIC: f32 = 12582912.0;
+
+/// Rounds half to even for |v| < 2^22 without a libm call (adding and removing
+/// `ROUND_MAGIC`).
 #[inline(always)]
 pub fn round_half_even_small(v: f32) -> f32 {
-    const MAGIC: f32 = 12582912.0;
-    (v + MAGIC) - MAGIC
+    (v + ROUND_MAGIC) - ROUND_MAGIC
 }
 
 /// The largest |v| of `x` (NaNs ignored), in sixteen lanes the compiler vectorizes (a single
@@ -39,12 +42,11 @@ pub fn absmax(x: &[f32]) -> f32 {
 }
 
 /// `v` rounded half to even and clamped to `lo..=127` as an int8 (NaN: 0), for |v| < 2^22:
-/// the rounded integer read from the bits of `v + 1.5·2^23` (integer steps that vectorize,
+/// the rounded integer read from the bits of `v + ROUND_MAGIC` (integer steps that vectorize,
 /// where a saturating float-to-int cast stays scalar).
 #[inline(always)]
 fn round_to_i8(v: f32, lo: i32) -> i8 {
-    const MAGIC: f32 = 12582912.0;
-    let r = (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32;
+    let r = (v + ROUND_MAGIC).to_bits() as i32 - ROUND_MAGIC.to_bits() as i32;
     if v.is_nan() {
         0
     } else {

@@ -664,10 +664,11 @@ impl CpuBackend {
 /// A tied model's embedding as the head's copy of the same rows (huge pages, already
 /// resident), so that looking tokens up does not map the checkpoint's pages back in.
 fn tied_embedding(w: &Weights, head: &Head) -> Option<FloatTensor> {
-    let t = head.bf16_tensor()?;
-    let same = w.lm_head.is_none()
-        && (t.rows, t.cols, t.dtype) == (w.embed.rows, w.embed.cols, w.embed.dtype);
-    same.then(|| t.clone())
+    // Tied: the head was prepared from `w.embed` itself.
+    w.lm_head
+        .is_none()
+        .then(|| head.bf16_tensor().cloned())
+        .flatten()
 }
 
 /// RMSNorm (with gamma `w`; none: no norm) + int8 quantization of `t` rows of `src` (width
