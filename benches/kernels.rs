@@ -15,18 +15,24 @@ fn packed(rows: usize, cols: usize) -> PackedTernary {
 fn ternary(c: &mut Criterion) {
     let mut g = c.benchmark_group("ternary_code_dots");
     g.sample_size(10);
-    // gate|up of 2B4T: 13824 × 2560.
-    let w = packed(13824, 2560);
-    for ntok in [1usize, 8, 64] {
-        let x: Vec<i8> = (0..ntok * w.kpad).map(|i| ((i * 31) % 255) as i8).collect();
-        let mut out = vec![0i32; w.rows * ntok];
-        g.throughput(Throughput::Bytes(w.data.as_slice().len() as u64));
-        for k in Kernels::available() {
-            g.bench_with_input(
-                BenchmarkId::new(k.name(), format!("t{ntok}")),
-                &ntok,
-                |b, &n| b.iter(|| k.code_dots(w.data.as_slice(), w.row_bytes(), &x, n, &mut out)),
-            );
+    // gate|up of the default model (3584 × 640, in L2) and of 2B4T (13824 × 2560).
+    for (w, ntoks) in [
+        (packed(3584, 640), &[1usize, 4, 5, 8][..]),
+        (packed(13824, 2560), &[1, 8, 64][..]),
+    ] {
+        for &ntok in ntoks {
+            let x: Vec<i8> = (0..ntok * w.kpad).map(|i| ((i * 31) % 255) as i8).collect();
+            let mut out = vec![0i32; w.rows * ntok];
+            g.throughput(Throughput::Bytes(w.data.as_slice().len() as u64));
+            for k in Kernels::available() {
+                g.bench_with_input(
+                    BenchmarkId::new(k.name(), format!("{}x{}/t{ntok}", w.rows, w.cols)),
+                    &ntok,
+                    |b, &n| {
+                        b.iter(|| k.code_dots(w.data.as_slice(), w.row_bytes(), &x, n, &mut out))
+                    },
+                );
+            }
         }
     }
     g.finish();
