@@ -60,8 +60,8 @@ unsafe fn group_single(g: *const u8, rb: usize, x: *const i8, pf: usize) -> [i32
 /// One row group (4 rows) × `T` tokens of code dot products, on 512-bit vectors as
 /// [`group_single`]: rows 2p and 2p+1 in one load, each token's activations broadcast to both
 /// halves. Each field is shifted down and masked once for all `T` tokens (one accumulator per
-/// row pair and token), so a weight byte costs `4·T` `vpdpbusd` per 64 bytes plus 7 shifts and
-/// masks, half the instructions of a 256-bit loop.
+/// row pair and token): 64 bytes of weights cost 3 shifts, 4 masks and `4·T` `vpdpbusd`, half
+/// the instructions of a 256-bit loop.
 #[inline(always)]
 unsafe fn group<const T: usize>(
     g: *const u8,
