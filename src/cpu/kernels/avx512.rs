@@ -51,10 +51,18 @@ unsafe fn group_single(g: *const u8, rb: usize, x: *const i8, pf: usize) -> [i32
             _mm512_add_epi32(a[0], _mm512_srai_epi32::<2>(a[1])),
             _mm512_add_epi32(_mm512_srai_epi32::<4>(a[2]), _mm512_srai_epi32::<6>(a[3])),
         );
-        out[2 * pair] = hsum_i32(_mm512_castsi512_si256(s));
-        out[2 * pair + 1] = hsum_i32(_mm512_extracti64x4_epi64::<1>(s));
+        [out[2 * pair], out[2 * pair + 1]] = pair_sums(s);
     }
     out
+}
+
+/// The sums of a row pair's accumulator: its low half (row 2p), its high half (row 2p+1).
+#[inline(always)]
+unsafe fn pair_sums(v: __m512i) -> [i32; 2] {
+    [
+        hsum_i32(_mm512_castsi512_si256(v)),
+        hsum_i32(_mm512_extracti64x4_epi64::<1>(v)),
+    ]
 }
 
 /// One row group (4 rows) × `T` tokens of code dot products, on 512-bit vectors as
@@ -95,8 +103,7 @@ unsafe fn group<const T: usize>(
     let mut out = [[0i32; T]; GROUP];
     for (pair, acc_p) in acc.iter().enumerate() {
         for (t, a) in acc_p.iter().enumerate() {
-            out[2 * pair][t] = hsum_i32(_mm512_castsi512_si256(*a));
-            out[2 * pair + 1][t] = hsum_i32(_mm512_extracti64x4_epi64::<1>(*a));
+            [out[2 * pair][t], out[2 * pair + 1][t]] = pair_sums(*a);
         }
     }
     out
