@@ -65,7 +65,7 @@ pub(crate) struct ModelArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub(crate) threads: usize,
-    /// CPU kernel set: auto, or one of scalar, avx2, avx512vnni, neon.
+    /// CPU kernel set: auto, or one of scalar, avx2, avx512vnni, amx, neon.
     #[arg(long, default_value = "auto")]
     pub(crate) kernels: String,
     /// CPU weight streams' software prefetch: auto (measured at load), off, or a distance in

@@ -70,6 +70,10 @@ struct Step {
     x: Vec<f32>,
     tmp: Vec<f32>,
     xq: Vec<i8>,
+    /// `xq` laid out for the kernels, once per matmul ([`Kernels::lay_out_tokens`]).
+    xq_tiles: kernels::TokenTiles,
+    /// Whether `xq_tiles` holds the current matmul's activations.
+    tiled: bool,
     xscale: Vec<f32>,
     xsum: Vec<i32>,
     qkv: Vec<f32>,
@@ -489,6 +493,7 @@ impl CpuBackend {
         let base = self.kernels;
         self.ensure_step(1);
         self.step.xq.fill(0);
+        self.step.tiled = false;
         let wide = self
             .shared
             .layers
@@ -600,7 +605,11 @@ impl CpuBackend {
                 if dots.len() < n * t {
                     dots.resize(n * t, 0);
                 }
-                k.code_dots(chunk, rb, x, t, dots);
+                if s.tiled {
+                    k.code_dots_tiled(chunk, rb, x, t, &s.xq_tiles, dots);
+                } else {
+                    k.code_dots(chunk, rb, x, t, dots);
+                }
                 for r in 0..n {
                     let rs = w.row_scale[r0 + r];
                     for ti in 0..t {
@@ -849,7 +858,10 @@ impl Backend for CpuBackend {
             _ => (&l.down, s.x.as_mut_ptr(), true),
         };
         let rows = part.unwrap_or(0..w.rows);
-        // The output buffers are not read by `matmul` (it reads xq/xscale/xsum only).
+        s.tiled = self
+            .kernels
+            .lay_out_tokens(&s.xq, w.kpad, s.t, &mut s.xq_tiles);
+        // The output buffers are not read by `matmul` (it reads xq/xscale/xsum/xq_tiles only).
         self.matmul(w, rows, out, w.rows, accumulate);
     }
 

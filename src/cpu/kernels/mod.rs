@@ -2,6 +2,8 @@
 //! time (aarch64, wasm32 with `+simd128`). All share the layout of [`crate::cpu::packed`].
 
 #[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
@@ -72,10 +74,26 @@ enum Isa {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// AVX-512 VNNI with Intel AMX tiles for steps of several tokens.
+    #[cfg(target_arch = "x86_64")]
+    Amx,
     #[cfg(target_arch = "aarch64")]
     Neon,
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     Simd128,
+}
+
+/// Fewest tokens a step has for the AMX kernel set to use its tiles: below four the AVX-512
+/// kernels are as fast (most of a tile's 16 token columns would be wasted).
+#[cfg(target_arch = "x86_64")]
+const AMX_MIN_TOKENS: usize = 4;
+
+/// A step's activations laid out once per matmul for kernel sets that read them in an order
+/// of their own ([`Kernels::lay_out_tokens`]).
+#[derive(Default)]
+pub struct TokenTiles {
+    #[cfg(target_arch = "x86_64")]
+    amx: amx::Tiles,
 }
 
 /// A kernel set that is valid on this CPU (only obtainable through detection), with the
@@ -135,6 +153,9 @@ impl Kernels {
                 && is_x86_feature_detected!("avx512vnni")
             {
                 v.push(Kernels::of(Isa::Avx512Vnni));
+                if amx::available() {
+                    v.push(Kernels::of(Isa::Amx));
+                }
             }
         }
         #[cfg(target_arch = "aarch64")]
@@ -161,7 +182,7 @@ impl Kernels {
     /// Whether this kernel set has software prefetch (x86).
     pub fn prefetches(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if matches!(self.isa, Isa::Avx2 | Isa::Avx512Vnni) {
+        if matches!(self.isa, Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx) {
             return true;
         }
         false
@@ -175,6 +196,8 @@ impl Kernels {
             Isa::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => "avx512vnni",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => "amx",
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => "neon",
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -198,11 +221,60 @@ impl Kernels {
             Isa::Avx2 => unsafe { avx2::code_dots(w, rb, x, ntok, out, self.prefetch) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => unsafe { avx512::code_dots(w, rb, x, ntok, out, self.prefetch) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx if ntok < AMX_MIN_TOKENS => unsafe {
+                avx512::code_dots(w, rb, x, ntok, out, self.prefetch)
+            },
+            // SAFETY: `Amx` exists only when `amx::available()` (the tile state granted).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => unsafe { amx::code_dots(w, rb, x, ntok, out, self.prefetch) },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => unsafe { neon::code_dots(w, rb, x, ntok, out) },
             // SAFETY: compiled with simd128 (validated when the module is instantiated).
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Isa::Simd128 => unsafe { simd128::code_dots(w, rb, x, ntok, out) },
+        }
+    }
+
+    /// Lays the `ntok` token rows of `x` (`kpad` each) out once for every
+    /// [`Self::code_dots_tiled`] call of a matmul, where this kernel set reads activations in
+    /// an order of its own (AMX tiles); returns whether it did.
+    pub fn lay_out_tokens(self, x: &[i8], kpad: usize, ntok: usize, into: &mut TokenTiles) -> bool {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx if ntok >= AMX_MIN_TOKENS => {
+                into.amx.lay_out(&x[..ntok * kpad], kpad, ntok);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// [`Self::code_dots`] with `tiles` laid out from `x` by [`Self::lay_out_tokens`] (when it
+    /// returned true; otherwise `tiles` is not read).
+    pub fn code_dots_tiled(
+        self,
+        w: &[u8],
+        rb: usize,
+        x: &[i8],
+        ntok: usize,
+        tiles: &TokenTiles,
+        out: &mut [i32],
+    ) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx if ntok >= AMX_MIN_TOKENS => {
+                assert!(
+                    rb.is_multiple_of(32)
+                        && w.len().is_multiple_of(4 * rb)
+                        && x.len() >= ntok * rb * 4
+                        && out.len() >= (w.len() / rb) * ntok
+                );
+                // SAFETY: `Amx` exists only when `amx::available()`; sizes checked; `tiles` is
+                // checked against the width and holds `ntok` tokens of `x` by contract.
+                unsafe { amx::code_dots_tiled(w, rb, x, &tiles.amx, out, self.prefetch) }
+            }
+            _ => self.code_dots(w, rb, x, ntok, out),
         }
     }
 
@@ -212,7 +284,7 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Some(&avx2::BF16_PERM),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => Some(&avx512::BF16_PERM),
+            Isa::Avx512Vnni | Isa::Amx => Some(&avx512::BF16_PERM),
             #[allow(unreachable_patterns)]
             _ => None,
         }
@@ -239,7 +311,9 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { avx2::head_bf16(w, cols, xp, out, self.prefetch) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => unsafe { avx512::head_bf16(w, cols, xp, out, self.prefetch) },
+            Isa::Avx512Vnni | Isa::Amx => unsafe {
+                avx512::head_bf16(w, cols, xp, out, self.prefetch)
+            },
             // SAFETY: NEON is always present on aarch64; sizes checked.
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => {
@@ -273,7 +347,7 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { avx2::head_bf16_multi(w, cols, xp, ntok, out, self.prefetch) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => unsafe {
+            Isa::Avx512Vnni | Isa::Amx => unsafe {
                 avx512::head_bf16_multi(w, cols, xp, ntok, out, self.prefetch)
             },
             #[allow(unreachable_patterns)]
@@ -294,7 +368,7 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { avx2::dot_i8(w, x, self.prefetch) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => unsafe { avx512::dot_i8(w, x, self.prefetch) },
+            Isa::Avx512Vnni | Isa::Amx => unsafe { avx512::dot_i8(w, x, self.prefetch) },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => unsafe { neon::dot_i8(w, x) },
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -368,6 +442,11 @@ mod tests {
             (16, 2560, 1),
             (8, 300, 1),
             (12, 6912, 1),
+            // AMX: whole 16-row tiles plus a remainder, token tiles past one pass of 64.
+            (36, 300, 70),
+            (48, 6912, 16),
+            (20, 2560, 64),
+            (32, 128, 2),
         ] {
             let (w, codes, x) = random_case(rows, cols, ntok, (rows * cols + ntok) as u64);
             let mut want = vec![0i32; rows * ntok];
