@@ -240,6 +240,8 @@ impl Kernels {
     /// [`Self::code_dots_tiled`] call of a matmul, where this kernel set reads activations in
     /// an order of its own (AMX tiles); returns whether it did.
     pub fn lay_out_tokens(self, x: &[i8], kpad: usize, ntok: usize, into: &mut TokenTiles) -> bool {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (x, kpad, ntok, into);
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Amx if ntok >= AMX_MIN_TOKENS => {
@@ -261,6 +263,8 @@ impl Kernels {
         tiles: &TokenTiles,
         out: &mut [i32],
     ) {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = tiles;
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Amx if ntok >= AMX_MIN_TOKENS => {
