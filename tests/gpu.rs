@@ -825,6 +825,63 @@ fn long_context_uses_split_attention() {
     compare_with_cpu(&w, gpu(&w), 131, 8, 1e-5);
 }
 
+/// The float head as tiles (`head_gemm`: steps of `GEMM_MIN_ROWS` rows and more) against the
+/// one-row head on the same hidden states: the rows of 20- and 70-token prompts (two tiles of
+/// 16 and of 64 step rows, the second partial) against the last row of each prefix, on
+/// vocabularies and widths that leave partial tiles and chunks, with bf16 and with f16
+/// (widened to f32) heads.
+#[test]
+fn tiled_head_matches_the_one_row_head() {
+    let wide = ModelConfig {
+        vocab_size: 77,
+        hidden_size: 136,
+        intermediate_size: 100,
+        num_layers: 1,
+        num_heads: 2,
+        num_kv_heads: 2,
+        head_dim: 68,
+        max_position_embeddings: 80,
+        ..Preset::Tiny.config()
+    };
+    let mut models: Vec<(Option<PathBuf>, Weights)> = [odd_config(), wide]
+        .iter()
+        .enumerate()
+        .map(|(n, cfg)| {
+            let (dir, w) = synth_model(cfg, 40 + n as u64);
+            (Some(dir), w)
+        })
+        .collect();
+    models.push((
+        None,
+        load(Path::new("tests/fixtures/tiny-1bitllm")).unwrap(),
+    ));
+    for (_dir, w) in &models {
+        let vocab = w.config.vocab_size;
+        let mut rng = StdRng::seed_from_u64(7);
+        let n = 70.min(w.config.max_position_embeddings - 1);
+        let prompt: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let mut g = Generator::with_context(gpu(w), n + 1).unwrap();
+        // 20 rows: tiles of 16 step rows; 70: of 64.
+        for rows in [20, n] {
+            let all = g.logits(&prompt[..rows], true).unwrap();
+            assert_eq!(all.len(), rows * vocab);
+            let scale = all.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for len in [1, 7, 8, 9, 16, 17, 20, 33, 64, 65, n] {
+                if len > rows {
+                    continue;
+                }
+                let last = g.logits(&prompt[..len], false).unwrap();
+                let d = max_abs_diff(&last, &all[(len - 1) * vocab..len * vocab]);
+                assert!(
+                    d <= 1e-6 * scale.max(1.0),
+                    "vocab {vocab}, {rows} rows, row {}: {d} (logits up to {scale})",
+                    len - 1
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn sharded_head_and_embedding_give_identical_logits() {
     let cfg = odd_config();

@@ -10,6 +10,21 @@ const SHARD: &str = include_str!("../../../shaders/head_shard.wgsl");
 const FLOAT: &str = include_str!("../../../shaders/head.wgsl");
 const INT8: &str = include_str!("../../../shaders/head_i8.wgsl");
 
+/// Step rows from which the float head runs as tiles of 16 and of 64 step rows
+/// ([`Head::record`]).
+pub const GEMM_MIN_ROWS: [usize; 2] = [8, 32];
+
+/// [`GEMM_MIN_ROWS`], or `BITNET_GPU_HEAD_TILES=min16:min64` while they are being tuned.
+fn gemm_min_rows() -> [usize; 2] {
+    std::env::var("BITNET_GPU_HEAD_TILES")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once(':')?;
+            Some([a.parse().ok()?, b.parse().ok()?])
+        })
+        .unwrap_or(GEMM_MIN_ROWS)
+}
+
 /// One shard of the embedding or head (`Shard` in embed.wgsl and head_shard.wgsl).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
@@ -39,6 +54,8 @@ pub struct Head {
     /// step, shard, int8 rows, row scales, xq, xscale, logits.
     pub i8_layout: wgpu::BindGroupLayout,
     float: wgpu::ComputePipeline,
+    /// Tiles of 16 and of 64 step rows.
+    float_gemm: [wgpu::ComputePipeline; 2],
     int8: wgpu::ComputePipeline,
     rows_per_wg: usize,
 }
@@ -55,14 +72,11 @@ impl Head {
         let f32w = if t.f32_head { 1.0 } else { 0.0 };
         let m = t.module("head", &[COMMON, t.reduce(), SHARD, FLOAT]);
         let m_i8 = t.module("head_i8", &[COMMON, t.reduce(), SHARD, INT8]);
+        let consts = [("F32_WEIGHTS", f32w), ("TPR", tpr)];
         Head {
-            float: t.pipeline(
-                "head",
-                &layout,
-                &m,
-                "main",
-                &[("F32_WEIGHTS", f32w), ("TPR", tpr)],
-            ),
+            float: t.pipeline("head", &layout, &m, "main", &consts),
+            float_gemm: [16.0, 64.0]
+                .map(|tt| t.pipeline("head_gemm", &layout, &m, "gemm", &[consts[0], ("TT", tt)])),
             int8: t.pipeline("head_i8", &i8_layout, &m_i8, "main", &[("TPR", tpr)]),
             layout,
             i8_layout,
@@ -75,7 +89,9 @@ impl Head {
         self.rows_per_wg
     }
 
-    /// The head over one shard of `rows` vocabulary rows for `nrows` step rows.
+    /// The head over one shard of `rows` vocabulary rows for `nrows` step rows: from
+    /// [`GEMM_MIN_ROWS`] step rows on (float heads), as tiles that read each weight once per
+    /// 64 step rows.
     pub fn record(
         &self,
         rec: &mut Recorder,
@@ -84,6 +100,17 @@ impl Head {
         nrows: usize,
         int8: bool,
     ) {
+        let [min16, min64] = gemm_min_rows();
+        if !int8 && nrows >= min16 {
+            let (tt, pl) = if nrows >= min64 {
+                (64, &self.float_gemm[1])
+            } else {
+                (16, &self.float_gemm[0])
+            };
+            let dims = [rows.div_ceil(64) as u32, nrows.div_ceil(tt) as u32, 1];
+            rec.dispatch("head_gemm", pl, bg, dims);
+            return;
+        }
         let (label, pl) = if int8 {
             ("head_i8", &self.int8)
         } else {
