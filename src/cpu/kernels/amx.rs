@@ -7,8 +7,9 @@
 //!
 //! Per block of 128 columns and 16 rows (four row groups) the packed codes are unpacked into
 //! two code tiles in L1 (one per 64 columns: a row's bit fields 0 and 1, then 2 and 3), loaded
-//! once and multiplied by the activations of up to [`TILES`] × 16 tokens, which the kernel
-//! lays out once per call in the tile order (`B[k][4n + i] = x[n][64q + 4k + i]`).
+//! once and multiplied by the activations of up to [`TILES`] × 16 tokens, laid out in tile
+//! order (`B[k][4n + i] = x[n][64q + 4k + i]`, [`Tiles`]) once per matmul by the CPU backend
+//! or once per call.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
