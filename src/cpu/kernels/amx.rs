@@ -116,27 +116,28 @@ macro_rules! load_tile {
     };
 }
 
+/// The instruction `$pre tmmC $post` on accumulator tile `C = $c` (0..4, at run time), with
+/// the remaining `asm!` operands.
+macro_rules! on_accumulator {
+    ($c:expr, $pre:literal, $post:expr, $($operands:tt)*) => {
+        match $c {
+            0 => asm!(concat!($pre, "tmm0", $post), $($operands)*),
+            1 => asm!(concat!($pre, "tmm1", $post), $($operands)*),
+            2 => asm!(concat!($pre, "tmm2", $post), $($operands)*),
+            _ => asm!(concat!($pre, "tmm3", $post), $($operands)*),
+        }
+    };
+}
+
 /// `tdpbusd` into accumulator tile `$c` (0..4, at run time) from tile registers `$a`, `$b`.
 macro_rules! dot_into {
     ($c:expr, $a:literal, $b:literal) => {
-        match $c {
-            0 => asm!(
-                concat!("tdpbusd tmm0, ", $a, ", ", $b),
-                options(nostack, nomem)
-            ),
-            1 => asm!(
-                concat!("tdpbusd tmm1, ", $a, ", ", $b),
-                options(nostack, nomem)
-            ),
-            2 => asm!(
-                concat!("tdpbusd tmm2, ", $a, ", ", $b),
-                options(nostack, nomem)
-            ),
-            _ => asm!(
-                concat!("tdpbusd tmm3, ", $a, ", ", $b),
-                options(nostack, nomem)
-            ),
-        }
+        on_accumulator!(
+            $c,
+            "tdpbusd ",
+            concat!(", ", $a, ", ", $b),
+            options(nostack, nomem)
+        )
     };
 }
 
@@ -284,12 +285,7 @@ unsafe fn tile_pass(
     while i0 < row_tiles {
         let nr = per_pass.min(row_tiles - i0);
         for c in 0..nr * ntiles {
-            match c {
-                0 => asm!("tilezero tmm0", options(nostack, nomem)),
-                1 => asm!("tilezero tmm1", options(nostack, nomem)),
-                2 => asm!("tilezero tmm2", options(nostack, nomem)),
-                _ => asm!("tilezero tmm3", options(nostack, nomem)),
-            }
+            on_accumulator!(c, "tilezero ", "", options(nostack, nomem));
         }
         let compute = |b: usize| {
             let codes = codes_base.add((b % 2) * per_pass * 2 * TILE_BYTES);
@@ -345,20 +341,14 @@ unsafe fn tile_pass(
         for r in 0..nr {
             for j in 0..ntiles {
                 let dst = sums.add(j * ROWS * TOKENS);
-                match r * ntiles + j {
-                    0 => {
-                        asm!("tilestored [{d} + {s}*1], tmm0", d = in(reg) dst, s = in(reg) 64usize, options(nostack))
-                    }
-                    1 => {
-                        asm!("tilestored [{d} + {s}*1], tmm1", d = in(reg) dst, s = in(reg) 64usize, options(nostack))
-                    }
-                    2 => {
-                        asm!("tilestored [{d} + {s}*1], tmm2", d = in(reg) dst, s = in(reg) 64usize, options(nostack))
-                    }
-                    _ => {
-                        asm!("tilestored [{d} + {s}*1], tmm3", d = in(reg) dst, s = in(reg) 64usize, options(nostack))
-                    }
-                }
+                on_accumulator!(
+                    r * ntiles + j,
+                    "tilestored [{d} + {s}*1], ",
+                    "",
+                    d = in(reg) dst,
+                    s = in(reg) 64usize,
+                    options(nostack)
+                );
             }
             emit(
                 (i0 + r) * ROWS,

@@ -96,6 +96,21 @@ pub struct TokenTiles {
     amx: amx::Tiles,
 }
 
+/// Panics unless `w` holds whole rows of `rb` bytes (a multiple of 32) and `x` and `out` hold
+/// `ntok` tokens' activations and sums: the bounds every `code_dots` kernel relies on.
+fn check_code_dots_sizes(w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &[i32]) {
+    assert!(
+        rb.is_multiple_of(32)
+            && w.len().is_multiple_of(4 * rb)
+            && x.len() >= ntok * rb * 4
+            && out.len() >= (w.len() / rb) * ntok,
+        "code_dots sizes: {} weight bytes of rows of {rb}, {} activations, {ntok} tokens, {} sums",
+        w.len(),
+        x.len(),
+        out.len()
+    );
+}
+
 /// A kernel set that is valid on this CPU (only obtainable through detection), with the
 /// distance its weight streams prefetch ahead (0: the hardware prefetcher alone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,12 +223,7 @@ impl Kernels {
     /// `out[r * ntok + t] = Σ_c code(r, c) · x[t][c]` for the packed rows in `w` (`rb` bytes
     /// each) and `ntok` int8 token rows of `4 * rb` values in `x`.
     pub fn code_dots(self, w: &[u8], rb: usize, x: &[i8], ntok: usize, out: &mut [i32]) {
-        assert!(
-            rb.is_multiple_of(32)
-                && w.len().is_multiple_of(4 * rb)
-                && x.len() >= ntok * rb * 4
-                && out.len() >= (w.len() / rb) * ntok
-        );
+        check_code_dots_sizes(w, rb, x, ntok, out);
         match self.isa {
             Isa::Scalar => scalar::code_dots(w, rb, x, ntok, out),
             // SAFETY: the variant exists only when detection found the features; sizes checked above.
@@ -268,12 +278,7 @@ impl Kernels {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Amx if ntok >= AMX_MIN_TOKENS => {
-                assert!(
-                    rb.is_multiple_of(32)
-                        && w.len().is_multiple_of(4 * rb)
-                        && x.len() >= ntok * rb * 4
-                        && out.len() >= (w.len() / rb) * ntok
-                );
+                check_code_dots_sizes(w, rb, x, ntok, out);
                 // SAFETY: `Amx` exists only when `amx::available()`; sizes checked; `tiles` is
                 // checked against the width and holds `ntok` tokens of `x` by contract.
                 unsafe { amx::code_dots_tiled(w, rb, x, &tiles.amx, out, self.prefetch) }
