@@ -9,9 +9,9 @@ struct AttnP {
     group: u32,    // query heads per KV head
     stride: u32,   // f32 per q|k|v row
     q_dim: u32,
-    maxsplit: u32, // partial slots per (token, head)
     scale: f32,
-    pad: u32,
+    pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -126,7 +126,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         m = mn;
         workgroupBarrier();
     }
-    let idx = ((t * ap.nh + h) * ap.maxsplit + s) * (hd + 2u);
+    let idx = ((t * ap.nh + h) * step.nsplit + s) * (hd + 2u);
     if li == 0u {
         part[idx] = m;
         part[idx + 1u] = l;
@@ -139,28 +139,36 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     }
 }
 
+// The splits' maxima and sums, staged once per workgroup (at most MAX_SPLITS splits).
+const MAX_SPLITS: u32 = 256u;
+var<workgroup> cm: array<f32, 256>;
+var<workgroup> cl: array<f32, 256>;
+
 @compute @workgroup_size(64)
 fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wg.x;
     let t = wg.y;
     let hd = ap.hd;
     let len = step.pos + t + 1u;
-    let ns = (len + step.chunk - 1u) / step.chunk;
-    let base = (t * ap.nh + h) * ap.maxsplit;
+    let ns = min((len + step.chunk - 1u) / step.chunk, MAX_SPLITS);
+    let base = (t * ap.nh + h) * step.nsplit;
+    for (var s = li; s < ns; s = s + 64u) {
+        cm[s] = part[(base + s) * (hd + 2u)];
+        cl[s] = part[(base + s) * (hd + 2u) + 1u];
+    }
+    workgroupBarrier();
     var mx = NEG_BIG;
     for (var s = 0u; s < ns; s = s + 1u) {
-        mx = max(mx, part[(base + s) * (hd + 2u)]);
+        mx = max(mx, cm[s]);
     }
     var total = 0.0;
     for (var s = 0u; s < ns; s = s + 1u) {
-        let i = (base + s) * (hd + 2u);
-        total = total + exp(part[i] - mx) * part[i + 1u];
+        total = total + exp(cm[s] - mx) * cl[s];
     }
     for (var d = li; d < hd; d = d + 64u) {
         var acc = 0.0;
         for (var s = 0u; s < ns; s = s + 1u) {
-            let i = (base + s) * (hd + 2u);
-            acc = acc + exp(part[i] - mx) * part[i + 2u + d];
+            acc = acc + exp(cm[s] - mx) * part[(base + s) * (hd + 2u) + 2u + d];
         }
         attn[t * ap.q_dim + h * hd + d] = acc / total;
     }
@@ -276,7 +284,7 @@ fn attend_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         workgroupBarrier();
     }
     if live && step.nsplit > 1u && start < rlen {
-        let idx = ((tr * ap.nh + h) * ap.maxsplit + wg.z) * (hd + 2u);
+        let idx = ((tr * ap.nh + h) * step.nsplit + wg.z) * (hd + 2u);
         if lane == 0u {
             part[idx] = m;
             part[idx + 1u] = l;
@@ -367,7 +375,7 @@ fn attend_vec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         attn[a + 3u] = r.w;
         return;
     }
-    let idx = ((t * ap.nh + h) * ap.maxsplit + s) * (ap.hd + 2u);
+    let idx = ((t * ap.nh + h) * step.nsplit + s) * (ap.hd + 2u);
     if li == 0u {
         part[idx] = m;
         part[idx + 1u] = l;

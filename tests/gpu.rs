@@ -429,14 +429,34 @@ fn rope_kv_write_and_attention_match_cpu_ops() {
     };
     for cfg in [odd_config(), fixture_like] {
         for kv in [KvDtype::F32, KvDtype::F16] {
-            rope_kv_write_and_attention_at(&cfg, kv);
+            rope_kv_write_and_attention_at(&cfg, kv, 160, &[70, 1, 1, 33, 1, 44, 1], 2);
         }
     }
 }
 
-/// [`rope_kv_write_and_attention_match_cpu_ops`] with a `kv` cache (the host reference rounds
-/// keys and values to f16 for an f16 one).
-fn rope_kv_write_and_attention_at(cfg: &ModelConfig, kv_dtype: KvDtype) {
+#[test]
+fn one_token_attention_after_a_long_prompt_spreads_over_many_splits() {
+    // 4,196 cached positions: one-token steps split their rows into 66 blocks of 64, more
+    // than `combine`'s 64 invocations stage in one round.
+    let mut steps = vec![512; 8];
+    steps.extend([100, 1, 1]);
+    let cfg = ModelConfig {
+        max_position_embeddings: 4300,
+        ..odd_config()
+    };
+    rope_kv_write_and_attention_at(&cfg, KvDtype::F16, 4300, &steps, 66);
+}
+
+/// [`rope_kv_write_and_attention_match_cpu_ops`] with a `kv` cache of `cap` positions (the
+/// host reference rounds keys and values to f16 for an f16 one), steps of `steps` tokens, and
+/// at least `min_splits` splits of a one-token row.
+fn rope_kv_write_and_attention_at(
+    cfg: &ModelConfig,
+    kv_dtype: KvDtype,
+    cap: usize,
+    steps: &[usize],
+    min_splits: usize,
+) {
     let (_dir, w) = synth_model(cfg, 13);
     let mut g = gpu_with(
         &w,
@@ -456,14 +476,13 @@ fn rope_kv_write_and_attention_at(cfg: &ModelConfig, kv_dtype: KvDtype) {
     let (hd, q, kv) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
     let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
     let stride = q + 2 * kv;
-    let cap = 160;
     let mut cache = g.new_cache(cap).unwrap();
     let inv = ops::rope_inv_freq(cfg.rope_theta, hd);
     // Host reference cache for layer 1: [kv_head][pos][hd].
     let mut kc = vec![0.0f32; nkv * cap * hd];
     let mut vc = vec![0.0f32; nkv * cap * hd];
     let mut pos = 0;
-    for t in [70usize, 1, 1, 33, 1, 44, 1] {
+    for &t in steps {
         g.embed(&vec![1; t]).unwrap();
         let qkv = random(&mut rng, t * stride, 2.0);
         g.write_activation(Activation::Qkv, &from_f32(&qkv));
@@ -512,8 +531,8 @@ fn rope_kv_write_and_attention_at(cfg: &ModelConfig, kv_dtype: KvDtype) {
         pos += t;
     }
     assert!(
-        cache.max_splits() >= 2,
-        "the test should exercise split attention"
+        cache.max_splits() >= min_splits,
+        "the test should exercise attention split {min_splits} ways"
     );
 }
 

@@ -7,7 +7,8 @@
 //! context, decodes a single sequence about 10× slower (H200: BENCHMARKS.md).
 
 use super::buffers::{bind_group, storage, storage_init, uniform};
-use super::ops::{attention::AttnP, gemv_fused::FusedP, kv_shift::ShiftP};
+use super::ops::attention::{AttnP, MAX_SPLITS};
+use super::ops::{gemv_fused::FusedP, kv_shift::ShiftP};
 use super::GpuBackend;
 use crate::backend::KvCache;
 use crate::error::{Error, Result};
@@ -15,7 +16,9 @@ use crate::error::{Error, Result};
 /// The single-sequence kernels' bindings (a one-block cache): attention partials and the
 /// bind groups of RoPE, attention and the fused q|k|v GEMV per layer.
 pub(super) struct Single {
-    pub(super) maxsplit: usize,
+    /// Attention partial slots per head: a step of `t` tokens splits each row up to
+    /// `split_slots / t` ways.
+    pub(super) split_slots: usize,
     pub(super) rope_bgs: Vec<wgpu::BindGroup>,
     pub(super) attn_bgs: Vec<wgpu::BindGroup>,
     /// Fused norm + q|k|v GEMV + RoPE + KV write, per layer (when fusion is on).
@@ -48,9 +51,14 @@ impl KvCache for GpuCache {
 }
 
 impl GpuCache {
-    /// Attention partial slots per (token, head) of a single-sequence cache (0 for a pool).
+    /// Most splits of a one-token step's attention row in a single-sequence cache (0 for a
+    /// pool).
     pub fn max_splits(&self) -> usize {
-        self.single.as_ref().map_or(0, |s| s.maxsplit)
+        self.single.as_ref().map_or(0, |s| {
+            s.split_slots
+                .min(MAX_SPLITS)
+                .min(self.block_size.div_ceil(64))
+        })
     }
 
     /// GPU bytes held by the keys and values.
@@ -213,9 +221,8 @@ impl GpuBackend {
                 group: (nh / nkv) as u32,
                 stride: (c.q_dim() + 2 * c.kv_dim()) as u32,
                 q_dim: c.q_dim() as u32,
-                maxsplit: maxsplit as u32,
                 scale: 1.0 / (hd as f32).sqrt(),
-                pad: 0,
+                pad: [0; 2],
             },
         );
         let b = &self.bufs;
@@ -268,7 +275,7 @@ impl GpuBackend {
             }
         }
         Single {
-            maxsplit,
+            split_slots: maxsplit * self.max_step,
             rope_bgs,
             attn_bgs,
             qkv_bgs,

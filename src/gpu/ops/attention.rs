@@ -22,13 +22,15 @@ pub struct AttnP {
     pub stride: u32,
     /// Query width.
     pub q_dim: u32,
-    /// Partial slots per (token, head).
-    pub maxsplit: u32,
     /// 1 / sqrt(head_dim).
     pub scale: f32,
     /// Padding.
-    pub pad: u32,
+    pub pad: [u32; 2],
 }
+
+/// Most splits of one attention row (`MAX_SPLITS` in attention.wgsl: `combine` stages each
+/// split's maximum and sum in workgroup memory).
+pub const MAX_SPLITS: usize = 256;
 
 /// The attention kernels.
 pub struct Attention {
