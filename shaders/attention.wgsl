@@ -1,7 +1,7 @@
 // Causal GQA attention, split over the sequence (flash-decoding): `attend` computes, per
 // (split, head, token), a partial softmax (max, sum, unnormalised output) over `chunk` cached
 // positions with an online softmax over blocks of 64; `combine` merges the splits.
-// attend: dispatch (nsplit, num_heads, T), 64 invocations. combine: (num_heads, T).
+// attend: dispatch (nsplit, num_heads, T), 64 invocations. combine: (num_heads, T), 256.
 
 struct AttnP {
     hd: u32,
@@ -139,12 +139,17 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     }
 }
 
-// The splits' maxima and sums, staged once per workgroup (at most MAX_SPLITS splits).
+// `combine`: one workgroup per (head, token row). The splits' maxima, sums and weights are
+// staged in workgroup memory (at most MAX_SPLITS splits); each output column is summed by four
+// invocations over every fourth split, so a row of many splits waits on a quarter of its loads
+// in sequence.
 const MAX_SPLITS: u32 = 256u;
 var<workgroup> cm: array<f32, 256>;
 var<workgroup> cl: array<f32, 256>;
+var<workgroup> cw: array<f32, 256>;
+var<workgroup> cacc: array<f32, 256>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wg.x;
     let t = wg.y;
@@ -152,25 +157,40 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let len = step.pos + t + 1u;
     let ns = min((len + step.chunk - 1u) / step.chunk, MAX_SPLITS);
     let base = (t * ap.nh + h) * step.nsplit;
-    for (var s = li; s < ns; s = s + 64u) {
-        cm[s] = part[(base + s) * (hd + 2u)];
-        cl[s] = part[(base + s) * (hd + 2u) + 1u];
+    if li < ns {
+        cm[li] = part[(base + li) * (hd + 2u)];
+        cl[li] = part[(base + li) * (hd + 2u) + 1u];
     }
     workgroupBarrier();
     var mx = NEG_BIG;
     for (var s = 0u; s < ns; s = s + 1u) {
         mx = max(mx, cm[s]);
     }
+    if li < ns {
+        cw[li] = exp(cm[li] - mx);
+    }
+    workgroupBarrier();
     var total = 0.0;
     for (var s = 0u; s < ns; s = s + 1u) {
-        total = total + exp(cm[s] - mx) * cl[s];
+        total = total + cw[s] * cl[s];
     }
-    for (var d = li; d < hd; d = d + 64u) {
+    let col = li % 64u;
+    let lane = li / 64u;
+    for (var d0 = 0u; d0 < hd; d0 = d0 + 64u) {
+        let d = d0 + col;
         var acc = 0.0;
-        for (var s = 0u; s < ns; s = s + 1u) {
-            acc = acc + exp(cm[s] - mx) * part[(base + s) * (hd + 2u) + 2u + d];
+        if d < hd {
+            for (var s = lane; s < ns; s = s + 4u) {
+                acc = acc + cw[s] * part[(base + s) * (hd + 2u) + 2u + d];
+            }
         }
-        attn[t * ap.q_dim + h * hd + d] = acc / total;
+        cacc[li] = acc;
+        workgroupBarrier();
+        if lane == 0u && d < hd {
+            let sum = ((cacc[col] + cacc[col + 64u]) + cacc[col + 128u]) + cacc[col + 192u];
+            attn[t * ap.q_dim + h * hd + d] = sum / total;
+        }
+        workgroupBarrier();
     }
 }
 
