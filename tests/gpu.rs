@@ -436,8 +436,8 @@ fn rope_kv_write_and_attention_match_cpu_ops() {
 
 #[test]
 fn one_token_attention_after_a_long_prompt_spreads_over_many_splits() {
-    // 4,196 cached positions: one-token steps split their rows into 66 blocks of 64, more
-    // than `combine`'s 64 invocations stage in one round.
+    // 4,196 cached positions: one-token steps split their rows into 66 blocks of 64 (the
+    // partials' stride is the step's own split count), all merged by one `combine` workgroup.
     let mut steps = vec![512; 8];
     steps.extend([100, 1, 1]);
     let cfg = ModelConfig {
