@@ -8,7 +8,7 @@ pub const ACT_EPS: f32 = 1e-5;
 
 /// 1.5·2^23: adding it to |v| < 2^22 leaves v rounded half to even (the FPU's default mode)
 /// in the low mantissa bits.
-const ROUND_MAGIC: f32 = 12582912.0;
+pub(crate) const ROUND_MAGIC: f32 = 12582912.0;
 
 /// Rounds half to even for |v| < 2^22 without a libm call (adding and removing
 /// `ROUND_MAGIC`).

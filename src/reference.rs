@@ -155,7 +155,11 @@ pub fn exp_softmax(x: f32) -> f32 {
     const MIN: f32 = -87.336_55;
     let under = x < MIN;
     let x = if under { MIN } else { x };
-    let n = crate::quant::round_half_even_small(x * LOG2E);
+    // n = round_half_even_small(x·log2 e), and the same integer from the sum's low mantissa
+    // bits (a float-to-int cast would keep the compiler from vectorizing the loops of this).
+    let t = x * LOG2E + crate::quant::ROUND_MAGIC;
+    let n = t - crate::quant::ROUND_MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(crate::quant::ROUND_MAGIC.to_bits() as i32);
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = ((((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
         * r
@@ -165,7 +169,7 @@ pub fn exp_softmax(x: f32) -> f32 {
         * (r * r)
         + r)
         + 1.0;
-    let e = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let e = p * f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     if under {
         0.0
     } else {
