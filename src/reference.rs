@@ -118,7 +118,7 @@ pub fn attend_rows<'a>(
 
 /// Softmax attention over `len` positions of `hd`-wide heads stored in any form: `score(p)` is
 /// the query's dot product with position `p`'s key, `add(p, w, out)` adds `w` times its value
-/// into `out`.
+/// into `out` (for every position whose weight's exponential is not zero).
 #[inline(always)]
 pub fn attend_with(
     hd: usize,
@@ -136,8 +136,13 @@ pub fn attend_with(
     }
     let inv = 1.0 / softmax_exps(&mut scores[..len], max);
     out.fill(0.0);
+    // A position whose exponential underflowed to zero adds nothing (`acc + 0·v` is `acc`:
+    // the sums never hold −0), so it is skipped, which also keeps accumulators that hold a
+    // subnormal from paying a floating-point assist per position.
     for (p, &s) in scores[..len].iter().enumerate() {
-        add(p, s * inv, out);
+        if s != 0.0 {
+            add(p, s * inv, out);
+        }
     }
 }
 

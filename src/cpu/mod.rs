@@ -1098,7 +1098,9 @@ mod tests {
     }
 
     /// The AVX2 attention kernel gives the reference's results bit for bit on every store
-    /// (f32, f16-rounded, int8), odd lengths and widths, positions scattered over the rows.
+    /// (f32, f16-rounded, int8), odd lengths and widths, positions scattered over the rows, and
+    /// peaked softmaxes (queries 100× larger) where most weights underflow to zero and
+    /// some to subnormals.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_attention_equals_the_reference_bit_for_bit() {
@@ -1106,9 +1108,13 @@ mod tests {
             return;
         }
         let mut rng = StdRng::seed_from_u64(5);
+        let (mut zeros, mut tiny) = (0, 0);
         for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
             for hd in [8, 16, 40, 64, 72, 128] {
-                for len in [1, 7, 8, 9, 63, 270] {
+                for (len, qamp) in [1, 7, 8, 9, 63, 270]
+                    .into_iter()
+                    .flat_map(|l| [(l, 3.0f32), (l, 300.0)])
+                {
                     let rows = len + 5;
                     let mut c = cache(kv, rows, hd);
                     for r in 0..rows {
@@ -1117,7 +1123,7 @@ mod tests {
                         let vr: Vec<f32> = (0..hd).map(|_| rng.random_range(-amp..amp)).collect();
                         c.put(r, &kr, &vr);
                     }
-                    let q: Vec<f32> = (0..hd).map(|_| rng.random_range(-3.0..3.0)).collect();
+                    let q: Vec<f32> = (0..hd).map(|_| rng.random_range(-qamp..qamp)).collect();
                     let row = |p: usize| (p * 7 + 3) % rows;
                     let (mut s1, mut o1) = (vec![0.0; len], vec![0.0; hd]);
                     c.attend_any(&q, len, &row, &mut s1, &mut o1);
@@ -1127,9 +1133,18 @@ mod tests {
                     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&s2), bits(&s1), "scores {kv:?} hd={hd} len={len}");
                     assert_eq!(bits(&o2), bits(&o1), "out {kv:?} hd={hd} len={len}");
+                    if qamp > 100.0 && len == 270 {
+                        zeros += s1.iter().filter(|&&w| w == 0.0).count();
+                        tiny += s1.iter().filter(|&&w| w != 0.0 && w < 1e-30).count();
+                    }
                 }
             }
         }
+        // The peaked cases did exercise skipped and tiny weights.
+        assert!(
+            zeros > 1000 && tiny > 0,
+            "{zeros} zero, {tiny} tiny weights"
+        );
     }
 
     /// A moved row's key is the key turned back by the distance (f32 exactly [`ops::rope_back`],

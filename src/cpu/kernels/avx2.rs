@@ -320,7 +320,8 @@ pub unsafe fn attend(
     let inv = 1.0 / crate::reference::softmax_exps(&mut scores[..len], max);
     for c0 in (0..hd).step_by(64) {
         let o = &mut out[c0..(c0 + 64).min(hd)];
-        let w = |p: usize| scores[p] * inv * rows.value_scale(p);
+        // As the reference, positions whose exponential is zero are skipped.
+        let w = |p: usize| (scores[p] != 0.0).then(|| scores[p] * inv * rows.value_scale(p));
         match o.len() / 8 {
             8 => weighted_rows::<8>(len, c0, rows, &w, o),
             7 => weighted_rows::<7>(len, c0, rows, &w, o),
@@ -335,18 +336,19 @@ pub unsafe fn attend(
 }
 
 /// `out = Σ_p w(p) · value_p[c0..c0 + 8 N]` in position order from zero (as the reference
-/// accumulates), the sums kept in registers.
+/// accumulates) over the positions with a weight, the sums kept in registers.
 #[inline(always)]
 unsafe fn weighted_rows<const N: usize>(
     len: usize,
     c0: usize,
     rows: &impl KvRows,
-    w: &impl Fn(usize) -> f32,
+    w: &impl Fn(usize) -> Option<f32>,
     out: &mut [f32],
 ) {
     let mut acc = [_mm256_setzero_ps(); N];
     for p in 0..len {
-        let wp = _mm256_set1_ps(w(p));
+        let Some(wp) = w(p) else { continue };
+        let wp = _mm256_set1_ps(wp);
         for (c, a) in acc.iter_mut().enumerate() {
             *a = _mm256_add_ps(*a, _mm256_mul_ps(wp, rows.value8(p, c0 + 8 * c)));
         }
