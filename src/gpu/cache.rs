@@ -25,6 +25,18 @@ pub(super) struct Single {
     pub(super) qkv_bgs: Vec<wgpu::BindGroup>,
 }
 
+impl Single {
+    /// How a `t`-token step's attention rows reaching `maxlen` positions split: as many whole
+    /// 64-position blocks as the partials hold for the step, at most [`MAX_SPLITS`] (a
+    /// one-token step after a long prompt spreads over hundreds of workgroups instead of a
+    /// dozen walking their blocks one after another). Returns (positions per split, splits).
+    pub(super) fn splits(&self, t: usize, maxlen: usize) -> (usize, usize) {
+        let most = (self.split_slots / t).clamp(1, MAX_SPLITS);
+        let chunk = maxlen.div_ceil(most).div_ceil(64) * 64;
+        (chunk, maxlen.div_ceil(chunk))
+    }
+}
+
 /// Keys and values on the GPU and the bindings of the kernels that use them.
 pub struct GpuCache {
     pub(super) blocks: usize,
@@ -51,14 +63,12 @@ impl KvCache for GpuCache {
 }
 
 impl GpuCache {
-    /// Most splits of a one-token step's attention row in a single-sequence cache (0 for a
-    /// pool).
+    /// Splits of a one-token step's attention row over the whole of a single-sequence cache
+    /// (0 for a pool).
     pub fn max_splits(&self) -> usize {
-        self.single.as_ref().map_or(0, |s| {
-            s.split_slots
-                .min(MAX_SPLITS)
-                .min(self.block_size.div_ceil(64))
-        })
+        self.single
+            .as_ref()
+            .map_or(0, |s| s.splits(1, self.block_size).1)
     }
 
     /// GPU bytes held by the keys and values.

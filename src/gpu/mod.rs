@@ -366,12 +366,7 @@ impl Backend for GpuBackend {
         };
         let t = self.t();
         let maxlen = pos + t;
-        // As many splits of whole 64-position blocks as the partials hold for this step: a
-        // one-token step after a long prompt spreads over hundreds of workgroups instead of a
-        // dozen walking their blocks one after another.
-        let splits = (single.split_slots / t).clamp(1, ops::attention::MAX_SPLITS);
-        let chunk = maxlen.div_ceil(splits).div_ceil(64) * 64;
-        let nsplit = maxlen.div_ceil(chunk);
+        let (chunk, nsplit) = single.splits(t, maxlen);
         self.step.pos = pos as u32;
         self.step.chunk = chunk as u32;
         self.step.nsplit = nsplit as u32;
