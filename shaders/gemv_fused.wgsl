@@ -8,9 +8,6 @@
 // gemv_norm_rope (q|k|v): a group computes rows j and j + hd/2 of one head, so it can apply
 // rotate-half RoPE to q and k (cos/sin table as rope.wgsl) and write k and v to the cache.
 // Dispatch: (ceil(rows / (2 * FG)), T); rows is a multiple of hd.
-// MODE 2 (the o-projection straight after split decode attention): the source row is the
-// attention output, merged in the prologue from the splits' partials exactly as `combine` in
-// attention.wgsl does (same operations in the same order), so the step saves that dispatch.
 
 struct FusedP {
     rows: u32,
@@ -68,10 +65,6 @@ fn sv4(t: u32, w: u32) -> vec4<f32> {
     if 4u * w >= fp.width {
         return vec4<f32>(0.0);
     }
-    if MODE == 2u {
-        let c = 4u * w;
-        return vec4<f32>(merged(t, c), merged(t, c + 1u), merged(t, c + 2u), merged(t, c + 3u));
-    }
     let base = t * (fp.src_stride / 4u);
     if MODE == 1u {
         let g = max(src[base + w], vec4<f32>(0.0));
@@ -96,9 +89,6 @@ fn q8(y: f32, scale: f32) -> u32 {
 // Invocation li owns the words li + FW * k (4 columns each), held in registers: every load
 // of the row is issued at once.
 fn prologue(t: u32, li: u32) -> f32 {
-    if MODE == 2u {
-        merge_setup(t, li);
-    }
     var v: array<vec4<f32>, NW>;
     var g: array<vec4<f32>, NW>;
     for (var k = 0u; k < NW; k = k + 1u) {
@@ -128,81 +118,6 @@ fn prologue(t: u32, li: u32) -> f32 {
     }
     workgroupBarrier();
     return div_exact(absmax, 127.0);
-}
-
-// MODE 2's partials in `src`: row ((t * heads + head) * nsplit + split) * (hd + 2) holds the
-// split's max, its sum, then hd unnormalised outputs (`attend_vec`). The host merges here only
-// when heads <= 64 and heads * splits <= MERGE_MAX (`merges_in_o` in gemv_fused.rs).
-const MERGE_MAX: u32 = 256u;
-var<workgroup> mgw: array<f32, MERGE_MAX>; // per (head, split): its max, then its weight
-var<workgroup> mgl: array<f32, MERGE_MAX>; // per (head, split): its sum
-var<workgroup> mgt: array<f32, 64>; // per head: the weighted total of the sums
-
-fn part_at(i: u32) -> f32 {
-    return src[i >> 2u][i & 3u];
-}
-
-// Splits of token t's row: ceil((pos + t + 1) / chunk), as `combine` (at most MERGE_MAX here).
-fn merge_splits(t: u32) -> u32 {
-    return (step.pos + t + step.chunk) / step.chunk;
-}
-
-// The first partial of head h of token t.
-fn merge_row(t: u32, h: u32) -> u32 {
-    return ((t * (fp.q_dim / fp.hd) + h) * step.nsplit) * (fp.hd + 2u);
-}
-
-// Stages every split's weight exp(m_s - max) and each head's total; uniform control flow.
-fn merge_setup(t: u32, li: u32) {
-    let nh = fp.q_dim / fp.hd;
-    let ns = merge_splits(t);
-    for (var i = li; i < nh * ns; i = i + FW) {
-        let a = merge_row(t, i / ns) + (i % ns) * (fp.hd + 2u);
-        mgw[i] = part_at(a);
-        mgl[i] = part_at(a + 1u);
-    }
-    workgroupBarrier();
-    if li < nh {
-        let b = li * ns;
-        var mx = NEG_BIG;
-        for (var s = 0u; s < ns; s = s + 1u) {
-            mx = max(mx, mgw[b + s]);
-        }
-        var total = 0.0;
-        for (var s = 0u; s < ns; s = s + 1u) {
-            let e = exp(mgw[b + s] - mx);
-            mgw[b + s] = e;
-            total = total + e * mgl[b + s];
-        }
-        mgt[li] = total;
-    }
-    workgroupBarrier();
-}
-
-// Column c of token t's attention output: `combine`'s four interleaved sums over the splits.
-fn merged(t: u32, c: u32) -> f32 {
-    let h = c / fp.hd;
-    let ns = merge_splits(t);
-    let stride = fp.hd + 2u;
-    let a = merge_row(t, h) + 2u + c % fp.hd;
-    let b = h * ns;
-    var s0 = 0.0;
-    var s1 = 0.0;
-    var s2 = 0.0;
-    var s3 = 0.0;
-    for (var s = 0u; s < ns; s = s + 4u) {
-        s0 = s0 + mgw[b + s] * part_at(a + s * stride);
-        if s + 1u < ns {
-            s1 = s1 + mgw[b + s + 1u] * part_at(a + (s + 1u) * stride);
-        }
-        if s + 2u < ns {
-            s2 = s2 + mgw[b + s + 2u] * part_at(a + (s + 2u) * stride);
-        }
-        if s + 3u < ns {
-            s3 = s3 + mgw[b + s + 3u] * part_at(a + (s + 3u) * stride);
-        }
-    }
-    return (((s0 + s1) + s2) + s3) / mgt[h];
 }
 
 // This invocation's share of sum(code * x) - sum(x) for rows ra and rb.

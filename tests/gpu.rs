@@ -1356,37 +1356,3 @@ fn probes_of_failing_drafts_are_verified_behind_queued_steps() {
         }
     }
 }
-
-/// One-token steps whose split attention is merged in the o GEMV's prologue give the logits of
-/// the separate merge at every position: 2 to 12 splits of 20 heads merged there, then 13 to 14
-/// splits past the prologue's 256 slots merged by `combine` again.
-#[test]
-fn attention_merged_in_the_o_gemv_matches_the_separate_merge() {
-    let cfg = ModelConfig {
-        vocab_size: 97,
-        hidden_size: 160,
-        intermediate_size: 96,
-        num_layers: 2,
-        num_heads: 20,
-        num_kv_heads: 5,
-        head_dim: 8,
-        max_position_embeddings: 880,
-        ..Preset::Tiny.config()
-    };
-    let (_dir, w) = synth_model(&cfg, 70);
-    let mut rng = StdRng::seed_from_u64(71);
-    let tokens: Vec<u32> = (0..870)
-        .map(|_| rng.random_range(0..cfg.vocab_size as u32))
-        .collect();
-    let separate = GpuOptions {
-        merge_in_o: false,
-        ..Default::default()
-    };
-    let merged = decode_logits(&mut gpu(&w), &tokens);
-    let apart = decode_logits(&mut gpu_with(&w, &separate), &tokens);
-    let per = per_position(&merged, &apart, cfg.vocab_size);
-    let worst = per.iter().copied().fold(0.0, f32::max);
-    assert!(worst <= 1e-5, "merged vs separate: worst {worst}: {per:?}");
-    let reference = decode_logits(&mut cpu(&w), &tokens);
-    check_positions(&merged, &reference, cfg.vocab_size, 1e-5, "merged vs cpu");
-}

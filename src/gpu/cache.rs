@@ -14,7 +14,7 @@ use crate::backend::KvCache;
 use crate::error::{Error, Result};
 
 /// The single-sequence kernels' bindings (a one-block cache): attention partials and the
-/// bind groups of RoPE, attention and the fused q|k|v and o GEMVs per layer.
+/// bind groups of RoPE, attention and the fused q|k|v GEMV per layer.
 pub(super) struct Single {
     /// Attention partial slots per head: a step of `t` tokens splits each row up to
     /// `split_slots / t` ways.
@@ -23,11 +23,6 @@ pub(super) struct Single {
     pub(super) attn_bgs: Vec<wgpu::BindGroup>,
     /// Fused norm + q|k|v GEMV + RoPE + KV write, per layer (when fusion is on).
     pub(super) qkv_bgs: Vec<wgpu::BindGroup>,
-    /// The fused o GEMV reading this cache's attention partials ([`Fused::OMerged`]), per
-    /// layer (when fusion is on).
-    ///
-    /// [`Fused::OMerged`]: super::ops::gemv_fused::Fused::OMerged
-    pub(super) o_merge_bgs: Vec<wgpu::BindGroup>,
 }
 
 impl Single {
@@ -241,8 +236,7 @@ impl GpuBackend {
             },
         );
         let b = &self.bufs;
-        let (mut rope_bgs, mut attn_bgs) = (vec![], vec![]);
-        let (mut qkv_bgs, mut o_merge_bgs) = (vec![], vec![]);
+        let (mut rope_bgs, mut attn_bgs, mut qkv_bgs) = (vec![], vec![], vec![]);
         for ((kb, vb), layer) in k.iter().zip(v).zip(&self.layers) {
             rope_bgs.push(bind_group(
                 device,
@@ -266,21 +260,7 @@ impl GpuBackend {
                     vb,
                 ],
             ));
-            if let Some(f) = &layer.fused {
-                o_merge_bgs.push(bind_group(
-                    device,
-                    "fused merge o",
-                    &self.ops.fused.layout,
-                    &[
-                        &b.step,
-                        &f.o_params,
-                        &layer.o.w,
-                        &layer.o.rs,
-                        &part,
-                        &f.attn_gamma,
-                        &b.x,
-                    ],
-                ));
+            if layer.fused.is_some() {
                 let m = &layer.qkv;
                 let h = c.hidden_size;
                 let p = FusedP::new(c, (m.rows, m.kvec), h, h);
@@ -309,7 +289,6 @@ impl GpuBackend {
             rope_bgs,
             attn_bgs,
             qkv_bgs,
-            o_merge_bgs,
         }
     }
 }

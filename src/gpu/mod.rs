@@ -30,7 +30,7 @@ use buffers::{bind_group, pad64, pad8, storage, storage_init, uniform, Shard};
 pub use cache::GpuCache;
 pub use context::{AdapterDesc, GpuContext};
 use device::HostTiming;
-use ops::gemv_fused::{merges_in_o, Fused, FUSED_MAX_WIDTH};
+use ops::gemv_fused::{Fused, FUSED_MAX_WIDTH};
 use ops::norm::NormKind;
 use ops::Ops;
 use recorder::Recorder;
@@ -65,10 +65,6 @@ pub struct GpuOptions {
     /// Decode steps fold each norm into the matmul that consumes it and RoPE + the KV write
     /// into the q|k|v matmul (5-6 dispatches a layer instead of 11); off runs one kernel per op.
     pub fused: bool,
-    /// Fused one-token steps merge split attention's partials in the o GEMV's prologue when
-    /// they fit ([`ops::gemv_fused::merges_in_o`]), saving the merge's dispatch; off keeps
-    /// the separate merge (for A/B runs and tests).
-    pub merge_in_o: bool,
     /// The head's storage: the checkpoint's dtype, or int8 rows with per-row scales (half the
     /// bytes of a bf16 head; logits as the CPU backend's int8 head).
     pub head: HeadMode,
@@ -86,7 +82,6 @@ impl Default for GpuOptions {
             tensor_cores: false,
             max_binding_bytes: None,
             fused: true,
-            merge_in_o: true,
             head: HeadMode::Native,
             kv: KvDtype::F32,
             adapter: 0,
@@ -119,10 +114,6 @@ struct Mat {
 /// q|k|v one depends on the KV cache and lives in [`GpuCache`].
 struct FusedLayer {
     o: wgpu::BindGroup,
-    /// The o GEMV's parameters and attn_sub_norm's weights, for the cache's
-    /// [`Fused::OMerged`] bindings.
-    o_params: wgpu::Buffer,
-    attn_gamma: wgpu::Buffer,
     gate_up: wgpu::BindGroup,
     down: wgpu::BindGroup,
 }
@@ -212,8 +203,6 @@ pub struct GpuBackend {
     final_norm_q_bg: Option<wgpu::BindGroup>,
     /// The KV cache's element type.
     kv: KvDtype,
-    /// [`GpuOptions::merge_in_o`].
-    merge_in_o: bool,
     inv_freq: Vec<f32>,
     max_step: usize,
     max_binding: u64,
@@ -376,7 +365,12 @@ impl Backend for GpuBackend {
             return;
         };
         let t = self.t();
-        let nsplit = self.split_attention(single, pos, cache.block_size);
+        let maxlen = pos + t;
+        let (chunk, nsplit) = single.splits(t, maxlen);
+        self.step.pos = pos as u32;
+        self.step.chunk = chunk as u32;
+        self.step.nsplit = nsplit as u32;
+        self.step.cap = cache.block_size as u32;
         let heads = self.cfg.num_heads;
         let kv_heads = self.cfg.num_kv_heads;
         let group = heads / kv_heads;
@@ -425,29 +419,10 @@ impl Backend for GpuBackend {
                     .record_store(&mut self.rec, &single.rope_bgs[layer], kv_heads, 1);
             }
         }
-        // Split attention whose partials the o GEMV merges, or attention with its own merge.
-        let mut merged_o = None;
-        if let Some(single) = &cache.single {
-            let nsplit = self.split_attention(single, pos, cache.block_size);
-            let heads = self.cfg.num_heads;
-            let fits = merges_in_o(heads, nsplit) && ops::attention::vec_fits(self.cfg.head_dim);
-            if self.merge_in_o && fits {
-                let bg = &single.attn_bgs[layer];
-                self.ops
-                    .attention
-                    .record_partials(&mut self.rec, bg, nsplit, heads);
-                merged_o = single.o_merge_bgs.get(layer);
-            }
-        }
-        if merged_o.is_none() {
-            self.attention(cache, layer, pos);
-        }
+        self.attention(cache, layer, pos);
         let (l, fused, rec) = (&self.layers[layer], &self.ops.fused, &mut self.rec);
         if let Some(f) = &l.fused {
-            match merged_o {
-                Some(bg) => fused.record(rec, Fused::OMerged, bg, l.o.rows),
-                None => fused.record(rec, Fused::O, &f.o, l.o.rows),
-            }
+            fused.record(rec, Fused::O, &f.o, l.o.rows);
             fused.record(rec, Fused::GateUp, &f.gate_up, l.gate_up.rows);
             fused.record(rec, Fused::Down, &f.down, l.down.rows);
         }

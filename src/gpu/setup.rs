@@ -314,29 +314,31 @@ impl GpuBackend {
             let gate_up = matrix(&[&l.gate, &l.up], &bufs.gu, &n("gate_up"))?;
             let down = matrix(&[&l.down], &bufs.x, &n("down"))?;
             ctx.queue.submit([enc.finish()]);
-            let fused = fused.then(|| {
-                let o_params = fparams(&n("fused o"), &o, q, q);
-                FusedLayer {
-                    o: fbg(&n("fused o"), &o_params, &o, &bufs.attn, &g_attn, &bufs.x),
-                    gate_up: fbg(
-                        &n("fused gate_up"),
-                        &fparams(&n("fused gate_up"), &gate_up, h, h),
-                        &gate_up,
-                        &bufs.x,
-                        &g_post,
-                        &bufs.gu,
-                    ),
-                    down: fbg(
-                        &n("fused down"),
-                        &fparams(&n("fused down"), &down, i, 2 * i),
-                        &down,
-                        &bufs.gu,
-                        &g_ffn,
-                        &bufs.x,
-                    ),
-                    o_params,
-                    attn_gamma: g_attn.clone(),
-                }
+            let fused = fused.then(|| FusedLayer {
+                o: fbg(
+                    &n("fused o"),
+                    &fparams(&n("fused o"), &o, q, q),
+                    &o,
+                    &bufs.attn,
+                    &g_attn,
+                    &bufs.x,
+                ),
+                gate_up: fbg(
+                    &n("fused gate_up"),
+                    &fparams(&n("fused gate_up"), &gate_up, h, h),
+                    &gate_up,
+                    &bufs.x,
+                    &g_post,
+                    &bufs.gu,
+                ),
+                down: fbg(
+                    &n("fused down"),
+                    &fparams(&n("fused down"), &down, i, 2 * i),
+                    &down,
+                    &bufs.gu,
+                    &g_ffn,
+                    &bufs.x,
+                ),
             });
             let linear_norms = (ops_of == LLAMA_BITNET_LINEAR_NORMS).then(|| {
                 let part = |(linear, name): &(Linear, &str), own: &Vec<f32>| {
@@ -533,7 +535,6 @@ impl GpuBackend {
             head_bytes,
             final_norm_q_bg,
             kv: opts.kv,
-            merge_in_o: opts.merge_in_o,
             max_step,
             max_binding,
             logit_rows,

@@ -67,23 +67,6 @@ impl GpuBackend {
         self.ops.subgroups
     }
 
-    /// Sets the step's attention split for rows reaching `pos + t` positions of a `cap`-position
-    /// single-sequence cache; returns the number of splits.
-    pub(super) fn split_attention(
-        &mut self,
-        single: &super::cache::Single,
-        pos: usize,
-        cap: usize,
-    ) -> usize {
-        let t = self.t();
-        let (chunk, nsplit) = single.splits(t, pos + t);
-        self.step.pos = pos as u32;
-        self.step.chunk = chunk as u32;
-        self.step.nsplit = nsplit as u32;
-        self.step.cap = cap as u32;
-        nsplit
-    }
-
     pub(super) fn t(&self) -> usize {
         self.step.t as usize
     }

@@ -47,11 +47,6 @@ pub fn tiled_fits(head_dim: usize, group: usize) -> bool {
     head_dim.is_multiple_of(4) && head_dim <= 128 && (1..=16).contains(&group)
 }
 
-/// Whether one-token rows of this head size take the vec4 decode kernel (`attend_vec`).
-pub fn vec_fits(head_dim: usize) -> bool {
-    head_dim.is_multiple_of(4) && head_dim <= 128
-}
-
 impl Attention {
     /// Compiles the kernels for the KV cache's element type.
     pub fn new(t: &Target) -> Self {
@@ -90,8 +85,8 @@ impl Attention {
         head_dim: usize,
     ) {
         let dims = [nsplit as u32, heads as u32, t as u32];
-        if t == 1 && vec_fits(head_dim) {
-            self.record_partials(rec, bg, nsplit, heads);
+        if t == 1 && head_dim.is_multiple_of(4) && head_dim <= 128 {
+            rec.dispatch("attend_vec", &self.attend_vec, bg, dims);
             if nsplit == 1 {
                 return;
             }
@@ -99,19 +94,6 @@ impl Attention {
             rec.dispatch("attend", &self.attend, bg, dims);
         }
         rec.dispatch("combine", &self.combine, bg, [heads as u32, t as u32, 1]);
-    }
-
-    /// One token's split attention ([`vec_fits`]) as partials, left for the consumer to merge
-    /// (the output itself when `nsplit` is 1).
-    pub fn record_partials(
-        &self,
-        rec: &mut Recorder,
-        bg: &wgpu::BindGroup,
-        nsplit: usize,
-        heads: usize,
-    ) {
-        let dims = [nsplit as u32, heads as u32, 1];
-        rec.dispatch("attend_vec", &self.attend_vec, bg, dims);
     }
 
     /// Prefill attention of `t` rows tiled over queries ([`tiled_fits`]): one workgroup per

@@ -77,17 +77,6 @@ const MAX_WORDS: usize = 7;
 /// Widest input the fused GEMV normalises in registers (`4 * NW * FW` in gemv_fused.wgsl).
 pub const FUSED_MAX_WIDTH: usize = 4 * MAX_WORDS * FUSED_WG;
 
-/// Partials the o GEMV's prologue merges at most (`MERGE_MAX` in gemv_fused.wgsl: one slot
-/// of workgroup memory per head and split).
-const MERGE_MAX: usize = 256;
-
-/// Whether a one-token step's attention, split `nsplit` ways over `heads` heads, is merged in
-/// the o GEMV's prologue ([`Fused::OMerged`]) rather than by its own dispatch: when every
-/// (head, split) has a slot and the merge costs each workgroup few loads.
-pub fn merges_in_o(heads: usize, nsplit: usize) -> bool {
-    nsplit > 1 && heads <= 64 && heads * nsplit <= MERGE_MAX
-}
-
 /// Which fused GEMV of a layer.
 #[derive(Clone, Copy)]
 pub enum Fused {
@@ -95,9 +84,6 @@ pub enum Fused {
     QkvRope,
     /// attn_sub_norm + o_proj, added into the residual.
     O,
-    /// [`Fused::O`] reading split attention's partials and merging them first
-    /// ([`merges_in_o`]), in place of the attention's `combine` dispatch.
-    OMerged,
     /// post-attention norm + gate|up.
     GateUp,
     /// relu²(gate)·up + ffn_sub_norm + down_proj, added into the residual.
@@ -112,7 +98,6 @@ pub struct FusedGemv {
     pub rope_layout: wgpu::BindGroupLayout,
     norm: wgpu::ComputePipeline,
     norm_acc: wgpu::ComputePipeline,
-    merge_acc: wgpu::ComputePipeline,
     relu2_acc: wgpu::ComputePipeline,
     norm_rope: wgpu::ComputePipeline,
 }
@@ -185,13 +170,6 @@ impl FusedGemv {
                 "gemv_norm",
                 &consts(0.0, 1.0),
             ),
-            merge_acc: t.pipeline(
-                "gemv_merge_acc",
-                &layout,
-                &m_hidden,
-                "gemv_norm",
-                &consts(2.0, 1.0),
-            ),
             relu2_acc: t.pipeline(
                 "gemv_relu2_acc",
                 &layout,
@@ -216,7 +194,6 @@ impl FusedGemv {
         let (label, pl) = match which {
             Fused::QkvRope => ("fused_qkv", &self.norm_rope),
             Fused::O => ("fused_o", &self.norm_acc),
-            Fused::OMerged => ("fused_merge_o", &self.merge_acc),
             Fused::GateUp => ("fused_gate_up", &self.norm),
             Fused::Down => ("fused_down", &self.relu2_acc),
         };
