@@ -192,6 +192,9 @@ pub(crate) fn bench_on<B: BatchBackend>(
                 100.0 * indep / copy
             );
         }
+        if let Some(g) = device.as_ref().and_then(|d| d.get("grid")) {
+            print_grid_barrier(g);
+        }
         if let Some(mb) = machine {
             println!(
                 "machine read   {:.2} GB/s ({:.0}% used by decode)",
@@ -212,4 +215,25 @@ pub(crate) fn bench_on<B: BatchBackend>(
         }
     }
     Ok(())
+}
+
+/// The GPU's device-wide barrier probe (`--membw`), where it ran.
+fn print_grid_barrier(g: &serde_json::Value) {
+    let Some(points) = g["barrier_s"].as_array() else {
+        return;
+    };
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let each: Vec<String> = points
+        .iter()
+        .map(|p| format!("{:.1} µs at {}", f(&p[1]) * 1e6, p[0]))
+        .collect();
+    println!(
+        "grid barrier   {} workgroups ({} resident); a dependent dispatch {:.1} µs; stale \
+         reads {:.1}% re-read rows, {:.1}% fresh rows",
+        each.join(", "),
+        g["workgroups"],
+        f(&g["dispatch_s"]) * 1e6,
+        100.0 * f(&g["stale_reused"]),
+        100.0 * f(&g["stale_fresh"])
+    );
 }

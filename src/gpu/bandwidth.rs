@@ -10,6 +10,7 @@
 
 use super::buffers::{bind_group, storage, uniform};
 use super::ops::matmul::MatP;
+use super::ops::probe::GridP;
 use super::GpuBackend;
 
 /// Bytes each probe streams (capped by the device's largest binding): just under 1 GiB, the
@@ -17,7 +18,7 @@ use super::GpuBackend;
 const PROBE_BYTES: u64 = 65_535 * 16_384;
 
 /// What [`GpuBackend::bandwidth`] measured (best of the repeats), in bytes per second.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Bandwidth {
     /// Bytes read plus bytes written per second by the copy kernel.
     pub copy: f64,
@@ -32,6 +33,26 @@ pub struct Bandwidth {
     pub gemv_bytes: u64,
     /// Whether the times are GPU timestamps (else host wall time).
     pub timestamps: bool,
+    /// Device-wide barriers between co-resident workgroups (None on software adapters and
+    /// where no two workgroups were seen resident at once).
+    pub grid: Option<GridBarrier>,
+}
+
+/// What the device-wide barrier probe (grid.wgsl) measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GridBarrier {
+    /// The most workgroups (of 256 invocations) seen resident at once, of 8, 16, … 1024.
+    pub workgroups: u32,
+    /// (workgroups, seconds per barrier among them) for 64, 128, … up to `workgroups`.
+    pub barrier_s: Vec<(u32, f64)>,
+    /// Seconds per dependent dispatch of the same kernel without barriers, 128 workgroups
+    /// each (or `workgroups` if fewer).
+    pub dispatch_s: f64,
+    /// Share of the words read after a barrier that did not hold what was written before it,
+    /// rows re-read every other barrier (0: the barrier orders memory across workgroups).
+    pub stale_reused: f64,
+    /// The same share with every round's rows fresh (read once in the dispatch).
+    pub stale_fresh: f64,
 }
 
 /// GPU time of one compute pass (timestamps) or the wall time of its submit.
@@ -208,6 +229,7 @@ impl GpuBackend {
         };
         let gemv_serial = gemv_bytes as f64 / run(false);
         let gemv_independent = gemv_bytes as f64 / run(true);
+        let grid = self.grid_barrier(&timer, repeats);
         Bandwidth {
             copy,
             read,
@@ -215,6 +237,117 @@ impl GpuBackend {
             gemv_independent,
             gemv_bytes,
             timestamps: timer.set.is_some(),
+            grid,
         }
+    }
+
+    /// Finds how many workgroups are resident at once (doubling from 8 until one misses a
+    /// barrier), then times barriers among 64, 128, … of them and dependent dispatches of the
+    /// same kernel, and checks what reads after a barrier see.
+    fn grid_barrier(&self, timer: &PassTimer, repeats: usize) -> Option<GridBarrier> {
+        const MOST: u32 = 1024;
+        const ROUNDS: u32 = 256;
+        // Fresh rows: at most FRESH_MOST workgroups × FRESH_ROUNDS rounds of 1 KiB.
+        const FRESH_MOST: u32 = 256;
+        const FRESH_ROUNDS: u32 = 64;
+        const DISPATCHES: u32 = 64;
+        // Software adapters run workgroups in a thread pool; their barriers would be meaningless.
+        if self.ctx.desc.is_cpu {
+            return None;
+        }
+        let device = &self.ctx.device;
+        let queue = &self.ctx.queue;
+        let params = uniform(device, "grid params", &GridP::default());
+        let sync = storage(device, "grid counters", 16);
+        let words = (2 * MOST).max(FRESH_MOST * FRESH_ROUNDS) as usize * 256;
+        let rows = storage(device, "grid rows", words * 4);
+        let read = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("grid readback"),
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let bg = bind_group(
+            device,
+            "grid probe",
+            &self.ops.probe.grid_layout,
+            &[&params, &sync, &rows],
+        );
+        let pl = &self.ops.probe.grid;
+        // One pass of `dispatches` dispatches of `n` workgroups, `rounds` barriers each.
+        let run = |n: u32, rounds: u32, dispatches: u32, fresh: bool| {
+            let p = GridP {
+                n,
+                rounds,
+                spin: 1 << 18,
+                fresh: fresh as u32,
+            };
+            queue.write_buffer(&params, 0, bytemuck::bytes_of(&p));
+            queue.write_buffer(&sync, 0, &[0; 16]);
+            timer.time(device, queue, |pass| {
+                pass.set_pipeline(pl);
+                pass.set_bind_group(0, &bg, &[]);
+                for _ in 0..dispatches {
+                    pass.dispatch_workgroups(n, 1, 1);
+                }
+            })
+        };
+        // [arrivals, timeouts, stale reads] of the last run.
+        let counters = || -> Option<[u32; 3]> {
+            let mut enc = device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&sync, 0, &read, 0, 16);
+            queue.submit([enc.finish()]);
+            let c = self.read_mapped(&read, 16, |d| {
+                let w: &[u32] = bytemuck::cast_slice(d);
+                [w[0], w[1], w[2]]
+            });
+            c.ok()
+        };
+        let mut resident = 0;
+        let mut n = 8;
+        while n <= MOST {
+            run(n, 1, 1, false);
+            match counters() {
+                Some([_, 0, _]) => resident = n,
+                _ => break,
+            }
+            n *= 2;
+        }
+        if resident == 0 {
+            return None;
+        }
+        let best = |n: u32, rounds: u32, dispatches: u32| {
+            (0..repeats.max(1))
+                .map(|_| run(n, rounds, dispatches, false))
+                .fold(f64::INFINITY, f64::min)
+        };
+        let mut barrier_s = Vec::new();
+        let mut stale_reused = 0.0f64;
+        for n in [64, 128, 256, 512, 1024]
+            .into_iter()
+            .filter(|&n| n <= resident)
+        {
+            let one = best(n, 0, 1);
+            let barriers = best(n, ROUNDS, 1);
+            let [_, timeouts, stale] = counters()?;
+            if timeouts > 0 {
+                break;
+            }
+            barrier_s.push((n, (barriers - one).max(0.0) / ROUNDS as f64));
+            stale_reused = stale_reused.max(stale as f64 / (n as f64 * ROUNDS as f64 * 256.0));
+        }
+        let n = resident.min(128);
+        let dispatch_s =
+            (best(n, 0, DISPATCHES) - best(n, 0, 1)).max(0.0) / (DISPATCHES - 1) as f64;
+        let n = resident.min(FRESH_MOST);
+        run(n, FRESH_ROUNDS, 1, true);
+        let [_, timeouts, stale] = counters()?;
+        (timeouts == 0).then(|| GridBarrier {
+            workgroups: resident,
+            barrier_s,
+            dispatch_s,
+            stale_reused,
+            stale_fresh: stale as f64 / (n as f64 * FRESH_ROUNDS as f64 * 256.0),
+        })
     }
 }
