@@ -120,108 +120,49 @@ fn prologue(t: u32, li: u32) -> f32 {
     return div_exact(absmax, 127.0);
 }
 
-// The weights of rows ra and rb for this invocation's first two loop steps, loaded before the
-// prologue: they do not depend on the input, so their latency overlaps the norm's.
-struct Ahead {
-    a0: vec4<u32>,
-    b0: vec4<u32>,
-    a1: vec4<u32>,
-    b1: vec4<u32>,
-}
-
-// Row r's first weight vec4 (rows past the end read row 0, always present, and are not stored).
-fn row_base(r: u32) -> u32 {
-    return select(0u, r, r < fp.rows) * fp.kvec;
-}
-
-fn ahead(ra: u32, rb: u32, lane: u32) -> Ahead {
-    let wa = row_base(ra);
-    let wb = row_base(rb);
-    let z = vec4<u32>(0u);
-    var h = Ahead(z, z, z, z);
-    if lane < fp.kvec {
-        h.a0 = w[wa + lane];
-        h.b0 = w[wb + lane];
-    }
-    if lane + FTPR < fp.kvec {
-        h.a1 = w[wa + lane + FTPR];
-        h.b1 = w[wb + lane + FTPR];
-    }
-    return h;
-}
-
-// One loop step m (16 input columns): (code · x for row a, for row b, sum of x).
-fn step_sums(va: vec4<u32>, vb: vec4<u32>, m: u32) -> vec3<i32> {
-    let x0 = xw[4u * m];
-    let x1 = xw[4u * m + 1u];
-    let x2 = xw[4u * m + 2u];
-    let x3 = xw[4u * m + 3u];
-    return vec3<i32>(
-        fdotw(va.x, x0) + fdotw(va.y, x1) + fdotw(va.z, x2) + fdotw(va.w, x3),
-        fdotw(vb.x, x0) + fdotw(vb.y, x1) + fdotw(vb.z, x2) + fdotw(vb.w, x3),
-        fxsum(x0) + fxsum(x1) + fxsum(x2) + fxsum(x3),
-    );
-}
-
-// This invocation's share of sum(code * x) - sum(x) for rows ra and rb, the first two steps'
-// weights from `h`.
-fn partial(ra: u32, rb: u32, lane: u32, h: Ahead) -> vec2<i32> {
+// This invocation's share of sum(code * x) - sum(x) for rows ra and rb.
+fn partial(ra: u32, rb: u32, lane: u32) -> vec2<i32> {
     let kvec = fp.kvec;
-    let wa = row_base(ra);
-    let wb = row_base(rb);
-    var acc = vec3<i32>(0);
-    if lane < kvec {
-        acc = acc + step_sums(h.a0, h.b0, lane);
+    // Rows past the end read row 0 (always present) and are not stored.
+    let wa = select(0u, ra, ra < fp.rows) * kvec;
+    let wb = select(0u, rb, rb < fp.rows) * kvec;
+    var acc_a = 0;
+    var acc_b = 0;
+    var sx = 0;
+    for (var m = lane; m < kvec; m = m + FTPR) {
+        let va = w[wa + m];
+        let vb = w[wb + m];
+        let x0 = xw[4u * m];
+        let x1 = xw[4u * m + 1u];
+        let x2 = xw[4u * m + 2u];
+        let x3 = xw[4u * m + 3u];
+        acc_a = acc_a + fdotw(va.x, x0) + fdotw(va.y, x1) + fdotw(va.z, x2) + fdotw(va.w, x3);
+        acc_b = acc_b + fdotw(vb.x, x0) + fdotw(vb.y, x1) + fdotw(vb.z, x2) + fdotw(vb.w, x3);
+        sx = sx + fxsum(x0) + fxsum(x1) + fxsum(x2) + fxsum(x3);
     }
-    if lane + FTPR < kvec {
-        acc = acc + step_sums(h.a1, h.b1, lane + FTPR);
-    }
-    for (var m = lane + 2u * FTPR; m < kvec; m = m + FTPR) {
-        acc = acc + step_sums(w[wa + m], w[wb + m], m);
-    }
-    return vec2<i32>(acc.x - acc.z, acc.y - acc.z);
+    return vec2<i32>(acc_a - sx, acc_b - sx);
 }
 
 @compute @workgroup_size(FW)
 fn gemv_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = wg.y;
-    let g = li / FTPR;
-    let ra = wg.x * 2u * FG + g;
-    let rb = ra + FG;
-    let lane = li % FTPR;
-    // Everything that does not depend on the input first: weights, row scales, residuals.
-    let h = ahead(ra, rb, lane);
-    let sa = row_scale(ra);
-    let sb = row_scale(rb);
-    let oa = residual(t, ra);
-    let ob = residual(t, rb);
     let xscale = prologue(t, li);
-    let s = row_pair_sums(partial(ra, rb, lane, h), li);
-    if lane == 0u {
-        store_row(t, ra, f32(s.x) * xscale, sa, oa);
-        store_row(t, rb, f32(s.y) * xscale, sb, ob);
+    let g = li / FTPR;
+    let r0 = wg.x * 2u * FG;
+    let s = row_pair_sums(partial(r0 + g, r0 + g + FG, li % FTPR), li);
+    if li % FTPR == 0u {
+        store_row(t, r0 + g, f32(s.x) * xscale);
+        store_row(t, r0 + g + FG, f32(s.y) * xscale);
     }
 }
 
-fn row_scale(row: u32) -> f32 {
-    return rs[select(0u, row, row < fp.rows)];
-}
-
-// The output row's value before this kernel (what ACCUM adds to), else 0.
-fn residual(t: u32, row: u32) -> f32 {
-    if ACCUM && row < fp.rows {
-        return out[t * fp.ld + row];
-    }
-    return 0.0;
-}
-
-fn store_row(t: u32, row: u32, v: f32, scale: f32, old: f32) {
+fn store_row(t: u32, row: u32, v: f32) {
     if row < fp.rows {
         let o = t * fp.ld + row;
         if ACCUM {
-            out[o] = old + rounded(v * scale, fp.p0);
+            out[o] = out[o] + rounded(v * rs[row], fp.p0);
         } else {
-            out[o] = v * scale;
+            out[o] = v * rs[row];
         }
     }
 }
@@ -235,40 +176,37 @@ fn pair_row(pi: u32) -> u32 {
 @compute @workgroup_size(FW)
 fn gemv_norm_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = wg.y;
+    let xscale = prologue(t, li);
     let half = fp.hd / 2u;
     let ra = pair_row(wg.x * FG + li / FTPR);
-    let lane = li % FTPR;
-    let a_row = ra;
-    let b_row = a_row + half;
-    let j = a_row % fp.hd;
-    let p = step.pos + t;
-    // Everything that does not depend on the input first (as gemv_norm).
-    let h = ahead(a_row, b_row, lane);
-    let sa = row_scale(a_row);
-    let sb = row_scale(b_row);
-    let cs = table[p * half + j];
-    let xscale = prologue(t, li);
-    let s = row_pair_sums(partial(a_row, b_row, lane, h), li);
-    if lane == 0u && b_row < fp.rows {
-        let a = f32(s.x) * xscale * sa;
-        let b = f32(s.y) * xscale * sb;
-        let ob = t * fp.ld;
-        if a_row < fp.q_dim + fp.kv_dim {
-            let na = rounded(a * cs.x, fp.p0) - rounded(b * cs.y, fp.p0);
-            let nb = rounded(b * cs.x, fp.p0) + rounded(a * cs.y, fp.p0);
-            out[ob + a_row] = na;
-            out[ob + b_row] = nb;
-            if a_row >= fp.q_dim {
-                let cb = (((a_row - fp.q_dim) / fp.hd) * step.cap + p) * fp.hd + j;
-                k_put(cb, na);
-                k_put(cb + half, nb);
+    let s = row_pair_sums(partial(ra, ra + half, li % FTPR), li);
+    if li % FTPR == 0u {
+        let a_row = ra;
+        let b_row = a_row + half;
+        if b_row < fp.rows {
+            let a = f32(s.x) * xscale * rs[a_row];
+            let b = f32(s.y) * xscale * rs[b_row];
+            let j = a_row % fp.hd;
+            let p = step.pos + t;
+            let ob = t * fp.ld;
+            if a_row < fp.q_dim + fp.kv_dim {
+                let cs = table[p * half + j];
+                let na = rounded(a * cs.x, fp.p0) - rounded(b * cs.y, fp.p0);
+                let nb = rounded(b * cs.x, fp.p0) + rounded(a * cs.y, fp.p0);
+                out[ob + a_row] = na;
+                out[ob + b_row] = nb;
+                if a_row >= fp.q_dim {
+                    let cb = (((a_row - fp.q_dim) / fp.hd) * step.cap + p) * fp.hd + j;
+                    k_put(cb, na);
+                    k_put(cb + half, nb);
+                }
+            } else {
+                out[ob + a_row] = a;
+                out[ob + b_row] = b;
+                let cb = (((a_row - fp.q_dim - fp.kv_dim) / fp.hd) * step.cap + p) * fp.hd + j;
+                v_put(cb, a);
+                v_put(cb + half, b);
             }
-        } else {
-            out[ob + a_row] = a;
-            out[ob + b_row] = b;
-            let cb = (((a_row - fp.q_dim - fp.kv_dim) / fp.hd) * step.cap + p) * fp.hd + j;
-            v_put(cb, a);
-            v_put(cb + half, b);
         }
     }
 }
