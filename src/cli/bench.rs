@@ -22,7 +22,8 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     pub(crate) json: bool,
     /// Also measure the memory read bandwidth (machine_gb_s): the host's, or on the GPU backend
-    /// the device's, with its copy bandwidth and the ternary GEMV's (gpu_bandwidth).
+    /// the device's, with its copy bandwidth, the ternary GEMV's and a device-wide barrier's
+    /// cost (gpu_bandwidth).
     #[arg(long)]
     pub(crate) membw: bool,
     /// Report the time per op of the decode steps.
