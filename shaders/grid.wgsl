@@ -5,10 +5,11 @@
 // neighbouring workgroup's row: a word that is not the value written before the barrier
 // counts as a stale read (what a persistent kernel would see if the barrier did not order
 // memory). Rows alternate by round parity, so a fast workgroup never overwrites a row that a
-// slow one has yet to check; with `gp.fresh` every round writes rows of its own instead
-// (no address is read twice in the dispatch, so no cache can hold an old copy). A workgroup that spins `gp.spin` times without seeing every
-// arrival counts a timeout and goes on: the workgroups were not all resident at once, and the
-// host takes fewer. Dispatch: (gp.n, 1, 1); sync starts zeroed.
+// slow one has yet to check; with `gp.fresh` every round writes rows of its own instead (no
+// address is read twice in the dispatch, so no cache can hold an old copy). A workgroup that
+// spins `gp.spin` times without seeing every arrival counts a timeout and goes on: the
+// workgroups were not all resident at once, and the host takes fewer.
+// Dispatch: (gp.n, 1, 1); sync starts zeroed.
 
 struct GridP {
     n: u32,
