@@ -197,3 +197,46 @@ impl Matmul {
         }
     }
 }
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+    use wgpu::naga;
+
+    /// The tensor-core GEMM runs only on adapters with cooperative matrices (none in CI), so
+    /// its module is at least parsed, validated and translated to SPIR-V (both `ACCUM`s) here.
+    #[test]
+    fn tensor_core_gemm_compiles_to_spirv() {
+        let src = [COOP_ENABLE, COMMON, IO, COOP].concat();
+        let module = naga::front::wgsl::parse_str(&src).expect("matmul_coop.wgsl parses");
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .expect("matmul_coop.wgsl validates");
+        let stage = naga::ShaderStage::Compute;
+        for accum in [0.0, 1.0] {
+            let mut constants = naga::back::PipelineConstants::default();
+            constants.insert("ACCUM".to_string(), accum);
+            let (module, info) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((stage, "gemm_coop")),
+                &constants,
+            )
+            .expect("ACCUM applies");
+            let words = naga::back::spv::write_vec(
+                &module,
+                &info,
+                &naga::back::spv::Options::default(),
+                Some(&naga::back::spv::PipelineOptions {
+                    shader_stage: stage,
+                    entry_point: "gemm_coop".into(),
+                }),
+            )
+            .expect("matmul_coop.wgsl translates to SPIR-V");
+            assert!(words.len() > 100);
+        }
+    }
+}
