@@ -196,6 +196,16 @@ pub(crate) fn bench_on<B: BatchBackend>(
         if let Some(g) = device.as_ref().and_then(|d| d.get("grid")) {
             print_grid_barrier(g);
         }
+        let tensor = device.as_ref().and_then(|d| d.get("tensor"));
+        if let Some(tc) = tensor.filter(|t| !t.is_null()) {
+            let f = |k: &str| tc[k].as_f64().unwrap_or(f64::NAN) / 1e12;
+            println!(
+                "tensor cores   {:.1} T multiply-adds/s (f16 products alone), {:.1} with their \
+                 fragment loads from workgroup memory",
+                f("mma"),
+                f("load_mma")
+            );
+        }
         if let Some(mb) = machine {
             println!(
                 "machine read   {:.2} GB/s ({:.0}% used by decode)",

@@ -10,7 +10,7 @@
 
 use super::buffers::{bind_group, storage, uniform};
 use super::ops::matmul::MatP;
-use super::ops::probe::GridP;
+use super::ops::probe::{GridP, COOP_ITERS};
 use super::GpuBackend;
 
 /// Bytes each probe streams (capped by the device's largest binding): just under 1 GiB, the
@@ -36,6 +36,17 @@ pub struct Bandwidth {
     /// Device-wide barriers between co-resident workgroups (None on software adapters and
     /// where no two workgroups were seen resident at once).
     pub grid: Option<GridBarrier>,
+    /// The tensor cores' 16×16×16 f16 products (None where the matmuls do not use them).
+    pub tensor: Option<TensorCores>,
+}
+
+/// What the tensor-core probe (coop_probe.wgsl) measured, in multiply-adds per second.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TensorCores {
+    /// Products alone, each subgroup's fragments loaded once.
+    pub mma: f64,
+    /// Products with gemm_coop's fragment loads from workgroup memory before each round.
+    pub load_mma: f64,
 }
 
 /// What the device-wide barrier probe (grid.wgsl) measured.
@@ -230,6 +241,7 @@ impl GpuBackend {
         let gemv_serial = gemv_bytes as f64 / run(false);
         let gemv_independent = gemv_bytes as f64 / run(true);
         let grid = self.grid_barrier(&timer, repeats);
+        let tensor = self.tensor_cores(&timer, repeats);
         Bandwidth {
             copy,
             read,
@@ -238,6 +250,7 @@ impl GpuBackend {
             gemv_bytes,
             timestamps: timer.set.is_some(),
             grid,
+            tensor,
         }
     }
 
@@ -348,6 +361,33 @@ impl GpuBackend {
             dispatch_s,
             stale_reused,
             stale_fresh: stale as f64 / (n as f64 * FRESH_ROUNDS as f64 * 256.0),
+        })
+    }
+
+    /// Times the tensor-core probe with and without fragment loads in its rounds.
+    fn tensor_cores(&self, timer: &PassTimer, repeats: usize) -> Option<TensorCores> {
+        const WORKGROUPS: u32 = 1024;
+        let [load_mma, mma] = self.ops.probe.coop.as_ref()?;
+        let device = &self.ctx.device;
+        let queue = &self.ctx.queue;
+        let out = storage(device, "tensor probe out", WORKGROUPS as usize * 4096 * 4);
+        let bg = bind_group(device, "tensor probe", &self.ops.probe.coop_layout, &[&out]);
+        let macs = WORKGROUPS as f64 * 4.0 * COOP_ITERS as f64 * 16.0 * 4096.0;
+        let rate = |pl: &wgpu::ComputePipeline| {
+            let secs = (0..repeats.max(1))
+                .map(|_| {
+                    timer.time(device, queue, |pass| {
+                        pass.set_pipeline(pl);
+                        pass.set_bind_group(0, &bg, &[]);
+                        pass.dispatch_workgroups(WORKGROUPS, 1, 1);
+                    })
+                })
+                .fold(f64::INFINITY, f64::min);
+            macs / secs
+        };
+        Some(TensorCores {
+            mma: rate(mma),
+            load_mma: rate(load_mma),
         })
     }
 }

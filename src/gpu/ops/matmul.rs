@@ -11,7 +11,7 @@ use crate::gpu::recorder::Recorder;
 const IO: &str = include_str!("../../../shaders/matmul_io.wgsl");
 const SRC: &str = include_str!("../../../shaders/matmul.wgsl");
 const COOP: &str = include_str!("../../../shaders/matmul_coop.wgsl");
-const COOP_ENABLE: &str = "enable f16;\nenable wgpu_cooperative_matrix;\n";
+pub(super) const COOP_ENABLE: &str = "enable f16;\nenable wgpu_cooperative_matrix;\n";
 
 /// Workgroup memory of the tensor-core GEMM: two 64 × 72 f16 tiles and four 16 × 16 f32
 /// staging fragments (`ta`, `tb`, `tc` in matmul_coop.wgsl).
@@ -201,42 +201,14 @@ impl Matmul {
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
-    use wgpu::naga;
 
     /// The tensor-core GEMM runs only on adapters with cooperative matrices (none in CI), so
     /// its module is at least parsed, validated and translated to SPIR-V (both `ACCUM`s) here.
     #[test]
     fn tensor_core_gemm_compiles_to_spirv() {
         let src = [COOP_ENABLE, COMMON, IO, COOP].concat();
-        let module = naga::front::wgsl::parse_str(&src).expect("matmul_coop.wgsl parses");
-        let info = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .expect("matmul_coop.wgsl validates");
-        let stage = naga::ShaderStage::Compute;
         for accum in [0.0, 1.0] {
-            let mut constants = naga::back::PipelineConstants::default();
-            constants.insert("ACCUM".to_string(), accum);
-            let (module, info) = naga::back::pipeline_constants::process_overrides(
-                &module,
-                &info,
-                Some((stage, "gemm_coop")),
-                &constants,
-            )
-            .expect("ACCUM applies");
-            let words = naga::back::spv::write_vec(
-                &module,
-                &info,
-                &naga::back::spv::Options::default(),
-                Some(&naga::back::spv::PipelineOptions {
-                    shader_stage: stage,
-                    entry_point: "gemm_coop".into(),
-                }),
-            )
-            .expect("matmul_coop.wgsl translates to SPIR-V");
-            assert!(words.len() > 100);
+            crate::gpu::ops::compiles_to_spirv(&src, "gemm_coop", &[("ACCUM", accum)]);
         }
     }
 }

@@ -265,3 +265,40 @@ impl Ops {
         }
     }
 }
+
+/// Parses, validates (every capability) and translates `src`'s `entry` to SPIR-V with
+/// `overrides`, panicking with naga's error: a check for shaders that no CI adapter runs.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+pub(crate) fn compiles_to_spirv(src: &str, entry: &str, overrides: &[(&str, f64)]) {
+    use wgpu::naga;
+    let module = naga::front::wgsl::parse_str(src).expect("the module parses");
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .expect("the module validates");
+    let mut constants = naga::back::PipelineConstants::default();
+    for (name, v) in overrides {
+        constants.insert(name.to_string(), *v);
+    }
+    let stage = naga::ShaderStage::Compute;
+    let (module, info) = naga::back::pipeline_constants::process_overrides(
+        &module,
+        &info,
+        Some((stage, entry)),
+        &constants,
+    )
+    .expect("the overrides apply");
+    let words = naga::back::spv::write_vec(
+        &module,
+        &info,
+        &naga::back::spv::Options::default(),
+        Some(&naga::back::spv::PipelineOptions {
+            shader_stage: stage,
+            entry_point: entry.into(),
+        }),
+    )
+    .expect("the module translates to SPIR-V");
+    assert!(words.len() > 100);
+}
