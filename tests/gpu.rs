@@ -1291,6 +1291,133 @@ fn greedy_speculation_on_the_gpu_gives_plain_decodings_tokens() {
     assert_eq!(out.tokens.len(), 33);
 }
 
+/// A step of up to eight tokens (a speculative verification) gives every row exactly the
+/// logits of one-token steps over the same tokens, so verification picks plain decoding's
+/// tokens even at near-ties; on the default model, with attention past one split, and on an
+/// int8 cache.
+#[test]
+fn few_token_steps_equal_one_token_steps_bit_for_bit() {
+    let w = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-fortunes")).unwrap();
+    let mut rng = StdRng::seed_from_u64(18);
+    for kv in [KvDtype::F32, KvDtype::Int8] {
+        let o = GpuOptions {
+            kv,
+            ..Default::default()
+        };
+        let mut g = gpu_with(&w, &o);
+        let mut cache = g.new_cache(256).unwrap();
+        let vocab = w.config.vocab_size;
+        let prompt: Vec<u32> = (0..70).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let mut logits = Vec::new();
+        forward(
+            &mut g,
+            &mut cache,
+            &prompt,
+            0,
+            LogitRows::None,
+            &mut logits,
+            None,
+        )
+        .unwrap();
+        for t in [2usize, 5, 8] {
+            let pos = prompt.len();
+            let step: Vec<u32> = (0..t).map(|_| rng.random_range(0..vocab as u32)).collect();
+            let (mut all, mut one) = (Vec::new(), Vec::new());
+            forward(
+                &mut g,
+                &mut cache,
+                &step,
+                pos,
+                LogitRows::All,
+                &mut all,
+                None,
+            )
+            .unwrap();
+            let mut singles = Vec::new();
+            for (i, &tok) in step.iter().enumerate() {
+                forward(
+                    &mut g,
+                    &mut cache,
+                    &[tok],
+                    pos + i,
+                    LogitRows::Last,
+                    &mut one,
+                    None,
+                )
+                .unwrap();
+                singles.extend_from_slice(&one);
+            }
+            assert!(
+                all == singles,
+                "{kv:?} t {t}: {}",
+                max_abs_diff(&all, &singles)
+            );
+        }
+    }
+}
+
+/// Queued verification on the GPU (each step queued before the one ahead of it is read, on
+/// the guess that every draft holds) gives plain decoding's tokens whatever the drafts: runs
+/// that hold, rejections (the step queued behind is dropped), wrong guesses of a running
+/// step's last pick, drafts near the token limit.
+#[test]
+fn queued_verification_gives_plain_decodings_tokens() {
+    use bitnet_inference::engine::speculative::{Drafter, Speculation};
+    /// Drafts the known greedy continuation, wrong at every `miss`-th generated position.
+    struct Scripted {
+        prompt: usize,
+        want: Vec<u32>,
+        miss: usize,
+    }
+    impl Drafter for Scripted {
+        fn draft(
+            &mut self,
+            ctx: &[u32],
+            k: usize,
+            out: &mut Vec<u32>,
+        ) -> bitnet_inference::Result<()> {
+            out.clear();
+            let p = ctx.len() - self.prompt;
+            for i in p..(p + k).min(self.want.len()) {
+                let miss = (i + 1) % self.miss == 0;
+                out.push(if miss { self.want[i] ^ 1 } else { self.want[i] });
+            }
+            Ok(())
+        }
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+    }
+    let w = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-fortunes")).unwrap();
+    let mut g = Generator::new(gpu(&w)).unwrap();
+    let prompt = [4093, 1698, 548, 416];
+    let o = GenerateOptions {
+        max_tokens: 37,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let want = g.generate(&prompt, &o, None, |_, _| true).unwrap().tokens;
+    for (k, miss) in [(1, 3), (3, 5), (4, 2), (6, 7), (8, 1000)] {
+        let d = Scripted {
+            prompt: prompt.len(),
+            want: want.clone(),
+            miss,
+        };
+        let mut spec = Speculation::new(Box::new(d), k).unwrap();
+        spec.adaptive = false;
+        g.set_speculation(Some(spec));
+        let out = g.generate(&prompt, &o, None, |_, _| true).unwrap();
+        let st = out.speculative.unwrap();
+        assert_eq!(out.tokens, want, "k {k} miss {miss}: {st:?}");
+        assert!(st.accepted > 0 && st.steps > 0, "{st:?}");
+        if miss > 100 {
+            assert_eq!(st.accepted, st.drafted, "{st:?}");
+        } else {
+            assert!(st.accepted < st.drafted, "{st:?}");
+        }
+    }
+}
+
 /// With the cost model on, drafting that never pays is probed now and then, and a probe is
 /// verified even though the device has the next plain step queued when the drafts come (the
 /// queued step is read first, the following step verifies); a draft model drafts only then.
@@ -1351,8 +1478,9 @@ fn probes_of_failing_drafts_are_verified_behind_queued_steps() {
         assert!(st.steps >= 3, "{st:?}");
         assert!(st.acceptance_rate() < 0.5, "{st:?}");
         if model {
-            // A model drafts only for verification, never to be thrown away.
-            assert_eq!(calls.load(Ordering::Relaxed), st.steps, "{st:?}");
+            // A model drafts only for steps that are queued: each is verified, or dropped
+            // behind a verification that rejected.
+            assert!(calls.load(Ordering::Relaxed) <= 2 * st.steps, "{st:?}");
         }
     }
 }

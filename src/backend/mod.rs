@@ -146,15 +146,15 @@ pub trait DeviceSteps {
     /// temperature sampling ([`crate::reference::top_candidates`] with `inv_t`) into `out`;
     /// false (recording nothing) when `k` is beyond what the device selects.
     fn top_k_last(&mut self, k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) -> Result<bool>;
-    /// Starts a one-token step whose input is the argmax of the step queued last, still on
-    /// the device.
-    fn embed_queued_argmax(&mut self) -> Result<()>;
-    /// Records the final norm, head and argmax of the step, submits it without waiting, and
-    /// queues its argmax for [`DeviceSteps::read_queued_argmax`].
-    fn queue_argmax_last(&mut self) -> Result<()>;
-    /// The argmax of the oldest queued step, waiting for it. Starting a step from host tokens
-    /// ([`Backend::embed`]) drops the queue.
-    fn read_queued_argmax(&mut self) -> Result<u32>;
+    /// Starts a step of `1 + drafts.len()` tokens: first the argmax of the last row of the
+    /// step queued last (still on the device), then `drafts`.
+    fn embed_queued_argmax(&mut self, drafts: &[u32]) -> Result<()>;
+    /// Records the final norm, head and argmax of every row of the step, submits it without
+    /// waiting, and queues the argmaxes for [`DeviceSteps::read_queued_argmax`].
+    fn queue_argmax_rows(&mut self) -> Result<()>;
+    /// The argmax of every row of the oldest queued step (into `out`, cleared), waiting for
+    /// it. Starting a step from host tokens ([`Backend::embed`]) drops the queue.
+    fn read_queued_argmax(&mut self, out: &mut Vec<u32>) -> Result<()>;
     /// Final norm and head of every position of the step, each as `need[i]` asks (one need
     /// per position), selected on the device as [`BatchBackend::head_rows`] does.
     fn head_step_rows(&mut self, need: &[RowNeed], out: &mut HeadRows) -> Result<()>;

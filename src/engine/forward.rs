@@ -259,18 +259,19 @@ pub fn forward_top_k<B: Backend>(
     })
 }
 
-/// Greedy decoding with queued steps: queues the decode step at `pos` whose input is `token`,
-/// or (None) the argmax of the step queued before it, kept on the device; its argmax is read
-/// later with [`crate::backend::DeviceSteps::read_queued_argmax`]. Returns false (recording
-/// nothing) when the backend cannot queue steps.
+/// Greedy decoding with queued steps: queues the decode step at `pos` over `first` and then
+/// `drafts` (speculative tokens to verify), where `first` None is the argmax of the last row of
+/// the step queued before it, kept on the device; the argmax of every row is read later with
+/// [`crate::backend::DeviceSteps::read_queued_argmax`]. Returns false (recording nothing) when
+/// the backend cannot queue steps.
 pub fn queue_greedy_step<B: Backend>(
     b: &mut B,
     cache: &mut B::Cache,
-    token: Option<u32>,
+    (first, drafts): (Option<u32>, &[u32]),
     pos: usize,
     profile: Option<&mut OpProfile>,
 ) -> Result<bool> {
-    queue_greedy_step_with(b, cache, token, pos, profile, |b| b.device())
+    queue_greedy_step_with(b, cache, (first, drafts), pos, profile, |b| b.device())
 }
 
 /// [`queue_greedy_step`] with the device steps from `dev` rather than [`Backend::device`]: the
@@ -278,7 +279,7 @@ pub fn queue_greedy_step<B: Backend>(
 pub fn queue_greedy_step_with<B: Backend>(
     b: &mut B,
     cache: &mut B::Cache,
-    token: Option<u32>,
+    (first, drafts): (Option<u32>, &[u32]),
     pos: usize,
     mut profile: Option<&mut OpProfile>,
     dev: impl Fn(&mut B) -> Option<&mut dyn DeviceSteps>,
@@ -286,14 +287,19 @@ pub fn queue_greedy_step_with<B: Backend>(
     let Some(d) = dev(b) else {
         return Ok(false);
     };
-    check_context(cache, pos, 1)?;
-    match token {
-        Some(t) => b.embed(&[t])?,
-        None => d.embed_queued_argmax()?,
+    check_context(cache, pos, 1 + drafts.len())?;
+    match first {
+        Some(t) => {
+            let mut tokens = Vec::with_capacity(1 + drafts.len());
+            tokens.push(t);
+            tokens.extend_from_slice(drafts);
+            b.embed(&tokens)?
+        }
+        None => d.embed_queued_argmax(drafts)?,
     }
     run_layers(b, &mut SeqKv { cache, pos }, profile.as_deref_mut());
     OpProfile::time(&mut profile, "final_norm_head", || match dev(b) {
-        Some(d) => d.queue_argmax_last(),
+        Some(d) => d.queue_argmax_rows(),
         None => Ok(()),
     })?;
     Ok(true)

@@ -17,6 +17,8 @@ use crate::backend::{Backend, HeadRows, KvCache, LogitRows};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
+mod queued_speculation;
+
 /// The result of a generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -404,6 +406,8 @@ impl<B: Backend> Generator<B> {
         // Tokens chosen but not yet emitted (a verified speculative run, or one step's pick).
         let mut next: VecDeque<u32> = VecDeque::new();
         let mut candidates = Vec::new();
+        // The picks of a queued step's rows.
+        let mut picks = Vec::new();
         // Whether the step for the token about to be emitted is already queued on the device.
         let mut queued = false;
         let mut control = SpecControl::with_budget(
@@ -421,15 +425,7 @@ impl<B: Backend> Generator<B> {
                 Some(t) => t,
                 None => s.pick(&mut logits),
             };
-            let e = s.accept(tok, tokenizer)?;
-            let go_on = match e.token {
-                Some(t) => on_token(t, &e.text),
-                None => e.text.is_empty() || on_token(tok, &e.text),
-            };
-            if !go_on {
-                s.cancel();
-            }
-            if s.finish().is_some() {
+            if !emit(&mut s, tok, tokenizer, &mut on_token)? {
                 break;
             }
             if !next.is_empty() {
@@ -437,6 +433,18 @@ impl<B: Backend> Generator<B> {
                 continue;
             }
             let i = s.context().len() - 1;
+            if let (Some(st), Want::Argmax, None, false) = (&mut stats, s.want(), &slide, queued) {
+                if self.backend.device().is_some() {
+                    self.decode_queued_speculation(
+                        &mut s,
+                        tokenizer,
+                        &mut on_token,
+                        st,
+                        &mut control,
+                    )?;
+                    break;
+                }
+            }
             let step_t0 = Instant::now();
             if let Some(spec) = &mut self.spec {
                 // Draft only as many as pay for themselves (drafting has its own cost).
@@ -464,7 +472,8 @@ impl<B: Backend> Generator<B> {
                     let d = self.backend.device().ok_or_else(|| {
                         Error::Backend("the backend stopped offering device steps".into())
                     })?;
-                    next.push_back(d.read_queued_argmax()?);
+                    d.read_queued_argmax(&mut picks)?;
+                    next.extend(picks.last());
                     queued = false;
                     deferred = Some(room);
                     control.plain_step(step_t0.elapsed().as_secs_f64());
@@ -542,7 +551,7 @@ impl<B: Backend> Generator<B> {
                         queue_greedy_step(
                             &mut self.backend,
                             &mut self.cache,
-                            Some(tok),
+                            (Some(tok), &[]),
                             pos,
                             self.profile.as_mut(),
                         )?;
@@ -552,7 +561,7 @@ impl<B: Backend> Generator<B> {
                         queue_greedy_step(
                             &mut self.backend,
                             &mut self.cache,
-                            None,
+                            (None, &[]),
                             pos,
                             self.profile.as_mut(),
                         )?
@@ -560,7 +569,8 @@ impl<B: Backend> Generator<B> {
                     let d = self.backend.device().ok_or_else(|| {
                         Error::Backend("the backend stopped offering device steps".into())
                     })?;
-                    next.push_back(d.read_queued_argmax()?);
+                    d.read_queued_argmax(&mut picks)?;
+                    next.extend(picks.last());
                 }
                 Want::Argmax => {
                     let pos = self.slot(&mut slide, i, 1)?;
@@ -601,4 +611,23 @@ impl<B: Backend> Generator<B> {
             evicted,
         ))
     }
+}
+
+/// Takes `tok` into the session and hands what it releases to `on_token`; false once the
+/// generation is over (finished, or `on_token` stopped it).
+fn emit(
+    s: &mut Session,
+    tok: u32,
+    tokenizer: Option<&Tokenizer>,
+    on_token: &mut impl FnMut(u32, &str) -> bool,
+) -> Result<bool> {
+    let e = s.accept(tok, tokenizer)?;
+    let go_on = match e.token {
+        Some(t) => on_token(t, &e.text),
+        None => e.text.is_empty() || on_token(tok, &e.text),
+    };
+    if !go_on {
+        s.cancel();
+    }
+    Ok(s.finish().is_none())
 }

@@ -96,7 +96,7 @@ impl crate::backend::DeviceSteps for GpuBackend {
         self.rec.take_profile()
     }
 
-    fn embed_queued_argmax(&mut self) -> Result<()> {
+    fn embed_queued_argmax(&mut self, drafts: &[u32]) -> Result<()> {
         if self.queued.is_empty() {
             return Err(Error::Request(
                 "no queued decode step to take the input token from".into(),
@@ -108,41 +108,64 @@ impl crate::backend::DeviceSteps for GpuBackend {
                 self.bufs.argmax_ring.len()
             )));
         }
-        // The tokens buffer holds the last queued step's argmax (copied there on the device).
-        self.begin_step(&[], 1);
+        let t = 1 + drafts.len();
+        if t > self.max_step {
+            return Err(Error::Request(format!(
+                "{t} tokens in one step but the GPU backend was planned for at most {}",
+                self.max_step
+            )));
+        }
+        let vocab = self.cfg.vocab_size;
+        if let Some(bad) = drafts.iter().find(|&&d| d as usize >= vocab) {
+            return Err(Error::Request(format!(
+                "token id {bad} is out of range (vocab_size {vocab})"
+            )));
+        }
+        // Input 0 is in the tokens buffer already: the last queued step copied it there.
+        self.begin_step(drafts, t);
         Ok(())
     }
 
-    fn queue_argmax_last(&mut self) -> Result<()> {
-        self.record_argmax();
+    fn queue_argmax_rows(&mut self) -> Result<()> {
+        self.record_argmax_rows()?;
+        let rows = self.t();
         let rb = self.bufs.argmax_ring[self.queued_total % self.bufs.argmax_ring.len()].clone();
         self.queued_total += 1;
         let enc = self.rec.encoder();
-        enc.copy_buffer_to_buffer(&self.bufs.argmax_result, 0, &rb, 0, 4);
-        enc.copy_buffer_to_buffer(&self.bufs.argmax_result, 0, &self.bufs.tokens, 0, 4);
+        let res = &self.bufs.argmax_result;
+        enc.copy_buffer_to_buffer(res, 0, &rb, 0, rows as u64 * 4);
+        // The last row's pick is the next queued step's first input.
+        enc.copy_buffer_to_buffer(res, (rows as u64 - 1) * 4, &self.bufs.tokens, 0, 4);
         let t0 = crate::time::Instant::now();
-        let index = self.flush();
+        let submission = self.flush();
         if let Some(t) = &mut self.timing {
             if let Some(s) = t.started.take() {
                 t.record += (t0 - s).as_secs_f64();
                 t.submit += t0.elapsed().as_secs_f64();
             }
         }
-        self.queued.push_back((rb, index));
+        self.queued.push_back(QueuedStep {
+            readback: rb,
+            submission,
+            rows,
+        });
         Ok(())
     }
 
-    fn read_queued_argmax(&mut self) -> Result<u32> {
-        let (rb, index) = self
+    fn read_queued_argmax(&mut self, out: &mut Vec<u32>) -> Result<()> {
+        let q = self
             .queued
             .pop_front()
             .ok_or_else(|| Error::Request("no queued decode step to read".into()))?;
         let t0 = crate::time::Instant::now();
-        let token = self.read_mapped_after(&rb, 4, index, first_word)?;
+        out.clear();
+        self.read_mapped_after(&q.readback, q.rows as u64 * 4, q.submission, |data| {
+            out.extend_from_slice(bytemuck::cast_slice::<u8, u32>(data))
+        })?;
         if let Some(t) = &mut self.timing {
             t.steps += 1;
             t.wait += t0.elapsed().as_secs_f64();
         }
-        Ok(token)
+        Ok(())
     }
 }

@@ -171,7 +171,7 @@ struct Bufs {
     argmax_part: wgpu::Buffer,
     argmax_result: wgpu::Buffer,
     argmax_readback: wgpu::Buffer,
-    /// Readbacks of queued greedy steps' argmax (one per step in flight).
+    /// Readbacks of queued greedy steps' argmax of every row (one per step in flight).
     argmax_ring: [wgpu::Buffer; 3],
     /// Top-k candidates: two buffers the passes alternate between, and the readback.
     topk: [wgpu::Buffer; 2],
@@ -183,6 +183,13 @@ struct Bufs {
 /// A step is submitted in parts of this many layers (the first part after two), unless it is
 /// queued behind other steps.
 const SUBMIT_LAYERS: usize = 8;
+
+/// A greedy step submitted without waiting: where its rows' argmax will be read.
+struct QueuedStep {
+    readback: wgpu::Buffer,
+    submission: Option<wgpu::SubmissionIndex>,
+    rows: usize,
+}
 
 /// The GPU backend.
 pub struct GpuBackend {
@@ -208,9 +215,11 @@ pub struct GpuBackend {
     max_binding: u64,
     logit_rows: usize,
     rec: Recorder,
+    /// Host tokens of the step being recorded, written at submit from input `tokens_at` on.
     tokens: Vec<u32>,
-    /// Queued greedy steps (`queue_greedy_step`): argmax readback and submission, oldest first.
-    queued: std::collections::VecDeque<(wgpu::Buffer, Option<wgpu::SubmissionIndex>)>,
+    tokens_at: usize,
+    /// Queued greedy steps (`queue_greedy_step`), oldest first.
+    queued: std::collections::VecDeque<QueuedStep>,
     /// Steps queued so far (picks the next readback of `argmax_ring`).
     queued_total: usize,
     /// Whether the step being recorded is submitted at once (the GPU has queued steps to run
@@ -374,7 +383,7 @@ impl Backend for GpuBackend {
         let heads = self.cfg.num_heads;
         let kv_heads = self.cfg.num_kv_heads;
         let group = heads / kv_heads;
-        if t > 1 && ops::attention::tiled_fits(self.cfg.head_dim, group) {
+        if t > ops::attention::VEC_MAX_T && ops::attention::tiled_fits(self.cfg.head_dim, group) {
             self.ops.attention.record_tiled(
                 &mut self.rec,
                 &single.attn_bgs[layer],
@@ -396,19 +405,23 @@ impl Backend for GpuBackend {
     }
 
     /// A decode step's whole layer in five kernels: each norm folded into the matmul that
-    /// consumes it, RoPE and the KV write into the q|k|v GEMV.
+    /// consumes it, RoPE and the KV write into the q|k|v GEMV. Steps of up to
+    /// [`ops::attention::VEC_MAX_T`] tokens (speculative verification) run the same kernels
+    /// per token, so each row's results are exactly a one-token step's.
     fn fuse(&mut self, cache: &mut GpuCache, layer: usize, pos: usize, ops: &[LayerOp]) -> usize {
         let Some(qkv) = cache.single.as_ref().and_then(|s| s.qkv_bgs.get(layer)) else {
             return 0;
         };
-        if ops != BITNET_B158 || self.t() != 1 || self.layers[layer].fused.is_none() {
+        let t = self.t();
+        if ops != BITNET_B158 || t > ops::attention::VEC_MAX_T || self.layers[layer].fused.is_none()
+        {
             return 0;
         }
         self.step.pos = pos as u32;
         self.step.cap = cache.block_size as u32;
         let rows = self.layers[layer].qkv.rows;
         let fused = &self.ops.fused;
-        fused.record(&mut self.rec, Fused::QkvRope, qkv, rows);
+        fused.record(&mut self.rec, Fused::QkvRope, qkv, rows, t);
         // The fused GEMV puts the cache an element at a time: int8 rows, whose scale needs the
         // whole row, are written after it from q|k|v.
         if self.kv == KvDtype::Int8 {
@@ -416,15 +429,15 @@ impl Backend for GpuBackend {
                 let kv_heads = self.cfg.num_kv_heads;
                 self.ops
                     .rope
-                    .record_store(&mut self.rec, &single.rope_bgs[layer], kv_heads, 1);
+                    .record_store(&mut self.rec, &single.rope_bgs[layer], kv_heads, t);
             }
         }
         self.attention(cache, layer, pos);
         let (l, fused, rec) = (&self.layers[layer], &self.ops.fused, &mut self.rec);
         if let Some(f) = &l.fused {
-            fused.record(rec, Fused::O, &f.o, l.o.rows);
-            fused.record(rec, Fused::GateUp, &f.gate_up, l.gate_up.rows);
-            fused.record(rec, Fused::Down, &f.down, l.down.rows);
+            fused.record(rec, Fused::O, &f.o, l.o.rows, t);
+            fused.record(rec, Fused::GateUp, &f.gate_up, l.gate_up.rows, t);
+            fused.record(rec, Fused::Down, &f.down, l.down.rows, t);
         }
         ops.len()
     }

@@ -185,7 +185,7 @@ impl GpuBackend {
             argmax_ring: [0, 1, 2].map(|_| {
                 device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("queued argmax readback"),
-                    size: 16,
+                    size: (logit_rows * 4) as u64,
                     usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
                 })
@@ -541,6 +541,7 @@ impl GpuBackend {
             rec,
             tokens: Vec::new(),
             queued: Default::default(),
+            tokens_at: 0,
             queued_total: 0,
             whole_step: false,
             step: Step::default(),

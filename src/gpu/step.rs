@@ -76,7 +76,8 @@ impl GpuBackend {
         let q = &self.ctx.queue;
         q.write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&self.step));
         if !self.tokens.is_empty() {
-            q.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(&self.tokens));
+            let at = (self.tokens_at * 4) as u64;
+            q.write_buffer(&self.bufs.tokens, at, bytemuck::cast_slice(&self.tokens));
         }
         self.rec.submit(q)
     }
@@ -103,6 +104,30 @@ impl GpuBackend {
         self.ops
             .argmax
             .record(&mut self.rec, &self.argmax_bg, self.cfg.vocab_size, 1);
+    }
+
+    /// Records the final norm, head and argmax of every row of the step (argmax result words
+    /// `0..t`); an error (discarding the step) past the rows one head pass holds.
+    pub(super) fn record_argmax_rows(&mut self) -> Result<()> {
+        let t = self.t();
+        if t > self.logit_rows {
+            self.rec.discard();
+            return Err(Error::Request(format!(
+                "the argmax of {t} rows asked of a step of at most {}",
+                self.logit_rows
+            )));
+        }
+        self.record_final_norm();
+        self.step.row0 = 0;
+        self.step.nrows = t as u32;
+        let int8 = self.int8_head();
+        for (s, bg) in &self.head_shards {
+            self.ops.head.record(&mut self.rec, bg, s.rows, t, int8);
+        }
+        self.ops
+            .argmax
+            .record(&mut self.rec, &self.argmax_bg, self.cfg.vocab_size, t);
+        Ok(())
     }
 
     /// Records the final norm, head and argmax of the step's last position and the copy of
@@ -330,8 +355,9 @@ impl GpuBackend {
         }
     }
 
-    /// Starts recording a step of `t` tokens (`host` of them written at submit; none when the
-    /// tokens buffer already holds the input) with its embedding gather.
+    /// Starts recording a step of `t` tokens with its embedding gather: the last `host.len()`
+    /// inputs are written at submit, the ones before them are in the tokens buffer already
+    /// (copied there on the device).
     pub(super) fn begin_step(&mut self, host: &[u32], t: usize) {
         // Drop any unsubmitted work of an abandoned step.
         self.rec.discard();
@@ -340,6 +366,7 @@ impl GpuBackend {
         }
         self.tokens.clear();
         self.tokens.extend_from_slice(host);
+        self.tokens_at = t - host.len();
         self.whole_step = !self.queued.is_empty();
         self.step = params::Step {
             t: t as u32,

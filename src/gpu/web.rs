@@ -153,14 +153,15 @@ impl GpuBackend {
         Ok(super::device::first_word(&read_buffer(&rb, 4).await?))
     }
 
-    /// [`crate::backend::DeviceSteps::read_queued_argmax`] for the web: awaits the oldest
-    /// queued step's argmax while the steps queued after it run.
+    /// [`crate::backend::DeviceSteps::read_queued_argmax`] for the web: awaits the argmax of
+    /// the oldest queued step's last row while the steps queued after it run.
     pub async fn read_queued_argmax_async(&mut self) -> Result<u32> {
-        let (rb, _) = self
+        let q = self
             .queued
             .pop_front()
             .ok_or_else(|| Error::Request("no queued decode step to read".into()))?;
-        Ok(super::device::first_word(&read_buffer(&rb, 4).await?))
+        let data = read_buffer(&q.readback, q.rows as u64 * 4).await?;
+        Ok(super::device::first_word(&data[data.len() - 4..]))
     }
 
     /// [`Backend::logits`] of the step's last position for the web (into `out`, cleared).

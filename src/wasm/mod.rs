@@ -277,7 +277,14 @@ impl Engine {
             if !queued {
                 let pos = self.slot(slide, i, 1)?;
                 if let Engine::Gpu { b, cache } = self {
-                    queue_greedy_step_with(&mut **b, cache, Some(token), pos, None, web_steps)?;
+                    queue_greedy_step_with(
+                        &mut **b,
+                        cache,
+                        (Some(token), &[]),
+                        pos,
+                        None,
+                        web_steps,
+                    )?;
                 }
             }
             let next_pos = if room {
@@ -288,7 +295,7 @@ impl Engine {
             if let Engine::Gpu { b, cache } = self {
                 let next = match next_pos {
                     Some(pos) => {
-                        queue_greedy_step_with(&mut **b, cache, None, pos, None, web_steps)?
+                        queue_greedy_step_with(&mut **b, cache, (None, &[]), pos, None, web_steps)?
                     }
                     None => false,
                 };

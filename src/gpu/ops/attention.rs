@@ -42,6 +42,10 @@ pub struct Attention {
     tiled: wgpu::ComputePipeline,
 }
 
+/// Most rows of a step that the vector kernel takes (a decode row, or a speculative
+/// verification step's rows), past which prefill's query-tiled kernel does.
+pub const VEC_MAX_T: usize = 8;
+
 /// Whether the query-tiled prefill attention handles this head shape.
 pub fn tiled_fits(head_dim: usize, group: usize) -> bool {
     head_dim.is_multiple_of(4) && head_dim <= 128 && (1..=16).contains(&group)
@@ -72,9 +76,10 @@ impl Attention {
         }
     }
 
-    /// Split attention of `t` rows over `nsplit` splits, then the merge. One decode row with
-    /// `head_dim % 4 == 0` (<= 128) takes the vec4 kernel, which writes the output itself when
-    /// there is one split.
+    /// Split attention of `t` rows over `nsplit` splits, then the merge. Up to
+    /// [`VEC_MAX_T`] rows with `head_dim % 4 == 0` (<= 128) take the vec4 kernel (one
+    /// workgroup per row, head and split, each row's sums exactly a one-row step's), which
+    /// writes the output itself when there is one split.
     pub fn record(
         &self,
         rec: &mut Recorder,
@@ -85,7 +90,7 @@ impl Attention {
         head_dim: usize,
     ) {
         let dims = [nsplit as u32, heads as u32, t as u32];
-        if t == 1 && head_dim.is_multiple_of(4) && head_dim <= 128 {
+        if t <= VEC_MAX_T && head_dim.is_multiple_of(4) && head_dim <= 128 {
             rec.dispatch("attend_vec", &self.attend_vec, bg, dims);
             if nsplit == 1 {
                 return;

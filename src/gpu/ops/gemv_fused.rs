@@ -189,8 +189,15 @@ impl FusedGemv {
         }
     }
 
-    /// One token's fused GEMV `which` producing `rows` rows.
-    pub fn record(&self, rec: &mut Recorder, which: Fused, bg: &wgpu::BindGroup, rows: usize) {
+    /// The fused GEMV `which` producing `rows` rows for each of `t` tokens.
+    pub fn record(
+        &self,
+        rec: &mut Recorder,
+        which: Fused,
+        bg: &wgpu::BindGroup,
+        rows: usize,
+        t: usize,
+    ) {
         let (label, pl) = match which {
             Fused::QkvRope => ("fused_qkv", &self.norm_rope),
             Fused::O => ("fused_o", &self.norm_acc),
@@ -198,6 +205,6 @@ impl FusedGemv {
             Fused::Down => ("fused_down", &self.relu2_acc),
         };
         let wgs = rows.div_ceil(FUSED_ROWS as usize);
-        rec.dispatch(label, pl, bg, [wgs as u32, 1, 1]);
+        rec.dispatch(label, pl, bg, [wgs as u32, t as u32, 1]);
     }
 }

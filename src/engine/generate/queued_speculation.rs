@@ -1,0 +1,189 @@
+//! Greedy speculative decoding on a device that queues steps: verification steps run back to
+//! back, each queued before the one ahead of it is read.
+//!
+//! A step verifies its drafts on the device (the argmax of every row; a few bytes come back).
+//! While it runs, the host queues its successor on the assumption that every draft will be
+//! accepted: the successor's first input is the running step's last pick, copied on the device,
+//! and its drafts continue the running step's drafts. When the running step rejects a draft, the
+//! successor is dropped (its keys and values lie past the accepted tokens and are overwritten);
+//! when every draft holds, the successor is already running. Greedy tokens are exactly plain
+//! decoding's: every emitted token is a row's argmax over the tokens before it.
+
+use std::collections::VecDeque;
+
+use super::{emit, Generator};
+use crate::backend::Backend;
+use crate::engine::forward::queue_greedy_step;
+use crate::engine::session::Session;
+use crate::engine::speculative::{SpecControl, SpecStats};
+use crate::error::{Error, Result};
+use crate::time::Instant;
+use crate::tokenizer::Tokenizer;
+
+/// A step on the device, not read yet.
+struct Flight {
+    /// Position of its first input.
+    pos: usize,
+    /// The drafts after its first input.
+    drafts: Vec<u32>,
+    /// The first input its drafts were drafted after, when that input was a guess (the pick
+    /// of the step ahead, still running when this one was queued).
+    guessed_input: Option<u32>,
+}
+
+impl<B: Backend> Generator<B> {
+    /// Decodes `s` (whose last context token is the next step's input) to its end with
+    /// queued verification steps; counts drafts in `stats`, sizes them with `control`.
+    pub(super) fn decode_queued_speculation(
+        &mut self,
+        s: &mut Session,
+        tokenizer: Option<&Tokenizer>,
+        on_token: &mut impl FnMut(u32, &str) -> bool,
+        stats: &mut SpecStats,
+        control: &mut SpecControl,
+    ) -> Result<()> {
+        let mut flight: VecDeque<Flight> = VecDeque::new();
+        // Whether the drafts of the step ahead follow its true input.
+        let mut front_sound = true;
+        let (mut rows, mut ext) = (Vec::new(), Vec::new());
+        let mut last_read = Instant::now();
+        // BITNET_SPEC_TRACE=1: every read step's drafts, acceptance and wall time on stderr.
+        let trace = std::env::var_os("BITNET_SPEC_TRACE").is_some();
+        loop {
+            if flight.is_empty() {
+                let ctx = s.context();
+                let (pos, first) = (ctx.len() - 1, ctx[ctx.len() - 1]);
+                let room = self.draft_count(control, s.draft_room());
+                let drafts = self.draft_after(ctx, &[], room, &mut ext)?;
+                queue_greedy_step(
+                    &mut self.backend,
+                    &mut self.cache,
+                    (Some(first), &drafts),
+                    pos,
+                    self.profile.as_mut(),
+                )?;
+                flight.push_back(Flight {
+                    pos,
+                    drafts,
+                    guessed_input: None,
+                });
+                front_sound = true;
+            }
+            if flight.len() == 1 && front_sound {
+                let f = &flight[0];
+                let ahead = f.drafts.len() + 1;
+                if s.room_for(ahead) {
+                    // The successor's input is `f`'s last pick (a guess for now: the drafter's
+                    // next token), then drafts continuing that guess.
+                    let room = self.draft_count(control, s.draft_room().saturating_sub(ahead));
+                    let mut guess = match room {
+                        0 => Vec::new(),
+                        _ => self.draft_after(s.context(), &f.drafts, room + 1, &mut ext)?,
+                    };
+                    let guessed_input = (!guess.is_empty()).then(|| guess.remove(0));
+                    let pos = f.pos + ahead;
+                    queue_greedy_step(
+                        &mut self.backend,
+                        &mut self.cache,
+                        (None, &guess),
+                        pos,
+                        self.profile.as_mut(),
+                    )?;
+                    flight.push_back(Flight {
+                        pos,
+                        drafts: guess,
+                        guessed_input,
+                    });
+                }
+            }
+            let Some(f) = flight.pop_front() else {
+                return Err(Error::Backend("no speculative step in flight".into()));
+            };
+            let d = self.backend.device().ok_or_else(|| {
+                Error::Backend("the backend stopped offering device steps".into())
+            })?;
+            d.read_queued_argmax(&mut rows)?;
+            let now = Instant::now();
+            let secs = (now - last_read).as_secs_f64();
+            last_read = now;
+            let m = f.drafts.len();
+            if rows.len() != m + 1 {
+                return Err(Error::Backend(format!(
+                    "a queued step of {} rows read back {} picks",
+                    m + 1,
+                    rows.len()
+                )));
+            }
+            let accepted = f
+                .drafts
+                .iter()
+                .zip(&rows)
+                .take_while(|(d, r)| d == r)
+                .count();
+            if m == 0 {
+                control.plain_step(secs);
+            } else {
+                stats.add(m, accepted);
+                control.verify_step(m, accepted, 0.0, secs);
+            }
+            if trace {
+                eprintln!(
+                    "spec: queued step of {m} drafts accepted {accepted} after {:.0} us ({} behind) {control:?}",
+                    secs * 1e6,
+                    flight.len()
+                );
+            }
+            let bonus = rows[accepted];
+            if accepted < m {
+                // The successor assumed every draft: its inputs and positions are wrong.
+                flight.clear();
+            } else if let Some(next) = flight.front() {
+                front_sound = next.drafts.is_empty() || next.guessed_input == Some(bonus);
+            }
+            for &tok in f.drafts[..accepted].iter().chain([&bonus]) {
+                if !emit(s, tok, tokenizer, on_token)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Drafts to ask for when `available` fit: the controller's choice unless speculation
+    /// is fixed (then all of them).
+    fn draft_count(&self, control: &mut SpecControl, available: usize) -> usize {
+        match &self.spec {
+            Some(spec) if spec.adaptive => control.choose(available.min(spec.draft_tokens)),
+            Some(spec) => available.min(spec.draft_tokens),
+            None => 0,
+        }
+    }
+
+    /// Up to `k` drafts following `context` and then `pending` (tokens assumed to follow it),
+    /// using `ext` as scratch.
+    fn draft_after(
+        &mut self,
+        context: &[u32],
+        pending: &[u32],
+        k: usize,
+        ext: &mut Vec<u32>,
+    ) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        let Some(spec) = &mut self.spec else {
+            return Ok(out);
+        };
+        if k == 0 {
+            return Ok(out);
+        }
+        let ctx = if pending.is_empty() {
+            context
+        } else {
+            ext.clear();
+            ext.extend_from_slice(context);
+            ext.extend_from_slice(pending);
+            &ext[..]
+        };
+        spec.drafter.draft(ctx, k, &mut out)?;
+        out.truncate(k);
+        Ok(out)
+    }
+}
