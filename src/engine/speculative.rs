@@ -327,8 +327,9 @@ impl SpecStats {
 /// [`SpecControl::PROBE`] of them, twice as long after each probe that did not pay. Drafting
 /// (probes and chosen drafts alike) goes on only while the time speculation has lost so far
 /// (its steps' time beyond what plain steps would have taken for the same tokens) is within a
-/// budget share of the decode time: failing drafts, or a cost model that misjudges, cost a
-/// bounded share of the generation.
+/// budget share of the decode time, and a probe waits until the budget also covers what it
+/// loses if nothing is accepted: failing drafts, costly drafters, or a cost model that
+/// misjudges, cost a bounded share of the generation.
 #[derive(Debug, Clone)]
 pub struct SpecControl {
     accepted: f64,
@@ -415,7 +416,14 @@ impl SpecControl {
             return best;
         }
         self.refused += 1;
-        if self.refused >= self.probe_every && within {
+        // A probe that fails loses its drafting and verification beyond a plain step: it
+        // waits until the budget covers that too (a draft model's probe costs many steps).
+        let probe_loss = match (self.t1, self.verify, self.draft) {
+            (Some(t1), Some(c), Some(d)) => (c + d * available as f64 - t1).max(0.0),
+            _ => 0.0,
+        };
+        let affordable = self.lost + probe_loss <= self.loss_budget * self.elapsed;
+        if self.refused >= self.probe_every && affordable {
             self.refused = 0;
             self.probe_every = (self.probe_every * 2).min(Self::MAX_PROBE);
             return available;
@@ -527,7 +535,8 @@ mod tests {
         let probes: Vec<usize> = (0..picks.len()).filter(|&i| picks[i] > 0).collect();
         assert_eq!(probes, [15, 47, 111], "{picks:?}");
         // Costly failures: 29.2 s lost in 62.2 s of decoding. The next probe waits until the
-        // loss is 4% of the decode time (730 s: 668 plain seconds on).
+        // loss and what a failing probe would add (verification ~2 s and four drafts at
+        // ~0.5 s, less a plain step: ~3 s) are 4% of the decode time (736 plain seconds on).
         for _ in 0..10 {
             c.verify_step(4, 0, 2.0, 2.0);
         }
@@ -536,7 +545,7 @@ mod tests {
             c.plain_step(1.0);
             probe
         });
-        assert_eq!(first, Some(668));
+        assert_eq!(first, Some(736));
         // Moderate cost, high acceptance: a middle length can win.
         let mut c = SpecControl::default();
         for _ in 0..SpecControl::WARMUP {

@@ -29,6 +29,8 @@ struct Flight {
     /// The first input its drafts were drafted after, when that input was a guess (the pick
     /// of the step ahead, still running when this one was queued).
     guessed_input: Option<u32>,
+    /// Seconds spent drafting for it.
+    draft_secs: f64,
 }
 
 impl<B: Backend> Generator<B> {
@@ -54,7 +56,9 @@ impl<B: Backend> Generator<B> {
                 let ctx = s.context();
                 let (pos, first) = (ctx.len() - 1, ctx[ctx.len() - 1]);
                 let room = self.draft_count(control, s.draft_room());
+                let t0 = Instant::now();
                 let drafts = self.draft_after(ctx, &[], room, &mut ext)?;
+                let draft_secs = t0.elapsed().as_secs_f64();
                 queue_greedy_step(
                     &mut self.backend,
                     &mut self.cache,
@@ -66,6 +70,7 @@ impl<B: Backend> Generator<B> {
                     pos,
                     drafts,
                     guessed_input: None,
+                    draft_secs,
                 });
                 front_sound = true;
             }
@@ -76,10 +81,12 @@ impl<B: Backend> Generator<B> {
                     // The successor's input is `f`'s last pick (a guess for now: the drafter's
                     // next token), then drafts continuing that guess.
                     let room = self.draft_count(control, s.draft_room().saturating_sub(ahead));
+                    let t0 = Instant::now();
                     let mut guess = match room {
                         0 => Vec::new(),
                         _ => self.draft_after(s.context(), &f.drafts, room + 1, &mut ext)?,
                     };
+                    let draft_secs = t0.elapsed().as_secs_f64();
                     let guessed_input = (!guess.is_empty()).then(|| guess.remove(0));
                     let pos = f.pos + ahead;
                     queue_greedy_step(
@@ -93,6 +100,7 @@ impl<B: Backend> Generator<B> {
                         pos,
                         drafts: guess,
                         guessed_input,
+                        draft_secs,
                     });
                 }
             }
@@ -123,8 +131,11 @@ impl<B: Backend> Generator<B> {
             if m == 0 {
                 control.plain_step(secs);
             } else {
+                // Drafting runs on the host while the device works, but a draft model's steps
+                // are seconds the loop spends: they count as drafting, the rest as the step.
                 stats.add(m, accepted);
-                control.verify_step(m, accepted, 0.0, secs);
+                let verify = (secs - f.draft_secs).max(0.0);
+                control.verify_step(m, accepted, f.draft_secs, verify);
             }
             if trace {
                 eprintln!(

@@ -42,9 +42,9 @@ pub struct Attention {
     tiled: wgpu::ComputePipeline,
 }
 
-/// Most rows of a step that the vector kernel takes (a decode row, or a speculative
-/// verification step's rows), past which prefill's query-tiled kernel does.
-pub const VEC_MAX_T: usize = 8;
+/// Most rows of a step that the vector kernel takes (a decode row, or the rows of the longest
+/// speculative verification step), past which prefill's query-tiled kernel does.
+pub const VEC_MAX_T: usize = 1 + crate::engine::speculative::MAX_DRAFT_TOKENS;
 
 /// Whether the query-tiled prefill attention handles this head shape.
 pub fn tiled_fits(head_dim: usize, group: usize) -> bool {
