@@ -146,9 +146,10 @@ pub trait DeviceSteps {
     /// temperature sampling ([`crate::reference::top_candidates`] with `inv_t`) into `out`;
     /// false (recording nothing) when `k` is beyond what the device selects.
     fn top_k_last(&mut self, k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) -> Result<bool>;
-    /// Starts a step of `1 + drafts.len()` tokens: first the argmax of the last row of the
-    /// step queued last (still on the device), then `drafts`.
-    fn embed_queued_argmax(&mut self, drafts: &[u32]) -> Result<()>;
+    /// Starts a decode step of `1 + drafts.len()` tokens whose every row is computed exactly
+    /// as a one-token step's (speculative verification): first `first`, or (None) the argmax
+    /// of the last row of the step queued last, still on the device; then `drafts`.
+    fn embed_decode_step(&mut self, first: Option<u32>, drafts: &[u32]) -> Result<()>;
     /// Records the final norm, head and argmax of every row of the step, submits it without
     /// waiting, and queues the argmaxes for [`DeviceSteps::read_queued_argmax`].
     fn queue_argmax_rows(&mut self) -> Result<()>;

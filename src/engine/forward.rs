@@ -288,15 +288,7 @@ pub fn queue_greedy_step_with<B: Backend>(
         return Ok(false);
     };
     check_context(cache, pos, 1 + drafts.len())?;
-    match first {
-        Some(t) => {
-            let mut tokens = Vec::with_capacity(1 + drafts.len());
-            tokens.push(t);
-            tokens.extend_from_slice(drafts);
-            b.embed(&tokens)?
-        }
-        None => d.embed_queued_argmax(drafts)?,
-    }
+    d.embed_decode_step(first, drafts)?;
     run_layers(b, &mut SeqKv { cache, pos }, profile.as_deref_mut());
     OpProfile::time(&mut profile, "final_norm_head", || match dev(b) {
         Some(d) => d.queue_argmax_rows(),

@@ -96,33 +96,50 @@ impl crate::backend::DeviceSteps for GpuBackend {
         self.rec.take_profile()
     }
 
-    fn embed_queued_argmax(&mut self, drafts: &[u32]) -> Result<()> {
-        if self.queued.is_empty() {
-            return Err(Error::Request(
-                "no queued decode step to take the input token from".into(),
-            ));
-        }
-        if self.queued.len() >= self.bufs.argmax_ring.len() {
-            return Err(Error::Request(format!(
-                "at most {} decode steps may be queued",
-                self.bufs.argmax_ring.len()
-            )));
-        }
+    fn embed_decode_step(&mut self, first: Option<u32>, drafts: &[u32]) -> Result<()> {
         let t = 1 + drafts.len();
-        if t > self.max_step {
+        if t > ops::attention::VEC_MAX_T {
             return Err(Error::Request(format!(
-                "{t} tokens in one step but the GPU backend was planned for at most {}",
-                self.max_step
+                "{t} tokens in one decode step; at most {}",
+                ops::attention::VEC_MAX_T
             )));
         }
-        let vocab = self.cfg.vocab_size;
-        if let Some(bad) = drafts.iter().find(|&&d| d as usize >= vocab) {
-            return Err(Error::Request(format!(
-                "token id {bad} is out of range (vocab_size {vocab})"
-            )));
+        match first {
+            Some(tok) => {
+                let mut tokens = Vec::with_capacity(t);
+                tokens.push(tok);
+                tokens.extend_from_slice(drafts);
+                crate::backend::Backend::embed(self, &tokens)?;
+            }
+            None => {
+                if self.queued.is_empty() {
+                    return Err(Error::Request(
+                        "no queued decode step to take the input token from".into(),
+                    ));
+                }
+                if self.queued.len() >= self.bufs.argmax_ring.len() {
+                    return Err(Error::Request(format!(
+                        "at most {} decode steps may be queued",
+                        self.bufs.argmax_ring.len()
+                    )));
+                }
+                if t > self.max_step {
+                    return Err(Error::Request(format!(
+                        "{t} tokens in one step but the GPU backend was planned for at most {}",
+                        self.max_step
+                    )));
+                }
+                let vocab = self.cfg.vocab_size;
+                if let Some(bad) = drafts.iter().find(|&&d| d as usize >= vocab) {
+                    return Err(Error::Request(format!(
+                        "token id {bad} is out of range (vocab_size {vocab})"
+                    )));
+                }
+                // Input 0 is in the tokens buffer already: the last queued step copied it.
+                self.begin_step(drafts, t);
+            }
         }
-        // Input 0 is in the tokens buffer already: the last queued step copied it there.
-        self.begin_step(drafts, t);
+        self.decode_rows = true;
         Ok(())
     }
 

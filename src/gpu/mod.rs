@@ -218,6 +218,9 @@ pub struct GpuBackend {
     /// Host tokens of the step being recorded, written at submit from input `tokens_at` on.
     tokens: Vec<u32>,
     tokens_at: usize,
+    /// Whether the step's rows are computed as one-token steps' (a decode step of several
+    /// tokens: speculative verification), rather than by the kernels for many rows.
+    decode_rows: bool,
     /// Queued greedy steps (`queue_greedy_step`), oldest first.
     queued: std::collections::VecDeque<QueuedStep>,
     /// Steps queued so far (picks the next readback of `argmax_ring`).
@@ -383,7 +386,7 @@ impl Backend for GpuBackend {
         let heads = self.cfg.num_heads;
         let kv_heads = self.cfg.num_kv_heads;
         let group = heads / kv_heads;
-        if t > ops::attention::VEC_MAX_T && ops::attention::tiled_fits(self.cfg.head_dim, group) {
+        if !self.one_token_rows() && ops::attention::tiled_fits(self.cfg.head_dim, group) {
             self.ops.attention.record_tiled(
                 &mut self.rec,
                 &single.attn_bgs[layer],
@@ -405,16 +408,15 @@ impl Backend for GpuBackend {
     }
 
     /// A decode step's whole layer in five kernels: each norm folded into the matmul that
-    /// consumes it, RoPE and the KV write into the q|k|v GEMV. Steps of up to
-    /// [`ops::attention::VEC_MAX_T`] tokens (speculative verification) run the same kernels
-    /// per token, so each row's results are exactly a one-token step's.
+    /// consumes it, RoPE and the KV write into the q|k|v GEMV. A decode step of several
+    /// tokens (speculative verification) runs the same kernels per token, so each row's
+    /// results are exactly a one-token step's.
     fn fuse(&mut self, cache: &mut GpuCache, layer: usize, pos: usize, ops: &[LayerOp]) -> usize {
         let Some(qkv) = cache.single.as_ref().and_then(|s| s.qkv_bgs.get(layer)) else {
             return 0;
         };
         let t = self.t();
-        if ops != BITNET_B158 || t > ops::attention::VEC_MAX_T || self.layers[layer].fused.is_none()
-        {
+        if ops != BITNET_B158 || !self.one_token_rows() || self.layers[layer].fused.is_none() {
             return 0;
         }
         self.step.pos = pos as u32;

@@ -542,6 +542,7 @@ impl GpuBackend {
             tokens: Vec::new(),
             queued: Default::default(),
             tokens_at: 0,
+            decode_rows: false,
             queued_total: 0,
             whole_step: false,
             step: Step::default(),

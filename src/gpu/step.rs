@@ -71,6 +71,12 @@ impl GpuBackend {
         self.step.t as usize
     }
 
+    /// Whether the step's rows run the one-token kernels (a decode step), each row's results
+    /// exactly a one-token step's.
+    pub(super) fn one_token_rows(&self) -> bool {
+        self.t() == 1 || self.decode_rows
+    }
+
     /// Writes the step uniform and tokens, and submits the recorded work (if any).
     pub(super) fn flush(&mut self) -> Option<wgpu::SubmissionIndex> {
         let q = &self.ctx.queue;
@@ -122,7 +128,9 @@ impl GpuBackend {
         self.step.nrows = t as u32;
         let int8 = self.int8_head();
         for (s, bg) in &self.head_shards {
-            self.ops.head.record(&mut self.rec, bg, s.rows, t, int8);
+            self.ops
+                .head
+                .record(&mut self.rec, bg, s.rows, t, int8, true);
         }
         self.ops
             .argmax
@@ -199,9 +207,11 @@ impl GpuBackend {
             let n = self.logit_rows.min(range.end - r0);
             self.step.row0 = r0 as u32;
             self.step.nrows = n as u32;
-            let int8 = self.int8_head();
+            let (int8, decode) = (self.int8_head(), self.one_token_rows());
             for (s, bg) in &self.head_shards {
-                self.ops.head.record(&mut self.rec, bg, s.rows, n, int8);
+                self.ops
+                    .head
+                    .record(&mut self.rec, bg, s.rows, n, int8, decode);
             }
             let first = r0 - range.start;
             if with_ids {
@@ -341,7 +351,9 @@ impl GpuBackend {
         self.step.nrows = 1;
         let int8 = self.int8_head();
         for (s, bg) in &self.head_shards {
-            self.ops.head.record(&mut self.rec, bg, s.rows, 1, int8);
+            self.ops
+                .head
+                .record(&mut self.rec, bg, s.rows, 1, int8, true);
         }
     }
 
@@ -367,6 +379,7 @@ impl GpuBackend {
         self.tokens.clear();
         self.tokens.extend_from_slice(host);
         self.tokens_at = t - host.len();
+        self.decode_rows = false;
         self.whole_step = !self.queued.is_empty();
         self.step = params::Step {
             t: t as u32,

@@ -42,8 +42,8 @@ pub struct Attention {
     tiled: wgpu::ComputePipeline,
 }
 
-/// Most rows of a step that the vector kernel takes (a decode row, or the rows of the longest
-/// speculative verification step), past which prefill's query-tiled kernel does.
+/// Most rows of a decode step (the longest speculative verification), each computed as a
+/// one-token step's by the fused GEMVs and the vector attention kernel.
 pub const VEC_MAX_T: usize = 1 + crate::engine::speculative::MAX_DRAFT_TOKENS;
 
 /// Whether the query-tiled prefill attention handles this head shape.
@@ -79,7 +79,8 @@ impl Attention {
     /// Split attention of `t` rows over `nsplit` splits, then the merge. Up to
     /// [`VEC_MAX_T`] rows with `head_dim % 4 == 0` (<= 128) take the vec4 kernel (one
     /// workgroup per row, head and split, each row's sums exactly a one-row step's), which
-    /// writes the output itself when there is one split.
+    /// writes the output itself when there is one split. (The backend sends it only decode
+    /// steps; prefill's rows go to [`Attention::record_tiled`] where the head shape fits.)
     pub fn record(
         &self,
         rec: &mut Recorder,

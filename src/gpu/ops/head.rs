@@ -82,7 +82,8 @@ impl Head {
 
     /// The head over one shard of `rows` vocabulary rows for `nrows` step rows: from
     /// [`GEMM_MIN_ROWS`] step rows on (float heads), as tiles that read each weight once per
-    /// 64 step rows.
+    /// 64 step rows, unless `one_row_sums` asks for every row's logits exactly as the one-row
+    /// kernel sums them (decode steps).
     pub fn record(
         &self,
         rec: &mut Recorder,
@@ -90,9 +91,10 @@ impl Head {
         rows: usize,
         nrows: usize,
         int8: bool,
+        one_row_sums: bool,
     ) {
         let [min16, min64] = GEMM_MIN_ROWS;
-        if !int8 && nrows >= min16 {
+        if !int8 && !one_row_sums && nrows >= min16 {
             let (tt, pl) = if nrows >= min64 {
                 (64, &self.float_gemm[1])
             } else {
