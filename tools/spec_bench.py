@@ -7,7 +7,9 @@ Usage: tools/spec_bench.py [--bitnet target/release/bitnet] [--backends gpu,cpu]
        [--runs 3] [--max-tokens 256] [--threads N]
 
 Prompts: *repeat* (1,200 characters of the held-out text, then its first 200 again: the
-quoting case prompt lookup is for) and *free* ("Thou shalt not"). Model: the default model,
+quoting case prompt lookup is for) and three free generations ("Thou shalt not", "And God
+said", "In the beginning"; the default model often falls into repeating itself, which prompt
+lookup catches). Model: the default model,
 drafts from `models/kjv-fortunes-draft`.
 """
 import argparse
@@ -35,7 +37,12 @@ def methods(backend):
 def prompts():
     text = open(HELDOUT, encoding="utf-8").read()
     passage = text[:1200]
-    return [("repeat", passage + "\n" + passage[:200]), ("free", "Thou shalt not")]
+    return [
+        ("repeat", passage + "\n" + passage[:200]),
+        ("free", "Thou shalt not"),
+        ("free 2", "And God said"),
+        ("free 3", "In the beginning"),
+    ]
 
 
 def run(args, backend, prompt, extra):
@@ -51,6 +58,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bitnet", default="target/release/bitnet")
     ap.add_argument("--backends", default="gpu,cpu")
+    ap.add_argument("--prompts", default="", help="comma-separated prompt names (default all)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0)
@@ -58,6 +66,8 @@ def main():
     rows = []
     for backend in args.backends.split(","):
         for pname, prompt in prompts():
+            if args.prompts and pname not in args.prompts.split(","):
+                continue
             ms = methods(backend)
             got = {name: [] for name, _ in ms}
             tokens = {}
