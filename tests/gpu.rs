@@ -1418,9 +1418,9 @@ fn queued_verification_gives_plain_decodings_tokens() {
     }
 }
 
-/// With the cost model on, drafting that never pays is probed now and then, and a probe is
-/// verified even though the device has the next plain step queued when the drafts come (the
-/// queued step is read first, the following step verifies); a draft model drafts only then.
+/// With the cost model on, drafting that never pays is probed now and then among the GPU's
+/// queued steps (a probe is a queued verification step like any other), and a draft model
+/// drafts only for steps that are queued.
 #[test]
 fn probes_of_failing_drafts_are_verified_behind_queued_steps() {
     use bitnet_inference::engine::speculative::{Drafter, Speculation};
