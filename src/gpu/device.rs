@@ -123,18 +123,7 @@ impl crate::backend::DeviceSteps for GpuBackend {
                         self.bufs.argmax_ring.len()
                     )));
                 }
-                if t > self.max_step {
-                    return Err(Error::Request(format!(
-                        "{t} tokens in one step but the GPU backend was planned for at most {}",
-                        self.max_step
-                    )));
-                }
-                let vocab = self.cfg.vocab_size;
-                if let Some(bad) = drafts.iter().find(|&&d| d as usize >= vocab) {
-                    return Err(Error::Request(format!(
-                        "token id {bad} is out of range (vocab_size {vocab})"
-                    )));
-                }
+                self.check_inputs(drafts, t)?;
                 // Input 0 is in the tokens buffer already: the last queued step copied it.
                 self.begin_step(drafts, t);
             }

@@ -278,19 +278,7 @@ impl Backend for GpuBackend {
     }
 
     fn embed(&mut self, tokens: &[u32]) -> Result<()> {
-        let vocab = self.cfg.vocab_size;
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Request(format!(
-                "token id {bad} is out of range (vocab_size {vocab})"
-            )));
-        }
-        if tokens.len() > self.max_step {
-            return Err(Error::Request(format!(
-                "{} tokens in one step but the GPU backend was planned for at most {}",
-                tokens.len(),
-                self.max_step
-            )));
-        }
+        self.check_inputs(tokens, tokens.len())?;
         // Host tokens start over: queued steps no one reads any more are dropped.
         self.queued.clear();
         self.begin_step(tokens, tokens.len());

@@ -71,6 +71,24 @@ impl GpuBackend {
         self.step.t as usize
     }
 
+    /// Checks a step of `t` tokens whose host inputs are `host`: the ids in the vocabulary,
+    /// the step within what the backend was planned for.
+    pub(super) fn check_inputs(&self, host: &[u32], t: usize) -> Result<()> {
+        let vocab = self.cfg.vocab_size;
+        if let Some(bad) = host.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Request(format!(
+                "token id {bad} is out of range (vocab_size {vocab})"
+            )));
+        }
+        if t > self.max_step {
+            return Err(Error::Request(format!(
+                "{t} tokens in one step but the GPU backend was planned for at most {}",
+                self.max_step
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the step's rows run the one-token kernels (a decode step), each row's results
     /// exactly a one-token step's.
     pub(super) fn one_token_rows(&self) -> bool {

@@ -81,10 +81,10 @@ mod tests {
     /// The tensor-core probe runs only where the matmuls use tensor cores (no CI adapter).
     #[test]
     fn tensor_core_probe_compiles_to_spirv() {
-        let src = [super::super::matmul::COOP_ENABLE, COOP_SRC].concat();
+        let src = [crate::gpu::ops::matmul::COOP_ENABLE, COOP_SRC].concat();
         for loads in [0.0, 1.0] {
             let overrides = [("LOADS", loads), ("ITERS", COOP_ITERS as f64)];
-            super::super::compiles_to_spirv(&src, "coop_probe", &overrides);
+            crate::gpu::ops::compiles_to_spirv(&src, "coop_probe", &overrides);
         }
     }
 }
