@@ -16,6 +16,9 @@
 
 override TPR: u32 = 8u;
 
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> xq: array<vec4<u32>>;
+
 // sum over 16 columns of code * x for one weight word and one activation vec4.
 fn dotw(wd: u32, xv: vec4<u32>) -> i32 {
     return dot4I8Packed(wd & M2, xv.x) + dot4I8Packed((wd >> 2u) & M2, xv.y)
@@ -266,17 +269,6 @@ fn store4(row: u32, t: u32, a: vec4<i32>, split: bool) {
     put(t + 16u, row, a.y, split);
     put(t + 32u, row, a.z, split);
     put(t + 48u, row, a.w, split);
-}
-
-fn put(t: u32, row: u32, acc: i32, split: bool) {
-    if t >= step.t {
-        return;
-    }
-    if split {
-        atomicAdd(&part[t * mp.rows + row], acc);
-    } else {
-        store(t, row, acc);
-    }
 }
 
 @compute @workgroup_size(256)

@@ -1,118 +1,123 @@
 // The tensor-core GEMM (matmul_io.wgsl first; `enable f16; enable wgpu_cooperative_matrix;`
 // before everything): cooperative 16x16x16 f16 x f16 + f32 matrices, exact because ternary
 // weights and int8 activations are exact in f16, their products in f32, and every partial sum
-// is an integer below 2^24 (|sum| <= K * 127 with K <= 130,000).
+// is an integer below 2^24 (|sum| <= K * 128 with K <= 130,000).
 //
-// One 128-invocation workgroup (4 subgroups of 32) computes a 64-row x 64-token tile; subgroup
-// s owns rows 32 (s % 2).. and tokens 32 (s / 2).. as 2 x 2 accumulator fragments. Per 64
-// columns of K the invocations expand the tile's weight codes and activations to f16 in
-// workgroup memory (the next step's global loads issued before this step's products), then each
-// subgroup multiplies 4 x (2 A + 2 B fragments). The integer sums leave through a per-subgroup
-// 16 x 16 staging fragment into the shared epilogue `store`.
-// Dispatch: (ceil(rows / 64), ceil(T / 64)).
+// Both operands are f16 copies in storage (widen.wgsl): the weights' rows (`rows` padded to a
+// multiple of 128, K = kvec * 64 columns), the step's activation rows (K columns a token,
+// allocated for a multiple of 64 tokens), so the loaders copy without converting. One
+// 256-invocation workgroup (8 subgroups of 32) computes a 128-row x 64-token tile; subgroup s
+// owns rows 32 (s % 4).. and tokens 32 (s / 4).. as 2 x 2 accumulator fragments. Per 32
+// columns of K the invocations copy the tile's weight rows and activations into workgroup
+// memory (the loads of the two following steps in flight meanwhile), then each subgroup
+// multiplies 2 x (2 A + 2 B fragments). With several workgroups along z (split-K, for steps
+// with few tiles) each sums its share of K into the i32 scratch and gemm_finish (matmul.wgsl)
+// applies the epilogue. The sums leave through a per-subgroup 16 x 16 staging fragment.
+// Dispatch: (ceil(rows / 128), ceil(T / 64), splits).
 
-// vec4<f16> per tile row: 64 columns + 8 of padding against bank conflicts.
-const CS: u32 = 18u;
-var<workgroup> ta: array<vec4<f16>, 1152>; // 64 weight rows x CS, row-major
-var<workgroup> tb: array<vec4<f16>, 1152>; // 64 tokens x CS (columns of B)
-var<workgroup> tc: array<f32, 1024>; // one 16 x 16 fragment per subgroup, column-major
+@group(0) @binding(2) var<storage, read> wh: array<vec4<f16>>;
+@group(0) @binding(4) var<storage, read> xh: array<vec4<f16>>;
 
-// Codes 0..2 in the 4 bytes of `c` -> weights -1, 0, 1.
-fn codes_f16(c: u32) -> vec4<f16> {
-    let v = vec4<u32>(c & 0xffu, (c >> 8u) & 0xffu, (c >> 16u) & 0xffu, c >> 24u);
-    return vec4<f16>(v) - vec4<f16>(1.0h);
-}
-
-// Expands one code word (16 columns, see matmul_io.wgsl) into 4 tile vec4s at `at`.
-fn put_codes(at: u32, wd: u32, ok: bool) {
-    for (var s = 0u; s < 4u; s = s + 1u) {
-        var v = vec4<f16>(0.0h);
-        if ok {
-            v = codes_f16((wd >> (2u * s)) & M2);
-        }
-        ta[at + s] = v;
-    }
-}
-
-// One activation vec4 (16 int8 columns) into 4 tile vec4s at `at`.
-fn put_acts(at: u32, xv: vec4<u32>) {
-    tb[at] = vec4<f16>(unpack4xI8(xv.x));
-    tb[at + 1u] = vec4<f16>(unpack4xI8(xv.y));
-    tb[at + 2u] = vec4<f16>(unpack4xI8(xv.z));
-    tb[at + 3u] = vec4<f16>(unpack4xI8(xv.w));
-}
+// vec4<f16> per tile row: 32 columns + 8 of padding against bank conflicts.
+const CS: u32 = 10u;
+var<workgroup> ta: array<vec4<f16>, 1280>; // 128 weight rows x CS, row-major
+var<workgroup> tb: array<vec4<f16>, 640>; // 64 tokens x CS (columns of B)
+var<workgroup> tc: array<f32, 2048>; // one 16 x 16 fragment per subgroup, column-major
 
 // Fragment `c` of subgroup `sg` (rows r, tokens t of the output) through the staging area.
-fn emit(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, r: u32, t: u32) {
+fn emit(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, r: u32, t: u32, split: bool) {
     coopStore(c, &tc[sg * 256u], 16u);
     workgroupBarrier();
     for (var j = 0u; j < 8u; j = j + 1u) {
         let i = lane + 32u * j;
         let row = r + i % 16u;
-        let tok = t + i / 16u;
-        if row < mp.rows && tok < step.t {
-            store(tok, row, i32(tc[sg * 256u + i]));
+        if row < mp.rows {
+            put(t + i / 16u, row, i32(tc[sg * 256u + i]), split);
         }
     }
     workgroupBarrier();
 }
 
-@compute @workgroup_size(128)
-fn gemm_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let r0 = wg.x * 64u;
+@compute @workgroup_size(256)
+fn gemm_coop(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let r0 = wg.x * 128u;
     let t0 = wg.y * 64u;
     let sg = li / 32u;
     let lane = li % 32u;
-    let fr = (sg % 2u) * 32u;
-    let ft = (sg / 2u) * 32u;
-    // Loader roles: weight row / token li / 2, columns 32 (li % 2).. of each 64.
-    let lr = li / 2u;
-    let lh = li % 2u;
-    let wrow = r0 + lr;
-    let wok = wrow < mp.rows;
-    let wsrc = (mp.row0 + select(0u, wrow, wok)) * mp.kvec;
-    let xtok = t0 + lr;
-    let xok = xtok < step.t;
-    let xsrc = select(0u, xtok, xok) * mp.kvec * 4u + 2u * lh;
-    let at = lr * CS + 8u * lh;
+    let fr = (sg % 4u) * 32u;
+    let ft = (sg / 4u) * 32u;
+    // Steps of 32 columns, split over z.
+    let steps = mp.kvec * 2u;
+    let per = (steps + nwg.z - 1u) / nwg.z;
+    let m0 = min(steps, wg.z * per);
+    let m1 = min(steps, m0 + per);
+    // Loader roles: tile row li / 8 + 32 j, vec4 column li % 8 of each 32 columns. Rows past
+    // the matrix are zero padding, tokens past the step finite leftovers: both only reach
+    // outputs that are not stored.
+    let kv4 = mp.kvec * 16u;
+    let wsrc = (mp.row0 + r0 + li / 8u) * kv4 + li % 8u;
+    let xsrc = (t0 + li / 8u) * kv4 + li % 8u;
+    let at = (li / 8u) * CS + li % 8u;
+    // The loads of the next two steps, in named registers (an indexed array would live in
+    // memory); past the share they read its last step again.
+    let last = max(m1, m0 + 1u) - 1u;
+    var a0 = wh[wsrc + 8u * m0];
+    var a1 = wh[wsrc + 32u * kv4 + 8u * m0];
+    var a2 = wh[wsrc + 64u * kv4 + 8u * m0];
+    var a3 = wh[wsrc + 96u * kv4 + 8u * m0];
+    var b0 = xh[xsrc + 8u * m0];
+    var b1 = xh[xsrc + 32u * kv4 + 8u * m0];
+    let m0n = min(m0 + 1u, last);
+    var p0 = wh[wsrc + 8u * m0n];
+    var p1 = wh[wsrc + 32u * kv4 + 8u * m0n];
+    var p2 = wh[wsrc + 64u * kv4 + 8u * m0n];
+    var p3 = wh[wsrc + 96u * kv4 + 8u * m0n];
+    var q0 = xh[xsrc + 8u * m0n];
+    var q1 = xh[xsrc + 32u * kv4 + 8u * m0n];
     var c00 = coop_mat16x16<f32, C>();
     var c01 = coop_mat16x16<f32, C>();
     var c10 = coop_mat16x16<f32, C>();
     var c11 = coop_mat16x16<f32, C>();
-    var cw = w[wsrc];
-    var x0 = vec4<u32>(0u);
-    var x1 = vec4<u32>(0u);
-    if xok {
-        x0 = xq[xsrc];
-        x1 = xq[xsrc + 1u];
-    }
-    for (var m = 0u; m < mp.kvec; m = m + 1u) {
-        put_codes(at, select(cw.x, cw.z, lh == 1u), wok);
-        put_codes(at + 4u, select(cw.y, cw.w, lh == 1u), wok);
-        put_acts(at, x0);
-        put_acts(at + 4u, x1);
+    for (var m = m0; m < m1; m = m + 1u) {
+        ta[at] = a0;
+        ta[at + 32u * CS] = a1;
+        ta[at + 64u * CS] = a2;
+        ta[at + 96u * CS] = a3;
+        tb[at] = b0;
+        tb[at + 32u * CS] = b1;
         workgroupBarrier();
-        if m + 1u < mp.kvec {
-            cw = w[wsrc + m + 1u];
-            if xok {
-                x0 = xq[xsrc + 4u * (m + 1u)];
-                x1 = xq[xsrc + 4u * (m + 1u) + 1u];
-            }
-        }
-        for (var k = 0u; k < 16u; k = k + 4u) {
-            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ta[fr * CS + k], CS);
-            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ta[(fr + 16u) * CS + k], CS);
-            let b0 = coopLoad<coop_mat16x16<f16, B>>(&tb[ft * CS + k], CS);
-            let b1 = coopLoad<coop_mat16x16<f16, B>>(&tb[(ft + 16u) * CS + k], CS);
-            c00 = coopMultiplyAdd(a0, b0, c00);
-            c01 = coopMultiplyAdd(a0, b1, c01);
-            c10 = coopMultiplyAdd(a1, b0, c10);
-            c11 = coopMultiplyAdd(a1, b1, c11);
+        a0 = p0;
+        a1 = p1;
+        a2 = p2;
+        a3 = p3;
+        b0 = q0;
+        b1 = q1;
+        let mn = min(m + 2u, last);
+        p0 = wh[wsrc + 8u * mn];
+        p1 = wh[wsrc + 32u * kv4 + 8u * mn];
+        p2 = wh[wsrc + 64u * kv4 + 8u * mn];
+        p3 = wh[wsrc + 96u * kv4 + 8u * mn];
+        q0 = xh[xsrc + 8u * mn];
+        q1 = xh[xsrc + 32u * kv4 + 8u * mn];
+        for (var k = 0u; k < 8u; k = k + 4u) {
+            let fa0 = coopLoadT<coop_mat16x16<f16, A>>(&ta[fr * CS + k], CS);
+            let fa1 = coopLoadT<coop_mat16x16<f16, A>>(&ta[(fr + 16u) * CS + k], CS);
+            let fb0 = coopLoad<coop_mat16x16<f16, B>>(&tb[ft * CS + k], CS);
+            let fb1 = coopLoad<coop_mat16x16<f16, B>>(&tb[(ft + 16u) * CS + k], CS);
+            c00 = coopMultiplyAdd(fa0, fb0, c00);
+            c01 = coopMultiplyAdd(fa0, fb1, c01);
+            c10 = coopMultiplyAdd(fa1, fb0, c10);
+            c11 = coopMultiplyAdd(fa1, fb1, c11);
         }
         workgroupBarrier();
     }
-    emit(c00, sg, lane, r0 + fr, t0 + ft);
-    emit(c01, sg, lane, r0 + fr, t0 + ft + 16u);
-    emit(c10, sg, lane, r0 + fr + 16u, t0 + ft);
-    emit(c11, sg, lane, r0 + fr + 16u, t0 + ft + 16u);
+    let split = nwg.z > 1u;
+    emit(c00, sg, lane, r0 + fr, t0 + ft, split);
+    emit(c01, sg, lane, r0 + fr, t0 + ft + 16u, split);
+    emit(c10, sg, lane, r0 + fr + 16u, t0 + ft, split);
+    emit(c11, sg, lane, r0 + fr + 16u, t0 + ft + 16u, split);
 }

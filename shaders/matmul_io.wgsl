@@ -7,7 +7,8 @@
 // of a word, which `dot4I8Packed` multiplies with one word of 4 int8 activations.
 // Activations: row t holds kvec * 4 vec4<u32> (64 int8 per weight vec4).
 //
-// This part: the matrix parameters, the bindings and the epilogue every matmul kernel shares.
+// This part: the matrix parameters, the shared bindings and the epilogue every matmul kernel
+// shares.
 
 struct MatP {
     rows: u32,
@@ -24,9 +25,9 @@ override ACCUM: bool = false;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> mp: MatP;
-@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
+// Bindings 2 and 4 (the weights and the activations) are declared by each kernel's file: the
+// int8 kernels read packed words, the tensor-core GEMM f16 copies.
 @group(0) @binding(3) var<storage, read> rs: array<f32>;
-@group(0) @binding(4) var<storage, read> xq: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read> xs: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 // The split-K gemm's i32 sums (zero between matmuls: gemm_finish leaves it so).
@@ -45,3 +46,14 @@ fn store(t: u32, row: u32, acc: i32) {
     }
 }
 
+// Token t's sum of `row`: stored, or (split over K) added into the scratch.
+fn put(t: u32, row: u32, acc: i32, split: bool) {
+    if t >= step.t {
+        return;
+    }
+    if split {
+        atomicAdd(&part[t * mp.rows + row], acc);
+    } else {
+        store(t, row, acc);
+    }
+}

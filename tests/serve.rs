@@ -1013,6 +1013,19 @@ fn several_workers_share_the_load_and_answer_like_their_backends() {
         ),
     ] {
         let s = Server::start(&model, &args);
+        // Two requests one after the other (each finished before the next arrives): equally
+        // idle workers take them in turn.
+        for p in &prompts[..2] {
+            let body = json!({"prompt": p, "max_tokens": 4, "temperature": 0}).to_string();
+            let (status, v, _) = s.post("/v1/completions", &body);
+            assert_eq!(status, 200, "{v}");
+        }
+        for w in names {
+            assert!(
+                worker_tokens(&s, w) > 0.0,
+                "{args:?}: worker {w} got none of two requests in a row"
+            );
+        }
         let want: Vec<Vec<String>> = prompts
             .iter()
             .map(|p| {

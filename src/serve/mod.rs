@@ -218,6 +218,8 @@ pub struct LoadedModel {
     pub created: u64,
     /// The grammar compiler of structured output, built on first use.
     grammars: std::sync::OnceLock<std::result::Result<Grammars, String>>,
+    /// Where [`LoadedModel::route`] starts looking among equally loaded workers.
+    next_worker: std::sync::atomic::AtomicUsize,
 }
 
 /// The counters of several schedulers together (sums; the longest wait and step).
@@ -267,16 +269,22 @@ impl LoadedModel {
     }
 
     /// The worker a new request goes to: the least loaded (running and waiting sequences for
-    /// each slot of its batch), the first among equals.
+    /// each slot of its batch); among equals, in turn (so requests that arrive one after
+    /// another, each finished before the next, still reach every worker).
     pub fn route(&self) -> usize {
         let load = |w: &Worker| {
             let s = w.sched.stats();
             let busy = s.running.load(Relaxed) + s.queued.load(Relaxed);
             busy as f64 / w.sched.config().max_batch.max(1) as f64
         };
-        (0..self.workers.len())
+        let n = self.workers.len();
+        let start = self.next_worker.load(Relaxed);
+        let pick = (0..n)
+            .map(|i| (start + i) % n)
             .min_by(|&a, &b| load(&self.workers[a]).total_cmp(&load(&self.workers[b])))
-            .unwrap_or(0)
+            .unwrap_or(0);
+        self.next_worker.store(pick + 1, Relaxed);
+        pick
     }
 
     /// The workers' counters together.
@@ -433,6 +441,7 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
         context,
         created: now_s(),
         grammars: std::sync::OnceLock::new(),
+        next_worker: Default::default(),
     })
 }
 

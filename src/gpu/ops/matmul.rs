@@ -1,11 +1,12 @@
 //! Ternary × int8 matmuls: the GEMV for one token, the 4-token GEMV for small steps, the
 //! tiled GEMM (dp4a) for larger ones, split over K where a step has few tiles, and the
 //! tensor-core GEMM that replaces the last two for steps of more than [`COOP_MIN_T`] tokens
-//! where the adapter has cooperative matrices; each storing or adding into its output.
+//! where the adapter has cooperative matrices (on f16 copies of its operands, [`super::widen`]);
+//! each storing or adding into its output.
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{Target, Use::*, COMMON};
+use super::{widen::Widen, Target, Use::*, COMMON};
 use crate::gpu::recorder::Recorder;
 
 const IO: &str = include_str!("../../../shaders/matmul_io.wgsl");
@@ -13,12 +14,19 @@ const SRC: &str = include_str!("../../../shaders/matmul.wgsl");
 const COOP: &str = include_str!("../../../shaders/matmul_coop.wgsl");
 pub(super) const COOP_ENABLE: &str = "enable f16;\nenable wgpu_cooperative_matrix;\n";
 
-/// Workgroup memory of the tensor-core GEMM: two 64 × 72 f16 tiles and four 16 × 16 f32
-/// staging fragments (`ta`, `tb`, `tc` in matmul_coop.wgsl).
-pub const COOP_WORKGROUP_BYTES: u32 = 2 * 64 * 72 * 2 + 4 * 256 * 4;
+/// Workgroup memory of the tensor-core GEMM: 128 × 40 and 64 × 40 f16 tiles and eight 16 × 16
+/// f32 staging fragments (`ta`, `tb`, `tc` in matmul_coop.wgsl).
+pub const COOP_WORKGROUP_BYTES: u32 = (128 + 64) * 40 * 2 + 8 * 256 * 4;
 
-/// Steps of more tokens than this take the tensor-core GEMM where there is one.
-pub const COOP_MIN_T: usize = 8;
+/// Rows of a tensor-core GEMM tile; its matrices' f16 copies are padded to a multiple.
+pub const COOP_ROWS: usize = 128;
+
+/// Tokens of a tensor-core GEMM tile; the f16 activation rows are allocated for a multiple.
+pub const COOP_TOKENS: usize = 64;
+
+/// Steps of more tokens than this take the tensor-core GEMM where there is one (at 64-token
+/// batched decode steps the dp4a kernels are faster on an H100: 6,450 against 5,350 tok/s).
+pub const COOP_MIN_T: usize = 64;
 
 /// A ternary matmul's matrix (`MatP` in matmul.wgsl).
 #[repr(C)]
@@ -74,6 +82,26 @@ pub fn k_splits(rows: usize, kvec: usize, t: usize) -> usize {
         .max(1)
 }
 
+/// K splits of a `rows` × `kvec` tensor-core GEMM of `t` tokens (1: no split): as
+/// [`k_splits`] over its 128 × 64 tiles, each share at least 4 steps of 32 columns, where the
+/// scratch holds the sums.
+pub fn coop_splits(rows: usize, kvec: usize, t: usize) -> usize {
+    let tiles = rows.div_ceil(COOP_ROWS) * t.div_ceil(COOP_TOKENS);
+    if tiles >= SPLIT_K_WORKGROUPS || rows * t * 4 > PART_BYTES {
+        return 1;
+    }
+    SPLIT_K_WORKGROUPS.div_ceil(tiles).min(kvec / 2).max(1)
+}
+
+/// A matrix's bind groups for the tensor-core GEMM: the GEMM's (its f16 copy, the f16
+/// activations) and the widening of the step's activations.
+pub struct CoopBinds {
+    /// step, params, f16 weights, row scales, f16 activations, xscale, out, scratch.
+    pub gemm: wgpu::BindGroup,
+    /// The activations' widening ([`Widen::acts_bind_group`]).
+    pub widen: wgpu::BindGroup,
+}
+
 /// Rows of a GEMV workgroup.
 pub const GEMV_ROWS_PER_WG: usize = (2 * GEMV_WG / GEMV_TPR) as usize;
 
@@ -92,6 +120,8 @@ pub struct Matmul {
     finish_acc: wgpu::ComputePipeline,
     /// The tensor-core GEMM, storing and adding, where the target has cooperative matrices.
     coop: Option<[wgpu::ComputePipeline; 2]>,
+    /// Its operands' f16 copies, where it runs.
+    pub widen: Option<Widen>,
 }
 
 impl Matmul {
@@ -109,6 +139,7 @@ impl Matmul {
                 |label, acc: f64| t.pipeline(label, &layout, &m, "gemm_coop", &[("ACCUM", acc)]);
             [p("gemm_coop", 0.0), p("gemm_coop_acc", 1.0)]
         });
+        let widen = t.tensor_cores.then(|| Widen::new(t));
         let tpr = GEMV_TPR as f64;
         let p = |label, entry, acc: f64, with_tpr: bool| {
             let mut c = vec![("ACCUM", acc)];
@@ -127,27 +158,41 @@ impl Matmul {
             finish: p("gemm_finish", "gemm_finish", 0.0, false),
             finish_acc: p("gemm_finish_acc", "gemm_finish", 1.0, false),
             coop,
+            widen,
             layout,
         }
     }
 
     /// Ternary matmul of `t` rows by a `rows` × `kvec` matrix; `label` names the matrix in
-    /// profiles.
+    /// profiles. `coop`: the matrix's tensor-core bind groups, where it has them.
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
         rec: &mut Recorder,
         label: &'static str,
-        bg: &wgpu::BindGroup,
+        (bg, coop_bgs): (&wgpu::BindGroup, Option<&CoopBinds>),
         rows: usize,
         kvec: usize,
         t: usize,
         accumulate: bool,
     ) {
         let rpw = GEMV_ROWS_PER_WG;
-        if let Some(coop) = self.coop.as_ref().filter(|_| t > COOP_MIN_T) {
-            let dims = [rows.div_ceil(64) as u32, t.div_ceil(64) as u32, 1];
-            rec.dispatch(label, &coop[accumulate as usize], bg, dims);
+        let tensor =
+            (self.coop.as_ref().zip(self.widen.as_ref()).zip(coop_bgs)).filter(|_| t > COOP_MIN_T);
+        if let Some(((coop, widen), cb)) = tensor {
+            widen.record_acts(rec, &cb.widen, kvec, t);
+            let splits = coop_splits(rows, kvec, t);
+            let dims = [
+                rows.div_ceil(COOP_ROWS) as u32,
+                t.div_ceil(COOP_TOKENS) as u32,
+                splits as u32,
+            ];
+            if splits == 1 {
+                rec.dispatch(label, &coop[accumulate as usize], &cb.gemm, dims);
+            } else {
+                rec.dispatch(label, &coop[0], &cb.gemm, dims);
+                self.record_finish(rec, bg, rows, t, accumulate);
+            }
         } else if t == 1 {
             let pl = if accumulate {
                 &self.gemv_acc
@@ -186,15 +231,27 @@ impl Matmul {
                 rec.dispatch(label, pl, bg, dims);
             } else {
                 rec.dispatch(label, &self.gemm, bg, dims);
-                let finish = if accumulate {
-                    &self.finish_acc
-                } else {
-                    &self.finish
-                };
-                let dims = [rows.div_ceil(256) as u32, t as u32, 1];
-                rec.dispatch("gemm_finish", finish, bg, dims);
+                self.record_finish(rec, bg, rows, t, accumulate);
             }
         }
+    }
+
+    /// The epilogue of a split-K GEMM (either kind: both leave their sums in the scratch).
+    fn record_finish(
+        &self,
+        rec: &mut Recorder,
+        bg: &wgpu::BindGroup,
+        rows: usize,
+        t: usize,
+        accumulate: bool,
+    ) {
+        let finish = if accumulate {
+            &self.finish_acc
+        } else {
+            &self.finish
+        };
+        let dims = [rows.div_ceil(256) as u32, t as u32, 1];
+        rec.dispatch("gemm_finish", finish, bg, dims);
     }
 }
 
