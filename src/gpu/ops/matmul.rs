@@ -93,6 +93,13 @@ pub fn coop_splits(rows: usize, kvec: usize, t: usize) -> usize {
     SPLIT_K_WORKGROUPS.div_ceil(tiles).min(kvec / 2).max(1)
 }
 
+/// The tensor-core GEMM's pipelines (storing, adding) and its operands' widening.
+pub struct Coop {
+    gemm: [wgpu::ComputePipeline; 2],
+    /// The f16 copies of weights (at load) and activations (per step).
+    pub widen: Widen,
+}
+
 /// A matrix's bind groups for the tensor-core GEMM: the GEMM's (its f16 copy, the f16
 /// activations) and the widening of the step's activations.
 pub struct CoopBinds {
@@ -118,10 +125,8 @@ pub struct Matmul {
     gemm_acc: wgpu::ComputePipeline,
     finish: wgpu::ComputePipeline,
     finish_acc: wgpu::ComputePipeline,
-    /// The tensor-core GEMM, storing and adding, where the target has cooperative matrices.
-    coop: Option<[wgpu::ComputePipeline; 2]>,
-    /// Its operands' f16 copies, where it runs.
-    pub widen: Option<Widen>,
+    /// The tensor-core GEMM, where the target has cooperative matrices.
+    pub coop: Option<Coop>,
 }
 
 impl Matmul {
@@ -137,9 +142,11 @@ impl Matmul {
             let m = t.module("matmul_coop", &[COOP_ENABLE, COMMON, IO, COOP]);
             let p =
                 |label, acc: f64| t.pipeline(label, &layout, &m, "gemm_coop", &[("ACCUM", acc)]);
-            [p("gemm_coop", 0.0), p("gemm_coop_acc", 1.0)]
+            Coop {
+                gemm: [p("gemm_coop", 0.0), p("gemm_coop_acc", 1.0)],
+                widen: Widen::new(t),
+            }
         });
-        let widen = t.tensor_cores.then(|| Widen::new(t));
         let tpr = GEMV_TPR as f64;
         let p = |label, entry, acc: f64, with_tpr: bool| {
             let mut c = vec![("ACCUM", acc)];
@@ -158,7 +165,6 @@ impl Matmul {
             finish: p("gemm_finish", "gemm_finish", 0.0, false),
             finish_acc: p("gemm_finish_acc", "gemm_finish", 1.0, false),
             coop,
-            widen,
             layout,
         }
     }
@@ -177,10 +183,9 @@ impl Matmul {
         accumulate: bool,
     ) {
         let rpw = GEMV_ROWS_PER_WG;
-        let tensor =
-            (self.coop.as_ref().zip(self.widen.as_ref()).zip(coop_bgs)).filter(|_| t > COOP_MIN_T);
-        if let Some(((coop, widen), cb)) = tensor {
-            widen.record_acts(rec, &cb.widen, kvec, t);
+        let tensor = self.coop.as_ref().zip(coop_bgs).filter(|_| t > COOP_MIN_T);
+        if let Some((coop, cb)) = tensor {
+            coop.widen.record_acts(rec, &cb.widen, kvec, t);
             let splits = coop_splits(rows, kvec, t);
             let dims = [
                 rows.div_ceil(COOP_ROWS) as u32,
@@ -188,9 +193,9 @@ impl Matmul {
                 splits as u32,
             ];
             if splits == 1 {
-                rec.dispatch(label, &coop[accumulate as usize], &cb.gemm, dims);
+                rec.dispatch(label, &coop.gemm[accumulate as usize], &cb.gemm, dims);
             } else {
-                rec.dispatch(label, &coop[0], &cb.gemm, dims);
+                rec.dispatch(label, &coop.gemm[0], &cb.gemm, dims);
                 self.record_finish(rec, bg, rows, t, accumulate);
             }
         } else if t == 1 {
