@@ -424,3 +424,38 @@ fn head_rows_checks_one_need_per_row() {
     .unwrap_err();
     assert!(e.to_string().contains("1 rows but 0 row needs"), "{e}");
 }
+
+/// The serving pool's automatic size on the GPU starts from the device's memory less what is
+/// already taken: on Vulkan (lavapipe, real cards) the budget is below the device-local heap
+/// and drops by at least the bytes of a pool created meanwhile; APIs that do not tell the
+/// memory's size give none (the largest binding alone limits the pool there).
+#[test]
+fn pool_budget_is_the_device_memory_left() {
+    let w = load(Path::new(DIR)).unwrap();
+    let b = gpu(&w);
+    let Some(total) = b.adapter().device_memory else {
+        assert_ne!(
+            b.adapter().backend,
+            "Vulkan",
+            "Vulkan tells its heaps' sizes"
+        );
+        assert_eq!(b.pool_memory_budget(), None);
+        return;
+    };
+    let before = b
+        .pool_memory_budget()
+        .expect("a budget where the memory is known");
+    assert!(
+        before > 0 && (before as u64) < total - total / 10,
+        "{before} of {total}"
+    );
+    let blocks = (64 << 20) / b.block_bytes(16);
+    let _pool = b.new_pool(blocks, 16).unwrap();
+    let after = b.pool_memory_budget().unwrap();
+    assert!(
+        before - after >= blocks * b.block_bytes(16),
+        "a pool of {} bytes took only {} of the budget",
+        blocks * b.block_bytes(16),
+        before - after
+    );
+}

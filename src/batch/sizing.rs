@@ -1,7 +1,7 @@
 //! Sizing the paged KV pool: from an explicit budget, or from the memory actually available
-//! (the host's for the CPU backend, the device's largest binding for the GPU's) and the
-//! concurrency asked for, so that `max_batch` sequences at the full context fit when memory
-//! allows and the pool never claims more than its share.
+//! (the host's for the CPU backend; for the GPU's the device memory left after loading and its
+//! largest binding) and the concurrency asked for, so that `max_batch` sequences at the full
+//! context fit when memory allows and the pool never claims more than its share.
 
 /// What the pool was sized from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

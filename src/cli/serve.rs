@@ -60,7 +60,8 @@ pub(crate) struct ServeArgs {
     pub(crate) step_tokens: usize,
     /// KV cache pool size in MiB (paged in blocks shared by all sequences), or `auto`: what
     /// --max-batch sequences at the full context need, within half the host memory available
-    /// (CPU) or the device's largest binding (GPU). The size is logged at start.
+    /// (CPU) or the device memory left after loading, less a tenth, and its largest binding
+    /// (GPU). The size is logged at start.
     #[arg(long, default_value = "auto")]
     pub(crate) kv_cache_mb: String,
     /// Positions per KV block.

@@ -144,6 +144,20 @@ impl GpuBackend {
         (self.max_binding / per_block) as usize
     }
 
+    /// Bytes a KV pool may take on this device: its device-local memory less what is already
+    /// reserved (weights, their f16 copies, step buffers) and a tenth kept free for the driver
+    /// and other users. None where the API does not tell the memory's size.
+    pub fn pool_memory_budget(&self) -> Option<usize> {
+        let total = self.ctx.desc.device_memory?;
+        let reserved = self
+            .ctx
+            .device
+            .generate_allocator_report()
+            .map_or(0, |r| r.total_reserved_bytes);
+        let margin = (total / 10).max(512 << 20);
+        usize::try_from(total.saturating_sub(reserved).saturating_sub(margin)).ok()
+    }
+
     /// Bytes one block of `block_size` positions holds.
     pub(super) fn kv_block_bytes(&self, block_size: usize) -> usize {
         2 * block_size

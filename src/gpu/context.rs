@@ -20,6 +20,8 @@ pub struct AdapterDesc {
     pub max_binding_bytes: u64,
     /// Cooperative 16×16×16 f16 matrices with f32 sums (tensor cores) run the batched matmuls.
     pub tensor_cores: bool,
+    /// Bytes of the adapter's largest device-local memory heap, where the API tells (Vulkan).
+    pub device_memory: Option<u64>,
 }
 
 impl std::fmt::Display for AdapterDesc {
@@ -151,7 +153,34 @@ fn describe(adapter: &wgpu::Adapter, subgroups: bool, tensor_cores: bool) -> Ada
         },
         max_binding_bytes: adapter.limits().max_storage_buffer_binding_size,
         tensor_cores: subgroups && tensor_cores && has_tensor_cores(adapter),
+        device_memory: device_memory(adapter),
     }
+}
+
+/// The largest device-local heap of a Vulkan adapter (its video memory; system memory for a
+/// software one), read through wgpu's Vulkan layer.
+#[cfg(any(target_os = "linux", target_os = "windows", target_os = "android"))]
+fn device_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    const DEVICE_LOCAL: u32 = 1; // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT
+                                 // SAFETY: only reads the physical device's memory properties; nothing is created or
+                                 // destroyed through the raw handles.
+    let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let props = unsafe {
+        hal.shared_instance()
+            .raw_instance()
+            .get_physical_device_memory_properties(hal.raw_physical_device())
+    };
+    props.memory_heaps[..props.memory_heap_count as usize]
+        .iter()
+        .filter(|h| h.flags.as_raw() & DEVICE_LOCAL != 0)
+        .map(|h| h.size)
+        .max()
+}
+
+/// Other native APIs do not tell (their pools are sized by the largest binding alone).
+#[cfg(not(any(target_os = "linux", target_os = "windows", target_os = "android")))]
+fn device_memory(_: &wgpu::Adapter) -> Option<u64> {
+    None
 }
 
 /// The adapter [`GpuContext::new`] would choose, without creating a device.

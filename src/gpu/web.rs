@@ -60,6 +60,7 @@ impl GpuContext {
             subgroup_size,
             max_binding_bytes: adapter.limits().max_storage_buffer_binding_size,
             tensor_cores: false,
+            device_memory: None,
         };
         let features = if subgroup_size.is_some() {
             wgpu::Features::SUBGROUP

@@ -408,15 +408,16 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
         let (name, sched) = match engine {
             Engine::Cpu(b) => (
                 format!("cpu-{i}"),
-                start(*b, opts, sc.clone(), usize::MAX, true)?,
+                start(*b, opts, sc.clone(), usize::MAX, host_pool_budget())?,
             ),
             #[cfg(feature = "gpu")]
             Engine::Gpu(b) => {
                 tracing::info!(worker = i, adapter = %b.adapter(), "serving on the GPU backend");
                 let max_blocks = b.max_pool_blocks(sc.block_size);
+                let budget = b.pool_memory_budget().unwrap_or(usize::MAX);
                 (
                     format!("gpu-{i}"),
-                    start(*b, opts, sc.clone(), max_blocks, false)?,
+                    start(*b, opts, sc.clone(), max_blocks, budget)?,
                 )
             }
         };
@@ -445,22 +446,27 @@ pub fn load_model(dir: &Path, opts: &ServeOptions) -> Result<LoadedModel> {
     })
 }
 
-/// Sizes the KV pool ([`crate::batch::sizing::size_pool`]: `--kv-cache-mb`, or half the host
-/// memory available for the CPU backend and the device's largest binding for the GPU's, no more
-/// than `max_batch` full-context sequences need), reports it, and starts the scheduler thread
-/// on `backend`.
+/// The automatic pool budget of a CPU worker: half the host memory available (1 GiB where
+/// unknown).
+fn host_pool_budget() -> usize {
+    crate::batch::sizing::host_available_bytes().map_or(1 << 30, |b| b / 2)
+}
+
+/// Sizes the KV pool ([`crate::batch::sizing::size_pool`]: `--kv-cache-mb`, or at most `auto`
+/// bytes — half the host memory available for the CPU backend, the device memory left after
+/// loading for the GPU's — and no more than `max_batch` full-context sequences need or
+/// `max_blocks` allow), reports it, and starts the scheduler thread on `backend`.
 fn start<B: BatchBackend + Send + 'static>(
     backend: B,
     opts: &ServeOptions,
     mut sc: SchedulerConfig,
     max_blocks: usize,
-    host_memory: bool,
+    auto: usize,
 ) -> Result<Scheduler> {
-    use crate::batch::sizing::{host_available_bytes, size_pool, PoolBudget};
+    use crate::batch::sizing::{size_pool, PoolBudget};
     let budget = match opts.kv_cache_mb {
         Some(mb) => PoolBudget::Bytes(mb << 20),
-        None if host_memory => PoolBudget::Auto(host_available_bytes().map_or(1 << 30, |b| b / 2)),
-        None => PoolBudget::Auto(usize::MAX),
+        None => PoolBudget::Auto(auto),
     };
     let block = backend.block_bytes(sc.block_size);
     let size = size_pool(
