@@ -255,6 +255,13 @@ fn combined(parts: &[&SchedulerStats]) -> SchedulerStats {
 }
 
 impl LoadedModel {
+    /// Stops its workers, waiting for each thread to end (and drop its backend).
+    pub fn shutdown(self) {
+        for w in self.workers {
+            w.sched.shutdown();
+        }
+    }
+
     /// The vocabulary size.
     pub fn vocab(&self) -> usize {
         self.workers[0].sched.vocab()
@@ -719,6 +726,13 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         });
     })
     .await;
+    // The workers' threads own the backends (GPU devices among them): stop and join them
+    // before the process exits, where a GPU driver's exit-time teardown under a live device
+    // crashed the process (NVIDIA, Vulkan).
+    let model = state.model.write().ok().and_then(|mut m| m.take());
+    if let Some(m) = model.and_then(|m| Arc::try_unwrap(m).ok()) {
+        m.shutdown();
+    }
     tracing::info!("drained; bye");
     Ok(())
 }
