@@ -586,12 +586,13 @@ impl CpuBackend {
         let k = self.kernels;
         // Rows per task (multiples of 4). A step of at most one token tile streams the
         // weights once: one contiguous range per thread, since every new range restarts the
-        // hardware prefetcher (256-row tasks made decode's matmuls 17% slower on Zen 4).
+        // hardware prefetcher (256-row tasks made decode's matmuls 17% slower on Zen 4, and
+        // 5-token verification steps 4-10% slower).
         // Longer steps re-read a task's rows for every tile of tokens: tasks that stay in L2,
         // several per thread for balance.
         let nrows = rows.len();
         let threads = self.team.threads();
-        let per = if t <= 4 {
+        let per = if t <= k.one_tile_tokens() {
             nrows.div_ceil(threads).div_ceil(4) * 4
         } else {
             (nrows / (threads * 8)).clamp(4, 256) / 4 * 4

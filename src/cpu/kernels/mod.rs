@@ -203,6 +203,17 @@ impl Kernels {
         false
     }
 
+    /// Steps of up to this many tokens make one token tile of [`Self::code_dots`], so that a
+    /// matmul streams each weight row once (AVX-512: tiles of 5 and fewer tokens; 4 for the
+    /// other kernel sets, as measured there).
+    pub fn one_tile_tokens(self) -> usize {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni | Isa::Amx => 5,
+            _ => 4,
+        }
+    }
+
     /// Short name ("scalar", "avx2", "neon").
     pub fn name(self) -> &'static str {
         match self.isa {
