@@ -24,9 +24,11 @@ pub const COOP_ROWS: usize = 128;
 /// Tokens of a tensor-core GEMM tile; the f16 activation rows are allocated for a multiple.
 pub const COOP_TOKENS: usize = 64;
 
-/// Steps of more tokens than this take the tensor-core GEMM where there is one (at 64-token
-/// batched decode steps the dp4a kernels are faster on an H100: 6,450 against 5,350 tok/s).
-pub const COOP_MIN_T: usize = 64;
+/// Steps of more tokens than this take the tensor-core GEMM where there is one: up to 192-token
+/// batched decode steps the dp4a kernels were as fast or faster on an H100 (`bench --batch`
+/// 64 / 80 / 96 / 128 / 192: 6,450 / 5,101 / 5,993 / 7,632 / 7,695 tok/s against 5,350 /
+/// 5,041 / 5,731 / 7,302 / 7,239), at 256 even, from 512-token prefill chunks on +9%.
+pub const COOP_MIN_T: usize = 256;
 
 /// A ternary matmul's matrix (`MatP` in matmul.wgsl).
 #[repr(C)]
