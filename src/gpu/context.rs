@@ -161,9 +161,10 @@ fn describe(adapter: &wgpu::Adapter, subgroups: bool, tensor_cores: bool) -> Ada
 /// software one), read through wgpu's Vulkan layer.
 #[cfg(any(target_os = "linux", target_os = "windows", target_os = "android"))]
 fn device_memory(adapter: &wgpu::Adapter) -> Option<u64> {
-    const DEVICE_LOCAL: u32 = 1; // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT
-                                 // SAFETY: only reads the physical device's memory properties; nothing is created or
-                                 // destroyed through the raw handles.
+    /// VK_MEMORY_HEAP_DEVICE_LOCAL_BIT.
+    const DEVICE_LOCAL: u32 = 1;
+    // SAFETY (both blocks): only reads the physical device's memory properties; nothing is
+    // created or destroyed through the raw handles.
     let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
     let props = unsafe {
         hal.shared_instance()
