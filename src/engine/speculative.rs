@@ -317,10 +317,11 @@ impl SpecStats {
 
 /// Chooses how many tokens a step drafts and verifies from what speculation has paid so far:
 /// the acceptance rate per drafted token (decayed counts, so it follows the text) and the
-/// measured wall times: a plain step takes `t1`, a speculative one `c + d·k` for `k` drafts,
-/// with `d` the drafting time per token and `c` the verification step (a step of several
+/// measured wall times: a plain step takes `t1`, a speculative one `c + d·k + r` for `k`
+/// drafts, with `d` the drafting time per token, `c` the verification step (a step of several
 /// tokens that the host waits for: on a device that queues plain steps it costs more than
-/// one of them whatever its size). Such a step yields `(1 − a^(k+1)) / (1 − a)` tokens on
+/// one of them whatever its size) and `r` what it costs the step after it (a plain step that
+/// refills the drained queue takes longer than `t1`). Such a step yields `(1 − a^(k+1)) / (1 − a)` tokens on
 /// average; the `k` with the most tokens per second wins, 0 (a plain step) when drafting does
 /// not pay. `t1` follows the fastest recent plain steps (a device that queues
 /// steps runs them faster once the queue flows), and refused chances probe again after
@@ -337,6 +338,11 @@ pub struct SpecControl {
     t1: Option<f64>,
     verify: Option<f64>,
     draft: Option<f64>,
+    /// What a speculative step costs the step after it on average (refilling a drained
+    /// queue; nothing when the next step is speculative too, or steps are not queued).
+    recovery: Option<f64>,
+    /// Whether the last step was speculative (the next step's cost tells its recovery).
+    after_verify: bool,
     plain: u32,
     refused: u32,
     probe_every: u32,
@@ -363,6 +369,8 @@ impl SpecControl {
             t1: None,
             verify: None,
             draft: None,
+            recovery: None,
+            after_verify: false,
             plain: 0,
             refused: 0,
             probe_every: Self::PROBE,
@@ -394,7 +402,8 @@ impl SpecControl {
         };
         let a = self.acceptance().min(0.999);
         let rate = |k: usize| {
-            let t = if k == 0 { t1 } else { c + d * k as f64 };
+            let r = self.recovery.unwrap_or(0.0);
+            let t = if k == 0 { t1 } else { c + d * k as f64 + r };
             (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / t
         };
         (0..=available)
@@ -419,7 +428,9 @@ impl SpecControl {
         // A probe that fails loses its drafting and verification beyond a plain step: it
         // waits until the budget covers that too (a draft model's probe costs many steps).
         let probe_loss = match (self.t1, self.verify, self.draft) {
-            (Some(t1), Some(c), Some(d)) => (c + d * available as f64 - t1).max(0.0),
+            (Some(t1), Some(c), Some(d)) => {
+                (c + d * available as f64 + self.recovery.unwrap_or(0.0) - t1).max(0.0)
+            }
             _ => 0.0,
         };
         let affordable = self.lost + probe_loss <= self.loss_budget * self.elapsed;
@@ -431,15 +442,33 @@ impl SpecControl {
         0
     }
 
-    /// A plain one-token step took `secs` (wall time per token).
+    /// A plain one-token step took `secs` (wall time per token). Right after a speculative
+    /// step it is charged to speculation beyond a plain step's time, and leaves that estimate
+    /// as it was: on a device that queues steps it refills the queue the speculative step
+    /// drained (and runs behind a dropped successor).
     pub fn plain_step(&mut self, secs: f64) {
-        self.plain = self.plain.saturating_add(1);
         self.elapsed += secs;
+        if self.after_verify {
+            if let Some(t1) = self.t1 {
+                self.lost += secs - t1;
+                self.recovered((secs - t1).max(0.0));
+                return;
+            }
+        }
+        self.recovered(0.0);
+        self.plain = self.plain.saturating_add(1);
         self.t1 = Some(match self.t1 {
             Some(t) if secs < t => secs,
             Some(t) => t + Self::SMOOTH * (secs - t),
             None => secs,
         });
+    }
+
+    /// The step after a speculative one cost `secs` beyond its own work.
+    fn recovered(&mut self, secs: f64) {
+        if std::mem::take(&mut self.after_verify) {
+            self.recovery = Some(ema(self.recovery, secs));
+        }
     }
 
     /// A speculative step drafted `drafted` tokens in `draft_secs`, then verified them in
@@ -452,22 +481,28 @@ impl SpecControl {
         verify_secs: f64,
     ) {
         let trials = accepted + usize::from(accepted < drafted);
+        self.recovered(0.0);
+        self.after_verify = true;
         self.elapsed += draft_secs + verify_secs;
         if let Some(t1) = self.t1 {
             self.lost += draft_secs + verify_secs - (accepted + 1) as f64 * t1;
         }
         self.accepted = self.accepted * Self::DECAY + accepted as f64;
         self.trials = self.trials * Self::DECAY + trials as f64;
-        let ema = |old: Option<f64>, x: f64| Some(old.map_or(x, |o| o + Self::SMOOTH * (x - o)));
         if drafted > 0 {
-            self.draft = ema(self.draft, draft_secs / drafted as f64);
-            self.verify = ema(self.verify, verify_secs);
+            self.draft = Some(ema(self.draft, draft_secs / drafted as f64));
+            self.verify = Some(ema(self.verify, verify_secs));
         }
         if self.best(drafted) > 0 {
             // Speculation pays here again: probe at the first interval after the next miss.
             self.probe_every = Self::PROBE;
         }
     }
+}
+
+/// An exponential moving average of step costs: `x` itself when there is none yet.
+fn ema(old: Option<f64>, x: f64) -> f64 {
+    old.map_or(x, |o| o + SpecControl::SMOOTH * (x - o))
 }
 
 /// Verifies `drafts` against the target's rows: `inputs[i]` is what the sampler needs of the
@@ -562,6 +597,39 @@ mod tests {
             c.verify_step(4, 2, 0.0, 3.0);
         }
         assert_eq!(c.choose(8), 0);
+    }
+
+    #[test]
+    fn the_step_after_a_speculative_one_counts_against_it() {
+        // Each speculative step verifies 4 drafts in 1.1 plain steps' time and keeps one
+        // (two tokens); the plain step after it takes `after` (a device refilling its queue).
+        let run = |after: f64| {
+            let mut c = SpecControl::default();
+            let (mut secs, mut tokens, mut speculative) = (0.0, 0u32, 0u32);
+            for _ in 0..2000 {
+                if c.choose(4) > 0 {
+                    c.verify_step(4, 1, 0.0, 1.1);
+                    speculative += 1;
+                    (secs, tokens) = (secs + 1.1, tokens + 2);
+                    c.plain_step(after);
+                    (secs, tokens) = (secs + after, tokens + 1);
+                } else {
+                    c.plain_step(1.0);
+                    (secs, tokens) = (secs + 1.0, tokens + 1);
+                }
+            }
+            (speculative, secs / f64::from(tokens))
+        };
+        let (speculative, per_token) = run(1.0);
+        assert!(
+            speculative > 1500 && per_token < 0.75,
+            "{speculative} {per_token}"
+        );
+        // Refilling costs 1.4: speculation loses (2.5 + 1 for 3 tokens); it stops, and the
+        // whole generation is within the loss budget of plain decoding.
+        let (speculative, per_token) = run(2.4);
+        assert!(speculative < 20, "{speculative}");
+        assert!(per_token <= 1.0 + SpecControl::LOSS_BUDGET, "{per_token}");
     }
 
     #[test]
