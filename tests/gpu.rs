@@ -1376,14 +1376,14 @@ fn queued_verification_gives_plain_decodings_tokens() {
             ctx: &[u32],
             k: usize,
             out: &mut Vec<u32>,
-        ) -> bitnet_inference::Result<()> {
+        ) -> bitnet_inference::Result<usize> {
             out.clear();
             let p = ctx.len() - self.prompt;
             for i in p..(p + k).min(self.want.len()) {
                 let miss = (i + 1) % self.miss == 0;
                 out.push(if miss { self.want[i] ^ 1 } else { self.want[i] });
             }
-            Ok(())
+            Ok(0)
         }
         fn name(&self) -> &'static str {
             "scripted"
@@ -1440,11 +1440,11 @@ fn probes_of_failing_drafts_are_verified_behind_queued_steps() {
             _: &[u32],
             k: usize,
             out: &mut Vec<u32>,
-        ) -> bitnet_inference::Result<()> {
+        ) -> bitnet_inference::Result<usize> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             out.clear();
             out.resize(k, self.id);
-            Ok(())
+            Ok(0)
         }
         fn name(&self) -> &'static str {
             "wrong"

@@ -11,7 +11,7 @@ use super::forward::{
 use super::sampler::{SampleInput, TokenLogprobs};
 use super::session::{check_prompt, Session, Want};
 pub use super::session::{FinishReason, GenerateOptions};
-use super::speculative::{SpecControl, SpecStats, Speculation};
+use super::speculative::{draft_step, SpecControl, SpecStats, Speculation};
 use super::window::{SinkWindow, Sliding};
 use crate::backend::{Backend, HeadRows, KvCache, LogitRows};
 use crate::error::{Error, Result};
@@ -452,21 +452,36 @@ impl<B: Backend> Generator<B> {
                 if let Some(sl) = &slide {
                     room = room.min(sl.spec().max_step() - 1);
                 }
-                if spec.adaptive {
-                    room = match deferred.take() {
-                        Some(chosen) => chosen.min(room),
-                        None => control.choose(room),
-                    };
-                }
                 self.drafts.clear();
-                // A draft model's drafts would be thrown away behind a queued step.
-                let later = room > 0 && queued && spec.drafter.runs_a_model();
-                if room > 0 && !later {
-                    spec.drafter.draft(s.context(), room, &mut self.drafts)?;
-                    self.drafts.truncate(room);
-                }
+                let mut kind = 0;
+                let chosen = match deferred.take() {
+                    Some(k) => {
+                        let k = k.min(room);
+                        if k > 0 {
+                            kind = spec.drafter.draft(s.context(), k, &mut self.drafts)?;
+                            self.drafts.truncate(k);
+                        }
+                        k
+                    }
+                    // A draft model's drafts would be thrown away behind a queued step: only
+                    // the choice is made now.
+                    None if queued && spec.drafter.runs_a_model() => match spec.adaptive {
+                        true => control.choose(0, room),
+                        false => room,
+                    },
+                    None => {
+                        kind = draft_step(
+                            spec,
+                            &mut control,
+                            s.context(),
+                            (0, room),
+                            &mut self.drafts,
+                        )?;
+                        self.drafts.len()
+                    }
+                };
                 let drafted_at = Instant::now();
-                if (later || !self.drafts.is_empty()) && queued {
+                if queued && chosen > 0 {
                     // The step for `tok` is on the device already: take its token and draft
                     // and verify from there on.
                     let d = self.backend.device().ok_or_else(|| {
@@ -475,7 +490,7 @@ impl<B: Backend> Generator<B> {
                     d.read_queued_argmax(&mut picks)?;
                     next.extend(picks.last());
                     queued = false;
-                    deferred = Some(room);
+                    deferred = Some(chosen);
                     control.plain_step(step_t0.elapsed().as_secs_f64());
                     if trace {
                         eprintln!("spec: read-queued {:?} {control:?}", step_t0.elapsed());
@@ -510,6 +525,7 @@ impl<B: Backend> Generator<B> {
                         st.add(self.drafts.len(), accepted);
                     }
                     control.verify_step(
+                        kind,
                         self.drafts.len(),
                         accepted,
                         (drafted_at - step_t0).as_secs_f64(),

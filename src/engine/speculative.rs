@@ -12,8 +12,9 @@ use crate::error::{Error, Result};
 /// Proposes the tokens that follow a context.
 pub trait Drafter: Send {
     /// Up to `k` tokens expected after `context` into `out` (cleared first); none when it has
-    /// no guess.
-    fn draft(&mut self, context: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()>;
+    /// no guess. Returns the drafts' kind: drafts of one kind share an acceptance estimate
+    /// ([`SpecControl`]; prompt lookup: the length of the matched suffix).
+    fn draft(&mut self, context: &[u32], k: usize, out: &mut Vec<u32>) -> Result<usize>;
     /// The method's name (`ngram`, `draft`), for reports.
     fn name(&self) -> &'static str;
     /// Sees the prompt as the target runs it (a draft model computes its cache then, so the
@@ -53,15 +54,14 @@ impl Default for NgramDrafter {
 }
 
 impl Drafter for NgramDrafter {
-    fn draft(&mut self, context: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
+    fn draft(&mut self, context: &[u32], k: usize, out: &mut Vec<u32>) -> Result<usize> {
         out.clear();
-        ngram_lookup(
+        Ok(ngram_lookup(
             &context[context.len().saturating_sub(self.window)..],
             self.min_ngram.max(1)..=self.max_ngram,
             k,
             out,
-        );
-        Ok(())
+        ))
     }
 
     fn name(&self) -> &'static str {
@@ -71,16 +71,16 @@ impl Drafter for NgramDrafter {
 
 /// [`NgramDrafter`]'s search: for `n` in `ns` from the longest, the newest `i` with
 /// `context[i..i + n]` equal to the last `n` tokens (`i + n < len`), then up to `k` tokens
-/// from `i + n` into `out`.
+/// from `i + n` into `out`. Returns the `n` matched (0: none).
 pub fn ngram_lookup(
     context: &[u32],
     ns: std::ops::RangeInclusive<usize>,
     k: usize,
     out: &mut Vec<u32>,
-) {
+) -> usize {
     let len = context.len();
     if k == 0 {
-        return;
+        return 0;
     }
     for n in ns.rev() {
         if n == 0 || n >= len {
@@ -90,9 +90,10 @@ pub fn ngram_lookup(
         if let Some(i) = (0..len - n).rev().find(|&i| &context[i..i + n] == tail) {
             let from = i + n;
             out.extend_from_slice(&context[from..(from + k).min(len)]);
-            return;
+            return n;
         }
     }
+    0
 }
 
 /// A smaller model with the same tokenizer drafting greedily: it keeps its own KV cache of
@@ -142,11 +143,11 @@ impl<B: Backend + Send> Drafter for ModelDrafter<B>
 where
     B::Cache: Send,
 {
-    fn draft(&mut self, context: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
+    fn draft(&mut self, context: &[u32], k: usize, out: &mut Vec<u32>) -> Result<usize> {
         out.clear();
         let (len, cap) = (context.len(), self.cache.capacity());
         if len == 0 {
-            return Ok(());
+            return Ok(0);
         }
         // The cache holds `context[base..]`'s first tokens. Reuse them; the last context token
         // always runs (its logits decide). A long way to catch up (after a pause in drafting)
@@ -162,7 +163,7 @@ where
         let context = &context[self.base..];
         let k = k.min(cap.saturating_sub(context.len()));
         if k == 0 {
-            return Ok(());
+            return Ok(0);
         }
         self.cached.truncate(keep);
         let chunk = self.backend.prefill_chunk().max(1);
@@ -194,7 +195,7 @@ where
             pos += 1;
             out.push(tok);
         }
-        Ok(())
+        Ok(0)
     }
 
     fn name(&self) -> &'static str {
@@ -316,15 +317,16 @@ impl SpecStats {
 }
 
 /// Chooses how many tokens a step drafts and verifies from what speculation has paid so far:
-/// the acceptance rate per drafted token (decayed counts, so it follows the text) and the
+/// the acceptance rate per drafted token of the drafts' kind (decayed counts, so it follows
+/// the text; prompt lookup's long matches are accepted far more often than one-token ones) and the
 /// measured wall times: a plain step takes `t1`, a speculative one `c + d·k + r` for `k`
 /// drafts, with `d` the drafting time per token, `c` the verification step (a step of several
 /// tokens that the host waits for: on a device that queues plain steps it costs more than
 /// one of them whatever its size) and `r` what it costs the step after it (a plain step that
 /// refills the drained queue takes longer than `t1`). Such a step yields `(1 − a^(k+1)) / (1 − a)` tokens on
 /// average; the `k` with the most tokens per second wins, 0 (a plain step) when drafting does
-/// not pay. `t1` follows the fastest recent plain steps (a device that queues
-/// steps runs them faster once the queue flows), and refused chances probe again after
+/// not pay. `t1` follows the fastest recent plain steps (a device that queues steps runs them
+/// faster once the queue flows), and refused chances probe again after
 /// [`SpecControl::PROBE`] of them, twice as long after each probe that did not pay. Drafting
 /// (probes and chosen drafts alike) goes on only while the time speculation has lost so far
 /// (its steps' time beyond what plain steps would have taken for the same tokens) is within a
@@ -333,8 +335,9 @@ impl SpecStats {
 /// misjudges, cost a bounded share of the generation.
 #[derive(Debug, Clone)]
 pub struct SpecControl {
-    accepted: f64,
-    trials: f64,
+    /// Decayed accepted drafts and trials per kind of draft.
+    accepted: [f64; Self::KINDS],
+    trials: [f64; Self::KINDS],
     t1: Option<f64>,
     verify: Option<f64>,
     draft: Option<f64>,
@@ -364,8 +367,8 @@ impl SpecControl {
     pub fn with_budget(loss_budget: f64) -> Self {
         // A prior of 70% acceptance worth two trials: speculation is tried early.
         SpecControl {
-            accepted: 1.4,
-            trials: 2.0,
+            accepted: [1.4; Self::KINDS],
+            trials: [2.0; Self::KINDS],
             t1: None,
             verify: None,
             draft: None,
@@ -388,19 +391,22 @@ impl SpecControl {
     pub const WARMUP: u32 = 4;
     /// The default share of the decode time that speculation may have lost.
     pub const LOSS_BUDGET: f64 = 0.04;
+    /// Kinds of drafts with acceptance estimates of their own (higher kinds share the last).
+    pub const KINDS: usize = 4;
     const DECAY: f64 = 0.9;
     const SMOOTH: f64 = 0.2;
 
-    /// The estimated acceptance rate per drafted token.
-    pub fn acceptance(&self) -> f64 {
-        self.accepted / self.trials
+    /// The estimated acceptance rate per drafted token of drafts of `kind`.
+    pub fn acceptance(&self, kind: usize) -> f64 {
+        let kind = kind.min(Self::KINDS - 1);
+        self.accepted[kind] / self.trials[kind]
     }
 
-    fn best(&self, available: usize) -> usize {
+    fn best(&self, kind: usize, available: usize) -> usize {
         let (Some(t1), Some(c), Some(d)) = (self.t1, self.verify, self.draft) else {
             return available;
         };
-        let a = self.acceptance().min(0.999);
+        let a = self.acceptance(kind).min(0.999);
         let rate = |k: usize| {
             let r = self.recovery.unwrap_or(0.0);
             let t = if k == 0 { t1 } else { c + d * k as f64 + r };
@@ -411,15 +417,20 @@ impl SpecControl {
             .unwrap_or(0)
     }
 
-    /// Drafts to make and verify of the `available` the step has room for: 0 for a plain step.
-    pub fn choose(&mut self, available: usize) -> usize {
+    /// Drafts of `kind` to make and verify of the `available` the step has room for: 0 for a
+    /// plain step.
+    pub fn choose(&mut self, kind: usize, available: usize) -> usize {
         if available == 0 || self.plain < Self::WARMUP {
             return 0;
         }
         // Past the loss budget (the cost model misjudged, or probes failed) nothing is
         // drafted until plain steps have made up for it.
         let within = self.lost <= self.loss_budget * self.elapsed;
-        let best = if within { self.best(available) } else { 0 };
+        let best = if within {
+            self.best(kind, available)
+        } else {
+            0
+        };
         if best > 0 {
             self.refused = 0;
             return best;
@@ -450,18 +461,24 @@ impl SpecControl {
         self.elapsed += secs;
         if self.after_verify {
             if let Some(t1) = self.t1 {
-                self.lost += secs - t1;
-                self.recovered((secs - t1).max(0.0));
+                // At most a dropped successor's verification: a longer stall is not
+                // speculation's doing.
+                let extra = (secs - t1).clamp(0.0, self.verify.unwrap_or(t1));
+                self.lost += extra;
+                self.recovered(extra);
                 return;
             }
         }
         self.recovered(0.0);
         self.plain = self.plain.saturating_add(1);
-        self.t1 = Some(match self.t1 {
-            Some(t) if secs < t => secs,
-            Some(t) => t + Self::SMOOTH * (secs - t),
-            None => secs,
-        });
+        self.t1 = Some(fast_down(self.t1, secs));
+    }
+
+    /// Drafting for a step that was never verified took `secs` (a queued successor dropped
+    /// when the step ahead of it rejected a draft).
+    pub fn wasted(&mut self, secs: f64) {
+        self.elapsed += secs;
+        self.lost += secs;
     }
 
     /// The step after a speculative one cost `secs` beyond its own work.
@@ -471,10 +488,11 @@ impl SpecControl {
         }
     }
 
-    /// A speculative step drafted `drafted` tokens in `draft_secs`, then verified them in
-    /// `verify_secs` and accepted `accepted`.
+    /// A speculative step drafted `drafted` tokens of `kind` in `draft_secs`, then verified
+    /// them in `verify_secs` and accepted `accepted`.
     pub fn verify_step(
         &mut self,
+        kind: usize,
         drafted: usize,
         accepted: usize,
         draft_secs: f64,
@@ -487,16 +505,63 @@ impl SpecControl {
         if let Some(t1) = self.t1 {
             self.lost += draft_secs + verify_secs - (accepted + 1) as f64 * t1;
         }
-        self.accepted = self.accepted * Self::DECAY + accepted as f64;
-        self.trials = self.trials * Self::DECAY + trials as f64;
+        let kind = kind.min(Self::KINDS - 1);
+        self.accepted[kind] = self.accepted[kind] * Self::DECAY + accepted as f64;
+        self.trials[kind] = self.trials[kind] * Self::DECAY + trials as f64;
         if drafted > 0 {
             self.draft = Some(ema(self.draft, draft_secs / drafted as f64));
             self.verify = Some(ema(self.verify, verify_secs));
         }
-        if self.best(drafted) > 0 {
+        if self.best(kind, drafted) > 0 {
             // Speculation pays here again: probe at the first interval after the next miss.
             self.probe_every = Self::PROBE;
         }
+    }
+}
+
+/// Drafts for the next step into `out` after `context`: `lead` tokens that run ahead of the
+/// step's verified drafts (the guessed input of a queued successor), then as many drafts as
+/// `control` finds pay of up to `room` (all of them when speculation is not adaptive).
+/// Prompt lookup drafts first and then asks (its drafts' kind decides); a draft model is
+/// asked first (its drafts cost steps). Returns the drafts' kind; `out` is empty when the
+/// step should be plain.
+pub fn draft_step(
+    spec: &mut Speculation,
+    control: &mut SpecControl,
+    context: &[u32],
+    (lead, room): (usize, usize),
+    out: &mut Vec<u32>,
+) -> Result<usize> {
+    out.clear();
+    if room == 0 {
+        return Ok(0);
+    }
+    let kind = if !spec.adaptive {
+        spec.drafter.draft(context, lead + room, out)?
+    } else if spec.drafter.runs_a_model() {
+        match control.choose(0, room) {
+            0 => 0,
+            k => spec.drafter.draft(context, lead + k, out)?,
+        }
+    } else {
+        let kind = spec.drafter.draft(context, lead + room, out)?;
+        let k = control.choose(kind, out.len().saturating_sub(lead));
+        out.truncate(if k == 0 { 0 } else { lead + k });
+        kind
+    };
+    if out.len() <= lead {
+        out.clear();
+    }
+    Ok(kind)
+}
+
+/// A step time estimate that follows the fastest recent steps: down to `x` at once, up by a
+/// moving average.
+fn fast_down(old: Option<f64>, x: f64) -> f64 {
+    match old {
+        Some(t) if x < t => x,
+        Some(t) => t + SpecControl::SMOOTH * (x - t),
+        None => x,
     }
 }
 
@@ -552,31 +617,31 @@ mod tests {
         let mut c = SpecControl::default();
         // Plain steps first; the slow first one does not stick (the fastest recent counts).
         for secs in [5.0, 1.0, 1.0, 1.0] {
-            assert_eq!(c.choose(4), 0);
+            assert_eq!(c.choose(0, 4), 0);
             c.plain_step(secs);
         }
-        assert_eq!(c.choose(4), 4, "then the full draft");
+        assert_eq!(c.choose(0, 4), 4, "then the full draft");
         // Cheap extra tokens and every draft accepted: draft all.
-        c.verify_step(4, 4, 0.0, 1.2);
-        assert_eq!(c.choose(4), 4);
-        assert_eq!(c.choose(0), 0);
+        c.verify_step(0, 4, 4, 0.0, 1.2);
+        assert_eq!(c.choose(0, 4), 4);
+        assert_eq!(c.choose(0, 0), 0);
         // Little accepted for a while (still within what the first step gained): plain
         // steps, with probes ever further apart.
         for _ in 0..10 {
-            c.verify_step(4, 0, 0.0, 1.3);
+            c.verify_step(0, 4, 0, 0.0, 1.3);
         }
-        assert!(c.acceptance() < 0.3, "{}", c.acceptance());
-        let picks: Vec<usize> = (0..16 + 32 + 64).map(|_| c.choose(4)).collect();
+        assert!(c.acceptance(0) < 0.3, "{}", c.acceptance(0));
+        let picks: Vec<usize> = (0..16 + 32 + 64).map(|_| c.choose(0, 4)).collect();
         let probes: Vec<usize> = (0..picks.len()).filter(|&i| picks[i] > 0).collect();
         assert_eq!(probes, [15, 47, 111], "{picks:?}");
         // Costly failures: 29.2 s lost in 62.2 s of decoding. The next probe waits until the
         // loss and what a failing probe would add (verification ~2 s and four drafts at
         // ~0.5 s, less a plain step: ~3 s) are 4% of the decode time (736 plain seconds on).
         for _ in 0..10 {
-            c.verify_step(4, 0, 2.0, 2.0);
+            c.verify_step(0, 4, 0, 2.0, 2.0);
         }
         let first = (0..3000).find(|_| {
-            let probe = c.choose(4) > 0;
+            let probe = c.choose(0, 4) > 0;
             c.plain_step(1.0);
             probe
         });
@@ -588,15 +653,15 @@ mod tests {
         }
         // Drafting at 0.5 per token, verification 1: two-thirds accepted makes 1 or 2 best.
         for _ in 0..20 {
-            c.verify_step(4, 2, 2.0, 1.0);
+            c.verify_step(0, 4, 2, 2.0, 1.0);
         }
-        let k = c.choose(8);
+        let k = c.choose(0, 8);
         assert!((1..=2).contains(&k), "{k}");
         // A verification step that costs three plain ones never pays at this acceptance.
         for _ in 0..20 {
-            c.verify_step(4, 2, 0.0, 3.0);
+            c.verify_step(0, 4, 2, 0.0, 3.0);
         }
-        assert_eq!(c.choose(8), 0);
+        assert_eq!(c.choose(0, 8), 0);
     }
 
     #[test]
@@ -607,8 +672,8 @@ mod tests {
             let mut c = SpecControl::default();
             let (mut secs, mut tokens, mut speculative) = (0.0, 0u32, 0u32);
             for _ in 0..2000 {
-                if c.choose(4) > 0 {
-                    c.verify_step(4, 1, 0.0, 1.1);
+                if c.choose(0, 4) > 0 {
+                    c.verify_step(0, 4, 1, 0.0, 1.1);
                     speculative += 1;
                     (secs, tokens) = (secs + 1.1, tokens + 2);
                     c.plain_step(after);
@@ -633,11 +698,36 @@ mod tests {
     }
 
     #[test]
+    fn each_kind_of_draft_has_its_own_acceptance() {
+        let mut c = SpecControl::default();
+        for _ in 0..SpecControl::WARMUP {
+            c.plain_step(1.0);
+        }
+        // Verification costs 1.5 plain steps: long matches (kind 3) are all accepted, one-
+        // token matches (kind 1) never.
+        for _ in 0..20 {
+            c.verify_step(3, 4, 4, 0.0, 1.5);
+            c.plain_step(1.0);
+            c.verify_step(1, 4, 0, 0.0, 1.5);
+            c.plain_step(1.0);
+        }
+        assert!(c.acceptance(3) > 0.95 && c.acceptance(1) < 0.05);
+        assert_eq!(c.choose(3, 4), 4);
+        assert_eq!(c.choose(1, 4), 0);
+        // Kinds past the last share its estimate.
+        assert_eq!(c.acceptance(7), c.acceptance(SpecControl::KINDS - 1));
+    }
+
+    #[test]
     fn ngram_lookup_takes_the_longest_newest_match() {
         let mut out = Vec::new();
         // "1 2 3" occurs at 0 and at 5; the newest earlier one (5) is followed by 9 9.
         let ctx = [1, 2, 3, 4, 5, 1, 2, 3, 9, 9, 7, 1, 2, 3];
-        ngram_lookup(&ctx, 1..=3, 4, &mut out);
+        assert_eq!(
+            ngram_lookup(&ctx, 1..=3, 4, &mut out),
+            3,
+            "the matched length"
+        );
         assert_eq!(out, [9, 9, 7, 1]);
         // k beyond the context: as many as there are.
         out.clear();
@@ -645,12 +735,12 @@ mod tests {
         assert_eq!(out, [6, 5]);
         // No match of any length.
         out.clear();
-        ngram_lookup(&[1, 2, 3, 4], 1..=3, 4, &mut out);
+        assert_eq!(ngram_lookup(&[1, 2, 3, 4], 1..=3, 4, &mut out), 0);
         assert!(out.is_empty());
         // The longest n wins over a newer shorter match.
         out.clear();
         let ctx = [7, 8, 1, 7, 9, 2, 8, 3, 7, 8];
-        ngram_lookup(&ctx, 1..=2, 1, &mut out);
+        assert_eq!(ngram_lookup(&ctx, 1..=2, 1, &mut out), 2);
         assert_eq!(out, [1]);
         out.clear();
         ngram_lookup(&ctx, 1..=1, 1, &mut out);

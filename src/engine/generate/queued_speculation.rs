@@ -17,7 +17,7 @@ use super::{emit, Generator};
 use crate::backend::Backend;
 use crate::engine::forward::queue_greedy_step;
 use crate::engine::session::Session;
-use crate::engine::speculative::{SpecControl, SpecStats};
+use crate::engine::speculative::{draft_step, SpecControl, SpecStats};
 use crate::error::{Error, Result};
 use crate::time::Instant;
 use crate::tokenizer::Tokenizer;
@@ -33,6 +33,8 @@ struct Flight {
     guessed_input: Option<u32>,
     /// Seconds spent drafting for it.
     draft_secs: f64,
+    /// The drafts' kind ([`crate::engine::speculative::Drafter::draft`]).
+    kind: usize,
 }
 
 impl<B: Backend> Generator<B> {
@@ -51,16 +53,20 @@ impl<B: Backend> Generator<B> {
         let mut front_sound = true;
         let (mut rows, mut ext) = (Vec::new(), Vec::new());
         let mut last_read = Instant::now();
+        // Seconds spent drafting since the last read: they belong to the steps drafted for,
+        // not to the step read next.
+        let mut drafting = 0.0;
         // BITNET_SPEC_TRACE=1: every read step's drafts, acceptance and wall time on stderr.
         let trace = std::env::var_os("BITNET_SPEC_TRACE").is_some();
         loop {
             if flight.is_empty() {
                 let ctx = s.context();
                 let (pos, first) = (ctx.len() - 1, ctx[ctx.len() - 1]);
-                let room = self.draft_count(control, s.draft_room());
                 let t0 = Instant::now();
-                let drafts = self.draft_after(ctx, &[], room, &mut ext)?;
+                let (kind, drafts) =
+                    self.draft_after(control, ctx, &[], (0, s.draft_room()), &mut ext)?;
                 let draft_secs = t0.elapsed().as_secs_f64();
+                drafting += draft_secs;
                 queue_greedy_step(
                     &mut self.backend,
                     &mut self.cache,
@@ -73,6 +79,7 @@ impl<B: Backend> Generator<B> {
                     drafts,
                     guessed_input: None,
                     draft_secs,
+                    kind,
                 });
                 front_sound = true;
             }
@@ -82,13 +89,12 @@ impl<B: Backend> Generator<B> {
                 if s.room_for(ahead) {
                     // The successor's input is `f`'s last pick (a guess for now: the drafter's
                     // next token), then drafts continuing that guess.
-                    let room = self.draft_count(control, s.draft_room().saturating_sub(ahead));
+                    let room = s.draft_room().saturating_sub(ahead);
                     let t0 = Instant::now();
-                    let mut guess = match room {
-                        0 => Vec::new(),
-                        _ => self.draft_after(s.context(), &f.drafts, room + 1, &mut ext)?,
-                    };
+                    let (kind, mut guess) =
+                        self.draft_after(control, s.context(), &f.drafts, (1, room), &mut ext)?;
                     let draft_secs = t0.elapsed().as_secs_f64();
+                    drafting += draft_secs;
                     let guessed_input = (!guess.is_empty()).then(|| guess.remove(0));
                     let pos = f.pos + ahead;
                     queue_greedy_step(
@@ -103,6 +109,7 @@ impl<B: Backend> Generator<B> {
                         drafts: guess,
                         guessed_input,
                         draft_secs,
+                        kind,
                     });
                 }
             }
@@ -114,7 +121,7 @@ impl<B: Backend> Generator<B> {
             })?;
             d.read_queued_argmax(&mut rows)?;
             let now = Instant::now();
-            let secs = (now - last_read).as_secs_f64();
+            let secs = ((now - last_read).as_secs_f64() - std::mem::take(&mut drafting)).max(0.0);
             last_read = now;
             let m = f.drafts.len();
             if rows.len() != m + 1 {
@@ -131,13 +138,12 @@ impl<B: Backend> Generator<B> {
                 .take_while(|(d, r)| d == r)
                 .count();
             if m == 0 {
-                control.plain_step(secs);
+                control.plain_step(secs + f.draft_secs);
             } else {
                 // Drafting runs on the host while the device works, but a draft model's steps
                 // are seconds the loop spends: they count as drafting, the rest as the step.
                 stats.add(m, accepted);
-                let verify = (secs - f.draft_secs).max(0.0);
-                control.verify_step(m, accepted, f.draft_secs, verify);
+                control.verify_step(f.kind, m, accepted, f.draft_secs, secs);
             }
             if trace {
                 eprintln!(
@@ -149,7 +155,9 @@ impl<B: Backend> Generator<B> {
             let bonus = rows[accepted];
             if accepted < m {
                 // The successor assumed every draft: its inputs and positions are wrong.
-                flight.clear();
+                for dropped in flight.drain(..) {
+                    control.wasted(dropped.draft_secs);
+                }
             } else if let Some(next) = flight.front() {
                 front_sound = next.drafts.is_empty() || next.guessed_input == Some(bonus);
             }
@@ -161,32 +169,21 @@ impl<B: Backend> Generator<B> {
         }
     }
 
-    /// Drafts to ask for when `available` fit: the controller's choice unless speculation
-    /// is fixed (then all of them).
-    fn draft_count(&self, control: &mut SpecControl, available: usize) -> usize {
-        match &self.spec {
-            Some(spec) if spec.adaptive => control.choose(available.min(spec.draft_tokens)),
-            Some(spec) => available.min(spec.draft_tokens),
-            None => 0,
-        }
-    }
-
-    /// Up to `k` drafts following `context` and then `pending` (tokens assumed to follow it),
-    /// using `ext` as scratch.
+    /// Drafts for a step after `context` and then `pending` (tokens assumed to follow it,
+    /// using `ext` as scratch): `lead` guessed inputs (a queued successor's), then up to
+    /// `room` drafts. Empty for a plain step. Returns their kind too.
     fn draft_after(
         &mut self,
+        control: &mut SpecControl,
         context: &[u32],
         pending: &[u32],
-        k: usize,
+        (lead, room): (usize, usize),
         ext: &mut Vec<u32>,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<(usize, Vec<u32>)> {
         let mut out = Vec::new();
         let Some(spec) = &mut self.spec else {
-            return Ok(out);
+            return Ok((0, out));
         };
-        if k == 0 {
-            return Ok(out);
-        }
         let ctx = if pending.is_empty() {
             context
         } else {
@@ -195,8 +192,8 @@ impl<B: Backend> Generator<B> {
             ext.extend_from_slice(pending);
             &ext[..]
         };
-        spec.drafter.draft(ctx, k, &mut out)?;
-        out.truncate(k);
-        Ok(out)
+        let room = room.min(spec.draft_tokens);
+        let kind = draft_step(spec, control, ctx, (lead, room), &mut out)?;
+        Ok((kind, out))
     }
 }
