@@ -318,16 +318,17 @@ impl SpecStats {
 
 /// Chooses how many tokens a step drafts and verifies from what speculation has paid so far:
 /// the acceptance rate per drafted token of the drafts' kind (decayed counts, so it follows
-/// the text; prompt lookup's long matches are accepted far more often than one-token ones) and the
-/// measured wall times: a plain step takes `t1`, a speculative one `c + d·k + r` for `k`
-/// drafts, with `d` the drafting time per token, `c` the verification step (a step of several
-/// tokens that the host waits for: on a device that queues plain steps it costs more than
-/// one of them whatever its size) and `r` what it costs the step after it (a plain step that
-/// refills the drained queue takes longer than `t1`). Such a step yields `(1 − a^(k+1)) / (1 − a)` tokens on
-/// average; the `k` with the most tokens per second wins, 0 (a plain step) when drafting does
-/// not pay. `t1` follows the fastest recent plain steps (a device that queues steps runs them
-/// faster once the queue flows), and refused chances probe again after
-/// [`SpecControl::PROBE`] of them, twice as long after each probe that did not pay. Drafting
+/// the text; prompt lookup's long matches are accepted far more often than one-token ones)
+/// and the measured wall times: a plain step takes `t1`, a speculative one `c + d·k + r` for
+/// `k` drafts, with `d` the drafting time per token, `c` the verification step (a step of
+/// several tokens that the host waits for: on a device that queues plain steps it costs more
+/// than one of them whatever its size) and `r` what it costs the step after it (a plain step
+/// that refills the drained queue takes longer than `t1`). Such a step yields
+/// `(1 − a^(k+1)) / (1 − a)` tokens on average; the `k` with the most tokens per second wins,
+/// 0 (a plain step) when drafting does not pay. `t1` follows the fastest recent plain steps (a
+/// device that queues steps runs them faster once the queue flows), and refused chances probe
+/// again after [`SpecControl::PROBE`] of them, twice as long after each probe that did not
+/// pay. Drafting
 /// (probes and chosen drafts alike) goes on only while the time speculation has lost so far
 /// (its steps' time beyond what plain steps would have taken for the same tokens) is within a
 /// budget share of the decode time, and a probe waits until the budget also covers what it
