@@ -34,6 +34,10 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let s = wg.x;
     let h = wg.y;
     let t = wg.z;
+    // A step moved back on the device (accept.wgsl) may have fewer splits than dispatched.
+    if s >= step.nsplit {
+        return;
+    }
     let hd = ap.hd;
     let len = step.pos + t + 1u;
     let start = s * step.chunk;
@@ -360,10 +364,18 @@ fn kv_row4(ctx: vec2<u32>, p: u32) -> u32 {
 }
 
 @compute @workgroup_size(64)
-fn attend_vec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+fn attend_vec(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
     let s = wg.x;
     let h = wg.y;
     let t = wg.z;
+    // A step moved back on the device (accept.wgsl) may have fewer splits than dispatched.
+    if s >= step.nsplit {
+        return;
+    }
     let hd4 = ap.hd / 4u;
     let len = step.pos + t + 1u;
     let start = s * step.chunk;
@@ -386,7 +398,9 @@ fn attend_vec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         return;
     }
     let tot = dpv[li] + dpv[li + 32u];
-    if step.nsplit == 1u {
+    // One split dispatched: no merge follows (with more, `combine` merges however many the
+    // step has, one included).
+    if nwg.x == 1u {
         let a = t * ap.q_dim + h * ap.hd + 4u * li;
         let r = tot / l;
         attn[a] = r.x;

@@ -9,7 +9,11 @@ struct Step {
     cap: u32,    // KV cache capacity (positions)
     row0: u32,   // head: first step row of this logits batch
     nrows: u32,  // head: rows in this logits batch
-    pad: u32,
+    pad: u32,    // zero
+    most: u32,   // attention: most splits a row may take
+    pad1: u32,
+    pad2: u32,
+    pad3: u32,
 }
 
 // A lower bound that is finite (WGSL has no infinity literal).

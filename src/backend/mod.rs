@@ -147,8 +147,11 @@ pub trait DeviceSteps {
     /// false (recording nothing) when `k` is beyond what the device selects.
     fn top_k_last(&mut self, k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) -> Result<bool>;
     /// Starts a decode step of `1 + drafts.len()` tokens whose every row is computed exactly
-    /// as a one-token step's (speculative verification): first `first`, or (None) the argmax
-    /// of the last row of the step queued last, still on the device; then `drafts`.
+    /// as a one-token step's (speculative verification): first `first`, or (None) the pick
+    /// of the step queued last, still on the device; then `drafts`. That pick follows the
+    /// step's accepted drafts (those equal to the argmax of the row before them), and a step
+    /// started from it runs at the position it is recorded at less the drafts the step ahead
+    /// rejected: recorded as if every draft were accepted, it stays valid whatever is.
     fn embed_decode_step(&mut self, first: Option<u32>, drafts: &[u32]) -> Result<()>;
     /// Records the final norm, head and argmax of every row of the step, submits it without
     /// waiting, and queues the argmaxes for [`DeviceSteps::read_queued_argmax`].

@@ -456,14 +456,14 @@ impl SpecControl {
 
     /// A plain one-token step took `secs` (wall time per token). Right after a speculative
     /// step it is charged to speculation beyond a plain step's time, and leaves that estimate
-    /// as it was: on a device that queues steps it refills the queue the speculative step
-    /// drained (and runs behind a dropped successor).
+    /// as it was: on a device that queues steps it may refill a queue the speculative step
+    /// drained.
     pub fn plain_step(&mut self, secs: f64) {
         self.elapsed += secs;
         if self.after_verify {
             if let Some(t1) = self.t1 {
-                // At most a dropped successor's verification: a longer stall is not
-                // speculation's doing.
+                // At most a verification's time: a longer stall is not speculation's
+                // doing.
                 let extra = (secs - t1).clamp(0.0, self.verify.unwrap_or(t1));
                 self.lost += extra;
                 self.recovered(extra);
@@ -475,11 +475,17 @@ impl SpecControl {
         self.t1 = Some(fast_down(self.t1, secs));
     }
 
-    /// Drafting for a step that was never verified took `secs` (a queued successor dropped
-    /// when the step ahead of it rejected a draft).
-    pub fn wasted(&mut self, secs: f64) {
+    /// A step whose drafts were made for a context that did not come (the step ahead of it,
+    /// queued, rejected a draft or picked another input than guessed; the device verified
+    /// them all the same) took `secs` with its drafting and gave `tokens` tokens: its time
+    /// beyond plain steps' for them is speculation's, the cost of the step ahead.
+    pub fn unsound_step(&mut self, secs: f64, tokens: usize) {
         self.elapsed += secs;
-        self.lost += secs;
+        if let Some(t1) = self.t1 {
+            let extra = secs - tokens as f64 * t1;
+            self.lost += extra;
+            self.recovered(extra.max(0.0));
+        }
     }
 
     /// The step after a speculative one cost `secs` beyond its own work.
@@ -696,6 +702,25 @@ mod tests {
         let (speculative, per_token) = run(2.4);
         assert!(speculative < 20, "{speculative}");
         assert!(per_token <= 1.0 + SpecControl::LOSS_BUDGET, "{per_token}");
+    }
+
+    #[test]
+    fn an_unsound_step_after_a_rejection_is_the_rejections_cost() {
+        let mut c = SpecControl::default();
+        for _ in 0..SpecControl::WARMUP {
+            c.plain_step(1.0);
+        }
+        // A verification that keeps nothing, then the step queued behind it, whose drafts
+        // followed the rejected ones: 1.3 plain steps for its one token.
+        c.verify_step(0, 4, 0, 0.0, 1.2);
+        let (lost, acceptance) = (c.lost, c.acceptance(0));
+        c.unsound_step(1.3, 1);
+        assert!((c.lost - lost - 0.3).abs() < 1e-9, "{c:?}");
+        assert!((c.recovery.unwrap() - 0.3).abs() < 1e-9, "{c:?}");
+        // Its drafts tell nothing of the drafter, and the plain-step estimate stays.
+        assert_eq!(c.acceptance(0), acceptance);
+        assert_eq!(c.t1, Some(1.0));
+        assert!(!c.after_verify);
     }
 
     #[test]

@@ -31,9 +31,15 @@ impl Single {
     /// one-token step after a long prompt spreads over hundreds of workgroups instead of a
     /// dozen walking their blocks one after another). Returns (positions per split, splits).
     pub(super) fn splits(&self, t: usize, maxlen: usize) -> (usize, usize) {
-        let most = (self.split_slots / t).clamp(1, MAX_SPLITS);
+        let most = self.most_splits(t);
         let chunk = maxlen.div_ceil(most).div_ceil(64) * 64;
         (chunk, maxlen.div_ceil(chunk))
+    }
+
+    /// The most splits a `t`-token step's rows may take (`fixup` in accept.wgsl recomputes
+    /// [`Self::splits`] on the device from it).
+    pub(super) fn most_splits(&self, t: usize) -> usize {
+        (self.split_slots / t).clamp(1, MAX_SPLITS)
     }
 }
 

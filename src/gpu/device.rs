@@ -124,8 +124,15 @@ impl crate::backend::DeviceSteps for GpuBackend {
                     )));
                 }
                 self.check_inputs(drafts, t)?;
-                // Input 0 is in the tokens buffer already: the last queued step copied it.
+                // Input 0 is in the tokens buffer already: the last queued step put it there.
                 self.begin_step(drafts, t);
+                // Behind a step with drafts the position moves back by those it rejects: the
+                // step is submitted whole (the host's later writes of the step values would
+                // undo the move), which holds with steps queued ahead of it.
+                self.moves = self.ahead_drafts;
+                if self.moves > 0 {
+                    self.ops.accept.record_fixup(&mut self.rec, &self.accept_bg);
+                }
             }
         }
         self.decode_rows = true;
@@ -137,11 +144,19 @@ impl crate::backend::DeviceSteps for GpuBackend {
         let rows = self.t();
         let rb = self.bufs.argmax_ring[self.queued_total % self.bufs.argmax_ring.len()].clone();
         self.queued_total += 1;
+        // The next queued step's input: the pick after the accepted drafts.
+        if rows > 1 {
+            self.ops
+                .accept
+                .record_accept(&mut self.rec, &self.accept_bg);
+        }
+        self.ahead_drafts = rows - 1;
         let enc = self.rec.encoder();
         let res = &self.bufs.argmax_result;
         enc.copy_buffer_to_buffer(res, 0, &rb, 0, rows as u64 * 4);
-        // The last row's pick is the next queued step's first input.
-        enc.copy_buffer_to_buffer(res, (rows as u64 - 1) * 4, &self.bufs.tokens, 0, 4);
+        if rows == 1 {
+            enc.copy_buffer_to_buffer(res, 0, &self.bufs.tokens, 0, 4);
+        }
         let t0 = crate::time::Instant::now();
         let submission = self.flush();
         if let Some(t) = &mut self.timing {

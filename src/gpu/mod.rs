@@ -157,6 +157,8 @@ struct LinearPart {
 
 struct Bufs {
     step: wgpu::Buffer,
+    /// Drafts the last queued step of several rows rejected (`accept.wgsl`).
+    rejected: wgpu::Buffer,
     tokens: wgpu::Buffer,
     x: wgpu::Buffer,
     xq: wgpu::Buffer,
@@ -206,6 +208,8 @@ pub struct GpuBackend {
     layers: Vec<GpuLayer>,
     final_norm_bg: wgpu::BindGroup,
     argmax_bg: wgpu::BindGroup,
+    /// Acceptance of queued steps' drafts on the device (`ops::accept`).
+    accept_bg: wgpu::BindGroup,
     /// Per top-k pass: its parameters (n, k, 1 / temperature) and bind group (pass i reads
     /// buffer i % 2 (pass 0: the logits) and writes the other).
     topk_passes: Vec<(wgpu::Buffer, wgpu::BindGroup)>,
@@ -231,9 +235,15 @@ pub struct GpuBackend {
     queued: std::collections::VecDeque<QueuedStep>,
     /// Steps queued so far (picks the next readback of `argmax_ring`).
     queued_total: usize,
+    /// Drafts of the last queued step: how far a step queued behind it with its input from
+    /// the device may move back.
+    ahead_drafts: usize,
     /// Whether the step being recorded is submitted at once (the GPU has queued steps to run
     /// meanwhile) rather than in parts of a few layers.
     whole_step: bool,
+    /// How many positions the step being recorded may move back on the device: the drafts
+    /// of the queued step ahead of it, when its input comes from that step (`ops::accept`).
+    moves: usize,
     /// The step uniform's values.
     step: params::Step,
     /// Host-side timing of decode steps (`BITNET_GPU_TIMING=1`).
@@ -287,6 +297,7 @@ impl Backend for GpuBackend {
         self.check_inputs(tokens, tokens.len())?;
         // Host tokens start over: queued steps no one reads any more are dropped.
         self.queued.clear();
+        self.ahead_drafts = 0;
         self.begin_step(tokens, tokens.len());
         Ok(())
     }
@@ -382,6 +393,13 @@ impl Backend for GpuBackend {
         self.step.pos = pos as u32;
         self.step.chunk = chunk as u32;
         self.step.nsplit = nsplit as u32;
+        self.step.most = single.most_splits(t) as u32;
+        // A step the device may move back (`ops::accept`) runs as many splits as any of its
+        // possible lengths needs; the extra ones return at once.
+        let nsplit = (maxlen - self.moves.min(pos)..=maxlen)
+            .map(|m| single.splits(t, m).1)
+            .max()
+            .unwrap_or(nsplit);
         self.step.cap = cache.block_size as u32;
         let heads = self.cfg.num_heads;
         let kv_heads = self.cfg.num_kv_heads;

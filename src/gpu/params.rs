@@ -23,8 +23,17 @@ pub struct Step {
     pub row0: u32,
     /// Head: rows in this logits batch.
     pub nrows: u32,
-    /// Padding.
+    /// Zero (kernels read it to keep the compiler from fusing roundings, see common.wgsl).
     pub pad: u32,
+    /// Attention: most splits a row may take (the device recomputes `chunk` and `nsplit`
+    /// from it when it moves a queued step's position, see accept.wgsl).
+    pub most: u32,
+    /// Padding.
+    pub pad1: u32,
+    /// Padding.
+    pub pad2: u32,
+    /// Padding.
+    pub pad3: u32,
 }
 
 #[cfg(test)]

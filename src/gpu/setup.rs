@@ -11,6 +11,7 @@ use crate::format::NORMED_PARTS;
 use crate::format::{Bytes, FloatTensor, TernaryMatrix};
 use std::borrow::Cow;
 use std::sync::Arc;
+use wgpu::util::DeviceExt;
 
 /// The fused matrix of `parts` (stacked by rows) in the matmul layout, with its bind group
 /// writing into `out`. The checkpoint-packed codes are checked on the host (no code 3) and
@@ -176,7 +177,15 @@ impl GpuBackend {
             .clamp(1, max_step);
         let f = 4usize;
         let bufs = Bufs {
-            step: uniform(device, "step", &Step::default()),
+            // Also storage: `accept.wgsl`'s fix-up moves a queued step's position.
+            step: device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("step"),
+                contents: bytemuck::bytes_of(&Step::default()),
+                usage: wgpu::BufferUsages::UNIFORM
+                    | wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST,
+            }),
+            rejected: storage(device, "rejected drafts", 4),
             tokens: storage(device, "tokens", max_step * 4),
             x: storage(device, "x", max_step * h * f),
             xq: storage(device, "xq", max_step * kpmax),
@@ -450,6 +459,17 @@ impl GpuBackend {
                 &bufs.argmax_result,
             ],
         );
+        let accept_bg = bind_group(
+            device,
+            "accept",
+            &ops.accept.layout,
+            &[
+                &bufs.step,
+                &bufs.tokens,
+                &bufs.argmax_result,
+                &bufs.rejected,
+            ],
+        );
         let topk_passes = (0..ops::topk::PASSES)
             .map(|i| {
                 let params = uniform(device, "topk", &TopkP::default());
@@ -550,6 +570,7 @@ impl GpuBackend {
             layers,
             final_norm_bg,
             argmax_bg,
+            accept_bg,
             topk_passes,
             embed_shards,
             head_shards,
@@ -565,6 +586,8 @@ impl GpuBackend {
             tokens_at: 0,
             decode_rows: false,
             queued_total: 0,
+            ahead_drafts: 0,
+            moves: 0,
             whole_step: false,
             step: Step::default(),
             timing: std::env::var_os("BITNET_GPU_TIMING").map(|_| HostTiming::default()),

@@ -398,6 +398,7 @@ impl GpuBackend {
         self.tokens.extend_from_slice(host);
         self.tokens_at = t - host.len();
         self.decode_rows = false;
+        self.moves = 0;
         self.whole_step = !self.queued.is_empty();
         self.step = params::Step {
             t: t as u32,

@@ -2,14 +2,16 @@
 //! back, each queued before the one ahead of it is read.
 //!
 //! A step verifies its drafts on the device (the argmax of every row; a few bytes come back).
-//! While it runs, the host queues its successor on the assumption that every draft will be
-//! accepted: the successor's first input is the running step's last pick, copied on the device,
-//! and its drafts continue the running step's drafts. When the running step rejects a draft, the
-//! successor is dropped (its keys and values lie past the accepted tokens and are overwritten);
-//! when every draft holds, the successor is already running. Greedy tokens are exactly plain
-//! decoding's: every emitted token is a row's argmax over the tokens before it, and the rows of
-//! a decode step are computed exactly as one-token steps'. The drafts of a dropped successor
-//! count in no statistic (they were never verified).
+//! While it runs, the host queues its successor, whose input is the running step's pick after
+//! its accepted drafts and whose position follows them: the device accepts the drafts itself
+//! ([`crate::backend::DeviceSteps::embed_decode_step`]), so the successor is valid whatever the
+//! running step accepts and the device never waits for the host. The successor's own drafts
+//! continue the running step's drafts and the drafter's guess of its pick (the guess is one
+//! more draft, verified by the running step). When the running step rejects a draft, the
+//! successor's drafts are verified all the same but tell nothing of the drafter (their time
+//! is the rejection's cost), and the step after it drafts nothing. Greedy tokens are exactly plain decoding's: every emitted token is a row's
+//! argmax over the tokens before it, and the rows of a decode step are computed exactly as
+//! one-token steps'.
 
 use std::collections::VecDeque;
 
@@ -24,8 +26,6 @@ use crate::tokenizer::Tokenizer;
 
 /// A step on the device, not read yet.
 struct Flight {
-    /// Position of its first input.
-    pos: usize,
     /// The drafts after its first input.
     drafts: Vec<u32>,
     /// The first input its drafts were drafted after, when that input was a guess (the pick
@@ -35,6 +35,17 @@ struct Flight {
     draft_secs: f64,
     /// The drafts' kind ([`crate::engine::speculative::Drafter::draft`]).
     kind: usize,
+    /// Whether the step ahead accepted every draft, and the guessed input came true (None:
+    /// no guess): set when the step ahead is read.
+    ahead_held: bool,
+    guess_ok: Option<bool>,
+}
+
+impl Flight {
+    /// Whether its drafts follow its true input.
+    fn sound(&self) -> bool {
+        self.drafts.is_empty() || (self.ahead_held && self.guess_ok != Some(false))
+    }
 }
 
 impl<B: Backend> Generator<B> {
@@ -49,8 +60,6 @@ impl<B: Backend> Generator<B> {
         control: &mut SpecControl,
     ) -> Result<()> {
         let mut flight: VecDeque<Flight> = VecDeque::new();
-        // Whether the drafts of the step ahead follow its true input.
-        let mut front_sound = true;
         let (mut rows, mut ext) = (Vec::new(), Vec::new());
         let mut last_read = Instant::now();
         // Seconds spent drafting since the last read: they belong to the steps drafted for,
@@ -75,41 +84,46 @@ impl<B: Backend> Generator<B> {
                     self.profile.as_mut(),
                 )?;
                 flight.push_back(Flight {
-                    pos,
                     drafts,
                     guessed_input: None,
                     draft_secs,
                     kind,
+                    ahead_held: true,
+                    guess_ok: None,
                 });
-                front_sound = true;
             }
-            if flight.len() == 1 && front_sound {
+            if flight.len() == 1 {
+                // The step ahead's input is the context's last token (everything before it
+                // is read): the successor is recorded as if all its drafts were accepted.
                 let f = &flight[0];
                 let ahead = f.drafts.len() + 1;
                 if s.room_for(ahead) {
-                    // The successor's input is `f`'s last pick (a guess for now: the drafter's
-                    // next token), then drafts continuing that guess.
-                    let room = s.draft_room().saturating_sub(ahead);
-                    let t0 = Instant::now();
-                    let (kind, mut guess) =
-                        self.draft_after(control, s.context(), &f.drafts, (1, room), &mut ext)?;
-                    let draft_secs = t0.elapsed().as_secs_f64();
-                    drafting += draft_secs;
+                    let (mut kind, mut guess, mut draft_secs) = (0, Vec::new(), 0.0);
+                    if f.sound() {
+                        // The successor's input is a guess for now (the drafter's next token),
+                        // then drafts continuing that guess.
+                        let room = s.draft_room().saturating_sub(ahead);
+                        let t0 = Instant::now();
+                        (kind, guess) =
+                            self.draft_after(control, s.context(), &f.drafts, (1, room), &mut ext)?;
+                        draft_secs = t0.elapsed().as_secs_f64();
+                        drafting += draft_secs;
+                    }
                     let guessed_input = (!guess.is_empty()).then(|| guess.remove(0));
-                    let pos = f.pos + ahead;
                     queue_greedy_step(
                         &mut self.backend,
                         &mut self.cache,
                         (None, &guess),
-                        pos,
+                        s.context().len() - 1 + ahead,
                         self.profile.as_mut(),
                     )?;
                     flight.push_back(Flight {
-                        pos,
                         drafts: guess,
                         guessed_input,
                         draft_secs,
                         kind,
+                        ahead_held: false,
+                        guess_ok: None,
                     });
                 }
             }
@@ -131,35 +145,43 @@ impl<B: Backend> Generator<B> {
                     rows.len()
                 )));
             }
+            // As the device accepted them (`accept.wgsl`).
             let accepted = f
                 .drafts
                 .iter()
                 .zip(&rows)
                 .take_while(|(d, r)| d == r)
                 .count();
-            if m == 0 {
+            // The guessed input is a draft too, verified by the step ahead: when it failed,
+            // so did every draft after it.
+            let (drafted, held) = match f.guess_ok {
+                Some(ok) => (m + 1, if ok { accepted + 1 } else { 0 }),
+                None => (m, accepted),
+            };
+            if drafted == 0 {
                 control.plain_step(secs + f.draft_secs);
-            } else {
+            } else if f.ahead_held {
                 // Drafting runs on the host while the device works, but a draft model's steps
                 // are seconds the loop spends: they count as drafting, the rest as the step.
-                stats.add(m, accepted);
-                control.verify_step(f.kind, m, accepted, f.draft_secs, secs);
+                stats.add(drafted, held);
+                control.verify_step(f.kind, drafted, held, f.draft_secs, secs);
+            } else {
+                stats.add(drafted, held);
+                control.unsound_step(secs + f.draft_secs, accepted + 1);
             }
             if trace {
                 eprintln!(
-                    "spec: queued step of {m} drafts accepted {accepted} after {:.0} us ({} behind) {control:?}",
+                    "spec: queued step of {m} drafts (guess {:?}, ahead held {}) accepted {accepted} after {:.0} us ({} behind) {control:?}",
+                    f.guess_ok,
+                    f.ahead_held,
                     secs * 1e6,
                     flight.len()
                 );
             }
             let bonus = rows[accepted];
-            if accepted < m {
-                // The successor assumed every draft: its inputs and positions are wrong.
-                for dropped in flight.drain(..) {
-                    control.wasted(dropped.draft_secs);
-                }
-            } else if let Some(next) = flight.front() {
-                front_sound = next.drafts.is_empty() || next.guessed_input == Some(bonus);
+            if let Some(next) = flight.front_mut() {
+                next.ahead_held = accepted == m;
+                next.guess_ok = next.guessed_input.map(|g| g == bonus);
             }
             for &tok in f.drafts[..accepted].iter().chain([&bonus]) {
                 if !emit(s, tok, tokenizer, on_token)? {

@@ -4,6 +4,7 @@
 //! [`super::params`]; their tests against [`crate::reference`] are in `tests/gpu.rs`.
 //! [`Ops`] compiles them all once at load.
 
+pub mod accept;
 pub mod argmax;
 pub mod attention;
 pub mod embed;
@@ -232,6 +233,8 @@ pub struct Ops {
     pub head: head::Head,
     /// Argmax of the logits.
     pub argmax: argmax::Argmax,
+    /// Device-side acceptance of queued steps' drafts.
+    pub accept: accept::Accept,
     /// KV positions moved down with their keys re-rotated.
     pub kv_shift: kv_shift::KvShift,
     /// Top-k selection of the logits.
@@ -259,6 +262,7 @@ impl Ops {
             paged: paged::Paged::new(target),
             head: head::Head::new(target),
             argmax: argmax::Argmax::new(target),
+            accept: accept::Accept::new(target),
             kv_shift: kv_shift::KvShift::new(target),
             topk: topk::TopK::new(target),
             probe: probe::Probe::new(target),
