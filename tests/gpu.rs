@@ -1480,8 +1480,8 @@ fn probes_of_failing_drafts_are_verified_behind_queued_steps() {
         assert!(st.steps >= 3, "{st:?}");
         assert!(st.acceptance_rate() < 0.5, "{st:?}");
         if model {
-            // A model drafts only for steps that are queued: each is verified, or dropped
-            // behind a verification that rejected.
+            // A model drafts only for steps that are queued, and each is verified (behind a
+            // verification that rejected too: the device moves it back).
             assert!(calls.load(Ordering::Relaxed) <= 2 * st.steps, "{st:?}");
         }
     }
