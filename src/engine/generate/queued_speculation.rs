@@ -9,9 +9,9 @@
 //! continue the running step's drafts and the drafter's guess of its pick (the guess is one
 //! more draft, verified by the running step). When the running step rejects a draft, the
 //! successor's drafts are verified all the same but tell nothing of the drafter (their time
-//! is the rejection's cost), and the step after it drafts nothing. Greedy tokens are exactly plain decoding's: every emitted token is a row's
-//! argmax over the tokens before it, and the rows of a decode step are computed exactly as
-//! one-token steps'.
+//! is the rejection's cost), and the step after it drafts nothing. Greedy tokens are exactly
+//! plain decoding's: every emitted token is a row's argmax over the tokens before it, and the
+//! rows of a decode step are computed exactly as one-token steps'.
 
 use std::collections::VecDeque;
 
@@ -153,7 +153,8 @@ impl<B: Backend> Generator<B> {
                 .take_while(|(d, r)| d == r)
                 .count();
             // The guessed input is a draft too, verified by the step ahead: when it failed,
-            // so did every draft after it.
+            // the drafts after it (which continued it) count as failed, though a chance match
+            // is still emitted.
             let (drafted, held) = match f.guess_ok {
                 Some(ok) => (m + 1, if ok { accepted + 1 } else { 0 }),
                 None => (m, accepted),
