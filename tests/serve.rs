@@ -1966,6 +1966,42 @@ fn sigterm_drains_in_flight_requests_then_exits_0() {
 }
 
 #[test]
+fn the_drain_timeout_ends_running_requests_with_an_error_and_exits_0() {
+    let mut s = Server::start(slow_model(), &["--shutdown-timeout", "1"]);
+    let r = agent()
+        .post(&s.url("/v1/completions"))
+        .header("content-type", "application/json")
+        .send(
+            json!({ "prompt": "never done", "max_tokens": 1000, "stream": true, "temperature": 0 })
+                .to_string(),
+        )
+        .unwrap();
+    let mut reader = BufReader::new(r.into_body().into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // The workers end the request (their threads, owning the backends, are joined before the
+    // process exits): the stream says why instead of breaking off.
+    let mut rest = String::new();
+    let _ = reader.read_to_string(&mut rest);
+    assert!(
+        rest.contains("the server stopped before the request finished"),
+        "{rest:.300}"
+    );
+    assert!(
+        !rest.contains("\"finish_reason\":\"length\""),
+        "{rest:.300}"
+    );
+    let status = s.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
 fn openai_python_client_completes_and_streams_chat() {
     let model = long_context_fixture();
     let batches = std::env::temp_dir().join(format!("bitnet-py-batches-{}", std::process::id()));

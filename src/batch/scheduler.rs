@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -175,7 +175,9 @@ pub struct SchedulerStats {
 /// handle is gone and its work is done.
 #[derive(Clone)]
 pub struct Scheduler {
-    tx: SyncSender<Request>,
+    tx: SyncSender<Msg>,
+    /// Set by [`Scheduler::stop_now`]: the engine ends every request and its thread.
+    stop: Arc<AtomicBool>,
     stats: Arc<SchedulerStats>,
     cfg: SchedulerConfig,
     vocab: usize,
@@ -198,7 +200,9 @@ impl Scheduler {
         stats.kv_total.store(cfg.kv_blocks, Relaxed);
         let (tx, rx) = mpsc::sync_channel(cfg.max_queue.max(1));
         let vocab = backend.config().vocab_size;
+        let stop = Arc::new(AtomicBool::new(false));
         let mut engine = Engine {
+            stop: stop.clone(),
             backend,
             pool,
             alloc: BlockAllocator::new(cfg.kv_blocks, cfg.block_size),
@@ -215,6 +219,7 @@ impl Scheduler {
             .map_err(|e| Error::Backend(format!("engine thread: {e}")))?;
         Ok(Scheduler {
             tx,
+            stop,
             stats,
             cfg,
             vocab,
@@ -279,7 +284,7 @@ impl Scheduler {
             self.stats.queued.fetch_sub(1, Relaxed);
             return Err(SubmitError::QueueFull(queued));
         }
-        match self.tx.try_send(r) {
+        match self.tx.try_send(Msg::Run(Box::new(r))) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.stats.queued.fetch_sub(1, Relaxed);
@@ -302,6 +307,28 @@ impl Scheduler {
             }
         }
     }
+
+    /// Ends every queued and running request (an error event: the server stopped) after the
+    /// step in progress, and waits for the engine thread to end and drop its backend. Any
+    /// handle may call it; a second call waits for the first one's thread to end.
+    pub fn stop_now(&self) {
+        self.stop.store(true, Relaxed);
+        // Wakes an idle engine; a full queue means the engine is busy and sees the flag.
+        let _ = self.tx.try_send(Msg::Stop);
+        if let Ok(mut thread) = self.thread.lock() {
+            if let Some(t) = thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// What the engine thread receives.
+enum Msg {
+    /// A request to run.
+    Run(Box<Request>),
+    /// Wakes the engine to see [`Scheduler::stop_now`]'s flag.
+    Stop,
 }
 
 struct Seq {
@@ -330,6 +357,8 @@ struct Seq {
 }
 
 struct Engine<B: BatchBackend> {
+    /// [`Scheduler::stop_now`]'s flag.
+    stop: Arc<AtomicBool>,
     backend: B,
     pool: B::Cache,
     alloc: BlockAllocator,
@@ -343,16 +372,23 @@ struct Engine<B: BatchBackend> {
 }
 
 impl<B: BatchBackend> Engine<B> {
-    fn run(&mut self, rx: Receiver<Request>) {
+    fn run(&mut self, rx: Receiver<Msg>) {
         loop {
+            if self.stop.load(Relaxed) {
+                self.end_all("the server stopped before the request finished");
+                break;
+            }
             if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.recv() {
-                    Ok(r) => self.enqueue(r),
+                    Ok(Msg::Run(r)) => self.enqueue(*r),
+                    Ok(Msg::Stop) => continue,
                     Err(_) => break,
                 }
             }
-            while let Ok(r) = rx.try_recv() {
-                self.enqueue(r);
+            while let Ok(m) = rx.try_recv() {
+                if let Msg::Run(r) = m {
+                    self.enqueue(*r);
+                }
             }
             self.drop_cancelled();
             self.admit();
@@ -366,13 +402,28 @@ impl<B: BatchBackend> Engine<B> {
             self.stats.step_ms.store(ms, Relaxed);
             if let Err(e) = stepped {
                 // A failed step poisons every running sequence's state: end them all.
-                for mut s in std::mem::take(&mut self.running) {
-                    s.sink.send(Event::Error(e.to_string()));
-                    self.free(&mut s);
-                }
+                self.fail_running(&e.to_string());
             }
             self.publish();
         }
+    }
+
+    /// Ends every running sequence with an error event saying `why`.
+    fn fail_running(&mut self, why: &str) {
+        for mut s in std::mem::take(&mut self.running) {
+            s.sink.send(Event::Error(why.into()));
+            self.free(&mut s);
+        }
+    }
+
+    /// Ends every running and waiting sequence with an error event saying `why`.
+    fn end_all(&mut self, why: &str) {
+        self.fail_running(why);
+        for mut s in std::mem::take(&mut self.waiting) {
+            s.sink.send(Event::Error(why.into()));
+            self.stats.queued.fetch_sub(1, Relaxed);
+        }
+        self.publish();
     }
 
     fn enqueue(&mut self, r: Request) {

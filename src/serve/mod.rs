@@ -255,10 +255,11 @@ fn combined(parts: &[&SchedulerStats]) -> SchedulerStats {
 }
 
 impl LoadedModel {
-    /// Stops its workers, waiting for each thread to end (and drop its backend).
-    pub fn shutdown(self) {
-        for w in self.workers {
-            w.sched.shutdown();
+    /// Stops its workers, ending the requests they still hold, and waits for each thread to
+    /// end (and drop its backend).
+    pub fn stop_workers(&self) {
+        for w in &self.workers {
+            w.sched.stop_now();
         }
     }
 
@@ -721,18 +722,26 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         tracing::info!(timeout, "shutting down: draining in-flight requests");
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(timeout)).await;
-            tracing::warn!("drain timeout reached; exiting");
+            tracing::warn!("drain timeout reached; ending the requests still running");
+            let _ = tokio::task::spawn_blocking(move || stop_workers(&drain)).await;
+            tracing::info!("workers stopped; exiting");
             std::process::exit(0);
         });
     })
     .await;
-    // The workers' threads own the backends (GPU devices among them): stop and join them
-    // before the process exits, where a GPU driver's exit-time teardown under a live device
-    // crashed the process (NVIDIA, Vulkan).
-    let model = state.model.write().ok().and_then(|mut m| m.take());
-    if let Some(m) = model.and_then(|m| Arc::try_unwrap(m).ok()) {
-        m.shutdown();
-    }
+    tokio::task::spawn_blocking(move || stop_workers(&state))
+        .await
+        .map_err(|e| Error::Backend(format!("stopping the workers: {e}")))?;
     tracing::info!("drained; bye");
     Ok(())
+}
+
+/// Stops the loaded model's workers and joins their threads: they own the backends (GPU
+/// devices among them), and a GPU driver's exit-time teardown under a live device crashed the
+/// process (NVIDIA, Vulkan). Requests they still hold end with an error.
+fn stop_workers(state: &AppState) {
+    let model = state.model.read().ok().and_then(|m| m.clone());
+    if let Some(m) = model {
+        m.stop_workers();
+    }
 }
