@@ -1418,6 +1418,25 @@ fn queued_verification_gives_plain_decodings_tokens() {
             assert!(st.accepted < st.drafted, "{st:?}");
         }
     }
+    // Prompt lookup as users run it (its guesses of a running step's pick fail too, right
+    // after plain steps): the prompt on which an unfinished build's tokens went wrong.
+    let ngram = bitnet_inference::engine::speculative::NgramDrafter::default();
+    let mut spec = Speculation::new(Box::new(ngram), 4).unwrap();
+    spec.adaptive = false;
+    g.set_speculation(Some(spec));
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-fortunes");
+    let tok = bitnet_inference::tokenizer::Tokenizer::from_dir(&dir)
+        .unwrap()
+        .unwrap();
+    let thou = tok.encode("Thou shalt not", true).unwrap();
+    let plain = {
+        let mut p = Generator::new(gpu(&w)).unwrap();
+        p.generate(&thou, &o, None, |_, _| true).unwrap().tokens
+    };
+    let out = g.generate(&thou, &o, None, |_, _| true).unwrap();
+    let st = out.speculative.unwrap();
+    assert_eq!(out.tokens, plain, "{st:?}");
+    assert!(st.accepted > 0 && st.accepted < st.drafted, "{st:?}");
 }
 
 /// With the cost model on, drafting that never pays is probed now and then among the GPU's
