@@ -1412,8 +1412,10 @@ fn queued_verification_gives_plain_decodings_tokens() {
         let st = out.speculative.unwrap();
         assert_eq!(out.tokens, want, "k {k} miss {miss}: {st:?}");
         assert!(st.accepted > 0 && st.steps > 0, "{st:?}");
+        assert!(st.accepted <= st.drafted - st.wasted, "{st:?}");
         if miss > 100 {
             assert_eq!(st.accepted, st.drafted, "{st:?}");
+            assert_eq!(st.wasted, 0, "{st:?}");
         } else {
             assert!(st.accepted < st.drafted, "{st:?}");
         }

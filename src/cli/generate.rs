@@ -256,6 +256,8 @@ pub(crate) fn spec_json<B: Backend>(
             "drafted": s.drafted,
             "accepted": s.accepted,
             "acceptance_rate": s.acceptance_rate(),
+            "wasted": s.wasted,
+            "draft_acceptance_rate": s.draft_acceptance_rate(),
         }),
         _ => serde_json::Value::Null,
     }

@@ -522,7 +522,7 @@ impl<B: Backend> Generator<B> {
                     let mut out = Vec::with_capacity(step.len());
                     let accepted = s.verify_drafts(inputs, &self.drafts, &mut out);
                     if let Some(st) = &mut stats {
-                        st.add(self.drafts.len(), accepted);
+                        st.add(self.drafts.len(), accepted, 0);
                     }
                     control.verify_step(
                         kind,

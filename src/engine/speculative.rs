@@ -296,6 +296,10 @@ pub struct SpecStats {
     pub drafted: u64,
     /// Drafted tokens accepted.
     pub accepted: u64,
+    /// Drafted tokens verified after a wrong input (queued verification on a device: behind
+    /// a step that rejected a draft, or after a wrong guess of the running step's pick):
+    /// counted in `drafted`, never in `accepted`.
+    pub wasted: u64,
 }
 
 impl SpecStats {
@@ -308,11 +312,24 @@ impl SpecStats {
         }
     }
 
-    /// Adds one verification step's counts.
-    pub fn add(&mut self, drafted: usize, accepted: usize) {
+    /// Accepted / drafted after a true input (0 when nothing was): how often the drafter was
+    /// right, whatever the queue wasted.
+    pub fn draft_acceptance_rate(&self) -> f64 {
+        let sound = self.drafted - self.wasted;
+        if sound == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / sound as f64
+        }
+    }
+
+    /// Adds one verification step's counts: `drafted` tokens, `accepted` of them, `wasted` of
+    /// them after a wrong input.
+    pub fn add(&mut self, drafted: usize, accepted: usize, wasted: usize) {
         self.steps += 1;
         self.drafted += drafted as u64;
         self.accepted += accepted as u64;
+        self.wasted += wasted as u64;
     }
 }
 
@@ -702,6 +719,21 @@ mod tests {
         let (speculative, per_token) = run(2.4);
         assert!(speculative < 20, "{speculative}");
         assert!(per_token <= 1.0 + SpecControl::LOSS_BUDGET, "{per_token}");
+    }
+
+    #[test]
+    fn draft_acceptance_leaves_out_the_wasted_drafts() {
+        let mut st = SpecStats::default();
+        st.add(4, 3, 0);
+        st.add(5, 0, 4);
+        st.add(3, 0, 3);
+        assert_eq!(
+            (st.steps, st.drafted, st.accepted, st.wasted),
+            (3, 12, 3, 7)
+        );
+        assert_eq!(st.acceptance_rate(), 0.25);
+        assert_eq!(st.draft_acceptance_rate(), 0.6);
+        assert_eq!(SpecStats::default().draft_acceptance_rate(), 0.0);
     }
 
     #[test]

@@ -153,8 +153,8 @@ impl<B: Backend> Generator<B> {
                 .take_while(|(d, r)| d == r)
                 .count();
             // The guessed input is a draft too, verified by the step ahead: when it failed,
-            // the drafts after it (which continued it) count as failed, though a chance match
-            // is still emitted.
+            // the drafts after it (which continued it) are wasted, though a chance match is
+            // still emitted.
             let (drafted, held) = match f.guess_ok {
                 Some(ok) => (m + 1, if ok { accepted + 1 } else { 0 }),
                 None => (m, accepted),
@@ -164,10 +164,12 @@ impl<B: Backend> Generator<B> {
             } else if f.ahead_held {
                 // Drafting runs on the host while the device works, but a draft model's steps
                 // are seconds the loop spends: they count as drafting, the rest as the step.
-                stats.add(drafted, held);
+                let wasted = if f.guess_ok == Some(false) { m } else { 0 };
+                stats.add(drafted, held, wasted);
                 control.verify_step(f.kind, drafted, held, f.draft_secs, secs);
             } else {
-                stats.add(drafted, held);
+                // Behind a rejection every draft followed a wrong input.
+                stats.add(drafted, 0, drafted);
                 control.unsound_step(secs + f.draft_secs, accepted + 1);
             }
             if trace {
