@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speculative decoding's speed-up (issue #18): `bitnet generate --json` plain and with each
-speculative method, interleaved rounds, the median decode tok/s and acceptance printed as a
-Markdown table.
+speculative method, interleaved rounds, the median decode tok/s and acceptance (of every
+verified draft / of the drafts verified after a true input) printed as a Markdown table.
 
 Usage: tools/spec_bench.py [--bitnet target/release/bitnet] [--backends gpu,cpu]
        [--runs 3] [--max-tokens 256] [--threads N]
@@ -82,9 +82,11 @@ def main():
                 rate = statistics.median(j["decode_tok_s"] for j in got[name])
                 cell = f"{rate:,.0f}"
                 if name != "plain":
-                    acc = statistics.median(j["speculative"]["acceptance_rate"] for j in got[name])
+                    sp = [j["speculative"] for j in got[name]]
+                    acc = statistics.median(x["acceptance_rate"] for x in sp)
+                    right = statistics.median(x["draft_acceptance_rate"] for x in sp)
                     same = "" if tokens[name] == tokens["plain"] else ", tokens differ"
-                    cell += f" ({rate / plain:.2f}×, acc. {acc:.2f}{same})"
+                    cell += f" ({rate / plain:.2f}×, acc. {acc:.2f} / {right:.2f}{same})"
                 cells.append(cell)
             cells += [""] * (len(methods("gpu")) - len(cells))
             rows.append(f"| {backend} | {pname} | " + " | ".join(cells) + " |")
