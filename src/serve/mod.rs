@@ -724,7 +724,11 @@ async fn serve(opts: ServeOptions) -> Result<()> {
             tokio::time::sleep(Duration::from_secs(timeout)).await;
             tracing::warn!("drain timeout reached; ending the requests still running");
             let _ = tokio::task::spawn_blocking(move || stop_workers(&drain)).await;
-            tracing::info!("workers stopped; exiting");
+            // The ended requests' streams are still being written: the server returns once
+            // their connections close, unless a client does not read its end.
+            tracing::info!("workers stopped; waiting for the connections to close");
+            tokio::time::sleep(Duration::from_secs(CLOSE_GRACE_SECS)).await;
+            tracing::warn!("connections still open; exiting");
             std::process::exit(0);
         });
     })
@@ -735,6 +739,9 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     tracing::info!("drained; bye");
     Ok(())
 }
+
+/// Seconds the connections get to close after the drain timeout has ended their requests.
+const CLOSE_GRACE_SECS: u64 = 5;
 
 /// Stops the loaded model's workers and joins their threads: they own the backends (GPU
 /// devices among them), and a GPU driver's exit-time teardown under a live device crashed the
