@@ -1937,6 +1937,16 @@ fn huge_prompts_are_tokenized_off_the_async_workers() {
     );
 }
 
+/// Sends the server SIGTERM.
+fn sigterm(s: &Server) {
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
 #[test]
 fn sigterm_drains_in_flight_requests_then_exits_0() {
     let mut s = Server::start(slow_model(), &[]);
@@ -1951,12 +1961,7 @@ fn sigterm_drains_in_flight_requests_then_exits_0() {
     let mut reader = BufReader::new(r.into_body().into_reader());
     let mut first = String::new();
     reader.read_line(&mut first).unwrap();
-    let pid = s.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&s);
     let mut rest = String::new();
     reader.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("\"finish_reason\":\"length\""), "{rest:.300}");
@@ -1990,12 +1995,7 @@ fn the_drain_timeout_ends_running_requests_with_an_error_and_exits_0() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let pid = s.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&s);
     // The drain timeout (none here: the request cannot finish first) has the workers end the
     // request, and joins their threads (they own the backends) before the process exits: the
     // client gets an error saying why instead of a broken connection.
