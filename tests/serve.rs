@@ -1937,6 +1937,12 @@ fn huge_prompts_are_tokenized_off_the_async_workers() {
     );
 }
 
+/// The last 300 characters of `s`, for failure messages about how a stream ended.
+fn tail(s: &str) -> String {
+    let n = s.chars().count().saturating_sub(300);
+    s.chars().skip(n).collect()
+}
+
 /// Sends the server SIGTERM.
 fn sigterm(s: &Server) {
     let pid = s.child.id().to_string();
@@ -2005,6 +2011,35 @@ fn the_drain_timeout_ends_running_requests_with_an_error_and_exits_0() {
         body.contains("the server stopped before the request finished"),
         "{body:.300}"
     );
+    assert_eq!(s.child.wait().unwrap().code(), Some(0));
+}
+
+/// A streamed request ended by the drain timeout gets the error as an event, then `[DONE]`,
+/// before the server exits (its connection gets a grace period to flush them).
+#[test]
+fn the_drain_timeout_ends_a_streamed_request_with_an_error_event_and_done() {
+    let mut s = Server::start(slow_model(), &["--shutdown-timeout", "0"]);
+    let r = agent()
+        .post(&s.url("/v1/completions"))
+        .header("content-type", "application/json")
+        .send(
+            json!({ "prompt": "never done", "max_tokens": 1000, "stream": true, "temperature": 0 })
+                .to_string(),
+        )
+        .unwrap();
+    let mut reader = BufReader::new(r.into_body().into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    sigterm(&s);
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(
+        rest.contains("the server stopped before the request finished"),
+        "{}",
+        tail(&rest)
+    );
+    assert!(!rest.contains("\"finish_reason\":\"length\""));
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{}", tail(&rest));
     assert_eq!(s.child.wait().unwrap().code(), Some(0));
 }
 
