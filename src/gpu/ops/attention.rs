@@ -7,6 +7,8 @@ use super::{Target, Use::*, ATTEND_VEC_COMMON, COMMON};
 use crate::gpu::recorder::Recorder;
 
 const SRC: &str = include_str!("../../../shaders/attention.wgsl");
+/// The prefill attention on subgroups (appended to [`SRC`] where the adapter has them).
+const TILED_SG: &str = include_str!("../../../shaders/attention_tiled_sg.wgsl");
 
 /// Attention over a contiguous cache (`AttnP` in attention.wgsl).
 #[repr(C)]
@@ -40,11 +42,16 @@ pub struct Attention {
     attend_vec: wgpu::ComputePipeline,
     combine: wgpu::ComputePipeline,
     tiled: wgpu::ComputePipeline,
+    /// `attend_tiled_sg`, where subgroups of 8 or more are available.
+    tiled_sg: Option<wgpu::ComputePipeline>,
 }
 
 /// Most rows of a decode step (the longest speculative verification), each computed as a
 /// one-token step's by the fused GEMVs and the vector attention kernel.
 pub const VEC_MAX_T: usize = 1 + crate::engine::speculative::MAX_DRAFT_TOKENS;
+
+/// Invocations of an `attend_tiled_sg` workgroup (`SG_WG`): a quarter as many query rows.
+const SG_WG: usize = 128;
 
 /// Whether the query-tiled prefill attention handles this head shape.
 pub fn tiled_fits(head_dim: usize, group: usize) -> bool {
@@ -58,13 +65,18 @@ impl Attention {
             "attention",
             &[Uniform, Uniform, Read, Read, Read, Write, Write, Read, Read],
         );
-        let parts = [
+        // The subgroup kernel's row butterflies span 8 invocations.
+        let sg = t.subgroup_size.is_some_and(|s| s >= 8);
+        let mut parts = vec![
             COMMON,
             t.kv_section("read1"),
             t.kv_section("read4"),
             ATTEND_VEC_COMMON,
             SRC,
         ];
+        if sg {
+            parts.push(TILED_SG);
+        }
         let m = t.kv_module("attention", &parts);
         let p = |label, entry| t.pipeline(label, &layout, &m, entry, &[]);
         Attention {
@@ -72,6 +84,15 @@ impl Attention {
             attend_vec: p("attend_vec", "attend_vec"),
             combine: p("combine", "combine"),
             tiled: p("attend_tiled", "attend_tiled"),
+            tiled_sg: sg.then(|| {
+                t.pipeline(
+                    "attend_tiled_sg",
+                    &layout,
+                    &m,
+                    "attend_tiled_sg",
+                    &[("SG_WG", SG_WG as f64)],
+                )
+            }),
             layout,
         }
     }
@@ -113,9 +134,13 @@ impl Attention {
         nsplit: usize,
         t: usize,
     ) {
-        let tq = (16 / group).max(1);
+        let (rows, name, pipeline) = match &self.tiled_sg {
+            Some(p) => (SG_WG / 4, "attend_tiled_sg", p),
+            None => (16, "attend_tiled", &self.tiled),
+        };
+        let tq = (rows / group).max(1);
         let dims = [t.div_ceil(tq) as u32, kv_heads as u32, nsplit as u32];
-        rec.dispatch("attend_tiled", &self.tiled, bg, dims);
+        rec.dispatch(name, pipeline, bg, dims);
         if nsplit > 1 {
             let heads = kv_heads * group;
             rec.dispatch("combine", &self.combine, bg, [heads as u32, t as u32, 1]);
