@@ -429,8 +429,32 @@ fn rope_kv_write_and_attention_match_cpu_ops() {
         ..odd_config()
     };
     for cfg in [odd_config(), fixture_like] {
-        for kv in [KvDtype::F32, KvDtype::F16] {
-            rope_kv_write_and_attention_at(&cfg, kv, 160, &[70, 1, 1, 33, 1, 44, 1], 2);
+        for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
+            rope_kv_write_and_attention_at(&cfg, kv, 160, &[70, 1, 1, 33, 1, 44, 1], 2, None);
+        }
+    }
+}
+
+/// The KV shift of attention sinks (`Backend::kv_shift`) on every cache type: positions
+/// 40..105 moved to 6..71 after a 105-token prefill (keys rotated back by 34 positions and,
+/// for int8, quantized again), then prefill and decode steps attend over the moved rows, all
+/// against the host reference cache shifted by `ops::rope_back` as the CPU does it. (The whole
+/// model's int8 logits are no test of the shift: CPU and GPU attention sums differ by ulps,
+/// and V rows, integers times one scale, often sit exactly on an int8 rounding tie, so codes
+/// flip; see tests/window.rs.)
+#[test]
+fn the_kv_shift_moves_and_rerotates_every_cache_type() {
+    let fixture_like = ModelConfig {
+        hidden_size: 64,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        ..odd_config()
+    };
+    for cfg in [odd_config(), fixture_like] {
+        for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
+            let shift = Some((2, 40, 6, 65));
+            rope_kv_write_and_attention_at(&cfg, kv, 160, &[70, 35, 33, 1, 1], 1, shift);
         }
     }
 }
@@ -445,18 +469,21 @@ fn one_token_attention_after_a_long_prompt_spreads_over_many_splits() {
         max_position_embeddings: 4300,
         ..odd_config()
     };
-    rope_kv_write_and_attention_at(&cfg, KvDtype::F16, 4300, &steps, 66);
+    rope_kv_write_and_attention_at(&cfg, KvDtype::F16, 4300, &steps, 66, None);
 }
 
 /// [`rope_kv_write_and_attention_match_cpu_ops`] with a `kv` cache of `cap` positions (the
-/// host reference rounds keys and values to f16 for an f16 one), steps of `steps` tokens, and
-/// at least `min_splits` splits of a one-token row.
+/// host reference stores keys and values as the cache does: f16-rounded, or int8 codes of
+/// each row's absmax scale), steps of `steps` tokens, at least `min_splits` splits of a
+/// one-token row, and `shift` (before step i, positions from..from+n moved to to..to+n and the
+/// sequence cut to to+n) if given.
 fn rope_kv_write_and_attention_at(
     cfg: &ModelConfig,
     kv_dtype: KvDtype,
     cap: usize,
     steps: &[usize],
     min_splits: usize,
+    shift: Option<(usize, usize, usize, usize)>,
 ) {
     let (_dir, w) = synth_model(cfg, 13);
     let mut g = gpu_with(
@@ -466,11 +493,16 @@ fn rope_kv_write_and_attention_at(
             ..Default::default()
         },
     );
-    let round = |x: &[f32]| -> Vec<f32> {
+    // A head's row as the cache holds it.
+    let store = |x: &[f32]| -> Vec<f32> {
         match kv_dtype {
             KvDtype::F32 => x.to_vec(),
             KvDtype::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-            KvDtype::Int8 => unreachable!("this test covers the float caches"),
+            KvDtype::Int8 => {
+                let mut codes = vec![0i8; x.len()];
+                let scale = bitnet_inference::quant::quantize_row_absmax(x, &mut codes);
+                codes.iter().map(|&c| c as f32 * scale).collect()
+            }
         }
     };
     let mut rng = StdRng::seed_from_u64(3);
@@ -483,7 +515,20 @@ fn rope_kv_write_and_attention_at(
     let mut kc = vec![0.0f32; nkv * cap * hd];
     let mut vc = vec![0.0f32; nkv * cap * hd];
     let mut pos = 0;
-    for &t in steps {
+    for (i, &t) in steps.iter().enumerate() {
+        if let Some((_, from, to, n)) = shift.filter(|s| s.0 == i) {
+            g.kv_shift(&mut cache, &[0], from, to, n).unwrap();
+            for kh in 0..nkv {
+                for p in 0..n {
+                    let (src, dst) = ((kh * cap + from + p) * hd, (kh * cap + to + p) * hd);
+                    let mut key = kc[src..src + hd].to_vec();
+                    ops::rope_back(&mut key, from - to, &inv);
+                    kc[dst..dst + hd].copy_from_slice(&store(&key));
+                    vc.copy_within(src..src + hd, dst);
+                }
+            }
+            pos = to + n;
+        }
         g.embed(&vec![1; t]).unwrap();
         let qkv = random(&mut rng, t * stride, 2.0);
         g.write_activation(Activation::Qkv, &from_f32(&qkv));
@@ -497,15 +542,20 @@ fn rope_kv_write_and_attention_at(
             for head in row[..q + kv].chunks_mut(hd) {
                 ops::rope(head, pos + ti, &inv);
             }
-            for kh in 0..nkv {
-                let dst = (kh * cap + pos + ti) * hd;
-                kc[dst..dst + hd].copy_from_slice(&round(&row[q + kh * hd..q + (kh + 1) * hd]));
-                vc[dst..dst + hd]
-                    .copy_from_slice(&round(&row[q + kv + kh * hd..q + kv + (kh + 1) * hd]));
-            }
         }
         let d = max_abs_diff(&got_qkv[..t * stride], &want_qkv);
         assert!(d <= 1e-5, "rope t={t} pos={pos}: {d}");
+        // The cache holds the GPU's own rotated rows (equal to the host's within float noise):
+        // the int8 codes of those are exact.
+        for ti in 0..t {
+            let row = &got_qkv[ti * stride..(ti + 1) * stride];
+            for kh in 0..nkv {
+                let dst = (kh * cap + pos + ti) * hd;
+                kc[dst..dst + hd].copy_from_slice(&store(&row[q + kh * hd..q + (kh + 1) * hd]));
+                vc[dst..dst + hd]
+                    .copy_from_slice(&store(&row[q + kv + kh * hd..q + kv + (kh + 1) * hd]));
+            }
+        }
         let mut scores = vec![0.0; cap];
         for ti in 0..t {
             for h in 0..nh {

@@ -163,17 +163,22 @@ fn the_shift_is_checked() {
     }
 }
 
-/// The GPU's shift (f32, f16 and int8 caches) moves and re-rotates as the CPU's does: the logits
-/// after it agree within the backends' usual tolerance on the reference checkpoint (the
-/// default model's own GPU/CPU logits differ by tenths on some prompts: int8 codes flip), and
-/// differ from the unshifted ones.
+/// The GPU's shift (f32 and f16 caches) moves and re-rotates as the CPU's does: the logits
+/// after it agree within the backends' usual tolerance on the reference checkpoint, and differ
+/// from the unshifted ones. The int8 cache's shift is checked op by op against the host
+/// reference (tests/gpu.rs `the_kv_shift_moves_and_rerotates_every_cache_type`): whole-model
+/// int8 logits of two backends are no test of it, because attention sums that differ by ulps
+/// flip int8 codes of V rows (integers times one scale, often exactly on a rounding tie). On
+/// this checkpoint 4 of 12 prompts of this shape differ from the CPU by 0.06 to 0.2 at some
+/// positions after the shift with either GPU prefill attention kernel, and this test's prompt
+/// differs by 0.035 at one position of its 48-token prefill, before any shift.
 #[cfg(feature = "gpu")]
 #[test]
 fn the_gpu_shift_agrees_with_the_cpu() {
     use bitnet_inference::gpu::{self, GpuOptions};
     let w = load(&common::fixture()).unwrap();
     let ids: Vec<u32> = (0..56).map(|i| (7 + 53 * i) % 300).collect();
-    for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
+    for kv in [KvDtype::F32, KvDtype::F16] {
         let cpu = shifted_logits(cpu_with(&w, HeadMode::Native, kv), &ids);
         let opts = GpuOptions {
             kv,
