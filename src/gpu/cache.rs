@@ -151,17 +151,19 @@ impl GpuBackend {
     }
 
     /// Bytes a KV pool may take on this device: its device-local memory less what is already
-    /// reserved (weights, their f16 copies, step buffers) and a tenth kept free for the driver
-    /// and other users. None where the API does not tell the memory's size.
+    /// allocated (weights, their f16 copies, step buffers) and a tenth kept free for the driver,
+    /// other users and the allocator's partly used blocks (their free space is counted as
+    /// available: a pool's buffers land there first). None where the API does not tell the
+    /// memory's size.
     pub fn pool_memory_budget(&self) -> Option<usize> {
         let total = self.ctx.desc.device_memory?;
-        let reserved = self
+        let allocated = self
             .ctx
             .device
             .generate_allocator_report()
-            .map_or(0, |r| r.total_reserved_bytes);
+            .map_or(0, |r| r.total_allocated_bytes);
         let margin = (total / 10).max(512 << 20);
-        usize::try_from(total.saturating_sub(reserved).saturating_sub(margin)).ok()
+        usize::try_from(total.saturating_sub(allocated).saturating_sub(margin)).ok()
     }
 
     /// Bytes one block of `block_size` positions holds.
