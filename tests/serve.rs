@@ -2063,3 +2063,42 @@ fn openai_python_client_completes_and_streams_chat() {
     );
     let _ = std::fs::remove_dir_all(&batches);
 }
+
+/// `bench-serve` sends prompts the server has not seen: no level repeats another's and no run
+/// repeats an earlier one, so the prefix cache serves none of them (client c's prompts used to
+/// come from seed c in every level and run); the same `--seed` twice does repeat them.
+#[test]
+fn bench_serve_sends_fresh_prompts_unless_seeded() {
+    let s = Server::start(&common::fixture(), &["--max-batch", "8"]);
+    let bench = |seed: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bitnet"));
+        c.args(["bench-serve", "--url", &s.base, "--clients", "2,4"])
+            .args([
+                "--requests",
+                "1",
+                "--prompt-len",
+                "40",
+                "--max-tokens",
+                "2",
+                "--json",
+            ]);
+        if let Some(seed) = seed {
+            c.args(["--seed", seed]);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["levels"].as_array().map(Vec::len), Some(2), "{v}");
+        v["seed"].as_u64().expect("the seed in the JSON")
+    };
+    bench(None);
+    bench(None);
+    assert_eq!(s.metric("bitnet_prefix_cache_hit_tokens"), 0.0);
+    assert_eq!(bench(Some("7")), 7);
+    bench(Some("7"));
+    assert!(s.metric("bitnet_prefix_cache_hit_tokens") > 0.0);
+}

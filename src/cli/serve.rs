@@ -151,6 +151,10 @@ pub(crate) struct BenchServeArgs {
     /// Constrain every response to this JSON schema (a file): structured output's cost.
     #[arg(long)]
     pub(crate) json_schema: Option<std::path::PathBuf>,
+    /// Seed of the random prompts (default: from the clock, so that runs against one server
+    /// do not repeat prompts its prefix cache holds); levels never share prompts.
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -210,9 +214,24 @@ pub(crate) fn bench_serve(a: BenchServeArgs) -> Result<()> {
             base
         }
     };
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
     let mut results = Vec::new();
-    for &c in &a.clients {
-        let r = run_level(&base, c, a.requests, a.prompt_len, a.max_tokens, &extra)?;
+    for (i, &c) in a.clients.iter().enumerate() {
+        // Each level's clients start 2^32 seeds after the previous level's.
+        let level_seed = seed.wrapping_add((i as u64) << 32);
+        let r = run_level(
+            &base,
+            c,
+            a.requests,
+            a.prompt_len,
+            a.max_tokens,
+            &extra,
+            level_seed,
+        )?;
         if !a.json {
             println!(
                 "clients {:>3}: {:>6.2} req/s  {:>8.1} tok/s  TTFT p50 {:>8.1} ms p99 {:>8.1} ms  \
@@ -229,7 +248,7 @@ pub(crate) fn bench_serve(a: BenchServeArgs) -> Result<()> {
         results.push(r);
     }
     if a.json {
-        println!("{}", serde_json::json!({ "levels": results }));
+        println!("{}", serde_json::json!({ "levels": results, "seed": seed }));
     }
     if let Some(mut c) = child {
         let _ = std::process::Command::new("kill")

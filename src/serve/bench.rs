@@ -97,7 +97,10 @@ fn request(agent: &ureq::Agent, url: &str, body: &Value) -> Result<One> {
 
 /// Runs `clients` concurrent clients, each sending `per_client` streaming completions of
 /// `max_tokens` tokens (random `prompt_len`-token prompts, greedy) to `base` (`http://host:port`),
-/// with the request fields of `extra` (an object, e.g. a `response_format`) added.
+/// with the request fields of `extra` (an object, e.g. a `response_format`) added. Client `c`
+/// draws its prompts from `seed + c`: give every level and run its own seeds, or the server's
+/// prefix cache answers the repeated prompts.
+#[allow(clippy::too_many_arguments)]
 pub fn run_level(
     base: &str,
     clients: usize,
@@ -105,6 +108,7 @@ pub fn run_level(
     prompt_len: usize,
     max_tokens: usize,
     extra: &Value,
+    seed: u64,
 ) -> Result<LevelResult> {
     let url = format!("{base}/v1/completions");
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -118,7 +122,7 @@ pub fn run_level(
             .map(|c| {
                 let (agent, url) = (&agent, &url);
                 sc.spawn(move || {
-                    let mut rng = StdRng::seed_from_u64(c as u64);
+                    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(c as u64));
                     (0..per_client)
                         .map(|_| {
                             let prompt: Vec<u32> =
