@@ -428,9 +428,20 @@ fn rope_kv_write_and_attention_match_cpu_ops() {
         head_dim: 16,
         ..odd_config()
     };
-    for cfg in [odd_config(), fixture_like] {
+    // The 2B-4T head shape: 128-wide heads (every lane of the subgroup kernel holds four
+    // column vectors), four query heads a KV head.
+    let wide_heads = ModelConfig {
+        hidden_size: 256,
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 128,
+        ..odd_config()
+    };
+    for cfg in [odd_config(), fixture_like, wide_heads] {
         for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
             rope_kv_write_and_attention_at(&cfg, kv, 160, &[70, 1, 1, 33, 1, 44, 1], 2, None);
+            // Prefill rows within one split write the output themselves (no merge).
+            rope_kv_write_and_attention_at(&cfg, kv, 160, &[20, 12, 1], 1, None);
         }
     }
 }
