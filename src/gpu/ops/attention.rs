@@ -1,5 +1,5 @@
 //! Causal GQA attention over the contiguous KV cache: split partials (scalar, vec4 for decode,
-//! query-tiled for prefill) and their merge.
+//! query-tiled for prefill, on subgroups where the adapter has them) and their merge.
 
 use bytemuck::{Pod, Zeroable};
 
