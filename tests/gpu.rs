@@ -419,15 +419,20 @@ fn part_matmuls_write_exactly_their_rows() {
     }
 }
 
-#[test]
-fn rope_kv_write_and_attention_match_cpu_ops() {
-    let fixture_like = ModelConfig {
+/// [`odd_config`] with the reference checkpoint's head shape (16 wide, two query heads a KV
+/// head).
+fn fixture_like_config() -> ModelConfig {
+    ModelConfig {
         hidden_size: 64,
         num_heads: 4,
         num_kv_heads: 2,
         head_dim: 16,
         ..odd_config()
-    };
+    }
+}
+
+#[test]
+fn rope_kv_write_and_attention_match_cpu_ops() {
     // The 2B-4T head shape: 128-wide heads (every lane of the subgroup kernel holds four
     // column vectors), four query heads a KV head.
     let wide_heads = ModelConfig {
@@ -437,7 +442,7 @@ fn rope_kv_write_and_attention_match_cpu_ops() {
         head_dim: 128,
         ..odd_config()
     };
-    for cfg in [odd_config(), fixture_like, wide_heads] {
+    for cfg in [odd_config(), fixture_like_config(), wide_heads] {
         for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
             rope_kv_write_and_attention_at(&cfg, kv, 160, &[70, 1, 1, 33, 1, 44, 1], 2, None);
             // Prefill rows within one split write the output themselves (no merge).
@@ -455,14 +460,7 @@ fn rope_kv_write_and_attention_match_cpu_ops() {
 /// flip; see tests/window.rs.)
 #[test]
 fn the_kv_shift_moves_and_rerotates_every_cache_type() {
-    let fixture_like = ModelConfig {
-        hidden_size: 64,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 16,
-        ..odd_config()
-    };
-    for cfg in [odd_config(), fixture_like] {
+    for cfg in [odd_config(), fixture_like_config()] {
         for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
             let shift = Some((2, 40, 6, 65));
             rope_kv_write_and_attention_at(&cfg, kv, 160, &[70, 35, 33, 1, 1], 1, shift);
