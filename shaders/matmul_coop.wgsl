@@ -3,26 +3,31 @@
 // weights and int8 activations are exact in f16, their products in f32, and every partial sum
 // is an integer below 2^24 (|sum| <= K * 128 with K <= 130,000).
 //
-// Both operands are f16 copies in storage (widen.wgsl): the weights' rows (`rows` padded to a
-// multiple of 128, K = kvec * 64 columns), the step's activation rows (K columns a token,
-// allocated for a multiple of 64 tokens), so the loaders copy without converting. One
-// 256-invocation workgroup (8 subgroups of 32) computes a 128-row x 64-token tile; subgroup s
-// owns rows 32 (s % 4).. and tokens 32 (s / 4).. as 2 x 2 accumulator fragments. Per 32
-// columns of K the invocations copy the tile's weight rows and activations into workgroup
+// It reads the same packed operands as the int8 kernels (the 2-bit code words, the int8
+// activation rows) and widens them in the loaders. The sum over K does not depend on the order
+// of its columns, so the tiles hold each 16 columns in the order the code words keep them: tile
+// vec4 b of a 16-column group holds columns b, 4 + b, 8 + b, 12 + b, which is byte b of the
+// weights' code word (four 2-bit codes, widened through a 256-entry table in workgroup memory)
+// and byte b of each of the activations' four words (widened by conversion).
+//
+// One 256-invocation workgroup (8 subgroups of 32) computes a 128-row x 64-token tile; subgroup
+// s owns rows 32 (s % 4).. and tokens 32 (s / 4).. as 2 x 2 accumulator fragments. Per 64
+// columns of K the invocations widen the tile's weight rows and activations into workgroup
 // memory (the loads of the two following steps in flight meanwhile), then each subgroup
-// multiplies 2 x (2 A + 2 B fragments). With several workgroups along z (split-K, for steps
+// multiplies 4 x (2 A + 2 B fragments). With several workgroups along z (split-K, for steps
 // with few tiles) each sums its share of K into the i32 scratch and gemm_finish (matmul.wgsl)
 // applies the epilogue. The sums leave through a per-subgroup 16 x 16 staging fragment.
 // Dispatch: (ceil(rows / 128), ceil(T / 64), splits).
 
-@group(0) @binding(2) var<storage, read> wh: array<vec4<f16>>;
-@group(0) @binding(4) var<storage, read> xh: array<vec4<f16>>;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(4) var<storage, read> xq: array<vec4<u32>>;
 
-// vec4<f16> per tile row: 32 columns + 8 of padding against bank conflicts.
-const CS: u32 = 10u;
-var<workgroup> ta: array<vec4<f16>, 1280>; // 128 weight rows x CS, row-major
-var<workgroup> tb: array<vec4<f16>, 640>; // 64 tokens x CS (columns of B)
+// vec4<f16> per tile row: 64 columns + 8 of padding against bank conflicts.
+const CS: u32 = 18u;
+var<workgroup> ta: array<vec4<f16>, 2304>; // 128 weight rows x CS, row-major
+var<workgroup> tb: array<vec4<f16>, 1152>; // 64 tokens x CS (columns of B)
 var<workgroup> tc: array<f32, 2048>; // one 16 x 16 fragment per subgroup, column-major
+var<workgroup> lut: array<vec4<f16>, 256>; // a code byte -> its four weights
 
 // Fragment `c` of subgroup `sg` (rows r, tokens t of the output) through the staging area.
 fn emit(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, r: u32, t: u32, split: bool) {
@@ -38,6 +43,19 @@ fn emit(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, r: u32, t: u32, split: boo
     workgroupBarrier();
 }
 
+// Byte b of each of the four activation words, as f16.
+fn acts(x: vec4<u32>, b: u32) -> vec4<f16> {
+    return vec4<f16>(extractBits(bitcast<vec4<i32>>(x), 8u * b, 8u));
+}
+
+// The code word `wd`'s 16 weights into the four tile vec4s from `at`.
+fn put_weights(at: u32, wd: u32) {
+    ta[at] = lut[wd & 0xffu];
+    ta[at + 1u] = lut[(wd >> 8u) & 0xffu];
+    ta[at + 2u] = lut[(wd >> 16u) & 0xffu];
+    ta[at + 3u] = lut[wd >> 24u];
+}
+
 @compute @workgroup_size(256)
 fn gemm_coop(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -50,60 +68,50 @@ fn gemm_coop(
     let lane = li % 32u;
     let fr = (sg % 4u) * 32u;
     let ft = (sg / 4u) * 32u;
-    // Steps of 32 columns, split over z.
-    let steps = mp.kvec * 2u;
+    let codes = (vec4<u32>(li) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u);
+    lut[li] = vec4<f16>(codes) - vec4<f16>(1.0h);
+    // Steps of 64 columns (one weight vec4 a row), split over z.
+    let steps = mp.kvec;
     let per = (steps + nwg.z - 1u) / nwg.z;
     let m0 = min(steps, wg.z * per);
     let m1 = min(steps, m0 + per);
-    // Loader roles: tile row li / 8 + 32 j, vec4 column li % 8 of each 32 columns. Rows past
-    // the matrix are zero padding, tokens past the step finite leftovers: both only reach
-    // outputs that are not stored.
-    let kv4 = mp.kvec * 16u;
-    let wsrc = (mp.row0 + r0 + li / 8u) * kv4 + li % 8u;
-    let xsrc = (t0 + li / 8u) * kv4 + li % 8u;
-    let at = (li / 8u) * CS + li % 8u;
-    // The loads of the next two steps, in named registers (an indexed array would live in
-    // memory); past the share they read its last step again.
+    // Loader roles: weight row li / 2, code words 2 (li % 2), + 1 of each step's four; token
+    // li / 4, the 16-column group li % 4 (one activation vec4). Rows and tokens past the
+    // matrix and the step read the last one again: they only reach outputs that are not
+    // stored.
+    let wrow = min(r0 + li / 2u, mp.rows - 1u);
+    let wsrc = (mp.row0 + wrow) * mp.kvec * 4u + 2u * (li % 2u);
+    let at = (li / 2u) * CS + 8u * (li % 2u);
+    let xtok = min(t0 + li / 4u, step.t - 1u);
+    let xsrc = xtok * mp.kvec * 4u + li % 4u;
+    let bt = (li / 4u) * CS + 4u * (li % 4u);
+    // The loads of the next two steps, in named registers; past the share they read its last
+    // step again.
     let last = max(m1, m0 + 1u) - 1u;
-    var a0 = wh[wsrc + 8u * m0];
-    var a1 = wh[wsrc + 32u * kv4 + 8u * m0];
-    var a2 = wh[wsrc + 64u * kv4 + 8u * m0];
-    var a3 = wh[wsrc + 96u * kv4 + 8u * m0];
-    var b0 = xh[xsrc + 8u * m0];
-    var b1 = xh[xsrc + 32u * kv4 + 8u * m0];
+    var a0 = vec2<u32>(w[wsrc + 4u * m0], w[wsrc + 4u * m0 + 1u]);
+    var b0 = xq[xsrc + 4u * m0];
     let m0n = min(m0 + 1u, last);
-    var p0 = wh[wsrc + 8u * m0n];
-    var p1 = wh[wsrc + 32u * kv4 + 8u * m0n];
-    var p2 = wh[wsrc + 64u * kv4 + 8u * m0n];
-    var p3 = wh[wsrc + 96u * kv4 + 8u * m0n];
-    var q0 = xh[xsrc + 8u * m0n];
-    var q1 = xh[xsrc + 32u * kv4 + 8u * m0n];
+    var a1 = vec2<u32>(w[wsrc + 4u * m0n], w[wsrc + 4u * m0n + 1u]);
+    var b1 = xq[xsrc + 4u * m0n];
     var c00 = coop_mat16x16<f32, C>();
     var c01 = coop_mat16x16<f32, C>();
     var c10 = coop_mat16x16<f32, C>();
     var c11 = coop_mat16x16<f32, C>();
+    workgroupBarrier();
     for (var m = m0; m < m1; m = m + 1u) {
-        ta[at] = a0;
-        ta[at + 32u * CS] = a1;
-        ta[at + 64u * CS] = a2;
-        ta[at + 96u * CS] = a3;
-        tb[at] = b0;
-        tb[at + 32u * CS] = b1;
+        put_weights(at, a0.x);
+        put_weights(at + 4u, a0.y);
+        tb[bt] = acts(b0, 0u);
+        tb[bt + 1u] = acts(b0, 1u);
+        tb[bt + 2u] = acts(b0, 2u);
+        tb[bt + 3u] = acts(b0, 3u);
         workgroupBarrier();
-        a0 = p0;
-        a1 = p1;
-        a2 = p2;
-        a3 = p3;
-        b0 = q0;
-        b1 = q1;
+        a0 = a1;
+        b0 = b1;
         let mn = min(m + 2u, last);
-        p0 = wh[wsrc + 8u * mn];
-        p1 = wh[wsrc + 32u * kv4 + 8u * mn];
-        p2 = wh[wsrc + 64u * kv4 + 8u * mn];
-        p3 = wh[wsrc + 96u * kv4 + 8u * mn];
-        q0 = xh[xsrc + 8u * mn];
-        q1 = xh[xsrc + 32u * kv4 + 8u * mn];
-        for (var k = 0u; k < 8u; k = k + 4u) {
+        a1 = vec2<u32>(w[wsrc + 4u * mn], w[wsrc + 4u * mn + 1u]);
+        b1 = xq[xsrc + 4u * mn];
+        for (var k = 0u; k < 16u; k = k + 4u) {
             let fa0 = coopLoadT<coop_mat16x16<f16, A>>(&ta[fr * CS + k], CS);
             let fa1 = coopLoadT<coop_mat16x16<f16, A>>(&ta[(fr + 16u) * CS + k], CS);
             let fb0 = coopLoad<coop_mat16x16<f16, B>>(&tb[ft * CS + k], CS);

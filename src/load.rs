@@ -232,8 +232,9 @@ pub fn load_backend(weights: &Weights, opts: &LoadOptions) -> Result<(Engine, Op
             let mut g = crate::gpu::GpuOptions {
                 head: opts.head,
                 kv: opts.kv,
-                // BITNET_GPU_TENSOR_CORES=1: the batched matmuls on cooperative matrices.
-                tensor_cores: std::env::var_os("BITNET_GPU_TENSOR_CORES").is_some_and(|v| v == "1"),
+                // Prefill matmuls on cooperative matrices where the adapter has them, unless
+                // BITNET_GPU_TENSOR_CORES=0.
+                tensor_cores: std::env::var_os("BITNET_GPU_TENSOR_CORES").is_none_or(|v| v != "0"),
                 adapter: opts.adapter,
                 ..Default::default()
             };

@@ -151,7 +151,7 @@ impl GpuBackend {
     }
 
     /// Bytes a KV pool may take on this device: its device-local memory less what is already
-    /// allocated (weights, their f16 copies, step buffers) and a tenth kept free for the driver,
+    /// allocated (weights, step buffers) and a tenth kept free for the driver,
     /// other users and the allocator's partly used blocks (their free space is counted as
     /// available: a pool's buffers land there first). None where the API does not tell the
     /// memory's size.

@@ -58,8 +58,7 @@ pub struct GpuOptions {
     pub subgroups: bool,
     /// Run the matmuls of steps over [`ops::matmul::COOP_MIN_T`] tokens on cooperative matrices
     /// (tensor cores) when the adapter has them (see [`AdapterDesc::tensor_cores`]); off keeps
-    /// the dp4a kernels. Costs an f16 copy of every ternary matrix on the device (8× the packed
-    /// weights: 4.2 GB for the 2B-4T shape).
+    /// the dp4a kernels. Both read the same packed weights.
     pub tensor_cores: bool,
     /// Caps the bytes of one embedding/head shard below the device's binding limit (tests use
     /// it to force sharding).
@@ -110,8 +109,6 @@ struct Mat {
     w: wgpu::Buffer,
     rs: wgpu::Buffer,
     bg: wgpu::BindGroup,
-    /// The tensor-core GEMM's bind groups, where it runs.
-    coop: Option<ops::matmul::CoopBinds>,
 }
 
 /// A layer's fused decode bind groups (norm folded into the matmul that consumes it); the
@@ -163,8 +160,6 @@ struct Bufs {
     x: wgpu::Buffer,
     xq: wgpu::Buffer,
     xs: wgpu::Buffer,
-    /// The activations as f16 for the tensor-core GEMM, where it runs.
-    xh: Option<wgpu::Buffer>,
     /// The split-K GEMM's i32 sums ([`ops::matmul::PART_BYTES`]), zero between matmuls.
     part: wgpu::Buffer,
     qkv: wgpu::Buffer,
@@ -326,7 +321,7 @@ impl Backend for GpuBackend {
                     self.ops.matmul.record(
                         &mut self.rec,
                         "matmul_part",
-                        (&p.matmul, None),
+                        &p.matmul,
                         p.rows,
                         p.kvec,
                         t,
@@ -336,15 +331,9 @@ impl Backend for GpuBackend {
                 return;
             }
         };
-        self.ops.matmul.record(
-            &mut self.rec,
-            label,
-            (&m.bg, m.coop.as_ref()),
-            m.rows,
-            m.kvec,
-            t,
-            acc,
-        );
+        self.ops
+            .matmul
+            .record(&mut self.rec, label, &m.bg, m.rows, m.kvec, t, acc);
     }
 
     fn layer_done(&mut self, layer: usize) {

@@ -1,7 +1,7 @@
 //! Loading the GPU backend: weights repacked and uploaded, pipelines compiled, every bind
 //! group of the model built once.
 
-use super::ops::matmul::{CoopBinds, MatP};
+use super::ops::matmul::MatP;
 use super::ops::{argmax::ArgP, gemv_fused::FusedP, norm::NormP};
 use super::ops::{rope::RopeP, topk::TopkP};
 use super::params::Step;
@@ -69,21 +69,6 @@ fn mat(
         &p.matmul.layout,
         &[&b.step, &params, &w, &rs, &b.xq, &b.xs, out, &b.part],
     );
-    // The tensor-core GEMM's f16 copy, rows padded to its tile (zero: buffers start zeroed).
-    let coop = p.matmul.coop.as_ref().zip(b.xh.as_ref()).map(|(coop, xh)| {
-        let widen = &coop.widen;
-        let rows_pad = rows.next_multiple_of(ops::matmul::COOP_ROWS);
-        let wh = storage(device, name, rows_pad * kvec * 64 * 2);
-        widen.record_weights(device, enc, &b.step, (&w, rows, kvec), &wh);
-        let gemm = bind_group(
-            device,
-            name,
-            &p.matmul.layout,
-            &[&b.step, &params, &wh, &rs, xh, &b.xs, out, &b.part],
-        );
-        let widen = widen.acts_bind_group(device, &b.step, kvec, &b.xq, xh);
-        CoopBinds { gemm, widen }
-    });
     Ok(Mat {
         rows,
         kvec,
@@ -91,7 +76,6 @@ fn mat(
         w,
         rs,
         bg,
-        coop,
     })
 }
 
@@ -189,10 +173,6 @@ impl GpuBackend {
             tokens: storage(device, "tokens", max_step * 4),
             x: storage(device, "x", max_step * h * f),
             xq: storage(device, "xq", max_step * kpmax),
-            xh: ops.matmul.coop.is_some().then(|| {
-                let tokens = max_step.next_multiple_of(ops::matmul::COOP_TOKENS);
-                storage(device, "xq as f16", tokens * kpmax * 2)
-            }),
             xs: storage(device, "xscale", max_step * f),
             part: storage(device, "split-K sums", ops::matmul::PART_BYTES),
             qkv: storage(device, "qkv", max_step * (q + 2 * kv) * f),

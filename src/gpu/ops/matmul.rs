@@ -1,12 +1,12 @@
 //! Ternary × int8 matmuls: the GEMV for one token, the 4-token GEMV for small steps, the
 //! tiled GEMM (dp4a) for larger ones, split over K where a step has few tiles, and the
 //! tensor-core GEMM that replaces the last two for steps of more than [`COOP_MIN_T`] tokens
-//! where the adapter has cooperative matrices (on f16 copies of its operands, [`super::widen`]);
-//! each storing or adding into its output.
+//! where the adapter has cooperative matrices (widening the same packed operands to f16 in its
+//! loaders); each storing or adding into its output.
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{widen::Widen, Target, Use::*, COMMON};
+use super::{Target, Use::*, COMMON};
 use crate::gpu::recorder::Recorder;
 
 const IO: &str = include_str!("../../../shaders/matmul_io.wgsl");
@@ -14,14 +14,15 @@ const SRC: &str = include_str!("../../../shaders/matmul.wgsl");
 const COOP: &str = include_str!("../../../shaders/matmul_coop.wgsl");
 pub(super) const COOP_ENABLE: &str = "enable f16;\nenable wgpu_cooperative_matrix;\n";
 
-/// Workgroup memory of the tensor-core GEMM: 128 × 40 and 64 × 40 f16 tiles and eight 16 × 16
-/// f32 staging fragments (`ta`, `tb`, `tc` in matmul_coop.wgsl).
-pub const COOP_WORKGROUP_BYTES: u32 = (128 + 64) * 40 * 2 + 8 * 256 * 4;
+/// Workgroup memory of the tensor-core GEMM: 128 × 72 and 64 × 72 f16 tiles, eight 16 × 16
+/// f32 staging fragments and the 256 × 4 f16 code table (`ta`, `tb`, `tc`, `lut` in
+/// matmul_coop.wgsl).
+pub const COOP_WORKGROUP_BYTES: u32 = (128 + 64) * 72 * 2 + 8 * 256 * 4 + 256 * 8;
 
-/// Rows of a tensor-core GEMM tile; its matrices' f16 copies are padded to a multiple.
+/// Rows of a tensor-core GEMM tile.
 pub const COOP_ROWS: usize = 128;
 
-/// Tokens of a tensor-core GEMM tile; the f16 activation rows are allocated for a multiple.
+/// Tokens of a tensor-core GEMM tile.
 pub const COOP_TOKENS: usize = 64;
 
 /// Steps of more tokens than this take the tensor-core GEMM where there is one: up to 192-token
@@ -85,7 +86,7 @@ pub fn k_splits(rows: usize, kvec: usize, t: usize) -> usize {
 }
 
 /// K splits of a `rows` × `kvec` tensor-core GEMM of `t` tokens (1: no split): as
-/// [`k_splits`] over its 128 × 64 tiles, each share at least 4 steps of 32 columns, where the
+/// [`k_splits`] over its 128 × 64 tiles, each share at least 2 steps of 64 columns, where the
 /// scratch holds the sums.
 pub fn coop_splits(rows: usize, kvec: usize, t: usize) -> usize {
     let tiles = rows.div_ceil(COOP_ROWS) * t.div_ceil(COOP_TOKENS);
@@ -95,20 +96,9 @@ pub fn coop_splits(rows: usize, kvec: usize, t: usize) -> usize {
     SPLIT_K_WORKGROUPS.div_ceil(tiles).min(kvec / 2).max(1)
 }
 
-/// The tensor-core GEMM's pipelines (storing, adding) and its operands' widening.
+/// The tensor-core GEMM's pipelines (storing, adding).
 pub struct Coop {
     gemm: [wgpu::ComputePipeline; 2],
-    /// The f16 copies of weights (at load) and activations (per step).
-    pub widen: Widen,
-}
-
-/// A matrix's bind groups for the tensor-core GEMM: the GEMM's (its f16 copy, the f16
-/// activations) and the widening of the step's activations.
-pub struct CoopBinds {
-    /// step, params, f16 weights, row scales, f16 activations, xscale, out, scratch.
-    pub gemm: wgpu::BindGroup,
-    /// The activations' widening ([`Widen::acts_bind_group`]).
-    pub widen: wgpu::BindGroup,
 }
 
 /// Rows of a GEMV workgroup.
@@ -146,7 +136,6 @@ impl Matmul {
                 |label, acc: f64| t.pipeline(label, &layout, &m, "gemm_coop", &[("ACCUM", acc)]);
             Coop {
                 gemm: [p("gemm_coop", 0.0), p("gemm_coop_acc", 1.0)],
-                widen: Widen::new(t),
             }
         });
         let tpr = GEMV_TPR as f64;
@@ -171,23 +160,22 @@ impl Matmul {
         }
     }
 
-    /// Ternary matmul of `t` rows by a `rows` × `kvec` matrix; `label` names the matrix in
-    /// profiles. `coop`: the matrix's tensor-core bind groups, where it has them.
+    /// Ternary matmul of `t` rows by a `rows` × `kvec` matrix (its bind group `bg`); `label`
+    /// names the matrix in profiles.
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
         rec: &mut Recorder,
         label: &'static str,
-        (bg, coop_bgs): (&wgpu::BindGroup, Option<&CoopBinds>),
+        bg: &wgpu::BindGroup,
         rows: usize,
         kvec: usize,
         t: usize,
         accumulate: bool,
     ) {
         let rpw = GEMV_ROWS_PER_WG;
-        let tensor = self.coop.as_ref().zip(coop_bgs).filter(|_| t > COOP_MIN_T);
-        if let Some((coop, cb)) = tensor {
-            coop.widen.record_acts(rec, &cb.widen, kvec, t);
+        let tensor = self.coop.as_ref().filter(|_| t > COOP_MIN_T);
+        if let Some(coop) = tensor {
             let splits = coop_splits(rows, kvec, t);
             let dims = [
                 rows.div_ceil(COOP_ROWS) as u32,
@@ -195,9 +183,9 @@ impl Matmul {
                 splits as u32,
             ];
             if splits == 1 {
-                rec.dispatch(label, &coop.gemm[accumulate as usize], &cb.gemm, dims);
+                rec.dispatch(label, &coop.gemm[accumulate as usize], bg, dims);
             } else {
-                rec.dispatch(label, &coop.gemm[0], &cb.gemm, dims);
+                rec.dispatch(label, &coop.gemm[0], bg, dims);
                 self.record_finish(rec, bg, rows, t, accumulate);
             }
         } else if t == 1 {

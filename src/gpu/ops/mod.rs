@@ -18,7 +18,6 @@ pub mod probe;
 pub mod repack;
 pub mod rope;
 pub mod topk;
-pub mod widen;
 
 use std::borrow::Cow;
 
