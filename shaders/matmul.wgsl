@@ -17,7 +17,6 @@
 override TPR: u32 = 8u;
 
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
-@group(0) @binding(4) var<storage, read> xq: array<vec4<u32>>;
 
 // sum over 16 columns of code * x for one weight word and one activation vec4.
 fn dotw(wd: u32, xv: vec4<u32>) -> i32 {

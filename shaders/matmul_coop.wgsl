@@ -20,7 +20,6 @@
 // Dispatch: (ceil(rows / 128), ceil(T / 64), splits).
 
 @group(0) @binding(2) var<storage, read> w: array<u32>;
-@group(0) @binding(4) var<storage, read> xq: array<vec4<u32>>;
 
 // vec4<f16> per tile row: 64 columns + 8 of padding against bank conflicts.
 const CS: u32 = 18u;

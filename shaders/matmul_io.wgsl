@@ -25,8 +25,9 @@ override ACCUM: bool = false;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> mp: MatP;
-// Bindings 2 and 4 (the weights and the activations) are declared by each kernel's file: the
-// int8 kernels read packed words, the tensor-core GEMM f16 copies.
+// Binding 2 (the packed code words) is declared by each kernel's file: the int8 kernels read it
+// as vec4s, the tensor-core GEMM as single words.
+@group(0) @binding(4) var<storage, read> xq: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> rs: array<f32>;
 @group(0) @binding(5) var<storage, read> xs: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
