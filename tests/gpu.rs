@@ -282,7 +282,8 @@ fn matmul_ref(
 
 #[test]
 fn ternary_matmul_is_exact_gemv_and_gemm() {
-    // With tensor cores where the adapter has them (steps of more than 256 tokens), and without;
+    // With tensor cores where the adapter has them (steps of more than 192 tokens; 256 where
+    // its workgroup memory holds only the 64-token tile), and without;
     // the wide shape's K (17 and 13 steps of 64) is split over workgroups on small steps.
     let wide = ModelConfig {
         hidden_size: 1088,
@@ -312,7 +313,7 @@ fn ternary_matmul_is_exact_with(cfg: &ModelConfig, tensor_cores: bool) {
     let (h, i, q) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim());
     let l = &w.layers[1];
     // GEMV (1), the 4-token GEMV (2..=16, partial groups of 4), the tiled GEMM (> 16, split over
-    // K where it has few tiles) or the tensor-core GEMM (> 256, split over K where it has few
+    // K where it has few tiles) or the tensor-core GEMM (> 192, split over K where it has few
     // tiles), partial tiles of rows and tokens.
     for t in [1usize, 2, 8, 9, 17, 64, 65, 200, 257, 300] {
         g.embed(&vec![5; t]).unwrap();

@@ -14,22 +14,35 @@ const SRC: &str = include_str!("../../../shaders/matmul.wgsl");
 const COOP: &str = include_str!("../../../shaders/matmul_coop.wgsl");
 pub(super) const COOP_ENABLE: &str = "enable f16;\nenable wgpu_cooperative_matrix;\n";
 
-/// Workgroup memory of the tensor-core GEMM: 128 × 72 and 64 × 72 f16 tiles, eight 16 × 16
-/// f32 staging fragments and the 256 × 4 f16 code table (`ta`, `tb`, `tc`, `lut` in
-/// matmul_coop.wgsl).
-pub const COOP_WORKGROUP_BYTES: u32 = (128 + 64) * 72 * 2 + 8 * 256 * 4 + 256 * 8;
+/// Workgroup memory of a tensor-core GEMM of `tokens` tokens a tile: 128 × 72 and `tokens` ×
+/// 72 f16 tiles, eight 16 × 16 f32 staging fragments and the 256 × 4 f16 code table (`ta`,
+/// `tb`, `tc`, `lut` in matmul_coop.wgsl).
+pub const fn coop_workgroup_bytes(tokens: usize) -> u32 {
+    ((128 + tokens) * 72 * 2 + 8 * 256 * 4 + 256 * 8) as u32
+}
+
+/// Workgroup memory the tensor-core GEMM needs at least (its 64-token tile).
+pub const COOP_WORKGROUP_BYTES: u32 = coop_workgroup_bytes(64);
 
 /// Rows of a tensor-core GEMM tile.
 pub const COOP_ROWS: usize = 128;
 
-/// Tokens of a tensor-core GEMM tile.
-pub const COOP_TOKENS: usize = 64;
+/// Tokens of a tensor-core GEMM tile where the adapter has the workgroup memory for it
+/// (47,104 bytes), else 64: each weight tile widened into workgroup memory then feeds twice the
+/// tokens. H100, prefill-512 / 3,900 tok/s, two rounds: 64 tokens 15,235 / 10,948 and 15,386 /
+/// 11,023; 128 tokens 17,091 / 11,842 and 17,343 / 11,834.
+pub const COOP_TOKENS: usize = 128;
 
-/// Steps of more tokens than this take the tensor-core GEMM where there is one: up to 192-token
-/// batched decode steps the dp4a kernels were as fast or faster on an H100 (`bench --batch`
-/// 64 / 80 / 96 / 128 / 192: 6,450 / 5,101 / 5,993 / 7,632 / 7,695 tok/s against 5,350 /
-/// 5,041 / 5,731 / 7,302 / 7,239), at 256 even, from 512-token prefill chunks on +9%.
-pub const COOP_MIN_T: usize = 256;
+/// Steps of more tokens than this take the 128-token tensor-core GEMM: at 256-row batched
+/// decode steps it beats dp4a (H100, `bench --batch 256` 8,803 against 8,262 tok/s), at 128
+/// rows it loses (6,885 against 7,662).
+pub const COOP_MIN_T: usize = 192;
+
+/// As [`COOP_MIN_T`] for the 64-token tile: up to 192-token batched decode steps the dp4a
+/// kernels were as fast or faster on an H100 (`bench --batch` 64 / 80 / 96 / 128 / 192: 6,450
+/// / 5,101 / 5,993 / 7,632 / 7,695 tok/s against 5,350 / 5,041 / 5,731 / 7,302 / 7,239), at 256
+/// even, from 512-token prefill chunks on +9%.
+pub const COOP_MIN_T_NARROW: usize = 256;
 
 /// A ternary matmul's matrix (`MatP` in matmul.wgsl).
 #[repr(C)]
@@ -86,10 +99,10 @@ pub fn k_splits(rows: usize, kvec: usize, t: usize) -> usize {
 }
 
 /// K splits of a `rows` × `kvec` tensor-core GEMM of `t` tokens (1: no split): as
-/// [`k_splits`] over its 128 × 64 tiles, each share at least 2 steps of 64 columns, where the
+/// [`k_splits`] over its 128-row × `tokens` tiles, each share at least 2 steps of 64 columns, where the
 /// scratch holds the sums.
-pub fn coop_splits(rows: usize, kvec: usize, t: usize) -> usize {
-    let tiles = rows.div_ceil(COOP_ROWS) * t.div_ceil(COOP_TOKENS);
+pub fn coop_splits(rows: usize, kvec: usize, t: usize, tokens: usize) -> usize {
+    let tiles = rows.div_ceil(COOP_ROWS) * t.div_ceil(tokens);
     if tiles >= SPLIT_K_WORKGROUPS || rows * t * 4 > PART_BYTES {
         return 1;
     }
@@ -99,6 +112,10 @@ pub fn coop_splits(rows: usize, kvec: usize, t: usize) -> usize {
 /// The tensor-core GEMM's pipelines (storing, adding).
 pub struct Coop {
     gemm: [wgpu::ComputePipeline; 2],
+    /// Tokens a tile ([`COOP_TOKENS`] or 64).
+    tokens: usize,
+    /// Steps of more tokens than this take it ([`COOP_MIN_T`] or [`COOP_MIN_T_NARROW`]).
+    min_t: usize,
 }
 
 /// Rows of a GEMV workgroup.
@@ -131,11 +148,21 @@ impl Matmul {
         let consts = Target::consts(&[("GV_WG", GEMV_WG as usize)]);
         let m = t.module("matmul", &[&consts, COMMON, IO, SRC]);
         let coop = t.tensor_cores.then(|| {
-            let m = t.module("matmul_coop", &[COOP_ENABLE, COMMON, IO, COOP]);
+            let wide = t.device.limits().max_compute_workgroup_storage_size
+                >= coop_workgroup_bytes(COOP_TOKENS);
+            let (tokens, min_t) = if wide {
+                (COOP_TOKENS, COOP_MIN_T)
+            } else {
+                (64, COOP_MIN_T_NARROW)
+            };
+            let tn = Target::consts(&[("TN", tokens)]);
+            let m = t.module("matmul_coop", &[COOP_ENABLE, &tn, COMMON, IO, COOP]);
             let p =
                 |label, acc: f64| t.pipeline(label, &layout, &m, "gemm_coop", &[("ACCUM", acc)]);
             Coop {
                 gemm: [p("gemm_coop", 0.0), p("gemm_coop_acc", 1.0)],
+                tokens,
+                min_t,
             }
         });
         let tpr = GEMV_TPR as f64;
@@ -174,12 +201,12 @@ impl Matmul {
         accumulate: bool,
     ) {
         let rpw = GEMV_ROWS_PER_WG;
-        let tensor = self.coop.as_ref().filter(|_| t > COOP_MIN_T);
+        let tensor = self.coop.as_ref().filter(|c| t > c.min_t);
         if let Some(coop) = tensor {
-            let splits = coop_splits(rows, kvec, t);
+            let splits = coop_splits(rows, kvec, t, coop.tokens);
             let dims = [
                 rows.div_ceil(COOP_ROWS) as u32,
-                t.div_ceil(COOP_TOKENS) as u32,
+                t.div_ceil(coop.tokens) as u32,
                 splits as u32,
             ];
             if splits == 1 {
@@ -258,9 +285,12 @@ mod tests {
     /// its module is at least parsed, validated and translated to SPIR-V (both `ACCUM`s) here.
     #[test]
     fn tensor_core_gemm_compiles_to_spirv() {
-        let src = [COOP_ENABLE, COMMON, IO, COOP].concat();
-        for accum in [0.0, 1.0] {
-            crate::gpu::ops::compiles_to_spirv(&src, "gemm_coop", &[("ACCUM", accum)]);
+        for tokens in [64, 128] {
+            let tn = Target::consts(&[("TN", tokens)]);
+            let src = [COOP_ENABLE, &tn, COMMON, IO, COOP].concat();
+            for accum in [0.0, 1.0] {
+                crate::gpu::ops::compiles_to_spirv(&src, "gemm_coop", &[("ACCUM", accum)]);
+            }
         }
     }
 }
