@@ -98,15 +98,21 @@ pub fn k_splits(rows: usize, kvec: usize, t: usize) -> usize {
         .max(1)
 }
 
-/// K splits of a `rows` × `kvec` tensor-core GEMM of `t` tokens (1: no split): as
-/// [`k_splits`] over its 128-row × `tokens` tiles, each share at least 2 steps of 64 columns, where the
-/// scratch holds the sums.
+/// Workgroups a split-K tensor-core GEMM aims for (2 an SM of an H100): its 128 × 128 tiles
+/// are twice the dp4a GEMM's work, so half of [`SPLIT_K_WORKGROUPS`]. H100, two rounds,
+/// 264 / 528 / 132: prefill-512 17,891 / 18,052 against 17,292 / 17,101 and 17,260 / 17,168
+/// tok/s, `--batch 256` 9,077 / 9,075 against 8,781 / 8,763 and 9,042 / 9,039.
+pub const COOP_SPLIT_WORKGROUPS: usize = 264;
+
+/// K splits of a `rows` × `kvec` tensor-core GEMM of `t` tokens (1: no split): enough for
+/// [`COOP_SPLIT_WORKGROUPS`] workgroups over its 128-row × `tokens` tiles, each share at least 2
+/// steps of 64 columns, where the scratch holds the sums.
 pub fn coop_splits(rows: usize, kvec: usize, t: usize, tokens: usize) -> usize {
     let tiles = rows.div_ceil(COOP_ROWS) * t.div_ceil(tokens);
-    if tiles >= SPLIT_K_WORKGROUPS || rows * t * 4 > PART_BYTES {
+    if tiles >= COOP_SPLIT_WORKGROUPS || rows * t * 4 > PART_BYTES {
         return 1;
     }
-    SPLIT_K_WORKGROUPS.div_ceil(tiles).min(kvec / 2).max(1)
+    COOP_SPLIT_WORKGROUPS.div_ceil(tiles).min(kvec / 2).max(1)
 }
 
 /// The tensor-core GEMM's pipelines (storing, adding).
