@@ -15,7 +15,7 @@
 // tokens TN / 2 (s / 4).. as 2 x TN / 32 accumulator fragments. Per 64
 // columns of K the invocations widen the tile's weight rows and activations into workgroup
 // memory (the loads of the two following steps in flight meanwhile), then each subgroup
-// multiplies 4 x (2 A + 2 B fragments). With several workgroups along z (split-K, for steps
+// multiplies 4 x (2 A + TN / 32 B fragments). With several workgroups along z (split-K, for steps
 // with few tiles) each sums its share of K into the i32 scratch and gemm_finish (matmul.wgsl)
 // applies the epilogue. The sums leave through a per-subgroup 16 x 16 staging fragment.
 // Dispatch: (ceil(rows / 128), ceil(T / TN), splits).
