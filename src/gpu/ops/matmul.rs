@@ -18,17 +18,21 @@ pub(super) const COOP_ENABLE: &str = "enable f16;\nenable wgpu_cooperative_matri
 /// 72 f16 tiles, eight 16 × 16 f32 staging fragments and the 256 × 4 f16 code table (`ta`,
 /// `tb`, `tc`, `lut` in matmul_coop.wgsl).
 pub const fn coop_workgroup_bytes(tokens: usize) -> u32 {
-    ((128 + tokens) * 72 * 2 + 8 * 256 * 4 + 256 * 8) as u32
+    ((COOP_ROWS + tokens) * 72 * 2 + 8 * 256 * 4 + 256 * 8) as u32
 }
 
-/// Workgroup memory the tensor-core GEMM needs at least (its 64-token tile).
-pub const COOP_WORKGROUP_BYTES: u32 = coop_workgroup_bytes(64);
+/// Workgroup memory the tensor-core GEMM needs at least (its narrow tile).
+pub const COOP_WORKGROUP_BYTES: u32 = coop_workgroup_bytes(COOP_TOKENS_NARROW);
 
 /// Rows of a tensor-core GEMM tile.
 pub const COOP_ROWS: usize = 128;
 
+/// Tokens of the tensor-core GEMM's narrow tile, for adapters without the workgroup memory of
+/// [`COOP_TOKENS`].
+pub const COOP_TOKENS_NARROW: usize = 64;
+
 /// Tokens of a tensor-core GEMM tile where the adapter has the workgroup memory for it
-/// (47,104 bytes), else 64: each weight tile widened into workgroup memory then feeds twice the
+/// (47,104 bytes), else [`COOP_TOKENS_NARROW`]: each weight tile widened into workgroup memory then feeds twice the
 /// tokens. H100, prefill-512 / 3,900 tok/s, two rounds: 64 tokens 15,235 / 10,948 and 15,386 /
 /// 11,023; 128 tokens 17,091 / 11,842 and 17,343 / 11,834.
 pub const COOP_TOKENS: usize = 128;
@@ -38,7 +42,7 @@ pub const COOP_TOKENS: usize = 128;
 /// rows it loses (6,885 against 7,662).
 pub const COOP_MIN_T: usize = 192;
 
-/// As [`COOP_MIN_T`] for the 64-token tile: up to 192-token batched decode steps the dp4a
+/// As [`COOP_MIN_T`] for the narrow tile: up to 192-token batched decode steps the dp4a
 /// kernels were as fast or faster on an H100 (`bench --batch` 64 / 80 / 96 / 128 / 192: 6,450
 /// / 5,101 / 5,993 / 7,632 / 7,695 tok/s against 5,350 / 5,041 / 5,731 / 7,302 / 7,239), at 256
 /// even, from 512-token prefill chunks on +9%.
@@ -118,7 +122,7 @@ pub fn coop_splits(rows: usize, kvec: usize, t: usize, tokens: usize) -> usize {
 /// The tensor-core GEMM's pipelines (storing, adding).
 pub struct Coop {
     gemm: [wgpu::ComputePipeline; 2],
-    /// Tokens a tile ([`COOP_TOKENS`] or 64).
+    /// Tokens a tile ([`COOP_TOKENS`] or [`COOP_TOKENS_NARROW`]).
     tokens: usize,
     /// Steps of more tokens than this take it ([`COOP_MIN_T`] or [`COOP_MIN_T_NARROW`]).
     min_t: usize,
@@ -159,7 +163,7 @@ impl Matmul {
             let (tokens, min_t) = if wide {
                 (COOP_TOKENS, COOP_MIN_T)
             } else {
-                (64, COOP_MIN_T_NARROW)
+                (COOP_TOKENS_NARROW, COOP_MIN_T_NARROW)
             };
             let tn = Target::consts(&[("TN", tokens)]);
             let m = t.module("matmul_coop", &[COOP_ENABLE, &tn, COMMON, IO, COOP]);
@@ -291,7 +295,7 @@ mod tests {
     /// its module is at least parsed, validated and translated to SPIR-V (both `ACCUM`s) here.
     #[test]
     fn tensor_core_gemm_compiles_to_spirv() {
-        for tokens in [64, 128] {
+        for tokens in [COOP_TOKENS_NARROW, COOP_TOKENS] {
             let tn = Target::consts(&[("TN", tokens)]);
             let src = [COOP_ENABLE, &tn, COMMON, IO, COOP].concat();
             for accum in [0.0, 1.0] {
