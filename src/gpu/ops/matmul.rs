@@ -32,9 +32,9 @@ pub const COOP_ROWS: usize = 128;
 pub const COOP_TOKENS_NARROW: usize = 64;
 
 /// Tokens of a tensor-core GEMM tile where the adapter has the workgroup memory for it
-/// (47,104 bytes), else [`COOP_TOKENS_NARROW`]: each weight tile widened into workgroup memory then feeds twice the
-/// tokens. H100, prefill-512 / 3,900 tok/s, two rounds: 64 tokens 15,235 / 10,948 and 15,386 /
-/// 11,023; 128 tokens 17,091 / 11,842 and 17,343 / 11,834.
+/// (47,104 bytes), else [`COOP_TOKENS_NARROW`]: each weight tile widened into workgroup memory
+/// then feeds twice the tokens. H100, prefill-512 / 3,900 tok/s, two rounds: 64 tokens
+/// 15,235 / 10,948 and 15,386 / 11,023; 128 tokens 17,091 / 11,842 and 17,343 / 11,834.
 pub const COOP_TOKENS: usize = 128;
 
 /// Steps of more tokens than this take the 128-token tensor-core GEMM: at 256-row batched
