@@ -8,8 +8,8 @@ struct Shard {
     row_words: u32, // u32 words per stored row (padded)
     vocab: u32,
     hn_vec4: u32,   // vec4 per row of the final-normed activations
-    pad0: u32,
-    pad1: u32,
+    scale: f32,   // the head's (head_shard.wgsl)
+    unscale: f32,
 }
 
 override F32_WEIGHTS: bool = false;

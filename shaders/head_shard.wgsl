@@ -6,6 +6,6 @@ struct Shard {
     row_words: u32,
     vocab: u32,
     hn_vec4: u32, // vec4 per row of the head's input (f32, or int8 for the int8 head)
-    pad0: u32,
-    pad1: u32,
+    scale: f32,   // bf16 weights: a power of two that puts the largest below 2^15 (head_coop)
+    unscale: f32, // 1 / scale
 }

@@ -235,6 +235,58 @@ fn odd_shape_batched_rows_match_cpu() {
     check_batched_against_cpu(&load(dir.path()).unwrap(), 5, 1e-4);
 }
 
+/// The head's tiles of 64 step rows (on tensor cores where the adapter has them) give the
+/// one-row kernel's logits for the same step: 191 rows at once against groups of 15, on the
+/// fixture (vocabulary 300, hidden 64) and a synthetic shape (vocabulary 203, hidden 96:
+/// partial vocabulary, step-row and column tiles). The rows' hidden states are the same, so
+/// only the summation order differs.
+#[test]
+fn head_tiles_match_the_one_row_head() {
+    let cfg = ModelConfig {
+        vocab_size: 203,
+        hidden_size: 96,
+        intermediate_size: 160,
+        num_layers: 1,
+        num_heads: 3,
+        num_kv_heads: 1,
+        head_dim: 32,
+        ..Preset::Tiny.config()
+    };
+    let dir = common::TempDir::new("gpu-batch-head-tiles");
+    synth::write_model(dir.path(), &cfg, 13, |_, _| {}).unwrap();
+    for w in [load(Path::new(DIR)).unwrap(), load(dir.path()).unwrap()] {
+        let mut b = gpu(&w);
+        let vocab = w.config.vocab_size;
+        let ps = prompts(16, vocab as u32, 3);
+        let bs = 8;
+        let (mut tokens, mut rows, mut tables) = (Vec::new(), Vec::new(), Vec::new());
+        let mut block = 0;
+        for (seq, p) in ps.iter().enumerate() {
+            let blocks = p.len().div_ceil(bs) as u32;
+            tables.push((block..block + blocks).collect::<Vec<u32>>());
+            block += blocks;
+            tokens.extend_from_slice(p);
+            rows.extend((0..p.len()).map(|pos| RowSlot { seq, pos }));
+        }
+        assert_eq!(rows.len(), 191);
+        let mut pool = b.new_pool(block as usize, bs).unwrap();
+        let all: Vec<usize> = (0..rows.len()).collect();
+        let mut tiles = Vec::new();
+        forward_rows(&mut b, &mut pool, &tokens, &rows, &tables, &all, &mut tiles).unwrap();
+        let mut one_row = Vec::new();
+        for group in all.chunks(15) {
+            let mut out = Vec::new();
+            b.logits_rows(group, &mut out).unwrap();
+            one_row.extend(out);
+        }
+        assert_eq!(tiles.len(), one_row.len());
+        for (r, (t, o)) in tiles.chunks(vocab).zip(one_row.chunks(vocab)).enumerate() {
+            let d = max_abs_diff(t, o);
+            assert!(d <= 1e-4, "vocabulary {vocab}, step row {r}: {d}");
+        }
+    }
+}
+
 #[test]
 fn invalid_slots_are_an_error_and_the_backend_recovers() {
     let w = load(Path::new(DIR)).unwrap();

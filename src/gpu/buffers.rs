@@ -105,14 +105,14 @@ pub fn head_row_words(t: &FloatTensor) -> usize {
 }
 
 /// A shard's uniform (head_shard.wgsl): rows `row0..row0 + rows` of `t`, `row_words` u32 per
-/// stored row, `input_vec4` vec4 per row of the head's input.
+/// stored row, `input_vec4` vec4 per row of the head's input, its weights' f16 `scale`.
 fn shard_uniform(
     device: &wgpu::Device,
     t: &FloatTensor,
-    row0: usize,
-    rows: usize,
+    (row0, rows): (usize, usize),
     row_words: usize,
     input_vec4: usize,
+    scale: f32,
 ) -> wgpu::Buffer {
     let p = ShardP {
         row0: row0 as u32,
@@ -121,17 +121,42 @@ fn shard_uniform(
         row_words: row_words as u32,
         vocab: t.rows as u32,
         hn_vec4: input_vec4 as u32,
-        ..Default::default()
+        scale,
+        unscale: 1.0 / scale,
     };
     uniform(device, "shard", &p)
 }
 
-/// Uploads `t` (`[vocab, hidden]`) as shards of at most `max_bytes` each.
+/// The power of two that scales the largest magnitude among the bf16 values `bytes` (little
+/// endian) below 2^15, so that each of them is an f16 (exactly, down to 30 binades below the
+/// largest); 1 where all are zero or one is not finite.
+pub fn bf16_f16_scale(bytes: &[u8]) -> f32 {
+    let most = bytes
+        .par_chunks(1 << 16)
+        .map(|c| {
+            c.chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7fff)
+                .max()
+                .unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0);
+    let exponent = i32::from(most >> 7);
+    if most == 0 || exponent == 0xff {
+        return 1.0;
+    }
+    // The largest is below 2^(exponent - 126).
+    2f32.powi((141 - exponent).clamp(-100, 100))
+}
+
+/// Uploads `t` (`[vocab, hidden]`) as shards of at most `max_bytes` each; with `f16_scale`
+/// each bf16 shard's uniform gets the scale of [`bf16_f16_scale`] (else 1).
 pub fn upload_shards(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     t: &FloatTensor,
     max_bytes: u64,
+    f16_scale: bool,
 ) -> Result<Vec<Shard>> {
     let rw = head_row_words(t);
     let row_bytes = rw * 4;
@@ -181,7 +206,12 @@ pub fn upload_shards(
             bytemuck::cast_slice(&packed)
         };
         let buf = storage_upload(device, queue, &format!("{} rows {row0}..", t.name), words);
-        let uni = shard_uniform(device, t, row0, rows, rw, pad8(t.cols) / 4);
+        let scale = if f16_scale && t.dtype == FloatDtype::BF16 {
+            bf16_f16_scale(stored)
+        } else {
+            1.0
+        };
+        let uni = shard_uniform(device, t, (row0, rows), rw, pad8(t.cols) / 4, scale);
         t.bytes
             .release_range(row0 * t.cols * es, rows * t.cols * es);
         shards.push(Shard {
@@ -232,7 +262,7 @@ pub fn upload_i8_shards(
         let name = format!("{} int8 rows {row0}..", t.name);
         let buf = storage_upload(device, queue, &name, bytemuck::cast_slice(&q));
         let scales = storage_init(device, &name, bytemuck::cast_slice(&scale));
-        let uni = shard_uniform(device, t, row0, rows, rw, pad64(t.cols) / 16);
+        let uni = shard_uniform(device, t, (row0, rows), rw, pad64(t.cols) / 16, 1.0);
         shards.push((
             Shard {
                 row0,

@@ -136,10 +136,15 @@ impl GpuBackend {
         let (embed_t, head_t) = (embed_t.as_ref(), head_t.as_ref());
         let f32_head = head_t.dtype != FloatDtype::BF16;
         let fused_widths = [cfg.hidden_size.max(cfg.q_dim()), cfg.intermediate_size];
+        // The head's input (final-normed rows) is at most sqrt(hidden) × the largest gamma in
+        // magnitude: below 2^15 it fits the tensor-core head's f16 split.
+        let gamma = w.final_norm.iter().fold(0f32, |m, g| m.max(g.abs()));
+        let head_input_fits_f16 = gamma * (cfg.hidden_size as f32).sqrt() < 32768.0;
         let target = ops::Target {
             device,
             subgroup_size: ctx.desc.subgroup_size,
             tensor_cores: ctx.desc.tensor_cores,
+            tensor_core_head: ctx.desc.tensor_cores && !f32_head && head_input_fits_f16,
             f32_head,
             kv: opts.kv,
             head_dim: cfg.head_dim,
@@ -483,7 +488,10 @@ impl GpuBackend {
             let g = bg(&s);
             (s, g)
         };
-        let embed_raw = buffers::upload_shards(device, &ctx.queue, embed_t, shard_bytes)?;
+        let f16_scale = target.tensor_core_head;
+        let tied = w.lm_head.is_none();
+        let embed_raw =
+            buffers::upload_shards(device, &ctx.queue, embed_t, shard_bytes, f16_scale && tied)?;
         let int8_head = opts.head == HeadMode::Int8;
         let head_bytes = if int8_head {
             (head_t.rows * (pad64(head_t.cols) + 4)) as u64
@@ -518,7 +526,7 @@ impl GpuBackend {
                     .iter()
                     .map(|s| make(s.clone(), &head_bg))
                     .collect(),
-                Some(lm) => buffers::upload_shards(device, &ctx.queue, lm, shard_bytes)?
+                Some(lm) => buffers::upload_shards(device, &ctx.queue, lm, shard_bytes, f16_scale)?
                     .into_iter()
                     .map(|s| make(s, &head_bg))
                     .collect(),

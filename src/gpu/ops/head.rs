@@ -1,5 +1,7 @@
 //! The output head over one shard of vocabulary rows: float (bf16 or f32) rows against the
-//! final-normed f32 row, or int8 rows with per-row scales against the quantized row.
+//! final-normed f32 row, or int8 rows with per-row scales against the quantized row. Steps of
+//! many rows take tiles that read each weight once per 16 or 64 rows, on tensor cores where
+//! the adapter has them (bf16 weights, head_coop.wgsl).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -9,6 +11,14 @@ use crate::gpu::recorder::Recorder;
 const SHARD: &str = include_str!("../../../shaders/head_shard.wgsl");
 const FLOAT: &str = include_str!("../../../shaders/head.wgsl");
 const INT8: &str = include_str!("../../../shaders/head_i8.wgsl");
+const COOP: &str = include_str!("../../../shaders/head_coop.wgsl");
+
+/// Workgroup memory of the tensor-core head: a 128 × 72 f16 weight tile, two 64 × 72 f16
+/// input tiles (hi, lo) and eight 16 × 16 f32 staging fragments (head_coop.wgsl).
+pub const COOP_WORKGROUP_BYTES: u32 = (128 * 72 * 2 + 2 * 64 * 72 * 2 + 8 * 256 * 4) as u32;
+
+/// Step rows from which the float head runs on tensor cores, where the target has them.
+pub const COOP_MIN_ROWS: usize = 32;
 
 /// Step rows from which the float head runs as tiles of 16 and of 64 step rows
 /// ([`Head::record`]). H200, synth 2B-4T, batched decode: below 16 rows the one-row kernel is
@@ -32,10 +42,11 @@ pub struct ShardP {
     pub vocab: u32,
     /// vec4 per row of the final-normed activations.
     pub hn_vec4: u32,
-    /// Padding.
-    pub pad0: u32,
-    /// Padding.
-    pub pad1: u32,
+    /// bf16 weights: a power of two that scales the shard's largest weight below 2^15, so
+    /// every weight is an f16 (the tensor-core head); else 1.
+    pub scale: f32,
+    /// `1 / scale`.
+    pub unscale: f32,
 }
 
 /// The head kernels.
@@ -48,6 +59,8 @@ pub struct Head {
     /// Tiles of 16 and of 64 step rows.
     float_gemm: [wgpu::ComputePipeline; 2],
     int8: wgpu::ComputePipeline,
+    /// The tensor-core tiles of 128 vocabulary × 64 step rows.
+    coop: Option<wgpu::ComputePipeline>,
     rows_per_wg: usize,
 }
 
@@ -64,7 +77,15 @@ impl Head {
         let m = t.module("head", &[COMMON, t.reduce(), SHARD, FLOAT]);
         let m_i8 = t.module("head_i8", &[COMMON, t.reduce(), SHARD, INT8]);
         let consts = [("F32_WEIGHTS", f32w), ("TPR", tpr)];
+        let coop = (t.tensor_core_head
+            && t.device.limits().max_compute_workgroup_storage_size >= COOP_WORKGROUP_BYTES)
+            .then(|| {
+                let src = [super::matmul::COOP_ENABLE, COMMON, SHARD, COOP];
+                let m = t.module("head_coop", &src);
+                t.pipeline("head_coop", &layout, &m, "head_coop", &[])
+            });
         Head {
+            coop,
             float: t.pipeline("head", &layout, &m, "main", &consts),
             float_gemm: [16.0, 64.0]
                 .map(|tt| t.pipeline("head_gemm", &layout, &m, "gemm", &[consts[0], ("TT", tt)])),
@@ -94,6 +115,12 @@ impl Head {
         one_row_sums: bool,
     ) {
         let [min16, min64] = GEMM_MIN_ROWS;
+        let coop = self.coop.as_ref().filter(|_| nrows >= COOP_MIN_ROWS);
+        if let (false, false, Some(pl)) = (int8, one_row_sums, coop) {
+            let dims = [rows.div_ceil(128) as u32, nrows.div_ceil(64) as u32, 1];
+            rec.dispatch("head_coop", pl, bg, dims);
+            return;
+        }
         if !int8 && !one_row_sums && nrows >= min16 {
             let (tt, pl) = if nrows >= min64 {
                 (64, &self.float_gemm[1])
@@ -111,5 +138,18 @@ impl Head {
         };
         let dims = [nrows as u32, rows.div_ceil(self.rows_per_wg) as u32, 1];
         rec.dispatch(label, pl, bg, dims);
+    }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+
+    /// The tensor-core head runs only on adapters with cooperative matrices (none in CI), so
+    /// its module is at least parsed, validated and translated to SPIR-V here.
+    #[test]
+    fn tensor_core_head_compiles_to_spirv() {
+        let src = [super::super::matmul::COOP_ENABLE, COMMON, SHARD, COOP].concat();
+        crate::gpu::ops::compiles_to_spirv(&src, "head_coop", &[]);
     }
 }

@@ -68,6 +68,9 @@ pub struct Target<'a> {
     pub subgroup_size: Option<u32>,
     /// Cooperative matrices for the batched matmuls (see `ops::matmul`).
     pub tensor_cores: bool,
+    /// Cooperative matrices for the batched head too: bf16 weights and inputs that fit its
+    /// f16 split (see `ops::head`).
+    pub tensor_core_head: bool,
     /// f32 (not bf16) embedding and head storage.
     pub f32_head: bool,
     /// The KV cache's element type.
