@@ -92,7 +92,7 @@ pub struct Shard {
     pub rows: usize,
     /// The rows: bf16 pairs (or f32 bits, or int8), `row_words` u32 per row.
     pub buf: wgpu::Buffer,
-    /// Its uniform (row0, rows, cols, row_words, vocab, hn vec4 per row).
+    /// Its uniform (row0, rows, cols, row_words, vocab, hn vec4 per row, f16 scale).
     pub uni: wgpu::Buffer,
 }
 
