@@ -303,3 +303,43 @@ pub fn bind_group(
         entries: &entries,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::bf16_f16_scale;
+    use half::{bf16, f16};
+
+    fn bytes(values: &[f32]) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect()
+    }
+
+    /// The scale puts the largest magnitude in [2^14, 2^15) and every value, scaled, is an
+    /// f16; all zeros or a value that is not finite leave the scale at 1.
+    #[test]
+    fn bf16_scale_makes_every_value_an_f16() {
+        for values in [
+            vec![0.5, -3.0, 1e-3, 2e-7, 0.0],
+            vec![65280.0, -1.0, 0.25],
+            vec![-1e-20, 3e-22],
+            vec![1e30, -7.5e29],
+        ] {
+            let s = bf16_f16_scale(&bytes(&values));
+            let most = values
+                .iter()
+                .fold(0f32, |m, v| m.max(bf16::from_f32(*v).to_f32().abs()));
+            assert!(
+                (16384.0..32768.0).contains(&(most * s)),
+                "{values:?}: scale {s}"
+            );
+            for v in &values {
+                let x = bf16::from_f32(*v).to_f32() * s;
+                assert_eq!(f16::from_f32(x).to_f32(), x, "{v} scaled by {s}");
+            }
+        }
+        assert_eq!(bf16_f16_scale(&bytes(&[0.0, -0.0])), 1.0);
+        assert_eq!(bf16_f16_scale(&bytes(&[1.0, f32::INFINITY])), 1.0);
+    }
+}
